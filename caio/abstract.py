@@ -1,0 +1,74 @@
+"""Abstract base classes describing the caio Context/Operation interface.
+
+Only the pure-Python backend subclasses these at runtime; the native types
+follow the same interface without inheriting from them (see the ``.pyi`` stubs).
+"""
+
+import abc
+from typing import Any, Callable, Optional, Union
+
+
+class AbstractContext(abc.ABC):
+    @property
+    def max_requests(self) -> int:
+        raise NotImplementedError
+
+    def submit(self, *aio_operations: "AbstractOperation") -> int:
+        raise NotImplementedError(aio_operations)
+
+    def cancel(self, *aio_operations: "AbstractOperation") -> int:
+        raise NotImplementedError(aio_operations)
+
+
+class AbstractOperation(abc.ABC):
+    @classmethod
+    @abc.abstractmethod
+    def read(
+        cls, nbytes: int, fd: int, offset: int, priority: int = 0,
+    ) -> "AbstractOperation":
+        raise NotImplementedError
+
+    @classmethod
+    @abc.abstractmethod
+    def write(
+        cls, payload_bytes: bytes, fd: int, offset: int, priority: int = 0,
+    ) -> "AbstractOperation":
+        raise NotImplementedError
+
+    @classmethod
+    @abc.abstractmethod
+    def fsync(cls, fd: int, priority: int = 0) -> "AbstractOperation":
+        raise NotImplementedError
+
+    @classmethod
+    @abc.abstractmethod
+    def fdsync(cls, fd: int, priority: int = 0) -> "AbstractOperation":
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def get_value(self) -> Union[bytes, int, None]:
+        raise NotImplementedError
+
+    @property
+    @abc.abstractmethod
+    def fileno(self) -> int:
+        raise NotImplementedError
+
+    @property
+    @abc.abstractmethod
+    def offset(self) -> int:
+        raise NotImplementedError
+
+    @property
+    @abc.abstractmethod
+    def payload(self) -> Optional[Union[bytes, memoryview]]:
+        raise NotImplementedError
+
+    @property
+    @abc.abstractmethod
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def set_callback(self, callback: Callable[[Any], Any]) -> bool:
+        raise NotImplementedError

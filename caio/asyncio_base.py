@@ -1,0 +1,123 @@
+"""Shared asyncio adapter: turns a backend Context into awaitable operations.
+
+Every ``caio.<backend>_asyncio.AsyncioContext`` subclasses
+:class:`AsyncioContextBase`.  The per-operation path is::
+
+    read()/write()/fsync()/fdsync()   build the Operation eagerly (argument
+                                      errors raise here, before any await)
+    submit(op)                        one coroutine: take a semaphore slot,
+                                      hand the op to the backend, await a
+                                      future, return ``op.get_value()``
+
+Backends customise it through small hooks: ``_create_context``,
+``_submit_op``, ``_on_submitted``, ``_on_done`` and ``_destroy_context``.
+"""
+
+import abc
+import asyncio
+from functools import partial
+from typing import Any, Coroutine, Optional, Type, Union
+
+from .abstract import AbstractContext, AbstractOperation
+
+
+ContextType = Type[AbstractContext]
+OperationType = Type[AbstractOperation]
+
+
+def _resolve(future: asyncio.Future) -> None:
+    # Runs on the loop thread; the future may have been cancelled meanwhile.
+    if not future.done():
+        future.set_result(True)
+
+
+class AsyncioContextBase(abc.ABC):
+    MAX_REQUESTS_DEFAULT = 512
+
+    CONTEXT_CLASS: ContextType
+    OPERATION_CLASS: OperationType
+
+    def __init__(
+        self,
+        max_requests: Optional[int] = None,
+        loop: Optional[asyncio.AbstractEventLoop] = None,
+        deferred: bool = False,
+        **kwargs: Any,
+    ):
+        max_requests = max_requests or self.MAX_REQUESTS_DEFAULT
+        self.loop = loop or asyncio.get_event_loop()
+        self.deferred = deferred
+        self.semaphore = asyncio.BoundedSemaphore(max_requests)
+        self.context = self._create_context(max_requests, **kwargs)
+
+    # -- hooks -------------------------------------------------------------
+
+    def _create_context(self, max_requests: int, **kwargs: Any) -> Any:
+        return self.CONTEXT_CLASS(max_requests=max_requests, **kwargs)
+
+    def _destroy_context(self) -> None:
+        """Release the backend context (default: nothing to release)."""
+
+    def _on_done(self, future: asyncio.Future, result: Any) -> None:
+        # Default for callbacks fired on a foreign (worker) thread.
+        if future.done():
+            return
+        self.loop.call_soon_threadsafe(_resolve, future)
+
+    def _submit_op(self, op: AbstractOperation, future: asyncio.Future) -> None:
+        if self.context.submit(op) != 1:
+            raise OSError("Operation was not submitted")
+
+    def _on_submitted(self) -> None:
+        """Called after each successful ``_submit_op`` (default: nothing)."""
+
+    # -- public API --------------------------------------------------------
+
+    def close(self) -> None:
+        self._destroy_context()
+
+    async def __aenter__(self) -> "AsyncioContextBase":
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close()
+
+    async def submit(self, op: AbstractOperation) -> Union[bytes, int, None]:
+        if not isinstance(op, self.OPERATION_CLASS):
+            raise ValueError("Operation object expected")
+
+        future = self.loop.create_future()
+        op.set_callback(partial(self._on_done, future))
+
+        async with self.semaphore:
+            self._submit_op(op, future)
+            self._on_submitted()
+            try:
+                await future
+            except asyncio.CancelledError:
+                try:
+                    self.context.cancel(op)
+                except ValueError:
+                    pass
+                raise
+            return op.get_value()
+
+    def read(
+        self, nbytes: int, fd: int, offset: int, priority: int = 0,
+    ) -> Coroutine[Any, Any, bytes]:
+        return self.submit(
+            self.OPERATION_CLASS.read(nbytes, fd, offset, priority),
+        )
+
+    def write(
+        self, payload: bytes, fd: int, offset: int, priority: int = 0,
+    ) -> Coroutine[Any, Any, int]:
+        return self.submit(
+            self.OPERATION_CLASS.write(payload, fd, offset, priority),
+        )
+
+    def fsync(self, fd: int) -> Coroutine[Any, Any, None]:
+        return self.submit(self.OPERATION_CLASS.fsync(fd))
+
+    def fdsync(self, fd: int) -> Coroutine[Any, Any, None]:
+        return self.submit(self.OPERATION_CLASS.fdsync(fd))
