@@ -82,14 +82,30 @@ class AsyncioContextBase(abc.ABC):
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.close()
 
+    # Adapters whose completions are delivered on the event-loop thread set
+    # this (per instance, once delivery is wired up): the native drain then
+    # resolves the future itself (``Operation._set_future``), with no Python
+    # callback per operation. ``_on_done`` is not used in that mode.
+    _loop_delivery = False
+
     async def submit(self, op: AbstractOperation) -> Union[bytes, int, None]:
         if not isinstance(op, self.OPERATION_CLASS):
             raise ValueError("Operation object expected")
 
         future = self.loop.create_future()
-        op.set_callback(partial(self._on_done, future))
+        if self._loop_delivery:
+            op._set_future(future)  # type: ignore[attr-defined]
+        else:
+            op.set_callback(partial(self._on_done, future))
 
-        async with self.semaphore:
+        semaphore = self.semaphore
+        if semaphore.locked():
+            await semaphore.acquire()
+        else:
+            # The uncontended path of Semaphore.acquire(), without the extra
+            # coroutine: same FIFO rule (locked() also counts live waiters).
+            semaphore._value -= 1
+        try:
             self._submit_op(op, future)
             self._on_submitted()
             try:
@@ -101,6 +117,8 @@ class AsyncioContextBase(abc.ABC):
                     pass
                 raise
             return op.get_value()
+        finally:
+            semaphore.release()
 
     def read(
         self, nbytes: int, fd: int, offset: int, priority: int = 0,

@@ -1,0 +1,399 @@
+//! Operating-system primitives shared by the backends: errno helpers,
+//! positional I/O for the worker pool, the fork generation counter and the
+//! wake-up fd used to signal completions to an event loop.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// errno of the last failed libc call on this thread.
+#[inline]
+pub fn last_errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// `strerror(errno)`, thread-safe.
+pub fn strerror(errno: i32) -> String {
+    let s = std::io::Error::from_raw_os_error(errno).to_string();
+    // Rust appends " (os error N)"; Python users expect the bare C text.
+    match s.rfind(" (os error ") {
+        Some(i) => s[..i].to_owned(),
+        None => s,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// fork detection
+
+static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+#[cfg(unix)]
+extern "C" fn after_fork_in_child() {
+    FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The current fork generation: it changes in a child process after `fork()`.
+/// Contexts remember it at creation and refuse to work in another generation,
+/// because their kernel objects and worker threads belong to the parent.
+pub fn fork_generation() -> u64 {
+    #[cfg(unix)]
+    {
+        static REGISTER: std::sync::Once = std::sync::Once::new();
+        REGISTER.call_once(|| unsafe {
+            libc::pthread_atfork(None, None, Some(after_fork_in_child));
+        });
+    }
+    FORK_GENERATION.load(Ordering::Relaxed)
+}
+
+// ---------------------------------------------------------------------------
+// positional I/O (used by worker threads, never with the GIL held)
+
+/// Largest single transfer we ask the kernel for: Linux caps one read/write at
+/// 0x7ffff000 bytes anyway, and POSIX allows partial transfers (callers loop).
+pub const MAX_TRANSFER: usize = 0x7fff_f000;
+
+#[cfg(unix)]
+mod imp {
+    use super::{last_errno, MAX_TRANSFER};
+
+    /// Reads up to `len` bytes at `offset`; returns bytes read or `-errno`.
+    ///
+    /// # Safety
+    /// `buf` must be valid for `len` bytes of writes.
+    pub unsafe fn pread(fd: i32, buf: *mut u8, len: usize, offset: i64) -> i64 {
+        loop {
+            let r = libc::pread(fd, buf.cast(), len.min(MAX_TRANSFER), offset as libc::off_t);
+            if r >= 0 {
+                return r as i64;
+            }
+            let e = last_errno();
+            if e != libc::EINTR {
+                return -(e as i64);
+            }
+        }
+    }
+
+    /// # Safety
+    /// `buf` must be valid for `len` bytes of reads.
+    pub unsafe fn pwrite(fd: i32, buf: *const u8, len: usize, offset: i64) -> i64 {
+        loop {
+            let r = libc::pwrite(fd, buf.cast(), len.min(MAX_TRANSFER), offset as libc::off_t);
+            if r >= 0 {
+                return r as i64;
+            }
+            let e = last_errno();
+            if e != libc::EINTR {
+                return -(e as i64);
+            }
+        }
+    }
+
+    fn retry(f: impl Fn() -> libc::c_int) -> i64 {
+        loop {
+            if f() == 0 {
+                return 0;
+            }
+            let e = last_errno();
+            if e != libc::EINTR {
+                return -(e as i64);
+            }
+        }
+    }
+
+    pub fn fsync(fd: i32) -> i64 {
+        retry(|| unsafe { libc::fsync(fd) })
+    }
+
+    /// `fdatasync` where the platform has it, `fsync` elsewhere (macOS).
+    pub fn fdatasync(fd: i32) -> i64 {
+        #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+        {
+            retry(|| unsafe { libc::fdatasync(fd) })
+        }
+        #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+        {
+            fsync(fd)
+        }
+    }
+}
+
+#[cfg(windows)]
+mod imp {
+    //! Windows: positional I/O on the fd's HANDLE with an OVERLAPPED offset
+    //! (binary-safe, does not move the CRT file position), FlushFileBuffers for
+    //! both syncs. `_get_osfhandle` on a bad fd would invoke the CRT's
+    //! invalid-parameter handler (abort by default); we install a no-op handler
+    //! for the calling thread only and restore the previous one immediately.
+    use super::MAX_TRANSFER;
+    use std::ffi::c_void;
+
+    type Handle = *mut c_void;
+    type InvalidParameterHandler =
+        Option<unsafe extern "C" fn(*const u16, *const u16, *const u16, u32, usize)>;
+
+    #[repr(C)]
+    struct Overlapped {
+        internal: usize,
+        internal_high: usize,
+        offset: u32,
+        offset_high: u32,
+        h_event: Handle,
+    }
+
+    extern "C" {
+        fn _get_osfhandle(fd: i32) -> isize;
+        fn _set_thread_local_invalid_parameter_handler(
+            h: InvalidParameterHandler,
+        ) -> InvalidParameterHandler;
+    }
+
+    #[link(name = "kernel32")]
+    extern "system" {
+        fn ReadFile(
+            h: Handle,
+            buf: *mut c_void,
+            n: u32,
+            read: *mut u32,
+            ov: *mut Overlapped,
+        ) -> i32;
+        fn WriteFile(
+            h: Handle,
+            buf: *const c_void,
+            n: u32,
+            w: *mut u32,
+            ov: *mut Overlapped,
+        ) -> i32;
+        fn FlushFileBuffers(h: Handle) -> i32;
+        fn GetLastError() -> u32;
+    }
+
+    const ERROR_ACCESS_DENIED: u32 = 5;
+    const ERROR_INVALID_HANDLE: u32 = 6;
+    const ERROR_NOT_ENOUGH_MEMORY: u32 = 8;
+    const ERROR_OUTOFMEMORY: u32 = 14;
+    const ERROR_HANDLE_EOF: u32 = 38;
+    const ERROR_BROKEN_PIPE: u32 = 109;
+    const ERROR_DISK_FULL: u32 = 112;
+    const ERROR_INVALID_PARAMETER: u32 = 87;
+    const ERROR_INVALID_FUNCTION: u32 = 1;
+    const ERROR_IO_PENDING: u32 = 997;
+
+    const EBADF: i64 = 9;
+    const EACCES: i64 = 13;
+    const ENOMEM: i64 = 12;
+    const ENOSPC: i64 = 28;
+    const EINVAL: i64 = 22;
+    const EIO: i64 = 5;
+
+    unsafe extern "C" fn ignore_invalid_parameter(
+        _: *const u16,
+        _: *const u16,
+        _: *const u16,
+        _: u32,
+        _: usize,
+    ) {
+    }
+
+    fn handle_of(fd: i32) -> Option<Handle> {
+        unsafe {
+            let prev = _set_thread_local_invalid_parameter_handler(Some(ignore_invalid_parameter));
+            let h = _get_osfhandle(fd);
+            _set_thread_local_invalid_parameter_handler(prev);
+            if h == -1 || h == -2 {
+                None
+            } else {
+                Some(h as Handle)
+            }
+        }
+    }
+
+    fn errno_of(code: u32) -> i64 {
+        match code {
+            ERROR_INVALID_HANDLE => EBADF,
+            ERROR_ACCESS_DENIED => EBADF,
+            ERROR_NOT_ENOUGH_MEMORY | ERROR_OUTOFMEMORY => ENOMEM,
+            ERROR_DISK_FULL => ENOSPC,
+            ERROR_INVALID_PARAMETER | ERROR_INVALID_FUNCTION => EINVAL,
+            _ => EIO,
+        }
+    }
+
+    fn overlapped(offset: i64) -> Overlapped {
+        Overlapped {
+            internal: 0,
+            internal_high: 0,
+            offset: offset as u64 as u32,
+            offset_high: ((offset as u64) >> 32) as u32,
+            h_event: std::ptr::null_mut(),
+        }
+    }
+
+    /// # Safety
+    /// `buf` must be valid for `len` bytes of writes.
+    pub unsafe fn pread(fd: i32, buf: *mut u8, len: usize, offset: i64) -> i64 {
+        let Some(h) = handle_of(fd) else {
+            return -EBADF;
+        };
+        if offset < 0 {
+            return -EINVAL;
+        }
+        let mut ov = overlapped(offset);
+        let mut done: u32 = 0;
+        let n = len.min(MAX_TRANSFER) as u32;
+        if ReadFile(h, buf.cast(), n, &mut done, &mut ov) != 0 {
+            return done as i64;
+        }
+        match GetLastError() {
+            ERROR_HANDLE_EOF | ERROR_BROKEN_PIPE => 0,
+            ERROR_IO_PENDING => -EIO,
+            code => -errno_of(code),
+        }
+    }
+
+    /// # Safety
+    /// `buf` must be valid for `len` bytes of reads.
+    pub unsafe fn pwrite(fd: i32, buf: *const u8, len: usize, offset: i64) -> i64 {
+        let Some(h) = handle_of(fd) else {
+            return -EBADF;
+        };
+        if offset < 0 {
+            return -EINVAL;
+        }
+        let mut ov = overlapped(offset);
+        let mut done: u32 = 0;
+        let n = len.min(MAX_TRANSFER) as u32;
+        if WriteFile(h, buf.cast(), n, &mut done, &mut ov) != 0 {
+            return done as i64;
+        }
+        -errno_of(GetLastError())
+    }
+
+    pub fn fsync(fd: i32) -> i64 {
+        let Some(h) = handle_of(fd) else {
+            return -EBADF;
+        };
+        unsafe {
+            if FlushFileBuffers(h) != 0 {
+                0
+            } else {
+                match GetLastError() {
+                    ERROR_ACCESS_DENIED => -EACCES,
+                    code => -errno_of(code),
+                }
+            }
+        }
+    }
+
+    pub fn fdatasync(fd: i32) -> i64 {
+        fsync(fd)
+    }
+}
+
+pub use imp::{fdatasync, fsync, pread, pwrite};
+
+// ---------------------------------------------------------------------------
+// wake-up fd: tells an event loop "completions are waiting"
+
+/// A non-blocking notification fd: an eventfd on Linux, a pipe elsewhere on
+/// Unix. `signal()` may be called from any thread; the loop registers
+/// `fileno()` with `add_reader` and calls `drain()` when it becomes readable.
+#[cfg(unix)]
+pub struct WakeFd {
+    read_fd: i32,
+    write_fd: i32,
+}
+
+#[cfg(unix)]
+impl WakeFd {
+    pub fn new() -> std::io::Result<WakeFd> {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        unsafe {
+            let fd = libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(WakeFd {
+                read_fd: fd,
+                write_fd: fd,
+            })
+        }
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        unsafe {
+            let mut fds = [0i32; 2];
+            if libc::pipe(fds.as_mut_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for fd in fds {
+                libc::fcntl(
+                    fd,
+                    libc::F_SETFL,
+                    libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK,
+                );
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+            Ok(WakeFd {
+                read_fd: fds[0],
+                write_fd: fds[1],
+            })
+        }
+    }
+
+    pub fn fileno(&self) -> i32 {
+        self.read_fd
+    }
+
+    /// Makes the fd readable (idempotent until drained).
+    pub fn signal(&self) {
+        let one: u64 = 1;
+        unsafe {
+            // EAGAIN (counter/pipe full) still leaves the fd readable: fine.
+            libc::write(self.write_fd, (&one as *const u64).cast(), 8);
+        }
+    }
+
+    /// Consumes pending notifications; returns the eventfd counter (Linux) or
+    /// the number of bytes drained (pipe). `Ok(0)` when nothing was pending.
+    pub fn drain(&self) -> std::io::Result<u64> {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        unsafe {
+            let mut v: u64 = 0;
+            let r = libc::read(self.read_fd, (&mut v as *mut u64).cast(), 8);
+            if r == 8 {
+                return Ok(v);
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EAGAIN) {
+                Ok(0)
+            } else {
+                Err(e)
+            }
+        }
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        unsafe {
+            let mut buf = [0u8; 256];
+            let mut total = 0u64;
+            loop {
+                let r = libc::read(self.read_fd, buf.as_mut_ptr().cast(), buf.len());
+                if r > 0 {
+                    total += r as u64;
+                    continue;
+                }
+                if r < 0 && last_errno() != libc::EAGAIN && total == 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                return Ok(total);
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+impl Drop for WakeFd {
+    fn drop(&mut self) {
+        unsafe {
+            libc::close(self.read_fd);
+            if self.write_fd != self.read_fd {
+                libc::close(self.write_fd);
+            }
+        }
+    }
+}

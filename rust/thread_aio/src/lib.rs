@@ -1,0 +1,461 @@
+//! `caio.thread_aio`: positional I/O on a native worker pool.
+//!
+//! The engine is `caio_core::pool`. By default a worker runs the op's callback
+//! itself (upstream's documented semantics: callback on a pool thread). The
+//! asyncio adapter instead watches `_completion_fd()` with `loop.add_reader`
+//! and then calls `_enable_loop_delivery()`: workers only queue completions
+//! and signal the fd when the queue turns non-empty, and
+//! `_process_completions()` (run by the loop) delivers the whole batch — no
+//! GIL traffic in workers, one wake-up per batch.
+
+use std::ffi::{c_int, c_void};
+use std::ptr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use caio_core::args::{int_in, Params};
+use caio_core::module::{init_common, ModState};
+use caio_core::op::{self, as_op, Flavor, ReadPayload};
+use caio_core::pool::{CompletionQueue, Job, Pool, SubmitError};
+use caio_core::py::{
+    allow_threads, none, py_int, py_str, trampoline, trampoline_void, Borrowed, Owned, PyErr,
+    PyResult,
+};
+use caio_core::pyo3_ffi::*;
+use caio_core::{backend_module, sys};
+
+static FLAVOR: Flavor = Flavor {
+    type_name: c"aio.AIOOperation",
+    doc: c"thread aio operation representation",
+    read_payload: ReadPayload::MemoryView,
+    drop_write_payload: true,
+    nbytes_tracks_write: false,
+    max_read: isize::MAX as u64,
+    max_read_msg: "nbytes does not fit in Py_ssize_t",
+    offset_min: i64::MIN as i128,
+    offset_max: i64::MAX as i128,
+    // Q3: accept every value that fits 16 bits signed or unsigned, reject the
+    // rest instead of wrapping. The priority is not used by a thread pool.
+    priority_min: i16::MIN as i128,
+    priority_max: u16::MAX as i128,
+    payload_type_msg: "payload_bytes argument must be bytes",
+    failure_as_minus_one: true,
+    callback_keyword: true,
+    has_result_error: true,
+    has_context: false,
+    has_priority: false,
+    repr_offset_signed: false,
+    repr_result: true,
+};
+
+const DEFAULT_MAX_REQUESTS: u16 = 512;
+const DEFAULT_POOL_SIZE: u16 = 8;
+const MAX_POOL_SIZE: i128 = 128;
+const MAX_REQUESTS_LIMIT: i128 = 65535;
+
+#[repr(C)]
+struct Context {
+    ob_base: PyObject,
+    weakreflist: *mut PyObject,
+    max_requests: u16,
+    pool_size: u16,
+    fork_generation: u64,
+    /// `None` once closed.
+    pool: Mutex<Option<Arc<Pool>>>,
+}
+
+impl Context {
+    fn pool_slot(&self) -> MutexGuard<'_, Option<Arc<Pool>>> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pool(&self) -> PyResult<Arc<Pool>> {
+        self.pool_slot()
+            .clone()
+            .ok_or_else(|| PyErr::runtime("Context is closed"))
+    }
+
+    fn check_fork(&self) -> PyResult<()> {
+        if sys::fork_generation() != self.fork_generation {
+            return Err(PyErr::runtime(
+                "this thread_aio Context was created before fork() and its worker \
+threads do not exist in this process; create a new Context in the child",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Stops the pool, letting queued and running work finish (callbacks
+    /// included) — with the GIL released, as direct-delivery workers need it.
+    fn shutdown(&self) {
+        let pool = self.pool_slot().take();
+        if let Some(pool) = pool {
+            if self.check_fork().is_err() {
+                // A forked child has none of the parent's workers: leave the
+                // copied bookkeeping alone rather than join threads that do
+                // not exist here.
+                std::mem::forget(pool);
+                return;
+            }
+            allow_threads(|| pool.shutdown(true));
+            if let Some(q) = pool.queued_delivery() {
+                unsafe { q.deliver_all() };
+            }
+        }
+    }
+}
+
+unsafe fn ctx<'a>(p: *mut PyObject) -> &'a Context {
+    &*(p as *const Context)
+}
+
+static NEW_PARAMS: Params = Params {
+    fname: "Context",
+    names: &["max_requests", "pool_size"],
+    required: 0,
+    keywords: true,
+};
+
+/// A u16 parameter: 0 selects the default, values above `limit` are refused
+/// with upstream's `ValueError`, values that do not fit 16 bits raise
+/// `OverflowError` instead of wrapping around (API.md §7 Q3).
+fn u16_param(obj: Option<Borrowed<'_>>, name: &str, default: u16, max_ok: i128) -> PyResult<u16> {
+    let Some(obj) = obj else { return Ok(default) };
+    let v = int_in(obj, name, 0, u16::MAX as i128)?;
+    if v == 0 {
+        return Ok(default);
+    }
+    if v > max_ok {
+        return Err(PyErr::value_error(format!(
+            "{} too large: must be at most {}, got {}",
+            name, max_ok, v
+        )));
+    }
+    Ok(v as u16)
+}
+
+unsafe extern "C" fn ctx_new(
+    tp: *mut PyTypeObject,
+    args: *mut PyObject,
+    kwargs: *mut PyObject,
+) -> *mut PyObject {
+    trampoline(|| {
+        let a = NEW_PARAMS.parse_tuple::<2>(args, kwargs)?;
+        let max_requests = u16_param(
+            a.get(0),
+            "max_requests",
+            DEFAULT_MAX_REQUESTS,
+            MAX_REQUESTS_LIMIT - 1,
+        )?;
+        let pool_size = u16_param(a.get(1), "pool_size", DEFAULT_POOL_SIZE, MAX_POOL_SIZE)?;
+        let pool = Pool::new(pool_size as usize, max_requests as usize).map_err(|e| {
+            PyErr::runtime(format!(
+                "Pool initialization failed size={} max_requests={}: {}",
+                pool_size, max_requests, e
+            ))
+        })?;
+        let alloc = (*tp).tp_alloc.unwrap_or(PyType_GenericAlloc);
+        let obj = Owned::from_new(alloc(tp, 0))?;
+        let c = obj.as_ptr() as *mut Context;
+        (*c).max_requests = max_requests;
+        (*c).pool_size = pool_size;
+        (*c).fork_generation = sys::fork_generation();
+        ptr::addr_of_mut!((*c).pool).write(Mutex::new(Some(Arc::new(pool))));
+        Ok(obj)
+    })
+}
+
+unsafe extern "C" fn ctx_dealloc(slf: *mut PyObject) {
+    trampoline_void(|| {
+        let c = ctx(slf);
+        if !c.weakreflist.is_null() {
+            PyObject_ClearWeakRefs(slf);
+        }
+        // No op can be in flight here (each one keeps its Context alive), so
+        // this only stops idle workers.
+        c.shutdown();
+        ptr::drop_in_place(ptr::addr_of_mut!((*(slf as *mut Context)).pool));
+        let tp = Py_TYPE(slf);
+        if let Some(free) = (*tp).tp_free {
+            free(slf.cast());
+        }
+        Py_DECREF(tp.cast());
+    })
+}
+
+unsafe extern "C" fn ctx_submit(
+    slf: *mut PyObject,
+    args: *mut *mut PyObject,
+    nargsf: Py_ssize_t,
+) -> *mut PyObject {
+    trampoline(|| {
+        let c = ctx(slf);
+        let nargs = PyVectorcall_NARGS(nargsf as usize) as usize;
+        let args = std::slice::from_raw_parts(args, nargs);
+        let op_type = (*ModState::of(slf)).op_type;
+        // Type-check everything before claiming anything.
+        for (i, &a) in args.iter().enumerate() {
+            if !op::is_op(a, op_type) {
+                return Err(PyErr::type_error(format!(
+                    "Wrong type for argument {}: expected thread_aio.Operation, got {}",
+                    i,
+                    Borrowed::from_ptr(a).repr()
+                )));
+            }
+        }
+        c.check_fork()?;
+        let pool = c.pool()?;
+        let mut accepted = 0i64;
+        for &a in args {
+            let o = as_op(a);
+            if !o.try_claim() {
+                continue; // already in flight or done: silently skipped
+            }
+            op::begin(o, slf);
+            match pool.submit(Job(a as *mut op::Operation)) {
+                Ok(()) => accepted += 1,
+                Err((_, why)) => {
+                    op::abort(o);
+                    return Err(PyErr::runtime(match why {
+                        SubmitError::Full => "Thread pool queue full",
+                        SubmitError::Closed => "Context is closed",
+                    }));
+                }
+            }
+        }
+        py_int(accepted)
+    })
+}
+
+unsafe extern "C" fn ctx_cancel(
+    _slf: *mut PyObject,
+    _args: *mut *mut PyObject,
+    _nargs: Py_ssize_t,
+) -> *mut PyObject {
+    // A thread pool cannot stop a running pread(); upstream returns 0.
+    trampoline(|| py_int(0))
+}
+
+unsafe extern "C" fn ctx_close(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
+    trampoline(|| {
+        ctx(slf).shutdown();
+        Ok(none())
+    })
+}
+
+unsafe extern "C" fn ctx_completion_fd(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
+    trampoline(|| {
+        let c = ctx(slf);
+        c.check_fork()?;
+        let q: Arc<CompletionQueue> = c
+            .pool()?
+            .completion_queue()
+            .map_err(|e| PyErr::os(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        py_int(q.fileno() as i64)
+    })
+}
+
+unsafe extern "C" fn ctx_enable_loop_delivery(
+    slf: *mut PyObject,
+    _: *mut PyObject,
+) -> *mut PyObject {
+    trampoline(|| {
+        let c = ctx(slf);
+        c.check_fork()?;
+        c.pool()?
+            .enable_queued_delivery()
+            .map_err(|e| PyErr::os(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        Ok(none())
+    })
+}
+
+unsafe extern "C" fn ctx_process_completions(
+    slf: *mut PyObject,
+    _: *mut PyObject,
+) -> *mut PyObject {
+    trampoline(|| {
+        let pool = ctx(slf).pool_slot().clone();
+        let n = match pool.as_ref().and_then(|p| p.queued_delivery()) {
+            Some(q) => q.deliver_all(),
+            None => 0,
+        };
+        py_int(n as i64)
+    })
+}
+
+unsafe extern "C" fn ctx_repr(slf: *mut PyObject) -> *mut PyObject {
+    trampoline(|| {
+        let c = ctx(slf);
+        let pool = c
+            .pool_slot()
+            .clone()
+            .ok_or_else(|| PyErr::runtime("Pool not initialized"))?;
+        py_str(&format!(
+            "<Context as {:#x}: max_requests={}, pool_size={}, ctx={:#x}>",
+            slf as usize,
+            c.max_requests,
+            c.pool_size,
+            Arc::as_ptr(&pool) as usize
+        ))
+    })
+}
+
+unsafe extern "C" fn get_max_requests(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
+    trampoline(|| py_int(ctx(slf).max_requests as i64))
+}
+
+unsafe extern "C" fn get_pool_size(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
+    trampoline(|| py_int(ctx(slf).pool_size as i64))
+}
+
+static mut CTX_METHODS: [PyMethodDef; 7] = [
+    PyMethodDef {
+        ml_name: c"submit".as_ptr(),
+        ml_meth: PyMethodDefPointer {
+            PyCFunctionFast: ctx_submit,
+        },
+        ml_flags: METH_FASTCALL,
+        ml_doc: c"submit(*operations) -> int\n--\n\nQueue operations; returns how many were newly accepted.".as_ptr(),
+    },
+    PyMethodDef {
+        ml_name: c"cancel".as_ptr(),
+        ml_meth: PyMethodDefPointer {
+            PyCFunctionFast: ctx_cancel,
+        },
+        ml_flags: METH_FASTCALL,
+        ml_doc: c"cancel(*operations) -> int\n--\n\nNo-op (a running pread cannot be stopped); returns 0.".as_ptr(),
+    },
+    PyMethodDef {
+        ml_name: c"close".as_ptr(),
+        ml_meth: PyMethodDefPointer {
+            PyCFunction: ctx_close,
+        },
+        ml_flags: METH_NOARGS,
+        ml_doc: c"close()\n--\n\nStop accepting work, let queued work finish, join the workers.".as_ptr(),
+    },
+    PyMethodDef {
+        ml_name: c"_completion_fd".as_ptr(),
+        ml_meth: PyMethodDefPointer {
+            PyCFunction: ctx_completion_fd,
+        },
+        ml_flags: METH_NOARGS,
+        ml_doc: c"_completion_fd() -> int\n--\n\nThe fd that becomes readable when completions are queued for \
+_process_completions() (see _enable_loop_delivery). Used by the asyncio adapter.".as_ptr(),
+    },
+    PyMethodDef {
+        ml_name: c"_enable_loop_delivery".as_ptr(),
+        ml_meth: PyMethodDefPointer {
+            PyCFunction: ctx_enable_loop_delivery,
+        },
+        ml_flags: METH_NOARGS,
+        ml_doc: c"_enable_loop_delivery()\n--\n\nFrom now on, workers queue completions instead of running \
+callbacks; _process_completions() delivers them. Irreversible; watch _completion_fd() first.".as_ptr(),
+    },
+    PyMethodDef {
+        ml_name: c"_process_completions".as_ptr(),
+        ml_meth: PyMethodDefPointer {
+            PyCFunction: ctx_process_completions,
+        },
+        ml_flags: METH_NOARGS,
+        ml_doc: c"_process_completions() -> int\n--\n\nDeliver queued completions (run their callbacks) on this thread.".as_ptr(),
+    },
+    PyMethodDef::zeroed(),
+];
+
+static mut CTX_GETSET: [PyGetSetDef; 3] = [
+    PyGetSetDef {
+        name: c"max_requests".as_ptr(),
+        get: Some(get_max_requests),
+        set: None,
+        doc: c"how many operations may wait in the queue".as_ptr(),
+        closure: ptr::null_mut(),
+    },
+    PyGetSetDef {
+        name: c"pool_size".as_ptr(),
+        get: Some(get_pool_size),
+        set: None,
+        doc: c"number of worker threads".as_ptr(),
+        closure: ptr::null_mut(),
+    },
+    PyGetSetDef {
+        name: ptr::null(),
+        get: None,
+        set: None,
+        doc: ptr::null(),
+        closure: ptr::null_mut(),
+    },
+];
+
+static mut CTX_MEMBERS: [PyMemberDef; 2] = [
+    PyMemberDef {
+        name: c"__weaklistoffset__".as_ptr(),
+        type_code: Py_T_PYSSIZET,
+        offset: std::mem::offset_of!(Context, weakreflist) as Py_ssize_t,
+        flags: Py_READONLY,
+        doc: ptr::null(),
+    },
+    PyMemberDef {
+        name: ptr::null(),
+        type_code: 0,
+        offset: 0,
+        flags: 0,
+        doc: ptr::null(),
+    },
+];
+
+static mut CTX_SLOTS: [PyType_Slot; 8] = [
+    PyType_Slot {
+        slot: Py_tp_doc,
+        pfunc: c"Context(max_requests=512, pool_size=8)\n--\n\nthread aio context: a native worker pool \
+running pread/pwrite/fsync/fdatasync."
+            .as_ptr() as *mut c_void,
+    },
+    PyType_Slot {
+        slot: Py_tp_new,
+        pfunc: ctx_new as *mut c_void,
+    },
+    PyType_Slot {
+        slot: Py_tp_dealloc,
+        pfunc: ctx_dealloc as *mut c_void,
+    },
+    PyType_Slot {
+        slot: Py_tp_repr,
+        pfunc: ctx_repr as *mut c_void,
+    },
+    PyType_Slot {
+        slot: Py_tp_methods,
+        pfunc: ptr::addr_of_mut!(CTX_METHODS) as *mut c_void,
+    },
+    PyType_Slot {
+        slot: Py_tp_getset,
+        pfunc: ptr::addr_of_mut!(CTX_GETSET) as *mut c_void,
+    },
+    PyType_Slot {
+        slot: Py_tp_members,
+        pfunc: ptr::addr_of_mut!(CTX_MEMBERS) as *mut c_void,
+    },
+    PyType_Slot {
+        slot: 0,
+        pfunc: ptr::null_mut(),
+    },
+];
+
+static mut CTX_SPEC: PyType_Spec = PyType_Spec {
+    name: c"Context".as_ptr(),
+    basicsize: std::mem::size_of::<Context>() as c_int,
+    itemsize: 0,
+    flags: Py_TPFLAGS_DEFAULT as _,
+    slots: ptr::addr_of_mut!(CTX_SLOTS) as *mut PyType_Slot,
+};
+
+unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
+    init_common(
+        module,
+        &FLAVOR,
+        ptr::addr_of_mut!(CTX_SPEC),
+        c"caio.thread_aio.OperationError",
+    )?;
+    caio_core::register_atexit()?;
+    Ok(())
+}
+
+backend_module!(PyInit_thread_aio, c"thread_aio", c"Thread based AIO.", exec);

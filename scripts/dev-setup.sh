@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Creates (or refreshes) a development virtualenv and builds caio into the
+# source tree (editable install, native extensions compiled in place).
+#   scripts/dev-setup.sh [python] [venv-dir]
+set -euo pipefail
+PYTHON=${1:-python3}
+VENV=${2:-.venv}
+cd "$(dirname "$0")/.."
+
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    echo "dev-setup: interpreter '$PYTHON' not found" >&2
+    exit 1
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "dev-setup: creating $VENV with $("$PYTHON" -V 2>&1)"
+    "$PYTHON" -m venv "$VENV"
+fi
+STAMP="$VENV/.caio-deps-v1"
+if [ ! -f "$STAMP" ]; then
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q \
+        "setuptools>=70" "setuptools-rust>=1.10" wheel \
+        "pytest>=7" pytest-timeout hypothesis
+    # uvloop has no wheels for every interpreter; the suite uses it when present.
+    "$VENV/bin/python" -m pip install -q uvloop || echo "dev-setup: uvloop unavailable, skipping"
+    touch "$STAMP"
+fi
+if ! command -v "${CARGO:-cargo}" >/dev/null 2>&1; then
+    echo "dev-setup: cargo not found; install Rust (https://rustup.rs) to build the native backends" >&2
+    exit 1
+fi
+# Release build of the native modules, placed next to the Python sources.
+CAIO_REQUIRE_RUST=1 "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
