@@ -397,3 +397,92 @@ impl Drop for WakeFd {
         }
     }
 }
+
+/// Windows: the default (proactor) event loop has no `add_reader`, so there
+/// is no wake-up fd; callers fall back to callbacks on worker threads.
+#[cfg(windows)]
+pub struct WakeFd(());
+
+#[cfg(windows)]
+impl WakeFd {
+    pub fn new() -> std::io::Result<WakeFd> {
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    }
+    pub fn fileno(&self) -> i32 {
+        -1
+    }
+    pub fn signal(&self) {}
+    pub fn drain(&self) -> std::io::Result<u64> {
+        Ok(0)
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn temp_file(name: &str) -> std::fs::File {
+        let path = std::env::temp_dir().join(format!("caio-core-{}-{}", name, std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
+    }
+
+    #[test]
+    fn strerror_is_the_bare_c_text() {
+        assert_eq!(strerror(libc::EBADF), "Bad file descriptor");
+        assert_eq!(strerror(libc::ENOENT), "No such file or directory");
+    }
+
+    #[test]
+    fn positional_io_round_trip() {
+        let f = temp_file("rw");
+        let fd = f.as_raw_fd();
+        let data = b"hello positional world";
+        assert_eq!(unsafe { pwrite(fd, data.as_ptr(), data.len(), 10) }, data.len() as i64);
+        let mut buf = [0u8; 64];
+        let n = unsafe { pread(fd, buf.as_mut_ptr(), buf.len(), 10) };
+        assert_eq!(n, data.len() as i64);
+        assert_eq!(&buf[..data.len()], data);
+        // Before the data: a hole of zeros; past EOF: 0 bytes.
+        assert_eq!(unsafe { pread(fd, buf.as_mut_ptr(), 10, 0) }, 10);
+        assert_eq!(&buf[..10], &[0u8; 10]);
+        assert_eq!(unsafe { pread(fd, buf.as_mut_ptr(), 8, 1 << 20) }, 0);
+        assert_eq!(fsync(fd), 0);
+        assert_eq!(fdatasync(fd), 0);
+    }
+
+    #[test]
+    fn failures_are_negative_errno() {
+        let mut buf = [0u8; 8];
+        assert_eq!(unsafe { pread(-1, buf.as_mut_ptr(), 8, 0) }, -(libc::EBADF as i64));
+        assert_eq!(unsafe { pwrite(-1, buf.as_ptr(), 8, 0) }, -(libc::EBADF as i64));
+        assert_eq!(fsync(-1), -(libc::EBADF as i64));
+        let f = temp_file("neg");
+        let r = unsafe { pread(f.as_raw_fd(), buf.as_mut_ptr(), 8, -1) };
+        assert_eq!(r, -(libc::EINVAL as i64));
+    }
+
+    #[test]
+    fn wake_fd_signals_until_drained() {
+        let w = WakeFd::new().unwrap();
+        assert!(w.fileno() >= 0);
+        assert_eq!(w.drain().unwrap(), 0);
+        w.signal();
+        w.signal();
+        assert!(w.drain().unwrap() > 0);
+        assert_eq!(w.drain().unwrap(), 0);
+    }
+
+    #[test]
+    fn fork_generation_is_stable_in_one_process() {
+        assert_eq!(fork_generation(), fork_generation());
+    }
+}

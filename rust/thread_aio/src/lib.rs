@@ -246,12 +246,21 @@ unsafe extern "C" fn ctx_completion_fd(slf: *mut PyObject, _: *mut PyObject) -> 
     trampoline(|| {
         let c = ctx(slf);
         c.check_fork()?;
-        let q: Arc<CompletionQueue> = c
-            .pool()?
-            .completion_queue()
-            .map_err(|e| PyErr::os(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        let q: Arc<CompletionQueue> = c.pool()?.completion_queue().map_err(io_error)?;
         py_int(q.fileno() as i64)
     })
+}
+
+/// `Unsupported` (no wake-up fd on this platform) → NotImplementedError, so
+/// the adapter falls back to worker-thread callbacks; anything else → OSError.
+fn io_error(e: std::io::Error) -> PyErr {
+    match e.raw_os_error() {
+        Some(errno) => PyErr::os(errno),
+        None => PyErr::new(
+            caio_core::py::Exc::NotImplementedError,
+            format!("event-loop delivery is not available here: {}", e),
+        ),
+    }
 }
 
 unsafe extern "C" fn ctx_enable_loop_delivery(
@@ -261,9 +270,7 @@ unsafe extern "C" fn ctx_enable_loop_delivery(
     trampoline(|| {
         let c = ctx(slf);
         c.check_fork()?;
-        c.pool()?
-            .enable_queued_delivery()
-            .map_err(|e| PyErr::os(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        c.pool()?.enable_queued_delivery().map_err(io_error)?;
         Ok(none())
     })
 }
