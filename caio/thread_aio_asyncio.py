@@ -6,6 +6,9 @@ non-empty; the event loop (``add_reader``) then delivers the whole batch at
 once, resolving the futures directly on the loop thread. Workers never wait for
 the GIL and the loop is woken once per batch instead of once per operation.
 
+Small reads that hit the page cache are completed inline (see
+``INLINE_READ_MAX``) without involving a worker at all.
+
 Loops without ``add_reader`` (Windows' proactor loop) keep the classic path:
 the worker runs the callback, which wakes the loop with
 ``call_soon_threadsafe``.
@@ -22,6 +25,12 @@ class AsyncioContext(AsyncioContextBase):
     OPERATION_CLASS = thread_aio.Operation
     CONTEXT_CLASS = thread_aio.Context
 
+    #: Reads up to this many bytes are first tried straight from the page
+    #: cache on the loop thread (Linux ``preadv2(RWF_NOWAIT)``: it never waits
+    #: for the disk, so the loop cannot stall); misses go to the worker pool.
+    #: Set to 0 to send every operation to the pool.
+    INLINE_READ_MAX = 64 * 1024
+
     _reader_fd: Optional[int] = None
 
     def _create_context(self, max_requests: int, **kwargs: Any) -> Any:
@@ -34,7 +43,7 @@ class AsyncioContext(AsyncioContextBase):
             except (NotImplementedError, OSError):
                 pass
             else:
-                enable()
+                enable(inline_read_max=self.INLINE_READ_MAX)
                 self._reader_fd = fd
                 self._loop_delivery = True
         return context

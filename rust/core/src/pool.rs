@@ -272,6 +272,52 @@ impl Shared {
     }
 }
 
+/// Set once `preadv2` turned out not to exist (kernel < 4.6).
+static NOWAIT_MISSING: AtomicBool = AtomicBool::new(false);
+
+/// Tries to complete a read from the page cache on the calling thread
+/// (`RWF_NOWAIT`: never waits for the disk). Returns the final result, or
+/// `None` when the read must go to the pool: data not (fully) cached, or the
+/// kernel/filesystem cannot do non-blocking reads. A partially cached range
+/// is continued, so a short result only ever means end of file — callers
+/// (aiofile) treat short reads as EOF.
+///
+/// # Safety
+/// `op` must be claimed by the caller and not yet handed to any engine.
+pub unsafe fn try_read_inline(op: &Operation) -> Option<i64> {
+    if op.kind != OpKind::Read || NOWAIT_MISSING.load(Ordering::Relaxed) {
+        return None;
+    }
+    let io = op.io();
+    if (io.offset as i64) < 0 {
+        // preadv2 treats -1 as "use the file position": leave it to pread,
+        // which rejects negative offsets.
+        return None;
+    }
+    let fd = op.fd_i32();
+    let mut done = 0usize;
+    while done < io.len {
+        let r = sys::pread_nowait(fd, io.ptr.add(done), io.len - done, io.offset + done as u64);
+        if r > 0 {
+            done += r as usize;
+            continue;
+        }
+        if r == 0 {
+            break; // end of file
+        }
+        return match (-r) as i32 {
+            libc::ENOSYS => {
+                NOWAIT_MISSING.store(true, Ordering::Relaxed);
+                None
+            }
+            libc::EAGAIN | libc::EOPNOTSUPP | libc::EINVAL | libc::EINTR => None,
+            _ if done > 0 => Some(done as i64),
+            _ => Some(r),
+        };
+    }
+    Some(done as i64)
+}
+
 fn worker(shared: Arc<Shared>) {
     while let Some(job) = shared.next_job() {
         let op = job.0;

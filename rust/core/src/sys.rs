@@ -290,6 +290,46 @@ mod imp {
 
 pub use imp::{fdatasync, fsync, pread, pwrite};
 
+/// `preadv2(fd, [buf, len], offset, RWF_NOWAIT)`: reads only what the page
+/// cache can give without blocking. Returns bytes read (possibly short), or
+/// `-errno` (`-EAGAIN`: data not cached; `-EOPNOTSUPP`/`-ENOSYS`: not
+/// supported here). Issued as a raw syscall: glibc 2.17 (manylinux2014) has
+/// no wrapper.
+///
+/// # Safety
+/// `buf` must be valid for `len` bytes of writes.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub unsafe fn pread_nowait(fd: i32, buf: *mut u8, len: usize, offset: u64) -> i64 {
+    const RWF_NOWAIT: libc::c_long = 0x0000_0008;
+    let iov = libc::iovec {
+        iov_base: buf.cast(),
+        iov_len: len.min(MAX_TRANSFER),
+    };
+    // The kernel joins (pos_h << 64) | pos_l on 64-bit targets: pos_l is
+    // the whole offset there.
+    let lo = offset as libc::c_ulong;
+    let hi = ((offset >> 32) >> 32) as libc::c_ulong;
+    let r = libc::syscall(
+        libc::SYS_preadv2,
+        fd as libc::c_long,
+        &iov as *const libc::iovec,
+        1 as libc::c_long,
+        lo,
+        hi,
+        RWF_NOWAIT,
+    );
+    if r >= 0 {
+        r as i64
+    } else {
+        -(last_errno() as i64)
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub unsafe fn pread_nowait(_fd: i32, _buf: *mut u8, _len: usize, _offset: u64) -> i64 {
+    -(libc::EOPNOTSUPP as i64)
+}
+
 // ---------------------------------------------------------------------------
 // wake-up fd: tells an event loop "completions are waiting"
 
@@ -446,7 +486,10 @@ mod tests {
         let f = temp_file("rw");
         let fd = f.as_raw_fd();
         let data = b"hello positional world";
-        assert_eq!(unsafe { pwrite(fd, data.as_ptr(), data.len(), 10) }, data.len() as i64);
+        assert_eq!(
+            unsafe { pwrite(fd, data.as_ptr(), data.len(), 10) },
+            data.len() as i64
+        );
         let mut buf = [0u8; 64];
         let n = unsafe { pread(fd, buf.as_mut_ptr(), buf.len(), 10) };
         assert_eq!(n, data.len() as i64);
@@ -462,12 +505,45 @@ mod tests {
     #[test]
     fn failures_are_negative_errno() {
         let mut buf = [0u8; 8];
-        assert_eq!(unsafe { pread(-1, buf.as_mut_ptr(), 8, 0) }, -(libc::EBADF as i64));
-        assert_eq!(unsafe { pwrite(-1, buf.as_ptr(), 8, 0) }, -(libc::EBADF as i64));
+        assert_eq!(
+            unsafe { pread(-1, buf.as_mut_ptr(), 8, 0) },
+            -(libc::EBADF as i64)
+        );
+        assert_eq!(
+            unsafe { pwrite(-1, buf.as_ptr(), 8, 0) },
+            -(libc::EBADF as i64)
+        );
         assert_eq!(fsync(-1), -(libc::EBADF as i64));
         let f = temp_file("neg");
         let r = unsafe { pread(f.as_raw_fd(), buf.as_mut_ptr(), 8, -1) };
         assert_eq!(r, -(libc::EINVAL as i64));
+    }
+
+    #[test]
+    fn nowait_reads_cached_data() {
+        let f = temp_file("nowait");
+        let fd = f.as_raw_fd();
+        let data = [7u8; 8192];
+        assert_eq!(unsafe { pwrite(fd, data.as_ptr(), data.len(), 0) }, 8192);
+        let mut buf = [0u8; 4096];
+        let r = unsafe { pread_nowait(fd, buf.as_mut_ptr(), buf.len(), 4096) };
+        // Freshly written pages are cached (or the filesystem says "not
+        // supported" / "would block"): never anything else.
+        assert!(
+            r == 4096 || r == -(libc::EOPNOTSUPP as i64) || r == -(libc::EAGAIN as i64),
+            "{r}"
+        );
+        if r == 4096 {
+            assert_eq!(buf, [7u8; 4096]);
+            assert_eq!(
+                unsafe { pread_nowait(fd, buf.as_mut_ptr(), 10, 1 << 20) },
+                0
+            );
+        }
+        assert_eq!(
+            unsafe { pread_nowait(-1, buf.as_mut_ptr(), 10, 0) },
+            -(libc::EBADF as i64)
+        );
     }
 
     #[test]

@@ -10,12 +10,13 @@
 
 use std::ffi::{c_int, c_void};
 use std::ptr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use caio_core::args::{int_in, Params};
 use caio_core::module::{init_common, ModState};
 use caio_core::op::{self, as_op, Flavor, ReadPayload};
-use caio_core::pool::{CompletionQueue, Job, Pool, SubmitError};
+use caio_core::pool::{self, CompletionQueue, Job, Pool, SubmitError};
 use caio_core::py::{
     allow_threads, none, py_int, py_str, trampoline, trampoline_void, Borrowed, Owned, PyErr,
     PyResult,
@@ -59,6 +60,9 @@ struct Context {
     max_requests: u16,
     pool_size: u16,
     fork_generation: u64,
+    /// Reads up to this size are first tried inline from the page cache
+    /// (event-loop delivery only; 0 = never).
+    inline_read_max: AtomicUsize,
     /// `None` once closed.
     pool: Mutex<Option<Arc<Pool>>>,
 }
@@ -159,6 +163,7 @@ unsafe extern "C" fn ctx_new(
         (*c).max_requests = max_requests;
         (*c).pool_size = pool_size;
         (*c).fork_generation = sys::fork_generation();
+        ptr::addr_of_mut!((*c).inline_read_max).write(AtomicUsize::new(0));
         ptr::addr_of_mut!((*c).pool).write(Mutex::new(Some(Arc::new(pool))));
         Ok(obj)
     })
@@ -189,6 +194,7 @@ unsafe extern "C" fn ctx_submit(
 ) -> *mut PyObject {
     trampoline(|| {
         let c = ctx(slf);
+        let inline_max = c.inline_read_max.load(Ordering::Relaxed);
         let nargs = PyVectorcall_NARGS(nargsf as usize) as usize;
         let args = std::slice::from_raw_parts(args, nargs);
         let op_type = (*ModState::of(slf)).op_type;
@@ -211,6 +217,16 @@ unsafe extern "C" fn ctx_submit(
                 continue; // already in flight or done: silently skipped
             }
             op::begin(o, slf);
+            if o.nbytes as usize <= inline_max {
+                // Page-cache hit: done right here, no thread hop. RWF_NOWAIT
+                // never waits for the disk and the size is bounded, so this
+                // does not stall the event loop.
+                if let Some(res) = pool::try_read_inline(o) {
+                    op::finish(a as *mut op::Operation, res).run();
+                    accepted += 1;
+                    continue;
+                }
+            }
             match pool.submit(Job(a as *mut op::Operation)) {
                 Ok(()) => accepted += 1,
                 Err((_, why)) => {
@@ -263,14 +279,29 @@ fn io_error(e: std::io::Error) -> PyErr {
     }
 }
 
+static ENABLE_PARAMS: Params = Params {
+    fname: "_enable_loop_delivery",
+    names: &["inline_read_max"],
+    required: 0,
+    keywords: true,
+};
+
 unsafe extern "C" fn ctx_enable_loop_delivery(
     slf: *mut PyObject,
-    _: *mut PyObject,
+    args: *const *mut PyObject,
+    nargsf: Py_ssize_t,
+    kwnames: *mut PyObject,
 ) -> *mut PyObject {
     trampoline(|| {
+        let a = ENABLE_PARAMS.parse::<1>(args, nargsf, kwnames)?;
+        let inline_max = match a.get(0) {
+            Some(v) => int_in(v, "inline_read_max", 0, isize::MAX as i128)? as usize,
+            None => 0,
+        };
         let c = ctx(slf);
         c.check_fork()?;
         c.pool()?.enable_queued_delivery().map_err(io_error)?;
+        c.inline_read_max.store(inline_max, Ordering::Relaxed);
         Ok(none())
     })
 }
@@ -351,11 +382,13 @@ _process_completions() (see _enable_loop_delivery). Used by the asyncio adapter.
     PyMethodDef {
         ml_name: c"_enable_loop_delivery".as_ptr(),
         ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_enable_loop_delivery,
+            PyCFunctionFastWithKeywords: ctx_enable_loop_delivery,
         },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"_enable_loop_delivery()\n--\n\nFrom now on, workers queue completions instead of running \
-callbacks; _process_completions() delivers them. Irreversible; watch _completion_fd() first.".as_ptr(),
+        ml_flags: METH_FASTCALL | METH_KEYWORDS,
+        ml_doc: c"_enable_loop_delivery(inline_read_max=0)\n--\n\nFrom now on, workers queue completions instead \
+of running callbacks; _process_completions() delivers them. Irreversible; watch _completion_fd() first. \
+Reads of at most inline_read_max bytes are first tried from the page cache on the calling thread \
+(preadv2 RWF_NOWAIT, Linux) and complete inside submit() when cached.".as_ptr(),
     },
     PyMethodDef {
         ml_name: c"_process_completions".as_ptr(),
