@@ -763,7 +763,25 @@ fn in_flight_error(what: &str) -> PyErr {
 /// `errno`/`strerror`).
 unsafe fn op_error(op: &Operation, errno: i32) -> PyErr {
     let st = ModState::of_type(Py_TYPE(op.as_ptr()));
+    if let Some(hook) = ERROR_HOOK.get() {
+        if let Some(msg) = hook(op, errno) {
+            return PyErr::ErrnoMsg(Exc::Custom((*st).error_type), errno, msg);
+        }
+    }
     PyErr::Errno(Exc::Custom((*st).error_type), errno)
+}
+
+/// Builds a better message than `strerror` for some failures of a backend's
+/// ops (e.g. O_DIRECT alignment), or `None` for the plain text.
+pub type ErrorMessageHook = unsafe fn(op: &Operation, errno: i32) -> Option<String>;
+
+// Core is linked into each backend's shared library separately, so this is
+// one hook per backend module.
+static ERROR_HOOK: std::sync::OnceLock<ErrorMessageHook> = std::sync::OnceLock::new();
+
+/// Installs the backend's [`ErrorMessageHook`] (first call wins).
+pub fn set_error_message_hook(hook: ErrorMessageHook) {
+    let _ = ERROR_HOOK.set(hook);
 }
 
 /// A fresh zero-filled `bytes` of `n` bytes (the value of a read not yet run).
