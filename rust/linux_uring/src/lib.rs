@@ -585,6 +585,7 @@ unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
     )?;
     add_object(module, c"SQPOLL_ALLOWED", py_bool(probed.sqpoll_allowed))?;
     caio_core::aio::init(module, &adapter::ENGINE)?;
+    op::set_error_message_hook(ring::error_message);
     Ok(())
 }
 

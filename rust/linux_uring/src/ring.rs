@@ -579,6 +579,7 @@ unsafe fn prepare(o: &Operation, side: &SqSide) -> PyResult<squeue::Entry> {
             if let Some(align) = side.direct_align(o.fd_i32()) {
                 o.use_aligned_window(align)?;
                 area[0] |= ENG_ALIGNED;
+                area[1] = align as u64;
             }
             let io = o.io();
             // API.md §7 Q8: never more than the kernel's single-transfer cap;
@@ -616,6 +617,34 @@ unsafe fn wants_direct_retry(o: &Operation) -> bool {
     }
     let fl = libc::fcntl(o.fd_i32(), libc::F_GETFL);
     fl >= 0 && fl & libc::O_DIRECT != 0
+}
+
+/// `get_value()`'s message for an O_DIRECT request the kernel still refused
+/// after we aligned its memory: what the file needs.
+pub unsafe fn error_message(o: &Operation, errno: i32) -> Option<String> {
+    let area = &*o.engine_area();
+    if errno != libc::EINVAL || area[0] & ENG_ALIGNED == 0 {
+        return None;
+    }
+    let align = area[1];
+    Some(match o.kind {
+        OpKind::Write => format!(
+            "Invalid argument: O_DIRECT writes on this file need an offset and a length that \
+are multiples of the device's logical block size ({}); got offset {}, length {}. (The data \
+itself needs no alignment: caio copies it into aligned memory.)",
+            match dio_align(o.fd_i32()).1 {
+                0 => "512 or 4096 bytes".to_owned(),
+                n => format!("{} bytes", n),
+            },
+            o.offset,
+            o.nbytes
+        ),
+        _ => format!(
+            "Invalid argument: the O_DIRECT read was refused even through a {}-byte aligned \
+window (offset {}, length {})",
+            align, o.offset, o.nbytes
+        ),
+    })
 }
 
 /// Alignment for O_DIRECT transfers on `fd`: what `statx(STATX_DIOALIGN)`
