@@ -1014,6 +1014,25 @@ unsafe extern "C" fn aw_repr(slf: *mut PyObject) -> *mut PyObject {
     })
 }
 
+fn aw_name(slf: *mut PyObject) -> &'static str {
+    unsafe {
+        let w = slf as *mut Awaitable;
+        if !(*w).error.is_null() || (*w).op.is_null() || (*w).op == Py_None() {
+            "submit"
+        } else {
+            as_op((*w).op).kind.mode()
+        }
+    }
+}
+
+unsafe extern "C" fn aw_get_name(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
+    trampoline(|| crate::py::py_str(aw_name(slf)))
+}
+
+unsafe extern "C" fn aw_get_qualname(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
+    trampoline(|| crate::py::py_str(&format!("AsyncioContext.{}", aw_name(slf))))
+}
+
 unsafe extern "C" fn aw_get_op(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
     Py_INCREF((*(slf as *mut Awaitable)).op);
     (*(slf as *mut Awaitable)).op
@@ -1158,6 +1177,20 @@ return awaitables that complete inline when the backend can."
                 closure: ptr::null_mut(),
             },
             PyGetSetDef {
+                name: c"__name__".as_ptr(),
+                get: Some(aw_get_name),
+                set: None,
+                doc: c"the operation kind (shown in task reprs)".as_ptr(),
+                closure: ptr::null_mut(),
+            },
+            PyGetSetDef {
+                name: c"__qualname__".as_ptr(),
+                get: Some(aw_get_qualname),
+                set: None,
+                doc: c"AsyncioContext.<kind> (shown in task reprs)".as_ptr(),
+                closure: ptr::null_mut(),
+            },
+            PyGetSetDef {
                 name: ptr::null(),
                 get: None,
                 set: None,
@@ -1228,6 +1261,7 @@ pub unsafe fn init(module: *mut PyObject, engine: &'static Engine) -> PyResult<(
         ptr::null_mut(),
     ))?;
     add_object(module, c"_AsyncioBase", ad.clone())?;
+    add_object(module, c"OperationAwaitable", aw.clone())?;
     (*st).engine = engine;
     (*st).awaitable_type = aw.into_ptr();
     (*st).adapter_type = ad.into_ptr();
