@@ -88,6 +88,13 @@ class AsyncioContextBase(abc.ABC):
     # callback per operation. ``_on_done`` is not used in that mode.
     _loop_delivery = False
 
+    #: Operations served synchronously (a page-cache hit completed inside
+    #: ``submit``) never suspend the awaiting coroutine. So that a task
+    #: looping over cached reads cannot starve the others, the loop gets one
+    #: turn after this many consecutive synchronous completions.
+    MAX_SYNC_STREAK = 32
+    _sync_streak = 0
+
     async def submit(self, op: AbstractOperation) -> Union[bytes, int, None]:
         if not isinstance(op, self.OPERATION_CLASS):
             raise ValueError("Operation object expected")
@@ -109,7 +116,14 @@ class AsyncioContextBase(abc.ABC):
             self._submit_op(op, future)
             self._on_submitted()
             try:
-                await future
+                if future.done():
+                    self._sync_streak += 1
+                    if self._sync_streak >= self.MAX_SYNC_STREAK:
+                        self._sync_streak = 0
+                        await asyncio.sleep(0)
+                else:
+                    self._sync_streak = 0
+                    await future
             except asyncio.CancelledError:
                 try:
                     self.context.cancel(op)
