@@ -29,7 +29,7 @@
 use std::collections::VecDeque;
 use std::ffi::{c_int, c_void};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use pyo3_ffi::*;
@@ -83,6 +83,10 @@ pub struct Adapter {
     bound: AtomicBool,
     closed: AtomicBool,
     gate: Mutex<Gate>,
+    /// Consecutive operations that completed without suspending, and the
+    /// limit after which the loop gets one turn (`MAX_SYNC_STREAK`; 0: off).
+    sync_streak: AtomicU32,
+    max_sync_streak: u32,
 }
 
 impl Adapter {
@@ -272,6 +276,8 @@ unsafe extern "C" fn adapter_new(
             xset(slot, v);
         }
         ptr::addr_of_mut!((*a).bound).write(AtomicBool::new(false));
+        ptr::addr_of_mut!((*a).sync_streak).write(AtomicU32::new(0));
+        (*a).max_sync_streak = 0;
         ptr::addr_of_mut!((*a).closed).write(AtomicBool::new(false));
         ptr::addr_of_mut!((*a).gate).write(Mutex::new(Gate {
             in_use: 0,
@@ -409,6 +415,17 @@ unsafe extern "C" fn adapter_bind(
         );
         (*a).deferred = deferred;
         (*a).gate().max = max as usize;
+        // The fairness bound of AsyncioContextBase (class attribute).
+        let streak = PyObject_GetAttrString(slf, c"MAX_SYNC_STREAK".as_ptr());
+        if streak.is_null() {
+            PyErr_Clear();
+            (*a).max_sync_streak = 0;
+        } else {
+            let streak = Owned::from_raw(streak);
+            (*a).max_sync_streak =
+                crate::args::int_in(streak.borrow(), "MAX_SYNC_STREAK", 0, u32::MAX as i128)?
+                    as u32;
+        }
         (*a).closed.store(false, Ordering::Release);
         (*a).bound.store(true, Ordering::Release);
         Ok(crate::py::none())
@@ -568,6 +585,9 @@ const INIT: u8 = 0;
 const SLOT_WAIT: u8 = 1;
 const OP_WAIT: u8 = 2;
 const FINISHED: u8 = 3;
+/// Completed synchronously but yielded once to the loop (fairness); the
+/// value is returned by the next step.
+const YIELDED: u8 = 4;
 
 #[repr(C)]
 pub struct Awaitable {
@@ -579,6 +599,8 @@ pub struct Awaitable {
     fut: *mut PyObject,
     /// An exception instance raised by the first step.
     error: *mut PyObject,
+    /// The value held back while `YIELDED`.
+    value: *mut PyObject,
     state: AtomicU8,
     has_slot: bool,
     /// Guards against two threads stepping it at once.
@@ -627,11 +649,27 @@ unsafe fn release_slot(w: *mut Awaitable) {
 }
 
 /// The op is done: free the slot and return its value (or raise its error).
-unsafe fn finish(w: *mut Awaitable) -> PyResult<Step> {
+/// `inline`: it completed without the awaitable ever suspending; after
+/// `MAX_SYNC_STREAK` of those in a row the loop gets one turn first, so a
+/// task looping over page-cache hits cannot starve the others.
+unsafe fn finish(w: *mut Awaitable, inline: bool) -> PyResult<Step> {
     release_slot(w);
-    (*w).state.store(FINISHED, Ordering::Relaxed);
     xdecref(&mut (*w).fut);
-    op::get_value(as_op((*w).op)).map(Step::Return)
+    (*w).state.store(FINISHED, Ordering::Relaxed);
+    let v = op::get_value(as_op((*w).op))?;
+    let a = adapter((*w).adapter);
+    if !inline {
+        a.sync_streak.store(0, Ordering::Relaxed);
+    } else if a.max_sync_streak > 0
+        && a.sync_streak.fetch_add(1, Ordering::Relaxed) + 1 >= a.max_sync_streak
+    {
+        a.sync_streak.store(0, Ordering::Relaxed);
+        (*w).value = v.into_ptr();
+        (*w).state.store(YIELDED, Ordering::Relaxed);
+        // A bare yield: the task reschedules itself with call_soon.
+        return Ok(Step::Yield(crate::py::none()));
+    }
+    Ok(Step::Return(v))
 }
 
 unsafe fn submit_op(w: *mut Awaitable) -> PyResult<Step> {
@@ -655,7 +693,7 @@ unsafe fn submit_op(w: *mut Awaitable) -> PyResult<Step> {
     }
     let o = as_op(opp);
     if o.state() == op::DONE {
-        return finish(w); // completed inline: no future, no suspension
+        return finish(w, true); // completed inline: no future, no suspension
     }
     wait_for_op(w)
 }
@@ -676,7 +714,7 @@ unsafe fn wait_for_op(w: *mut Awaitable) -> PyResult<Step> {
     op::set_future(o, fut.as_ptr());
     if o.state() == op::DONE {
         // Delivered by another thread between the check and the install.
-        return finish(w);
+        return finish(w, false);
     }
     yield_future(w, fut, OP_WAIT)
 }
@@ -734,10 +772,15 @@ unsafe fn send_step(w: *mut Awaitable) -> PyResult<Step> {
         }
         OP_WAIT => {
             if as_op((*w).op).state() == op::DONE {
-                finish(w)
+                finish(w, false)
             } else {
                 wait_for_op(w)
             }
+        }
+        YIELDED => {
+            (*w).state.store(FINISHED, Ordering::Relaxed);
+            let v = std::mem::replace(&mut (*w).value, ptr::null_mut());
+            Ok(Step::Return(Owned::from_raw(v)))
         }
         _ => Err(PyErr::runtime("cannot reuse already awaited coroutine")),
     }
@@ -778,6 +821,7 @@ unsafe fn abandon(w: *mut Awaitable) {
             }
             release_slot(w);
         }
+        YIELDED => xdecref(&mut (*w).value),
         _ => {}
     }
     (*w).state.store(FINISHED, Ordering::Relaxed);
@@ -954,7 +998,7 @@ unsafe extern "C" fn aw_finalize(slf: *mut PyObject) {
 
 unsafe extern "C" fn aw_traverse(slf: *mut PyObject, visit: visitproc, arg: *mut c_void) -> c_int {
     let w = slf as *mut Awaitable;
-    for p in [(*w).adapter, (*w).op, (*w).fut, (*w).error] {
+    for p in [(*w).adapter, (*w).op, (*w).fut, (*w).error, (*w).value] {
         if !p.is_null() {
             let r = visit(p, arg);
             if r != 0 {
@@ -971,6 +1015,7 @@ unsafe extern "C" fn aw_clear(slf: *mut PyObject) -> c_int {
     // if finalisation runs after clear); they cannot close a cycle alone.
     xdecref(&mut (*w).fut);
     xdecref(&mut (*w).error);
+    xdecref(&mut (*w).value);
     0
 }
 
@@ -983,6 +1028,7 @@ unsafe extern "C" fn aw_dealloc(slf: *mut PyObject) {
         let w = slf as *mut Awaitable;
         xdecref(&mut (*w).fut);
         xdecref(&mut (*w).error);
+        xdecref(&mut (*w).value);
         xdecref(&mut (*w).op);
         xdecref(&mut (*w).adapter);
         let tp = Py_TYPE(slf);
@@ -1000,6 +1046,7 @@ unsafe extern "C" fn aw_repr(slf: *mut PyObject) -> *mut PyObject {
             INIT => "created",
             SLOT_WAIT => "waiting for a slot",
             OP_WAIT => "in flight",
+            YIELDED => "done, yielding once",
             _ => "finished",
         };
         let op = if (*w).op.is_null() {
