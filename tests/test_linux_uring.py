@@ -1050,6 +1050,7 @@ def test_write_4gib_payload_is_partial_not_truncated(ctx):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # io_uring kernel threads
 def test_context_refuses_work_after_fork(fd):
     ctx = Context(4)
     op = Operation.fsync(fd)

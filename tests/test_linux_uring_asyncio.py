@@ -531,8 +531,11 @@ def test_coroutine_protocol_by_hand(make_ctx, fd):
 
 def test_inline_completion_spends_no_loop_iteration(loop, run, fd):
     # Page-cache hits complete inside the submitting io_uring_enter: the
-    # awaiting task never suspends (plain ring, deferred=False).
-    ctx = AsyncioContext(8, loop=loop)
+    # awaiting task does not suspend (plain ring, deferred=False) ...
+    class NoStreak(AsyncioContext):
+        MAX_SYNC_STREAK = 0
+
+    ctx = NoStreak(8, loop=loop)
     os.pwrite(fd, os.urandom(65536), 0)
 
     async def main():
@@ -546,6 +549,37 @@ def test_inline_completion_spends_no_loop_iteration(loop, run, fd):
         assert run(main()) == []
     finally:
         ctx.close()
+
+
+def test_sync_streak_gives_the_loop_a_turn(loop, run, fd):
+    # ... but after MAX_SYNC_STREAK synchronous completions in a row the
+    # loop gets one turn, so other tasks are not starved.
+    ctx = AsyncioContext(8, loop=loop)
+    assert ctx.MAX_SYNC_STREAK == 32
+    os.pwrite(fd, os.urandom(65536), 0)
+
+    async def main():
+        await ctx.read(4096, fd, 0)
+        ticks = []
+        reads = 0
+
+        async def ticker():
+            while reads < 300:
+                ticks.append(reads)
+                await asyncio.sleep(0)
+
+        t = asyncio.ensure_future(ticker())
+        for i in range(300):
+            assert await ctx.read(4096, fd, (i % 16) * 4096) == os.pread(fd, 4096, (i % 16) * 4096)
+            reads += 1
+        await t
+        return ticks
+    try:
+        ticks = run(main())
+    finally:
+        ctx.close()
+    assert len(ticks) >= 300 // 33
+    assert max(b - a for a, b in zip(ticks, ticks[1:])) <= 33
 
 
 def test_closed_context_refuses_new_ops(loop, run, fd):
@@ -679,6 +713,7 @@ def test_10000_ops_with_random_cancellations(make_ctx, run, loop, tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # io_uring kernel threads
 def test_adapter_after_fork(loop, run, fd):
     ctx = AsyncioContext(4, loop=loop)
     run(ctx.write(b"parent", fd, 0))
