@@ -105,6 +105,10 @@ def child(cfg):
     results = []
     errors = 0
 
+    import resource
+
+    cpu = []
+
     async def run_once(offs):
         nonlocal errors
         ctx = linux_uring_asyncio.AsyncioContext(512, **kwargs)
@@ -124,9 +128,13 @@ def child(cfg):
 
         # warm-up (also lets SQPOLL's kernel thread start)
         await worker(chunks[0][:50])
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(c) for c in chunks))
         el = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu.append(((r1.ru_utime - r0.ru_utime) * 1e6 / (len(offs) - 50),
+                    (r1.ru_stime - r0.ru_stime) * 1e6 / (len(offs) - 50)))
         ctx.close()
         return el
 
@@ -140,7 +148,9 @@ def child(cfg):
         results.append(total / asyncio.run(run_once(offs)))
     os.close(fd)
     fig = statistics.median(results) if scenario == "cold" else max(results)
+    user, sys_ = min(cpu, key=lambda c: c[0] + c[1])
     return {"ops_per_s": fig, "runs": results, "errors": errors,
+            "cpu_us_per_op": [round(user, 2), round(sys_, 2)],
             "sqpoll_allowed": bool(getattr(linux_uring_asyncio, "SQPOLL_ALLOWED", False))}
 
 
@@ -191,6 +201,9 @@ def fmt(r):
     if "error" in r:
         return "FAILED: " + r["error"][:60]
     s = f"{r['ops_per_s'] / 1000:8.1f}k"
+    if "cpu_us_per_op" in r:
+        u, k = r["cpu_us_per_op"]
+        s += f"   cpu/op {u:5.2f}us user + {k:5.2f}us sys"
     if r.get("errors"):
         s += f" ({r['errors']} op errors)"
     return s
