@@ -77,6 +77,10 @@ pub struct Adapter {
     context: *mut PyObject,
     loop_: *mut PyObject,
     create_future: *mut PyObject,
+    /// `asyncio.Future` when the loop's `create_future` is the stock
+    /// `BaseEventLoop.create_future` (then `Future(loop=loop)` is called
+    /// directly, skipping a Python-level method); null otherwise.
+    future_type: *mut PyObject,
     call_soon: *mut PyObject,
     engine_obj: *mut PyObject,
     deferred: bool,
@@ -111,6 +115,15 @@ impl Adapter {
     }
 
     unsafe fn new_future(&self) -> PyResult<Owned> {
+        if !self.future_type.is_null() {
+            let args = [self.loop_];
+            return Owned::from_new(PyObject_Vectorcall(
+                self.future_type,
+                args.as_ptr(),
+                0,
+                LOOP_KWNAMES.get()?.as_ptr(),
+            ));
+        }
         Owned::from_new(PyObject_CallNoArgs(self.create_future))
     }
 
@@ -159,6 +172,57 @@ impl Adapter {
 }
 
 static CREATE_FUTURE: Interned = Interned::new(c"create_future");
+
+/// `("loop",)`, the keyword names of `Future(loop=...)`.
+struct KwNames(std::sync::OnceLock<usize>);
+
+impl KwNames {
+    fn get(&self) -> PyResult<Borrowed<'static>> {
+        if let Some(&p) = self.0.get() {
+            return Ok(unsafe { Borrowed::from_ptr(p as *mut PyObject) });
+        }
+        let t = crate::py::py_tuple(vec![crate::py::py_str("loop")?])?;
+        let kept = *self.0.get_or_init(|| t.into_ptr() as usize);
+        Ok(unsafe { Borrowed::from_ptr(kept as *mut PyObject) })
+    }
+}
+
+static LOOP_KWNAMES: KwNames = KwNames(std::sync::OnceLock::new());
+
+/// `asyncio.Future` if `type(loop).create_future` is the stock
+/// `asyncio.BaseEventLoop.create_future`, else `None`.
+unsafe fn stock_future_type(lp: *mut PyObject) -> Option<Owned> {
+    let r = (|| -> PyResult<Option<Owned>> {
+        let asyncio = Owned::from_new(PyImport_ImportModule(c"asyncio".as_ptr()))?;
+        let base = Owned::from_new(PyObject_GetAttrString(
+            asyncio.as_ptr(),
+            c"BaseEventLoop".as_ptr(),
+        ))?;
+        let stock = Owned::from_new(PyObject_GetAttr(
+            base.as_ptr(),
+            CREATE_FUTURE.get()?.as_ptr(),
+        ))?;
+        let mine = Owned::from_new(PyObject_GetAttr(
+            Py_TYPE(lp).cast(),
+            CREATE_FUTURE.get()?.as_ptr(),
+        ))?;
+        if mine.as_ptr() != stock.as_ptr() {
+            return Ok(None);
+        }
+        Ok(Some(Owned::from_new(PyObject_GetAttrString(
+            asyncio.as_ptr(),
+            c"Future".as_ptr(),
+        ))?))
+    })();
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            e.restore();
+            PyErr_Clear();
+            None
+        }
+    }
+}
 static CALL_SOON: Interned = Interned::new(c"call_soon");
 static SET_RESULT: Interned = Interned::new(c"set_result");
 static DONE: Interned = Interned::new(c"done");
@@ -288,8 +352,9 @@ unsafe extern "C" fn adapter_new(
     })
 }
 
-unsafe fn adapter_refs(a: *mut Adapter) -> [*mut *mut PyObject; 8] {
+unsafe fn adapter_refs(a: *mut Adapter) -> [*mut *mut PyObject; 9] {
     [
+        ptr::addr_of_mut!((*a).future_type),
         ptr::addr_of_mut!((*a).op_type),
         ptr::addr_of_mut!((*a).awaitable_type),
         ptr::addr_of_mut!((*a).ctx_type),
@@ -333,6 +398,7 @@ unsafe fn adapter_clear_refs(a: *mut Adapter) {
         ptr::addr_of_mut!((*a).context),
         ptr::addr_of_mut!((*a).loop_),
         ptr::addr_of_mut!((*a).create_future),
+        ptr::addr_of_mut!((*a).future_type),
         ptr::addr_of_mut!((*a).call_soon),
         ptr::addr_of_mut!((*a).engine_obj),
     ] {
@@ -408,6 +474,11 @@ unsafe extern "C" fn adapter_bind(
         xset(&mut (*a).context, context.as_ptr());
         xset(&mut (*a).loop_, lp.as_ptr());
         xset(&mut (*a).create_future, create_future.as_ptr());
+        let ft = stock_future_type(lp.as_ptr());
+        xset(
+            &mut (*a).future_type,
+            ft.as_ref().map_or(ptr::null_mut(), |f| f.as_ptr()),
+        );
         xset(&mut (*a).call_soon, call_soon.as_ptr());
         xset(
             &mut (*a).engine_obj,
@@ -637,8 +708,12 @@ unsafe fn yield_future(w: *mut Awaitable, fut: Owned, state: u8) -> PyResult<Ste
         return Err(PyErr::Fetched);
     }
     xset(&mut (*w).fut, fut.as_ptr());
-    (*w).state.store(state, Ordering::Relaxed);
+    set_state(w, state);
     Ok(Step::Yield(fut))
+}
+
+unsafe fn set_state(w: *mut Awaitable, state: u8) {
+    (*w).state.store(state, Ordering::Relaxed);
 }
 
 unsafe fn release_slot(w: *mut Awaitable) {
@@ -655,7 +730,7 @@ unsafe fn release_slot(w: *mut Awaitable) {
 unsafe fn finish(w: *mut Awaitable, inline: bool) -> PyResult<Step> {
     release_slot(w);
     xdecref(&mut (*w).fut);
-    (*w).state.store(FINISHED, Ordering::Relaxed);
+    set_state(w, FINISHED);
     let v = op::get_value(as_op((*w).op))?;
     let a = adapter((*w).adapter);
     if !inline {
@@ -665,7 +740,7 @@ unsafe fn finish(w: *mut Awaitable, inline: bool) -> PyResult<Step> {
     {
         a.sync_streak.store(0, Ordering::Relaxed);
         (*w).value = v.into_ptr();
-        (*w).state.store(YIELDED, Ordering::Relaxed);
+        set_state(w, YIELDED);
         // A bare yield: the task reschedules itself with call_soon.
         return Ok(Step::Yield(crate::py::none()));
     }
@@ -679,7 +754,7 @@ unsafe fn submit_op(w: *mut Awaitable) -> PyResult<Step> {
         Ok(true) => {}
         Ok(false) => {
             release_slot(w);
-            (*w).state.store(FINISHED, Ordering::Relaxed);
+            set_state(w, FINISHED);
             return Err(PyErr::new(
                 crate::py::Exc::Custom(PyExc_OSError),
                 "Operation was not submitted",
@@ -687,7 +762,7 @@ unsafe fn submit_op(w: *mut Awaitable) -> PyResult<Step> {
         }
         Err(e) => {
             release_slot(w);
-            (*w).state.store(FINISHED, Ordering::Relaxed);
+            set_state(w, FINISHED);
             return Err(e);
         }
     }
@@ -707,7 +782,7 @@ unsafe fn wait_for_op(w: *mut Awaitable) -> PyResult<Step> {
         Err(e) => {
             (a.engine().cancel)(a, (*w).op);
             release_slot(w);
-            (*w).state.store(FINISHED, Ordering::Relaxed);
+            set_state(w, FINISHED);
             return Err(e);
         }
     };
@@ -724,14 +799,14 @@ unsafe fn send_step(w: *mut Awaitable) -> PyResult<Step> {
     match (*w).state.load(Ordering::Relaxed) {
         INIT => {
             if !(*w).error.is_null() {
-                (*w).state.store(FINISHED, Ordering::Relaxed);
+                set_state(w, FINISHED);
                 let e = std::mem::replace(&mut (*w).error, ptr::null_mut());
                 PyErr_SetObject(Py_TYPE(e).cast(), e);
                 Py_DECREF(e);
                 return Err(PyErr::Fetched);
             }
             if a.closed.load(Ordering::Acquire) || !a.bound.load(Ordering::Acquire) {
-                (*w).state.store(FINISHED, Ordering::Relaxed);
+                set_state(w, FINISHED);
                 return Err(PyErr::runtime(
                     "AsyncioContext is closed: create a new one to submit operations",
                 ));
@@ -755,7 +830,7 @@ unsafe fn send_step(w: *mut Awaitable) -> PyResult<Step> {
                 return yield_future(w, fut, SLOT_WAIT);
             }
             if is_true(crate::py::call_method(fut.borrow(), CANCELLED.get()?, &[])?) {
-                (*w).state.store(FINISHED, Ordering::Relaxed);
+                set_state(w, FINISHED);
                 // Raises CancelledError.
                 crate::py::call_method(fut.borrow(), RESULT.get()?, &[])?;
                 return Err(PyErr::runtime("admission future cancelled"));
@@ -763,7 +838,7 @@ unsafe fn send_step(w: *mut Awaitable) -> PyResult<Step> {
             (*w).has_slot = true; // handed over by gate_release
             if a.closed.load(Ordering::Acquire) {
                 release_slot(w);
-                (*w).state.store(FINISHED, Ordering::Relaxed);
+                set_state(w, FINISHED);
                 return Err(PyErr::runtime(
                     "AsyncioContext is closed: create a new one to submit operations",
                 ));
@@ -778,7 +853,7 @@ unsafe fn send_step(w: *mut Awaitable) -> PyResult<Step> {
             }
         }
         YIELDED => {
-            (*w).state.store(FINISHED, Ordering::Relaxed);
+            set_state(w, FINISHED);
             let v = std::mem::replace(&mut (*w).value, ptr::null_mut());
             Ok(Step::Return(Owned::from_raw(v)))
         }
@@ -824,7 +899,7 @@ unsafe fn abandon(w: *mut Awaitable) {
         YIELDED => xdecref(&mut (*w).value),
         _ => {}
     }
-    (*w).state.store(FINISHED, Ordering::Relaxed);
+    set_state(w, FINISHED);
 }
 
 struct Running(*mut Awaitable);
