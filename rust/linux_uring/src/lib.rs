@@ -63,6 +63,9 @@ pub(crate) struct Context {
     /// A `_deferred_flush` is scheduled on the event loop (asyncio adapter,
     /// `deferred=True`).
     pub(crate) flush_scheduled: AtomicBool,
+    /// asyncio adapter (plain ring): the last submissions did not complete
+    /// inline, so new ones are batched per loop iteration (one enter).
+    pub(crate) batching: AtomicBool,
     ring: Ring,
 }
 
@@ -154,6 +157,7 @@ unsafe extern "C" fn ctx_new(
         (*c).max_requests = max_requests;
         (*c).fork_generation = sys::fork_generation();
         ptr::addr_of_mut!((*c).flush_scheduled).write(AtomicBool::new(false));
+        ptr::addr_of_mut!((*c).batching).write(AtomicBool::new(false));
         ptr::addr_of_mut!((*c).ring).write(ring);
         Ok(obj)
     })
@@ -205,7 +209,7 @@ unsafe extern "C" fn ctx_submit(
         c.check_fork()?;
         let (accepted, err) = c.ring.stage(args, slf);
         match err {
-            Some(e) => Err(e),
+            Some(e) => Err(e.into_pyerr()),
             None => py_int(accepted as i64),
         }
     })
@@ -363,8 +367,22 @@ unsafe extern "C" fn ctx_deferred_flush(slf: *mut PyObject, _: *mut PyObject) ->
         let c = ctx(slf);
         c.flush_scheduled.store(false, Ordering::Release);
         c.check_fork()?;
+        let mut batch = c.ring.take_recent();
         c.submit_staged()?;
-        py_int(c.deliver(usize::MAX) as i64)
+        let mut out: Vec<Delivery> = Vec::new();
+        let n = c.ring.drain(usize::MAX, &mut out);
+        // Did the whole batch complete inside this enter (page-cache hits)?
+        // Then go back to one enter per operation, without suspending.
+        batch.sort_unstable();
+        let inline = out
+            .iter()
+            .filter(|d| batch.binary_search(&(d.op_ptr() as u64)).is_ok())
+            .count();
+        c.batching.store(inline < batch.len(), Ordering::Relaxed);
+        for d in out {
+            d.run();
+        }
+        py_int(n as i64)
     })
 }
 

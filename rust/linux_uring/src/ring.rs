@@ -59,6 +59,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct SqSide {
     /// fds found to be open with O_DIRECT, with the alignment to use.
     direct: Vec<(i32, usize)>,
+    /// `user_data` of the ops staged since the kernel last took the SQ
+    /// (the asyncio adapter's batch).
+    recent: Vec<u64>,
 }
 
 impl SqSide {
@@ -94,6 +97,22 @@ pub struct Ring {
     /// Private wake-up eventfds of threads blocked in [`Ring::wait`].
     waiters: Mutex<Vec<i32>>,
     nwaiters: AtomicUsize,
+}
+
+/// Why [`Ring::stage`] stopped.
+pub enum StageError {
+    /// No free SQ slot (the op concerned was rolled back).
+    Full,
+    Failed(PyErr),
+}
+
+impl StageError {
+    pub fn into_pyerr(self) -> PyErr {
+        match self {
+            StageError::Full => PyErr::overflow("io_uring SQ ring full"),
+            StageError::Failed(e) => e,
+        }
+    }
 }
 
 /// Why a ring could not be created: the errno of the last attempt.
@@ -156,7 +175,10 @@ impl Ring {
             uring: ManuallyDrop::new(uring),
             eventfd: efd,
             sqpoll,
-            sq: Mutex::new(SqSide { direct: Vec::new() }),
+            sq: Mutex::new(SqSide {
+                direct: Vec::new(),
+                recent: Vec::new(),
+            }),
             cq: Mutex::new(()),
             staged_bytes: AtomicU64::new(0),
             consumed: AtomicU64::new(0),
@@ -188,8 +210,8 @@ impl Ring {
         &self,
         ops: &[*mut PyObject],
         ctx: *mut PyObject,
-    ) -> (usize, Option<PyErr>) {
-        let side = lock(&self.sq);
+    ) -> (usize, Option<StageError>) {
+        let mut side = lock(&self.sq);
         let mut sq = self.uring.submission_shared();
         let mut accepted = 0;
         let mut bytes = 0u64;
@@ -202,7 +224,7 @@ impl Ring {
             op::begin(o, ctx);
             if sq.is_full() {
                 op::abort(o);
-                err = Some(PyErr::overflow("io_uring SQ ring full"));
+                err = Some(StageError::Full);
                 break;
             }
             match prepare(o, &side) {
@@ -211,10 +233,11 @@ impl Ring {
                     let _ = sq.push(&entry);
                     accepted += 1;
                     bytes += o.nbytes;
+                    side.recent.push(p as u64);
                 }
                 Err(e) => {
                     op::abort(o);
-                    err = Some(e);
+                    err = Some(StageError::Failed(e));
                     break;
                 }
             }
@@ -225,6 +248,26 @@ impl Ring {
             self.staged_bytes.fetch_add(bytes, Ordering::Relaxed);
         }
         (accepted, err)
+    }
+
+    /// The ops staged since the kernel last took the SQ (see `recent`).
+    pub fn take_recent(&self) -> Vec<u64> {
+        std::mem::take(&mut lock(&self.sq).recent)
+    }
+
+    /// Frees SQ slots: hands the staged SQEs to the kernel (plain ring) or
+    /// waits until the SQ thread consumed some (SQPOLL).
+    pub fn make_room(&self) -> io::Result<()> {
+        self.submit_staged()?;
+        if self.sqpoll {
+            loop {
+                match unsafe { self.enter(0, 0, EnterFlags::SQ_WAIT.bits()) } {
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    r => return r.map(drop),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// SQEs written but not yet consumed by the kernel.
@@ -249,6 +292,12 @@ impl Ring {
             return self.wake_sq_thread();
         }
         self.staged_bytes.store(0, Ordering::Relaxed);
+        {
+            let mut side = lock(&self.sq);
+            if !side.recent.is_empty() {
+                side.recent.clear();
+            }
+        }
         loop {
             let staged = self.staged();
             if staged == 0 {
