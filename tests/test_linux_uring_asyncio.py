@@ -551,6 +551,60 @@ def test_inline_completion_spends_no_loop_iteration(loop, run, fd):
         ctx.close()
 
 
+def test_back_to_inline_after_asynchronous_completions(loop, run, fd, pipe):
+    # An op that does not complete inline switches submission to batches
+    # (one enter per loop iteration); a batch that completes inline switches
+    # back to eager, suspension-free submission.
+    class NoStreak(AsyncioContext):
+        MAX_SYNC_STREAK = 0
+
+    r, w = pipe
+    ctx = NoStreak(8, loop=loop)
+    os.pwrite(fd, os.urandom(65536), 0)
+
+    async def main():
+        t = asyncio.ensure_future(ctx.read(1, r, -1))
+        await asyncio.sleep(0.01)
+        os.write(w, b"x")
+        assert await t == b"x"
+        # batched now: these suspend once, and complete inline in the batch
+        assert len(await asyncio.gather(*(ctx.read(4096, fd, 0) for _ in range(4)))) == 4
+        ran = []
+        loop.call_soon(ran.append, 1)
+        for i in range(100):
+            await ctx.read(4096, fd, (i % 16) * 4096)
+        return list(ran)
+    try:
+        assert run(main()) == []
+    finally:
+        ctx.close()
+
+
+def test_loop_with_own_create_future(run, fd, pipe):
+    made = []
+
+    class Loop(asyncio.SelectorEventLoop):
+        def create_future(self):
+            made.append(1)
+            return super().create_future()
+
+    lp = Loop()
+    try:
+        ctx = AsyncioContext(4, loop=lp)
+        r, w = pipe
+
+        async def main():
+            t = asyncio.ensure_future(ctx.read(1, r, -1))
+            await asyncio.sleep(0.01)
+            os.write(w, b"y")
+            return await t
+        assert lp.run_until_complete(main()) == b"y"
+        assert made  # the loop's own factory was used
+        ctx.close()
+    finally:
+        lp.close()
+
+
 def test_sync_streak_gives_the_loop_a_turn(loop, run, fd):
     # ... but after MAX_SYNC_STREAK synchronous completions in a row the
     # loop gets one turn, so other tasks are not starved.
