@@ -166,6 +166,7 @@ impl Ring {
         if efd < 0 {
             return Err(SetupError(caio_core::sys::last_errno()));
         }
+        raise_bounded_workers(&uring, entries);
         // The plain variant: every posted CQE (inline ones included) signals.
         if let Err(e) = uring.submitter().register_eventfd(efd) {
             unsafe { libc::close(efd) };
@@ -602,6 +603,30 @@ impl Ring {
             }
         }
         v
+    }
+}
+
+/// Upper bound of io-wq workers for regular-file I/O we ask for.
+const IOWQ_BOUNDED_MAX: u32 = 64;
+
+/// Requests that cannot be issued without blocking (buffered reads on
+/// filesystems without async buffered-read support, O_DIRECT when the device
+/// queue is full, writes the filesystem cannot do NOWAIT) go to the ring's
+/// io-wq threads. For regular files the kernel allows only min(SQ entries,
+/// 4 x CPUs) of them — 8 on a 2-CPU machine — which caps such a workload at 8
+/// operations in parallel however many are submitted. Raise that bound to
+/// the ring size (at most 64; Linux 5.15+, best effort).
+fn raise_bounded_workers(uring: &IoUring, entries: u64) {
+    let want = (entries as u32).min(IOWQ_BOUNDED_MAX);
+    let mut cur = [0u32, 0u32]; // 0 = leave unchanged, returns the current values
+    if uring
+        .submitter()
+        .register_iowq_max_workers(&mut cur)
+        .is_ok()
+        && cur[0] < want
+    {
+        let mut set = [want, 0];
+        let _ = uring.submitter().register_iowq_max_workers(&mut set);
     }
 }
 
