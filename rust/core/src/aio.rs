@@ -115,6 +115,9 @@ impl Adapter {
     }
 
     unsafe fn new_future(&self) -> PyResult<Owned> {
+        if !self.bound.load(Ordering::Acquire) || self.create_future.is_null() {
+            return Err(PyErr::runtime("AsyncioContext is not bound to a loop"));
+        }
         if !self.future_type.is_null() {
             let args = [self.loop_];
             return Owned::from_new(PyObject_Vectorcall(
@@ -780,7 +783,9 @@ unsafe fn wait_for_op(w: *mut Awaitable) -> PyResult<Step> {
     let fut = match a.new_future() {
         Ok(f) => f,
         Err(e) => {
-            (a.engine().cancel)(a, (*w).op);
+            if a.bound.load(Ordering::Acquire) {
+                (a.engine().cancel)(a, (*w).op);
+            }
             release_slot(w);
             set_state(w, FINISHED);
             return Err(e);
@@ -836,7 +841,7 @@ unsafe fn send_step(w: *mut Awaitable) -> PyResult<Step> {
                 return Err(PyErr::runtime("admission future cancelled"));
             }
             (*w).has_slot = true; // handed over by gate_release
-            if a.closed.load(Ordering::Acquire) {
+            if a.closed.load(Ordering::Acquire) || !a.bound.load(Ordering::Acquire) {
                 release_slot(w);
                 set_state(w, FINISHED);
                 return Err(PyErr::runtime(
@@ -890,7 +895,8 @@ unsafe fn abandon(w: *mut Awaitable) {
         }
         OP_WAIT => {
             xdecref(&mut (*w).fut);
-            if as_op((*w).op).state() != op::DONE {
+            // (The adapter may already have been cleared by the GC.)
+            if as_op((*w).op).state() != op::DONE && a.bound.load(Ordering::Acquire) {
                 (a.engine().cancel)(a, (*w).op);
                 PyErr_Clear();
             }
