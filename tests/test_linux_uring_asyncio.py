@@ -801,3 +801,26 @@ def test_timing_sanity(make_ctx, run, fd):
         await asyncio.gather(*(ctx.read(4096, fd, (i % 16) * 4096) for i in range(5000)))
         return time.monotonic() - t0
     assert run(main()) < 10
+
+
+def test_garbage_collection_with_ops_in_flight(pipe):
+    # Loop, adapter, task and an awaitable whose op is in flight all become
+    # garbage together (with reference cycles): collecting them must not
+    # crash, whatever order the collector clears and finalises them in.
+    r, w = pipe
+    for _ in range(20):
+        lp = asyncio.new_event_loop()
+        lp.set_exception_handler(lambda loop, ctx: None)  # "Task was destroyed but it is pending"
+        ctx = AsyncioContext(4, loop=lp)
+
+        async def main():
+            tasks = [asyncio.ensure_future(ctx.read(1, r, -1)) for _ in range(3)]
+            await asyncio.sleep(0.005)
+            return tasks
+
+        tasks = lp.run_until_complete(main())
+        ctx.self_ref = ctx  # a cycle through the adapter's __dict__
+        lp.close()
+        del ctx, tasks, lp
+        gc.collect()
+    gc.collect()
