@@ -1167,3 +1167,85 @@ def test_direct_misaligned_write_fails_with_einval(ctx, path):
         assert "O_DIRECT" in str(e.value)
     finally:
         os.close(f)
+
+
+# -- free-threading shaped stress (meaningful on 3.13t, harmless elsewhere) ---
+
+
+def test_same_op_raced_to_many_contexts(fd):
+    # Edge case 70: exactly one acceptance and one callback per op.
+    ctxs = [Context(64) for _ in range(4)]
+    barrier = threading.Barrier(4)
+    for _ in range(50):
+        op = Operation.fsync(fd)
+        calls = []
+        op.set_callback(calls.append)
+        accepted = []
+
+        def racer(c):
+            barrier.wait()
+            accepted.append(c.submit(op))
+
+        threads = [threading.Thread(target=racer, args=(c,)) for c in ctxs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(accepted) == [0, 0, 0, 1]
+        owner = op.context
+        drain(owner, 1)
+        assert calls == [0]
+    for c in ctxs:
+        assert c.flush() == 0
+
+
+def test_concurrent_drainers_deliver_each_completion_once(fd):
+    # Edge case 72.
+    ctx = Context(1024)
+    ops = [Operation.fsync(fd) for _ in range(600)]
+    counts = {}
+    lock = threading.Lock()
+
+    def cb_for(i):
+        def cb(res):
+            with lock:
+                counts[i] = counts.get(i, 0) + 1
+        return cb
+
+    for i, op in enumerate(ops):
+        op.set_callback(cb_for(i))
+    ctx.submit(*ops)
+    ctx.flush()
+    stop = time.monotonic() + 10
+
+    def drainer():
+        while len(counts) < len(ops) and time.monotonic() < stop:
+            ctx.process_events(max_requests=7, min_requests=1, timeout=1)
+
+    threads = [threading.Thread(target=drainer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(counts) == 600 and set(counts.values()) == {1}
+
+
+def test_many_threads_read_one_value(ctx, fd):
+    # Edge case 73.
+    data = os.urandom(4096)
+    os.pwrite(fd, data, 0)
+    op = Operation.read(4096, fd, 0)
+    run(ctx, op)
+    bad = []
+
+    def reader():
+        for _ in range(500):
+            if op.get_value() != data or op.payload != data:
+                bad.append(1)
+
+    threads = [threading.Thread(target=reader) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad

@@ -309,7 +309,7 @@ unsafe fn state_for(tp: *mut PyTypeObject) -> Option<*mut ModState> {
         // Only our native base has this tp_new *and* a module; a Python
         // subclass inherits the slot but has no module.
         let is_ours = (*t).tp_new.map(|f| f as usize) == Some(adapter_new as *const () as usize);
-        if (*t).tp_flags & Py_TPFLAGS_HEAPTYPE != 0 && is_ours {
+        if PyType_GetFlags(t) & Py_TPFLAGS_HEAPTYPE != 0 && is_ours {
             let m = (*(t as *mut PyHeapTypeObject)).ht_module;
             if !m.is_null() {
                 let st = ModState::of_module(m);
