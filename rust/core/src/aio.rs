@@ -52,6 +52,9 @@ pub struct Engine {
     /// Best effort: ask the backend to cancel an in-flight op (its awaiter
     /// is gone). Must not raise; the op completes later either way.
     pub cancel: unsafe fn(a: &Adapter, op: *mut PyObject),
+    /// The event loop's reader callback (`_process_loop_events`): deliver
+    /// what completed. Returns the number delivered.
+    pub loop_events: unsafe fn(a: &Adapter) -> PyResult<usize>,
 }
 
 // ---------------------------------------------------------------------------
@@ -510,6 +513,16 @@ unsafe extern "C" fn adapter_close_native(slf: *mut PyObject, _: *mut PyObject) 
     trampoline(|| {
         adapter(slf).closed.store(true, Ordering::Release);
         Ok(crate::py::none())
+    })
+}
+
+unsafe extern "C" fn adapter_loop_events(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
+    trampoline(|| {
+        let a = adapter(slf);
+        if !a.bound.load(Ordering::Acquire) {
+            return crate::py::py_int(0);
+        }
+        crate::py::py_int((a.engine().loop_events)(a)? as i64)
     })
 }
 
@@ -1237,6 +1250,12 @@ fn build_specs() -> Specs {
                 PyMethodDefPointer { PyCFunctionFastWithKeywords: adapter_bind },
                 fastkw,
                 c"_bind(context, loop, max_requests, deferred, engine_obj=None)\n--\n\nWire the native fast path (called by _create_context).",
+            ),
+            meth(
+                c"_process_loop_events",
+                PyMethodDefPointer { PyCFunction: adapter_loop_events },
+                METH_NOARGS,
+                c"_process_loop_events() -> int\n--\n\nThe event loop's reader callback: deliver completed operations.",
             ),
             meth(
                 c"_close_native",
