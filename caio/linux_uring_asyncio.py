@@ -34,15 +34,15 @@ class AsyncioContext(linux_uring._AsyncioBase, AsyncioContextBase):
     def _create_context(self, max_requests: int, **kwargs: Any) -> Any:
         kwargs.setdefault("sqpoll", DEFAULT_SQPOLL and SQPOLL_ALLOWED)
         context = super()._create_context(max_requests, **kwargs)
-        self.loop.add_reader(context.fileno, context._process_loop_events)
         self._bind(context, self.loop, max_requests, self.deferred,
                    context._deferred_flush)
+        self.loop.add_reader(context.fileno, self._process_loop_events)
         self._loop_delivery = True
         return context
 
     def _on_read_event(self) -> None:
         # Kept for subclasses/compatibility; the reader is the native method.
-        self.context._process_loop_events()
+        self._process_loop_events()
 
     def _destroy_context(self) -> None:
         # Upstream semantics (API.md §7 Q14): stop watching the eventfd; the

@@ -5,13 +5,16 @@
 //!   staged and the ring entered at once; a page-cache hit completes inside
 //!   that `io_uring_enter`, is drained right there and the awaitable returns
 //!   without suspending (no future, no loop iteration);
-//! * batched (`deferred=True`, or automatically once an eager submission did
-//!   not complete inline): SQEs staged during one loop iteration go to the
-//!   kernel in one `io_uring_enter` from a single `call_soon` callback
-//!   (`Context._deferred_flush`). That callback switches back to eager when
-//!   its whole batch completed inline. Batching matters when completions are
-//!   asynchronous anyway (cold page cache, O_DIRECT): one enter, one block
-//!   plug and one device notification per batch instead of per op.
+//! * batched (automatically once an eager submission did not complete
+//!   inline): SQEs are staged and entered BATCH_MAX at a time, the rest by a
+//!   `call_soon` callback (`Context._deferred_flush`) at the end of the loop
+//!   iteration — scheduled by the eventfd reader right after it woke the
+//!   tasks, so it runs after them in the same iteration. That callback
+//!   switches back to eager when its whole batch completed inline. Batching
+//!   matters when completions are asynchronous anyway (cold page cache,
+//!   O_DIRECT): fewer enters, block plugs and device notifications;
+//! * `deferred=True` (API.md §4.3): every SQE of a loop iteration in one
+//!   `io_uring_enter`.
 //!
 //! SQPOLL rings: stage, wake the SQ thread if it sleeps, drain.
 //! Later completions signal the eventfd; the loop's reader callback
@@ -28,7 +31,14 @@ use caio_core::pyo3_ffi::*;
 use crate::ctx;
 use crate::ring::StageError;
 
-pub static ENGINE: Engine = Engine { submit, cancel };
+/// Largest automatic batch (SQEs per `io_uring_enter`), see `submit`.
+const BATCH_MAX: usize = 8;
+
+pub static ENGINE: Engine = Engine {
+    submit,
+    cancel,
+    loop_events,
+};
 
 unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     let ctx_obj = a.context();
@@ -53,16 +63,16 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     }
     let batch = a.deferred() || c.batching.load(Ordering::Relaxed);
     if batch && !c.ring().sqpoll {
-        if !c.flush_scheduled.swap(true, Ordering::AcqRel) {
-            if let Err(e) = a.call_soon(a.engine_obj()) {
-                // Could not schedule (closed loop?): submit right away.
-                c.flush_scheduled.store(false, Ordering::Release);
-                e.restore();
-                PyErr_Clear();
-                c.submit_staged()?;
-                c.deliver(usize::MAX);
-            }
+        // Automatic batches are capped: entering every BATCH_MAX SQEs keeps
+        // the device fed while a burst of woken tasks is still being run
+        // (one batch per whole iteration made the queue depth sag and cost
+        // throughput); deferred=True keeps one enter per iteration.
+        if !a.deferred() && c.ring().staged() as usize >= BATCH_MAX {
+            c.submit_staged()?;
+            c.deliver(usize::MAX);
+            return Ok(true);
         }
+        schedule_flush(a, c)?;
         return Ok(true);
     }
     c.submit_staged()?;
@@ -73,6 +83,37 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
         c.batching.store(true, Ordering::Relaxed);
     }
     Ok(true)
+}
+
+/// Schedules the batch flush (once per loop iteration).
+unsafe fn schedule_flush(a: &Adapter, c: &crate::Context) -> PyResult<()> {
+    if !c.flush_scheduled.swap(true, Ordering::AcqRel) {
+        if let Err(e) = a.call_soon(a.engine_obj()) {
+            // Could not schedule (closed loop?): submit right away.
+            c.flush_scheduled.store(false, Ordering::Release);
+            e.restore();
+            PyErr_Clear();
+            c.submit_staged()?;
+            c.deliver(usize::MAX);
+        }
+    }
+    Ok(())
+}
+
+/// The eventfd reader. When it wakes tasks while submissions are batched, it
+/// schedules the flush right away: `call_soon` runs callbacks in order, so
+/// the flush runs in the next iteration *after* the woken tasks have staged
+/// their next operations — one enter for all of them, without the extra
+/// loop iteration a flush scheduled by the first of them would cost.
+unsafe fn loop_events(a: &Adapter) -> PyResult<usize> {
+    let c = ctx(a.context());
+    c.check_fork()?;
+    c.ring().consume_eventfd();
+    let n = c.deliver(usize::MAX);
+    if n > 0 && !c.ring().sqpoll && (a.deferred() || c.batching.load(Ordering::Relaxed)) {
+        schedule_flush(a, c)?;
+    }
+    Ok(n)
 }
 
 unsafe fn cancel(a: &Adapter, op: *mut PyObject) {
