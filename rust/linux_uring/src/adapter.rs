@@ -32,7 +32,7 @@ use crate::ctx;
 use crate::ring::StageError;
 
 /// Largest automatic batch (SQEs per `io_uring_enter`), see `submit`.
-const BATCH_MAX: usize = 8;
+const BATCH_MAX: usize = 4;
 
 pub static ENGINE: Engine = Engine {
     submit,
