@@ -68,8 +68,7 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
         // (one batch per whole iteration made the queue depth sag and cost
         // throughput); deferred=True keeps one enter per iteration.
         if !a.deferred() && c.ring().staged() as usize >= BATCH_MAX {
-            c.submit_staged()?;
-            c.deliver(usize::MAX);
+            c.flush_batch()?;
             return Ok(true);
         }
         schedule_flush(a, c)?;

@@ -106,6 +106,29 @@ its io_uring instance belongs to the parent and cannot be used here. Create a ne
         n
     }
 
+    /// The asyncio adapter's batch flush: enter with what was staged, deliver
+    /// everything available, and if the whole batch completed inside this
+    /// enter (page-cache hits) go back to one enter per operation (no
+    /// suspension at all). An empty batch says nothing either way.
+    pub(crate) unsafe fn flush_batch(&self) -> PyResult<usize> {
+        let mut batch = self.ring.take_recent();
+        self.submit_staged()?;
+        let mut out: Vec<Delivery> = Vec::new();
+        let n = self.ring.drain(usize::MAX, &mut out);
+        if !batch.is_empty() {
+            batch.sort_unstable();
+            let inline = out
+                .iter()
+                .filter(|d| batch.binary_search(&(d.op_ptr() as u64)).is_ok())
+                .count();
+            self.batching.store(inline < batch.len(), Ordering::Relaxed);
+        }
+        for d in out {
+            d.run();
+        }
+        Ok(n)
+    }
+
     /// `flush()` semantics: enter with the staged SQEs (or wake the SQ
     /// thread), then deliver everything available.
     pub(crate) unsafe fn flush(&self) -> PyResult<usize> {
@@ -367,21 +390,7 @@ unsafe extern "C" fn ctx_deferred_flush(slf: *mut PyObject, _: *mut PyObject) ->
         let c = ctx(slf);
         c.flush_scheduled.store(false, Ordering::Release);
         c.check_fork()?;
-        let mut batch = c.ring.take_recent();
-        c.submit_staged()?;
-        let mut out: Vec<Delivery> = Vec::new();
-        let n = c.ring.drain(usize::MAX, &mut out);
-        // Did the whole batch complete inside this enter (page-cache hits)?
-        // Then go back to one enter per operation, without suspending.
-        batch.sort_unstable();
-        let inline = out
-            .iter()
-            .filter(|d| batch.binary_search(&(d.op_ptr() as u64)).is_ok())
-            .count();
-        c.batching.store(inline < batch.len(), Ordering::Relaxed);
-        for d in out {
-            d.run();
-        }
+        let n = c.flush_batch()?;
         py_int(n as i64)
     })
 }
