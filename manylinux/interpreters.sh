@@ -78,7 +78,15 @@ rm -rf "${CACHE:?}/.work"/* "$CACHE"/.work/.[!.]* 2>/dev/null || true
 WORK_DIRS=()
 cleanup() { local d; for d in "${WORK_DIRS[@]}"; do rm -rf "$d"; done; }
 trap cleanup EXIT
-new_workdir() { local d; d=$(mktemp -d "$CACHE/.work/$1.XXXXXX"); WORK_DIRS+=("$d"); printf '%s\n' "$d"; }
+trap 'exit 130' INT
+trap 'exit 143' TERM
+# new_workdir <var> <name>: fresh scratch dir under $CACHE/.work (removed on exit), path stored in <var>
+new_workdir() {
+    local _d
+    _d=$(mktemp -d "$CACHE/.work/$2.XXXXXX") || die "cannot create a work dir in $CACHE/.work"
+    WORK_DIRS+=("$_d")
+    printf -v "$1" '%s' "$_d"
+}
 
 stamp_file() { printf '%s/.stamps/%s.%s\n' "$CACHE" "$1" "$STAMP_V"; }
 stamp_ok()   { [[ -f $(stamp_file "$1") ]]; }
@@ -180,7 +188,7 @@ EOF
 # smoke_venv <tag> <python>: mkvenv + pip install from PyPI (proves ssl) + import in the venv
 smoke_venv() {
     local tag=$1 py=$2 d logf=$CACHE/logs/smoke-venv-$1.log
-    d=$(new_workdir "venv-$tag")
+    new_workdir d "venv-$tag"
     : >"$logf"
     run_logged "$logf" "$tag: mkvenv" "$CACHE/bin/mkvenv" "$py" "$d/venv"
     run_logged "$logf" "$tag: pip install from PyPI in the venv" \
@@ -201,7 +209,7 @@ pip_wheel() { local w=("$CACHE"/wheels/pip-*.whl); ((${#w[@]})) && printf '%s\n'
 ensure_pip_wheel() {   # ensure_pip_wheel <python-with-pip>
     [[ -n $(pip_wheel) ]] && return 0
     local d
-    d=$(new_workdir pipwheel)
+    new_workdir d pipwheel
     log "downloading the pip wheel from PyPI into $CACHE/wheels"
     run_logged "$CACHE/logs/pip-download.log" "pip download pip" \
         "$1" -m pip download --no-deps --only-binary=:all: --no-cache-dir --disable-pip-version-check -d "$d" pip
@@ -344,8 +352,7 @@ check_sysroot_libs() {   # check_sysroot_libs <root> <triplet> <pyversion>...
             [[ -e $root/usr/lib/$trip/$so || -e $root/usr/lib/$so ]] || missing+=("$so (needed by ${f#"$root"/})")
         done < <(sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' <<<"$dyn")
     done
-    ((${#missing[@]} == 0)) || die "sid sysroot is missing shared libraries (add the Debian packages shipping them to sid_packages):
-  $(printf '%s\n  ' "${missing[@]}")"
+    ((${#missing[@]} == 0)) || die "sid sysroot is missing shared libraries (add the Debian packages shipping them to sid_packages):$(printf '\n  %s' "${missing[@]}")"
 }
 
 write_sysroot_wrapper() {   # <staged-root> <final-root> <arch> <pyversion>
@@ -381,7 +388,7 @@ provision_sysroot() {   # provision_sysroot <arch> <pyversion>...
     log "provisioning Debian sid $arch CPython $* into $final"
     priv_apt_update
     local d pkgs=() p
-    d=$(new_workdir "$name")
+    new_workdir d "$name"
     mkdir -p "$d/debs" "$d/root"
     for p in $(sid_packages "$@"); do pkgs+=("$p:$arch"); done
     log "  downloading ${#pkgs[@]} sid packages ($arch)"
@@ -409,7 +416,7 @@ finish_sid_amd64() {
     log "smoke-testing cp314 (${PY[cp314]})"
     smoke_imports cp314 "${PY[cp314]}"
     local d
-    d=$(new_workdir venv-check)
+    new_workdir d venv-check
     "${PY[cp314]}" -m venv --without-pip "$d/v" || die "cp314: '${PY[cp314]} -m venv --without-pip' failed"
     "$d/v/bin/python" -c 'import sys, ssl; assert sys.prefix != sys.base_prefix' \
         || die "cp314: the python of a venv made with '-m venv --without-pip' does not work"
@@ -424,7 +431,7 @@ finish_sid_amd64() {
 BUILD_DEBS=(build-essential pkg-config libssl-dev libffi-dev zlib1g-dev libbz2-dev liblzma-dev libsqlite3-dev
             libreadline-dev libncurses-dev uuid-dev libgdbm-dev libgdbm-compat-dev xz-utils ca-certificates)
 
-url_exists() { curl -fsSIL --retry 2 -o /dev/null "$1"; }
+url_exists() { curl -fsIL --retry 2 -o /dev/null "$1"; }
 
 # sets SRC_VER SRC_SHA (sha may be empty if no Sources index lists the file)
 resolve_313_source() {
@@ -478,7 +485,7 @@ build_313t() {
         log "  sha256 verified against Debian's Sources index"
     fi
     local d logf=$CACHE/logs/build-3.13t.log t
-    d=$(new_workdir 3.13t)
+    new_workdir d 3.13t
     : >"$logf"
     log "building free-threaded CPython $SRC_VER (--disable-gil, make -j$JOBS): ~5 min on 2 idle cores; log: $logf"
     tar -C "$d" -xf "$tarball"
@@ -532,7 +539,7 @@ provision_qemu() {
     stamp_del qemu
     log "provisioning qemu-aarch64-static from Debian's qemu-user-static .deb (dpkg -x only, nothing installed)"
     local d logf=$CACHE/logs/qemu.log
-    d=$(new_workdir qemu)
+    new_workdir d qemu
     if ! (cd "$d" && apt-get -q -o APT::Sandbox::User=root download qemu-user-static >>"$logf" 2>&1); then
         log "  apt-get download failed; refreshing the system package lists and retrying"
         run_logged "$logf" "apt-get update" env DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=900 update
