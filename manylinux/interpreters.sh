@@ -595,6 +595,9 @@ elif stamp_ok sid-arm64 && stamp_ok qemu && [[ -x $CACHE/bin/python3.13-arm64 &&
     finish_sid_arm64   # provisioned by an earlier --arm64 run: keep listing it
 fi
 
+# the private sid indexes (~45 MB) are only needed while provisioning; every provisioning run re-fetches them
+if ((PRIV_APT_UPDATED)); then rm -rf "$APTDIR/lists" "$APTDIR/cache"; fi
+
 list=$CACHE/interpreters.txt
 for tag in "${TAGS[@]}"; do printf '%s %s\n' "$tag" "${PY[$tag]}"; done >"$list.tmp"
 if [[ -f $list ]] && cmp -s "$list" "$list.tmp"; then rm -f "$list.tmp"; else mv -f "$list.tmp" "$list"; fi
