@@ -105,22 +105,39 @@ def probe():
 
 # ------------------------------------------------------------ page cache
 
+_libc = None
 
-def _resident_fraction(path, offsets, chunk):
-    """Fraction of sampled blocks that are in the page cache (RWF_NOWAIT)."""
+
+def _resident_fraction(path, length):
+    """Fraction of the first ``length`` bytes of ``path`` that sit in the page
+    cache, from mincore(2) on a fresh mapping: it touches no page and starts
+    no readahead (a RWF_NOWAIT probe read would)."""
+    global _libc
+    import ctypes
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.mmap.restype = ctypes.c_void_p
+        _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_int, ctypes.c_long]
+        _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    page = mmap.PAGESIZE
+    npages = (length + page - 1) // page
     fd = os.open(path, os.O_RDONLY)
-    buf = bytearray(BLOCK)
-    hit = 0
     try:
-        for off in offsets:
-            try:
-                if os.preadv(fd, [buf], off, os.RWF_NOWAIT) == BLOCK:
-                    hit += 1
-            except BlockingIOError:
-                pass
+        addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap failed")
+        try:
+            vec = (ctypes.c_ubyte * npages)()
+            if _libc.mincore(addr, length, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore failed")
+            raw = bytes(vec)
+            return (npages - raw.count(0)) / npages
+        finally:
+            _libc.munmap(addr, length)
     finally:
         os.close(fd)
-    return hit / max(1, len(offsets))
 
 
 def _evict(path):
@@ -131,11 +148,6 @@ def _evict(path):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-
-
-def _canary_evicted(path, canary_off):
-    """True when the canary block (never touched by the workload) is not cached."""
-    return _resident_fraction(path, [canary_off], BLOCK) == 0.0
 
 
 def _prime(path, size):
@@ -511,21 +523,23 @@ def _file_flags(cell):
     return flags
 
 
-def _prepare_cache(cell, path, region, sample):
+def _prepare_cache(cell, path, region):
     """Cached cells: make sure the file is resident (prime if not)."""
     if cell["cache"] == "cached":
-        if _resident_fraction(path, sample, BLOCK) < 1.0:
+        if _resident_fraction(path, region) < 1.0:
             _prime(path, region)
 
 
-def _post_warmup(cell, path, canary, sample, info):
+def _post_warmup(cell, path, region, info):
+    """Right before the timed phase: evict (cold/direct) and record how much
+    of the file is in the page cache (expected: 0 for cold/direct, 1 cached)."""
     if cell["cache"] in ("cold", "direct"):
         t = time.perf_counter()
         _evict(path)
         info["evict_ms"] = round((time.perf_counter() - t) * 1e3, 2)
-        info["evicted"] = _canary_evicted(path, canary)
-    else:
-        info["resident"] = _resident_fraction(path, sample, BLOCK)
+    info["resident"] = round(_resident_fraction(path, region), 5)
+    if cell["cache"] in ("cold", "direct"):
+        info["evicted"] = info["resident"] < 0.001
 
 
 def _measure_result(n_ops, wall, cpu, ru0, ru1, lats, cell):
@@ -554,22 +568,20 @@ def run_cell(spec, cell):
     contender = cls(spec["contender"].get("params") or {}, cell)
     path = spec["files"][cell["op"]]
     region = spec["region"]
-    canary = spec["canary_offset"]
     offsets = make_offsets(cell["pattern"], cell["chunk"], region, cell["seed"], cell["offsets"])
     warm_offsets = make_offsets(cell["pattern"], cell["chunk"], region, cell["seed"] ^ 0x5A5A5A5A,
                                 min(cell["offsets"], 4096))
     reuse = cell["cache"] == "cached"
     max_ops = 1 << 62 if reuse else len(offsets)
-    sample = offsets[:: max(1, len(offsets) // 64)][:64]
     check = _check_factory(cell, contender.verify)
     info = contender.info
-    _prepare_cache(cell, path, region, sample)
+    _prepare_cache(cell, path, region)
     fd = os.open(path, _file_flags(cell))
     try:
         if not contender.needs_loop:
             op = contender.make_sync_op(fd)
             _drive_sync(op, warm_offsets, cell["warmup"], 1 << 62, check, None)
-            _post_warmup(cell, path, canary, sample, info)
+            _post_warmup(cell, path, region, info)
             lats = []
             ru0 = resource.getrusage(resource.RUSAGE_SELF)
             c0, t0 = time.process_time(), time.perf_counter()
@@ -598,7 +610,7 @@ def run_cell(spec, cell):
                     raise CellError("timeout during warm-up: operations did not complete "
                                     "within %.0f s" % cell["timeout"]) from None
                 await contender.after()
-                _post_warmup(cell, path, canary, sample, info)
+                _post_warmup(cell, path, region, info)
                 lats = []
                 ru0 = resource.getrusage(resource.RUSAGE_SELF)
                 meter.start()
@@ -638,9 +650,15 @@ def run(spec_path, out_path):
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 65536)), hard))
     except (ValueError, OSError):
         pass
+    hung = None
     with open(out_path, "a") as out:
         for cell in spec["cells"]:
             print("cell %s" % cell["id"], file=sys.stderr, flush=True)
+            if hung is not None:
+                out.write(json.dumps({"id": cell["id"], "status": "fail", "error": "not run: an earlier "
+                                      "cell of this contender timed out in the same batch (%s)" % hung}) + "\n")
+                out.flush()
+                continue
             faulthandler.dump_traceback_later(cell["hard_timeout"], exit=True)
             try:
                 res = run_cell(spec, cell)
@@ -650,6 +668,8 @@ def run(spec_path, out_path):
                     raise
                 res = {"status": "fail", "error": "%s: %s" % (type(e).__name__, e),
                        "traceback": traceback.format_exc()[-2000:]}
+                if isinstance(e, CellError) and str(e).startswith("timeout"):
+                    hung = cell["id"]
             finally:
                 faulthandler.cancel_dump_traceback_later()
             res["id"] = cell["id"]

@@ -28,7 +28,6 @@ CSV_FIELDS = [
     "sqpoll", "max_requests", "evicted", "evict_ms", "resident",
     "load1", "load5", "load15", "seed", "file_size", "warmup_s", "measure_s",
 ]
-CANARY = 1 << 20     # the last MiB of each file is never touched by the workload
 
 
 def parse_args(argv):
@@ -104,7 +103,7 @@ class Runner:
         self.contenders = contenders
         self.meta = meta
         self.out_dir = out_dir
-        self.region = mode.file_size - CANARY
+        self.region = mode.file_size
         self.rows = []
         self.csv_path = os.path.join(out_dir, "results.csv")
         self._csv_file = open(self.csv_path, "w", newline="")
@@ -142,8 +141,9 @@ class Runner:
         return out
 
     def cell_timeout(self):
-        t = max(15.0, 30 * (self.mode.warmup + self.mode.measure))
-        return t, 2 * t + 60
+        """(asyncio-level timeout of a timed phase, hard per-cell limit)."""
+        t = max(10.0, 20 * (self.mode.warmup + self.mode.measure))
+        return t, 2 * t + 20
 
     def estimate(self, batches):
         per_cell = self.mode.warmup + self.mode.measure + 0.08
@@ -203,7 +203,6 @@ class Runner:
             spec = {
                 "contender": {"id": c.id, "kind": c.kind, "params": c.params},
                 "files": self.files, "region": self.region,
-                "canary_offset": self.mode.file_size - envs.BLOCK,
                 "stall_method": self.args.stall_method,
                 "cells": [self._cell_spec(x) for x in pending],
             }
@@ -242,6 +241,11 @@ class Runner:
                 why = ("killed after %.0f s" % budget if killed else "driver exited with code %s" % rc)
                 results[remaining[0].id] = {"status": "fail", "error": "%s: %s" % (why, tail.strip())}
                 pending = remaining[1:]
+                if killed or "Timeout (" in tail:     # a hang: do not wait for it again and again
+                    for x in pending:
+                        results[x.id] = {"status": "fail", "error": "not run: an earlier cell of this "
+                                         "contender hung in the same batch (%s)" % remaining[0].id}
+                    pending = []
             else:
                 pending = []
         return results
