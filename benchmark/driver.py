@@ -168,11 +168,12 @@ def _prime(path, size):
 # --------------------------------------------------------------- offsets
 
 
-def make_offsets(pattern, chunk, region, seed, count):
-    """Deterministic offsets: the same list for every contender of a cell."""
+def make_offsets(pattern, chunk, region, seed, count, start=0):
+    """Deterministic offsets: the same list for every contender of a cell.
+    ``seq`` walks consecutive chunks from chunk index ``start`` (wrapping)."""
     if pattern == "seq":
         n = max(1, region // chunk)
-        return [(i % n) * chunk for i in range(min(count, n))]
+        return [((start + i) % n) * chunk for i in range(min(count, n))]
     nblocks = (region - chunk) // BLOCK + 1
     raw = array("I")
     raw.frombytes(random.Random(seed).randbytes(4 * count))
@@ -569,8 +570,9 @@ def run_cell(spec, cell):
     path = spec["files"][cell["op"]]
     region = spec["region"]
     offsets = make_offsets(cell["pattern"], cell["chunk"], region, cell["seed"], cell["offsets"])
+    # warm-up: another random list, or for seq the second half of the file
     warm_offsets = make_offsets(cell["pattern"], cell["chunk"], region, cell["seed"] ^ 0x5A5A5A5A,
-                                min(cell["offsets"], 4096))
+                                min(cell["offsets"], 4096), start=region // cell["chunk"] // 2)
     reuse = cell["cache"] == "cached"
     max_ops = 1 << 62 if reuse else len(offsets)
     check = _check_factory(cell, contender.verify)

@@ -238,7 +238,7 @@ def fmt_metric(metric):
 
 
 def targets_md(res):
-    out = ["| area | target | ours | reference | ratio |", "|---|---|---|---|---|"]
+    out = ["| area | target | ours | reference | ratio | upstream's ratio |", "|---|---|---|---|---|---|"]
     for group, title, scen, chunk, conc, ours, ref, metric, kind in targets():
         a, b = res.get(scen, chunk, conc, ours), res.get(scen, chunk, conc, ref)
         f = fmt_metric(metric)
@@ -252,7 +252,14 @@ def targets_md(res):
         if a is not None and a.failed:
             at += " (%s)" % esc(a.error)[:80]
         r = ratio(a, b, metric)
-        out.append("| %s | %s | %s | %s | %s |" % (group, title, at, bt, rtext(r, kind == "pct")))
+        # the same comparison for upstream's backend: the bar ours has to clear
+        up = ours.replace("ours.", "upstream.", 1)
+        if ref.startswith("upstream."):
+            ut = ""
+        else:
+            su = res.get(scen, chunk, conc, up)
+            ut = ("upstream **FAIL**" if su is not None and su.failed else rtext(ratio(su, b, metric), kind == "pct"))
+        out.append("| %s | %s | %s | %s | %s | %s |" % (group, title, at, bt, rtext(r, kind == "pct"), ut))
     return "\n".join(out)
 
 

@@ -146,14 +146,14 @@ class Runner:
         return t, 2 * t + 20
 
     def estimate(self, batches):
-        per_cell = self.mode.warmup + self.mode.measure + 0.08
+        """Seconds, from overheads measured on the 2-core reference machine."""
+        per_cell = self.mode.warmup + self.mode.measure + 0.1
         t = 0.0
         for _, scen, c, cells in batches:
-            t += 0.25 if c.kind != "fio" else 0.0
+            t += 0.15 if c.kind != "fio" else 0.0          # interpreter start + imports
             for cell in cells:
-                t += per_cell + (0.35 if c.kind == "fio" else 0.0)
-                if scen.cache == "cold":
-                    t += 0.05
+                t += per_cell + (0.25 if c.kind == "fio" else 0.0)
+                t += 0.15 * cell.concurrency / 1024 if c.kind in ("aiofiles", "anyio") else 0.0
         return t
 
     # ------------------------------------------------------------- running
