@@ -582,7 +582,49 @@ def charts(out_dir):
         plt.close(fig)
         made.append(fname)
 
+    def bars(scen):
+        """A scenario measured at a single point: one bar per contender."""
+        pts = sorted({(k[1], k[2]) for k in res.groups if k[0] == scen and k[3] != "limit.sync"})
+        if len(pts) != 1:
+            return
+        ch, conc = pts[0]
+        labels, vals, lo, hi, colors, fails = [], [], [], [], [], []
+        for c in res.contenders:
+            st = res.get(scen, ch, conc, c["id"])
+            if st is None:
+                continue
+            m = st.med("ops_per_s")
+            if m is None:
+                fails.append(c["label"])
+                labels.append(c["label"] + "  — FAIL")
+                vals.append(0)
+                lo.append(0)
+                hi.append(0)
+            else:
+                labels.append(c["label"] + ("  (c=1)" if c["id"] == "limit.sync" else ""))
+                vals.append(m)
+                lo.append(m - st.lo("ops_per_s"))
+                hi.append(st.hi("ops_per_s") - m)
+            colors.append(_style(c["id"])[0])
+        fig, ax = plt.subplots(figsize=(11, 0.38 * len(labels) + 1.6))
+        y = list(range(len(labels)))[::-1]
+        ax.barh(y, vals, xerr=[lo, hi], color=colors, alpha=0.85, capsize=2)
+        ax.set_yticks(y)
+        ax.set_yticklabels(labels, fontsize=8)
+        for yy, v in zip(y, vals):
+            if v:
+                ax.text(v, yy, " %s" % si(v), va="center", fontsize=7)
+        ax.set_xlabel("throughput (ops/s), median; bars: min–max")
+        ax.set_title("%s — %s, concurrency %d" % (scen, fsize(ch), conc))
+        ax.grid(True, axis="x", alpha=0.3)
+        fig.tight_layout()
+        fname = "%s-bars.png" % scen
+        fig.savefig(os.path.join(d, fname), dpi=110)
+        plt.close(fig)
+        made.append(fname)
+
     for scen in res.scenarios:
+        bars(scen)
         plot(scen, "conc", "ops_per_s", "throughput (ops/s)", "%s-ops-vs-concurrency.png" % scen, True)
         plot(scen, "conc", "lat_p99_us", "p99 latency (µs)", "%s-p99-vs-concurrency.png" % scen, True)
         plot(scen, "chunk", "mb_per_s", "throughput (MB/s)", "%s-mbps-vs-chunk.png" % scen, True)
