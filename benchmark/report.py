@@ -297,11 +297,17 @@ def sweep_table(res, scen, metric, axis):
     out = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     f = fmt_metric(metric) if metric in ("ops_per_s", "mb_per_s", "max_stall_ms") else num
     for c in res.contenders:
+        if c["id"] == "limit.floor" and axis == "chunk":
+            continue
         row, any_ = [c["label"]], False
         for p in pts:
             st = res.get(scen, SMALL, p, c["id"]) if axis == "conc" else res.get(scen, p, sc, c["id"])
+            if c["id"] == "limit.sync" and st is not None and axis == "conc" and p != pts[0]:
+                row.append("″")     # one thread: the same measurement (taken at c=1)
+                continue
             if c["id"] == "limit.sync" and st is not None and axis == "conc" and p != 1:
-                row.append("″")
+                row.append(cell_text(st, metric, f) + " (c=1)")
+                any_ = True
                 continue
             row.append(cell_text(st, metric, f) if st else "")
             any_ = any_ or st is not None
@@ -539,6 +545,8 @@ def charts(out_dir):
         failed = []
         for c in res.contenders:
             cid = c["id"]
+            if cid == "limit.floor" and axis == "chunk":    # no I/O: its MB/s is meaningless
+                continue
             xs, ys, lo, hi = [], [], [], []
             seen_any = False
             for p in pts:
