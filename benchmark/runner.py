@@ -486,11 +486,13 @@ def main(argv=None):
         log("copied to %s" % latest)
     print(headline)
     log("done in %s; summary: %s" % (_fmt_dur(time.monotonic() - t0), os.path.join(out_dir, "summary.md")))
-    # Exit status (useful for CI; never about timings): 1 when nothing was measured or when a
-    # driver crashed or hung.  Ordinary failing cells (e.g. upstream's O_DIRECT EINVAL) are results.
+    # Exit status (useful for CI; never about timings): 1 when nothing was measured, when a
+    # driver crashed or hung, or when a backend returned wrong/short data.  Ordinary failing
+    # cells (e.g. upstream's O_DIRECT EINVAL) are results, not breakage.
     rows = runner.rows
     broken = [r for r in rows if r.get("status") != "ok" and str(r.get("error", "")).startswith(
-        ("driver exited", "killed after", "CellError: timeout", "not run"))]
+        ("driver exited", "killed after", "CellError: timeout", "not run", "CellError: wrong data",
+         "CellError: short"))]
     if interrupted or not any(r.get("status") == "ok" for r in rows) or broken:
         for r in broken[:5]:
             log("BROKEN: %s %s: %s" % (r["contender"], r["scenario"], str(r["error"])[:200]))
