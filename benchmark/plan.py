@@ -38,6 +38,7 @@ class Mode:
     scenarios: List[Scenario]
     fio_install: bool = True
     note: str = ""
+    budget: float = 0.0       # minutes; 0 = no limit (see runner --budget)
 
 
 def _s(cache, pattern, op, concs=(), chunks=()):
@@ -84,6 +85,7 @@ MODES = {
             _s("direct", "rand", "write", CONCS_FULL, CHUNKS_FULL),
             _s("direct", "seq", "write", CONCS_FULL, CHUNKS_FULL),
         ],
+        budget=27.0,
         note="every scenario; cold writes only at a few points (aligned whole-page "
              "buffered writes never read the old page, so they behave like cached writes)"),
 }
