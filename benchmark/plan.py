@@ -212,13 +212,13 @@ def caio_contenders(family, python, probe_info, log):
 
 def peer_contenders(python, probe_info, fio, fio_ver):
     out = [
-        Contender("peer.run_in_executor", "peer", "loop.run_in_executor(os.pread)", "executor",
+        Contender("peer.run_in_executor", "peer", "run_in_executor(os.pread/pwrite)", "executor",
                   python=python, version="python " + str(probe_info.get("python"))),
-        Contender("peer.aiofiles", "peer", "aiofiles (seek+read)", "aiofiles", python=python,
+        Contender("peer.aiofiles", "peer", "aiofiles (seek + read/write)", "aiofiles", python=python,
                   version=probe_info.get("aiofiles")),
-        Contender("peer.anyio", "peer", "anyio.open_file (seek+read)", "anyio", python=python,
+        Contender("peer.anyio", "peer", "anyio.open_file (seek + read/write)", "anyio", python=python,
                   version=probe_info.get("anyio")),
-        Contender("limit.sync", "limit", "sync os.pread loop (1 thread)", "sync", python=python,
+        Contender("limit.sync", "limit", "sync os.pread/pwrite loop (1 thread)", "sync", python=python,
                   version="python " + str(probe_info.get("python"))),
         Contender("limit.floor", "limit", "asyncio floor (call_soon future)", "floor", python=python,
                   version="python " + str(probe_info.get("python"))),
