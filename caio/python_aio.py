@@ -151,12 +151,6 @@ _RUNNERS: Dict[int, Callable[["Operation"], Optional[int]]] = {
 }
 
 
-def _execute(op: "Operation") -> Optional[int]:
-    # Looked up at run time so that an unknown opcode fails the operation
-    # (KeyError delivered as its error) instead of failing submit().
-    return _RUNNERS[op.opcode](op)
-
-
 class _Job:
     """One submitted operation, as seen by the pool's result handler.
 
@@ -235,9 +229,12 @@ class Context(AbstractContext):
 
         count = 0
         for operation in aio_operations:
+            # Resolved before claiming: an unknown opcode raises KeyError
+            # here and leaves the operation untouched.
+            runner = _RUNNERS[operation.opcode]
             if self._claim(operation):
                 try:
-                    self._schedule(operation)
+                    self._schedule(runner, operation)
                 except BaseException:
                     self._unclaim(operation)
                     raise
@@ -268,11 +265,13 @@ class Context(AbstractContext):
             operation.in_progress = False
             self._in_progress -= 1
 
-    def _schedule(self, operation: "Operation") -> None:
+    def _schedule(
+        self, runner: Callable[["Operation"], Any], operation: "Operation",
+    ) -> None:
         pool = self.pool
         if not self._direct:
             pool.apply_async(
-                _execute, (operation,),
+                runner, (operation,),
                 callback=_ApplyCallback(self, operation, True),
                 error_callback=_ApplyCallback(self, operation, False),
             )
@@ -288,7 +287,7 @@ class Context(AbstractContext):
         if pool._state != _POOL_RUN:
             del cache[job]
             raise ValueError("Pool not running")
-        pool._quick_put((job, 0, _execute, (operation,), {}))
+        pool._quick_put((job, 0, runner, (operation,), {}))
 
     # -- completion (pool result-handler thread) -------------------------------
 
