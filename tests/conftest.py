@@ -81,6 +81,13 @@ def pytest_configure(config: Any) -> None:
         "markers", "slow: takes more than a few seconds "
         "(deselect with -m 'not slow')",
     )
+    # An exception escaping a finaliser or a thread is a bug here, not noise.
+    config.addinivalue_line(
+        "filterwarnings", "error::pytest.PytestUnraisableExceptionWarning",
+    )
+    config.addinivalue_line(
+        "filterwarnings", "error::pytest.PytestUnhandledThreadExceptionWarning",
+    )
     if not config.pluginmanager.hasplugin("timeout"):
         config.addinivalue_line(
             "markers", "timeout(seconds): per-test time limit",
