@@ -142,6 +142,11 @@ def _run_noop(op: "Operation") -> None:
     return None
 
 
+# Plain module constants: attribute access on an Enum class is comparatively
+# slow on 3.10/3.11 and these sit on the per-operation path.
+_READ, _WRITE, _FSYNC, _FDSYNC = OpCode.READ, OpCode.WRITE, OpCode.FSYNC, OpCode.FDSYNC
+_OPEN = ContextState.OPEN
+
 _RUNNERS: Dict[int, Callable[["Operation"], Optional[int]]] = {
     OpCode.READ: _run_read,
     OpCode.WRITE: _run_write,
@@ -168,17 +173,18 @@ class _Job:
     # worker's ``(success, value_or_exception)`` pair.
     def _set(self, index: int, outcome: Tuple[bool, Any]) -> None:
         context = self.context
+        operation = self.operation
+        self.context = self.operation = None  # type: ignore[assignment]
         try:
             success, value = outcome
             if success:
-                context._complete(self.operation, value)
+                context._complete(operation, value)
             else:
-                context._fail(self.operation, value)
+                context._fail(operation, value)
         finally:
             # Deregister last (as ApplyResult does): the pool counts the job
             # as pending until its callback has run.
             del context.pool._cache[self]
-            self.context = self.operation = None  # type: ignore[assignment]
 
 
 class Context(AbstractContext):
@@ -248,7 +254,7 @@ class Context(AbstractContext):
             if operation.in_progress:
                 # One-shot: already submitted somewhere, or completed.
                 return False
-            if self._state != ContextState.OPEN:
+            if self._state != _OPEN:
                 raise RuntimeError("Context is closed")
             if self._in_progress >= self._max_requests:
                 raise RuntimeError(
@@ -287,6 +293,9 @@ class Context(AbstractContext):
         if pool._state != _POOL_RUN:
             del cache[job]
             raise ValueError("Pool not running")
+        # Task layout expected by the pool's workers: (job, index, func,
+        # args, kwds).  The index must not reference the operation: the
+        # result handler keeps its last index alive until the next result.
         pool._quick_put((job, 0, runner, (operation,), {}))
 
     # -- completion (pool result-handler thread) -------------------------------
@@ -387,7 +396,7 @@ class Operation(AbstractOperation):
         offset = 0 if offset is None else operator.index(offset)
         priority = 0 if priority is None else operator.index(priority)
 
-        if opcode == OpCode.WRITE:
+        if opcode == _WRITE:
             if not isinstance(payload, bytes):
                 raise ValueError(
                     "payload_bytes must be bytes, got {!r}".format(
@@ -418,7 +427,7 @@ class Operation(AbstractOperation):
         cls, nbytes: int, fd: int, offset: int, priority: int = 0,
     ) -> "Operation":
         """Create a read operation."""
-        return cls(fd, nbytes, offset, OpCode.READ, priority=priority)
+        return cls(fd, nbytes, offset, _READ, priority=priority)
 
     @classmethod
     def write(
@@ -426,19 +435,19 @@ class Operation(AbstractOperation):
     ) -> "Operation":
         """Create a write operation."""
         return cls(
-            fd, len(payload_bytes), offset, OpCode.WRITE,
+            fd, len(payload_bytes), offset, _WRITE,
             payload=payload_bytes, priority=priority,
         )
 
     @classmethod
     def fsync(cls, fd: int, priority: int = 0) -> "Operation":
         """Create an fsync operation."""
-        return cls(fd, None, None, OpCode.FSYNC, priority=priority)
+        return cls(fd, None, None, _FSYNC, priority=priority)
 
     @classmethod
     def fdsync(cls, fd: int, priority: int = 0) -> "Operation":
         """Create an fdatasync operation (fsync where unavailable)."""
-        return cls(fd, None, None, OpCode.FDSYNC, priority=priority)
+        return cls(fd, None, None, _FDSYNC, priority=priority)
 
     def get_value(self) -> Union[bytes, int, None]:
         """The result: bytes read, bytes written, or ``None`` for syncs.
@@ -448,9 +457,9 @@ class Operation(AbstractOperation):
         if self.exception is not None:
             raise self.exception
         opcode = self.opcode
-        if opcode == OpCode.WRITE:
+        if opcode == _WRITE:
             return self.written
-        if opcode == OpCode.FSYNC or opcode == OpCode.FDSYNC:
+        if opcode == _FSYNC or opcode == _FDSYNC:
             return None
         return self.buffer
 
