@@ -241,6 +241,13 @@ def pool_backend(request: Any) -> RawBackend:
     return _make_backend(request)
 
 
+@pytest.fixture(params=_raw_params(("linux_uring", "thread_aio")))
+def completion_error_backend(request: Any) -> RawBackend:
+    """Native backends that report I/O errors at completion (not linux_aio,
+    which rejects most bad requests in submit())."""
+    return _make_backend(request)
+
+
 @pytest.fixture(params=_raw_params(("linux_uring",)))
 def uring(request: Any) -> RawBackend:
     return _make_backend(request)

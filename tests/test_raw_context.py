@@ -316,11 +316,10 @@ def test_bad_fd(backend: RawBackend, closed_fd: int) -> None:
 
 
 def test_native_errors_are_system_and_os_errors(
-    native_backend: RawBackend, closed_fd: int,
+    completion_error_backend: RawBackend, closed_fd: int,
 ) -> None:
     """Q4: catchable as SystemError (compatibility) and OSError with errno."""
-    if native_backend.is_linux_aio:
-        pytest.skip("linux_aio reports a bad fd from submit()")
+    native_backend = completion_error_backend
     ctx = native_backend.context()
     op = _failing_op(native_backend, closed_fd, ctx)
     with pytest.raises(SystemError):
