@@ -82,13 +82,15 @@ def _available_implementations() -> Dict[str, Tuple[ModuleType, ModuleType]]:
         "python": (python_aio, python_aio_asyncio),
     }
     return {
-        key: (module, adapter)  # type: ignore[misc]
+        key: (module, adapter)
         for key, (module, adapter) in candidates.items()
         if module is not None and adapter is not None
     }
 
 
-def _read_default_implementation(path: str, available: Dict) -> Optional[str]:
+def _read_default_implementation(
+    path: str, available: Dict[str, Tuple[ModuleType, ModuleType]],
+) -> Optional[str]:
     """First line of the file naming an available backend, else ``None``.
 
     Blank lines, ``#`` comments, unknown and unavailable keys are skipped.

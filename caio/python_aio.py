@@ -104,20 +104,25 @@ def _fd_lock(fd: int) -> Any:
         return lock
 
 
-if NATIVE_PREAD_PWRITE:
-    _pread = os.pread
-    _pwrite = os.pwrite
-else:
-    def _pread(fd: int, size: int, offset: int) -> bytes:
-        # Emulation: moves the fd's file position as a side effect.
-        with _fd_lock(fd):
-            os.lseek(fd, offset, os.SEEK_SET)
-            return os.read(fd, size)
+def _lseek_read(fd: int, size: int, offset: int) -> bytes:
+    # pread() emulation: moves the fd's file position as a side effect.
+    with _fd_lock(fd):
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.read(fd, size)
 
-    def _pwrite(fd: int, data: bytes, offset: int) -> int:
-        with _fd_lock(fd):
-            os.lseek(fd, offset, os.SEEK_SET)
-            return os.write(fd, data)
+
+def _lseek_write(fd: int, data: bytes, offset: int) -> int:
+    with _fd_lock(fd):
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.write(fd, data)
+
+
+_pread: Callable[[int, int, int], bytes] = (
+    os.pread if NATIVE_PREAD_PWRITE else _lseek_read
+)
+_pwrite: Callable[[int, bytes, int], int] = (
+    os.pwrite if NATIVE_PREAD_PWRITE else _lseek_write
+)
 
 
 def _run_read(op: "Operation") -> int:
@@ -184,7 +189,8 @@ class _Job:
         finally:
             # Deregister last (as ApplyResult does): the pool counts the job
             # as pending until its callback has run.
-            del context.pool._cache[self]
+            pool: Any = context.pool
+            del pool._cache[self]
 
 
 class Context(AbstractContext):
@@ -228,7 +234,7 @@ class Context(AbstractContext):
 
     # -- submission ------------------------------------------------------------
 
-    def submit(self, *aio_operations: "Operation") -> int:
+    def submit(self, *aio_operations: AbstractOperation) -> int:
         for operation in aio_operations:
             if not isinstance(operation, Operation):
                 raise ValueError("Invalid Operation {!r}".format(operation))
@@ -237,6 +243,7 @@ class Context(AbstractContext):
         for operation in aio_operations:
             # Resolved before claiming: an unknown opcode raises KeyError
             # here and leaves the operation untouched.
+            assert isinstance(operation, Operation)  # checked above
             runner = _RUNNERS[operation.opcode]
             if self._claim(operation):
                 try:
@@ -274,7 +281,8 @@ class Context(AbstractContext):
     def _schedule(
         self, runner: Callable[["Operation"], Any], operation: "Operation",
     ) -> None:
-        pool = self.pool
+        # Any: the direct path uses ThreadPool internals the stubs do not list.
+        pool: Any = self.pool
         if not self._direct:
             pool.apply_async(
                 runner, (operation,),
@@ -325,7 +333,7 @@ class Context(AbstractContext):
 
     # -- misc ------------------------------------------------------------------
 
-    def cancel(self, *aio_operations: "Operation") -> int:
+    def cancel(self, *aio_operations: AbstractOperation) -> int:
         """Operations cannot be cancelled here; always returns 0."""
         return 0
 

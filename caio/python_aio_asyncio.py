@@ -18,11 +18,11 @@ class AsyncioContext(AsyncioContextBase):
         # the loop's self-pipe plus a loop wake-up), finished futures are
         # queued here and a single wake-up drains everything that finished
         # meanwhile.  Set up before the base constructor creates the Context.
-        self._finished: Deque[asyncio.Future] = deque()
+        self._finished: Deque["asyncio.Future[Any]"] = deque()
         self._wakeup_pending = False
         super().__init__(*args, **kwargs)
 
-    def _on_done(self, future: asyncio.Future, result: Any) -> None:
+    def _on_done(self, future: "asyncio.Future[Any]", result: Any) -> None:
         # Foreign thread.  Order matters: queue the future first, then look
         # at the flag.  The loop clears the flag *before* draining, so a
         # future queued while the flag still reads True is picked up by the
