@@ -1,13 +1,15 @@
 """Linux AIO c API bindings."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, final
 
 from .abstract import AbstractContext, AbstractOperation
 
 # The runtime types do not inherit from the abstract classes; declaring them
-# as subclasses here is a typing convenience only.
+# as subclasses here is a typing convenience only.  Neither can be
+# subclassed at runtime, hence @final.
 
+@final
 class Context(AbstractContext):
     """linux aio context representation"""
 
@@ -27,6 +29,7 @@ class Context(AbstractContext):
         timeout: int = 0,
     ) -> int: ...
 
+@final
 class Operation(AbstractOperation):
     """linux aio operation representation"""
 

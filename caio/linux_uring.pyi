@@ -1,7 +1,7 @@
 """io_uring based AIO backend (Linux 5.6+)."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, final
 
 from .abstract import AbstractContext, AbstractOperation
 
@@ -9,8 +9,10 @@ from .abstract import AbstractContext, AbstractOperation
 SQPOLL_ALLOWED: bool
 
 # The runtime types do not inherit from the abstract classes; declaring them
-# as subclasses here is a typing convenience only.
+# as subclasses here is a typing convenience only.  Neither can be
+# subclassed at runtime, hence @final.
 
+@final
 class Context(AbstractContext):
     """io_uring AIO context"""
 
@@ -35,6 +37,7 @@ class Context(AbstractContext):
         timeout: int = 0,
     ) -> int: ...
 
+@final
 class Operation(AbstractOperation):
     """io_uring AIO operation"""
 
