@@ -10,19 +10,26 @@ Per-operation path
 ``Context.submit`` claims the operation and hands it to the pool.  Upstream
 does that with ``ThreadPool.apply_async``, which for every operation builds
 an ``ApplyResult`` (with its own ``threading.Event``/``Condition``), two
-closures, and routes the task through the pool's task-handler thread before
-a worker sees it.  Here, when the pool exposes the (long unchanged, 3.8 to
-3.13) internals we rely on, a job is registered directly in the pool's job
-cache and put straight onto the workers' input queue:
+closures, routes the task through the pool's task-handler thread and wakes a
+sleeping worker.  On a busy event loop that per-operation overhead, and the
+thread wake-ups above all, are what limits throughput.
 
-* the pool's own workers run it and its own result-handler thread delivers
-  the completion, so callbacks keep running on that single thread, one at a
-  time, exactly as with ``apply_async``;
-* ``pool.close()``/``pool.join()`` keep their graceful semantics because the
-  pending job is in the pool's cache (the pool only sends its workers the
-  stop sentinel once the cache is empty);
-* the task-handler hop and the ``ApplyResult``/``Event`` allocations are
-  skipped.
+Here, when the pool exposes the (long unchanged, 3.8 to 3.13) internals we
+rely on, each claimed operation is registered in the pool's job cache and
+appended to a queue owned by the Context.  "Drain" tasks running on the
+pool's own workers take operations from that queue and report each result
+to the pool's result-handler thread individually, exactly as a worker
+reports a task:
+
+* callbacks keep running on the pool's single result-handler thread, one at
+  a time, as with ``apply_async``;
+* a new drain is started only when every existing drain is busy executing an
+  operation (at most ``pool_size`` of them), and a drain that sees more work
+  waiting recruits the next one itself, so the submitting thread rarely has
+  to wake a worker and a slow operation never holds up the others;
+* ``pool.close()``/``pool.join()`` keep their graceful semantics because
+  every pending operation is in the pool's cache (the pool only stops its
+  workers once the cache is empty).
 
 If those internals are missing (some future CPython), ``apply_async`` is
 used instead; both paths produce identical results (the test-suite runs
@@ -36,7 +43,8 @@ import threading
 from enum import IntEnum, unique
 from multiprocessing.pool import RUN as _POOL_RUN, ThreadPool
 from threading import Lock, RLock
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Optional, Tuple, Union, cast
 from weakref import WeakValueDictionary
 
 from .abstract import AbstractContext, AbstractOperation
@@ -193,6 +201,21 @@ class _Job:
             del pool._cache[self]
 
 
+class _DrainJob:
+    """Pool cache entry of one drain task (see Context._drain)."""
+
+    __slots__ = ("context",)
+
+    def __init__(self, context: "Context"):
+        self.context = context
+
+    def _set(self, index: int, outcome: Tuple[bool, Any]) -> None:
+        context = self.context
+        self.context = None  # type: ignore[assignment]
+        pool: Any = context.pool
+        del pool._cache[self]
+
+
 class Context(AbstractContext):
     """
     python aio context implementation
@@ -226,6 +249,12 @@ class Context(AbstractContext):
         self._in_progress = 0
         self._lock = Lock()
         self._direct = _pool_supports_direct_jobs(self.pool)
+        # Direct path: claimed operations wait here for a "drain" task; at
+        # most pool_size drains are queued or running at any time.
+        self._queue: Deque[Tuple[Any, Any, "Operation"]] = deque()
+        self._drains = 0
+        self._busy = 0
+        self._pool_size = pool_size
         self._state = ContextState.OPEN
 
     @property
@@ -296,15 +325,83 @@ class Context(AbstractContext):
         # Register first, then check the pool is running: if a concurrent
         # pool.close() has already happened we back out; if it happens after
         # the check, the pool waits for this cached job before it stops its
-        # workers, so the task queued below is always executed.
+        # workers, so the queued operation is always executed.
         cache[job] = job
         if pool._state != _POOL_RUN:
             del cache[job]
             raise ValueError("Pool not running")
-        # Task layout expected by the pool's workers: (job, index, func,
-        # args, kwds).  The index must not reference the operation: the
-        # result handler keeps its last index alive until the next result.
-        pool._quick_put((job, 0, runner, (operation,), {}))
+        item = (job, runner, operation)
+        with self._lock:
+            self._queue.append(item)
+            # Recruit a drain only when every existing one is busy executing
+            # an operation: a free drain picks this one up by itself.
+            spawn = self._drains == self._busy and self._drains < self._pool_size
+            if spawn:
+                self._drains += 1
+        if spawn and not self._spawn_drain(pool):
+            with self._lock:
+                try:
+                    self._queue.remove(item)
+                except ValueError:
+                    return  # another drain already took it: it will run
+            del cache[job]
+            raise RuntimeError("Cannot schedule the operation on the pool")
+
+    def _spawn_drain(self, pool: Any) -> bool:
+        """Queue one drain task on the pool; the caller counted it already."""
+        drain = _DrainJob(self)
+        pool._cache[drain] = drain
+        try:
+            # Task layout expected by the pool's workers: (job, index, func,
+            # args, kwds).
+            pool._quick_put((drain, 0, self._drain, (), {}))
+        except BaseException:
+            del pool._cache[drain]
+            with self._lock:
+                self._drains -= 1
+            return False
+        return True
+
+    def _drain(self) -> None:
+        # Runs on a pool worker: executes queued operations until none is
+        # left.  Each result is handed to the pool's result handler on its
+        # own, exactly as a worker reports an individual task, so callbacks
+        # are neither batched nor delayed behind later operations.  Before
+        # starting an operation, a drain that sees more work waiting and no
+        # free drain recruits another one, so a slow operation never holds up
+        # the rest of the queue (up to pool_size drains, one per worker).
+        queue = self._queue
+        lock = self._lock
+        pool: Any = self.pool
+        put = pool._outqueue.put
+        busy = False
+        while True:
+            with lock:
+                if busy:
+                    self._busy -= 1
+                    busy = False
+                if not queue:
+                    self._drains -= 1
+                    return
+                job, runner, operation = queue.popleft()
+                self._busy += 1
+                busy = True
+                spawn = bool(queue) and self._drains == self._busy \
+                    and self._drains < self._pool_size
+                if spawn:
+                    self._drains += 1
+            if spawn:
+                # On failure the loop still serves the queue by itself.
+                self._spawn_drain(pool)
+            try:
+                outcome: Tuple[bool, Any] = (True, runner(operation))
+            except BaseException as exc:
+                # Reported as this operation's failure; letting it escape
+                # would kill the worker with the drain bookkeeping half done.
+                outcome = (False, exc)
+            put((job, 0, outcome))
+            # Do not keep the last operation alive while idle.
+            job = runner = operation = outcome = None  # type: ignore[assignment]
 
     # -- completion (pool result-handler thread) -------------------------------
 
@@ -380,6 +477,7 @@ def _pool_supports_direct_jobs(pool: ThreadPool) -> bool:
         callable(getattr(pool, "_quick_put", None))
         and isinstance(getattr(pool, "_cache", None), dict)
         and hasattr(pool, "_state")
+        and callable(getattr(getattr(pool, "_outqueue", None), "put", None))
     )
 
 

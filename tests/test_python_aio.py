@@ -333,3 +333,73 @@ def test_python_aio_is_always_available() -> None:
     assert caio.python_aio is python_aio
     assert caio.variants[-1] is python_aio
     assert caio.variants_asyncio[-1] is caio.python_aio_asyncio
+
+
+# -- scheduling: slow operations must not hold up others ------------------------------
+
+
+@pytest.fixture
+def blocking_noop(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """NOOP operations block on the pool thread until the event is set."""
+    release = threading.Event()
+
+    def blocking(op: Any) -> None:
+        assert release.wait(20), "never released"
+
+    monkeypatch.setitem(python_aio._RUNNERS, OpCode.NOOP, blocking)
+    yield release
+    release.set()
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "apply_async"])
+def test_slow_operation_does_not_hold_up_others(
+    python_aio: RawBackend, fast_fd: int, blocking_noop: threading.Event,
+    direct: bool,
+) -> None:
+    ctx = python_aio.context(64, pool_size=2)
+    ctx._direct = direct
+    slow_done = Recorder()
+    slow = python_aio.Operation(0, None, None, OpCode.NOOP)
+    slow.set_callback(slow_done)
+    assert ctx.submit(slow) == 1
+    # Everything else completes on the second worker meanwhile.
+    fast = [python_aio.Operation.write(b"%02d" % i, fast_fd, 2 * i) for i in range(20)]
+    assert python_aio.run(ctx, *fast) == [2] * 20
+    assert slow_done.items == []
+    blocking_noop.set()
+    python_aio.wait_for(None, lambda: len(slow_done) == 1)
+    assert ctx._in_progress == 0
+
+
+def test_exhausted_pool_queues_operations(
+    python_aio: RawBackend, fast_fd: int, blocking_noop: threading.Event,
+) -> None:
+    ctx = python_aio.context(64, pool_size=2)
+    slow = [python_aio.Operation(0, None, None, OpCode.NOOP) for _ in range(2)]
+    assert ctx.submit(*slow) == 2
+    done = Recorder()
+    waiting = [python_aio.Operation.fsync(fast_fd) for _ in range(10)]
+    for op in waiting:
+        op.set_callback(done)
+    assert ctx.submit(*waiting) == 10
+    threading.Event().wait(0.2)
+    assert done.items == []  # both workers are blocked
+    blocking_noop.set()
+    python_aio.wait_for(None, lambda: len(done) == 10)
+    python_aio.wait_for(None, lambda: ctx._in_progress == 0)
+
+
+def test_base_exception_in_runner_fails_only_that_operation(
+    python_aio: RawBackend, fast_fd: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def interrupted(op: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(caio.python_aio._RUNNERS, OpCode.NOOP, interrupted)
+    ctx = python_aio.context(pool_size=1)
+    op = python_aio.Operation(0, None, None, OpCode.NOOP)
+    assert python_aio.run_one(ctx, op) is None
+    with pytest.raises(KeyboardInterrupt):
+        op.get_value()
+    # The single worker is still alive and serving.
+    assert python_aio.run_one(ctx, python_aio.Operation.fsync(fast_fd)) is None
