@@ -36,6 +36,7 @@ used instead; both paths produce identical results (the test-suite runs
 both).
 """
 
+import atexit
 import operator
 import os
 import sys
@@ -45,7 +46,7 @@ from multiprocessing.pool import RUN as _POOL_RUN, ThreadPool
 from threading import Lock, RLock
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Optional, Tuple, Union, cast
-from weakref import WeakValueDictionary
+from weakref import WeakSet, WeakValueDictionary
 
 from .abstract import AbstractContext, AbstractOperation
 
@@ -216,6 +217,24 @@ class _DrainJob:
         del pool._cache[self]
 
 
+# Contexts still open, closed by an atexit hook. multiprocessing's own exit
+# handler (registered when multiprocessing.pool was imported above, so it
+# runs after ours) terminates pools without marking them closed; a pool left
+# in RUN state then writes to its already-closed notifier pipe when it is
+# collected ("Exception ignored ... Bad file descriptor" at exit). Closing our
+# pools first avoids that; work already scheduled still completes.
+_open_contexts: "WeakSet[Context]" = WeakSet()
+
+
+@atexit.register
+def _close_open_contexts() -> None:
+    for context in list(_open_contexts):
+        try:
+            context.close()
+        except Exception:  # pragma: no cover - best effort at exit
+            pass
+
+
 class Context(AbstractContext):
     """
     python aio context implementation
@@ -256,6 +275,7 @@ class Context(AbstractContext):
         self._busy = 0
         self._pool_size = pool_size
         self._state = ContextState.OPEN
+        _open_contexts.add(self)
 
     @property
     def max_requests(self) -> int:
