@@ -9,12 +9,16 @@
 //! context is dead for the kernel microseconds later, only the wait happens
 //! in the background. Grace periods are shared, so several helpers waiting
 //! at once finish together: up to [`MAX_THREADS`] run concurrently and an
-//! idle helper exits after [`IDLE`].
+//! idle helper exits after [`IDLE`]. Contexts not yet picked up by a helper
+//! still hold their share of `fs.aio-nr`, so a caller that finds more than
+//! [`MAX_BACKLOG`] of them waits ([`wait_backlog`]): a tight create/close
+//! loop is throttled instead of exhausting the system-wide limit.
 
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 const MAX_THREADS: usize = 128;
+const MAX_BACKLOG: usize = 8;
 const IDLE: Duration = Duration::from_secs(1);
 
 struct State {
@@ -34,6 +38,8 @@ static STATE: Mutex<State> = Mutex::new(State {
 });
 /// Helpers wait here for work.
 static WORK: Condvar = Condvar::new();
+/// Signalled when a helper takes a context off the queue.
+static TAKEN: Condvar = Condvar::new();
 
 fn state() -> MutexGuard<'static, State> {
     STATE.lock().unwrap_or_else(|e| e.into_inner())
@@ -88,6 +94,7 @@ fn helper() {
     loop {
         if let Some(ctx) = st.queue.pop() {
             drop(st);
+            TAKEN.notify_all();
             let _ = crate::abi::io_destroy(ctx);
             finished();
             st = state();
@@ -109,4 +116,23 @@ fn helper() {
 /// Contexts handed over whose `io_destroy` has not returned yet.
 pub fn pending() -> usize {
     state().pending
+}
+
+/// Waits (call it without the GIL) while more than [`MAX_BACKLOG`]
+/// contexts wait for a helper.
+pub fn wait_backlog() {
+    let st = state();
+    if st.queue.len() <= MAX_BACKLOG {
+        return;
+    }
+    drop(
+        TAKEN
+            .wait_while(st, |s| s.queue.len() > MAX_BACKLOG && s.live > 0)
+            .unwrap_or_else(|e| e.into_inner()),
+    );
+}
+
+/// Whether [`wait_backlog`] would wait.
+pub fn over_backlog() -> bool {
+    state().queue.len() > MAX_BACKLOG
 }

@@ -208,10 +208,22 @@ belongs to the parent process; create a new Context in the child",
         if !self.closing.load(Ordering::Acquire) || self.in_flight.load(Ordering::Acquire) != 0 {
             return;
         }
-        let mut h = self.write();
-        if self.in_flight.load(Ordering::Acquire) == 0 && h.queue.is_some() {
+        {
+            let mut h = self.write();
+            if self.in_flight.load(Ordering::Acquire) != 0 || h.queue.is_none() {
+                return;
+            }
             self.release_locked(&mut h);
         }
+        throttle_destroys();
+    }
+}
+
+/// Caller attached (GIL held); waits with the GIL released if too many
+/// closed contexts still wait for `io_destroy` (see `destroyer`).
+fn throttle_destroys() {
+    if destroyer::over_backlog() {
+        allow_threads(destroyer::wait_backlog);
     }
 }
 
@@ -370,6 +382,7 @@ unsafe extern "C" fn ctx_dealloc(slf: *mut PyObject) {
                 c.release_locked(&mut h);
             }
         }
+        throttle_destroys();
         ptr::drop_in_place(ptr::addr_of_mut!((*(slf as *mut Context)).inner));
         let tp = Py_TYPE(slf);
         if let Some(free) = (*tp).tp_free {
