@@ -176,9 +176,10 @@ belongs to the parent process; create a new Context in the child",
         self.read().queue.clone()
     }
 
-    /// Releases the kernel context, the eventfd and the worker pool. Caller
+    /// Releases the kernel context (see `destroyer`) and detaches the eventfd
+    /// and the worker pool, which [`Released::finish`] then closes. Caller
     /// holds the handle exclusively and nothing is in flight.
-    fn release_locked(&self, h: &mut Handle) {
+    fn release_locked(&self, h: &mut Handle) -> Released {
         let forked = self.forked();
         if h.aio != 0 {
             if !forked {
@@ -187,20 +188,15 @@ belongs to the parent process; create a new Context in the child",
             h.aio = 0;
         }
         self.fileno.store(-1, Ordering::Relaxed);
-        let pool = self.lock_reap().pool.take();
-        if let Some(pool) = pool {
-            if forked {
-                // The workers do not exist in a forked child.
-                std::mem::forget(pool);
-            } else {
-                // Idle workers exit on their own; they keep the queue (and
-                // so the eventfd) alive until they do.
-                pool.shutdown(false);
-            }
-        }
-        if let Some(q) = h.queue.take() {
+        let queue = h.queue.take();
+        if let Some(q) = &queue {
             // Wake any thread blocked in process_events() on it.
             signal_fd(q.fileno());
+        }
+        Released {
+            pool: self.lock_reap().pool.take(),
+            queue,
+            forked,
         }
     }
 
@@ -208,13 +204,37 @@ belongs to the parent process; create a new Context in the child",
         if !self.closing.load(Ordering::Acquire) || self.in_flight.load(Ordering::Acquire) != 0 {
             return;
         }
-        {
+        let released = {
             let mut h = self.write();
             if self.in_flight.load(Ordering::Acquire) != 0 || h.queue.is_none() {
                 return;
             }
-            self.release_locked(&mut h);
+            self.release_locked(&mut h)
+        };
+        released.finish();
+    }
+}
+
+/// What `release_locked` detached, to be closed without our locks held.
+struct Released {
+    pool: Option<Arc<Pool>>,
+    queue: Option<Arc<CompletionQueue>>,
+    forked: bool,
+}
+
+impl Released {
+    /// Caller attached (GIL held). Joins the (idle) workers so that the
+    /// eventfd, which they share, is closed by the time this returns.
+    fn finish(self) {
+        if let Some(pool) = self.pool {
+            if self.forked {
+                // The workers do not exist in a forked child.
+                std::mem::forget(pool);
+            } else {
+                allow_threads(|| pool.shutdown(true));
+            }
         }
+        drop(self.queue);
         throttle_destroys();
     }
 }
@@ -376,13 +396,13 @@ unsafe extern "C" fn ctx_dealloc(slf: *mut PyObject) {
         }
         // Every in-flight op holds a reference to its Context: nothing is in
         // flight here, so the kernel holds no pointer into our memory.
-        {
+        let released = {
             let mut h = c.write();
-            if h.queue.is_some() || h.aio != 0 {
-                c.release_locked(&mut h);
-            }
+            (h.queue.is_some() || h.aio != 0).then(|| c.release_locked(&mut h))
+        };
+        if let Some(r) = released {
+            r.finish();
         }
-        throttle_destroys();
         ptr::drop_in_place(ptr::addr_of_mut!((*(slf as *mut Context)).inner));
         let tp = Py_TYPE(slf);
         if let Some(free) = (*tp).tp_free {
