@@ -71,7 +71,6 @@ class AsyncioContext(AsyncioContextBase):
         ):
             raise ValueError("Operation object expected")
         future = self.loop.create_future()
-        op._set_future(future)
         sem = self.semaphore
         fast = self._fast_sem
         if fast is None:
@@ -83,7 +82,13 @@ class AsyncioContext(AsyncioContextBase):
         try:
             if self.deferred or self._closed:
                 self._submit_op(op, future)
-            elif self.context.submit(op) != 1:
+            elif self.context.submit(op) == 1:
+                # Only completions delivered by _drain() on this thread can
+                # resolve it, so installing the future after the submission
+                # is safe - and an op that was already submitted keeps the
+                # future of its first submitter.
+                op._set_future(future)
+            else:
                 raise OSError("Operation was not submitted")
             try:
                 await future
@@ -111,6 +116,7 @@ class AsyncioContext(AsyncioContextBase):
         if not self.deferred:
             if self.context.submit(op) != 1:
                 raise OSError("Operation was not submitted")
+            op._set_future(future)
             return
         # Batch every operation started in this loop iteration into one
         # io_submit call.
@@ -135,8 +141,11 @@ class AsyncioContext(AsyncioContextBase):
                 if not fut.done():
                     fut.set_exception(exc)
             return
-        for (_, fut), outcome in zip(pending, outcomes):
-            if outcome is True or fut.done():
+        for (op, fut), outcome in zip(pending, outcomes):
+            if outcome is True:
+                op._set_future(fut)
+                continue
+            if fut.done():
                 continue
             if outcome is False:
                 # Already submitted elsewhere (e.g. the same op awaited twice).
