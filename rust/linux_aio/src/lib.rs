@@ -26,6 +26,10 @@
 //!   blocking the caller (see `destroyer`).
 //! * Completions are read from the kernel's completion ring in user space
 //!   (no `io_getevents` system call per drain).
+//!
+//! Linux only: on other targets the crate is empty (so `cargo build
+//! --workspace` works everywhere; setup.py builds it on Linux only).
+#![cfg(target_os = "linux")]
 
 mod abi;
 mod destroyer;
