@@ -962,6 +962,48 @@ def test_threads_submit_and_drain_concurrently(fd):
     assert content == b"".join(b"%d" % k * per_thread for k in range(n_threads))
 
 
+def test_same_op_raced_to_many_contexts(fd):
+    # API.md §2.2 / §6 #70: the claim is atomic; exactly one Context wins.
+    n_threads, rounds = 4, 200
+    contexts = [Context(64) for _ in range(n_threads)]
+    barrier = threading.Barrier(n_threads)
+    shared = [None]
+    accepted = [0] * rounds
+    calls = [0] * rounds
+    lock = threading.Lock()
+
+    def racer(k):
+        c = contexts[k]
+        for r in range(rounds):
+            if k == 0:
+                op = Operation.write(b"r", fd, r)
+
+                def cb(result, r=r):
+                    with lock:
+                        calls[r] += 1
+
+                op.set_callback(cb)
+                shared[0] = op
+            barrier.wait()
+            n = c.submit(shared[0])
+            with lock:
+                accepted[r] += n
+            barrier.wait()
+            if n:
+                deliver(c, 1)
+
+    threads = [threading.Thread(target=racer, args=(k,)) for k in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for c in contexts:
+        assert c.process_events() == 0
+        c.close()
+    assert accepted == [1] * rounds
+    assert calls == [1] * rounds
+
+
 # -- many operations with random cancellations ------------------------------------
 
 

@@ -1341,7 +1341,11 @@ static mut CTX_SLOTS: [PyType_Slot; 8] = [
         slot: Py_tp_doc,
         pfunc:
             c"Context(max_requests=32)\n--\n\n linux aio context representation \n\nA kernel AIO \
-context (io_setup) plus an eventfd (fileno) signalled on completions."
+context (io_setup) plus an eventfd (fileno) signalled on completions.\n\nDifferences from upstream \
+caio: callbacks receive the signed kernel result (bytes moved, or -errno); close() releases the \
+kernel context deterministically; O_DIRECT works (reads at any offset/length through aligned \
+memory; writes need offset and length aligned to the file's O_DIRECT alignment, else OSError \
+EINVAL); out-of-range integer arguments raise OverflowError instead of wrapping."
                 .as_ptr() as *mut c_void,
     },
     PyType_Slot {
