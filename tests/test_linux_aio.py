@@ -758,6 +758,8 @@ def test_close_idle_releases_everything(fd):
         c.submit(Operation.fsync(fd))
     with pytest.raises(RuntimeError):
         c.poll()
+    with pytest.raises(ValueError):  # like any op not in flight here
+        c.cancel(Operation.fsync(fd))
     assert c.process_events() == 0
     assert c.process_events(min_requests=1, timeout=1) == 0
     c.close()  # idempotent

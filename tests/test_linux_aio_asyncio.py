@@ -352,6 +352,30 @@ def test_close_releases_kernel_context(arun, fd):
     arun(main())
 
 
+def test_cancel_after_close_is_still_cancelled_error(arun, fd):
+    async def main():
+        # Cancelled while still queued for the deferred batch, after close()
+        # released the (idle) context: cancel() must not replace the
+        # CancelledError (the adapter only swallows ValueError).
+        ctx = AsyncioContext(deferred=True)
+        task = asyncio.ensure_future(ctx.write(b"x", fd, 0))
+        await asyncio.sleep(0)
+        ctx.close()
+        assert ctx.context.fileno == -1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        ctx2 = AsyncioContext()
+        blocked = asyncio.ensure_future(asyncio.sleep(10))
+        ctx2.close()
+        op_task = asyncio.ensure_future(ctx2.read(1, fd, 0))
+        with pytest.raises(RuntimeError):
+            await op_task
+        blocked.cancel()
+
+    arun(main())
+
+
 def test_close_with_operations_in_flight(arun, deferred, disk_path):
     async def main():
         data = os.urandom(1 << 20)

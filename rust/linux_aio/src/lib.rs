@@ -1095,7 +1095,10 @@ unsafe extern "C" fn ctx_cancel(
         c.check_fork()?;
         let h = c.read();
         if h.aio == 0 {
-            return Err(closed_error());
+            // Released only once nothing was in flight: the op cannot be.
+            return Err(PyErr::value_error(
+                "The operation is not in flight on this Context: it is closed [EINVAL]",
+            ));
         }
         // The kernel only compares the pointer with the requests of this
         // context, so any op (never submitted, done, another Context's) is
