@@ -845,6 +845,30 @@ def test_direct_unaligned_write_refused(ctx, direct_file):
     deliver(ctx, 1)
 
 
+def test_direct_in_nowait_mode(disk_path):
+    # O_DIRECT gets RWF_NOWAIT too: an extending write (block allocation) is
+    # refused by ext4/xfs with EAGAIN and finished by a worker thread.
+    fd = os.open(disk_path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
+    c = Context()
+    c._set_nowait(True)
+    try:
+        blocks = [os.urandom(4096) for _ in range(16)]
+        ws = [Operation.write(b, fd, i * 4096) for i, b in enumerate(blocks)]
+        run(c, *ws)
+        assert [w.get_value() for w in ws] == [4096] * 16
+        rs = [Operation.read(4096, fd, i * 4096) for i in range(16)]
+        run(c, *rs)
+        assert [r.get_value() for r in rs] == blocks
+        odd = Operation.read(5000, fd, 1000)
+        run(c, odd)
+        assert odd.get_value() == b"".join(blocks)[1000:6000]
+        with pytest.raises(OSError):
+            c.submit(Operation.write(b"x", fd, 0))
+    finally:
+        c.close()
+        os.close(fd)
+
+
 # -- event-loop mode: RWF_NOWAIT + worker threads ----------------------------------
 
 

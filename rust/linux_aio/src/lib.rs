@@ -15,7 +15,11 @@
 //!   queue their results and signal the same eventfd the kernel signals, and
 //!   `process_events()` delivers both kinds on the caller's (loop) thread.
 //!   Note that a refused read has already started its readahead, so the
-//!   workers mostly wait for I/O that is in flight.
+//!   workers mostly wait for I/O that is in flight. `O_DIRECT` requests get
+//!   `RWF_NOWAIT` too, so a saturated device (no free request slot), block
+//!   allocation or a contended inode lock cannot block the loop either.
+//!   Still possible: a buffered read's readahead waiting for a request slot
+//!   inside `io_submit` (the kernel has no non-blocking readahead).
 //! * **`O_DIRECT` works.** Reads go through a 4096-byte aligned window
 //!   (any offset/length; the caller still gets `bytes`); writes are copied
 //!   into aligned memory, and must have offset and length aligned to the
@@ -470,7 +474,7 @@ fn fd_flags(fd: u32, cache: &mut Option<(u32, c_int)>) -> c_int {
 }
 
 /// Fills the op's iocb (in its engine area). O_DIRECT reads/writes get
-/// aligned memory; buffered ones get `RWF_NOWAIT` in event-loop mode.
+/// aligned memory; in event-loop mode reads and writes get `RWF_NOWAIT`.
 unsafe fn prepare(
     o: &Operation,
     resfd: i32,
@@ -497,7 +501,11 @@ unsafe fn prepare(
                 } else {
                     o.use_aligned_window(DIO_ALIGN)?;
                 }
-            } else if nowait {
+            }
+            if nowait {
+                // Buffered: no waiting for the disk. O_DIRECT: no waiting
+                // for a free request slot on a saturated device, nor for
+                // block allocation or the inode lock (REQ_NOWAIT/IOCB_NOWAIT).
                 iocb.rw_flags = RWF_NOWAIT;
             }
             let io = o.io();
