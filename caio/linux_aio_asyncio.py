@@ -8,6 +8,10 @@ thread.
 
 Differences from upstream caio (all compatible):
 
+* The loop never waits for the disk inside ``io_submit``: the Context runs
+  in event-loop mode (``_set_nowait(True)``): reads and writes are submitted
+  with ``RWF_NOWAIT`` and what the kernel would have done synchronously
+  (cache misses, ext4 buffered writes) is finished by worker threads.
 * ``close()`` releases the kernel AIO context (``fs.aio-nr``) and the
   eventfd deterministically instead of at garbage collection. Operations
   still in flight are drained first; submitting after ``close()`` raises
@@ -136,7 +140,7 @@ class AsyncioContext(AsyncioContextBase):
             if self._closed:
                 raise RuntimeError("AsyncioContext is closed")
             outcomes = self.context._submit_each(*[op for op, _ in pending])
-        except BaseException as exc:  # noqa: B902 - runs as a bare call_soon callback
+        except BaseException as exc:  # noqa: BLE001 - runs as a bare call_soon callback
             for _, fut in pending:
                 if not fut.done():
                     fut.set_exception(exc)
