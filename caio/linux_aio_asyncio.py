@@ -14,8 +14,9 @@ Differences from upstream caio (all compatible):
   (cache misses, ext4 buffered writes) is finished by worker threads.
 * ``close()`` releases the kernel AIO context (``fs.aio-nr``) and the
   eventfd deterministically instead of at garbage collection. Operations
-  still in flight are drained first; submitting after ``close()`` raises
-  ``RuntimeError`` instead of hanging.
+  started before it (in flight, or waiting in a deferred batch) are still
+  completed first; starting one after ``close()`` raises ``RuntimeError``
+  instead of hanging.
 * ``deferred=True``: an operation refused by the kernel fails alone; the
   rest of its batch is still submitted (API.md §7 Q12).
 """
@@ -132,13 +133,17 @@ class AsyncioContext(AsyncioContextBase):
     def _deferred_submit(self) -> None:
         self._submit_scheduled = False
         pending, self._pending = self._pending, []
+        try:
+            self._submit_batch(pending)
+        finally:
+            self._maybe_release()
+
+    def _submit_batch(self, pending: List[Tuple[Any, Any]]) -> None:
         # Cancelled while waiting here: never reached the kernel.
         pending = [(op, fut) for op, fut in pending if not fut.done()]
         if not pending:
             return
         try:
-            if self._closed:
-                raise RuntimeError("AsyncioContext is closed")
             outcomes = self.context._submit_each(*[op for op, _ in pending])
         except BaseException as exc:  # noqa: BLE001 - runs as a bare call_soon callback
             for _, fut in pending:
@@ -158,9 +163,14 @@ class AsyncioContext(AsyncioContextBase):
                 fut.set_exception(outcome)
 
     def _on_read_event(self) -> None:
-        context = self.context
-        context._drain()
-        if self._release_when_idle and not context._in_flight:
+        self.context._drain()
+        if self._release_when_idle:
+            self._maybe_release()
+
+    def _maybe_release(self) -> None:
+        # After close(): once the operations started before it (including a
+        # deferred batch not submitted yet) have been delivered.
+        if self._release_when_idle and not self._pending and not self.context._in_flight:
             self._release()
 
     def _release(self) -> None:
@@ -176,10 +186,9 @@ class AsyncioContext(AsyncioContextBase):
     def _destroy_context(self) -> None:
         if self._closed:
             return
+        # New operations are refused from now on; those started before are
+        # still submitted and delivered (the reader stays until then), so
+        # awaiting them never hangs. Then the kernel context is released.
         self._closed = True
-        if self.context._in_flight:
-            # Keep the reader until the last completion has been delivered
-            # (then release), so awaiting those operations never hangs.
-            self._release_when_idle = True
-        else:
-            self._release()
+        self._release_when_idle = True
+        self._maybe_release()

@@ -354,17 +354,20 @@ def test_close_releases_kernel_context(arun, fd):
 
 def test_cancel_after_close_is_still_cancelled_error(arun, fd):
     async def main():
-        # Cancelled while still queued for the deferred batch, after close()
-        # released the (idle) context: cancel() must not replace the
-        # CancelledError (the adapter only swallows ValueError).
+        # Cancelled while still queued for the deferred batch after close():
+        # nothing reaches the kernel, the task sees its CancelledError, and
+        # the context is released once the (empty) batch has run.
         ctx = AsyncioContext(deferred=True)
         task = asyncio.ensure_future(ctx.write(b"x", fd, 0))
         await asyncio.sleep(0)
         ctx.close()
-        assert ctx.context.fileno == -1
+        assert ctx.context.fileno != -1  # a batch is still pending
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        await asyncio.sleep(0)
+        assert ctx.context.fileno == -1
+        assert os.pread(fd, 1, 0) == b""
         ctx2 = AsyncioContext()
         blocked = asyncio.ensure_future(asyncio.sleep(10))
         ctx2.close()
@@ -372,6 +375,26 @@ def test_cancel_after_close_is_still_cancelled_error(arun, fd):
         with pytest.raises(RuntimeError):
             await op_task
         blocked.cancel()
+
+    arun(main())
+
+
+def test_close_right_after_starting_operations(arun, deferred, fd):
+    # Operations started before close() complete (immediate: in flight;
+    # deferred: still waiting for their batch); later ones are refused.
+    async def main():
+        ctx = AsyncioContext(64, deferred=deferred)
+        address = ring_address(ctx.context)
+        tasks = [asyncio.ensure_future(ctx.write(b"%04d" % i, fd, 4 * i)) for i in range(64)]
+        await asyncio.sleep(0)
+        ctx.close()
+        assert await asyncio.wait_for(asyncio.gather(*tasks), 10) == [4] * 64
+        with pytest.raises(RuntimeError):
+            await ctx.write(b"late", fd, 0)
+        await asyncio.sleep(0)
+        assert ctx.context.fileno == -1
+        assert wait_unmapped(address)
+        assert os.pread(fd, 256, 0) == b"".join(b"%04d" % i for i in range(64))
 
     arun(main())
 
