@@ -85,6 +85,8 @@ def run(ctx, *ops):
 
 def test_module_identity():
     assert la.__doc__ == "Linux AIO c API bindings."
+    assert Context.__name__ == "Context" and Context.__module__ == "builtins"
+    assert issubclass(la.SubmitError, OSError) and issubclass(la.SubmitError, ValueError)
     assert "linux aio context representation" in Context.__doc__
     assert Operation.__name__ == "AIOOperation"
     assert Operation.__module__ == "aio"
@@ -618,8 +620,11 @@ def test_partial_acceptance_good_bad_good(ctx, fd):
     assert ctx.submit(good2) == 1
     deliver(ctx, 1)
     assert os.pread(fd, 2, 0) == b"13"
-    with pytest.raises(ValueError, match="EBADF"):
+    with pytest.raises(ValueError, match="EBADF") as e:
         ctx.submit(bad)
+    # SubmitError: upstream's ValueError, and an OSError with the errno.
+    assert isinstance(e.value, la.SubmitError) and isinstance(e.value, OSError)
+    assert e.value.errno == errno.EBADF
     assert bad.context is None
 
 
@@ -833,7 +838,7 @@ def test_direct_unaligned_write_refused(ctx, direct_file):
     op = Operation.write(b"x" * 100, fd, 4096)
     with pytest.raises(OSError) as e:
         ctx.submit(op)
-    assert e.value.errno == errno.EINVAL
+    assert e.value.errno == errno.EINVAL and isinstance(e.value, la.SubmitError)
     assert "aligned to" in str(e.value) and "O_DIRECT" in str(e.value)
     assert op.context is None and ctx._in_flight == 0
     # In a batch, like any refused op: the accepted prefix is returned.

@@ -23,8 +23,9 @@
 //! * **`O_DIRECT` works.** Reads go through a 4096-byte aligned window
 //!   (any offset/length; the caller still gets `bytes`); writes are copied
 //!   into aligned memory, and must have offset and length aligned to the
-//!   file's O_DIRECT granularity (`statx` `STATX_DIOALIGN`, else refused with
-//!   `OSError(EINVAL)` naming the alignment).
+//!   file's O_DIRECT granularity (`statx` `STATX_DIOALIGN`), else they are
+//!   refused at submission with `SubmitError` (`OSError` EINVAL, also a
+//!   `ValueError`) naming the alignment.
 //! * **No kernel context leaks.** `Context.close()` (an extension) and
 //!   deallocation release the AIO context deterministically, without
 //!   blocking the caller (see `destroyer`).
@@ -423,9 +424,26 @@ unsafe extern "C" fn ctx_dealloc(slf: *mut PyObject) {
 // ---------------------------------------------------------------------------
 // submission
 
+/// The module's `SubmitError(OSError, ValueError)` class (borrowed: the
+/// module keeps it alive), or plain `ValueError` if it cannot be found.
+unsafe fn submit_error_type(slf: *mut PyObject) -> Exc {
+    let module = PyType_GetModule(Py_TYPE(slf));
+    if !module.is_null() {
+        let cls = PyObject_GetAttrString(module, c"SubmitError".as_ptr());
+        if !cls.is_null() {
+            Py_DECREF(cls);
+            return Exc::Custom(cls);
+        }
+    }
+    PyErr_Clear();
+    Exc::ValueError
+}
+
 /// Exception for an op that `io_submit` refused with `e` (API.md §3.2;
-/// messages extended to name the actual cause).
-fn refusal_error(o: &Operation, e: i32, max_requests: u32) -> PyErr {
+/// messages extended to name the actual cause). Where upstream raises
+/// `ValueError`, `refused` is `SubmitError`: still a `ValueError`, and also
+/// an `OSError` carrying the errno (like `io.UnsupportedOperation`).
+fn refusal_error(o: &Operation, e: i32, max_requests: u32, refused: Exc) -> PyErr {
     let fd = o.fd_i32();
     match e {
         libc::EAGAIN => PyErr::overflow(format!(
@@ -433,26 +451,36 @@ fn refusal_error(o: &Operation, e: i32, max_requests: u32) -> PyErr {
 completion ring of this Context (max_requests={max_requests}) is full; deliver completions \
 with process_events() and retry"
         )),
-        libc::EBADF => PyErr::value_error(format!(
-            "The file descriptor specified in the first iocb is invalid [EBADF]: fd {} is not \
-open{}",
-            fd,
-            match o.kind {
-                OpKind::Read => " for reading",
-                OpKind::Write => " for writing",
-                _ => "",
-            }
-        )),
-        libc::EFAULT => PyErr::value_error(
+        libc::EBADF => PyErr::ErrnoMsg(
+            refused,
+            e,
+            format!(
+                "The file descriptor specified in the first iocb is invalid [EBADF]: fd {} is \
+not open{}",
+                fd,
+                match o.kind {
+                    OpKind::Read => " for reading",
+                    OpKind::Write => " for writing",
+                    _ => "",
+                }
+            ),
+        ),
+        libc::EFAULT => PyErr::ErrnoMsg(
+            refused,
+            e,
             "One of the data structures points to invalid data [EFAULT]".to_owned(),
         ),
-        libc::EINVAL => PyErr::value_error(format!(
-            "The kernel refused the {} on fd {} [EINVAL]: the file does not support this \
+        libc::EINVAL => PyErr::ErrnoMsg(
+            refused,
+            e,
+            format!(
+                "The kernel refused the {} on fd {} [EINVAL]: the file does not support this \
 operation through kernel AIO (a directory, an eventfd, a pipe or socket with a position, \
 fsync on a special file, ...) or the offset is invalid",
-            o.kind.mode(),
-            fd
-        )),
+                o.kind.mode(),
+                fd
+            ),
+        ),
         e => PyErr::ErrnoMsg(
             Exc::SystemError,
             e,
@@ -476,6 +504,7 @@ fn fd_flags(fd: u32, cache: &mut Option<(u32, c_int)>) -> c_int {
 /// Fills the op's iocb (in its engine area). O_DIRECT reads/writes get
 /// aligned memory; in event-loop mode reads and writes get `RWF_NOWAIT`.
 unsafe fn prepare(
+    slf: *mut PyObject,
     o: &Operation,
     resfd: i32,
     nowait: bool,
@@ -497,7 +526,7 @@ unsafe fn prepare(
             let flags = fd_flags(o.fd, cache);
             if flags >= 0 && flags & libc::O_DIRECT != 0 {
                 if o.kind == OpKind::Write {
-                    prepare_direct_write(o)?;
+                    prepare_direct_write(slf, o)?;
                 } else {
                     o.use_aligned_window(DIO_ALIGN)?;
                 }
@@ -525,8 +554,9 @@ unsafe fn prepare(
 
 /// O_DIRECT write policy: the payload is always copied into aligned memory
 /// (a `bytes` object never is); offset and length must be multiples of the
-/// file's O_DIRECT offset alignment, otherwise `OSError(EINVAL)` naming it.
-unsafe fn prepare_direct_write(o: &Operation) -> PyResult<()> {
+/// file's O_DIRECT offset alignment, otherwise `SubmitError` (an `OSError`
+/// with errno EINVAL, and a `ValueError`) naming it.
+unsafe fn prepare_direct_write(slf: *mut PyObject, o: &Operation) -> PyResult<()> {
     if o.nbytes == 0 {
         return Ok(()); // nothing is transferred; no alignment needed
     }
@@ -540,7 +570,7 @@ unsafe fn prepare_direct_write(o: &Operation) -> PyResult<()> {
     };
     if o.offset % off_align != 0 || o.nbytes % off_align != 0 {
         return Err(PyErr::ErrnoMsg(
-            Exc::Custom(PyExc_OSError),
+            submit_error_type(slf),
             libc::EINVAL,
             format!(
                 "O_DIRECT write to fd {} must have offset and length aligned to {} bytes \
@@ -582,7 +612,7 @@ unsafe fn submit_ops(
             continue; // in flight elsewhere, listed twice, or done: skipped
         }
         op::begin(o, slf);
-        match prepare(o, resfd, nowait, &mut cache) {
+        match prepare(slf, o, resfd, nowait, &mut cache) {
             Ok(cb) => {
                 entries.push((i, a as *mut Operation));
                 iocbs.push(cb);
@@ -635,7 +665,10 @@ unsafe fn submit_ops(
     let failure = match refused {
         Some((k, r)) => {
             let (i, p) = entries[k];
-            Some((i, refusal_error(&*p, r, c.max_requests)))
+            Some((
+                i,
+                refusal_error(&*p, r, c.max_requests, submit_error_type(slf)),
+            ))
         }
         None => local,
     };
@@ -1508,6 +1541,26 @@ unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
         ptr::addr_of_mut!(CTX_SPEC),
         c"caio.linux_aio.OperationError",
     )?;
+    // Upstream's Context is a static type named "Context": its __module__
+    // is 'builtins' (API.md §1.6). A heap type named without a dot has none.
+    let ctx_type = (*ModState::of_module(module)).ctx_type;
+    let builtins = py_str("builtins")?;
+    if PyObject_SetAttrString(ctx_type, c"__module__".as_ptr(), builtins.as_ptr()) != 0 {
+        return Err(PyErr::Fetched);
+    }
+    let bases = caio_core::py::py_tuple(vec![
+        Owned::from_borrowed(PyExc_OSError),
+        Owned::from_borrowed(PyExc_ValueError),
+    ])?;
+    let submit_error = Owned::from_new(PyErr_NewExceptionWithDoc(
+        c"caio.linux_aio.SubmitError".as_ptr(),
+        c"io_submit refused an operation (bad fd, invalid for the file, ...). A ValueError, as \
+upstream caio raises, and an OSError with the errno."
+            .as_ptr(),
+        bases.as_ptr(),
+        ptr::null_mut(),
+    ))?;
+    caio_core::module::add_object(module, c"SubmitError", submit_error)?;
     Ok(())
 }
 
