@@ -1423,7 +1423,9 @@ EINVAL); out-of-range integer arguments raise OverflowError instead of wrapping.
 ];
 
 static mut CTX_SPEC: PyType_Spec = PyType_Spec {
-    name: c"Context".as_ptr(),
+    // "builtins." gives __module__ == "builtins" like upstream's static type
+    // (API.md §1.6) without the DeprecationWarning a dotless name triggers.
+    name: c"builtins.Context".as_ptr(),
     basicsize: std::mem::size_of::<Context>() as c_int,
     itemsize: 0,
     flags: Py_TPFLAGS_DEFAULT as _,
@@ -1541,13 +1543,10 @@ unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
         ptr::addr_of_mut!(CTX_SPEC),
         c"caio.linux_aio.OperationError",
     )?;
-    // Upstream's Context is a static type named "Context": its __module__
-    // is 'builtins' (API.md §1.6). A heap type named without a dot has none.
-    let ctx_type = (*ModState::of_module(module)).ctx_type;
-    let builtins = py_str("builtins")?;
-    if PyObject_SetAttrString(ctx_type, c"__module__".as_ptr(), builtins.as_ptr()) != 0 {
-        return Err(PyErr::Fetched);
-    }
+    // The spec says "builtins.Context" (see CTX_SPEC); messages and repr use
+    // tp_name, which upstream's static type has as plain "Context".
+    let ctx_type = (*ModState::of_module(module)).ctx_type as *mut PyTypeObject;
+    (*ctx_type).tp_name = c"Context".as_ptr();
     let bases = caio_core::py::py_tuple(vec![
         Owned::from_borrowed(PyExc_OSError),
         Owned::from_borrowed(PyExc_ValueError),
