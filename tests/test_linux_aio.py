@@ -916,6 +916,36 @@ def test_nowait_mode_cold_reads_and_writes(disk_path):
         os.close(fd)
 
 
+def test_nowait_mode_cold_file_goes_straight_to_workers(disk_path):
+    # After a run of refusals, reads skip the kernel attempt (its readahead
+    # submission can sleep on a busy device) and are done by the workers,
+    # except for periodic probes; results are the same either way.
+    data = os.urandom(4 << 20)
+    with open(disk_path, "wb") as f:
+        f.write(data)
+    fd = os.open(disk_path, os.O_RDONLY)
+    c = Context(64)
+    c._set_nowait(True)
+    try:
+        evict(fd)
+        rnd = random.Random(9)
+        for _ in range(200):
+            off = rnd.randrange(len(data) - 9000)
+            n = rnd.choice((1, 100, 4096, 9000))
+            op = Operation.read(n, fd, off)
+            run(c, op)
+            assert op.get_value() == data[off:off + n]
+        # Now cached: served inline again (still correct).
+        for _ in range(100):
+            off = rnd.randrange(len(data) - 4096)
+            op = Operation.read(4096, fd, off)
+            run(c, op)
+            assert op.get_value() == data[off:off + 4096]
+    finally:
+        c.close()
+        os.close(fd)
+
+
 def test_nowait_mode_errors_match_plain_mode(ctx, tmp_path):
     ctx._set_nowait(True)
     d = os.open(str(tmp_path), os.O_RDONLY)

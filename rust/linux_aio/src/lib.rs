@@ -14,12 +14,13 @@
 //!   small worker pool (`caio_core::pool`, created on first need). Workers
 //!   queue their results and signal the same eventfd the kernel signals, and
 //!   `process_events()` delivers both kinds on the caller's (loop) thread.
-//!   Note that a refused read has already started its readahead, so the
-//!   workers mostly wait for I/O that is in flight. `O_DIRECT` requests get
-//!   `RWF_NOWAIT` too, so a saturated device (no free request slot), block
-//!   allocation or a contended inode lock cannot block the loop either.
-//!   Still possible: a buffered read's readahead waiting for a request slot
-//!   inside `io_submit` (the kernel has no non-blocking readahead).
+//!   A refused read has still started its readahead inside `io_submit`, and
+//!   that can sleep for a free request slot on a busy device, so while most
+//!   attempts are refused (a cold file; ext4 writes) operations skip the
+//!   kernel attempt and go straight to the workers (see `Route`). `O_DIRECT`
+//!   requests get `RWF_NOWAIT` too, so a saturated device (no free request
+//!   slot), block allocation or a contended inode lock cannot block the
+//!   loop either.
 //! * **`O_DIRECT` works.** Reads go through a 4096-byte aligned window
 //!   (any offset/length; the caller still gets `bytes`); writes are copied
 //!   into aligned memory, and must have offset and length aligned to the
@@ -42,7 +43,7 @@ mod destroyer;
 use std::collections::VecDeque;
 use std::ffi::{c_int, c_void};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -88,8 +89,65 @@ const DEFAULT_MAX_REQUESTS: u32 = 32;
 const DEFAULT_EVENTS: usize = 512;
 const MAX_EVENTS: usize = 1 << 20;
 /// Worker threads for operations the kernel would have run synchronously.
-/// Refused reads have their I/O already started, so few threads suffice.
-const POOL_SIZE: usize = 8;
+/// While reads go straight to the workers (see [`Route`]), this is the
+/// number of disk reads in flight.
+const POOL_SIZE: usize = 16;
+/// In "straight to the workers" mode, one operation in this many still
+/// tries the kernel first, to notice when the data is cached again.
+const PROBE_EVERY: u32 = 8;
+/// `aio_data` tag: a buffered read/write submitted with RWF_NOWAIT (its
+/// outcome feeds [`Route`]). Operation pointers are 8-byte aligned.
+const TAG_BUFFERED: u64 = 1;
+
+/// Where buffered reads (or writes) of an event-loop-mode Context go.
+///
+/// A refused RWF_NOWAIT read has done part of the work on the loop thread:
+/// the kernel allocated page-cache pages and submitted the readahead I/O,
+/// and that submission sleeps when the device's request slots are
+/// exhausted (perf: blk_mq_get_tag under io_submit, 5-35 ms loop stalls on
+/// a busy disk). So when most recent attempts were refused (a cold file),
+/// operations go straight to the workers, which do the whole read
+/// themselves; every [`PROBE_EVERY`]th still tries the kernel, so once the
+/// data is cached the loop serves it inline again. Writes use the same
+/// logic: on filesystems without non-blocking buffered writes (ext4) every
+/// attempt is refused, and skipping it saves a system call and a wake-up.
+struct Route {
+    /// Moving average of "refused" (0..=1024), updated under the reap lock.
+    refused: AtomicU32,
+    cold: AtomicBool,
+    tick: AtomicU32,
+}
+
+impl Route {
+    const ONE: u32 = 1024;
+
+    const fn new() -> Route {
+        Route {
+            refused: AtomicU32::new(0),
+            cold: AtomicBool::new(false),
+            tick: AtomicU32::new(0),
+        }
+    }
+
+    fn record(&self, refused: bool) {
+        let avg = self.refused.load(Ordering::Relaxed);
+        let sample = if refused { Self::ONE } else { 0 };
+        let avg = avg - avg / 16 + sample / 16;
+        self.refused.store(avg, Ordering::Relaxed);
+        // Hysteresis: a mixed workload does not flip on every sample.
+        if avg > Self::ONE * 3 / 4 {
+            self.cold.store(true, Ordering::Relaxed);
+        } else if avg < Self::ONE / 4 {
+            self.cold.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the next operation skips the kernel attempt.
+    fn straight_to_workers(&self) -> bool {
+        self.cold.load(Ordering::Relaxed)
+            && self.tick.fetch_add(1, Ordering::Relaxed) % PROBE_EVERY != 0
+    }
+}
 /// Memory alignment (and read window granularity) for O_DIRECT: covers every
 /// logical block size up to a page.
 const DIO_ALIGN: usize = 4096;
@@ -137,6 +195,8 @@ struct Inner {
     /// Event-loop mode (`_set_nowait`): buffered reads/writes are submitted
     /// with RWF_NOWAIT and what the kernel refuses goes to worker threads.
     nowait: AtomicBool,
+    reads: Route,
+    writes: Route,
 }
 
 #[repr(C)]
@@ -392,6 +452,8 @@ unsafe extern "C" fn ctx_new(
             }),
             in_flight: AtomicUsize::new(0),
             nowait: AtomicBool::new(false),
+            reads: Route::new(),
+            writes: Route::new(),
         });
         Ok(obj)
     })
@@ -505,11 +567,13 @@ fn fd_flags(fd: u32, cache: &mut Option<(u32, c_int)>) -> c_int {
 /// aligned memory; in event-loop mode reads and writes get `RWF_NOWAIT`.
 unsafe fn prepare(
     slf: *mut PyObject,
+    c: &Inner,
     o: &Operation,
     resfd: i32,
     nowait: bool,
     cache: &mut Option<(u32, c_int)>,
-) -> Result<*mut Iocb, PyErr> {
+) -> Result<(*mut Iocb, bool), PyErr> {
+    let mut to_workers = false;
     let cb = o.engine_area() as *mut Iocb;
     let mut iocb = Iocb {
         data: o.as_ptr() as u64,
@@ -524,7 +588,8 @@ unsafe fn prepare(
         OpKind::Fdsync => iocb.opcode = abi::IOCB_CMD_FDSYNC,
         OpKind::Read | OpKind::Write => {
             let flags = fd_flags(o.fd, cache);
-            if flags >= 0 && flags & libc::O_DIRECT != 0 {
+            let direct = flags >= 0 && flags & libc::O_DIRECT != 0;
+            if direct {
                 if o.kind == OpKind::Write {
                     prepare_direct_write(slf, o)?;
                 } else {
@@ -536,6 +601,19 @@ unsafe fn prepare(
                 // for a free request slot on a saturated device, nor for
                 // block allocation or the inode lock (REQ_NOWAIT/IOCB_NOWAIT).
                 iocb.rw_flags = RWF_NOWAIT;
+                if !direct {
+                    let route = if o.kind == OpKind::Read {
+                        &c.reads
+                    } else {
+                        &c.writes
+                    };
+                    if route.straight_to_workers() {
+                        iocb.rw_flags = 0;
+                        to_workers = true;
+                    } else {
+                        iocb.data |= TAG_BUFFERED;
+                    }
+                }
             }
             let io = o.io();
             iocb.opcode = if o.kind == OpKind::Read {
@@ -549,7 +627,7 @@ unsafe fn prepare(
         }
     }
     cb.write(iocb);
-    Ok(cb)
+    Ok((cb, to_workers))
 }
 
 /// O_DIRECT write policy: the payload is always copied into aligned memory
@@ -601,8 +679,11 @@ unsafe fn submit_ops(
         return Err(closed_error());
     }
     let resfd = h.queue.as_ref().map_or(-1, |q| q.fileno());
-    let mut entries: Vec<(usize, *mut Operation)> = Vec::with_capacity(args.len());
+    // (argument index, op, goes straight to the workers)
+    let mut entries: Vec<(usize, *mut Operation, bool)> = Vec::with_capacity(args.len());
     let mut iocbs: Vec<*mut Iocb> = Vec::with_capacity(args.len());
+    // For each iocb, the index of its entry.
+    let mut iocb_entry: Vec<usize> = Vec::with_capacity(args.len());
     let mut local: Option<(usize, PyErr)> = None;
     let mut cache = None;
     let nowait = c.nowait.load(Ordering::Relaxed);
@@ -612,10 +693,13 @@ unsafe fn submit_ops(
             continue; // in flight elsewhere, listed twice, or done: skipped
         }
         op::begin(o, slf);
-        match prepare(slf, o, resfd, nowait, &mut cache) {
-            Ok(cb) => {
-                entries.push((i, a as *mut Operation));
-                iocbs.push(cb);
+        match prepare(slf, c, o, resfd, nowait, &mut cache) {
+            Ok((cb, to_workers)) => {
+                if !to_workers {
+                    iocbs.push(cb);
+                    iocb_entry.push(entries.len());
+                }
+                entries.push((i, a as *mut Operation, to_workers));
             }
             Err(e) => {
                 op::abort(o);
@@ -644,6 +728,7 @@ unsafe fn submit_ops(
                     // pipe, a directory...): submit it the classic way, which
                     // also yields upstream's error if it is invalid anyway.
                     cb.rw_flags &= !RWF_NOWAIT;
+                    cb.data &= !TAG_BUFFERED;
                     continue;
                 }
                 refused = Some((done, e));
@@ -651,20 +736,38 @@ unsafe fn submit_ops(
             }
         }
     }
+    // Entries before the refused one are accepted (the kernel took the
+    // iocbs among them); the worker-bound ones among them are handed over
+    // now, the rest is rolled back.
+    let cut = refused.map_or(entries.len(), |(k, _)| iocb_entry[k]);
+    if entries[..cut].iter().any(|e| e.2) {
+        if let Some(queue) = h.queue.as_ref() {
+            let mut reap = c.lock_reap();
+            for &(_, p, to_workers) in &entries[..cut] {
+                if to_workers && !c.to_pool(&mut reap, queue, p) {
+                    // No worker thread could be started: do it here; the
+                    // result is delivered by process_events() like any other.
+                    let r = pool::execute(&*p);
+                    reap.backlog.push_back((Job(p), r));
+                    signal_fd(queue.fileno());
+                }
+            }
+        }
+    }
     drop(h);
-    let rolled_back = entries.len() - done;
+    let rolled_back = entries.len() - cut;
     if rolled_back > 0 {
         c.in_flight.fetch_sub(rolled_back, Ordering::AcqRel);
     }
-    for &(_, p) in &entries[done..] {
+    for &(_, p, _) in &entries[cut..] {
         op::abort(&*p);
     }
     if let Some(acc) = accepted {
-        acc.extend(entries[..done].iter().map(|&(i, _)| i));
+        acc.extend(entries[..cut].iter().map(|&(i, _, _)| i));
     }
     let failure = match refused {
-        Some((k, r)) => {
-            let (i, p) = entries[k];
+        Some((_, r)) => {
+            let (i, p, _) = entries[cut];
             Some((
                 i,
                 refusal_error(&*p, r, c.max_requests, submit_error_type(slf)),
@@ -672,7 +775,7 @@ unsafe fn submit_ops(
         }
         None => local,
     };
-    Ok((done, failure))
+    Ok((cut, failure))
 }
 
 unsafe fn check_types(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<()> {
@@ -842,7 +945,7 @@ impl Inner {
         ev: &IoEvent,
         out: &mut Vec<Delivery>,
     ) -> bool {
-        let op = ev.data as *mut Operation;
+        let op = (ev.data & !TAG_BUFFERED) as *mut Operation;
         let o = &*op;
         let cb = &mut *(o.engine_area() as *mut Iocb);
         let mut res = ev.res;
@@ -861,6 +964,14 @@ impl Inner {
             let partial = res > 0
                 && (res as u64) < cb.nbytes
                 && !(o.kind == OpKind::Read && at_eof(o, res as u64));
+            if ev.data & TAG_BUFFERED != 0 {
+                let route = if o.kind == OpKind::Read {
+                    &self.reads
+                } else {
+                    &self.writes
+                };
+                route.record(refused || partial);
+            }
             if refused || partial {
                 let done = if partial { res as u64 } else { 0 };
                 cb.reserved2 = done;
@@ -1581,6 +1692,33 @@ mod tests {
         assert_eq!(parse_version("4.9"), Some((4, 9)));
         assert!(parse_version("4.9").unwrap() < (4, 18));
         assert_eq!(parse_version("garbage"), None);
+    }
+
+    #[test]
+    fn route_switches_with_hysteresis() {
+        let r = Route::new();
+        assert!(!r.straight_to_workers());
+        for _ in 0..10 {
+            r.record(true);
+        }
+        assert!(!r.cold.load(Ordering::Relaxed)); // not yet convinced
+        for _ in 0..30 {
+            r.record(true);
+        }
+        assert!(r.cold.load(Ordering::Relaxed));
+        // Mostly straight to the workers, with a kernel probe every 8th.
+        let direct = (0..64).filter(|_| r.straight_to_workers()).count();
+        assert_eq!(direct, 64 - 64 / PROBE_EVERY as usize);
+        // A few hits do not flip it back; a run of them does.
+        for _ in 0..5 {
+            r.record(false);
+        }
+        assert!(r.cold.load(Ordering::Relaxed));
+        for _ in 0..40 {
+            r.record(false);
+        }
+        assert!(!r.cold.load(Ordering::Relaxed));
+        assert!(!r.straight_to_workers());
     }
 
     #[test]
