@@ -43,7 +43,7 @@ mod destroyer;
 use std::collections::VecDeque;
 use std::ffi::{c_int, c_void};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -92,9 +92,11 @@ const MAX_EVENTS: usize = 1 << 20;
 /// While reads go straight to the workers (see [`Route`]), this is the
 /// number of disk reads in flight.
 const POOL_SIZE: usize = 16;
-/// In "straight to the workers" mode, one operation in this many still
-/// tries the kernel first, to notice when the data is cached again.
-const PROBE_EVERY: u32 = 8;
+/// In "straight to the workers" mode, one operation per this interval
+/// still tries the kernel first, to notice when the data is cached again.
+/// Time-based: a probe on a cold file costs the loop thread the readahead
+/// submission, up to a millisecond or more on a busy device.
+const PROBE_INTERVAL: Duration = Duration::from_millis(20);
 /// `aio_data` tag: a buffered read/write submitted with RWF_NOWAIT (its
 /// outcome feeds [`Route`]). Operation pointers are 8-byte aligned.
 const TAG_BUFFERED: u64 = 1;
@@ -107,15 +109,23 @@ const TAG_BUFFERED: u64 = 1;
 /// exhausted (perf: blk_mq_get_tag under io_submit, 5-35 ms loop stalls on
 /// a busy disk). So when most recent attempts were refused (a cold file),
 /// operations go straight to the workers, which do the whole read
-/// themselves; every [`PROBE_EVERY`]th still tries the kernel, so once the
-/// data is cached the loop serves it inline again. Writes use the same
+/// themselves; one per [`PROBE_INTERVAL`] still tries the kernel, so once
+/// the data is cached the loop serves it inline again. Writes use the same
 /// logic: on filesystems without non-blocking buffered writes (ext4) every
 /// attempt is refused, and skipping it saves a system call and a wake-up.
 struct Route {
     /// Moving average of "refused" (0..=1024), updated under the reap lock.
     refused: AtomicU32,
     cold: AtomicBool,
-    tick: AtomicU32,
+    /// When the last probe was sent (microseconds, [`monotonic_us`]).
+    last_probe: AtomicU64,
+}
+
+/// Microseconds on a process-wide monotonic clock that starts at one second
+/// (so a `last_probe` of 0 is always long enough ago).
+fn monotonic_us() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_micros() as u64 + 1_000_000
 }
 
 impl Route {
@@ -125,7 +135,7 @@ impl Route {
         Route {
             refused: AtomicU32::new(0),
             cold: AtomicBool::new(false),
-            tick: AtomicU32::new(0),
+            last_probe: AtomicU64::new(0),
         }
     }
 
@@ -144,8 +154,17 @@ impl Route {
 
     /// Whether the next operation skips the kernel attempt.
     fn straight_to_workers(&self) -> bool {
-        self.cold.load(Ordering::Relaxed)
-            && self.tick.fetch_add(1, Ordering::Relaxed) % PROBE_EVERY != 0
+        if !self.cold.load(Ordering::Relaxed) {
+            return false;
+        }
+        let now = monotonic_us();
+        let last = self.last_probe.load(Ordering::Relaxed);
+        let probe = now.saturating_sub(last) >= PROBE_INTERVAL.as_micros() as u64
+            && self
+                .last_probe
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        !probe
     }
 }
 /// Memory alignment (and read window granularity) for O_DIRECT: covers every
@@ -1706,9 +1725,12 @@ mod tests {
             r.record(true);
         }
         assert!(r.cold.load(Ordering::Relaxed));
-        // Mostly straight to the workers, with a kernel probe every 8th.
+        // Straight to the workers, with one kernel probe per interval.
         let direct = (0..64).filter(|_| r.straight_to_workers()).count();
-        assert_eq!(direct, 64 - 64 / PROBE_EVERY as usize);
+        assert_eq!(direct, 63);
+        std::thread::sleep(PROBE_INTERVAL);
+        assert!(!r.straight_to_workers());
+        assert!(r.straight_to_workers());
         // A few hits do not flip it back; a run of them does.
         for _ in 0..5 {
             r.record(false);
