@@ -4,7 +4,10 @@ Completion path: the kernel (and, for operations it would have run
 synchronously, linux_aio's worker threads) signal the Context's eventfd; the
 loop's reader callback delivers everything available in one native call
 (``Context._drain``), resolving the awaiting futures directly on the loop
-thread.
+thread. Page-cache hits complete inside ``io_submit``: they are delivered
+right after the submission (``Context._reap``), so awaiting them does not
+suspend the task (the loop still gets a turn every ``MAX_SYNC_STREAK``
+synchronous completions).
 
 Differences from upstream caio (all compatible):
 
@@ -88,15 +91,26 @@ class AsyncioContext(AsyncioContextBase):
             if self.deferred or self._closed:
                 self._submit_op(op, future)
             elif self.context.submit(op) == 1:
-                # Only completions delivered by _drain() on this thread can
-                # resolve it, so installing the future after the submission
-                # is safe - and an op that was already submitted keeps the
-                # future of its first submitter.
+                # Only completions delivered on this thread can resolve it, so
+                # installing the future after the submission is safe - and an
+                # op that was already submitted keeps its first submitter's.
                 op._set_future(future)
+                # A page-cache hit completed inside io_submit: deliver it now
+                # rather than after a trip through the event loop.
+                self.context._reap()
             else:
                 raise OSError("Operation was not submitted")
             try:
-                await future
+                if future.done():
+                    # Completed synchronously: no suspension. Give the loop a
+                    # turn now and then so other tasks are not starved.
+                    self._sync_streak += 1
+                    if self._sync_streak >= self.MAX_SYNC_STREAK:
+                        self._sync_streak = 0
+                        await asyncio.sleep(0)
+                else:
+                    self._sync_streak = 0
+                    await future
             except asyncio.CancelledError:
                 try:
                     self.context.cancel(op)
@@ -150,9 +164,11 @@ class AsyncioContext(AsyncioContextBase):
                 if not fut.done():
                     fut.set_exception(exc)
             return
+        accepted = False
         for (op, fut), outcome in zip(pending, outcomes):
             if outcome is True:
                 op._set_future(fut)
+                accepted = True
                 continue
             if fut.done():
                 continue
@@ -161,6 +177,9 @@ class AsyncioContext(AsyncioContextBase):
                 fut.set_exception(OSError("Operation was not submitted"))
             else:
                 fut.set_exception(outcome)
+        if accepted:
+            # Page-cache hits completed inside io_submit: resolve them now.
+            self.context._reap()
 
     def _on_read_event(self) -> None:
         self.context._drain()

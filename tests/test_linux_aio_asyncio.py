@@ -318,6 +318,38 @@ def test_deferred_same_op_twice_in_one_batch(arun, fd):
     arun(main())
 
 
+def test_cached_reads_complete_inline_without_starving_the_loop(arun, fd):
+    # A page-cache hit completes inside io_submit and is delivered right
+    # away (no trip through the loop), but the loop still gets a turn every
+    # MAX_SYNC_STREAK synchronous completions.
+    data = os.urandom(64 * 1024)
+    os.pwrite(fd, data, 0)
+
+    async def main():
+        async with AsyncioContext() as ctx:
+            turns = 0
+            done = False
+
+            async def other():
+                nonlocal turns
+                while not done:
+                    turns += 1
+                    await asyncio.sleep(0)
+
+            t = asyncio.ensure_future(other())
+            await asyncio.sleep(0)
+            start = turns
+            for i in range(320):
+                off = (i * 4096) % len(data)
+                assert await ctx.read(4096, fd, off) == data[off:off + 4096]
+            ran = turns - start
+            done = True
+            await t
+            assert 320 // AsyncioContext.MAX_SYNC_STREAK - 1 <= ran < 320
+
+    arun(main())
+
+
 def test_callbacks_are_not_used_for_delivery(arun, fd):
     # Futures are resolved natively on the loop thread; an op's previous
     # callback is replaced and never called.

@@ -1220,6 +1220,17 @@ unsafe extern "C" fn ctx_drain(slf: *mut PyObject, _: *mut PyObject) -> *mut PyO
     })
 }
 
+/// `_reap()`: deliver what is available now without touching the eventfd
+/// (the asyncio adapter calls it right after a submission: page-cache hits
+/// completed inside io_submit resolve their future before it is awaited).
+unsafe extern "C" fn ctx_reap(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
+    trampoline(|| {
+        let c = ctx(slf);
+        c.check_fork()?;
+        py_int(c.deliver(DEFAULT_EVENTS) as i64)
+    })
+}
+
 unsafe extern "C" fn ctx_poll(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
     trampoline(|| {
         let c = ctx(slf);
@@ -1362,7 +1373,7 @@ unsafe extern "C" fn get_in_flight(slf: *mut PyObject, _: *mut c_void) -> *mut P
     trampoline(|| py_int(ctx(slf).in_flight.load(Ordering::Acquire) as i64))
 }
 
-static mut CTX_METHODS: [PyMethodDef; 9] = [
+static mut CTX_METHODS: [PyMethodDef; 10] = [
     PyMethodDef {
         ml_name: c"submit".as_ptr(),
         ml_meth: PyMethodDefPointer {
@@ -1426,6 +1437,16 @@ as soon as process_events() has delivered the last completion. Idempotent. (Not 
         ml_flags: METH_NOARGS,
         ml_doc: c"_drain() -> int\n--\n\nReset the eventfd counter and deliver every available \
 completion (the asyncio adapter's reader callback)."
+            .as_ptr(),
+    },
+    PyMethodDef {
+        ml_name: c"_reap".as_ptr(),
+        ml_meth: PyMethodDefPointer {
+            PyCFunction: ctx_reap,
+        },
+        ml_flags: METH_NOARGS,
+        ml_doc: c"_reap() -> int\n--\n\nDeliver the completions available now (up to 512) without \
+reading the eventfd. Used by the asyncio adapter right after submitting."
             .as_ptr(),
     },
     PyMethodDef {
