@@ -320,8 +320,8 @@ def test_deferred_same_op_twice_in_one_batch(arun, fd):
 
 def test_cached_reads_complete_inline_without_starving_the_loop(arun, fd):
     # A page-cache hit completes inside io_submit and is delivered right
-    # away (no trip through the loop), but the loop still gets a turn every
-    # MAX_SYNC_STREAK synchronous completions.
+    # away (no trip through the loop), but the loop still gets a turn after
+    # SYNC_BUDGET synchronous completions.
     data = os.urandom(64 * 1024)
     os.pwrite(fd, data, 0)
 
@@ -345,7 +345,7 @@ def test_cached_reads_complete_inline_without_starving_the_loop(arun, fd):
             ran = turns - start
             done = True
             await t
-            assert 320 // AsyncioContext.MAX_SYNC_STREAK - 1 <= ran < 320
+            assert 320 // AsyncioContext.SYNC_BUDGET - 1 <= ran < 320 // 2
 
     arun(main())
 
