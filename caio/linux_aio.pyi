@@ -9,6 +9,14 @@ from .abstract import AbstractContext, AbstractOperation
 # as subclasses here is a typing convenience only.  Neither can be
 # subclassed at runtime, hence @final.
 
+class OperationError(OSError, SystemError):
+    """A failed operation (``get_value()``): ``errno``/``strerror`` like
+    OSError, and still a SystemError for code written against upstream."""
+
+class SubmitError(OSError, ValueError):
+    """``submit()`` refused an operation (bad fd, invalid for the file,
+    unaligned O_DIRECT write): upstream's ValueError, plus ``errno``."""
+
 @final
 class Context(AbstractContext):
     """linux aio context representation"""
@@ -28,6 +36,18 @@ class Context(AbstractContext):
         min_requests: int = 0,
         timeout: int = 0,
     ) -> int: ...
+    # Extensions (not in upstream caio): release the kernel AIO context, the
+    # eventfd and worker threads now, or once the last in-flight operation
+    # has been delivered.
+    def close(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+    # Used by caio.linux_aio_asyncio.
+    def _set_nowait(self, flag: bool) -> None: ...
+    def _drain(self) -> int: ...
+    def _submit_each(self, *aio_operations: Operation) -> list[bool | BaseException]: ...
+    @property
+    def _in_flight(self) -> int: ...
 
 @final
 class Operation(AbstractOperation):
@@ -46,6 +66,7 @@ class Operation(AbstractOperation):
     @classmethod
     def fdsync(cls, fd: int, priority: int = 0) -> Operation: ...
     def get_value(self) -> bytes | int | None: ...
+    # The callback gets the signed kernel result: bytes moved, or -errno.
     def set_callback(self, callback: Callable[[int], Any]) -> bool: ...
     @property
     def fileno(self) -> int: ...

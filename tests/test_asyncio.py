@@ -9,6 +9,7 @@ but it is pending".
 """
 
 import asyncio
+import errno
 import gc
 import hashlib
 import os
@@ -511,9 +512,13 @@ def test_linux_aio_deferred_partial_batch(aio: LoopRunner, tmp_fd: int, closed_f
             )
 
     first, second, third = aio.run(main())
+    # API.md 7 Q12, fixed: the refused op fails alone (with its own error,
+    # an OSError with errno EBADF); the rest of the batch is resubmitted.
+    # Upstream failed every op after it with OSError("not submitted").
     assert first == 4
-    assert isinstance(second, OSError) and isinstance(third, OSError)
-    assert read_file(tmp_fd) == b"good"
+    assert isinstance(second, OSError) and second.errno == errno.EBADF
+    assert third == 4
+    assert read_file(tmp_fd) == b"goodlate"
 
 
 # -- memory -------------------------------------------------------------------------------
