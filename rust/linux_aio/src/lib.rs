@@ -1694,10 +1694,6 @@ unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
         ptr::addr_of_mut!(CTX_SPEC),
         c"caio.linux_aio.OperationError",
     )?;
-    // The spec says "builtins.Context" (see CTX_SPEC); messages and repr use
-    // tp_name, which upstream's static type has as plain "Context".
-    let ctx_type = (*ModState::of_module(module)).ctx_type as *mut PyTypeObject;
-    (*ctx_type).tp_name = c"Context".as_ptr();
     let bases = caio_core::py::py_tuple(vec![
         Owned::from_borrowed(PyExc_OSError),
         Owned::from_borrowed(PyExc_ValueError),
