@@ -15,10 +15,13 @@ if [ ! -x "$VENV/bin/python" ]; then
     echo "dev-setup: creating $VENV with $("$PYTHON" -V 2>&1)"
     "$PYTHON" -m venv "$VENV"
 fi
-STAMP="$VENV/.caio-deps-v1"
+STAMP="$VENV/.caio-deps-v2"
 if [ ! -f "$STAMP" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q \
+    # Binary wheels only: recent hypothesis releases ship a pyo3 >= 0.29
+    # extension that cannot be built for free-threaded 3.13; pip then picks
+    # the newest release with a usable (pure-Python) wheel.
+    "$VENV/bin/python" -m pip install -q --only-binary=:all: \
         "setuptools>=70" "setuptools-rust>=1.10" wheel \
         "pytest>=7" pytest-timeout hypothesis
     # uvloop has no wheels for every interpreter; the suite uses it when present.

@@ -378,8 +378,11 @@ def test_process_events_argument_checks(ctx):
         ctx.process_events(timeout=0.5)
     with pytest.raises(OverflowError):
         ctx.process_events(timeout=2**31)
+    assert ctx.process_events(max_requests=-1) == 0  # upstream: -1 = 2**32-1
     with pytest.raises(OverflowError):
-        ctx.process_events(max_requests=-1)
+        ctx.process_events(max_requests=-2)
+    with pytest.raises(OverflowError):
+        ctx.process_events(max_requests=2**32)
     assert ctx.process_events() == 0
     assert ctx.process_events(0, 0, 0) == 0
 

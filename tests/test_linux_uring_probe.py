@@ -133,7 +133,10 @@ def test_python_m_caio_shows_the_reason():
 
     if importlib.util.find_spec("caio.__main__") is None:
         pytest.skip("caio has no __main__ yet")
-    p = run_child(SECCOMP + "\nimport runpy; runpy.run_module('caio', run_name='__main__')\n")
+    p = run_child(textwrap.dedent(SECCOMP)
+                  + "\nimport runpy; runpy.run_module('caio', run_name='__main__')\n")
     if "NOSECCOMP" in p.stdout:
         pytest.skip("cannot install a seccomp filter here")
-    assert "seccomp" in (p.stdout + p.stderr)
+    out = p.stdout + p.stderr
+    assert "seccomp=unconfined" in out, out
+    assert "linux_uring" in out

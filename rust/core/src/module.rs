@@ -117,6 +117,16 @@ pub unsafe fn init_common(
 
     let op_type = crate::op::create_type(module, flavor)?;
     let ctx_type = Owned::from_new(PyType_FromModuleAndSpec(module, ctx_spec, ptr::null_mut()))?;
+    // Backends name their Context spec "builtins.Context": that gives
+    // __module__ == "builtins" like upstream's static type without the 3.12+
+    // warning for undotted heap-type names. Messages and repr(type) use
+    // tp_name, which upstream has as plain "Context": point it past the
+    // prefix (the spec name is a static string, so this stays valid).
+    let name = CStr::from_ptr((*ctx_spec).name);
+    if let Some(rest) = name.to_bytes().strip_prefix(b"builtins.") {
+        let tp = ctx_type.as_ptr() as *mut PyTypeObject;
+        (*tp).tp_name = (*ctx_spec).name.add(name.to_bytes().len() - rest.len());
+    }
     let bases = crate::py::py_tuple(vec![
         Owned::from_borrowed(PyExc_OSError),
         Owned::from_borrowed(PyExc_SystemError),

@@ -291,6 +291,20 @@ impl Operation {
         Ok(())
     }
 
+    /// Moves the I/O window past its first `n` bytes, which the engine has
+    /// already transferred (e.g. a partial non-blocking read whose remainder
+    /// goes to a worker thread). [`finish`] must then be given the total
+    /// count for the whole window. Call only while the op is in flight and
+    /// owned by the calling engine; `n` must not exceed the window's length.
+    pub unsafe fn io_advance(&self, n: usize) {
+        let io = &mut *self.io.get();
+        debug_assert!(n <= io.len);
+        let n = n.min(io.len);
+        io.ptr = io.ptr.add(n);
+        io.len -= n;
+        io.offset = io.offset.wrapping_add(n as u64);
+    }
+
     unsafe fn free_bounce(&self) {
         let io = &mut *self.io.get();
         if !io.bounce.is_null() {

@@ -37,6 +37,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct CompletionQueue {
     done: Mutex<Vec<(Job, i64)>>,
     wake: sys::WakeFd,
+    /// `take()` consumes the wake-up fd's notifications (see [`Self::new_shared`]).
+    drain_on_take: bool,
 }
 
 impl CompletionQueue {
@@ -44,6 +46,18 @@ impl CompletionQueue {
         Ok(CompletionQueue {
             done: Mutex::new(Vec::with_capacity(64)),
             wake: sys::WakeFd::new()?,
+            drain_on_take: true,
+        })
+    }
+
+    /// A queue whose wake-up fd is shared with another completion source
+    /// (linux_aio registers it as the kernel AIO eventfd, so one fd wakes the
+    /// event loop for both kernel and worker completions). The owner reads
+    /// the fd itself, so [`Self::take`] leaves its counter alone.
+    pub fn new_shared() -> std::io::Result<CompletionQueue> {
+        Ok(CompletionQueue {
+            drain_on_take: false,
+            ..CompletionQueue::new()?
         })
     }
 
@@ -65,11 +79,13 @@ impl CompletionQueue {
     }
 
     /// Swaps the pending completions into `out` (which must be empty). The
-    /// wake-up fd is drained first, so a completion pushed after the swap
-    /// signals again and is never stranded.
+    /// wake-up fd is drained first (unless shared), so a completion pushed
+    /// after the swap signals again and is never stranded.
     pub fn take(&self, out: &mut Vec<(Job, i64)>) {
         debug_assert!(out.is_empty());
-        let _ = self.wake.drain();
+        if self.drain_on_take {
+            let _ = self.wake.drain();
+        }
         std::mem::swap(&mut *lock(&self.done), out);
     }
 
@@ -382,6 +398,17 @@ impl Pool {
         }
         let q = Arc::new(CompletionQueue::new()?);
         Ok(self.shared.completions.get_or_init(|| q).clone())
+    }
+
+    /// Makes `q` the queue completions go to (instead of one created on
+    /// demand), e.g. a [`CompletionQueue::new_shared`] queue. Must happen
+    /// before [`Pool::completion_queue`]/[`Pool::enable_queued_delivery`]; if
+    /// a queue is already installed, `q` is handed back.
+    pub fn install_completion_queue(
+        &self,
+        q: Arc<CompletionQueue>,
+    ) -> Result<(), Arc<CompletionQueue>> {
+        self.shared.completions.set(q)
     }
 
     /// Switches (for good) from direct to queued delivery. Call it once the

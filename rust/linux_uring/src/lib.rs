@@ -324,8 +324,13 @@ unsafe extern "C" fn ctx_process_events(
 ) -> *mut PyObject {
     trampoline(|| {
         let a = EVENTS_PARAMS.parse::<3>(args, nargsf, kwnames)?;
+        // Upstream takes -1 as "2**32-1" (everything); other negative values
+        // would alias and raise (Q3).
         let mut max = match a.get(0) {
-            Some(o) => int_in(o, "max_requests", 0, u32::MAX as i128)? as u32,
+            Some(o) => match int_in(o, "max_requests", -1, u32::MAX as i128)? {
+                -1 => u32::MAX,
+                v => v as u32,
+            },
             None => DEFAULT_EVENTS,
         };
         if max == 0 {
@@ -595,7 +600,9 @@ completion and, with sqpoll=True (when permitted), a kernel submission thread."
 ];
 
 static mut CTX_SPEC: PyType_Spec = PyType_Spec {
-    name: c"Context".as_ptr(),
+    // "builtins." gives __module__ == "builtins" like upstream's static type
+    // (no 3.12+ warning); init_common makes tp_name plain "Context".
+    name: c"builtins.Context".as_ptr(),
     basicsize: std::mem::size_of::<Context>() as c_int,
     itemsize: 0,
     flags: Py_TPFLAGS_DEFAULT as _,

@@ -480,7 +480,9 @@ running pread/pwrite/fsync/fdatasync."
 ];
 
 static mut CTX_SPEC: PyType_Spec = PyType_Spec {
-    name: c"Context".as_ptr(),
+    // "builtins." gives __module__ == "builtins" like upstream's static type
+    // (a heap type without a dotted name has no __module__ and warns on 3.12+).
+    name: c"builtins.Context".as_ptr(),
     basicsize: std::mem::size_of::<Context>() as c_int,
     itemsize: 0,
     flags: Py_TPFLAGS_DEFAULT as _,

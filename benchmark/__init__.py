@@ -1,0 +1,1 @@
+"""caio benchmark suite: ``python -m benchmark`` (see README.md)."""

@@ -1,0 +1,694 @@
+"""Measurement driver: runs benchmark cells for ONE contender inside this process.
+
+This file is executed *by path* (never imported from the repository) with the
+contender's own interpreter, from a temporary working directory and with
+``-P`` where supported, so that the repository's ``caio/`` source tree does not
+shadow the ``caio`` installed for that interpreter.  It depends only on the
+standard library plus the library under test (caio, aiofiles or anyio).
+
+    python -P driver.py probe                 -> JSON description of this interpreter
+    python -P driver.py run SPEC.json OUT.jsonl
+
+``run`` executes every cell listed in SPEC and appends one JSON line per cell
+to OUT (flushed immediately, so a crash or a hang loses nothing that was
+already measured).  Every contender goes through exactly the same worker loop
+(:func:`_drive`); only the ``op(offset)`` coroutine differs.
+"""
+
+import sys
+import os
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# Python < 3.11 has no -P: drop the script directory from sys.path ourselves.
+sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != _HERE]
+
+import asyncio  # noqa: E402
+import faulthandler  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import mmap  # noqa: E402
+import random  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from array import array  # noqa: E402
+
+BLOCK = 4096
+MAGIC = 0xCA10BE4C_0000_0001
+BACKENDS = ("linux_uring", "linux_aio", "thread_aio", "python_aio")
+perf_ns = time.perf_counter_ns
+
+
+class CellError(Exception):
+    pass
+
+
+# --------------------------------------------------------------------- probe
+
+
+def _version(dist):
+    try:
+        from importlib.metadata import version
+        return version(dist)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def probe():
+    info = {
+        "python": sys.version.split()[0],
+        "implementation": sys.implementation.name,
+        "executable": sys.executable,
+        "gil_disabled": bool(getattr(sys, "_is_gil_enabled", lambda: True)() is False),
+        "aiofiles": _version("aiofiles"),
+        "anyio": _version("anyio"),
+    }
+    caio_info = {"importable": False}
+    try:
+        import caio  # noqa: F401
+        caio_info.update(
+            importable=True,
+            version=getattr(caio, "__version__", None),
+            dist_version=_version("caio"),
+            file=getattr(caio, "__file__", None),
+            path=list(getattr(caio, "__path__", [])),
+        )
+        backends = {}
+        for name in BACKENDS:
+            b = {"ok": False}
+            try:
+                mod = importlib.import_module("caio.%s_asyncio" % name)
+                if not hasattr(mod, "AsyncioContext"):
+                    raise ImportError("caio.%s_asyncio has no AsyncioContext" % name)
+                b["ok"] = True
+                if name == "linux_uring":
+                    raw = importlib.import_module("caio.linux_uring")
+                    b["SQPOLL_ALLOWED"] = getattr(raw, "SQPOLL_ALLOWED", None)
+
+                    async def _sq():
+                        ctx = mod.AsyncioContext(max_requests=4)
+                        try:
+                            return int(getattr(ctx.context, "sqpoll", -1))
+                        finally:
+                            ctx.close()
+
+                    b["default_sqpoll"] = asyncio.run(_sq())
+            except BaseException as e:  # noqa: BLE001
+                b["error"] = "%s: %s" % (type(e).__name__, e)
+            backends[name] = b
+        caio_info["backends"] = backends
+    except BaseException as e:  # noqa: BLE001
+        caio_info["error"] = "%s: %s" % (type(e).__name__, e)
+    info["caio"] = caio_info
+    print(json.dumps(info))
+
+
+# ------------------------------------------------------------ page cache
+
+_libc = None
+
+
+def _resident_fraction(path, length):
+    """Fraction of the first ``length`` bytes of ``path`` that sit in the page
+    cache, from mincore(2) on a fresh mapping: it touches no page and starts
+    no readahead (a RWF_NOWAIT probe read would)."""
+    global _libc
+    import ctypes
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.mmap.restype = ctypes.c_void_p
+        _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_int, ctypes.c_long]
+        _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    page = mmap.PAGESIZE
+    npages = (length + page - 1) // page
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap failed")
+        try:
+            vec = (ctypes.c_ubyte * npages)()
+            if _libc.mincore(addr, length, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore failed")
+            raw = bytes(vec)
+            return (npages - raw.count(0)) / npages
+        finally:
+            _libc.munmap(addr, length)
+    finally:
+        os.close(fd)
+
+
+def _evict(path):
+    """fsync (pages must be clean) then drop the file from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _prime(path, size):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        buf = bytearray(8 << 20)
+        off = 0
+        while off < size:
+            n = os.preadv(fd, [buf], off)
+            if n <= 0:
+                break
+            off += n
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------- offsets
+
+
+def make_offsets(pattern, chunk, region, seed, count, start=0):
+    """Deterministic offsets: the same list for every contender of a cell.
+    ``seq`` walks consecutive chunks from chunk index ``start`` (wrapping)."""
+    if pattern == "seq":
+        n = max(1, region // chunk)
+        return [((start + i) % n) * chunk for i in range(min(count, n))]
+    nblocks = (region - chunk) // BLOCK + 1
+    raw = array("I")
+    raw.frombytes(random.Random(seed).randbytes(4 * count))
+    return [(x % nblocks) * BLOCK for x in raw]
+
+
+def _hdr(off):
+    return (off // BLOCK).to_bytes(8, "little")
+
+
+# --------------------------------------------------------------- contenders
+
+
+class Contender:
+    verify = True
+    needs_loop = True
+
+    def __init__(self, params, cell):
+        self.params = params
+        self.cell = cell
+        self.info = {}
+
+    async def setup(self, fd, path):
+        pass
+
+    def make_op(self, worker):
+        raise NotImplementedError
+
+    async def after(self):
+        """Outside the timed window, after the measured phase (flush/close)."""
+
+    async def teardown(self):
+        pass
+
+
+def _payload(n):
+    return bytes(random.Random(n).randbytes(n))
+
+
+class CaioContender(Contender):
+    async def setup(self, fd, path):
+        backend = self.params["backend"]
+        mod = importlib.import_module("caio.%s_asyncio" % backend)
+        kwargs = dict(self.params.get("kwargs") or {})
+        self.ctx = mod.AsyncioContext(max_requests=self.cell["max_requests"], **kwargs)
+        sq = getattr(self.ctx.context, "sqpoll", None)
+        if sq is not None:
+            self.info["sqpoll"] = int(sq)
+        self.info["max_requests"] = self.cell["max_requests"]
+        n = self.cell["chunk"]
+        ctx = self.ctx
+        if self.cell["op"] == "read":
+            self._op = lambda off: ctx.read(n, fd, off)
+        else:
+            data = _payload(n)
+            self._op = lambda off: ctx.write(data, fd, off)
+
+    def make_op(self, worker):
+        return self._op
+
+    async def teardown(self):
+        self.ctx.close()
+
+
+class ExecutorContender(Contender):
+    """loop.run_in_executor(None, os.pread/os.pwrite): the default thread pool."""
+
+    async def setup(self, fd, path):
+        self.fd = fd
+        self.loop = asyncio.get_running_loop()
+
+    def make_op(self, worker):
+        loop, fd, n = self.loop, self.fd, self.cell["chunk"]
+        run = loop.run_in_executor
+        if self.cell["cache"] == "direct":
+            # os.pread allocates an unaligned bytes object (EINVAL under
+            # O_DIRECT); a careful user reads into an aligned buffer instead.
+            buf = mmap.mmap(-1, n)
+            if self.cell["op"] == "read":
+                async def op(off):
+                    k = await run(None, os.preadv, fd, [buf], off)
+                    return buf if k == n else buf[:k]
+            else:
+                buf.write(_payload(n))
+
+                def op(off):
+                    return run(None, os.pwritev, fd, [buf], off)
+            return op
+        if self.cell["op"] == "read":
+            return lambda off: run(None, os.pread, fd, n, off)
+        data = _payload(n)
+        return lambda off: run(None, os.pwrite, fd, data, off)
+
+
+class _FileObjContender(Contender):
+    """aiofiles / anyio: one file object per worker, seek + read/write."""
+
+    def _opener(self):
+        if self.cell["cache"] != "direct":
+            return None
+        return lambda p, flags: os.open(p, flags | os.O_DIRECT)
+
+    async def setup(self, fd, path):
+        mode = "rb" if self.cell["op"] == "read" else "r+b"
+        self.files = [await self._open(path, mode) for _ in range(self.cell["concurrency"])]
+        self.data = _payload(self.cell["chunk"]) if self.cell["op"] == "write" else None
+
+    def make_op(self, worker):
+        f, n, data = self.files[worker], self.cell["chunk"], self.data
+        if data is None:
+            async def op(off):
+                await f.seek(off)
+                return await f.read(n)
+        else:
+            async def op(off):
+                await f.seek(off)
+                return await f.write(data)
+        return op
+
+    async def after(self):
+        if self.cell["op"] == "write":
+            for f in self.files:
+                await f.flush()
+
+    async def teardown(self):
+        for f in self.files:
+            await (f.aclose() if hasattr(f, "aclose") else f.close())
+
+
+class AiofilesContender(_FileObjContender):
+    async def _open(self, path, mode):
+        import aiofiles
+        return await aiofiles.open(path, mode, opener=self._opener())
+
+
+class AnyioContender(_FileObjContender):
+    async def _open(self, path, mode):
+        import anyio
+        return await anyio.open_file(path, mode, opener=self._opener())
+
+
+class FloorContender(Contender):
+    """The least any awaited operation can cost: a future resolved by call_soon."""
+
+    verify = False
+
+    async def setup(self, fd, path):
+        self.loop = asyncio.get_running_loop()
+
+    def make_op(self, worker):
+        loop = self.loop
+
+        async def op(off):
+            fut = loop.create_future()
+            loop.call_soon(fut.set_result, None)
+            return await fut
+        return op
+
+
+class SyncContender(Contender):
+    """Plain os.pread/os.pwrite loop in one thread (no event loop)."""
+
+    needs_loop = False
+
+    def make_sync_op(self, fd):
+        n = self.cell["chunk"]
+        if self.cell["cache"] == "direct":
+            buf = mmap.mmap(-1, n)
+            if self.cell["op"] == "read":
+                def op(off):
+                    k = os.preadv(fd, [buf], off)
+                    return buf if k == n else buf[:k]
+            else:
+                buf.write(_payload(n))
+
+                def op(off):
+                    return os.pwritev(fd, [buf], off)
+            return op
+        if self.cell["op"] == "read":
+            return lambda off: os.pread(fd, n, off)
+        data = _payload(n)
+        return lambda off: os.pwrite(fd, data, off)
+
+
+KINDS = {
+    "caio": CaioContender,
+    "executor": ExecutorContender,
+    "aiofiles": AiofilesContender,
+    "anyio": AnyioContender,
+    "floor": FloorContender,
+    "sync": SyncContender,
+}
+
+
+# ------------------------------------------------------------ stall meters
+
+
+class SelectorStallMeter:
+    """Longest event-loop iteration: time between select() returning and the
+    next select() call (= the longest time the loop could not react).  Adds
+    two clock reads per iteration; unlike a spinning ticker it never keeps the
+    loop busy."""
+
+    def __init__(self, loop):
+        self.max = 0.0
+        self.active = False
+        self._last = None
+        sel = getattr(loop, "_selector", None)
+        if sel is None:
+            raise RuntimeError("event loop has no _selector")
+        orig = sel.select
+        clock = time.perf_counter
+
+        def select(timeout=None):
+            if self.active:
+                now = clock()
+                if self._last is not None and now - self._last > self.max:
+                    self.max = now - self._last
+            try:
+                return orig(timeout)
+            finally:
+                self._last = clock()
+
+        sel.select = select
+
+    def start(self):
+        self.max, self._last, self.active = 0.0, None, True
+
+    def stop(self):
+        self.active = False
+        return self.max
+
+
+class TickerStallMeter:
+    """The classic probe: a task looping ``await asyncio.sleep(0)`` recording
+    the largest gap between its wake-ups.  It keeps the loop spinning, which
+    slows down and inflates the CPU time of low-concurrency cells."""
+
+    def __init__(self, loop):
+        self.max = 0.0
+        self._task = None
+        self._stop = False
+
+    async def _run(self):
+        clock = time.perf_counter
+        last = clock()
+        while not self._stop:
+            await asyncio.sleep(0)
+            now = clock()
+            if now - last > self.max:
+                self.max = now - last
+            last = now
+
+    def start(self):
+        self.max, self._stop = 0.0, False
+        self._task = asyncio.ensure_future(self._run())
+
+    def stop(self):
+        self._stop = True
+        return self.max
+
+
+# ------------------------------------------------------------------ driver
+
+
+def _pct(sorted_vals, q):
+    if not sorted_vals:
+        return None
+    import math
+    i = max(0, min(len(sorted_vals) - 1, int(math.ceil(q * len(sorted_vals))) - 1))
+    return sorted_vals[i]
+
+
+def _check_factory(cell, verify):
+    n = cell["chunk"]
+    if not verify:
+        return None
+    if cell["op"] == "read":
+        def check(r, off):
+            if len(r) != n:
+                raise CellError("short read: %d of %d bytes at offset %d" % (len(r), n, off))
+            if r[:8] != _hdr(off):
+                raise CellError("wrong data at offset %d (block header mismatch)" % off)
+    else:
+        def check(r, off):
+            if r != n:
+                raise CellError("short write: %r of %d bytes at offset %d" % (r, n, off))
+    return check
+
+
+async def _drive(ops, offsets, seconds, max_ops, check, lats):
+    """The one worker loop every asyncio contender runs."""
+    state = [0]
+    nofs = len(offsets)
+    deadline = perf_ns() + int(seconds * 1e9)
+    failure = []
+
+    async def worker(op):
+        while not failure:
+            i = state[0]
+            if i >= max_ops:
+                return
+            t0 = perf_ns()
+            if t0 >= deadline:
+                return
+            state[0] = i + 1
+            off = offsets[i % nofs]
+            try:
+                r = await op(off)
+                t1 = perf_ns()
+                if check is not None:
+                    check(r, off)
+            except Exception as e:  # noqa: BLE001
+                failure.append(e)
+                return
+            if lats is not None:
+                lats.append(t1 - t0)
+
+    await asyncio.gather(*(worker(op) for op in ops))
+    if failure:
+        raise failure[0]
+    return state[0]
+
+
+def _drive_sync(op, offsets, seconds, max_ops, check, lats):
+    nofs = len(offsets)
+    deadline = perf_ns() + int(seconds * 1e9)
+    i = 0
+    while i < max_ops:
+        t0 = perf_ns()
+        if t0 >= deadline:
+            break
+        off = offsets[i % nofs]
+        r = op(off)
+        t1 = perf_ns()
+        i += 1
+        if check is not None:
+            check(r, off)
+        if lats is not None:
+            lats.append(t1 - t0)
+    return i
+
+
+def _file_flags(cell):
+    flags = os.O_RDONLY if cell["op"] == "read" else os.O_RDWR
+    if cell["cache"] == "direct":
+        flags |= os.O_DIRECT
+    return flags
+
+
+def _prepare_cache(cell, path, region):
+    """Cached cells: make sure the file is resident (prime if not)."""
+    if cell["cache"] == "cached":
+        if _resident_fraction(path, region) < 1.0:
+            _prime(path, region)
+
+
+def _post_warmup(cell, path, region, info):
+    """Right before the timed phase: evict (cold/direct) and record how much
+    of the file is in the page cache (expected: 0 for cold/direct, 1 cached)."""
+    if cell["cache"] in ("cold", "direct"):
+        t = time.perf_counter()
+        _evict(path)
+        info["evict_ms"] = round((time.perf_counter() - t) * 1e3, 2)
+    info["resident"] = round(_resident_fraction(path, region), 5)
+    if cell["cache"] in ("cold", "direct"):
+        info["evicted"] = info["resident"] < 0.001
+
+
+def _measure_result(n_ops, wall, cpu, ru0, ru1, lats, cell):
+    lats.sort()
+    nbytes = n_ops * cell["chunk"]
+    return {
+        "ops": n_ops,
+        "bytes": nbytes,
+        "wall_s": wall,
+        "ops_per_s": n_ops / wall if wall > 0 else None,
+        "mb_per_s": nbytes / wall / 1e6 if wall > 0 else None,
+        "lat_p50_us": _pct(lats, 0.50) / 1e3 if lats else None,
+        "lat_p99_us": _pct(lats, 0.99) / 1e3 if lats else None,
+        "lat_p999_us": _pct(lats, 0.999) / 1e3 if lats else None,
+        "lat_max_us": lats[-1] / 1e3 if lats else None,
+        "cpu_s": cpu,
+        "cpu_us_per_op": cpu / n_ops * 1e6 if n_ops else None,
+        "user_s": ru1.ru_utime - ru0.ru_utime,
+        "sys_s": ru1.ru_stime - ru0.ru_stime,
+    }
+
+
+def run_cell(spec, cell):
+    kind = spec["contender"]["kind"]
+    cls = KINDS[kind]
+    contender = cls(spec["contender"].get("params") or {}, cell)
+    path = spec["files"][cell["op"]]
+    region = spec["region"]
+    offsets = make_offsets(cell["pattern"], cell["chunk"], region, cell["seed"], cell["offsets"])
+    # warm-up: another random list, or for seq the second half of the file
+    warm_offsets = make_offsets(cell["pattern"], cell["chunk"], region, cell["seed"] ^ 0x5A5A5A5A,
+                                min(cell["offsets"], 4096), start=region // cell["chunk"] // 2)
+    reuse = cell["cache"] == "cached"
+    max_ops = 1 << 62 if reuse else len(offsets)
+    check = _check_factory(cell, contender.verify)
+    info = contender.info
+    _prepare_cache(cell, path, region)
+    fd = os.open(path, _file_flags(cell))
+    try:
+        if not contender.needs_loop:
+            op = contender.make_sync_op(fd)
+            _drive_sync(op, warm_offsets, cell["warmup"], 1 << 62, check, None)
+            _post_warmup(cell, path, region, info)
+            lats = []
+            ru0 = resource.getrusage(resource.RUSAGE_SELF)
+            c0, t0 = time.process_time(), time.perf_counter()
+            n = _drive_sync(op, offsets, cell["measure"], max_ops, check, lats)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            ru1 = resource.getrusage(resource.RUSAGE_SELF)
+            res = _measure_result(n, wall, cpu, ru0, ru1, lats, cell)
+            res["max_stall_ms"] = None
+            if cell["op"] == "write":
+                os.fsync(fd)
+            res["info"] = info
+            return res
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            meter_cls = TickerStallMeter if spec.get("stall_method") == "ticker" else SelectorStallMeter
+            meter = meter_cls(loop)
+            await contender.setup(fd, path)
+            try:
+                ops = [contender.make_op(w) for w in range(cell["concurrency"])]
+                try:
+                    await asyncio.wait_for(
+                        _drive(ops, warm_offsets, cell["warmup"], 1 << 62, check, None),
+                        cell["timeout"])
+                except asyncio.TimeoutError:
+                    raise CellError("timeout during warm-up: operations did not complete "
+                                    "within %.0f s" % cell["timeout"]) from None
+                await contender.after()
+                _post_warmup(cell, path, region, info)
+                lats = []
+                ru0 = resource.getrusage(resource.RUSAGE_SELF)
+                meter.start()
+                c0, t0 = time.process_time(), time.perf_counter()
+                try:
+                    n = await asyncio.wait_for(
+                        _drive(ops, offsets, cell["measure"], max_ops, check, lats),
+                        cell["timeout"])
+                except asyncio.TimeoutError:
+                    raise CellError("timeout: operations did not complete within %.0f s "
+                                    "(%d completed)" % (cell["timeout"], len(lats))) from None
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                stall = meter.stop()
+                ru1 = resource.getrusage(resource.RUSAGE_SELF)
+                res = _measure_result(n, wall, cpu, ru0, ru1, lats, cell)
+                res["max_stall_ms"] = stall * 1e3
+                await contender.after()
+                if cell["op"] == "write":
+                    os.fsync(fd)
+                return res
+            finally:
+                meter.stop()
+                await contender.teardown()
+
+        res = asyncio.run(main())
+        res["info"] = info
+        return res
+    finally:
+        os.close(fd)
+
+
+def run(spec_path, out_path):
+    with open(spec_path) as f:
+        spec = json.load(f)
+    try:  # 1024 concurrent file objects for aiofiles/anyio
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 65536)), hard))
+    except (ValueError, OSError):
+        pass
+    hung = None
+    with open(out_path, "a") as out:
+        for cell in spec["cells"]:
+            print("cell %s" % cell["id"], file=sys.stderr, flush=True)
+            if hung is not None:
+                out.write(json.dumps({"id": cell["id"], "status": "fail", "error": "not run: an earlier "
+                                      "cell of this contender timed out in the same batch (%s)" % hung}) + "\n")
+                out.flush()
+                continue
+            faulthandler.dump_traceback_later(cell["hard_timeout"], exit=True)
+            try:
+                res = run_cell(spec, cell)
+                res["status"] = "ok"
+            except BaseException as e:  # noqa: BLE001
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                res = {"status": "fail", "error": "%s: %s" % (type(e).__name__, e),
+                       "traceback": traceback.format_exc()[-2000:]}
+                if isinstance(e, CellError) and str(e).startswith("timeout"):
+                    hung = cell["id"]
+            finally:
+                faulthandler.cancel_dump_traceback_later()
+            res["id"] = cell["id"]
+            out.write(json.dumps(res) + "\n")
+            out.flush()
+
+
+def main(argv):
+    if len(argv) >= 2 and argv[1] == "probe":
+        probe()
+    elif len(argv) == 4 and argv[1] == "run":
+        run(argv[2], argv[3])
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

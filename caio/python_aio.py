@@ -1,0 +1,616 @@
+"""Pure-Python backend: file operations run on a ``ThreadPool``.
+
+This backend works everywhere CPython does (it is the only one on Windows
+unless a native ``thread_aio`` is built there).  Its observable behaviour is
+described in API.md section 3.5; the notes below explain how the per-operation
+path is kept cheap without changing that behaviour.
+
+Per-operation path
+------------------
+``Context.submit`` claims the operation and hands it to the pool.  Upstream
+does that with ``ThreadPool.apply_async``, which for every operation builds
+an ``ApplyResult`` (with its own ``threading.Event``/``Condition``), two
+closures, routes the task through the pool's task-handler thread and wakes a
+sleeping worker.  On a busy event loop that per-operation overhead, and the
+thread wake-ups above all, are what limits throughput.
+
+Here, when the pool exposes the (long unchanged, 3.8 to 3.13) internals we
+rely on, each claimed operation is registered in the pool's job cache and
+appended to a queue owned by the Context.  "Drain" tasks running on the
+pool's own workers take operations from that queue and report each result
+to the pool's result-handler thread individually, exactly as a worker
+reports a task:
+
+* callbacks keep running on the pool's single result-handler thread, one at
+  a time, as with ``apply_async``;
+* a new drain is started only when every existing drain is busy executing an
+  operation (at most ``pool_size`` of them), and a drain that sees more work
+  waiting recruits the next one itself, so the submitting thread rarely has
+  to wake a worker and a slow operation never holds up the others;
+* ``pool.close()``/``pool.join()`` keep their graceful semantics because
+  every pending operation is in the pool's cache (the pool only stops its
+  workers once the cache is empty).
+
+If those internals are missing (some future CPython), ``apply_async`` is
+used instead; both paths produce identical results (the test-suite runs
+both).
+"""
+
+import atexit
+import operator
+import os
+import sys
+import threading
+from enum import IntEnum, unique
+from multiprocessing.pool import RUN as _POOL_RUN, ThreadPool
+from threading import Lock, RLock
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Optional, Tuple, Union, cast
+from weakref import WeakSet, WeakValueDictionary
+
+from .abstract import AbstractContext, AbstractOperation
+
+
+if hasattr(os, "fdatasync"):
+    fdsync = os.fdatasync
+else:
+    # macOS and Windows have no fdatasync(); a full fsync is the safe stand-in.
+    fdsync = os.fsync
+
+NATIVE_PREAD_PWRITE = hasattr(os, "pread") and hasattr(os, "pwrite")
+
+
+@unique
+class OpCode(IntEnum):
+    READ = 0
+    WRITE = 1
+    FSYNC = 2
+    FDSYNC = 3
+    NOOP = -1
+
+
+@unique
+class ContextState(IntEnum):
+    OPEN = 0
+    CLOSING = 1
+    CLOSED = 2
+
+
+Callback = Callable[[Any], Any]
+
+
+def _report_callback_error() -> None:
+    # Called from inside an ``except`` block on the result-handler thread.
+    # Reporting through threading.excepthook (instead of letting it escape)
+    # keeps that thread alive: if it died, no later completion of this
+    # Context would ever be delivered.
+    exc_type, exc_value, exc_tb = sys.exc_info()
+    try:
+        threading.excepthook(
+            threading.ExceptHookArgs(
+                (exc_type, exc_value, exc_tb, threading.current_thread()),
+            ),
+        )
+    finally:
+        del exc_type, exc_value, exc_tb
+
+
+# -- blocking primitives executed on pool threads -----------------------------
+
+_fd_locks: "WeakValueDictionary[int, Any]" = WeakValueDictionary()
+_fd_locks_guard = Lock()
+
+
+def _fd_lock(fd: int) -> Any:
+    # Only used without native pread/pwrite (Windows).  An entry lives only
+    # while an operation on that fd holds the lock, so the dictionary does
+    # not grow with every fd ever used.  Module-wide rather than per Context:
+    # the file position is shared by everybody using the fd.
+    with _fd_locks_guard:
+        lock = _fd_locks.get(fd)
+        if lock is None:
+            lock = _fd_locks[fd] = RLock()
+        return lock
+
+
+def _lseek_read(fd: int, size: int, offset: int) -> bytes:
+    # pread() emulation: moves the fd's file position as a side effect.
+    with _fd_lock(fd):
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.read(fd, size)
+
+
+def _lseek_write(fd: int, data: bytes, offset: int) -> int:
+    with _fd_lock(fd):
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.write(fd, data)
+
+
+_pread: Callable[[int, int, int], bytes] = (
+    os.pread if NATIVE_PREAD_PWRITE else _lseek_read
+)
+_pwrite: Callable[[int, bytes, int], int] = (
+    os.pwrite if NATIVE_PREAD_PWRITE else _lseek_write
+)
+
+
+def _run_read(op: "Operation") -> int:
+    data = _pread(op._fileno, op._nbytes, op._offset)
+    op.buffer = data
+    return len(data)
+
+
+def _run_write(op: "Operation") -> int:
+    return _pwrite(op._fileno, op.buffer, op._offset)
+
+
+def _run_fsync(op: "Operation") -> None:
+    os.fsync(op._fileno)
+
+
+def _run_fdsync(op: "Operation") -> None:
+    fdsync(op._fileno)
+
+
+def _run_noop(op: "Operation") -> None:
+    return None
+
+
+# Plain module constants: attribute access on an Enum class is comparatively
+# slow on 3.10/3.11 and these sit on the per-operation path.
+_READ, _WRITE, _FSYNC, _FDSYNC = OpCode.READ, OpCode.WRITE, OpCode.FSYNC, OpCode.FDSYNC
+_OPEN = ContextState.OPEN
+
+_RUNNERS: Dict[int, Callable[["Operation"], Optional[int]]] = {
+    OpCode.READ: _run_read,
+    OpCode.WRITE: _run_write,
+    OpCode.FSYNC: _run_fsync,
+    OpCode.FDSYNC: _run_fdsync,
+    OpCode.NOOP: _run_noop,
+}
+
+
+class _Job:
+    """One submitted operation, as seen by the pool's result handler.
+
+    Registered in ``pool._cache`` under its own identity, so its key can
+    never collide with the integer ids ``apply_async`` uses.
+    """
+
+    __slots__ = ("context", "operation")
+
+    def __init__(self, context: "Context", operation: "Operation"):
+        self.context = context
+        self.operation = operation
+
+    # Called by the pool's result-handler thread: ``outcome`` is the
+    # worker's ``(success, value_or_exception)`` pair.
+    def _set(self, index: int, outcome: Tuple[bool, Any]) -> None:
+        context = self.context
+        operation = self.operation
+        self.context = self.operation = None  # type: ignore[assignment]
+        try:
+            success, value = outcome
+            if success:
+                context._complete(operation, value)
+            else:
+                context._fail(operation, value)
+        finally:
+            # Deregister last (as ApplyResult does): the pool counts the job
+            # as pending until its callback has run.
+            pool: Any = context.pool
+            del pool._cache[self]
+
+
+class _DrainJob:
+    """Pool cache entry of one drain task (see Context._drain)."""
+
+    __slots__ = ("context",)
+
+    def __init__(self, context: "Context"):
+        self.context = context
+
+    def _set(self, index: int, outcome: Tuple[bool, Any]) -> None:
+        context = self.context
+        self.context = None  # type: ignore[assignment]
+        pool: Any = context.pool
+        del pool._cache[self]
+
+
+# Contexts still open, closed by an atexit hook. multiprocessing's own exit
+# handler (registered when multiprocessing.pool was imported above, so it
+# runs after ours) terminates pools without marking them closed; a pool left
+# in RUN state then writes to its already-closed notifier pipe when it is
+# collected ("Exception ignored ... Bad file descriptor" at exit). Closing our
+# pools first avoids that; work already scheduled still completes.
+_open_contexts: "WeakSet[Context]" = WeakSet()
+
+
+@atexit.register
+def _close_open_contexts() -> None:
+    for context in list(_open_contexts):
+        try:
+            context.close()
+        except Exception:  # pragma: no cover - best effort at exit
+            pass
+
+
+class Context(AbstractContext):
+    """
+    python aio context implementation
+    """
+
+    MAX_POOL_SIZE = 128
+
+    # Class-level default: if the constructor call fails before __init__
+    # runs (e.g. an unknown keyword argument), __del__ still finds a state
+    # and does nothing (upstream quirk Q17 printed an AttributeError).
+    _state = ContextState.CLOSED
+
+    def __init__(self, max_requests: int = 32, pool_size: int = 8):
+        self._state = ContextState.CLOSED
+
+        if not 0 < pool_size < self.MAX_POOL_SIZE:
+            raise ValueError(
+                "pool_size must be between 1 and {}, got {}".format(
+                    self.MAX_POOL_SIZE - 1, pool_size,
+                ),
+            )
+        if max_requests <= 0:
+            raise ValueError(
+                "max_requests must be a positive integer, got {}".format(
+                    max_requests,
+                ),
+            )
+
+        self._max_requests = max_requests
+        self.pool = ThreadPool(pool_size)
+        self._in_progress = 0
+        self._lock = Lock()
+        self._direct = _pool_supports_direct_jobs(self.pool)
+        # Direct path: claimed operations wait here for a "drain" task; at
+        # most pool_size drains are queued or running at any time.
+        self._queue: Deque[Tuple[Any, Any, "Operation"]] = deque()
+        self._drains = 0
+        self._busy = 0
+        self._pool_size = pool_size
+        self._state = ContextState.OPEN
+        _open_contexts.add(self)
+
+    @property
+    def max_requests(self) -> int:
+        return self._max_requests
+
+    # -- submission ------------------------------------------------------------
+
+    def submit(self, *aio_operations: AbstractOperation) -> int:
+        for operation in aio_operations:
+            if not isinstance(operation, Operation):
+                raise ValueError("Invalid Operation {!r}".format(operation))
+
+        count = 0
+        for operation in aio_operations:
+            # Resolved before claiming: an unknown opcode raises KeyError
+            # here and leaves the operation untouched.
+            assert isinstance(operation, Operation)  # checked above
+            runner = _RUNNERS[operation.opcode]
+            if self._claim(operation):
+                try:
+                    self._schedule(runner, operation)
+                except BaseException:
+                    self._unclaim(operation)
+                    raise
+                count += 1
+        return count
+
+    def _claim(self, operation: "Operation") -> bool:
+        # The operation's own lock makes the claim atomic across Contexts
+        # (two Contexts never share their locks, only the operation).
+        with operation._lock, self._lock:
+            if operation.in_progress:
+                # One-shot: already submitted somewhere, or completed.
+                return False
+            if self._state != _OPEN:
+                raise RuntimeError("Context is closed")
+            if self._in_progress >= self._max_requests:
+                raise RuntimeError(
+                    "Maximum simultaneous requests have been reached",
+                )
+            operation.in_progress = True
+            self._in_progress += 1
+        return True
+
+    def _unclaim(self, operation: "Operation") -> None:
+        # Scheduling failed, so the pool never saw the operation: give the
+        # slot back and leave the operation retryable.
+        with operation._lock, self._lock:
+            operation.in_progress = False
+            self._in_progress -= 1
+
+    def _schedule(
+        self, runner: Callable[["Operation"], Any], operation: "Operation",
+    ) -> None:
+        # Any: the direct path uses ThreadPool internals the stubs do not list.
+        pool: Any = self.pool
+        if not self._direct:
+            pool.apply_async(
+                runner, (operation,),
+                callback=_ApplyCallback(self, operation, True),
+                error_callback=_ApplyCallback(self, operation, False),
+            )
+            return
+
+        job = _Job(self, operation)
+        cache = pool._cache
+        # Register first, then check the pool is running: if a concurrent
+        # pool.close() has already happened we back out; if it happens after
+        # the check, the pool waits for this cached job before it stops its
+        # workers, so the queued operation is always executed.
+        cache[job] = job
+        if pool._state != _POOL_RUN:
+            del cache[job]
+            raise ValueError("Pool not running")
+        item = (job, runner, operation)
+        with self._lock:
+            self._queue.append(item)
+            # Recruit a drain only when every existing one is busy executing
+            # an operation: a free drain picks this one up by itself.
+            spawn = self._drains == self._busy and self._drains < self._pool_size
+            if spawn:
+                self._drains += 1
+        if spawn and not self._spawn_drain(pool):
+            with self._lock:
+                try:
+                    self._queue.remove(item)
+                except ValueError:
+                    return  # another drain already took it: it will run
+            del cache[job]
+            raise RuntimeError("Cannot schedule the operation on the pool")
+
+    def _spawn_drain(self, pool: Any) -> bool:
+        """Queue one drain task on the pool; the caller counted it already."""
+        drain = _DrainJob(self)
+        pool._cache[drain] = drain
+        try:
+            # Task layout expected by the pool's workers: (job, index, func,
+            # args, kwds).
+            pool._quick_put((drain, 0, self._drain, (), {}))
+        except BaseException:
+            del pool._cache[drain]
+            with self._lock:
+                self._drains -= 1
+            return False
+        return True
+
+    def _drain(self) -> None:
+        # Runs on a pool worker: executes queued operations until none is
+        # left.  Each result is handed to the pool's result handler on its
+        # own, exactly as a worker reports an individual task, so callbacks
+        # are neither batched nor delayed behind later operations.  Before
+        # starting an operation, a drain that sees more work waiting and no
+        # free drain recruits another one, so a slow operation never holds up
+        # the rest of the queue (up to pool_size drains, one per worker).
+        queue = self._queue
+        lock = self._lock
+        pool: Any = self.pool
+        put = pool._outqueue.put
+        busy = False
+        while True:
+            with lock:
+                if busy:
+                    self._busy -= 1
+                    busy = False
+                if not queue:
+                    self._drains -= 1
+                    return
+                job, runner, operation = queue.popleft()
+                self._busy += 1
+                busy = True
+                spawn = bool(queue) and self._drains == self._busy \
+                    and self._drains < self._pool_size
+                if spawn:
+                    self._drains += 1
+            if spawn:
+                # On failure the loop still serves the queue by itself.
+                self._spawn_drain(pool)
+            try:
+                outcome: Tuple[bool, Any] = (True, runner(operation))
+            except BaseException as exc:
+                # Reported as this operation's failure; letting it escape
+                # would kill the worker with the drain bookkeeping half done.
+                outcome = (False, exc)
+            put((job, 0, outcome))
+            # Do not keep the last operation alive while idle.
+            job = runner = operation = outcome = None  # type: ignore[assignment]
+
+    # -- completion (pool result-handler thread) -------------------------------
+
+    def _complete(self, operation: "Operation", result: Any) -> None:
+        operation.written = result
+        with self._lock:
+            self._in_progress -= 1
+        callback = operation.callback
+        if callback is not None:
+            try:
+                callback(result)
+            except BaseException:
+                _report_callback_error()
+
+    def _fail(self, operation: "Operation", exc: BaseException) -> None:
+        operation.exception = exc
+        operation.written = 0
+        with self._lock:
+            self._in_progress -= 1
+        callback = operation.callback
+        if callback is not None:
+            try:
+                callback(None)
+            except BaseException:
+                _report_callback_error()
+
+    # -- misc ------------------------------------------------------------------
+
+    def cancel(self, *aio_operations: AbstractOperation) -> int:
+        """Operations cannot be cancelled here; always returns 0."""
+        return 0
+
+    def close(self) -> None:
+        """Stop accepting operations; already scheduled ones still finish.
+
+        Does not wait for them (their callbacks still fire).  Idempotent.
+        """
+        if self._state != ContextState.OPEN:
+            return
+        with self._lock:
+            if self._state != ContextState.OPEN:
+                return
+            self._state = ContextState.CLOSING
+            try:
+                self.pool.close()
+            finally:
+                self._state = ContextState.CLOSED
+
+    def __del__(self) -> None:
+        if self._state == ContextState.OPEN:
+            self.close()
+
+
+class _ApplyCallback:
+    """Fallback-path completion callback for ``apply_async``."""
+
+    __slots__ = ("context", "operation", "success")
+
+    def __init__(self, context: Context, operation: "Operation", success: bool):
+        self.context = context
+        self.operation = operation
+        self.success = success
+
+    def __call__(self, value: Any) -> None:
+        if self.success:
+            self.context._complete(self.operation, value)
+        else:
+            self.context._fail(self.operation, value)
+
+
+def _pool_supports_direct_jobs(pool: ThreadPool) -> bool:
+    return (
+        callable(getattr(pool, "_quick_put", None))
+        and isinstance(getattr(pool, "_cache", None), dict)
+        and hasattr(pool, "_state")
+        and callable(getattr(getattr(pool, "_outqueue", None), "put", None))
+    )
+
+
+class Operation(AbstractOperation):
+    """
+    python aio operation implementation
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        nbytes: Optional[int],
+        offset: Optional[int],
+        opcode: OpCode,
+        payload: Optional[bytes] = None,
+        priority: Optional[int] = None,
+    ):
+        # Same acceptance rule as the native argument parsers: anything with
+        # __index__ (int, bool, numpy integers), nothing else.
+        fd = operator.index(fd)
+        nbytes = 0 if nbytes is None else operator.index(nbytes)
+        offset = 0 if offset is None else operator.index(offset)
+        priority = 0 if priority is None else operator.index(priority)
+
+        if opcode == _WRITE:
+            if not isinstance(payload, bytes):
+                raise ValueError(
+                    "payload_bytes must be bytes, got {!r}".format(
+                        type(payload),
+                    ),
+                )
+            buffer = payload
+        else:
+            buffer = b""
+
+        self.callback: Optional[Callback] = None
+        self.in_progress = False
+        self._lock = Lock()
+        # Write: the caller's payload (no copy).  Read: replaced by the bytes
+        # pread() returns.  Otherwise empty.
+        self.buffer: bytes = buffer
+        self.opcode = opcode
+        self.exception: Optional[BaseException] = None
+        self.written: Any = 0
+
+        self._fileno = fd
+        self._nbytes = nbytes
+        self._offset = offset
+        self._priority = priority  # accepted for compatibility, unused
+
+    @classmethod
+    def read(
+        cls, nbytes: int, fd: int, offset: int, priority: int = 0,
+    ) -> "Operation":
+        """Create a read operation."""
+        return cls(fd, nbytes, offset, _READ, priority=priority)
+
+    @classmethod
+    def write(
+        cls, payload_bytes: bytes, fd: int, offset: int, priority: int = 0,
+    ) -> "Operation":
+        """Create a write operation."""
+        return cls(
+            fd, len(payload_bytes), offset, _WRITE,
+            payload=payload_bytes, priority=priority,
+        )
+
+    @classmethod
+    def fsync(cls, fd: int, priority: int = 0) -> "Operation":
+        """Create an fsync operation."""
+        return cls(fd, None, None, _FSYNC, priority=priority)
+
+    @classmethod
+    def fdsync(cls, fd: int, priority: int = 0) -> "Operation":
+        """Create an fdatasync operation (fsync where unavailable)."""
+        return cls(fd, None, None, _FDSYNC, priority=priority)
+
+    def get_value(self) -> Union[bytes, int, None]:
+        """The result: bytes read, bytes written, or ``None`` for syncs.
+
+        Re-raises the original ``OSError`` if the operation failed.
+        """
+        if self.exception is not None:
+            raise self.exception
+        opcode = self.opcode
+        if opcode == _WRITE:
+            return self.written
+        if opcode == _FSYNC or opcode == _FDSYNC:
+            return None
+        return self.buffer
+
+    @property
+    def fileno(self) -> int:
+        return self._fileno
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    @property
+    def payload(self) -> memoryview:
+        return memoryview(self.buffer)
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def set_callback(self, callback: Callback) -> bool:
+        if not callable(callback):
+            raise ValueError(
+                "callback must be callable, got {!r}".format(callback),
+            )
+        # A single attribute store is atomic (also without the GIL) and drops
+        # the previous callback exactly once.
+        self.callback = callback
+        return True

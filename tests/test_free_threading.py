@@ -1,0 +1,276 @@
+"""Free-threaded CPython (3.13t+) stress tests, edge cases 69-76.
+
+Collected only when the GIL is disabled (``sys._is_gil_enabled()`` is
+False).  Set ``CAIO_TEST_FREE_THREADING=1`` to run them with the GIL as well
+(useful to check the tests themselves; they are much weaker there).
+"""
+
+import os
+import subprocess
+import sys
+import sysconfig
+import threading
+import weakref
+from typing import Any, Dict, List
+
+import pytest
+
+from conftest import FREE_THREADED, RawBackend, Recorder, read_file, subprocess_env
+
+FORCED = os.environ.get("CAIO_TEST_FREE_THREADING") == "1"
+
+pytestmark = pytest.mark.skipif(
+    not (FREE_THREADED or FORCED),
+    reason="needs a free-threaded CPython with the GIL disabled",
+)
+
+
+def _run_threads(count: int, target: Any, *args: Any) -> None:
+    errors: List[BaseException] = []
+    barrier = threading.Barrier(count)
+
+    def wrapper(index: int) -> None:
+        try:
+            barrier.wait()
+            target(index, *args)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wrapper, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+        assert not thread.is_alive(), "thread hung"
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.skipif(
+    not sysconfig.get_config_var("Py_GIL_DISABLED"),
+    reason="needs a free-threaded build",
+)
+def test_import_keeps_gil_disabled() -> None:
+    """Edge case 69."""
+    env = subprocess_env(PYTHON_GIL=None)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import caio, sys; print(sys._is_gil_enabled())"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+    assert "GIL" not in proc.stderr  # no "enabling the GIL" RuntimeWarning
+
+
+@pytest.mark.parametrize("threads", [2, 8])
+def test_one_op_many_contexts(backend: RawBackend, fast_fd: int, threads: int) -> None:
+    """Edge case 70: racing submits of one op to different Contexts."""
+    iterations = 2000 if threads == 2 else 500
+    ops = [backend.Operation.fsync(fast_fd) for _ in range(iterations)]
+    callbacks: Dict[int, int] = {}
+    lock = threading.Lock()
+
+    def count(index: int) -> Any:
+        def callback(_: object) -> None:
+            with lock:
+                callbacks[index] = callbacks.get(index, 0) + 1
+        return callback
+
+    for index, op in enumerate(ops):
+        op.set_callback(count(index))
+    contexts = [backend.context(iterations + 8) for _ in range(threads)]
+    accepted = [[0] * iterations for _ in range(threads)]
+
+    def worker(index: int) -> None:
+        ctx = contexts[index]
+        for i, op in enumerate(ops):
+            accepted[index][i] = ctx.submit(op)
+            if backend.is_linux and i % 16 == 0:
+                backend.drive(ctx)
+
+    _run_threads(threads, worker)
+    totals = [sum(accepted[t][i] for t in range(threads)) for i in range(iterations)]
+    assert totals == [1] * iterations
+
+    def all_delivered() -> bool:
+        for ctx in contexts:
+            backend.drive(ctx)
+        return len(callbacks) == iterations
+
+    backend.wait_for(None, all_delivered, timeout=30)
+    for ctx in contexts:
+        backend.drive(ctx)
+    assert set(callbacks.values()) == {1}
+
+
+@pytest.mark.parametrize("threads,batch", [(2, 64), (8, 16), (32, 1)])
+def test_many_threads_one_context(
+    backend: RawBackend, fast_fd: int, threads: int, batch: int,
+) -> None:
+    """Edge case 71: distinct writes from many threads to one Context."""
+    batches = 8
+    total = threads * batches * batch
+    ctx = backend.context(8192)
+    seen = Recorder()
+    submitted = []
+
+    def worker(index: int) -> None:
+        accepted = 0
+        for b in range(batches):
+            ops = []
+            for k in range(batch):
+                slot = (index * batches + b) * batch + k
+                op = backend.Operation.write(b"%04d" % (slot % 10000), fast_fd, 4 * slot)
+                op.set_callback(lambda result, op=op: seen((result, op.get_value())))
+                ops.append(op)
+            accepted += ctx.submit(*ops)
+        submitted.append(accepted)
+
+    _run_threads(threads, worker)
+    assert sum(submitted) == total
+    backend.wait_for(ctx, lambda: len(seen) == total, timeout=30)
+    assert set(seen.items) == {(4, 4)}
+    assert read_file(fast_fd) == b"".join(b"%04d" % (i % 10000) for i in range(total))
+
+
+@pytest.mark.parametrize("threads", [2, 16])
+def test_concurrent_drainers(linux_backend: RawBackend, fast_fd: int, threads: int) -> None:
+    """Edge case 72: each completion is delivered exactly once."""
+    ctx = linux_backend.context(2048)
+    count = 1000
+    hits = [0] * count
+    lock = threading.Lock()
+    done = Recorder()
+
+    def make(index: int) -> Any:
+        def callback(_: object) -> None:
+            with lock:
+                hits[index] += 1
+            done(index)
+        return callback
+
+    ops = [linux_backend.Operation.write(b"x", fast_fd, i) for i in range(count)]
+    for i, op in enumerate(ops):
+        op.set_callback(make(i))
+    assert ctx.submit(*ops) == count
+    if linux_backend.is_uring:
+        ctx.flush()
+
+    def drainer(index: int) -> None:
+        import time
+
+        deadline = time.monotonic() + 30
+        while len(done) < count and time.monotonic() < deadline:
+            ctx.process_events(max_requests=7)
+
+    _run_threads(threads, drainer)
+    assert hits == [1] * count
+
+
+def test_many_readers_of_one_result(backend: RawBackend, fast_fd: int) -> None:
+    """Edge case 73."""
+    data = os.urandom(4096)
+    os.pwrite(fast_fd, data, 0)
+    ctx = backend.context()
+    op = backend.Operation.read(4096, fast_fd, 0)
+    backend.run_one(ctx, op)
+
+    def reader(index: int) -> None:
+        for _ in range(2000):
+            assert op.get_value() == data
+            assert bytes(op.payload)[:4096] == data
+
+    _run_threads(8, reader)
+
+
+def test_observers_during_completion(pool_backend: RawBackend, fast_fd: int) -> None:
+    """Edge case 74: only RuntimeError or valid values, never a crash."""
+    payload = b"p" * 512
+    ctx = pool_backend.context(4096, pool_size=4)
+    ops = [pool_backend.Operation.write(payload, fast_fd, 512 * i) for i in range(400)]
+    calls = Recorder()
+    for op in ops:
+        op.set_callback(calls)
+    stop = threading.Event()
+
+    def observer(index: int) -> None:
+        while not stop.is_set():
+            for op in ops[index::4]:
+                try:
+                    value = op.get_value()
+                    assert value in (0, 512)
+                except RuntimeError:
+                    pass
+                try:
+                    view = op.payload
+                    assert view is None or bytes(view) == payload
+                except RuntimeError:
+                    pass
+
+    def submitter(index: int) -> None:
+        if index == 0:
+            try:
+                assert ctx.submit(*ops) == len(ops)
+                pool_backend.wait_for(None, lambda: len(calls) == len(ops), timeout=30)
+            finally:
+                stop.set()
+        else:
+            observer(index)
+
+    _run_threads(5, submitter)
+    assert len(calls) == len(ops)
+
+
+def test_concurrent_callback_replacement(backend: RawBackend) -> None:
+    """Edge case 75: every replaced callback is released exactly once."""
+    op = backend.Operation.fsync(0)
+    refs: List[Any] = []
+    lock = threading.Lock()
+
+    def replacer(index: int) -> None:
+        local = []
+        for i in range(500):
+            def callback(_: object, i: int = i) -> None:
+                pass
+            local.append(weakref.ref(callback))
+            assert op.set_callback(callback) is True
+            del callback
+        with lock:
+            refs.extend(local)
+
+    _run_threads(8, replacer)
+    op.set_callback(print)
+    import gc
+
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []
+
+
+def test_concurrent_uring_cancels(uring: RawBackend) -> None:
+    """Edge case 76."""
+    ctx = uring.context(256)
+    pipes = [os.pipe() for _ in range(64)]
+    calls = [Recorder() for _ in pipes]
+    ops = []
+    try:
+        for (r, _), recorder in zip(pipes, calls):
+            op = uring.Operation.read(8, r, -1)
+            op.set_callback(recorder)
+            ops.append(op)
+        assert ctx.submit(*ops) == len(ops)
+        ctx.flush()
+        results: List[int] = []
+
+        def canceller(index: int) -> None:
+            for op in ops[index::8]:
+                results.append(ctx.cancel(op))
+
+        _run_threads(8, canceller)
+        assert results == [0] * len(ops)
+        uring.wait_for(ctx, lambda: all(len(c) >= 1 for c in calls), timeout=30)
+        uring.drive(ctx)
+        assert [len(c) for c in calls] == [1] * len(ops)
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)

@@ -1,0 +1,245 @@
+"""Thread-pool backends: thread_aio (native) and python_aio (API.md 3.4, 3.5)."""
+
+import os
+import threading
+import time
+
+import pytest
+
+from conftest import RawBackend, Recorder, read_file
+
+
+# -- shared by thread_aio and python_aio ----------------------------------------------
+
+
+def test_no_eventfd_interface(pool_backend: RawBackend) -> None:
+    ctx = pool_backend.context()
+    for name in ("fileno", "poll", "process_events", "flush"):
+        assert not hasattr(ctx, name)
+
+
+def test_cancel_is_a_no_op(pool_backend: RawBackend, tmp_fd: int) -> None:
+    ctx = pool_backend.context()
+    op = pool_backend.Operation.write(b"x", tmp_fd, 0)
+    assert ctx.cancel(op) == 0
+    assert ctx.cancel() == 0
+    assert pool_backend.run_one(ctx, op) == 1
+    assert ctx.cancel(op) == 0
+
+
+def test_close_twice_then_submit(pool_backend: RawBackend, tmp_fd: int) -> None:
+    """Edge case 50."""
+    ctx = pool_backend.context()
+    ctx.close()
+    ctx.close()
+    op = pool_backend.Operation.fsync(tmp_fd)
+    with pytest.raises(RuntimeError):
+        ctx.submit(op)
+    # Rejected, so still usable elsewhere.
+    other = pool_backend.context()
+    assert pool_backend.run_one(other, op) in (0, None)
+
+
+def test_dropped_context_still_delivers_queued_work(
+    pool_backend: RawBackend, fast_fd: int,
+) -> None:
+    """Edge case 37: 64 queued fsyncs on a pool_size=2 Context, Context dropped."""
+    ctx = pool_backend.Context(max_requests=64, pool_size=2)
+    calls = Recorder()
+    ops = [pool_backend.Operation.fsync(fast_fd) for _ in range(64)]
+    for op in ops:
+        op.set_callback(calls)
+    assert ctx.submit(*ops) == 64
+    del ctx
+    pool_backend.wait_for(None, lambda: len(calls) == 64, what="64 callbacks")
+    assert all(op.get_value() is None for op in ops)
+
+
+def test_close_with_operations_in_flight(
+    pool_backend: RawBackend, fast_fd: int,
+) -> None:
+    """close() stops accepting work; queued operations still complete."""
+    ctx = pool_backend.context(128, pool_size=2)
+    calls = Recorder()
+    ops = [pool_backend.Operation.write(b"%03d" % i, fast_fd, 3 * i) for i in range(100)]
+    for op in ops:
+        op.set_callback(calls)
+    assert ctx.submit(*ops) == 100
+    ctx.close()
+    pool_backend.wait_for(None, lambda: len(calls) == 100, what="100 callbacks")
+    assert sorted(calls.items) == [3] * 100
+    assert read_file(fast_fd) == b"".join(b"%03d" % i for i in range(100))
+    with pytest.raises(RuntimeError):
+        ctx.submit(pool_backend.Operation.fsync(fast_fd))
+
+
+def test_callback_may_submit_more_work(pool_backend: RawBackend, tmp_fd: int) -> None:
+    """A completion callback can submit the next operation (capacity freed)."""
+    ctx = pool_backend.context(1, pool_size=1)
+    done = threading.Event()
+    results = []
+
+    def chain(result: object) -> None:
+        results.append(result)
+        if len(results) < 5:
+            op = pool_backend.Operation.write(b"x", tmp_fd, len(results))
+            op.set_callback(chain)
+            assert ctx.submit(op) == 1
+        else:
+            done.set()
+
+    first = pool_backend.Operation.write(b"x", tmp_fd, 0)
+    first.set_callback(chain)
+    assert ctx.submit(first) == 1
+    assert done.wait(10)
+    assert results == [1] * 5
+    assert read_file(tmp_fd) == b"xxxxx"
+
+
+# -- thread_aio -----------------------------------------------------------------------
+
+
+def test_thread_aio_constructor_limits(thread_aio: RawBackend) -> None:
+    ctx = thread_aio.context()
+    assert (ctx.max_requests, ctx.pool_size) == (512, 8)
+    assert thread_aio.context(0, 0).max_requests == 512
+    assert thread_aio.context(pool_size=128).pool_size == 128
+    assert thread_aio.context(max_requests=65534, pool_size=1).max_requests == 65534
+    with pytest.raises(ValueError):
+        thread_aio.Context(pool_size=129)
+    with pytest.raises(ValueError):
+        thread_aio.Context(max_requests=65535)
+
+
+def test_thread_aio_values_that_would_wrap_are_rejected(thread_aio: RawBackend) -> None:
+    """Q3: 100000 used to become 34464 and 65536 used to become 0 (-> 8)."""
+    with pytest.raises((OverflowError, ValueError)):
+        thread_aio.Context(max_requests=100000)
+    with pytest.raises((OverflowError, ValueError)):
+        thread_aio.Context(pool_size=65536)
+    with pytest.raises((OverflowError, ValueError)):
+        thread_aio.Context(pool_size=-1)
+
+
+def test_thread_aio_repr_after_close(thread_aio: RawBackend) -> None:
+    ctx = thread_aio.context()
+    assert "pool_size=8" in repr(ctx)
+    ctx.close()
+    with pytest.raises(RuntimeError):
+        repr(ctx)
+
+
+def test_thread_aio_cancel_accepts_anything(thread_aio: RawBackend) -> None:
+    ctx = thread_aio.context()
+    assert ctx.cancel(object(), 1, "x") == 0
+    with pytest.raises(TypeError):
+        ctx.cancel(operation=None)
+
+
+def _blocked_worker(backend: RawBackend, fd: int) -> tuple:
+    """A pool_size=1 context whose only worker is stuck in a callback."""
+    ctx = backend.context(4, pool_size=1)
+    release = threading.Event()
+    entered = threading.Event()
+
+    def block(_: object) -> None:
+        entered.set()
+        release.wait(20)
+
+    blocker = backend.Operation.fsync(fd)
+    blocker.set_callback(block)
+    assert ctx.submit(blocker) == 1
+    assert entered.wait(10)
+    return ctx, release
+
+
+def test_thread_aio_queued_op_is_gated(thread_aio: RawBackend, tmp_fd: int) -> None:
+    """Edge case 17 (and Q7: write payload becomes None after completion)."""
+    ctx, release = _blocked_worker(thread_aio, tmp_fd)
+    try:
+        calls = Recorder()
+        op = thread_aio.Operation.write(b"hello", tmp_fd, 0)
+        op.set_callback(calls)
+        assert ctx.submit(op) == 1
+        with pytest.raises(RuntimeError):
+            op.payload
+        with pytest.raises(RuntimeError):
+            op.get_value()
+        assert op.nbytes == 5
+    finally:
+        release.set()
+    thread_aio.wait_for(None, lambda: len(calls) == 1)
+    assert calls.items == [5]
+    assert op.get_value() == 5
+    assert op.payload is None
+    assert op.result == 5 and op.error == 0
+
+
+def test_thread_aio_queue_overflow_is_retryable(thread_aio: RawBackend, tmp_fd: int) -> None:
+    """Edge case 45."""
+    ctx, release = _blocked_worker(thread_aio, tmp_fd)
+    calls = Recorder()
+    try:
+        ops = [thread_aio.Operation.write(b"%02d" % i, tmp_fd, 2 * i) for i in range(64)]
+        for op in ops:
+            op.set_callback(calls)
+        with pytest.raises(RuntimeError):
+            ctx.submit(*ops)
+        accepted = sum(1 for op in ops if _in_flight(op))
+        assert 0 < accepted < 64
+        rejected = ops[accepted]
+        assert not _in_flight(rejected)
+    finally:
+        release.set()
+    thread_aio.wait_for(None, lambda: len(calls) == accepted)
+    calls.items.clear()
+    assert thread_aio.run_one(ctx, rejected) == 2  # its original payload
+    assert rejected.result == 2
+    data = read_file(tmp_fd)
+    assert data[2 * accepted:2 * accepted + 2] == b"%02d" % accepted
+
+
+def _in_flight(op: object) -> bool:
+    try:
+        op.get_value()
+    except RuntimeError:
+        return True
+    return False
+
+
+def test_thread_aio_close_from_callback(thread_aio: RawBackend, tmp_fd: int) -> None:
+    """Edge case 52: close() inside a callback does not deadlock."""
+    ctx = thread_aio.Context()
+    done = threading.Event()
+    op = thread_aio.Operation.write(b"x", tmp_fd, 0)
+
+    def close_from_worker(_: object) -> None:
+        ctx.close()
+        done.set()
+
+    op.set_callback(close_from_worker)
+    assert ctx.submit(op) == 1
+    assert done.wait(10)
+    with pytest.raises(RuntimeError):
+        ctx.submit(thread_aio.Operation.fsync(tmp_fd))
+
+
+def test_thread_aio_close_waits_for_queued_work(
+    thread_aio: RawBackend, fast_fd: int,
+) -> None:
+    ctx = thread_aio.Context(pool_size=2)
+    calls = Recorder()
+    ops = [thread_aio.Operation.fsync(fast_fd) for _ in range(50)]
+    for op in ops:
+        op.set_callback(calls)
+    assert ctx.submit(*ops) == 50
+    ctx.close()
+    assert len(calls) == 50
+
+
+def test_thread_aio_error_result(thread_aio: RawBackend, closed_fd: int) -> None:
+    ctx = thread_aio.context()
+    op = thread_aio.Operation.write(b"x", closed_fd, 0)
+    assert thread_aio.run_one(ctx, op) == -1
+    assert op.result == -1
+    assert op.error == 9

@@ -1,0 +1,405 @@
+"""python_aio specifics (API.md 3.5, edge cases 46-51, quirk Q17)."""
+
+import errno
+import gc
+import importlib.util
+import os
+import sys
+import threading
+from multiprocessing.pool import ThreadPool
+from typing import Any
+
+import pytest
+
+import caio
+from caio import python_aio
+from caio.python_aio import ContextState, OpCode
+from conftest import RawBackend, Recorder, read_file
+
+
+def test_module_level_names() -> None:
+    assert python_aio.fdsync is getattr(os, "fdatasync", os.fsync)
+    assert python_aio.NATIVE_PREAD_PWRITE == (
+        hasattr(os, "pread") and hasattr(os, "pwrite")
+    )
+    assert [(m.name, int(m)) for m in OpCode] == [
+        ("READ", 0), ("WRITE", 1), ("FSYNC", 2), ("FDSYNC", 3), ("NOOP", -1),
+    ]
+    assert [(m.name, int(m)) for m in ContextState] == [
+        ("OPEN", 0), ("CLOSING", 1), ("CLOSED", 2),
+    ]
+    assert python_aio.Context.MAX_POOL_SIZE == 128
+
+
+def test_context_defaults(python_aio: RawBackend) -> None:
+    ctx = python_aio.context()
+    assert ctx.max_requests == 32
+    assert isinstance(ctx.pool, ThreadPool)
+    assert ctx._in_progress == 0
+    assert ctx._state == ContextState.OPEN
+    with pytest.raises(AttributeError):
+        ctx.max_requests = 5
+
+
+def test_context_validation(python_aio: RawBackend) -> None:
+    """Edge case 48 and the documented validation order."""
+    for kwargs in ({"pool_size": 0}, {"max_requests": 0},
+                   {"pool_size": 128}, {"max_requests": -1}):
+        with pytest.raises(ValueError):
+            python_aio.Context(**kwargs)
+    # pool_size is validated first.
+    with pytest.raises(ValueError, match="pool_size"):
+        python_aio.Context(max_requests=0, pool_size=0)
+    with pytest.raises(ValueError, match="between 1 and 127, got 500"):
+        python_aio.Context(pool_size=500)
+    with pytest.raises(ValueError, match="positive integer, got 0"):
+        python_aio.Context(max_requests=0)
+    with pytest.raises(TypeError):
+        python_aio.Context(max_requests=None)
+    assert python_aio.context(pool_size=127).max_requests == 32
+
+
+def test_failed_construction_finalizer_is_silent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Q17: a constructor call that fails before __init__ runs (unknown
+    keyword) or inside validation must not report anything from __del__."""
+    reports = []
+    monkeypatch.setattr(sys, "unraisablehook", reports.append)
+    with pytest.raises(TypeError):
+        python_aio.Context(bogus=1)
+    with pytest.raises(ValueError):
+        python_aio.Context(pool_size=0)
+    gc.collect()
+    assert reports == []
+
+
+def test_direct_operation_construction(python_aio: RawBackend) -> None:
+    ctx = python_aio.context()
+    op = python_aio.Operation(0, None, None, OpCode.NOOP)
+    assert (op.fileno, op.nbytes, op.offset) == (0, 0, 0)
+    assert op.opcode is OpCode.NOOP
+    assert op.callback is None
+    assert op.in_progress is False
+    assert op.exception is None
+    assert op.written == 0
+    assert op.buffer == b""
+    assert python_aio.run_one(ctx, op) is None
+    assert op.get_value() == b""
+    assert op.in_progress is True  # never reset after a genuine dispatch
+
+
+def test_write_requires_bytes_payload_directly() -> None:
+    with pytest.raises(ValueError):
+        python_aio.Operation(0, 1, 0, OpCode.WRITE, payload=None)
+    with pytest.raises(ValueError):
+        python_aio.Operation(0, 1, 0, OpCode.WRITE, payload=bytearray(b"x"))
+
+
+def test_payload_is_a_new_memoryview_each_time(
+    python_aio: RawBackend, tmp_fd: int,
+) -> None:
+    op = python_aio.Operation.write(b"abc", tmp_fd, 0)
+    first, second = op.payload, op.payload
+    assert isinstance(first, memoryview)
+    assert first is not second
+    assert first == second == b"abc"
+
+
+def test_no_in_flight_gate(python_aio: RawBackend, tmp_fd: int) -> None:
+    os.pwrite(tmp_fd, b"data", 0)
+    ctx = python_aio.context(pool_size=1)
+    release = threading.Event()
+    blocker = python_aio.Operation.fsync(tmp_fd)
+    blocker.set_callback(lambda _: release.wait(10))
+    assert ctx.submit(blocker) == 1
+    op = python_aio.Operation.read(4, tmp_fd, 0)
+    calls = Recorder()
+    op.set_callback(calls)
+    assert ctx.submit(op) == 1
+    # python_aio returns the current state instead of raising.
+    assert op.get_value() in (b"", b"data")
+    assert bytes(op.payload) in (b"", b"data")
+    release.set()
+    python_aio.wait_for(None, lambda: len(calls) == 1)
+    assert op.get_value() == b"data"
+
+
+def test_max_requests_one_rejects_second(python_aio: RawBackend) -> None:
+    """Edge case 47."""
+    ctx = python_aio.context(max_requests=1, pool_size=1)
+    ctx._in_progress = 1
+    with pytest.raises(RuntimeError):
+        ctx.submit(python_aio.Operation.fsync(0))
+    ctx._in_progress = 0
+
+
+def test_in_flight_never_exceeds_max_requests(
+    python_aio: RawBackend, fast_fd: int,
+) -> None:
+    ctx = python_aio.context(max_requests=3, pool_size=1)
+    release = threading.Event()
+    calls = Recorder()
+    ops = [python_aio.Operation.fsync(fast_fd) for _ in range(5)]
+    ops[0].set_callback(lambda _: (release.wait(10), calls(None)))
+    for op in ops[1:]:
+        op.set_callback(calls)
+    with pytest.raises(RuntimeError, match="Maximum simultaneous requests"):
+        ctx.submit(*ops)
+    # The first three stay scheduled, the rest were never claimed.
+    assert ctx._in_progress == 3
+    assert [op.in_progress for op in ops] == [True, True, True, False, False]
+    release.set()
+    python_aio.wait_for(None, lambda: len(calls) == 3)
+    python_aio.wait_for(None, lambda: ctx._in_progress == 0)
+    assert python_aio.run(ctx, *ops[3:]) == [None, None]
+
+
+def test_claimed_op_is_skipped_even_on_closed_context(
+    python_aio: RawBackend, tmp_fd: int,
+) -> None:
+    ctx = python_aio.context()
+    op = python_aio.Operation.write(b"x", tmp_fd, 0)
+    python_aio.run_one(ctx, op)
+    ctx.close()
+    assert ctx._state == ContextState.CLOSED
+    assert ctx.submit(op) == 0
+    with pytest.raises(RuntimeError, match="Context is closed"):
+        ctx.submit(python_aio.Operation.write(b"y", tmp_fd, 0))
+
+
+def test_pool_closed_underneath(python_aio: RawBackend, tmp_fd: int) -> None:
+    """Edge case 51: scheduling fails -> claim and counter rolled back."""
+    ctx = python_aio.context(max_requests=1)
+    ctx.pool.close()
+    op = python_aio.Operation.fsync(tmp_fd)
+    with pytest.raises(Exception):
+        ctx.submit(op)
+    assert ctx._in_progress == 0
+    assert op.in_progress is False
+    other = python_aio.context()
+    assert python_aio.run_one(other, op) is None
+
+
+def test_close_does_not_wait_and_pool_joins(
+    python_aio: RawBackend, fast_fd: int,
+) -> None:
+    ctx = python_aio.context(max_requests=64, pool_size=2)
+    release = threading.Event()
+    calls = Recorder()
+    blocker = python_aio.Operation.fsync(fast_fd)
+    blocker.set_callback(lambda _: (release.wait(10), calls(None)))
+    ops = [python_aio.Operation.fsync(fast_fd) for _ in range(20)]
+    for op in ops:
+        op.set_callback(calls)
+    assert ctx.submit(blocker, *ops) == 21
+    ctx.close()  # returns while the blocker's callback is still waiting
+    assert len(calls) < 21
+    release.set()
+    ctx.pool.join()  # graceful: every scheduled operation was delivered
+    assert len(calls) == 21
+    assert ctx._in_progress == 0
+
+
+def test_raising_callback_reports_via_excepthook(
+    python_aio: RawBackend, tmp_fd: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Edge case 46: exactly one excepthook call, later ops delivered."""
+    reports = []
+    monkeypatch.setattr(threading, "excepthook", reports.append)
+    ctx = python_aio.context()
+    failing = python_aio.Operation.write(b"first", tmp_fd, 0)
+    failing.set_callback(lambda _: 1 / 0)
+    assert ctx.submit(failing) == 1
+    python_aio.wait_for(None, lambda: reports)
+    assert len(reports) == 1
+    report = reports[0]
+    assert isinstance(report, threading.ExceptHookArgs)
+    assert report.exc_type is ZeroDivisionError
+    assert isinstance(report.exc_value, ZeroDivisionError)
+    assert report.exc_traceback is not None
+    assert report.thread is not threading.current_thread()
+    following = python_aio.Operation.write(b"second", tmp_fd, 5)
+    assert python_aio.run_one(ctx, following) == 6
+    assert len(reports) == 1
+
+
+def test_callbacks_run_one_at_a_time(python_aio: RawBackend, fast_fd: int) -> None:
+    ctx = python_aio.context(max_requests=64, pool_size=8)
+    active = []
+    overlap = []
+    lock = threading.Lock()
+
+    def callback(_: object) -> None:
+        with lock:
+            active.append(1)
+            if len(active) > 1:
+                overlap.append(1)
+        threading.Event().wait(0.001)
+        with lock:
+            active.pop()
+
+    ops = [python_aio.Operation.fsync(fast_fd) for _ in range(40)]
+    python_aio.run(ctx, *ops)  # run() replaces callbacks; wrap instead
+    ops = [python_aio.Operation.fsync(fast_fd) for _ in range(40)]
+    done = Recorder()
+    for op in ops:
+        op.set_callback(lambda r: (callback(r), done(r)))
+    assert ctx.submit(*ops) == 40
+    python_aio.wait_for(None, lambda: len(done) == 40)
+    assert overlap == []
+
+
+def test_apply_async_fallback_path(python_aio: RawBackend, tmp_fd: int) -> None:
+    """The ThreadPool.apply_async path gives the same results."""
+    ctx = python_aio.context()
+    ctx._direct = False
+    write = python_aio.Operation.write(b"fallback", tmp_fd, 0)
+    assert python_aio.run_one(ctx, write) == 8
+    read = python_aio.Operation.read(100, tmp_fd, 0)
+    assert python_aio.run_one(ctx, read) == 8
+    assert read.get_value() == b"fallback"
+    bad = python_aio.Operation.read(1, 4093 + 7919, 0)
+    assert python_aio.run_one(ctx, bad) is None
+    with pytest.raises(OSError):
+        bad.get_value()
+    assert ctx._in_progress == 0
+    ctx.pool.close()
+    with pytest.raises(ValueError):
+        ctx.submit(python_aio.Operation.fsync(tmp_fd))
+    assert ctx._in_progress == 0
+
+
+def test_direct_path_is_used_on_this_python(python_aio: RawBackend) -> None:
+    # The lean submission path relies on ThreadPool internals that have not
+    # changed from 3.8 to 3.13; make it visible when a new CPython drops them.
+    assert python_aio.context()._direct is True
+
+
+def test_unknown_opcode_is_rejected_by_submit(python_aio: RawBackend) -> None:
+    ctx = python_aio.context()
+    op = python_aio.Operation(0, None, None, 99)
+    with pytest.raises(KeyError):
+        ctx.submit(op)
+    assert op.in_progress is False
+    assert ctx._in_progress == 0
+
+
+# -- the lseek+read emulation used without os.pread (Windows) -------------------------
+
+
+@pytest.fixture
+def emulated(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A private copy of python_aio loaded as if os.pread/pwrite were missing."""
+    monkeypatch.delattr(os, "pread", raising=False)
+    monkeypatch.delattr(os, "pwrite", raising=False)
+    spec = importlib.util.spec_from_file_location(
+        "caio._python_aio_emulated", python_aio.__file__,
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.undo()  # the module captured the emulation already
+    assert module.NATIVE_PREAD_PWRITE is False
+    backend = RawBackend("python_aio", module)
+    yield backend
+    backend.cleanup()
+
+
+def test_emulated_pread_pwrite(emulated: RawBackend, tmp_fd: int) -> None:
+    ctx = emulated.context()
+    ops = [emulated.Operation.write(bytes([65 + i]) * 512, tmp_fd, 512 * i)
+           for i in range(16)]
+    assert emulated.run(ctx, *ops) == [512] * 16
+    reads = [emulated.Operation.read(512, tmp_fd, 512 * i) for i in range(16)]
+    assert emulated.run(ctx, *reads) == [512] * 16
+    assert [op.get_value() for op in reads] == [bytes([65 + i]) * 512 for i in range(16)]
+    past = emulated.Operation.read(10, tmp_fd, 10 ** 6)
+    assert emulated.run_one(ctx, past) == 0
+    negative = emulated.Operation.read(10, tmp_fd, -1)
+    emulated.run_one(ctx, negative)
+    with pytest.raises(OSError) as excinfo:
+        negative.get_value()
+    assert excinfo.value.errno == errno.EINVAL
+
+
+def test_fdsync_fallback_symbol() -> None:
+    if hasattr(os, "fdatasync"):
+        assert python_aio.fdsync is os.fdatasync
+    else:
+        assert python_aio.fdsync is os.fsync
+
+
+def test_python_aio_is_always_available() -> None:
+    assert caio.python_aio is python_aio
+    assert caio.variants[-1] is python_aio
+    assert caio.variants_asyncio[-1] is caio.python_aio_asyncio
+
+
+# -- scheduling: slow operations must not hold up others ------------------------------
+
+
+@pytest.fixture
+def blocking_noop(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """NOOP operations block on the pool thread until the event is set."""
+    release = threading.Event()
+
+    def blocking(op: Any) -> None:
+        assert release.wait(20), "never released"
+
+    monkeypatch.setitem(python_aio._RUNNERS, OpCode.NOOP, blocking)
+    yield release
+    release.set()
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "apply_async"])
+def test_slow_operation_does_not_hold_up_others(
+    python_aio: RawBackend, fast_fd: int, blocking_noop: threading.Event,
+    direct: bool,
+) -> None:
+    ctx = python_aio.context(64, pool_size=2)
+    ctx._direct = direct
+    slow_done = Recorder()
+    slow = python_aio.Operation(0, None, None, OpCode.NOOP)
+    slow.set_callback(slow_done)
+    assert ctx.submit(slow) == 1
+    # Everything else completes on the second worker meanwhile.
+    fast = [python_aio.Operation.write(b"%02d" % i, fast_fd, 2 * i) for i in range(20)]
+    assert python_aio.run(ctx, *fast) == [2] * 20
+    assert slow_done.items == []
+    blocking_noop.set()
+    python_aio.wait_for(None, lambda: len(slow_done) == 1)
+    assert ctx._in_progress == 0
+
+
+def test_exhausted_pool_queues_operations(
+    python_aio: RawBackend, fast_fd: int, blocking_noop: threading.Event,
+) -> None:
+    ctx = python_aio.context(64, pool_size=2)
+    slow = [python_aio.Operation(0, None, None, OpCode.NOOP) for _ in range(2)]
+    assert ctx.submit(*slow) == 2
+    done = Recorder()
+    waiting = [python_aio.Operation.fsync(fast_fd) for _ in range(10)]
+    for op in waiting:
+        op.set_callback(done)
+    assert ctx.submit(*waiting) == 10
+    threading.Event().wait(0.2)
+    assert done.items == []  # both workers are blocked
+    blocking_noop.set()
+    python_aio.wait_for(None, lambda: len(done) == 10)
+    python_aio.wait_for(None, lambda: ctx._in_progress == 0)
+
+
+def test_base_exception_in_runner_fails_only_that_operation(
+    python_aio: RawBackend, fast_fd: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def interrupted(op: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(caio.python_aio._RUNNERS, OpCode.NOOP, interrupted)
+    ctx = python_aio.context(pool_size=1)
+    op = python_aio.Operation(0, None, None, OpCode.NOOP)
+    assert python_aio.run_one(ctx, op) is None
+    with pytest.raises(KeyboardInterrupt):
+        op.get_value()
+    # The single worker is still alive and serving.
+    assert python_aio.run_one(ctx, python_aio.Operation.fsync(fast_fd)) is None
