@@ -20,8 +20,9 @@
 //! completed inline — returns the value without ever suspending. Otherwise it
 //! creates one future, installs it in the op (the backend's drain resolves
 //! it, see `op::set_future`) and yields it to the task; the next step returns
-//! `op.get_value()`. Cancelling the task cancels the op through the engine
-//! and releases the slot at once (API.md §4.7).
+//! `op.get_value()`. Cancelling the task cancels the op through the engine;
+//! its slot is released once the backend has really finished the op (at
+//! once when it never reached the backend), see `hand_slot_to_op`.
 //!
 //! Per operation this costs one Operation, one Awaitable and — only for ops
 //! that do not complete inline — one future; no Python frame runs.
@@ -97,6 +98,14 @@ pub struct Adapter {
 }
 
 impl Adapter {
+    /// The adapter itself, as a Python object (borrowed).
+    pub fn as_ptr(&self) -> *mut PyObject {
+        self as *const Adapter as *mut PyObject
+    }
+    /// `_close_native()` was called: new operations are refused.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
     /// The backend Context given to `_bind` (borrowed).
     pub fn context(&self) -> *mut PyObject {
         self.context
@@ -948,10 +957,13 @@ static mut RELEASE_SLOT_DEF: PyMethodDef = PyMethodDef {
 };
 
 /// Makes the op's delivery release the awaitable's admission slot. False if
-/// the op is already done (the caller releases it now).
+/// the op is not in flight (the caller releases it now).
 unsafe fn hand_slot_to_op(w: *mut Awaitable) -> bool {
     let o = as_op((*w).op);
-    if o.state() == op::DONE {
+    // Only an op still claimed by the backend can hold it: a DONE op has
+    // finished, and one the backend rolled back to NEW (a deferred batch
+    // that never reached the kernel, a refused submission) never will.
+    if o.state() != op::IN_FLIGHT {
         return false;
     }
     let cb = PyCFunction_NewEx(
