@@ -24,13 +24,18 @@
 //! its slot is released once the backend has really finished the op (at
 //! once when it never reached the backend), see `hand_slot_to_op`.
 //!
+//! Fairness for inline completions: by default the loop gets one turn after
+//! `MAX_SYNC_STREAK` consecutive ones. An adapter class that defines
+//! `SYNC_BUDGET` gets a per-loop-iteration budget instead (see
+//! `spend_sync_budget`).
+//!
 //! Per operation this costs one Operation, one Awaitable and — only for ops
 //! that do not complete inline — one future; no Python frame runs.
 
 use std::collections::VecDeque;
 use std::ffi::{c_int, c_void};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use pyo3_ffi::*;
@@ -95,6 +100,12 @@ pub struct Adapter {
     /// limit after which the loop gets one turn (`MAX_SYNC_STREAK`; 0: off).
     sync_streak: AtomicU32,
     max_sync_streak: u32,
+    /// Per-iteration budget mode (the adapter class defines `SYNC_BUDGET`;
+    /// it then replaces the streak): synchronous completions left in this
+    /// loop iteration, and the value a `call_soon` callback refills it to at
+    /// the start of the next one. `sync_budget_max < 0`: off.
+    sync_budget: AtomicI64,
+    sync_budget_max: i64,
 }
 
 impl Adapter {
@@ -357,6 +368,8 @@ unsafe extern "C" fn adapter_new(
         ptr::addr_of_mut!((*a).bound).write(AtomicBool::new(false));
         ptr::addr_of_mut!((*a).sync_streak).write(AtomicU32::new(0));
         (*a).max_sync_streak = 0;
+        ptr::addr_of_mut!((*a).sync_budget).write(AtomicI64::new(0));
+        (*a).sync_budget_max = -1;
         ptr::addr_of_mut!((*a).closed).write(AtomicBool::new(false));
         ptr::addr_of_mut!((*a).gate).write(Mutex::new(Gate {
             in_use: 0,
@@ -512,6 +525,21 @@ unsafe extern "C" fn adapter_bind(
                 crate::args::int_in(streak.borrow(), "MAX_SYNC_STREAK", 0, u32::MAX as i128)?
                     as u32;
         }
+        // Optional per-iteration budget (class attribute `SYNC_BUDGET`).
+        let budget = PyObject_GetAttrString(slf, c"SYNC_BUDGET".as_ptr());
+        if budget.is_null() {
+            if PyErr_ExceptionMatches(PyExc_AttributeError) == 0 {
+                return Err(PyErr::Fetched);
+            }
+            PyErr_Clear();
+            (*a).sync_budget_max = -1;
+        } else {
+            let budget = Owned::from_raw(budget);
+            (*a).sync_budget_max =
+                crate::args::int_in(budget.borrow(), "SYNC_BUDGET", 0, i32::MAX as i128)? as i64;
+        }
+        (*a).sync_budget
+            .store((*a).sync_budget_max, Ordering::Relaxed);
         (*a).closed.store(false, Ordering::Release);
         (*a).bound.store(true, Ordering::Release);
         Ok(crate::py::none())
@@ -758,12 +786,20 @@ unsafe fn finish(w: *mut Awaitable, inline: bool) -> PyResult<Step> {
     set_state(w, FINISHED);
     let v = op::get_value(as_op((*w).op))?;
     let a = adapter((*w).adapter);
-    if !inline {
+    let yield_once = if a.sync_budget_max >= 0 {
+        inline && spend_sync_budget(w)
+    } else if !inline {
         a.sync_streak.store(0, Ordering::Relaxed);
+        false
     } else if a.max_sync_streak > 0
         && a.sync_streak.fetch_add(1, Ordering::Relaxed) + 1 >= a.max_sync_streak
     {
         a.sync_streak.store(0, Ordering::Relaxed);
+        true
+    } else {
+        false
+    };
+    if yield_once {
         (*w).value = v.into_ptr();
         set_state(w, YIELDED);
         // A bare yield: the task reschedules itself with call_soon.
@@ -771,6 +807,59 @@ unsafe fn finish(w: *mut Awaitable, inline: bool) -> PyResult<Step> {
     }
     Ok(Step::Return(v))
 }
+
+/// Budget mode: one synchronous completion spent; true when the awaiting
+/// task must yield once. Once this iteration's budget is used up every task
+/// yields after each synchronous completion, and the budget is refilled by a
+/// `call_soon` callback — at the start of the next iteration, before the
+/// tasks that yielded run again. Unlike a streak limit this bounds the whole
+/// iteration, however many tasks share the adapter.
+unsafe fn spend_sync_budget(w: *mut Awaitable) -> bool {
+    let a = adapter((*w).adapter);
+    let left = a.sync_budget.fetch_sub(1, Ordering::Relaxed) - 1;
+    if left > 0 {
+        return false;
+    }
+    if left == 0 {
+        let cb = if !a.bound.load(Ordering::Acquire) {
+            ptr::null_mut()
+        } else {
+            PyCFunction_NewEx(
+                ptr::addr_of_mut!(REFILL_BUDGET_DEF),
+                (*w).adapter,
+                ptr::null_mut(),
+            )
+        };
+        let scheduled = !cb.is_null() && {
+            let cb = Owned::from_raw(cb);
+            a.call_soon(cb.as_ptr()).is_ok()
+        };
+        if !scheduled {
+            // No loop to run it (closed?): refill now rather than never.
+            PyErr_Clear();
+            a.sync_budget.store(a.sync_budget_max, Ordering::Relaxed);
+        }
+    }
+    true
+}
+
+unsafe extern "C" fn refill_budget_callback(
+    adapter_obj: *mut PyObject,
+    _: *mut PyObject,
+) -> *mut PyObject {
+    let a = adapter(adapter_obj);
+    a.sync_budget.store(a.sync_budget_max, Ordering::Relaxed);
+    crate::py::none().into_ptr()
+}
+
+static mut REFILL_BUDGET_DEF: PyMethodDef = PyMethodDef {
+    ml_name: c"_refill_sync_budget".as_ptr(),
+    ml_meth: PyMethodDefPointer {
+        PyCFunction: refill_budget_callback,
+    },
+    ml_flags: METH_NOARGS,
+    ml_doc: ptr::null(),
+};
 
 unsafe fn submit_op(w: *mut Awaitable) -> PyResult<Step> {
     let a = adapter((*w).adapter);
