@@ -682,10 +682,9 @@ unsafe fn prepare_direct_write(slf: *mut PyObject, o: &Operation) -> PyResult<()
     o.use_aligned_window(mem_align.next_power_of_two())
 }
 
-/// Claims, prepares and submits `args` (all known to be Operations).
-/// Returns how many were accepted and, if one was refused, its index and
-/// the reason; everything after it is rolled back (retryable). Indices of
-/// accepted ops are pushed to `accepted` when given.
+/// Claims and submits `args` (all known to be Operations), see
+/// [`submit_claimed`]. Ops that cannot be claimed (in flight elsewhere,
+/// listed twice, or done) are skipped.
 unsafe fn submit_ops(
     slf: *mut PyObject,
     c: &Inner,
@@ -693,40 +692,73 @@ unsafe fn submit_ops(
     accepted: Option<&mut Vec<usize>>,
 ) -> PyResult<(usize, Option<(usize, PyErr)>)> {
     c.check_fork()?;
+    if c.closing.load(Ordering::Acquire) {
+        return Err(closed_error());
+    }
+    let mut claimed: Vec<(usize, *mut Operation)> = Vec::with_capacity(args.len());
+    for (i, &a) in args.iter().enumerate() {
+        let o = as_op(a);
+        if o.try_claim() {
+            op::begin(o, slf);
+            claimed.push((i, a as *mut Operation));
+        }
+    }
+    submit_claimed(slf, c, &claimed, accepted)
+}
+
+/// Prepares and submits ops the caller has claimed and begun (`(argument
+/// index, op)`), in one `io_submit` when the kernel takes them all. Returns
+/// how many were accepted (a prefix) and, if one was refused, its argument
+/// index and the reason: that op and every later one is rolled back (`NEW`,
+/// retryable). Indices of accepted ops are pushed to `accepted` when given.
+/// On `Err` every op is rolled back.
+unsafe fn submit_claimed(
+    slf: *mut PyObject,
+    c: &Inner,
+    claimed: &[(usize, *mut Operation)],
+    accepted: Option<&mut Vec<usize>>,
+) -> PyResult<(usize, Option<(usize, PyErr)>)> {
+    let abort_all = || {
+        for &(_, p) in claimed {
+            op::abort(&*p);
+        }
+    };
+    if let Err(e) = c.check_fork() {
+        abort_all();
+        return Err(e);
+    }
     let h = c.read();
     if c.closing.load(Ordering::Acquire) || h.aio == 0 {
+        drop(h);
+        abort_all();
         return Err(closed_error());
     }
     let resfd = h.queue.as_ref().map_or(-1, |q| q.fileno());
     // (argument index, op, goes straight to the workers)
-    let mut entries: Vec<(usize, *mut Operation, bool)> = Vec::with_capacity(args.len());
-    let mut iocbs: Vec<*mut Iocb> = Vec::with_capacity(args.len());
+    let mut entries: Vec<(usize, *mut Operation, bool)> = Vec::with_capacity(claimed.len());
+    let mut iocbs: Vec<*mut Iocb> = Vec::with_capacity(claimed.len());
     // For each iocb, the index of its entry.
-    let mut iocb_entry: Vec<usize> = Vec::with_capacity(args.len());
+    let mut iocb_entry: Vec<usize> = Vec::with_capacity(claimed.len());
     let mut local: Option<(usize, PyErr)> = None;
     let mut cache = None;
     let nowait = c.nowait.load(Ordering::Relaxed);
-    for (i, &a) in args.iter().enumerate() {
-        let o = as_op(a);
-        if !o.try_claim() {
-            continue; // in flight elsewhere, listed twice, or done: skipped
-        }
-        op::begin(o, slf);
-        match prepare(slf, c, o, resfd, nowait, &mut cache) {
+    for &(i, p) in claimed {
+        match prepare(slf, c, &*p, resfd, nowait, &mut cache) {
             Ok((cb, to_workers)) => {
                 if !to_workers {
                     iocbs.push(cb);
                     iocb_entry.push(entries.len());
                 }
-                entries.push((i, a as *mut Operation, to_workers));
+                entries.push((i, p, to_workers));
             }
             Err(e) => {
-                op::abort(o);
                 local = Some((i, e));
                 break;
             }
         }
     }
+    // The op that could not be prepared and everything after it.
+    let unprepared = &claimed[entries.len()..];
     // Counted before the kernel sees them: a completion may be reaped by
     // another thread before io_submit even returns.
     c.in_flight.fetch_add(entries.len(), Ordering::AcqRel);
@@ -779,6 +811,9 @@ unsafe fn submit_ops(
         c.in_flight.fetch_sub(rolled_back, Ordering::AcqRel);
     }
     for &(_, p, _) in &entries[cut..] {
+        op::abort(&*p);
+    }
+    for &(_, p) in unprepared {
         op::abort(&*p);
     }
     if let Some(acc) = accepted {
@@ -1202,22 +1237,29 @@ unsafe extern "C" fn ctx_drain(slf: *mut PyObject, _: *mut PyObject) -> *mut PyO
     trampoline(|| {
         let c = ctx(slf);
         c.check_fork()?;
+        py_int(c.drain() as i64)
+    })
+}
+
+impl Inner {
+    /// Resets the eventfd counter, then delivers every available completion.
+    unsafe fn drain(&self) -> usize {
         {
-            let h = c.read();
+            let h = self.read();
             if let Some(q) = h.queue.as_ref() {
                 let _ = read_counter(q.fileno());
             }
         }
         let mut total = 0usize;
         loop {
-            let n = c.deliver(DEFAULT_EVENTS);
+            let n = self.deliver(DEFAULT_EVENTS);
             if n == 0 {
                 break;
             }
             total += n;
         }
-        py_int(total as i64)
-    })
+        total
+    }
 }
 
 /// `_reap()`: deliver what is available now without touching the eventfd
