@@ -38,6 +38,7 @@
 #![cfg(target_os = "linux")]
 
 mod abi;
+mod adapter;
 mod destroyer;
 
 use std::collections::VecDeque;
@@ -216,6 +217,12 @@ struct Inner {
     nowait: AtomicBool,
     reads: Route,
     writes: Route,
+    /// The asyncio adapter's `deferred=True` batch: ops claimed by the
+    /// engine (owned references, not begun), submitted by the next flush
+    /// (see `adapter`).
+    staged: Mutex<Vec<usize>>,
+    /// A flush of `staged` is scheduled on the event loop.
+    flush_scheduled: AtomicBool,
 }
 
 #[repr(C)]
@@ -473,6 +480,8 @@ unsafe extern "C" fn ctx_new(
             nowait: AtomicBool::new(false),
             reads: Route::new(),
             writes: Route::new(),
+            staged: Mutex::new(Vec::new()),
+            flush_scheduled: AtomicBool::new(false),
         });
         Ok(obj)
     })
@@ -493,6 +502,8 @@ unsafe extern "C" fn ctx_dealloc(slf: *mut PyObject) {
         if let Some(r) = released {
             r.finish();
         }
+        // A deferred batch whose flush never ran (its loop was closed).
+        adapter::drop_staged(c);
         ptr::drop_in_place(ptr::addr_of_mut!((*(slf as *mut Context)).inner));
         let tp = Py_TYPE(slf);
         if let Some(free) = (*tp).tp_free {
@@ -899,7 +910,8 @@ unsafe fn exception_object(e: PyErr) -> PyResult<Owned> {
 /// outcome per argument: `True` accepted, `False` not accepted because the op
 /// was already submitted (or listed twice), or the exception that refused
 /// it. A refused op does not hold back the ones after it (they are
-/// resubmitted). For the asyncio adapter's batched (`deferred=True`) mode.
+/// resubmitted). What the asyncio adapter's `deferred=True` flush does
+/// natively (`adapter::flush`), for event-loop integrations in Python.
 unsafe extern "C" fn ctx_submit_each(
     slf: *mut PyObject,
     args: *mut *mut PyObject,
@@ -1231,8 +1243,9 @@ unsafe extern "C" fn ctx_process_events(
     })
 }
 
-/// `_drain()`: what the asyncio adapter's reader callback does — reset the
-/// eventfd counter, then deliver everything available.
+/// `_drain()`: what the asyncio adapter's reader callback does (natively,
+/// `adapter::loop_events`) — reset the eventfd counter, then deliver
+/// everything available.
 unsafe extern "C" fn ctx_drain(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
     trampoline(|| {
         let c = ctx(slf);
@@ -1263,8 +1276,8 @@ impl Inner {
 }
 
 /// `_reap()`: deliver what is available now without touching the eventfd
-/// (the asyncio adapter calls it right after a submission: page-cache hits
-/// completed inside io_submit resolve their future before it is awaited).
+/// (what the asyncio adapter does natively right after a submission:
+/// page-cache hits completed inside io_submit are delivered at once).
 unsafe extern "C" fn ctx_reap(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
     trampoline(|| {
         let c = ctx(slf);
@@ -1415,6 +1428,10 @@ unsafe extern "C" fn get_in_flight(slf: *mut PyObject, _: *mut c_void) -> *mut P
     trampoline(|| py_int(ctx(slf).in_flight.load(Ordering::Acquire) as i64))
 }
 
+unsafe extern "C" fn get_staged(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
+    trampoline(|| py_int(ctx(slf).lock_staged().len() as i64))
+}
+
 static mut CTX_METHODS: [PyMethodDef; 10] = [
     PyMethodDef {
         ml_name: c"submit".as_ptr(),
@@ -1478,7 +1495,7 @@ as soon as process_events() has delivered the last completion. Idempotent. (Not 
         },
         ml_flags: METH_NOARGS,
         ml_doc: c"_drain() -> int\n--\n\nReset the eventfd counter and deliver every available \
-completion (the asyncio adapter's reader callback)."
+completion (what the asyncio adapter's reader callback does)."
             .as_ptr(),
     },
     PyMethodDef {
@@ -1488,7 +1505,7 @@ completion (the asyncio adapter's reader callback)."
         },
         ml_flags: METH_NOARGS,
         ml_doc: c"_reap() -> int\n--\n\nDeliver the completions available now (up to 512) without \
-reading the eventfd. Used by the asyncio adapter right after submitting."
+reading the eventfd (what the asyncio adapter does right after submitting)."
             .as_ptr(),
     },
     PyMethodDef {
@@ -1499,7 +1516,7 @@ reading the eventfd. Used by the asyncio adapter right after submitting."
         ml_flags: METH_FASTCALL,
         ml_doc: c"_submit_each(*operations) -> list\n--\n\nSubmit as many operations as possible; one \
 outcome per argument: True (accepted), False (already submitted) or the exception that refused \
-it. Used by the asyncio adapter with deferred=True."
+it (what the asyncio adapter's deferred=True flush does)."
             .as_ptr(),
     },
     PyMethodDef {
@@ -1518,7 +1535,7 @@ turns it on."
     PyMethodDef::zeroed(),
 ];
 
-static mut CTX_GETSET: [PyGetSetDef; 5] = [
+static mut CTX_GETSET: [PyGetSetDef; 6] = [
     PyGetSetDef {
         name: c"max_requests".as_ptr(),
         get: Some(get_max_requests),
@@ -1545,6 +1562,13 @@ static mut CTX_GETSET: [PyGetSetDef; 5] = [
         get: Some(get_in_flight),
         set: None,
         doc: c"operations accepted and not yet delivered".as_ptr(),
+        closure: ptr::null_mut(),
+    },
+    PyGetSetDef {
+        name: c"_staged".as_ptr(),
+        get: Some(get_staged),
+        set: None,
+        doc: c"operations waiting in the asyncio adapter's deferred batch".as_ptr(),
         closure: ptr::null_mut(),
     },
     PyGetSetDef {
@@ -1749,6 +1773,7 @@ upstream caio raises, and an OSError with the errno."
         ptr::null_mut(),
     ))?;
     caio_core::module::add_object(module, c"SubmitError", submit_error)?;
+    caio_core::aio::init(module, &adapter::ENGINE)?;
     Ok(())
 }
 
