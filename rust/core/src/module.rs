@@ -101,6 +101,104 @@ pub unsafe extern "C" fn state_free(module: *mut c_void) {
     state_clear(module.cast());
 }
 
+/// What a backend's `Context` type consists of; `init_common` turns it into
+/// the heap type. Every backend's Context has the same shape: a plain
+/// (non-GC) object with a weak-reference list, `__new__`, dealloc, repr, and
+/// its own methods and properties.
+pub struct ContextType {
+    /// Type docstring (with the `Name(sig)\n--\n\n` text signature).
+    pub doc: &'static CStr,
+    /// `size_of::<YourContext>()`.
+    pub basicsize: usize,
+    /// `offset_of!(YourContext, weakreflist)`.
+    pub weaklistoffset: usize,
+    pub new: newfunc,
+    pub dealloc: destructor,
+    pub repr: reprfunc,
+    /// NULL-terminated, must live for the process (CPython keeps the pointer).
+    pub methods: *mut PyMethodDef,
+    /// NULL-terminated, must live for the process (CPython keeps the pointer).
+    pub getset: *mut PyGetSetDef,
+}
+
+/// The spec name: "builtins." gives `__module__ == "builtins"` like
+/// upstream's static type, without the 3.12+ warning for undotted heap-type
+/// names. Static because 3.10/3.11 keep pointing `tp_name` into it.
+const CONTEXT_SPEC_NAME: &CStr = c"builtins.Context";
+
+impl ContextType {
+    /// # Safety
+    /// Attached; `module` valid; the method/getset tables are static and
+    /// NULL-terminated.
+    unsafe fn create(&self, module: *mut PyObject) -> PyResult<Owned> {
+        // CPython copies the members table and the doc into the new type;
+        // only `methods`/`getset` (and the spec name) must outlive it.
+        let mut members = [
+            PyMemberDef {
+                name: c"__weaklistoffset__".as_ptr(),
+                type_code: Py_T_PYSSIZET,
+                offset: self.weaklistoffset as Py_ssize_t,
+                flags: Py_READONLY,
+                doc: ptr::null(),
+            },
+            PyMemberDef {
+                name: ptr::null(),
+                type_code: 0,
+                offset: 0,
+                flags: 0,
+                doc: ptr::null(),
+            },
+        ];
+        let mut slots = [
+            PyType_Slot {
+                slot: Py_tp_doc,
+                pfunc: self.doc.as_ptr() as *mut c_void,
+            },
+            PyType_Slot {
+                slot: Py_tp_new,
+                pfunc: self.new as *mut c_void,
+            },
+            PyType_Slot {
+                slot: Py_tp_dealloc,
+                pfunc: self.dealloc as *mut c_void,
+            },
+            PyType_Slot {
+                slot: Py_tp_repr,
+                pfunc: self.repr as *mut c_void,
+            },
+            PyType_Slot {
+                slot: Py_tp_methods,
+                pfunc: self.methods.cast(),
+            },
+            PyType_Slot {
+                slot: Py_tp_getset,
+                pfunc: self.getset.cast(),
+            },
+            PyType_Slot {
+                slot: Py_tp_members,
+                pfunc: members.as_mut_ptr().cast(),
+            },
+            PyType_Slot {
+                slot: 0,
+                pfunc: ptr::null_mut(),
+            },
+        ];
+        let mut spec = PyType_Spec {
+            name: CONTEXT_SPEC_NAME.as_ptr(),
+            basicsize: self.basicsize as c_int,
+            itemsize: 0,
+            flags: Py_TPFLAGS_DEFAULT as _,
+            slots: slots.as_mut_ptr(),
+        };
+        let tp = Owned::from_new(PyType_FromModuleAndSpec(module, &mut spec, ptr::null_mut()))?;
+        // Messages and repr(type) use tp_name, which upstream has as plain
+        // "Context": point it past the "builtins." prefix (static string).
+        let prefix = b"builtins.".len();
+        (*(tp.as_ptr() as *mut PyTypeObject)).tp_name = CONTEXT_SPEC_NAME.as_ptr().add(prefix);
+        Ok(tp)
+    }
+}
+
 /// Creates the module's Operation type, its `OperationError` and stores them
 /// (plus the given Context type) in the module state and as attributes.
 ///
@@ -109,24 +207,14 @@ pub unsafe extern "C" fn state_free(module: *mut c_void) {
 pub unsafe fn init_common(
     module: *mut PyObject,
     flavor: &'static Flavor,
-    ctx_spec: *mut PyType_Spec,
+    ctx: ContextType,
     error_name: &'static CStr,
 ) -> PyResult<()> {
     let st = ModState::of_module(module);
     (*st).flavor = flavor;
 
     let op_type = crate::op::create_type(module, flavor)?;
-    let ctx_type = Owned::from_new(PyType_FromModuleAndSpec(module, ctx_spec, ptr::null_mut()))?;
-    // Backends name their Context spec "builtins.Context": that gives
-    // __module__ == "builtins" like upstream's static type without the 3.12+
-    // warning for undotted heap-type names. Messages and repr(type) use
-    // tp_name, which upstream has as plain "Context": point it past the
-    // prefix (the spec name is a static string, so this stays valid).
-    let name = CStr::from_ptr((*ctx_spec).name);
-    if let Some(rest) = name.to_bytes().strip_prefix(b"builtins.") {
-        let tp = ctx_type.as_ptr() as *mut PyTypeObject;
-        (*tp).tp_name = (*ctx_spec).name.add(name.to_bytes().len() - rest.len());
-    }
+    let ctx_type = ctx.create(module)?;
     let bases = crate::py::py_tuple(vec![
         Owned::from_borrowed(PyExc_OSError),
         Owned::from_borrowed(PyExc_SystemError),

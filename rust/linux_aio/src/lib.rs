@@ -49,7 +49,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use std::time::{Duration, Instant};
 
 use caio_core::args::{int_in, Params};
-use caio_core::module::{init_common, ModState};
+use caio_core::module::{init_common, ContextType, ModState};
 use caio_core::op::{self, as_op, Delivery, Flavor, OpKind, Operation, ReadPayload};
 use caio_core::pool::{self, CompletionQueue, Job, Pool};
 use caio_core::py::{
@@ -1580,74 +1580,14 @@ static mut CTX_GETSET: [PyGetSetDef; 6] = [
     },
 ];
 
-static mut CTX_MEMBERS: [PyMemberDef; 2] = [
-    PyMemberDef {
-        name: c"__weaklistoffset__".as_ptr(),
-        type_code: Py_T_PYSSIZET,
-        offset: std::mem::offset_of!(Context, weakreflist) as Py_ssize_t,
-        flags: Py_READONLY,
-        doc: ptr::null(),
-    },
-    PyMemberDef {
-        name: ptr::null(),
-        type_code: 0,
-        offset: 0,
-        flags: 0,
-        doc: ptr::null(),
-    },
-];
-
-static mut CTX_SLOTS: [PyType_Slot; 8] = [
-    PyType_Slot {
-        slot: Py_tp_doc,
-        pfunc:
-            c"Context(max_requests=32)\n--\n\n linux aio context representation \n\nA kernel AIO \
+/// The Context type's docstring (text signature first).
+const CTX_DOC: &std::ffi::CStr =
+    c"Context(max_requests=32)\n--\n\n linux aio context representation \n\nA kernel AIO \
 context (io_setup) plus an eventfd (fileno) signalled on completions.\n\nDifferences from upstream \
 caio: callbacks receive the signed kernel result (bytes moved, or -errno); close() releases the \
 kernel context deterministically; O_DIRECT works (reads at any offset/length through aligned \
 memory; writes need offset and length aligned to the file's O_DIRECT alignment, else OSError \
-EINVAL); out-of-range integer arguments raise OverflowError instead of wrapping."
-                .as_ptr() as *mut c_void,
-    },
-    PyType_Slot {
-        slot: Py_tp_new,
-        pfunc: ctx_new as *mut c_void,
-    },
-    PyType_Slot {
-        slot: Py_tp_dealloc,
-        pfunc: ctx_dealloc as *mut c_void,
-    },
-    PyType_Slot {
-        slot: Py_tp_repr,
-        pfunc: ctx_repr as *mut c_void,
-    },
-    PyType_Slot {
-        slot: Py_tp_methods,
-        pfunc: ptr::addr_of_mut!(CTX_METHODS) as *mut c_void,
-    },
-    PyType_Slot {
-        slot: Py_tp_getset,
-        pfunc: ptr::addr_of_mut!(CTX_GETSET) as *mut c_void,
-    },
-    PyType_Slot {
-        slot: Py_tp_members,
-        pfunc: ptr::addr_of_mut!(CTX_MEMBERS) as *mut c_void,
-    },
-    PyType_Slot {
-        slot: 0,
-        pfunc: ptr::null_mut(),
-    },
-];
-
-static mut CTX_SPEC: PyType_Spec = PyType_Spec {
-    // "builtins." gives __module__ == "builtins" like upstream's static type
-    // (API.md §1.6) without the DeprecationWarning a dotless name triggers.
-    name: c"builtins.Context".as_ptr(),
-    basicsize: std::mem::size_of::<Context>() as c_int,
-    itemsize: 0,
-    flags: Py_TPFLAGS_DEFAULT as _,
-    slots: ptr::addr_of_mut!(CTX_SLOTS) as *mut PyType_Slot,
-};
+EINVAL); out-of-range integer arguments raise OverflowError instead of wrapping.";
 
 // ---------------------------------------------------------------------------
 // module
@@ -1757,7 +1697,16 @@ unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
     init_common(
         module,
         &FLAVOR,
-        ptr::addr_of_mut!(CTX_SPEC),
+        ContextType {
+            doc: CTX_DOC,
+            basicsize: std::mem::size_of::<Context>(),
+            weaklistoffset: std::mem::offset_of!(Context, weakreflist),
+            new: ctx_new,
+            dealloc: ctx_dealloc,
+            repr: ctx_repr,
+            methods: ptr::addr_of_mut!(CTX_METHODS).cast(),
+            getset: ptr::addr_of_mut!(CTX_GETSET).cast(),
+        },
         c"caio.linux_aio.OperationError",
     )?;
     let bases = caio_core::py::py_tuple(vec![

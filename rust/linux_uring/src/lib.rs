@@ -5,13 +5,13 @@
 //! the ring's eventfd (`fileno`) and are delivered by `process_events()` —
 //! or, under asyncio, straight from the event loop (see `adapter`).
 
-use std::ffi::{c_int, c_void};
+use std::ffi::c_void;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use caio_core::args::{int_in, truthy, Params};
-use caio_core::module::{add_object, init_common, ModState};
+use caio_core::module::{add_object, init_common, ContextType, ModState};
 use caio_core::op::{self, as_op, Delivery, Flavor, ReadPayload};
 use caio_core::py::{
     allow_threads, py_bool, py_int, py_str, trampoline, trampoline_void, Borrowed, Exc, Owned,
@@ -544,77 +544,27 @@ static mut CTX_GETSET: [PyGetSetDef; 4] = [
     },
 ];
 
-static mut CTX_MEMBERS: [PyMemberDef; 2] = [
-    PyMemberDef {
-        name: c"__weaklistoffset__".as_ptr(),
-        type_code: Py_T_PYSSIZET,
-        offset: std::mem::offset_of!(Context, weakreflist) as Py_ssize_t,
-        flags: Py_READONLY,
-        doc: ptr::null(),
-    },
-    PyMemberDef {
-        name: ptr::null(),
-        type_code: 0,
-        offset: 0,
-        flags: 0,
-        doc: ptr::null(),
-    },
-];
-
-static mut CTX_SLOTS: [PyType_Slot; 8] = [
-    PyType_Slot {
-        slot: Py_tp_doc,
-        pfunc: c"Context(max_requests=32, sqpoll=False)\n--\n\nio_uring AIO context: a ring \
+/// The Context type's docstring (text signature first).
+const CTX_DOC: &std::ffi::CStr =
+    c"Context(max_requests=32, sqpoll=False)\n--\n\nio_uring AIO context: a ring \
 with room for max_requests staged operations, an eventfd (fileno) signalled for every \
-completion and, with sqpoll=True (when permitted), a kernel submission thread."
-            .as_ptr() as *mut c_void,
-    },
-    PyType_Slot {
-        slot: Py_tp_new,
-        pfunc: ctx_new as *mut c_void,
-    },
-    PyType_Slot {
-        slot: Py_tp_dealloc,
-        pfunc: ctx_dealloc as *mut c_void,
-    },
-    PyType_Slot {
-        slot: Py_tp_repr,
-        pfunc: ctx_repr as *mut c_void,
-    },
-    PyType_Slot {
-        slot: Py_tp_methods,
-        pfunc: ptr::addr_of_mut!(CTX_METHODS) as *mut c_void,
-    },
-    PyType_Slot {
-        slot: Py_tp_getset,
-        pfunc: ptr::addr_of_mut!(CTX_GETSET) as *mut c_void,
-    },
-    PyType_Slot {
-        slot: Py_tp_members,
-        pfunc: ptr::addr_of_mut!(CTX_MEMBERS) as *mut c_void,
-    },
-    PyType_Slot {
-        slot: 0,
-        pfunc: ptr::null_mut(),
-    },
-];
-
-static mut CTX_SPEC: PyType_Spec = PyType_Spec {
-    // "builtins." gives __module__ == "builtins" like upstream's static type
-    // (no 3.12+ warning); init_common makes tp_name plain "Context".
-    name: c"builtins.Context".as_ptr(),
-    basicsize: std::mem::size_of::<Context>() as c_int,
-    itemsize: 0,
-    flags: Py_TPFLAGS_DEFAULT as _,
-    slots: ptr::addr_of_mut!(CTX_SLOTS) as *mut PyType_Slot,
-};
+completion and, with sqpoll=True (when permitted), a kernel submission thread.";
 
 unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
     let probed = probe::run().map_err(|msg| PyErr::new(Exc::ImportError, msg))?;
     init_common(
         module,
         &FLAVOR,
-        ptr::addr_of_mut!(CTX_SPEC),
+        ContextType {
+            doc: CTX_DOC,
+            basicsize: std::mem::size_of::<Context>(),
+            weaklistoffset: std::mem::offset_of!(Context, weakreflist),
+            new: ctx_new,
+            dealloc: ctx_dealloc,
+            repr: ctx_repr,
+            methods: ptr::addr_of_mut!(CTX_METHODS).cast(),
+            getset: ptr::addr_of_mut!(CTX_GETSET).cast(),
+        },
         c"caio.linux_uring.OperationError",
     )?;
     add_object(module, c"SQPOLL_ALLOWED", py_bool(probed.sqpoll_allowed))?;

@@ -8,14 +8,14 @@
 //! `_process_completions()` (run by the loop) delivers the whole batch — no
 //! GIL traffic in workers, one wake-up per batch.
 
-use std::ffi::{c_int, c_void};
+use std::ffi::c_void;
 use std::ptr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use caio_core::aio::{Adapter, Engine};
 use caio_core::args::{int_in, Params};
-use caio_core::module::{init_common, ModState};
+use caio_core::module::{init_common, ContextType, ModState};
 use caio_core::op::{self, as_op, Flavor, ReadPayload};
 use caio_core::pool::{self, CompletionQueue, Job, Pool, SubmitError};
 use caio_core::py::{
@@ -438,69 +438,10 @@ static mut CTX_GETSET: [PyGetSetDef; 3] = [
     },
 ];
 
-static mut CTX_MEMBERS: [PyMemberDef; 2] = [
-    PyMemberDef {
-        name: c"__weaklistoffset__".as_ptr(),
-        type_code: Py_T_PYSSIZET,
-        offset: std::mem::offset_of!(Context, weakreflist) as Py_ssize_t,
-        flags: Py_READONLY,
-        doc: ptr::null(),
-    },
-    PyMemberDef {
-        name: ptr::null(),
-        type_code: 0,
-        offset: 0,
-        flags: 0,
-        doc: ptr::null(),
-    },
-];
-
-static mut CTX_SLOTS: [PyType_Slot; 8] = [
-    PyType_Slot {
-        slot: Py_tp_doc,
-        pfunc: c"Context(max_requests=512, pool_size=8)\n--\n\nthread aio context: a native worker pool \
-running pread/pwrite/fsync/fdatasync."
-            .as_ptr() as *mut c_void,
-    },
-    PyType_Slot {
-        slot: Py_tp_new,
-        pfunc: ctx_new as *mut c_void,
-    },
-    PyType_Slot {
-        slot: Py_tp_dealloc,
-        pfunc: ctx_dealloc as *mut c_void,
-    },
-    PyType_Slot {
-        slot: Py_tp_repr,
-        pfunc: ctx_repr as *mut c_void,
-    },
-    PyType_Slot {
-        slot: Py_tp_methods,
-        pfunc: ptr::addr_of_mut!(CTX_METHODS) as *mut c_void,
-    },
-    PyType_Slot {
-        slot: Py_tp_getset,
-        pfunc: ptr::addr_of_mut!(CTX_GETSET) as *mut c_void,
-    },
-    PyType_Slot {
-        slot: Py_tp_members,
-        pfunc: ptr::addr_of_mut!(CTX_MEMBERS) as *mut c_void,
-    },
-    PyType_Slot {
-        slot: 0,
-        pfunc: ptr::null_mut(),
-    },
-];
-
-static mut CTX_SPEC: PyType_Spec = PyType_Spec {
-    // "builtins." gives __module__ == "builtins" like upstream's static type
-    // (a heap type without a dotted name has no __module__ and warns on 3.12+).
-    name: c"builtins.Context".as_ptr(),
-    basicsize: std::mem::size_of::<Context>() as c_int,
-    itemsize: 0,
-    flags: Py_TPFLAGS_DEFAULT as _,
-    slots: ptr::addr_of_mut!(CTX_SLOTS) as *mut PyType_Slot,
-};
+/// The Context type's docstring (text signature first).
+const CTX_DOC: &std::ffi::CStr =
+    c"Context(max_requests=512, pool_size=8)\n--\n\nthread aio context: a native worker pool \
+running pread/pwrite/fsync/fdatasync.";
 
 // ---------------------------------------------------------------------------
 // engine of the native asyncio fast path (caio_core::aio)
@@ -549,7 +490,16 @@ unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
     init_common(
         module,
         &FLAVOR,
-        ptr::addr_of_mut!(CTX_SPEC),
+        ContextType {
+            doc: CTX_DOC,
+            basicsize: std::mem::size_of::<Context>(),
+            weaklistoffset: std::mem::offset_of!(Context, weakreflist),
+            new: ctx_new,
+            dealloc: ctx_dealloc,
+            repr: ctx_repr,
+            methods: ptr::addr_of_mut!(CTX_METHODS).cast(),
+            getset: ptr::addr_of_mut!(CTX_GETSET).cast(),
+        },
         c"caio.thread_aio.OperationError",
     )?;
     caio_core::aio::init(module, &ENGINE)?;
