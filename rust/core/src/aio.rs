@@ -913,12 +913,57 @@ unsafe fn abandon(w: *mut Awaitable) {
                 (a.engine().cancel)(a, (*w).op);
                 PyErr_Clear();
             }
+            // The op may still be running in the backend: its slot is
+            // returned when the backend really finishes it, not now, or
+            // cancelled-but-running ops would pile up beyond max_requests
+            // (API.md 4.6: no capacity errors however many are cancelled).
+            if (*w).has_slot && hand_slot_to_op(w) {
+                (*w).has_slot = false;
+            }
             release_slot(w);
         }
         YIELDED => xdecref(&mut (*w).value),
         _ => {}
     }
     set_state(w, FINISHED);
+}
+
+unsafe extern "C" fn release_slot_callback(
+    adapter_obj: *mut PyObject,
+    _result: *mut PyObject,
+) -> *mut PyObject {
+    trampoline(|| {
+        adapter(adapter_obj).gate_release();
+        Ok(crate::py::none())
+    })
+}
+
+static mut RELEASE_SLOT_DEF: PyMethodDef = PyMethodDef {
+    ml_name: c"_release_slot".as_ptr(),
+    ml_meth: PyMethodDefPointer {
+        PyCFunction: release_slot_callback,
+    },
+    ml_flags: METH_O,
+    ml_doc: ptr::null(),
+};
+
+/// Makes the op's delivery release the awaitable's admission slot. False if
+/// the op is already done (the caller releases it now).
+unsafe fn hand_slot_to_op(w: *mut Awaitable) -> bool {
+    let o = as_op((*w).op);
+    if o.state() == op::DONE {
+        return false;
+    }
+    let cb = PyCFunction_NewEx(
+        ptr::addr_of_mut!(RELEASE_SLOT_DEF),
+        (*w).adapter,
+        ptr::null_mut(),
+    );
+    if cb.is_null() {
+        PyErr_Clear();
+        return false; // no memory: release now rather than never
+    }
+    op::set_callback_if_pending(o, Owned::from_raw(cb))
 }
 
 struct Running(*mut Awaitable);

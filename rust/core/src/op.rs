@@ -550,9 +550,11 @@ pub unsafe fn finish(op: *mut Operation, raw: i64) -> Delivery {
         } else {
             None
         };
+        // Published under the lock: set_callback_if_pending() either runs
+        // before (its callback is taken here) or sees DONE.
+        o.state.store(DONE, Ordering::Release);
         (cb, ctx, payload)
     };
-    o.state.store(DONE, Ordering::Release);
     Delivery {
         op,
         callback,
@@ -943,6 +945,27 @@ pub unsafe fn set_callback(op: &Operation, callback: Borrowed<'_>) -> PyResult<(
 pub unsafe fn set_future(op: &Operation, fut: *mut PyObject) {
     Py_INCREF(fut);
     replace_callback(op, (fut as usize | FUTURE_TAG) as *mut PyObject);
+}
+
+/// Installs `callback` (replacing the current target) unless the op's
+/// completion has already been delivered, atomically with delivery: when it
+/// returns true the callback WILL be called exactly once by the delivery;
+/// when false, nothing was installed (the op is DONE).
+///
+/// # Safety
+/// Caller attached.
+pub unsafe fn set_callback_if_pending(op: &Operation, callback: Owned) -> bool {
+    let old = {
+        let _g = op.lock.lock();
+        if op.state.load(Ordering::Acquire) == DONE {
+            return false; // `callback` dropped (decref) on return, outside the lock
+        }
+        std::mem::replace(&mut *op.callback.get(), callback.into_ptr())
+    };
+    if !old.is_null() {
+        Py_DECREF(untag(old));
+    }
+    true
 }
 
 unsafe fn replace_callback(op: &Operation, new: *mut PyObject) {
