@@ -804,52 +804,7 @@ def test_soak(async_backend: Any, fast_dir: str, tmp_path: Any) -> None:
     assert deltas["blocks"] <= BLOCKS_TOLERANCE, (label, deltas)
 
 
-# -- findings of the soak, reduced to quick deterministic checks -----------------
-
-
-@pytest.mark.timeout(60)
-def test_cancelled_operations_do_not_exhaust_capacity(
-    async_backend: Any, aio: Any, tmp_path: Any,
-) -> None:
-    """Cancelling the awaiting task releases the adapter's semaphore slot at
-    once (API.md 4.7) while the operation itself may still run; the backend
-    must then still accept the next operations the semaphore admits (4.6:
-    never a ring-full/queue-full error). Upstream caio fails this on every
-    backend (SQ ring full, EAGAIN, "Thread pool queue full", "Maximum
-    simultaneous requests have been reached")."""
-    fd = os.open(str(tmp_path / "data.bin"), os.O_RDWR | os.O_CREAT, 0o600)
-
-    async def main() -> List[str]:
-        ctx = async_backend.context(4)
-        failures = []
-        try:
-            for i in range(100):
-                # An fsync with dirty pages on a real filesystem is slow
-                # enough that cancelled ones are still running or queued
-                # when the next ones arrive.
-                os.pwrite(fd, b"y" * 4096, (i % 64) * 4096)
-                task = asyncio.ensure_future(ctx.fsync(fd))
-                await asyncio.sleep(0)          # submitted
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
-                except Exception as exc:  # noqa: BLE001 - collected
-                    failures.append("{}: {!r}".format(i, exc))
-            # Let the cancelled operations finish before closing.
-            await asyncio.sleep(0.5)
-        finally:
-            ctx.close()
-        return failures
-
-    try:
-        failures = aio.run(main())
-    finally:
-        os.close(fd)
-    assert failures == [], "{} of 100 failed, first: {}".format(
-        len(failures), failures[:3],
-    )
+# -- a finding of the soak, reduced to a quick deterministic check -------------
 
 
 @pytest.mark.timeout(60)
