@@ -88,10 +88,22 @@ FULL_OPS = {
 QUICK_OPS = 20_000
 
 # Allowed growth between the start of the main round (after warm-up) and its
-# end. Measured noise is far smaller (see the doc); a leak of one buffer or
-# Operation per operation would exceed them by orders of magnitude even in
-# the quick variant (20,000 operations x >= 1 object).
-RSS_TOLERANCE = 8 * 1024 * 1024          # bytes of VmRSS
+# end. A leak of one buffer or Operation per operation exceeds them by
+# orders of magnitude even in the quick variant (20,000 operations x >= 1
+# object); measured values are in docs/reliability-soak-sanitizers.md.
+#
+# RSS is taken after malloc_trim(0), which returns whole free pages only:
+# the native backends stay within 2 MB over 1M operations. python_aio's pool
+# threads allocate from glibc's per-thread arenas, whose fragmentation trim
+# cannot return: +9 MB after 300k and +15 MB after 1M operations with malloc
+# in-use bytes and CPython's block count unchanged (growth that levels off;
+# a leak would be linear). Hence its larger allowance.
+RSS_TOLERANCE = {
+    "linux_uring": 8 << 20,
+    "linux_aio": 8 << 20,
+    "thread_aio": 8 << 20,
+    "python_aio": 32 << 20,
+}
 MALLOC_TOLERANCE = 2 * 1024 * 1024       # bytes in use by glibc malloc
 BLOCKS_TOLERANCE = 1_500                 # sys.getallocatedblocks()
 
@@ -798,7 +810,7 @@ def test_soak(async_backend: Any, fast_dir: str, tmp_path: Any) -> None:
     _check_exact(label, baseline, after)
     if SANITIZED:
         return  # ASan's quarantine and redzones: footprints mean nothing
-    assert deltas["rss"] <= RSS_TOLERANCE, (label, deltas)
+    assert deltas["rss"] <= RSS_TOLERANCE[name], (label, deltas)
     if deltas["malloc"] is not None:
         assert deltas["malloc"] <= MALLOC_TOLERANCE, (label, deltas)
     assert deltas["blocks"] <= BLOCKS_TOLERANCE, (label, deltas)
