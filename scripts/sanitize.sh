@@ -21,7 +21,9 @@
 #   subprocesses included) fails the run.
 #
 # Full form: the whole suite (see SKIP below) plus a 100k-operation soak per
-# asyncio configuration. --short (CI): the same suite with the quick soak.
+# asyncio configuration (3 minutes on two cores; the instrumented build takes
+# seconds). --short (CI, .ci/run): the same suite with the quick soak
+# (2.5 minutes). Results: docs/soak-and-sanitizers.md.
 # Environment: VENV (default .venv, created by dev-setup.sh when missing),
 # CAIO_SANITIZE_DIR (default build/sanitize), CAIO_SANITIZE_TOOLCHAIN
 # (default nightly), CAIO_SANITIZE_RUNTIME (path of an ASan runtime .so).

@@ -2,9 +2,10 @@
 # The long soak (tests/test_soak.py with CAIO_SOAK=1): per asyncio
 # configuration, 1,000,000 mixed reads/writes/fsyncs/fdsyncs with random
 # cancellations, then exact fd/thread/AIO checks, RSS/malloc tolerances and a
-# sha256 comparison with the model. About ten minutes on two cores.
+# sha256 comparison with the model. 7 configurations, 3.5 minutes on two
+# shared cores (figures: docs/soak-and-sanitizers.md).
 #
-#   scripts/soak.sh [pytest args...]        e.g. scripts/soak.sh -k linux_aio
+#   nice -n 5 scripts/soak.sh [pytest args...]   e.g. scripts/soak.sh -k linux_aio
 #
 # Environment: VENV (default .venv; created by dev-setup.sh when missing),
 # CAIO_SOAK_OPS / CAIO_SOAK_OPS_<BACKEND> / CAIO_SOAK_SEED /
