@@ -68,13 +68,11 @@ class AsyncioContext(linux_aio._AsyncioBase, AsyncioContextBase):
             return
         # New operations are refused from now on; those started before are
         # still submitted and delivered (the reader stays until then), so
-        # awaiting them never hangs. Then the kernel context is released:
-        # here if nothing is left, else by the reader or the deferred flush
-        # once the last one is delivered (they call _release()).
+        # awaiting them never hangs. The native base calls _release() as soon
+        # as none is in flight (cancelled ones included): now, or from a loop
+        # callback once the last one is over ("close once idle").
         self._closed = True
         self._close_native()
-        if not self.context._staged and not self.context._in_flight:
-            self._release()
 
     def _release(self) -> None:
         fd, self._reader_fd = self._reader_fd, -1

@@ -31,12 +31,15 @@ class AsyncioContext(linux_uring._AsyncioBase, AsyncioContextBase):
     OPERATION_CLASS = Operation
     CONTEXT_CLASS = Context
 
+    _reader_fd = -1
+
     def _create_context(self, max_requests: int, **kwargs: Any) -> Any:
         kwargs.setdefault("sqpoll", DEFAULT_SQPOLL and SQPOLL_ALLOWED)
         context = super()._create_context(max_requests, **kwargs)
         self._bind(context, self.loop, max_requests, self.deferred,
                    context._deferred_flush)
         self.loop.add_reader(context.fileno, self._process_loop_events)
+        self._reader_fd = context.fileno
         self._loop_delivery = True
         return context
 
@@ -45,8 +48,21 @@ class AsyncioContext(linux_uring._AsyncioBase, AsyncioContextBase):
         self._process_loop_events()
 
     def _destroy_context(self) -> None:
-        # Upstream semantics (API.md §7 Q14): stop watching the eventfd; the
-        # ring lives until garbage collection. New operations now raise
-        # RuntimeError instead of hanging.
+        # New operations raise RuntimeError from now on (instead of hanging,
+        # API.md §7 Q14). The eventfd stays watched until the operations
+        # already in flight — cancelled ones included — have been delivered;
+        # then the native base calls _release() ("close once idle"). Without
+        # that, an undelivered completion would keep op and Context alive
+        # forever: ring and eventfd would leak.
         self._close_native()
-        self.loop.remove_reader(self.context.fileno)
+
+    def _release(self) -> None:
+        # Nothing is in flight: stop watching the eventfd. The ring and the
+        # eventfd are released with the Context (as upstream: at garbage
+        # collection; nothing in flight holds it any more).
+        fd, self._reader_fd = self._reader_fd, -1
+        if fd >= 0:
+            try:
+                self.loop.remove_reader(fd)
+            except (RuntimeError, ValueError, OSError):
+                pass  # the loop is closed already

@@ -52,12 +52,23 @@ class _LoopDeliveryContext(thread_aio._AsyncioBase, AsyncioContextBase):
         return context
 
     def _destroy_context(self) -> None:
+        # New operations raise RuntimeError from now on. Unlike the kernel
+        # backends this one does not wait for the loop to deliver what is in
+        # flight: closing the pool blocks until the queued work has finished
+        # (upstream semantics, API.md §7 Q15) and delivers its completions
+        # itself, so it is idle right away.
         self._close_native()
+        self._release()
+
+    def _release(self) -> None:
+        # Also called by the native base once idle ("close once idle"):
+        # idempotent. The reader goes before the pool closes its wake-up fd.
         fd, self._reader_fd = self._reader_fd, None
         if fd is not None:
-            self.loop.remove_reader(fd)
-        # Blocks until queued work has finished (upstream semantics, API.md
-        # §7 Q15); queued completions are delivered before it returns.
+            try:
+                self.loop.remove_reader(fd)
+            except (RuntimeError, ValueError, OSError):
+                pass  # the loop is closed already
         self.context.close()
 
 

@@ -29,6 +29,10 @@
 //! `SYNC_BUDGET` gets a per-loop-iteration budget instead (see
 //! `spend_sync_budget`).
 //!
+//! `close()` (`_close_native()`) refuses new operations at once and calls
+//! the adapter's `_release()` (remove the reader, release the backend) once
+//! nothing is in flight any more — see "close once idle" below.
+//!
 //! Per operation this costs one Operation, one Awaitable and — only for ops
 //! that do not complete inline — one future; no Python frame runs.
 
@@ -95,6 +99,10 @@ pub struct Adapter {
     deferred: bool,
     bound: AtomicBool,
     closed: AtomicBool,
+    /// Close once idle: `_release()` has been called (or is being called).
+    released: AtomicBool,
+    /// A `_release_if_idle` callback is scheduled on the loop.
+    release_scheduled: AtomicBool,
     gate: Mutex<Gate>,
     /// Consecutive operations that completed without suspending, and the
     /// limit after which the loop gets one turn (`MAX_SYNC_STREAK`; 0: off).
@@ -171,6 +179,14 @@ impl Adapter {
         }
     }
 
+    /// Nothing admitted is still in flight: no slot is held (a cancelled
+    /// op keeps its slot until the backend has really finished it, see
+    /// `hand_slot_to_op`) and nobody waits for one.
+    fn gate_idle(&self) -> bool {
+        let g = self.gate();
+        g.in_use == 0 && g.waiters.is_empty()
+    }
+
     /// Frees a slot, or hands it straight to the first live waiter.
     unsafe fn gate_release(&self) {
         loop {
@@ -180,6 +196,12 @@ impl Adapter {
                     Some(f) => f,
                     None => {
                         g.in_use = g.in_use.saturating_sub(1);
+                        let idle = g.in_use == 0;
+                        drop(g);
+                        if idle && self.is_closed() {
+                            // The last op of a closed adapter is over.
+                            self.schedule_release();
+                        }
                         return;
                     }
                 }
@@ -197,6 +219,99 @@ impl Adapter {
     }
 }
 
+// ---------------------------------------------------------------------------
+// close once idle
+//
+// `close()` (the adapter's `_close_native()`) refuses new operations at once,
+// but the backend resources cannot go while operations are in flight:
+// their completions — cancelled ones' included, which still hold their
+// admission slot — must be delivered by the loop's reader, or op and Context
+// keep each other alive (the op holds its Context; the ring/queue holds the
+// op) and the ring, eventfd, AIO context or worker pool leak. So the
+// adapter's `_release()` (remove the reader, release the backend) is called
+// exactly once, as soon as the closed adapter is idle: by `_close_native()`
+// itself when nothing is in flight, otherwise by a loop callback scheduled
+// when the last slot is returned. (Never straight from `gate_release`: that
+// runs inside a backend's drain, or from a finaliser.) If the loop is closed
+// by then, nothing is scheduled; the backend goes at deallocation.
+
+impl Adapter {
+    /// Calls `self._release()` once, if closed and idle.
+    unsafe fn release_if_idle(&self) -> PyResult<()> {
+        if !self.is_closed() || !self.gate_idle() {
+            return Ok(());
+        }
+        if self.released.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let m = PyObject_GetAttrString(self.as_ptr(), c"_release".as_ptr());
+        if m.is_null() {
+            if PyErr_ExceptionMatches(PyExc_AttributeError) != 0 {
+                PyErr_Clear();
+                return Ok(()); // nothing to release
+            }
+            return Err(PyErr::Fetched);
+        }
+        let m = Owned::from_raw(m);
+        Owned::from_new(PyObject_CallNoArgs(m.as_ptr())).map(drop)
+    }
+
+    /// Schedules [`Adapter::release_if_idle`] on the loop (thread-safe:
+    /// a finaliser may run on any thread).
+    unsafe fn schedule_release(&self) {
+        if self.released.load(Ordering::Acquire)
+            || self.release_scheduled.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let saved = SavedErr::fetch();
+        let ok = (|| -> PyResult<()> {
+            if !self.bound.load(Ordering::Acquire) || self.loop_.is_null() {
+                return Err(PyErr::runtime("not bound"));
+            }
+            let cb = Owned::from_new(PyCFunction_NewEx(
+                ptr::addr_of_mut!(RELEASE_IF_IDLE_DEF),
+                self.as_ptr(),
+                ptr::null_mut(),
+            ))?;
+            let cs = Owned::from_new(PyObject_GetAttr(
+                self.loop_,
+                CALL_SOON_THREADSAFE.get()?.as_ptr(),
+            ))?;
+            Owned::from_new(PyObject_CallOneArg(cs.as_ptr(), cb.as_ptr())).map(drop)
+        })();
+        if let Err(e) = ok {
+            // No loop to run it (closed): the backend goes at deallocation.
+            e.restore();
+            PyErr_Clear();
+            self.release_scheduled.store(false, Ordering::Release);
+        }
+        saved.restore();
+    }
+}
+
+unsafe extern "C" fn release_if_idle_callback(
+    adapter_obj: *mut PyObject,
+    _: *mut PyObject,
+) -> *mut PyObject {
+    trampoline(|| {
+        let a = adapter(adapter_obj);
+        a.release_scheduled.store(false, Ordering::Release);
+        a.release_if_idle()?;
+        Ok(crate::py::none())
+    })
+}
+
+static mut RELEASE_IF_IDLE_DEF: PyMethodDef = PyMethodDef {
+    ml_name: c"_release_if_idle".as_ptr(),
+    ml_meth: PyMethodDefPointer {
+        PyCFunction: release_if_idle_callback,
+    },
+    ml_flags: METH_NOARGS,
+    ml_doc: ptr::null(),
+};
+
+static CALL_SOON_THREADSAFE: Interned = Interned::new(c"call_soon_threadsafe");
 static CREATE_FUTURE: Interned = Interned::new(c"create_future");
 
 /// `("loop",)`, the keyword names of `Future(loop=...)`.
@@ -371,6 +486,8 @@ unsafe extern "C" fn adapter_new(
         ptr::addr_of_mut!((*a).sync_budget).write(AtomicI64::new(0));
         (*a).sync_budget_max = -1;
         ptr::addr_of_mut!((*a).closed).write(AtomicBool::new(false));
+        ptr::addr_of_mut!((*a).released).write(AtomicBool::new(false));
+        ptr::addr_of_mut!((*a).release_scheduled).write(AtomicBool::new(false));
         ptr::addr_of_mut!((*a).gate).write(Mutex::new(Gate {
             in_use: 0,
             max: 0,
@@ -541,15 +658,31 @@ unsafe extern "C" fn adapter_bind(
         (*a).sync_budget
             .store((*a).sync_budget_max, Ordering::Relaxed);
         (*a).closed.store(false, Ordering::Release);
+        (*a).released.store(false, Ordering::Release);
+        (*a).release_scheduled.store(false, Ordering::Release);
         (*a).bound.store(true, Ordering::Release);
         Ok(crate::py::none())
     })
 }
 
+/// `_close_native()`: new operations are refused from now on; the adapter's
+/// `_release()` runs now if nothing is in flight, else once the last
+/// operation is over (see "close once idle").
 unsafe extern "C" fn adapter_close_native(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
     trampoline(|| {
-        adapter(slf).closed.store(true, Ordering::Release);
+        let a = adapter(slf);
+        a.closed.store(true, Ordering::Release);
+        a.release_if_idle()?;
         Ok(crate::py::none())
+    })
+}
+
+/// `_released()`: whether `_release()` has been called.
+unsafe extern "C" fn adapter_released(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
+    trampoline(|| {
+        Ok(crate::py::py_bool(
+            adapter(slf).released.load(Ordering::Acquire),
+        ))
     })
 }
 
@@ -1407,7 +1540,14 @@ fn build_specs() -> Specs {
                 c"_close_native",
                 PyMethodDefPointer { PyCFunction: adapter_close_native },
                 METH_NOARGS,
-                c"_close_native()\n--\n\nRefuse new operations (RuntimeError when awaited).",
+                c"_close_native()\n--\n\nRefuse new operations (RuntimeError when awaited); call self._release() \
+once no operation is in flight (now, or from a loop callback when the last one is over).",
+            ),
+            meth(
+                c"_released",
+                PyMethodDefPointer { PyCFunction: adapter_released },
+                METH_NOARGS,
+                c"_released() -> bool\n--\n\nWhether _release() has been called (close once idle).",
             ),
             meth(
                 c"_gate_state",

@@ -15,18 +15,18 @@
 //! * Completions (kernel and worker pool) signal the eventfd; the loop's
 //!   reader (`_process_loop_events`) drains them all.
 //! * After the adapter's `close()` (API.md §7 Q14) nothing new is accepted;
-//!   once nothing is staged or in flight any more, the reader or the flush
-//!   calls the adapter's `_release()`, which removes the reader and closes
-//!   the Context (`io_destroy`, eventfd, workers).
+//!   once no operation is in flight any more (cancelled ones included:
+//!   they keep their admission slot until delivered), the shared fast path
+//!   calls the adapter's `_release()` ("close once idle" in
+//!   `caio_core::aio`), which removes the reader and closes the Context
+//!   (`io_destroy`, eventfd, workers).
 
 use std::ptr;
 use std::sync::atomic::Ordering;
 
 use caio_core::aio::{Adapter, Engine};
 use caio_core::op::{self, as_op, Operation};
-use caio_core::py::{
-    call_method, none, trampoline, Borrowed, Exc, Interned, Owned, PyErr, PyResult,
-};
+use caio_core::py::{call_method, none, trampoline, Exc, Interned, Owned, PyErr, PyResult};
 use caio_core::pyo3_ffi::*;
 
 use crate::abi::{self, Iocb};
@@ -40,7 +40,6 @@ pub static ENGINE: Engine = Engine {
 
 static DONE: Interned = Interned::new(c"done");
 static SET_EXCEPTION: Interned = Interned::new(c"set_exception");
-static RELEASE: Interned = Interned::new(c"_release");
 
 impl Inner {
     pub(crate) fn lock_staged(&self) -> std::sync::MutexGuard<'_, Vec<usize>> {
@@ -112,9 +111,7 @@ unsafe fn cancel(a: &Adapter, op: *mut PyObject) {
 unsafe fn loop_events(a: &Adapter) -> PyResult<usize> {
     let c = ctx(a.context());
     c.check_fork()?;
-    let n = c.drain();
-    release_if_idle(a, c)?;
-    Ok(n)
+    Ok(c.drain())
 }
 
 /// Takes `op` out of the deferred batch (its reference is returned).
@@ -133,19 +130,6 @@ pub(crate) unsafe fn drop_staged(c: &Inner) {
         as_op(p).unclaim();
         Py_DECREF(p);
     }
-}
-
-/// After the adapter's close(): releases everything once nothing is staged
-/// or in flight (the adapter's `_release()` removes the reader first).
-unsafe fn release_if_idle(a: &Adapter, c: &Inner) -> PyResult<()> {
-    if !a.is_closed()
-        || c.closing.load(Ordering::Acquire)
-        || c.in_flight.load(Ordering::Acquire) != 0
-        || !c.lock_staged().is_empty()
-    {
-        return Ok(());
-    }
-    call_method(Borrowed::from_ptr(a.as_ptr()), RELEASE.get()?, &[]).map(drop)
 }
 
 /// Schedules the flush of the deferred batch (once per loop iteration).
@@ -190,7 +174,6 @@ unsafe extern "C" fn flush_callback(adapter_obj: *mut PyObject, _: *mut PyObject
             .map(|p| Owned::from_raw(p as *mut PyObject))
             .collect();
         flush(slf, c, &staged);
-        release_if_idle(a, c)?;
         Ok(none())
     })
 }
