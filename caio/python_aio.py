@@ -37,6 +37,7 @@ both).
 """
 
 import atexit
+import errno
 import operator
 import os
 import sys
@@ -134,14 +135,75 @@ _pwrite: Callable[[int, bytes, int], int] = (
 )
 
 
+# O_DIRECT: the kernel wants the buffer address, file offset and length
+# aligned, and os.pread()/the caller's bytes give no aligned memory, so such
+# calls fail with EINVAL. Once EINVAL comes back on an fd opened with
+# O_DIRECT, the transfer is redone through page-aligned anonymous memory
+# (a page satisfies every device's alignment): reads at any offset and length
+# (the aligned window around them is read, the requested part returned),
+# writes whose offset and length are already aligned. The native backends
+# do the same (aligned bounce windows).
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_DIRECT_OK = bool(_O_DIRECT) and hasattr(os, "preadv") and hasattr(os, "pwritev")
+
+
+def _is_direct(fd: int) -> bool:
+    if not _DIRECT_OK:
+        return False
+    import fcntl
+
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & _O_DIRECT)
+    except OSError:
+        return False
+
+
+def _direct_read(fd: int, size: int, offset: int) -> bytes:
+    import mmap
+
+    align = mmap.PAGESIZE
+    start = offset - offset % align
+    end = -(-(offset + size) // align) * align
+    skip = offset - start
+    window = mmap.mmap(-1, max(end - start, align))
+    try:
+        got = os.preadv(fd, [memoryview(window)[: end - start]], start)
+        return window[skip : max(skip, min(got, skip + size))]
+    finally:
+        window.close()
+
+
+def _direct_write(fd: int, data: bytes, offset: int) -> int:
+    import mmap
+
+    window = mmap.mmap(-1, max(len(data), mmap.PAGESIZE))
+    try:
+        window[: len(data)] = data
+        return os.pwritev(fd, [memoryview(window)[: len(data)]], offset)
+    finally:
+        window.close()
+
+
 def _run_read(op: "Operation") -> int:
-    data = _pread(op._fileno, op._nbytes, op._offset)
+    try:
+        data = _pread(op._fileno, op._nbytes, op._offset)
+    except OSError as e:
+        if e.errno != errno.EINVAL or op._offset < 0 or not _is_direct(op._fileno):
+            raise
+        data = _direct_read(op._fileno, op._nbytes, op._offset)
     op.buffer = data
     return len(data)
 
 
 def _run_write(op: "Operation") -> int:
-    return _pwrite(op._fileno, op.buffer, op._offset)
+    try:
+        return _pwrite(op._fileno, op.buffer, op._offset)
+    except OSError as e:
+        if e.errno != errno.EINVAL or op._offset < 0 or not _is_direct(op._fileno):
+            raise
+        # Only the memory is fixed up: an unaligned offset or length gets
+        # its EINVAL again from the kernel.
+        return _direct_write(op._fileno, op.buffer, op._offset)
 
 
 def _run_fsync(op: "Operation") -> None:

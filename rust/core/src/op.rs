@@ -300,6 +300,13 @@ impl Operation {
         Ok(())
     }
 
+    /// Whether the I/O window is still the op's own buffer, untouched: no
+    /// aligned window yet and not advanced by a partial transfer.
+    pub fn io_is_pristine(&self) -> bool {
+        let io = unsafe { &*self.io.get() };
+        io.bounce.is_null() && io.offset == self.offset && io.len as u64 == self.nbytes
+    }
+
     /// Moves the I/O window past its first `n` bytes, which the engine has
     /// already transferred (e.g. a partial non-blocking read whose remainder
     /// goes to a worker thread). [`finish`] must then be given the total

@@ -208,6 +208,27 @@ pub struct Pool {
 /// # Safety
 /// `op` must be in flight and owned by the caller's engine.
 pub unsafe fn execute(op: &Operation) -> i64 {
+    let r = execute_once(op);
+    if r == -(libc::EINVAL as i64) && (op.offset as i64) >= 0 && op.io_is_pristine() {
+        // O_DIRECT needs aligned memory, and a read lands in a `bytes`
+        // object (never aligned) or a write comes from one: once EINVAL
+        // says so, retry through an aligned bounce window (a read's window
+        // also covers any offset and length). A write's file offset and
+        // length cannot be fixed up: if they are unaligned, the kernel's
+        // EINVAL comes back again and stands.
+        if let Some(align) = sys::direct_io_alignment(op.fd_i32()) {
+            if matches!(op.kind, OpKind::Read | OpKind::Write) {
+                return match op.use_aligned_window(align) {
+                    Ok(()) => execute_once(op),
+                    Err(_) => -(libc::ENOMEM as i64),
+                };
+            }
+        }
+    }
+    r
+}
+
+unsafe fn execute_once(op: &Operation) -> i64 {
     let fd = op.fd_i32();
     let io = op.io();
     match op.kind {

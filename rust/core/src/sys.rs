@@ -325,6 +325,46 @@ pub unsafe fn pread_nowait(fd: i32, buf: *mut u8, len: usize, offset: u64) -> i6
     }
 }
 
+/// If `fd` is open with `O_DIRECT`, the alignment its I/O needs (buffer
+/// address, file offset and length): `statx(STATX_DIOALIGN)` where the kernel
+/// and filesystem report it (Linux >= 6.1), else 4096 (the page size, which
+/// satisfies every block device). `None` for a buffered fd. Raw system call:
+/// glibc's `statx()` wrapper is newer than manylinux2014's glibc 2.17.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub fn direct_io_alignment(fd: i32) -> Option<usize> {
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags == -1 || flags & libc::O_DIRECT == 0 {
+            return None;
+        }
+        let mut st: libc::statx = std::mem::zeroed();
+        let r = libc::syscall(
+            libc::SYS_statx,
+            fd as libc::c_long,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_long,
+            libc::STATX_DIOALIGN as libc::c_long,
+            &mut st as *mut libc::statx,
+        );
+        let a = if r == 0 && st.stx_mask & libc::STATX_DIOALIGN != 0 {
+            st.stx_dio_mem_align.max(st.stx_dio_offset_align) as usize
+        } else {
+            0
+        };
+        Some(if a == 0 {
+            4096
+        } else {
+            a.next_power_of_two().max(512)
+        })
+    }
+}
+
+/// No `O_DIRECT` on this platform.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub fn direct_io_alignment(_fd: i32) -> Option<usize> {
+    None
+}
+
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 pub unsafe fn pread_nowait(_fd: i32, _buf: *mut u8, _len: usize, _offset: u64) -> i64 {
     -(libc::EOPNOTSUPP as i64)
