@@ -2,7 +2,8 @@
 
     python smoke.py <native module>...      e.g. python smoke.py thread_aio linux_aio
 
-Used where the full test suite cannot run (aarch64 under qemu-user, the musl CPython).
+Used where the full test suite cannot run: aarch64 wheels under qemu-user, and Windows wheels in
+cibuildwheel (the suite needs POSIX helpers; see pyproject.toml [tool.cibuildwheel.windows]).
 Every listed native module must be *present and loadable* from the installed package
 (not from a source tree). A Linux kernel backend whose import fails only because the
 kernel interface is missing (qemu-user implements neither io_uring nor kernel AIO) is
@@ -13,6 +14,7 @@ write/read/fsync/fdsync go through every AsyncioContext in caio.variants_asyncio
 
 import asyncio
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import platform
@@ -38,7 +40,8 @@ def main() -> int:
     print(f"caio {caio.__version__} from {os.path.dirname(caio.__file__)}")
     for name in wanted:
         spec = importlib.util.find_spec("caio." + name)
-        if spec is None or not spec.origin or not spec.origin.endswith(".so"):
+        if spec is None or not spec.origin \
+                or not spec.origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
             failures.append(f"{name}: no extension module file found (wrong file name?)")
             continue
         try:
