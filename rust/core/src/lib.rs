@@ -9,6 +9,8 @@
 //! * [`pool`]: the worker pool (thread_aio's engine, linux_aio's fallback)
 //!   with direct or event-loop (queued) completion delivery.
 //! * [`sys`]: errno helpers, positional I/O, fork detection, wake-up fds.
+//! * [`aio`]: the native asyncio fast path (awaitable operations, admission
+//!   gate, subclassable adapter base) for loop-thread delivery backends.
 //!
 //! A backend crate adds only its engine and its `Context` type.
 
@@ -16,6 +18,7 @@
 
 pub use pyo3_ffi;
 
+pub mod aio;
 pub mod args;
 pub mod module;
 pub mod op;

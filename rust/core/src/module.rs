@@ -21,6 +21,10 @@ pub struct ModState {
     /// `OperationError(OSError, SystemError)`.
     pub error_type: *mut PyObject,
     pub flavor: *const Flavor,
+    /// Native asyncio fast path ([`crate::aio::init`]); null when unused.
+    pub adapter_type: *mut PyObject,
+    pub awaitable_type: *mut PyObject,
+    pub engine: *const crate::aio::Engine,
 }
 
 impl ModState {
@@ -56,7 +60,13 @@ pub unsafe extern "C" fn state_traverse(
     if st.is_null() {
         return 0;
     }
-    for p in [(*st).op_type, (*st).ctx_type, (*st).error_type] {
+    for p in [
+        (*st).op_type,
+        (*st).ctx_type,
+        (*st).error_type,
+        (*st).adapter_type,
+        (*st).awaitable_type,
+    ] {
         if !p.is_null() {
             let r = visit(p, arg);
             if r != 0 {
@@ -76,6 +86,8 @@ pub unsafe extern "C" fn state_clear(module: *mut PyObject) -> c_int {
         &mut (*st).op_type,
         &mut (*st).ctx_type,
         &mut (*st).error_type,
+        &mut (*st).adapter_type,
+        &mut (*st).awaitable_type,
     ] {
         let old = std::mem::replace(p, ptr::null_mut());
         if !old.is_null() {

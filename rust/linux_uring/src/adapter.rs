@@ -1,0 +1,125 @@
+//! The io_uring engine of the native asyncio fast path (`caio_core::aio`).
+//!
+//! Submission policy of the plain ring:
+//! * eager (the default while operations complete inline): the op's SQE is
+//!   staged and the ring entered at once; a page-cache hit completes inside
+//!   that `io_uring_enter`, is drained right there and the awaitable returns
+//!   without suspending (no future, no loop iteration);
+//! * batched (automatically once an eager submission did not complete
+//!   inline): SQEs are staged and entered BATCH_MAX at a time, the rest by a
+//!   `call_soon` callback (`Context._deferred_flush`) at the end of the loop
+//!   iteration — scheduled by the eventfd reader right after it woke the
+//!   tasks, so it runs after them in the same iteration. That callback
+//!   switches back to eager when its whole batch completed inline. Batching
+//!   matters when completions are asynchronous anyway (cold page cache,
+//!   O_DIRECT): fewer enters, block plugs and device notifications;
+//! * `deferred=True` (API.md §4.3): every SQE of a loop iteration in one
+//!   `io_uring_enter`.
+//!
+//! SQPOLL rings: stage, wake the SQ thread if it sleeps, drain.
+//! Later completions signal the eventfd; the loop's reader callback
+//! (`Context._process_loop_events`) drains the whole batch and resolves the
+//! futures directly.
+
+use std::sync::atomic::Ordering;
+
+use caio_core::aio::{Adapter, Engine};
+use caio_core::op::as_op;
+use caio_core::py::{Exc, PyErr, PyResult};
+use caio_core::pyo3_ffi::*;
+
+use crate::ctx;
+use crate::ring::StageError;
+
+/// Largest automatic batch (SQEs per `io_uring_enter`), see `submit`.
+const BATCH_MAX: usize = 4;
+
+pub static ENGINE: Engine = Engine {
+    submit,
+    cancel,
+    loop_events,
+};
+
+unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
+    let ctx_obj = a.context();
+    let c = ctx(ctx_obj);
+    c.check_fork()?;
+    let mut staged = c.ring().stage(&[op], ctx_obj);
+    if let (_, Some(StageError::Full)) = staged {
+        // The admission gate keeps in-flight ops below the ring size, but
+        // SQEs of cancelled ops (and cancel SQEs) may still sit in a batch
+        // or wait for the SQ thread: make room and try once more.
+        c.ring()
+            .make_room()
+            .map_err(|e| PyErr::Errno(Exc::SystemError, e.raw_os_error().unwrap_or(libc::EIO)))?;
+        staged = c.ring().stage(&[op], ctx_obj);
+    }
+    let (n, err) = staged;
+    if let Some(e) = err {
+        return Err(e.into_pyerr());
+    }
+    if n == 0 {
+        return Ok(false);
+    }
+    let batch = a.deferred() || c.batching.load(Ordering::Relaxed);
+    if batch && !c.ring().sqpoll {
+        // Automatic batches are capped: entering every BATCH_MAX SQEs keeps
+        // the device fed while a burst of woken tasks is still being run
+        // (one batch per whole iteration made the queue depth sag and cost
+        // throughput); deferred=True keeps one enter per iteration.
+        if !a.deferred() && c.ring().staged() as usize >= BATCH_MAX {
+            c.flush_batch()?;
+            return Ok(true);
+        }
+        schedule_flush(a, c)?;
+        return Ok(true);
+    }
+    c.submit_staged()?;
+    c.deliver(usize::MAX);
+    if as_op(op).state() != caio_core::op::DONE && !c.ring().sqpoll {
+        // Not a page-cache hit: completions are coming through the event
+        // loop now, batch the next submissions.
+        c.batching.store(true, Ordering::Relaxed);
+    }
+    Ok(true)
+}
+
+/// Schedules the batch flush (once per loop iteration).
+unsafe fn schedule_flush(a: &Adapter, c: &crate::Context) -> PyResult<()> {
+    if !c.flush_scheduled.swap(true, Ordering::AcqRel) {
+        if let Err(e) = a.call_soon(a.engine_obj()) {
+            // Could not schedule (closed loop?): submit right away.
+            c.flush_scheduled.store(false, Ordering::Release);
+            e.restore();
+            PyErr_Clear();
+            c.submit_staged()?;
+            c.deliver(usize::MAX);
+        }
+    }
+    Ok(())
+}
+
+/// The eventfd reader. When it wakes tasks while submissions are batched, it
+/// schedules the flush right away: `call_soon` runs callbacks in order, so
+/// the flush runs in the next iteration *after* the woken tasks have staged
+/// their next operations — one enter for all of them, without the extra
+/// loop iteration a flush scheduled by the first of them would cost.
+unsafe fn loop_events(a: &Adapter) -> PyResult<usize> {
+    let c = ctx(a.context());
+    c.check_fork()?;
+    c.ring().consume_eventfd();
+    let n = c.deliver(usize::MAX);
+    if n > 0 && !c.ring().sqpoll && (a.deferred() || c.batching.load(Ordering::Relaxed)) {
+        schedule_flush(a, c)?;
+    }
+    Ok(n)
+}
+
+unsafe fn cancel(a: &Adapter, op: *mut PyObject) {
+    let c = ctx(a.context());
+    if c.check_fork().is_err() {
+        return;
+    }
+    // A full ring only means the op completes normally later.
+    let _ = c.ring().cancel(as_op(op));
+}

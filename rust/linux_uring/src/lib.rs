@@ -1,0 +1,631 @@
+//! `caio.linux_uring`: asynchronous file I/O on io_uring.
+//!
+//! `Context.submit()` only stages SQEs (no system call); `flush()` enters the
+//! kernel and delivers whatever completed inline; later completions signal
+//! the ring's eventfd (`fileno`) and are delivered by `process_events()` —
+//! or, under asyncio, straight from the event loop (see `adapter`).
+
+use std::ffi::{c_int, c_void};
+use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use caio_core::args::{int_in, truthy, Params};
+use caio_core::module::{add_object, init_common, ModState};
+use caio_core::op::{self, as_op, Delivery, Flavor, ReadPayload};
+use caio_core::py::{
+    allow_threads, py_bool, py_int, py_str, trampoline, trampoline_void, Borrowed, Exc, Owned,
+    PyErr, PyResult,
+};
+use caio_core::pyo3_ffi::*;
+use caio_core::{backend_module, sys};
+
+mod adapter;
+mod probe;
+mod ring;
+
+use ring::{Ring, SetupError};
+
+static FLAVOR: Flavor = Flavor {
+    type_name: c"linux_uring.Operation",
+    doc: c"io_uring AIO operation",
+    read_payload: ReadPayload::Bytes,
+    drop_write_payload: false,
+    nbytes_tracks_write: false,
+    // API.md: a read larger than 2**32-1 bytes cannot be expressed in an SQE.
+    max_read: u32::MAX as u64,
+    max_read_msg: "nbytes exceeds the io_uring read limit",
+    // Q3: -1 (= 2**64-1, "current file position" for pipes) stays accepted;
+    // other negative values would alias huge offsets and are refused.
+    offset_min: -1,
+    offset_max: u64::MAX as i128,
+    priority_min: i16::MIN as i128,
+    priority_max: u16::MAX as i128,
+    payload_type_msg: "payload_bytes must be bytes",
+    failure_as_minus_one: false,
+    callback_keyword: false,
+    has_result_error: true,
+    has_context: true,
+    has_priority: false,
+    repr_offset_signed: false,
+    repr_result: true,
+};
+
+const DEFAULT_MAX_REQUESTS: u32 = 32;
+const DEFAULT_EVENTS: u32 = 512;
+
+#[repr(C)]
+pub(crate) struct Context {
+    ob_base: PyObject,
+    weakreflist: *mut PyObject,
+    max_requests: u32,
+    fork_generation: u64,
+    /// A `_deferred_flush` is scheduled on the event loop (asyncio adapter,
+    /// `deferred=True`).
+    pub(crate) flush_scheduled: AtomicBool,
+    /// asyncio adapter (plain ring): the last submissions did not complete
+    /// inline, so new ones are batched per loop iteration (one enter).
+    pub(crate) batching: AtomicBool,
+    ring: Ring,
+}
+
+impl Context {
+    pub(crate) fn check_fork(&self) -> PyResult<()> {
+        if sys::fork_generation() != self.fork_generation {
+            return Err(PyErr::runtime(
+                "this linux_uring Context was created in the parent process before fork(); \
+its io_uring instance belongs to the parent and cannot be used here. Create a new Context \
+(or AsyncioContext) in the child",
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// Hands staged SQEs to the kernel; big batches with the GIL released.
+    pub(crate) fn submit_staged(&self) -> PyResult<()> {
+        let r = if self.ring.big_enter() {
+            allow_threads(|| self.ring.submit_staged())
+        } else {
+            self.ring.submit_staged()
+        };
+        r.map_err(|e| PyErr::Errno(Exc::SystemError, e.raw_os_error().unwrap_or(libc::EIO)))
+    }
+
+    /// Drains up to `max` completions and runs their callbacks (after the
+    /// CQ head was published). Returns how many were delivered.
+    pub(crate) unsafe fn deliver(&self, max: usize) -> usize {
+        let mut out: Vec<Delivery> = Vec::new();
+        let n = self.ring.drain(max, &mut out);
+        for d in out {
+            d.run();
+        }
+        n
+    }
+
+    /// The asyncio adapter's batch flush: enter with what was staged, deliver
+    /// everything available, and if the whole batch completed inside this
+    /// enter (page-cache hits) go back to one enter per operation (no
+    /// suspension at all). An empty batch says nothing either way.
+    pub(crate) unsafe fn flush_batch(&self) -> PyResult<usize> {
+        let mut batch = self.ring.take_recent();
+        self.submit_staged()?;
+        let mut out: Vec<Delivery> = Vec::new();
+        let n = self.ring.drain(usize::MAX, &mut out);
+        if !batch.is_empty() {
+            batch.sort_unstable();
+            let inline = out
+                .iter()
+                .filter(|d| batch.binary_search(&(d.op_ptr() as u64)).is_ok())
+                .count();
+            self.batching.store(inline < batch.len(), Ordering::Relaxed);
+        }
+        for d in out {
+            d.run();
+        }
+        Ok(n)
+    }
+
+    /// `flush()` semantics: enter with the staged SQEs (or wake the SQ
+    /// thread), then deliver everything available.
+    pub(crate) unsafe fn flush(&self) -> PyResult<usize> {
+        if !self.ring.sqpoll && self.ring.staged() == 0 {
+            // API.md §7 Q20: nothing staged, nothing looked at.
+            return Ok(0);
+        }
+        self.submit_staged()?;
+        Ok(self.deliver(usize::MAX))
+    }
+}
+
+pub(crate) unsafe fn ctx<'a>(p: *mut PyObject) -> &'a Context {
+    &*(p as *const Context)
+}
+
+static NEW_PARAMS: Params = Params {
+    fname: "Context",
+    names: &["max_requests", "sqpoll"],
+    required: 0,
+    keywords: true,
+};
+
+unsafe extern "C" fn ctx_new(
+    tp: *mut PyTypeObject,
+    args: *mut PyObject,
+    kwargs: *mut PyObject,
+) -> *mut PyObject {
+    trampoline(|| {
+        let a = NEW_PARAMS.parse_tuple::<2>(args, kwargs)?;
+        let mut max_requests = match a.get(0) {
+            Some(o) => int_in(o, "max_requests", 0, u32::MAX as i128)? as u32,
+            None => DEFAULT_MAX_REQUESTS,
+        };
+        if max_requests == 0 {
+            max_requests = DEFAULT_MAX_REQUESTS;
+        }
+        let sqpoll = match a.get(1) {
+            Some(o) => truthy(o)?,
+            None => false,
+        };
+        // One spare entry: SQPOLL's lag and the cancel SQE of an op never
+        // push a full `max_requests` load into "ring full".
+        let ring = Ring::new(max_requests as u64 + 1, sqpoll)
+            .map_err(|SetupError(errno)| PyErr::Errno(Exc::SystemError, errno))?;
+        let alloc = (*tp).tp_alloc.unwrap_or(PyType_GenericAlloc);
+        let obj = Owned::from_new(alloc(tp, 0))?;
+        let c = obj.as_ptr() as *mut Context;
+        (*c).max_requests = max_requests;
+        (*c).fork_generation = sys::fork_generation();
+        ptr::addr_of_mut!((*c).flush_scheduled).write(AtomicBool::new(false));
+        ptr::addr_of_mut!((*c).batching).write(AtomicBool::new(false));
+        ptr::addr_of_mut!((*c).ring).write(ring);
+        Ok(obj)
+    })
+}
+
+unsafe extern "C" fn ctx_dealloc(slf: *mut PyObject) {
+    trampoline_void(|| {
+        let c = slf as *mut Context;
+        if !(*c).weakreflist.is_null() {
+            PyObject_ClearWeakRefs(slf);
+        }
+        // Every in-flight op holds a reference to its Context, so nothing
+        // can still be in flight here: no callback runs, no memory the
+        // kernel might write is freed.
+        ptr::drop_in_place(ptr::addr_of_mut!((*c).ring));
+        let tp = Py_TYPE(slf);
+        if let Some(free) = (*tp).tp_free {
+            free(slf.cast());
+        }
+        Py_DECREF(tp.cast());
+    })
+}
+
+/// Type-checks every argument before anything is claimed (API.md §3.1).
+pub(crate) unsafe fn check_ops(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<()> {
+    let op_type = (*ModState::of(slf)).op_type;
+    for (i, &a) in args.iter().enumerate() {
+        if !op::is_op(a, op_type) {
+            return Err(PyErr::type_error(format!(
+                "argument {} is not an Operation: expected linux_uring.Operation, got {}",
+                i + 1,
+                Borrowed::from_ptr(a).type_name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+unsafe extern "C" fn ctx_submit(
+    slf: *mut PyObject,
+    args: *mut *mut PyObject,
+    nargsf: Py_ssize_t,
+) -> *mut PyObject {
+    trampoline(|| {
+        let c = ctx(slf);
+        let nargs = PyVectorcall_NARGS(nargsf as usize) as usize;
+        let args = std::slice::from_raw_parts(args, nargs);
+        check_ops(slf, args)?;
+        c.check_fork()?;
+        let (accepted, err) = c.ring.stage(args, slf);
+        match err {
+            Some(e) => Err(e.into_pyerr()),
+            None => py_int(accepted as i64),
+        }
+    })
+}
+
+unsafe extern "C" fn ctx_cancel(
+    slf: *mut PyObject,
+    args: *const *mut PyObject,
+    nargsf: Py_ssize_t,
+    kwnames: *mut PyObject,
+) -> *mut PyObject {
+    trampoline(|| {
+        let c = ctx(slf);
+        let nargs = PyVectorcall_NARGS(nargsf as usize) as usize;
+        let nkw = if kwnames.is_null() {
+            0
+        } else {
+            PyTuple_GET_SIZE(kwnames) as usize
+        };
+        // cancel(operation) as upstream, cancel(op1, op2, ...) as an extension.
+        if nkw > 0 {
+            let a = CANCEL_PARAMS.parse::<1>(args, nargsf, kwnames)?;
+            let op = a.get(0).unwrap().as_ptr();
+            return cancel_ops(c, slf, &[op]);
+        }
+        if nargs == 0 {
+            return Err(PyErr::type_error(
+                "cancel() missing required argument 'operation' (pos 1)",
+            ));
+        }
+        cancel_ops(c, slf, std::slice::from_raw_parts(args, nargs))
+    })
+}
+
+static CANCEL_PARAMS: Params = Params {
+    fname: "cancel",
+    names: &["operation"],
+    required: 1,
+    keywords: true,
+};
+
+unsafe fn cancel_ops(c: &Context, slf: *mut PyObject, ops: &[*mut PyObject]) -> PyResult<Owned> {
+    let op_type = (*ModState::of(slf)).op_type;
+    for (i, &a) in ops.iter().enumerate() {
+        if !op::is_op(a, op_type) {
+            return Err(PyErr::type_error(format!(
+                "argument {} must be linux_uring.Operation, not {}",
+                i + 1,
+                Borrowed::from_ptr(a).type_name()
+            )));
+        }
+    }
+    c.check_fork()?;
+    for &a in ops {
+        let o = as_op(a);
+        // Only an op in flight can be cancelled; for others (never
+        // submitted, done, or on another Context) the kernel would answer
+        // ENOENT anyway.
+        if o.state() != op::IN_FLIGHT {
+            continue;
+        }
+        if c.ring.cancel(o).is_err() {
+            return Err(PyErr::overflow("io_uring SQ ring full"));
+        }
+    }
+    py_int(0)
+}
+
+unsafe extern "C" fn ctx_flush(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
+    trampoline(|| {
+        let c = ctx(slf);
+        c.check_fork()?;
+        py_int(c.flush()? as i64)
+    })
+}
+
+static EVENTS_PARAMS: Params = Params {
+    fname: "process_events",
+    names: &["max_requests", "min_requests", "timeout"],
+    required: 0,
+    keywords: true,
+};
+
+unsafe extern "C" fn ctx_process_events(
+    slf: *mut PyObject,
+    args: *const *mut PyObject,
+    nargsf: Py_ssize_t,
+    kwnames: *mut PyObject,
+) -> *mut PyObject {
+    trampoline(|| {
+        let a = EVENTS_PARAMS.parse::<3>(args, nargsf, kwnames)?;
+        // Upstream takes -1 as "2**32-1" (everything); other negative values
+        // would alias and raise (Q3).
+        let mut max = match a.get(0) {
+            Some(o) => match int_in(o, "max_requests", -1, u32::MAX as i128)? {
+                -1 => u32::MAX,
+                v => v as u32,
+            },
+            None => DEFAULT_EVENTS,
+        };
+        if max == 0 {
+            max = DEFAULT_EVENTS;
+        }
+        let min = match a.get(1) {
+            Some(o) => int_in(o, "min_requests", 0, u32::MAX as i128)? as u32,
+            None => 0,
+        };
+        let timeout = match a.get(2) {
+            Some(o) => int_in(o, "timeout", i32::MIN as i128, i32::MAX as i128)? as i32,
+            None => 0,
+        };
+        if min > max {
+            return Err(PyErr::value_error(format!(
+                "min_requests ({}) must be <= max_requests ({})",
+                min, max
+            )));
+        }
+        let c = ctx(slf);
+        c.check_fork()?;
+        if min > 0 {
+            if timeout == 0 {
+                allow_threads(|| c.ring.get_events());
+            } else {
+                let start = c.ring.consumed();
+                let deadline = if timeout > 0 {
+                    Some(Instant::now() + Duration::from_secs(timeout as u64))
+                } else {
+                    None
+                };
+                c.ring.wait(start, min as u64, deadline, &mut || {
+                    // API.md §7 Q11: run Python signal handlers; an exception
+                    // from one ends the wait, otherwise keep waiting.
+                    if PyErr_CheckSignals() != 0 {
+                        Err(PyErr::Fetched)
+                    } else {
+                        Ok(())
+                    }
+                })?;
+            }
+        }
+        py_int(c.deliver(max as usize) as i64)
+    })
+}
+
+unsafe extern "C" fn ctx_poll(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
+    trampoline(|| {
+        let c = ctx(slf);
+        c.check_fork()?;
+        match c.ring.consume_eventfd() {
+            0 => Err(PyErr::new(Exc::BlockingIOError, "")),
+            n => py_int(n as i64),
+        }
+    })
+}
+
+/// The asyncio adapter's deferred flush: one `io_uring_enter` for every
+/// SQE staged during the loop iteration, then delivery.
+unsafe extern "C" fn ctx_deferred_flush(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
+    trampoline(|| {
+        let c = ctx(slf);
+        c.flush_scheduled.store(false, Ordering::Release);
+        c.check_fork()?;
+        let n = c.flush_batch()?;
+        py_int(n as i64)
+    })
+}
+
+/// The asyncio adapter's eventfd reader: reset the counter (EAGAIN is fine:
+/// draining never depends on it) and deliver the whole batch.
+unsafe extern "C" fn ctx_loop_events(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
+    trampoline(|| {
+        let c = ctx(slf);
+        c.check_fork()?;
+        c.ring.consume_eventfd();
+        py_int(c.deliver(usize::MAX) as i64)
+    })
+}
+
+unsafe extern "C" fn ctx_repr(slf: *mut PyObject) -> *mut PyObject {
+    trampoline(|| {
+        let c = ctx(slf);
+        py_str(&format!(
+            "<Context as {:#x}: max_requests={}, uring_fd={}, eventfd={}, sqpoll={}>",
+            slf as usize,
+            c.max_requests,
+            c.ring.ring_fd(),
+            c.ring.eventfd(),
+            c.ring.sqpoll as i32
+        ))
+    })
+}
+
+unsafe extern "C" fn get_max_requests(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
+    trampoline(|| py_int(ctx(slf).max_requests as i64))
+}
+
+unsafe extern "C" fn get_fileno(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
+    trampoline(|| py_int(ctx(slf).ring.eventfd() as i64))
+}
+
+unsafe extern "C" fn get_sqpoll(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
+    // API.md §7 Q18: an int (what was negotiated), not a bool.
+    trampoline(|| py_int(ctx(slf).ring.sqpoll as i64))
+}
+
+static mut CTX_METHODS: [PyMethodDef; 8] = [
+    PyMethodDef {
+        ml_name: c"_deferred_flush".as_ptr(),
+        ml_meth: PyMethodDefPointer {
+            PyCFunction: ctx_deferred_flush,
+        },
+        ml_flags: METH_NOARGS,
+        ml_doc: c"_deferred_flush() -> int\n--\n\nasyncio adapter: submit everything staged and deliver.".as_ptr(),
+    },
+    PyMethodDef {
+        ml_name: c"_process_loop_events".as_ptr(),
+        ml_meth: PyMethodDefPointer {
+            PyCFunction: ctx_loop_events,
+        },
+        ml_flags: METH_NOARGS,
+        ml_doc: c"_process_loop_events() -> int\n--\n\nasyncio adapter: reset the eventfd and deliver every \
+available completion.".as_ptr(),
+    },
+    PyMethodDef {
+        ml_name: c"submit".as_ptr(),
+        ml_meth: PyMethodDefPointer {
+            PyCFunctionFast: ctx_submit,
+        },
+        ml_flags: METH_FASTCALL,
+        ml_doc: c"submit(*operations) -> int\n--\n\nStage operations in the submission ring (no \
+system call; flush() hands them to the kernel). Returns how many were newly accepted; raises \
+OverflowError when the ring is full (the ops staged before stay staged)."
+            .as_ptr(),
+    },
+    PyMethodDef {
+        ml_name: c"cancel".as_ptr(),
+        ml_meth: PyMethodDefPointer {
+            PyCFunctionFastWithKeywords: ctx_cancel,
+        },
+        ml_flags: METH_FASTCALL | METH_KEYWORDS,
+        ml_doc: c"cancel(operation, *more) -> 0\n--\n\nAsk the kernel to cancel in-flight \
+operations (IORING_OP_ASYNC_CANCEL; everything staged is submitted along). A cancelled op \
+completes with -ECANCELED through the normal delivery."
+            .as_ptr(),
+    },
+    PyMethodDef {
+        ml_name: c"flush".as_ptr(),
+        ml_meth: PyMethodDefPointer {
+            PyCFunction: ctx_flush,
+        },
+        ml_flags: METH_NOARGS,
+        ml_doc: c"flush() -> int\n--\n\nSubmit the staged operations (SQPOLL: wake the kernel \
+thread if needed), then deliver every available completion. Returns the number delivered."
+            .as_ptr(),
+    },
+    PyMethodDef {
+        ml_name: c"process_events".as_ptr(),
+        ml_meth: PyMethodDefPointer {
+            PyCFunctionFastWithKeywords: ctx_process_events,
+        },
+        ml_flags: METH_FASTCALL | METH_KEYWORDS,
+        ml_doc: c"process_events(max_requests=512, min_requests=0, timeout=0) -> int\n--\n\n\
+Deliver up to max_requests completions. With min_requests > 0, first wait (GIL released) \
+until that many completions became available since the call started, at most timeout \
+seconds (negative: no limit). Signal handlers run during the wait."
+            .as_ptr(),
+    },
+    PyMethodDef {
+        ml_name: c"poll".as_ptr(),
+        ml_meth: PyMethodDefPointer {
+            PyCFunction: ctx_poll,
+        },
+        ml_flags: METH_NOARGS,
+        ml_doc: c"poll() -> int\n--\n\nRead and reset the eventfd counter (BlockingIOError when \
+zero). Never blocks and never delivers completions."
+            .as_ptr(),
+    },
+    PyMethodDef::zeroed(),
+];
+
+static mut CTX_GETSET: [PyGetSetDef; 4] = [
+    PyGetSetDef {
+        name: c"max_requests".as_ptr(),
+        get: Some(get_max_requests),
+        set: None,
+        doc: c"max_requests as requested".as_ptr(),
+        closure: ptr::null_mut(),
+    },
+    PyGetSetDef {
+        name: c"fileno".as_ptr(),
+        get: Some(get_fileno),
+        set: None,
+        doc: c"the eventfd signalled for every completion".as_ptr(),
+        closure: ptr::null_mut(),
+    },
+    PyGetSetDef {
+        name: c"sqpoll".as_ptr(),
+        get: Some(get_sqpoll),
+        set: None,
+        doc: c"1 if the ring runs with a kernel SQ polling thread, else 0".as_ptr(),
+        closure: ptr::null_mut(),
+    },
+    PyGetSetDef {
+        name: ptr::null(),
+        get: None,
+        set: None,
+        doc: ptr::null(),
+        closure: ptr::null_mut(),
+    },
+];
+
+static mut CTX_MEMBERS: [PyMemberDef; 2] = [
+    PyMemberDef {
+        name: c"__weaklistoffset__".as_ptr(),
+        type_code: Py_T_PYSSIZET,
+        offset: std::mem::offset_of!(Context, weakreflist) as Py_ssize_t,
+        flags: Py_READONLY,
+        doc: ptr::null(),
+    },
+    PyMemberDef {
+        name: ptr::null(),
+        type_code: 0,
+        offset: 0,
+        flags: 0,
+        doc: ptr::null(),
+    },
+];
+
+static mut CTX_SLOTS: [PyType_Slot; 8] = [
+    PyType_Slot {
+        slot: Py_tp_doc,
+        pfunc: c"Context(max_requests=32, sqpoll=False)\n--\n\nio_uring AIO context: a ring \
+with room for max_requests staged operations, an eventfd (fileno) signalled for every \
+completion and, with sqpoll=True (when permitted), a kernel submission thread."
+            .as_ptr() as *mut c_void,
+    },
+    PyType_Slot {
+        slot: Py_tp_new,
+        pfunc: ctx_new as *mut c_void,
+    },
+    PyType_Slot {
+        slot: Py_tp_dealloc,
+        pfunc: ctx_dealloc as *mut c_void,
+    },
+    PyType_Slot {
+        slot: Py_tp_repr,
+        pfunc: ctx_repr as *mut c_void,
+    },
+    PyType_Slot {
+        slot: Py_tp_methods,
+        pfunc: ptr::addr_of_mut!(CTX_METHODS) as *mut c_void,
+    },
+    PyType_Slot {
+        slot: Py_tp_getset,
+        pfunc: ptr::addr_of_mut!(CTX_GETSET) as *mut c_void,
+    },
+    PyType_Slot {
+        slot: Py_tp_members,
+        pfunc: ptr::addr_of_mut!(CTX_MEMBERS) as *mut c_void,
+    },
+    PyType_Slot {
+        slot: 0,
+        pfunc: ptr::null_mut(),
+    },
+];
+
+static mut CTX_SPEC: PyType_Spec = PyType_Spec {
+    // "builtins." gives __module__ == "builtins" like upstream's static type
+    // (no 3.12+ warning); init_common makes tp_name plain "Context".
+    name: c"builtins.Context".as_ptr(),
+    basicsize: std::mem::size_of::<Context>() as c_int,
+    itemsize: 0,
+    flags: Py_TPFLAGS_DEFAULT as _,
+    slots: ptr::addr_of_mut!(CTX_SLOTS) as *mut PyType_Slot,
+};
+
+unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
+    let probed = probe::run().map_err(|msg| PyErr::new(Exc::ImportError, msg))?;
+    init_common(
+        module,
+        &FLAVOR,
+        ptr::addr_of_mut!(CTX_SPEC),
+        c"caio.linux_uring.OperationError",
+    )?;
+    add_object(module, c"SQPOLL_ALLOWED", py_bool(probed.sqpoll_allowed))?;
+    caio_core::aio::init(module, &adapter::ENGINE)?;
+    op::set_error_message_hook(ring::error_message);
+    Ok(())
+}
+
+backend_module!(
+    PyInit_linux_uring,
+    c"linux_uring",
+    c"io_uring based AIO backend (Linux 5.6+).",
+    exec
+);

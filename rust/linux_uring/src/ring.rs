@@ -1,0 +1,753 @@
+//! The io_uring instance behind one `Context`.
+//!
+//! * Staging ([`Ring::stage`]) claims operations and writes one SQE each into
+//!   the shared SQ ring under the SQ lock; it never enters the kernel.
+//! * [`Ring::submit_staged`] hands staged SQEs to the kernel (or wakes the SQ
+//!   thread in SQPOLL mode).
+//! * [`Ring::drain`] consumes CQEs under the CQ lock, records every result in
+//!   its op (`op::finish`) and publishes the new CQ head for the whole batch
+//!   before the caller runs any callback ([`Delivery::run`]) — callbacks may
+//!   re-enter the Context and must find the batch consumed.
+//! * [`Ring::wait`] blocks (GIL released) on the ring's eventfd with
+//!   `poll(2)` until enough completions are visible; several concurrent
+//!   waiters wake each other through private eventfds, so consuming the ring
+//!   eventfd never strands anyone.
+//! * O_DIRECT: reads and writes on an fd opened with `O_DIRECT` go through an
+//!   aligned bounce window (`Operation::use_aligned_window`). Detecting the
+//!   flag costs nothing on the submit path: an op on an fd not known to be
+//!   O_DIRECT is submitted as is; if it fails with `EINVAL`, one
+//!   `fcntl(F_GETFL)` tells whether O_DIRECT was the reason, the fd goes into
+//!   a small per-ring cache, and the op is resubmitted through an aligned
+//!   window. Cache entries never make an op fail (a stale entry only costs a
+//!   copy), so fd reuse is harmless.
+//!
+//! No lock is ever held while Python code runs, and the two ring locks are
+//! never nested.
+
+use std::io;
+use std::mem::ManuallyDrop;
+use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use caio_core::op::{self, as_op, Delivery, OpKind, Operation};
+use caio_core::py::{PyErr, PyResult};
+use caio_core::pyo3_ffi::PyObject;
+use caio_core::sys::MAX_TRANSFER;
+use io_uring::{opcode, squeue, types, EnterFlags, IoUring};
+
+/// `user_data` of our own cancel SQEs: their CQEs are skipped by drains.
+pub const CANCEL_TAG: u64 = u64::MAX;
+
+/// `engine_area()[0]` bits of an in-flight op.
+const ENG_ALIGNED: u64 = 1;
+const ENG_RETRIED: u64 = 2;
+
+/// Requested `sq_thread_idle` for SQPOLL rings, in milliseconds.
+pub const SQPOLL_IDLE_MS: u32 = 100;
+
+/// Staged writes/reads above this many bytes are entered with the GIL
+/// released (the kernel may copy page-cache data inline while submitting).
+const GIL_FREE_ENTER_BYTES: u64 = 256 * 1024;
+
+const DIRECT_CACHE_MAX: usize = 64;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct SqSide {
+    /// fds found to be open with O_DIRECT, with the alignment to use.
+    direct: Vec<(i32, usize)>,
+    /// `user_data` of the ops staged since the kernel last took the SQ
+    /// (the asyncio adapter's batch).
+    recent: Vec<u64>,
+}
+
+impl SqSide {
+    fn direct_align(&self, fd: i32) -> Option<usize> {
+        if self.direct.is_empty() {
+            return None;
+        }
+        self.direct.iter().find(|e| e.0 == fd).map(|e| e.1)
+    }
+
+    fn remember_direct(&mut self, fd: i32, align: usize) {
+        if let Some(e) = self.direct.iter_mut().find(|e| e.0 == fd) {
+            e.1 = align;
+            return;
+        }
+        if self.direct.len() >= DIRECT_CACHE_MAX {
+            self.direct.remove(0);
+        }
+        self.direct.push((fd, align));
+    }
+}
+
+pub struct Ring {
+    uring: ManuallyDrop<IoUring>,
+    eventfd: i32,
+    pub sqpoll: bool,
+    sq: Mutex<SqSide>,
+    cq: Mutex<()>,
+    /// Bytes of read/write SQEs staged since the last enter (GIL policy).
+    staged_bytes: AtomicU64,
+    /// Real completions consumed by drains so far (cancel CQEs excluded).
+    consumed: AtomicU64,
+    /// Private wake-up eventfds of threads blocked in [`Ring::wait`].
+    waiters: Mutex<Vec<i32>>,
+    nwaiters: AtomicUsize,
+}
+
+/// Why [`Ring::stage`] stopped.
+pub enum StageError {
+    /// No free SQ slot (the op concerned was rolled back).
+    Full,
+    Failed(PyErr),
+}
+
+impl StageError {
+    pub fn into_pyerr(self) -> PyErr {
+        match self {
+            StageError::Full => PyErr::overflow("io_uring SQ ring full"),
+            StageError::Failed(e) => e,
+        }
+    }
+}
+
+/// Why a ring could not be created: the errno of the last attempt.
+pub struct SetupError(pub i32);
+
+fn errno_of(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+impl Ring {
+    /// `entries` SQ slots requested (the kernel rounds up to a power of two).
+    /// Setup flags are tried in order; EINVAL/EPERM/EACCES move on to the
+    /// next set (older kernels, SQPOLL not permitted), anything else fails.
+    pub fn new(entries: u64, sqpoll: bool) -> Result<Ring, SetupError> {
+        if entries > u32::MAX as u64 {
+            return Err(SetupError(libc::EINVAL));
+        }
+        // (sqpoll, no_sqarray)
+        let attempts: &[(bool, bool)] = if sqpoll {
+            &[(true, true), (true, false), (false, false)]
+        } else {
+            &[(false, true), (false, false)]
+        };
+        let mut last = libc::EINVAL;
+        let mut built = None;
+        for &(sq, nosqarray) in attempts {
+            let mut b = IoUring::<squeue::Entry, io_uring::cqueue::Entry>::builder();
+            if sq {
+                b.setup_sqpoll(SQPOLL_IDLE_MS);
+            }
+            if nosqarray {
+                b.setup_no_sqarray();
+            }
+            match b.build(entries as u32) {
+                Ok(r) => {
+                    built = Some((r, sq));
+                    break;
+                }
+                Err(e) => {
+                    last = errno_of(&e);
+                    if !matches!(last, libc::EINVAL | libc::EPERM | libc::EACCES) {
+                        return Err(SetupError(last));
+                    }
+                }
+            }
+        }
+        let Some((uring, sqpoll)) = built else {
+            return Err(SetupError(last));
+        };
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(SetupError(caio_core::sys::last_errno()));
+        }
+        raise_bounded_workers(&uring, entries);
+        // The plain variant: every posted CQE (inline ones included) signals.
+        if let Err(e) = uring.submitter().register_eventfd(efd) {
+            unsafe { libc::close(efd) };
+            return Err(SetupError(errno_of(&e)));
+        }
+        Ok(Ring {
+            uring: ManuallyDrop::new(uring),
+            eventfd: efd,
+            sqpoll,
+            sq: Mutex::new(SqSide {
+                direct: Vec::new(),
+                recent: Vec::new(),
+            }),
+            cq: Mutex::new(()),
+            staged_bytes: AtomicU64::new(0),
+            consumed: AtomicU64::new(0),
+            waiters: Mutex::new(Vec::new()),
+            nwaiters: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn ring_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.uring.as_raw_fd()
+    }
+
+    pub fn eventfd(&self) -> i32 {
+        self.eventfd
+    }
+
+    // -- submission ---------------------------------------------------------
+
+    /// Claims and stages `ops` (already type-checked) on behalf of `ctx`.
+    /// Returns how many were newly accepted; on a full ring or a failure the
+    /// op concerned is rolled back, the earlier ones stay staged, and the
+    /// error comes back with the count.
+    ///
+    /// # Safety
+    /// Attached; every pointer is one of this module's Operations; `ctx` is
+    /// the Context owning this ring.
+    pub unsafe fn stage(
+        &self,
+        ops: &[*mut PyObject],
+        ctx: *mut PyObject,
+    ) -> (usize, Option<StageError>) {
+        let mut side = lock(&self.sq);
+        let mut sq = self.uring.submission_shared();
+        let mut accepted = 0;
+        let mut bytes = 0u64;
+        let mut err = None;
+        for &p in ops {
+            let o = as_op(p);
+            if !o.try_claim() {
+                continue; // in flight elsewhere, listed twice, or done
+            }
+            op::begin(o, ctx);
+            if sq.is_full() {
+                op::abort(o);
+                err = Some(StageError::Full);
+                break;
+            }
+            match prepare(o, &side) {
+                Ok(entry) => {
+                    // Cannot fail: checked for room above, under the lock.
+                    let _ = sq.push(&entry);
+                    accepted += 1;
+                    bytes += o.nbytes;
+                    side.recent.push(p as u64);
+                }
+                Err(e) => {
+                    op::abort(o);
+                    err = Some(StageError::Failed(e));
+                    break;
+                }
+            }
+        }
+        drop(sq); // publishes the tail (release)
+        drop(side);
+        if bytes > 0 {
+            self.staged_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+        (accepted, err)
+    }
+
+    /// The ops staged since the kernel last took the SQ (see `recent`).
+    pub fn take_recent(&self) -> Vec<u64> {
+        std::mem::take(&mut lock(&self.sq).recent)
+    }
+
+    /// Frees SQ slots: hands the staged SQEs to the kernel (plain ring) or
+    /// waits until the SQ thread consumed some (SQPOLL).
+    pub fn make_room(&self) -> io::Result<()> {
+        self.submit_staged()?;
+        if self.sqpoll {
+            loop {
+                match unsafe { self.enter(0, 0, EnterFlags::SQ_WAIT.bits()) } {
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    r => return r.map(drop),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// SQEs written but not yet consumed by the kernel.
+    pub fn staged(&self) -> u32 {
+        let _g = lock(&self.sq);
+        let sq = unsafe { self.uring.submission_shared() };
+        let n = sq.len() as u32;
+        // Dropping the borrowed queue re-stores the same tail: harmless.
+        drop(sq);
+        n
+    }
+
+    /// Whether the next enter should run with the GIL released.
+    pub fn big_enter(&self) -> bool {
+        self.staged_bytes.load(Ordering::Relaxed) > GIL_FREE_ENTER_BYTES
+    }
+
+    /// Hands every staged SQE to the kernel (plain ring) or wakes the SQ
+    /// thread if it went to sleep (SQPOLL). Touches no Python object.
+    pub fn submit_staged(&self) -> io::Result<()> {
+        if self.sqpoll {
+            return self.wake_sq_thread();
+        }
+        self.staged_bytes.store(0, Ordering::Relaxed);
+        {
+            let mut side = lock(&self.sq);
+            if !side.recent.is_empty() {
+                side.recent.clear();
+            }
+        }
+        loop {
+            let staged = self.staged();
+            if staged == 0 {
+                return Ok(());
+            }
+            match unsafe { self.enter(staged, 0, 0) } {
+                Ok(0) => return Ok(()), // nothing consumed: do not spin
+                Ok(_) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn wake_sq_thread(&self) -> io::Result<()> {
+        let need = {
+            let _g = lock(&self.sq);
+            let sq = unsafe { self.uring.submission_shared() };
+            // Our tail store must be visible before we read the flag (see
+            // io_uring's SubmissionQueue::need_wakeup).
+            fence(Ordering::SeqCst);
+            sq.need_wakeup()
+        };
+        if need {
+            loop {
+                match unsafe { self.enter(0, 0, EnterFlags::SQ_WAKEUP.bits()) } {
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    r => return r.map(drop),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    unsafe fn enter(&self, to_submit: u32, min_complete: u32, flags: u32) -> io::Result<usize> {
+        self.uring
+            .submitter()
+            .enter::<libc::sigset_t>(to_submit, min_complete, flags, None)
+    }
+
+    /// A non-waiting `io_uring_enter(GETEVENTS)`: flushes overflowed CQEs
+    /// into the ring and runs pending completion work.
+    pub fn get_events(&self) {
+        let _ = unsafe { self.enter(0, 0, EnterFlags::GETEVENTS.bits()) };
+    }
+
+    fn cq_overflow(&self) -> bool {
+        let _g = lock(&self.sq);
+        let sq = unsafe { self.uring.submission_shared() };
+        let r = sq.cq_overflow();
+        drop(sq);
+        r
+    }
+
+    // -- cancellation -------------------------------------------------------
+
+    /// Stages an `ASYNC_CANCEL` for `target` and submits everything staged
+    /// (API.md §7 Q9: not only the oldest SQE; SQPOLL gets its wake-up).
+    /// Errors from entering the kernel are ignored; a ring that stays full
+    /// gives `Err(())`.
+    pub fn cancel(&self, target: &Operation) -> Result<(), ()> {
+        let user_data = target as *const Operation as u64;
+        let entry = opcode::AsyncCancel::new(user_data)
+            .build()
+            .user_data(CANCEL_TAG);
+        for attempt in 0..2 {
+            {
+                let _side = lock(&self.sq);
+                let mut sq = unsafe { self.uring.submission_shared() };
+                if !sq.is_full() {
+                    let _ = unsafe { sq.push(&entry) };
+                    drop(sq);
+                    drop(_side);
+                    let _ = self.submit_staged();
+                    return Ok(());
+                }
+            }
+            if attempt == 0 {
+                // Make room: hand the staged SQEs to the kernel first.
+                let _ = self.submit_staged();
+                if self.sqpoll {
+                    let _ = unsafe { self.enter(0, 0, EnterFlags::SQ_WAIT.bits()) };
+                }
+            }
+        }
+        Err(())
+    }
+
+    // -- completion ---------------------------------------------------------
+
+    /// Consumes up to `max` real completions: records them in their ops and
+    /// returns the deliveries (callbacks not yet run) in `out`. The CQ head
+    /// is published before returning. O_DIRECT misalignment failures are
+    /// resubmitted instead of delivered.
+    ///
+    /// # Safety
+    /// Attached (finishing an op touches its buffers' bookkeeping).
+    pub unsafe fn drain(&self, max: usize, out: &mut Vec<Delivery>) -> usize {
+        if self.cq_overflow() {
+            self.get_events();
+        }
+        let mut retries: Vec<*mut Operation> = Vec::new();
+        let mut count = 0usize;
+        {
+            let _g = lock(&self.cq);
+            let mut cq = self.uring.completion_shared();
+            let mut synced = false;
+            while count < max {
+                let Some(cqe) = cq.next() else {
+                    if synced {
+                        break;
+                    }
+                    // Pick up what was posted while we were busy.
+                    cq.sync();
+                    synced = true;
+                    continue;
+                };
+                let ud = cqe.user_data();
+                if ud == CANCEL_TAG {
+                    continue;
+                }
+                let op = ud as *mut Operation;
+                let res = cqe.result();
+                if res == -libc::EINVAL && wants_direct_retry(&*op) {
+                    retries.push(op);
+                    continue;
+                }
+                out.push(op::finish(op, res as i64));
+                count += 1;
+            }
+            drop(cq); // publishes the head (release)
+            self.consumed.fetch_add(count as u64, Ordering::Release);
+        }
+        if !retries.is_empty() {
+            self.resubmit_direct(retries, out);
+        }
+        count
+    }
+
+    /// Second attempt of ops that failed with EINVAL on an O_DIRECT fd:
+    /// through an aligned window this time. Ops that cannot be resubmitted
+    /// are finished with their original error.
+    unsafe fn resubmit_direct(&self, ops: Vec<*mut Operation>, out: &mut Vec<Delivery>) {
+        let mut staged = false;
+        {
+            let mut side = lock(&self.sq);
+            let mut sq = self.uring.submission_shared();
+            for op in ops {
+                let o = &*op;
+                let fd = o.fd_i32();
+                let align = side
+                    .direct_align(fd)
+                    .unwrap_or_else(|| direct_alignment(fd));
+                side.remember_direct(fd, align);
+                (*o.engine_area())[0] |= ENG_RETRIED;
+                let entry = if sq.is_full() {
+                    None
+                } else {
+                    prepare(o, &side).ok()
+                };
+                match entry {
+                    Some(e) => {
+                        let _ = sq.push(&e);
+                        staged = true;
+                    }
+                    None => out.push(op::finish(op, -(libc::EINVAL as i64))),
+                }
+            }
+        }
+        if staged {
+            let _ = self.submit_staged();
+        }
+    }
+
+    /// Real (non-cancel) CQEs currently in the ring, plus the running count
+    /// of consumed ones, read consistently under the CQ lock.
+    fn visible(&self) -> u64 {
+        let _g = lock(&self.cq);
+        let mut cq = unsafe { self.uring.completion_shared() };
+        let mut n = 0u64;
+        for cqe in &mut cq {
+            if cqe.user_data() != CANCEL_TAG {
+                n += 1;
+            }
+        }
+        // Peek only: dropping the queue would publish the advanced head.
+        std::mem::forget(cq);
+        n + self.consumed.load(Ordering::Acquire)
+    }
+
+    /// Blocks until `min` real completions became visible since `start`
+    /// (`start` is a [`Ring::consumed`] value; CQEs still in the ring count too) or the deadline passes. Runs with the GIL
+    /// released; `on_eintr` is called (with the GIL) whenever a signal
+    /// interrupted the wait — an error from it aborts the wait.
+    pub fn wait(
+        &self,
+        start: u64,
+        min: u64,
+        deadline: Option<Instant>,
+        on_eintr: &mut dyn FnMut() -> PyResult<()>,
+    ) -> PyResult<()> {
+        let mine = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if mine < 0 {
+            return Err(PyErr::last_os());
+        }
+        {
+            let mut w = lock(&self.waiters);
+            w.push(mine);
+            self.nwaiters.fetch_add(1, Ordering::SeqCst);
+        }
+        let r = self.wait_registered(mine, start, min, deadline, on_eintr);
+        {
+            let mut w = lock(&self.waiters);
+            w.retain(|&fd| fd != mine);
+            self.nwaiters.fetch_sub(1, Ordering::SeqCst);
+        }
+        unsafe { libc::close(mine) };
+        r
+    }
+
+    fn wait_registered(
+        &self,
+        mine: i32,
+        start: u64,
+        min: u64,
+        deadline: Option<Instant>,
+        on_eintr: &mut dyn FnMut() -> PyResult<()>,
+    ) -> PyResult<()> {
+        loop {
+            let (interrupted, done) = caio_core::py::allow_threads(|| {
+                if self.cq_overflow() {
+                    self.get_events();
+                }
+                if self.visible().wrapping_sub(start) >= min {
+                    return (false, true);
+                }
+                let timeout_ms = match deadline {
+                    None => -1,
+                    Some(d) => {
+                        let now = Instant::now();
+                        if now >= d {
+                            return (false, true);
+                        }
+                        // Round up so that we never wake just before the deadline.
+                        let left = d - now + Duration::from_micros(999);
+                        left.as_millis().min(i32::MAX as u128) as i32
+                    }
+                };
+                let mut fds = [
+                    libc::pollfd {
+                        fd: self.eventfd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: mine,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
+                let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+                if r < 0 {
+                    return (caio_core::sys::last_errno() == libc::EINTR, false);
+                }
+                if fds[0].revents != 0 {
+                    self.consume_eventfd();
+                }
+                if fds[1].revents != 0 {
+                    let mut v = 0u64;
+                    unsafe { libc::read(mine, (&mut v as *mut u64).cast(), 8) };
+                }
+                (false, false)
+            });
+            if done {
+                return Ok(());
+            }
+            if interrupted {
+                on_eintr()?;
+            }
+        }
+    }
+
+    /// Real completions consumed by drains so far: [`Ring::wait`] counts
+    /// from this value.
+    pub fn consumed(&self) -> u64 {
+        self.consumed.load(Ordering::Acquire)
+    }
+
+    /// Reads (and resets) the ring eventfd counter; 0 when it was zero.
+    /// Whoever consumes a notification passes it on to blocked waiters.
+    pub fn consume_eventfd(&self) -> u64 {
+        let mut v = 0u64;
+        let r = unsafe { libc::read(self.eventfd, (&mut v as *mut u64).cast(), 8) };
+        if r != 8 {
+            return 0;
+        }
+        if self.nwaiters.load(Ordering::SeqCst) > 0 {
+            let w = lock(&self.waiters);
+            let one = 1u64;
+            for &fd in w.iter() {
+                unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+            }
+        }
+        v
+    }
+}
+
+/// Upper bound of io-wq workers for regular-file I/O we ask for.
+const IOWQ_BOUNDED_MAX: u32 = 64;
+
+/// Requests that cannot be issued without blocking (buffered reads on
+/// filesystems without async buffered-read support, O_DIRECT when the device
+/// queue is full, writes the filesystem cannot do NOWAIT) go to the ring's
+/// io-wq threads. For regular files the kernel allows only min(SQ entries,
+/// 4 x CPUs) of them — 8 on a 2-CPU machine — which caps such a workload at 8
+/// operations in parallel however many are submitted. Raise that bound to
+/// the ring size (at most 64; Linux 5.15+, best effort).
+fn raise_bounded_workers(uring: &IoUring, entries: u64) {
+    let want = (entries as u32).min(IOWQ_BOUNDED_MAX);
+    let mut cur = [0u32, 0u32]; // 0 = leave unchanged, returns the current values
+    if uring
+        .submitter()
+        .register_iowq_max_workers(&mut cur)
+        .is_ok()
+        && cur[0] < want
+    {
+        let mut set = [want, 0];
+        let _ = uring.submitter().register_iowq_max_workers(&mut set);
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        unsafe {
+            // Unmaps the rings and closes the ring fd (the kernel cancels
+            // whatever might still run). Also fine in a forked child: the
+            // mappings and fds dropped there are the child's own copies.
+            ManuallyDrop::drop(&mut self.uring);
+            libc::close(self.eventfd);
+        }
+    }
+}
+
+/// Builds the SQE of a claimed op (user_data = the op's address).
+unsafe fn prepare(o: &Operation, side: &SqSide) -> PyResult<squeue::Entry> {
+    let area = &mut *o.engine_area();
+    let retried = area[0] & ENG_RETRIED;
+    area[0] = retried;
+    let fd = types::Fd(o.fd_i32());
+    let entry = match o.kind {
+        OpKind::Read | OpKind::Write => {
+            if let Some(align) = side.direct_align(o.fd_i32()) {
+                o.use_aligned_window(align)?;
+                area[0] |= ENG_ALIGNED;
+                area[1] = align as u64;
+            }
+            let io = o.io();
+            // API.md §7 Q8: never more than the kernel's single-transfer cap;
+            // the partial count is reported and callers loop.
+            let len = io.len.min(MAX_TRANSFER) as u32;
+            if o.kind == OpKind::Read {
+                opcode::Read::new(fd, io.ptr, len).offset(io.offset).build()
+            } else {
+                opcode::Write::new(fd, io.ptr, len)
+                    .offset(io.offset)
+                    .build()
+            }
+        }
+        OpKind::Fsync => opcode::Fsync::new(fd).build(),
+        OpKind::Fdsync => opcode::Fsync::new(fd)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build(),
+    };
+    Ok(entry.user_data(o as *const Operation as u64))
+}
+
+/// EINVAL on a read/write that did not use an aligned window yet, on an fd
+/// open with O_DIRECT: worth one more try through aligned memory.
+unsafe fn wants_direct_retry(o: &Operation) -> bool {
+    if !matches!(o.kind, OpKind::Read | OpKind::Write) {
+        return false;
+    }
+    if (*o.engine_area())[0] & (ENG_ALIGNED | ENG_RETRIED) != 0 {
+        return false;
+    }
+    // Reads at the "current position" (pipes, offset -1) never use O_DIRECT
+    // windows (the window needs a real offset).
+    if o.kind == OpKind::Read && o.offset == u64::MAX {
+        return false;
+    }
+    let fl = libc::fcntl(o.fd_i32(), libc::F_GETFL);
+    fl >= 0 && fl & libc::O_DIRECT != 0
+}
+
+/// `get_value()`'s message for an O_DIRECT request the kernel still refused
+/// after we aligned its memory: what the file needs.
+pub unsafe fn error_message(o: &Operation, errno: i32) -> Option<String> {
+    let area = &*o.engine_area();
+    if errno != libc::EINVAL || area[0] & ENG_ALIGNED == 0 {
+        return None;
+    }
+    let align = area[1];
+    Some(match o.kind {
+        OpKind::Write => format!(
+            "Invalid argument: O_DIRECT writes on this file need an offset and a length that \
+are multiples of the device's logical block size ({}); got offset {}, length {}. (The data \
+itself needs no alignment: caio copies it into aligned memory.)",
+            match dio_align(o.fd_i32()).1 {
+                0 => "512 or 4096 bytes".to_owned(),
+                n => format!("{} bytes", n),
+            },
+            o.offset,
+            o.nbytes
+        ),
+        _ => format!(
+            "Invalid argument: the O_DIRECT read was refused even through a {}-byte aligned \
+window (offset {}, length {})",
+            align, o.offset, o.nbytes
+        ),
+    })
+}
+
+/// Alignment for O_DIRECT transfers on `fd`: what `statx(STATX_DIOALIGN)`
+/// reports (Linux 6.1+, for memory and for offsets/lengths), else 4096 — a
+/// multiple of every common logical block size.
+pub fn direct_alignment(fd: i32) -> usize {
+    let (mem, off) = dio_align(fd);
+    let a = mem.max(off) as usize;
+    if a == 0 {
+        4096
+    } else {
+        a.next_power_of_two().max(512)
+    }
+}
+
+/// `(stx_dio_mem_align, stx_dio_offset_align)`, zeros when unknown.
+pub fn dio_align(fd: i32) -> (u32, u32) {
+    unsafe {
+        let mut stx: libc::statx = std::mem::zeroed();
+        let r = libc::statx(
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        );
+        if r != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+            return (0, 0);
+        }
+        (stx.stx_dio_mem_align, stx.stx_dio_offset_align)
+    }
+}
