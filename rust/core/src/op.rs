@@ -209,6 +209,15 @@ impl Operation {
             .is_ok()
     }
 
+    /// Gives back a claim that was never followed by [`begin`] (the engine
+    /// kept the op aside and dropped it before dispatch): `NEW` again.
+    #[inline]
+    pub fn unclaim(&self) {
+        let _ = self
+            .state
+            .compare_exchange(IN_FLIGHT, NEW, Ordering::AcqRel, Ordering::Acquire);
+    }
+
     /// Raw result (bytes or `-errno`); 0 until `DONE`.
     #[inline]
     pub fn raw_result(&self) -> i64 {
@@ -966,6 +975,31 @@ pub unsafe fn set_callback_if_pending(op: &Operation, callback: Owned) -> bool {
         Py_DECREF(untag(old));
     }
     true
+}
+
+/// The future installed by [`set_future`], if that is what the op's
+/// delivery will resolve (a new reference); `None` for a plain callback or
+/// nothing.
+///
+/// # Safety
+/// Caller attached.
+pub unsafe fn future(op: &Operation) -> Option<Owned> {
+    let _g = op.lock.lock();
+    let p = *op.callback.get();
+    if p as usize & FUTURE_TAG == 0 {
+        return None;
+    }
+    let fut = untag(p);
+    Py_INCREF(fut);
+    Some(Owned::from_raw(fut))
+}
+
+/// Drops the op's callback (or future): its delivery will call nothing.
+///
+/// # Safety
+/// Caller attached.
+pub unsafe fn clear_callback(op: &Operation) {
+    replace_callback(op, ptr::null_mut());
 }
 
 unsafe fn replace_callback(op: &Operation, new: *mut PyObject) {
