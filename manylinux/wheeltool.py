@@ -7,12 +7,17 @@
         and regenerates RECORD.  Needed for cross builds: setuptools-rust names
         the file after the *host* interpreter's EXT_SUFFIX (musl: ``...-x86_64-linux-gnu.so``,
         never imported by a musl CPython) or strips the suffix (aarch64: ``thread_aio.so``).
-        The wheel is rewritten in place.
+        musl targets: zig links musl as DT_NEEDED ``libc.so``; this is rewritten (patchelf)
+        to ``libc.musl-<arch>.so.1``, the soname Alpine's toolchain records and auditwheel's
+        musllinux policy knows (musl's loader maps every ``libc.*`` name to itself, so both
+        load the same). The wheel is rewritten in place.
 
     wheeltool.py check <wheel> --target <triple> --modules a,b,c [--max-glibc 2.17]
         Static checks of every extension module: canonical file name, ELF machine,
         exported PyInit_<name>, no libpython in DT_NEEDED, glibc symbol versions
-        <= --max-glibc (gnu) or only musl's libc.so (musl), RECORD hashes.
+        <= --max-glibc (gnu) or only musl's libc (musl), no strong undefined
+        C-library symbol without a version (gnu: such a symbol, e.g. statx linked
+        against glibc 2.17 stubs, makes the module unloadable on old glibc), RECORD hashes.
         Prints one summary line.
 
 Uses pyelftools (an auditwheel dependency; run it with the tools venv's python).
@@ -121,6 +126,11 @@ def cmd_fix_names(args):
             if new != info.filename:
                 renamed.append(f"{info.filename} -> {new}")
                 info = _renamed(info, new)
+            if libc == "musl":
+                fixed = _musl_soname(data, arch)
+                if fixed != data:
+                    renamed.append(f"{info.filename}: DT_NEEDED libc.so -> {MUSL_SONAME % arch}")
+                    data = fixed
         new_entries.append((info, data))
     names = [i.filename for i, _ in new_entries]
     if len(names) != len(set(names)):
@@ -133,6 +143,24 @@ def cmd_fix_names(args):
         print("  module names already canonical")
 
 
+MUSL_SONAME = "libc.musl-%s.so.1"
+
+
+def _musl_soname(data, arch):
+    """DT_NEEDED libc.so -> libc.musl-<arch>.so.1 (patchelf from PATH)."""
+    import subprocess
+
+    if "libc.so" not in elf_facts(data)[1]:
+        return data
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.so")
+        with open(path, "wb") as f:
+            f.write(data)
+        subprocess.run(["patchelf", "--replace-needed", "libc.so", MUSL_SONAME % arch, path], check=True)
+        with open(path, "rb") as f:
+            return f.read()
+
+
 def _renamed(info, new):
     zi = zipfile.ZipInfo(new, info.date_time)
     zi.external_attr = info.external_attr
@@ -143,24 +171,40 @@ def _renamed(info, new):
 def elf_facts(data):
     from elftools.elf.elffile import ELFFile
     from elftools.elf.dynamic import DynamicSection
-    from elftools.elf.gnuversions import GNUVerNeedSection
+    from elftools.elf.gnuversions import GNUVerNeedSection, GNUVerSymSection
 
     elf = ELFFile(io.BytesIO(data))
     needed, exports, versions, interp = [], set(), set(), None
+    dynsym = versym = None
     for sec in elf.iter_sections():
         if isinstance(sec, DynamicSection):
             needed += [t.needed for t in sec.iter_tags() if t.entry.d_tag == "DT_NEEDED"]
         elif isinstance(sec, GNUVerNeedSection):
             for _, auxiliaries in sec.iter_versions():
                 versions.update(a.name for a in auxiliaries)
+        elif isinstance(sec, GNUVerSymSection):
+            versym = sec
         elif sec.name == ".dynsym":
+            dynsym = sec
             for sym in sec.iter_symbols():
                 if sym["st_shndx"] != "SHN_UNDEF" and sym["st_info"]["bind"] == "STB_GLOBAL":
                     exports.add(sym.name)
+    # strong undefined symbols with no symbol version, except the Python C API (resolved
+    # from the interpreter, never versioned)
+    unversioned = []
+    if dynsym is not None:
+        for i, sym in enumerate(dynsym.iter_symbols()):
+            if i == 0 or sym["st_shndx"] != "SHN_UNDEF" or sym["st_info"]["bind"] != "STB_GLOBAL":
+                continue
+            if sym.name.startswith(("Py", "_Py")):
+                continue
+            ndx = versym.get_symbol(i)["ndx"] if versym is not None else "VER_NDX_GLOBAL"
+            if ndx in ("VER_NDX_LOCAL", "VER_NDX_GLOBAL", 0, 1):
+                unversioned.append(sym.name)
     for seg in elf.iter_segments():
         if seg["p_type"] == "PT_INTERP":
             interp = seg.get_interp_name()
-    return elf["e_machine"], needed, exports, versions, interp
+    return elf["e_machine"], needed, exports, versions, interp, sorted(unversioned)
 
 
 def vkey(v):
@@ -197,7 +241,7 @@ def cmd_check(args):
         problems.append(f"extension modules {exts} != expected {expected}")
     max_glibc = "0"
     for name in exts:
-        machine, needed, exports, versions, interp = elf_facts(files[name])
+        machine, needed, exports, versions, interp, unversioned = elf_facts(files[name])
         mod = EXT_RE.match(name).group(1)
         if machine != MACHINES[arch]:
             problems.append(f"{name}: e_machine {machine}, expected {MACHINES[arch]}")
@@ -209,9 +253,13 @@ def cmd_check(args):
             problems.append(f"{name}: links libpython ({needed})")
         glibc = [v[len("GLIBC_"):] for v in versions if v.startswith("GLIBC_") and v[6:7].isdigit()]
         if libc == "musl":
-            if glibc or set(needed) - {"libc.so"}:
-                problems.append(f"{name}: not a musl-only module (NEEDED {needed}, GLIBC {sorted(glibc)})")
+            if glibc or needed != [MUSL_SONAME % arch]:
+                problems.append(f"{name}: not a musl-only module (NEEDED {needed}, GLIBC {sorted(glibc)}); "
+                                f"expected NEEDED [{MUSL_SONAME % arch}]")
         else:
+            if unversioned:
+                problems.append(f"{name}: strong undefined symbols without a glibc version (not in the "
+                                f"target glibc; the import fails there): {', '.join(unversioned)}")
             allowed = {"libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1",
                        "libgcc_s.so.1", "ld-linux-x86-64.so.2", "ld-linux-aarch64.so.1"}
             if set(needed) - allowed:
@@ -226,7 +274,7 @@ def cmd_check(args):
         for p in problems:
             print(f"  FAIL {os.path.basename(args.wheel)}: {p}")
         return 1
-    libc_info = "musl libc.so only" if libc == "musl" else f"max GLIBC_{max_glibc}"
+    libc_info = f"musl {MUSL_SONAME % arch} only" if libc == "musl" else f"max GLIBC_{max_glibc}"
     print(f"  ok {os.path.basename(args.wheel)}: {len(exts)} modules {suffix}, {MACHINES[arch]}, "
           f"PyInit_* exported, {libc_info}, RECORD ok")
     return 0
