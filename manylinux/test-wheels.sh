@@ -9,7 +9,8 @@
 #                                  caio/ cannot shadow the wheel; a plugin asserts caio is the venv's).
 #   cp313t wheel                   the same with PYTHON_GIL=0, plus an explicit check that importing every
 #                                  native module (with -W error::RuntimeWarning) leaves the GIL disabled;
-#                                  tests/test_free_threading.py (thread hammers) runs there.
+#                                  tests/test_free_threading.py (thread hammers) runs there, and its
+#                                  tests must all have passed (counted from pytest's junit XML).
 #   py3-none-any wheel             fresh cp312 venv, whole suite (python_aio only; asserted).
 #   sdist                          installed twice into fresh cp311 venvs: with cargo (CAIO_REQUIRE_RUST=1,
 #                                  native modules asserted) and with cargo removed from PATH (python_aio
@@ -101,7 +102,7 @@ pytest_run() {
     local rc=0
     (cd "$cwd" && env "$@" CAIO_EXPECT_PREFIX="$prefix" PYTHONPATH="$WORK/plugin${extra:+:$extra}" \
         "$py" -m pytest "$REPO/tests" -p caio_installed_check -p no:cacheprovider -q -rfEs \
-        --rootdir "$REPO" >>"$logf" 2>&1) || rc=$?
+        --junitxml "${logf%.log}.xml" --rootdir "$REPO" >>"$logf" 2>&1) || rc=$?
     local summary
     summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed)|^(=+ )?no tests ran|^(=+ )?[0-9]+ error' "$logf" | tail -n1 | sed 's/=//g; s/^ *//; s/ *$//')
     printf '%s\n' "${summary:-no pytest summary (rc $rc)}"
@@ -130,6 +131,18 @@ have = sorted(n for n in ("linux_uring", "linux_aio", "thread_aio") if getattr(c
 if have != sorted(want):
     sys.exit(f"native backends {have}, expected {sorted(want)}; import errors: {caio._import_errors}")
 print(f"native backends: {have or 'none'}; AsyncioContext = {caio.AsyncioContext.__module__}")
+EOF
+}
+
+ft_passed() {   # <junit xml>: "N free-threading tests passed", fails unless all of them passed
+    "${PY[cp312]}" - "$1" <<'EOF'
+import sys, xml.etree.ElementTree as ET
+cases = [c for c in ET.parse(sys.argv[1]).iter("testcase") if "test_free_threading" in c.get("classname", "")]
+bad = [c.get("name") for c in cases if len(c)]   # failure/error/skipped children
+if not cases or bad:
+    print(f"{len(cases)} collected, not passed: {bad}")
+    sys.exit(1)
+print(f"{len(cases)} free-threading tests (thread hammers, GIL checks) passed")
 EOF
 }
 
@@ -174,9 +187,17 @@ print("GIL still disabled after importing", ", ".join(sys.argv[1:]))' "${mods[@]
     fi
     local summary rc=0
     summary=$(pytest_run "$v/bin/python" "$logf" "$v" "" "${envs[@]}") || rc=$?
+    local extra=
+    if ((rc == 0)) && [[ $tag == *t ]]; then
+        # the thread hammers (tests/test_free_threading.py) must really have run and passed here
+        local ft
+        if ft=$(ft_passed "${logf%.log}.xml"); then
+            extra=", PYTHON_GIL=0, GIL stays disabled; $ft"
+        else
+            record "$(basename "$whl")" "$tag venv" "FAIL: free-threading tests did not run/pass: $ft (log: $logf)"; return
+        fi
+    fi
     if ((rc == 0)); then
-        local extra=
-        [[ $tag == *t ]] && extra=", PYTHON_GIL=0, GIL stays disabled"
         record "$(basename "$whl")" "$tag venv ($("$v/bin/python" -c 'import platform; print(platform.python_version())'))" "PASS: $summary$extra"
     else
         record "$(basename "$whl")" "$tag venv" "FAIL: $summary (log: $logf)"
