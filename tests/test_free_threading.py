@@ -5,7 +5,9 @@ False).  Set ``CAIO_TEST_FREE_THREADING=1`` to run them with the GIL as well
 (useful to check the tests themselves; they are much weaker there).
 """
 
+import errno
 import os
+import random
 import subprocess
 import sys
 import sysconfig
@@ -15,7 +17,9 @@ from typing import Any, Dict, List
 
 import pytest
 
-from conftest import FREE_THREADED, RawBackend, Recorder, read_file, subprocess_env
+from conftest import (
+    FREE_THREADED, NATIVE_MODULES, RawBackend, Recorder, read_file, subprocess_env,
+)
 
 FORCED = os.environ.get("CAIO_TEST_FREE_THREADING") == "1"
 
@@ -50,15 +54,29 @@ def _run_threads(count: int, target: Any, *args: Any) -> None:
     not sysconfig.get_config_var("Py_GIL_DISABLED"),
     reason="needs a free-threaded build",
 )
-def test_import_keeps_gil_disabled() -> None:
-    """Edge case 69."""
+@pytest.mark.parametrize("module", ["caio"] + ["caio." + name for name in NATIVE_MODULES])
+def test_import_keeps_gil_disabled(module: str) -> None:
+    """Edge case 69: importing caio, or any native module on its own, in a
+    fresh interpreter (PYTHON_GIL unset, so the default applies) leaves the
+    GIL disabled, with the "enabling the GIL" RuntimeWarning made an error."""
     env = subprocess_env(PYTHON_GIL=None)
+    code = (
+        "import importlib, sys\n"
+        "m = importlib.import_module(sys.argv[1])\n"
+        "import caio\n"
+        "native = sorted(n for n in ('linux_uring', 'linux_aio', 'thread_aio')"
+        " if getattr(caio, n) is not None)\n"
+        "print(sys._is_gil_enabled(), ','.join(native))\n"
+    )
     proc = subprocess.run(
-        [sys.executable, "-c", "import caio, sys; print(sys._is_gil_enabled())"],
+        [sys.executable, "-W", "error::RuntimeWarning", "-c", code, module],
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "False"
+    gil, native = proc.stdout.split()
+    assert gil == "False"
+    # Not vacuous: the subprocess loaded the same native modules as this one.
+    assert native.split(",") == sorted(NATIVE_MODULES)
     assert "GIL" not in proc.stderr  # no "enabling the GIL" RuntimeWarning
 
 
@@ -274,3 +292,83 @@ def test_concurrent_uring_cancels(uring: RawBackend) -> None:
         for r, w in pipes:
             os.close(r)
             os.close(w)
+
+
+@pytest.mark.parametrize("threads", [4, 16])
+def test_submit_and_cancel_hammer(
+    backend: RawBackend, fast_fd: int, threads: int,
+) -> None:
+    """Many threads submit to, cancel on and drive one Context at once.
+
+    Every thread submits batches of distinct writes (plus an fsync), then
+    tries to cancel random operations submitted by any thread (its own or
+    others', pending or already finished) while the others keep submitting,
+    and drives completions for the eventfd backends.  Every accepted operation
+    must complete exactly once, with its full length or (io_uring only)
+    -ECANCELED, and every completed write must be in the file.
+    """
+    rounds, batch, block, cancels = 30, 8, 16, 6
+    total = threads * rounds * (batch + 1)
+    ctx = backend.context(total + 64)
+    results: Dict[int, List[int]] = {}
+    lock = threading.Lock()
+    submitted: List[Any] = []          # every accepted op, shared by all threads
+    cancel_calls = [0]
+    writes: Dict[int, Any] = {}        # id(op) -> (offset, payload, op)
+    allowed_cancel_errors: Any = (
+        (ValueError, SystemError, RuntimeError, NotImplementedError)
+        if backend.is_linux_aio else ()
+    )
+
+    def make_callback(key: int) -> Any:
+        def callback(result: Any) -> None:
+            with lock:
+                results.setdefault(key, []).append(result)
+        return callback
+
+    def worker(index: int) -> None:
+        rnd = random.Random(index)
+        for r in range(rounds):
+            ops = []
+            for k in range(batch):
+                slot = (index * rounds + r) * batch + k
+                payload = bytes([slot % 251 + 1]) * block
+                op = backend.Operation.write(payload, fast_fd, block * slot)
+                op.set_callback(make_callback(id(op)))
+                ops.append(op)
+                with lock:
+                    writes[id(op)] = (block * slot, payload, op)
+            sync = backend.Operation.fsync(fast_fd)
+            sync.set_callback(make_callback(id(sync)))
+            ops.append(sync)
+            assert ctx.submit(*ops) == len(ops)
+            with lock:
+                submitted.extend(ops)
+                targets = rnd.sample(submitted, min(len(submitted), cancels))
+            for target in targets:
+                try:
+                    ctx.cancel(target)
+                except allowed_cancel_errors:
+                    pass
+                with lock:
+                    cancel_calls[0] += 1
+            if backend.is_linux and r % 3 == index % 3:
+                backend.drive(ctx)
+
+    _run_threads(threads, worker)
+    assert len(submitted) == total
+    assert cancel_calls[0] == threads * rounds * cancels
+    backend.wait_for(ctx, lambda: len(results) == total, timeout=60,
+                     what="{} completions".format(total))
+    backend.drive(ctx)
+    keys = {id(op) for op in submitted}
+    assert set(results) == keys
+    assert all(len(r) == 1 for r in results.values()), "a callback ran twice"
+    cancelled = -errno.ECANCELED
+    data = read_file(fast_fd)
+    for key, (offset, payload, op) in writes.items():
+        (result,) = results[key]
+        if backend.is_uring and result == cancelled:
+            continue
+        assert result == len(payload), (backend.name, result)
+        assert data[offset:offset + len(payload)] == payload

@@ -6,6 +6,7 @@ profile — and through the test hooks CAIO_TEST_URING_PROBE_ERRNO and
 CAIO_TEST_URING_KERNEL.
 """
 
+import importlib.util
 import os
 import platform
 import subprocess
@@ -15,6 +16,12 @@ import textwrap
 import pytest
 
 pytest.importorskip("caio.linux_uring")
+
+# The seccomp tests install their filter with ctypes (prctl); an interpreter
+# built without _ctypes (e.g. the musl CPython of manylinux/musl-python.sh,
+# which has no libffi) cannot do that.
+needs_ctypes = pytest.mark.skipif(importlib.util.find_spec("_ctypes") is None,
+                                  reason="needs ctypes to install a seccomp filter")
 
 
 def run_child(code, env=None):
@@ -113,6 +120,7 @@ SECCOMP = """
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64"),
                     reason="syscall number known for x86_64/aarch64 only")
+@needs_ctypes
 def test_real_seccomp_filter_falls_back():
     p = run_child(SECCOMP + IMPORT_AND_REPORT)
     if "NOSECCOMP" in p.stdout:
@@ -127,6 +135,7 @@ def test_real_seccomp_filter_falls_back():
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64"),
                     reason="syscall number known for x86_64/aarch64 only")
+@needs_ctypes
 def test_python_m_caio_shows_the_reason():
     # Only meaningful once the package front-end (python -m caio) exists.
     import importlib.util

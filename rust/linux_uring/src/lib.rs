@@ -4,6 +4,10 @@
 //! kernel and delivers whatever completed inline; later completions signal
 //! the ring's eventfd (`fileno`) and are delivered by `process_events()` —
 //! or, under asyncio, straight from the event loop (see `adapter`).
+//!
+//! Linux only: on other targets the crate is empty (so `cargo build
+//! --workspace` works everywhere; setup.py builds it on Linux only).
+#![cfg(target_os = "linux")]
 
 use std::ffi::c_void;
 use std::ptr;

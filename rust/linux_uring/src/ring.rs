@@ -735,15 +735,21 @@ pub fn direct_alignment(fd: i32) -> usize {
 }
 
 /// `(stx_dio_mem_align, stx_dio_offset_align)`, zeros when unknown.
+///
+/// Raw system call, not libc's `statx()` wrapper: that wrapper appeared in
+/// glibc 2.28 and musl 1.2.5, so linking it made the module unloadable
+/// ("undefined symbol: statx") on the older C libraries the manylinux2014
+/// and musllinux_1_2 wheels promise to support.
 pub fn dio_align(fd: i32) -> (u32, u32) {
     unsafe {
         let mut stx: libc::statx = std::mem::zeroed();
-        let r = libc::statx(
-            fd,
+        let r = libc::syscall(
+            libc::SYS_statx,
+            fd as libc::c_long,
             c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_DIOALIGN,
-            &mut stx,
+            libc::AT_EMPTY_PATH as libc::c_long,
+            libc::STATX_DIOALIGN as libc::c_long,
+            &mut stx as *mut libc::statx,
         );
         if r != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
             return (0, 0);

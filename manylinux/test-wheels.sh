@@ -1,0 +1,354 @@
+#!/usr/bin/env bash
+# manylinux/test-wheels.sh - install every artifact in dist/ where it can run, and test it there.
+#
+#   manylinux/test-wheels.sh [--only REGEX] [--keep]
+#
+# What runs where (interpreters from manylinux/interpreters.sh --arm64):
+#   manylinux x86_64 cpXY wheels   fresh venv of that interpreter, wheel + test deps, the WHOLE test suite
+#                                  (tests/ of this checkout, run from a scratch cwd so the source tree's
+#                                  caio/ cannot shadow the wheel; a plugin asserts caio is the venv's).
+#   cp313t wheel                   the same with PYTHON_GIL=0, plus an explicit check that importing every
+#                                  native module (with -W error::RuntimeWarning) leaves the GIL disabled;
+#                                  tests/test_free_threading.py (thread hammers) runs there, and its
+#                                  tests must all have passed (counted from pytest's junit XML).
+#   py3-none-any wheel             fresh cp312 venv, whole suite (python_aio only; asserted).
+#   sdist                          installed twice into fresh cp311 venvs: with cargo (CAIO_REQUIRE_RUST=1,
+#                                  native modules asserted) and with cargo removed from PATH (python_aio
+#                                  only, asserted); the whole suite runs on both.
+#   manylinux aarch64 cp313/cp314  host pip --target --platform, then manylinux/smoke.py under qemu-user
+#                                  with Debian sid's arm64 CPython (imports + write/read/fsync per backend).
+#   musllinux x86_64 cp313         the whole suite on a CPython 3.13 built against musl (musl-python.sh).
+#   other aarch64 / musl wheels    no interpreter exists here: static checks only (build-wheels.sh).
+# Prints a table (wheel, interpreter, result) at the end and exits non-zero if anything failed.
+set -Eeuo pipefail
+shopt -s nullglob
+
+PROG=test-wheels.sh
+log()  { printf '[%s %s] %s\n' "$PROG" "$(date +%H:%M:%S)" "$*" >&2; }
+die()  { printf '\n[%s] ERROR: %s\n' "$PROG" "$*" >&2; exit 1; }
+trap 'rc=$?; printf "[%s] ERROR: command failed (exit %s) at line %s: %s\n" "$PROG" "$rc" "$LINENO" "$BASH_COMMAND" >&2' ERR
+
+ONLY= KEEP=0
+while (($#)); do
+    case $1 in
+        --only) shift; ONLY=${1:?--only needs a regex} ;;
+        --keep) KEEP=1 ;;
+        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown argument: $1" ;;
+    esac
+    shift
+done
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+DIST=${CAIO_DIST:-$REPO/dist}
+CACHE=${CAIO_WHEEL_CACHE:-$HOME/.cache/caio-wheels}
+mkdir -p "$CACHE/logs"
+CACHE=$(cd "$CACHE" && pwd -P)
+LOGS=$CACHE/logs
+T0=$SECONDS
+TEST_DEPS=("pytest>=7" pytest-timeout hypothesis "setuptools>=70" "setuptools-rust>=1.10" wheel)
+
+exec 8>"$CACHE/.test-lock"
+flock -w 7200 8 || die "another test-wheels.sh run holds $CACHE/.test-lock"
+WORK=$CACHE/test
+rm -rf "$WORK"
+mkdir -p "$WORK"
+((KEEP)) || trap 'rm -rf "$WORK"' EXIT
+
+# ---------------------------------------------------------------------------------------------
+log "interpreters: manylinux/interpreters.sh --arm64 (cached after its first run)"
+"$REPO/manylinux/interpreters.sh" --arm64
+ICACHE=${CAIO_INTERP_CACHE:-$HOME/.cache/caio-interpreters}
+declare -A PY=()
+while read -r tag py; do PY[$tag]=$py; done <"$ICACHE/interpreters.txt"
+MKVENV=$ICACHE/bin/mkvenv
+# pip used for --target installs of foreign-platform wheels (the build tools venv if there is one)
+if [[ -x $CACHE/venvs/tools/bin/python ]]; then HOSTPIP=("$CACHE/venvs/tools/bin/python" -m pip)
+else HOSTPIP=("${PY[cp312]}" -m pip); fi
+
+ARTIFACTS=("$DIST"/caio-*.whl "$DIST"/caio-*.tar.gz)
+((${#ARTIFACTS[@]})) || die "nothing to test in $DIST; run manylinux/build-wheels.sh first"
+MODULES=()
+for d in "$REPO"/rust/*/; do
+    n=$(basename "$d"); [[ $n == core ]] && continue
+    grep -q cdylib "$d/Cargo.toml" && MODULES+=("$n")
+done
+
+RESULTS=()   # "artifact|where|result"
+FAILED=0
+record() { RESULTS+=("$1|$2|$3"); [[ $3 == PASS* || $3 == "static checks only"* ]] || FAILED=$((FAILED + 1)); }
+
+# the pytest plugin that proves the installed package is under test, not the checkout
+mkdir -p "$WORK/plugin"
+cat >"$WORK/plugin/caio_installed_check.py" <<'EOF'
+import os, sys
+def pytest_sessionstart(session):
+    import caio
+    where = os.path.realpath(caio.__file__)
+    expect = os.environ["CAIO_EXPECT_PREFIX"]
+    if not where.startswith(os.path.realpath(expect)):
+        raise SystemExit(f"caio imported from {where}, not from {expect}")
+    native = [n for n in ("linux_uring", "linux_aio", "thread_aio") if getattr(caio, n) is not None]
+    files = [os.path.basename(getattr(caio, n).__file__) for n in native]
+    print(f"\ncaio under test: {where}; native: {', '.join(files) or 'none (python_aio only)'}")
+EOF
+
+# pytest_run <python> <logfile> <expect-prefix> <extra PYTHONPATH or ""> [env...]: runs the whole
+# suite from a scratch cwd, echoes pytest's summary line, returns pytest's status
+pytest_run() {
+    local py=$1 logf=$2 prefix=$3 extra=$4; shift 4
+    local cwd
+    cwd=$(mktemp -d "$WORK/cwd.XXXXXX")
+    local rc=0
+    (cd "$cwd" && env "$@" CAIO_EXPECT_PREFIX="$prefix" PYTHONPATH="$WORK/plugin${extra:+:$extra}" \
+        "$py" -m pytest "$REPO/tests" -p caio_installed_check -p no:cacheprovider -q -rfEs \
+        --junitxml "${logf%.log}.xml" --rootdir "$REPO" >>"$logf" 2>&1) || rc=$?
+    local summary
+    summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed)|^(=+ )?no tests ran|^(=+ )?[0-9]+ error' "$logf" | tail -n1 | sed 's/=//g; s/^ *//; s/ *$//')
+    printf '%s\n' "${summary:-no pytest summary (rc $rc)}"
+    return $rc
+}
+
+# new_venv <tag> <name>: fresh venv of interpreter <tag> with the test dependencies
+new_venv() {
+    local tag=$1 name=$2 logf=$3
+    local v=$WORK/venv-$name
+    "$MKVENV" "${PY[$tag]}" "$v" >>"$logf" 2>&1 || { tail -n 20 "$logf" >&2; die "mkvenv $tag failed"; }
+    # binary wheels only (see scripts/dev-setup.sh); uvloop where it exists
+    "$v/bin/python" -m pip install -q --disable-pip-version-check --only-binary=:all: "${TEST_DEPS[@]}" >>"$logf" 2>&1 \
+        || { tail -n 20 "$logf" >&2; die "installing the test dependencies into the $tag venv failed"; }
+    "$v/bin/python" -m pip install -q --disable-pip-version-check --only-binary=:all: uvloop >>"$logf" 2>&1 \
+        || echo "uvloop: no wheel for $tag, skipped" >>"$logf"
+    printf '%s' "$v"
+}
+
+# assert_native <python> <expected modules (space separated) or "none">
+assert_native() {
+    "$1" - "$2" <<'EOF'
+import sys, caio
+want = sys.argv[1].split() if sys.argv[1] != "none" else []
+have = sorted(n for n in ("linux_uring", "linux_aio", "thread_aio") if getattr(caio, n) is not None)
+if have != sorted(want):
+    sys.exit(f"native backends {have}, expected {sorted(want)}; import errors: {caio._import_errors}")
+print(f"native backends: {have or 'none'}; AsyncioContext = {caio.AsyncioContext.__module__}")
+EOF
+}
+
+ft_passed() {   # <junit xml>: "N free-threading tests passed", fails unless all of them passed
+    "${PY[cp312]}" - "$1" <<'EOF'
+import sys, xml.etree.ElementTree as ET
+cases = [c for c in ET.parse(sys.argv[1]).iter("testcase") if "test_free_threading" in c.get("classname", "")]
+bad = [c.get("name") for c in cases if len(c)]   # failure/error/skipped children
+if not cases or bad:
+    print(f"{len(cases)} collected, not passed: {bad}")
+    sys.exit(1)
+print(f"{len(cases)} free-threading tests (thread hammers, GIL checks) passed")
+EOF
+}
+
+tag_of() {   # caio-0.12.11-cp313-cp313t-manylinux...whl -> cp313t
+    local b=${1##*/}; b=${b%.whl}
+    local IFS=-; local parts=($b)
+    printf '%s' "${parts[-2]}"
+}
+
+test_native_x86_64() {   # <wheel>
+    local whl=$1 tag name logf v t=$SECONDS
+    tag=$(tag_of "$whl")
+    name=manylinux-x86_64-$tag
+    logf=$LOGS/test-$name.log; : >"$logf"
+    log "$tag: fresh venv, $(basename "$whl"), whole test suite"
+    v=$(new_venv "$tag" "$name" "$logf")
+    "$v/bin/python" -m pip install -q --disable-pip-version-check --no-deps "$whl" >>"$logf" 2>&1 \
+        || { record "$(basename "$whl")" "$tag" "FAIL: pip install"; return; }
+    local envs=()
+    [[ $tag == *t ]] && envs=(PYTHON_GIL=0)
+    if ! (cd "$WORK" && env "${envs[@]}" "$v/bin/python" -W error::RuntimeWarning -c '' && assert_native "$v/bin/python" "${MODULES[*]}") >>"$logf" 2>&1; then
+        record "$(basename "$whl")" "$tag" "FAIL: native modules missing (see $logf)"; return
+    fi
+    if [[ $tag == *t ]]; then
+        # importing every native module must leave the GIL disabled, with and without PYTHON_GIL=0
+        local mods=() m
+        for m in "${MODULES[@]}"; do mods+=("caio.$m"); done
+        local gil_env
+        for gil_env in PYTHON_GIL=0 CAIO_UNUSED=1; do
+            if ! (cd "$WORK" && env -u PYTHON_GIL "$gil_env" "$v/bin/python" -W error::RuntimeWarning -c '
+import importlib, sys, sysconfig
+assert sysconfig.get_config_var("Py_GIL_DISABLED") == 1
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+    assert not sys._is_gil_enabled(), f"importing {name} enabled the GIL"
+import caio
+assert caio.thread_aio is not None
+print("GIL still disabled after importing", ", ".join(sys.argv[1:]))' "${mods[@]}") >>"$logf" 2>&1; then
+                record "$(basename "$whl")" "$tag" "FAIL: GIL enabled by an import ($gil_env; see $logf)"; return
+            fi
+        done
+    fi
+    local summary rc=0
+    summary=$(pytest_run "$v/bin/python" "$logf" "$v" "" "${envs[@]}") || rc=$?
+    local extra=
+    if ((rc == 0)) && [[ $tag == *t ]]; then
+        # the thread hammers (tests/test_free_threading.py) must really have run and passed here
+        local ft
+        if ft=$(ft_passed "${logf%.log}.xml"); then
+            extra=", PYTHON_GIL=0, GIL stays disabled; $ft"
+        else
+            record "$(basename "$whl")" "$tag venv" "FAIL: free-threading tests did not run/pass: $ft (log: $logf)"; return
+        fi
+    fi
+    if ((rc == 0)); then
+        record "$(basename "$whl")" "$tag venv ($("$v/bin/python" -c 'import platform; print(platform.python_version())'))" "PASS: $summary$extra"
+    else
+        record "$(basename "$whl")" "$tag venv" "FAIL: $summary (log: $logf)"
+    fi
+    log "  $tag: $summary ($((SECONDS - t)) s)"
+}
+
+test_pure() {   # <wheel>
+    local whl=$1 logf=$LOGS/test-pure.log v t=$SECONDS
+    : >"$logf"
+    log "py3-none-any: fresh cp312 venv, whole test suite"
+    v=$(new_venv cp312 pure "$logf")
+    "$v/bin/python" -m pip install -q --disable-pip-version-check --no-deps "$whl" >>"$logf" 2>&1 \
+        || { record "$(basename "$whl")" cp312 "FAIL: pip install"; return; }
+    (cd "$WORK" && assert_native "$v/bin/python" none) >>"$logf" 2>&1 \
+        || { record "$(basename "$whl")" cp312 "FAIL: not python_aio-only (see $logf)"; return; }
+    local summary rc=0
+    summary=$(pytest_run "$v/bin/python" "$logf" "$v" "") || rc=$?
+    if ((rc == 0)); then record "$(basename "$whl")" "cp312 venv" "PASS: $summary (python_aio only)"
+    else record "$(basename "$whl")" "cp312 venv" "FAIL: $summary (log: $logf)"; fi
+    log "  py3-none-any: $summary ($((SECONDS - t)) s)"
+}
+
+test_sdist() {   # <sdist>
+    local sd=$1 mode logf v t
+    for mode in cargo nocargo; do
+        t=$SECONDS
+        logf=$LOGS/test-sdist-$mode.log; : >"$logf"
+        log "sdist ($mode): fresh cp311 venv, pip install $(basename "$sd") (PEP 517 build isolation), whole suite"
+        v=$(new_venv cp311 "sdist-$mode" "$logf")
+        local envs=() expect=none
+        if [[ $mode == cargo ]]; then
+            envs=(CAIO_REQUIRE_RUST=1)
+            expect="${MODULES[*]}"
+        else
+            local p keep=() d
+            IFS=: read -ra p <<<"$PATH"
+            for d in "${p[@]}"; do [[ -n $d && ! -e $d/cargo ]] && keep+=("$d"); done
+            envs=(PATH="$(IFS=:; echo "${keep[*]}")")
+        fi
+        if ! (cd "$WORK" && env -u CARGO "${envs[@]}" "$v/bin/python" -m pip install --disable-pip-version-check \
+                --no-cache-dir --no-deps "$sd") >>"$logf" 2>&1; then
+            record "$(basename "$sd")" "cp311 venv, $mode" "FAIL: pip install (log: $logf)"; continue
+        fi
+        (cd "$WORK" && assert_native "$v/bin/python" "$expect") >>"$logf" 2>&1 \
+            || { record "$(basename "$sd")" "cp311 venv, $mode" "FAIL: wrong backends (see $logf)"; continue; }
+        local summary rc=0
+        summary=$(pytest_run "$v/bin/python" "$logf" "$v" "") || rc=$?
+        local what="with cargo: native ${MODULES[*]}"
+        [[ $mode == nocargo ]] && what="without cargo: python_aio only"
+        if ((rc == 0)); then record "$(basename "$sd")" "cp311 venv, $what" "PASS: $summary"
+        else record "$(basename "$sd")" "cp311 venv, $what" "FAIL: $summary (log: $logf)"; fi
+        log "  sdist $mode: $summary ($((SECONDS - t)) s)"
+    done
+}
+
+# host pip install into a --target dir for a foreign platform
+target_install() {   # <wheel> <dir> <platform> <pyver e.g. 3.13> <abi> [extra requirements...]
+    local whl=$1 dir=$2 plat=$3 pyv=$4 abi=$5; shift 5
+    "${HOSTPIP[@]}" install -q --disable-pip-version-check --no-deps --target "$dir" --platform "$plat" \
+        --python-version "$pyv" --implementation cp --abi "$abi" --only-binary=:all: "$whl" "$@"
+}
+
+test_aarch64() {   # <wheel>
+    local whl=$1 tag logf t=$SECONDS
+    tag=$(tag_of "$whl")
+    local pyv=${tag#cp}; pyv=${pyv:0:1}.${pyv:1}
+    local qpy=${PY[$tag-arm64]:-}
+    if [[ -z $qpy ]]; then
+        record "$(basename "$whl")" "-" "static checks only (no arm64 CPython $pyv here)"
+        return
+    fi
+    logf=$LOGS/test-aarch64-$tag.log; : >"$logf"
+    log "aarch64 $tag: smoke test under qemu-user (Debian sid arm64 CPython)"
+    local dir=$WORK/arm-$tag
+    target_install "$whl" "$dir" manylinux2014_aarch64 "$pyv" "$tag" >>"$logf" 2>&1 \
+        || { record "$(basename "$whl")" "$tag-arm64" "FAIL: pip --target (log: $logf)"; return; }
+    local cwd; cwd=$(mktemp -d "$WORK/cwd.XXXXXX")
+    local out
+    if out=$(cd "$cwd" && PYTHONPATH="$dir" "$qpy" "$REPO/manylinux/smoke.py" "${MODULES[@]}" 2>&1); then
+        printf '%s\n' "$out" >>"$logf"
+        local ver rt unavail
+        ver=$(sed -n 's/^python \([0-9.]*\) .*/\1/p' <<<"$out" | head -n1)
+        rt=$(sed -n 's/^  round trip ok: //p' <<<"$out")
+        unavail=$(sed -n 's/^  \([a-z_]*\): loaded .*, unavailable here.*/\1/p' <<<"$out" | paste -sd, -)
+        record "$(basename "$whl")" "qemu-aarch64, Debian CPython $ver" \
+            "PASS: smoke (modules load; round trip: $rt${unavail:+; $unavail loads but has no kernel AIO under qemu-user})"
+    else
+        printf '%s\n' "$out" >>"$logf"
+        record "$(basename "$whl")" "$tag-arm64 (qemu)" "FAIL: smoke (log: $logf)"
+    fi
+    log "  aarch64 $tag: done ($((SECONDS - t)) s)"
+}
+
+test_musl() {   # <wheel>
+    local whl=$1 tag arch t=$SECONDS
+    tag=$(tag_of "$whl")
+    case $whl in *_x86_64.whl) arch=x86_64 ;; *) arch=aarch64 ;; esac
+    if [[ $arch != x86_64 || $tag != cp313 ]]; then
+        record "$(basename "$whl")" "-" "static checks only (no musl CPython ${tag#cp} $arch here)"
+        return
+    fi
+    local logf=$LOGS/test-musl-$tag.log; : >"$logf"
+    log "musllinux x86_64 $tag: CPython 3.13 built against musl (manylinux/musl-python.sh), whole suite"
+    local mpy
+    mpy=$("$REPO/manylinux/musl-python.sh" --print) || { record "$(basename "$whl")" musl "FAIL: no musl CPython"; return; }
+    local dir=$WORK/musl-$tag
+    # the musl CPython has no zlib/ssl (pip cannot run there): the host pip installs wheel + test deps
+    # (pure-Python ones; setuptools is left out, so test_packaging.py, which needs pip, is skipped)
+    target_install "$whl" "$dir" musllinux_1_2_x86_64 3.13 cp313 >>"$logf" 2>&1 \
+        || { record "$(basename "$whl")" musl "FAIL: pip --target (log: $logf)"; return; }
+    "${HOSTPIP[@]}" install -q --disable-pip-version-check --target "$dir" --platform musllinux_1_2_x86_64 \
+        --python-version 3.13 --implementation cp --abi cp313 --only-binary=:all: \
+        "pytest>=7" pytest-timeout hypothesis >>"$logf" 2>&1 \
+        || { record "$(basename "$whl")" musl "FAIL: test deps (log: $logf)"; return; }
+    local cwd; cwd=$(mktemp -d "$WORK/cwd.XXXXXX")
+    if ! (cd "$cwd" && PYTHONPATH="$dir" "$mpy" "$REPO/manylinux/smoke.py" "${MODULES[@]}") >>"$logf" 2>&1; then
+        record "$(basename "$whl")" "musl CPython 3.13" "FAIL: smoke (log: $logf)"; return
+    fi
+    local summary rc=0
+    # PYTHONPATH carries the target dir (the suite's subprocesses inherit it)
+    summary=$(pytest_run "$mpy" "$logf" "$dir" "$dir") || rc=$?
+    if ((rc == 0)); then
+        record "$(basename "$whl")" "musl CPython $("$mpy" -c 'import platform; print(platform.python_version())') (x86_64)" "PASS: $summary"
+    else
+        record "$(basename "$whl")" "musl CPython 3.13" "FAIL: ${summary:-no summary} (log: $logf)"
+    fi
+    log "  musl $tag: $summary ($((SECONDS - t)) s)"
+}
+
+# ---------------------------------------------------------------------------------------------
+for a in "${ARTIFACTS[@]}"; do
+    b=$(basename "$a")
+    if [[ -n $ONLY && ! $b =~ $ONLY ]]; then continue; fi
+    case $b in
+        *.tar.gz) test_sdist "$a" ;;
+        *-py3-none-any.whl) test_pure "$a" ;;
+        *manylinux*_x86_64.whl) test_native_x86_64 "$a" ;;
+        *manylinux*_aarch64.whl) test_aarch64 "$a" ;;
+        *musllinux*.whl) test_musl "$a" ;;
+        *) record "$b" "-" "FAIL: no test route for this artifact" ;;
+    esac
+done
+
+{
+    printf '\n%-74s %-40s %s\n' "artifact" "tested on" "result"
+    for line in "${RESULTS[@]}"; do
+        IFS='|' read -r a w r <<<"$line"
+        printf '%-74s %-40s %s\n' "$a" "$w" "$r"
+    done
+    printf '\n%d artifact test(s), %d failure(s), %d s\n' "${#RESULTS[@]}" "$FAILED" "$((SECONDS - T0))"
+} | tee "$LOGS/test-summary.txt" >&2
+((FAILED == 0)) || die "$FAILED test(s) failed; logs in $LOGS"
+log "all passed"
