@@ -325,18 +325,14 @@ pub unsafe fn pread_nowait(fd: i32, buf: *mut u8, len: usize, offset: u64) -> i6
     }
 }
 
-/// If `fd` is open with `O_DIRECT`, the alignment its I/O needs (buffer
-/// address, file offset and length): `statx(STATX_DIOALIGN)` where the kernel
-/// and filesystem report it (Linux >= 6.1), else 4096 (the page size, which
-/// satisfies every block device). `None` for a buffered fd. Raw system call:
-/// glibc's `statx()` wrapper is newer than manylinux2014's glibc 2.17.
+/// `statx(fd, STATX_DIOALIGN)`: `(memory alignment, offset/length
+/// alignment)` for O_DIRECT I/O on `fd`, when the kernel and filesystem report
+/// it (Linux >= 6.1). Raw system call, not libc's `statx()` wrapper: that
+/// appeared in glibc 2.28 and musl 1.2.5, so linking it would make the
+/// modules unloadable on the C libraries manylinux2014/musllinux_1_2 promise.
 #[cfg(any(target_os = "linux", target_os = "android"))]
-pub fn direct_io_alignment(fd: i32) -> Option<usize> {
+pub fn dio_alignment(fd: i32) -> Option<(u32, u32)> {
     unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags == -1 || flags & libc::O_DIRECT == 0 {
-            return None;
-        }
         let mut st: libc::statx = std::mem::zeroed();
         let r = libc::syscall(
             libc::SYS_statx,
@@ -346,17 +342,33 @@ pub fn direct_io_alignment(fd: i32) -> Option<usize> {
             libc::STATX_DIOALIGN as libc::c_long,
             &mut st as *mut libc::statx,
         );
-        let a = if r == 0 && st.stx_mask & libc::STATX_DIOALIGN != 0 {
-            st.stx_dio_mem_align.max(st.stx_dio_offset_align) as usize
-        } else {
-            0
-        };
-        Some(if a == 0 {
-            4096
-        } else {
-            a.next_power_of_two().max(512)
-        })
+        if r != 0 || st.stx_mask & libc::STATX_DIOALIGN == 0 || st.stx_dio_offset_align == 0 {
+            return None;
+        }
+        Some((st.stx_dio_mem_align, st.stx_dio_offset_align))
     }
+}
+
+/// One alignment that satisfies memory, offsets and lengths for O_DIRECT on
+/// `fd`: what [`dio_alignment`] reports, else 4096 (a multiple of every
+/// common logical block size).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub fn direct_alignment(fd: i32) -> usize {
+    match dio_alignment(fd) {
+        Some((mem, off)) => (mem.max(off) as usize).next_power_of_two().max(512),
+        None => 4096,
+    }
+}
+
+/// If `fd` is open with `O_DIRECT`, the alignment its I/O needs
+/// ([`direct_alignment`]); `None` for a buffered fd.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub fn direct_io_alignment(fd: i32) -> Option<usize> {
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags == -1 || flags & libc::O_DIRECT == 0 {
+        return None;
+    }
+    Some(direct_alignment(fd))
 }
 
 /// No `O_DIRECT` on this platform.

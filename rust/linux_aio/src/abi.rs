@@ -206,27 +206,6 @@ pub unsafe fn io_cancel(ctx: u64, iocb: *mut Iocb) -> Result<(), i32> {
     .map(drop)
 }
 
-/// `statx(fd, STATX_DIOALIGN)`: (memory alignment, offset alignment) for
-/// O_DIRECT I/O on `fd`, when the kernel and filesystem report it (Linux
-/// ≥ 6.1). Raw system call: no glibc ≥ 2.28 symbol needed.
-pub fn dio_alignment(fd: i32) -> Option<(u32, u32)> {
-    unsafe {
-        let mut st: libc::statx = std::mem::zeroed();
-        let r = libc::syscall(
-            libc::SYS_statx,
-            fd as libc::c_long,
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH as libc::c_long,
-            libc::STATX_DIOALIGN as libc::c_long,
-            &mut st as *mut libc::statx,
-        );
-        if r != 0 || st.stx_mask & libc::STATX_DIOALIGN == 0 || st.stx_dio_offset_align == 0 {
-            return None;
-        }
-        Some((st.stx_dio_mem_align, st.stx_dio_offset_align))
-    }
-}
-
 /// `/proc/sys/fs/aio-nr` and `aio-max-nr`, for error messages.
 pub fn aio_counters() -> (Option<u64>, Option<u64>) {
     let read = |p: &str| {

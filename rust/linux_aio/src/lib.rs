@@ -671,7 +671,7 @@ unsafe fn prepare_direct_write(slf: *mut PyObject, o: &Operation) -> PyResult<()
     let (mem_align, off_align) = if (o.offset | o.nbytes) % DIO_ALIGN as u64 == 0 {
         (DIO_ALIGN, DIO_ALIGN as u64)
     } else {
-        match abi::dio_alignment(o.fd_i32()) {
+        match caio_core::sys::dio_alignment(o.fd_i32()) {
             Some((m, off)) => ((m as usize).max(DIO_ALIGN), off as u64),
             None => (DIO_ALIGN, 512),
         }

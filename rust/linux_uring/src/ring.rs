@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use caio_core::op::{self, as_op, Delivery, OpKind, Operation};
 use caio_core::py::{PyErr, PyResult};
 use caio_core::pyo3_ffi::PyObject;
-use caio_core::sys::MAX_TRANSFER;
+use caio_core::sys::{self, MAX_TRANSFER};
 use io_uring::{opcode, squeue, types, EnterFlags, IoUring};
 
 /// `user_data` of our own cancel SQEs: their CQEs are skipped by drains.
@@ -451,7 +451,7 @@ impl Ring {
                 let fd = o.fd_i32();
                 let align = side
                     .direct_align(fd)
-                    .unwrap_or_else(|| direct_alignment(fd));
+                    .unwrap_or_else(|| sys::direct_alignment(fd));
                 side.remember_direct(fd, align);
                 (*o.engine_area())[0] |= ENG_RETRIED;
                 let entry = if sq.is_full() {
@@ -706,9 +706,9 @@ pub unsafe fn error_message(o: &Operation, errno: i32) -> Option<String> {
             "Invalid argument: O_DIRECT writes on this file need an offset and a length that \
 are multiples of the device's logical block size ({}); got offset {}, length {}. (The data \
 itself needs no alignment: caio copies it into aligned memory.)",
-            match dio_align(o.fd_i32()).1 {
-                0 => "512 or 4096 bytes".to_owned(),
-                n => format!("{} bytes", n),
+            match sys::dio_alignment(o.fd_i32()) {
+                None => "512 or 4096 bytes".to_owned(),
+                Some((_, n)) => format!("{} bytes", n),
             },
             o.offset,
             o.nbytes
@@ -719,41 +719,4 @@ window (offset {}, length {})",
             align, o.offset, o.nbytes
         ),
     })
-}
-
-/// Alignment for O_DIRECT transfers on `fd`: what `statx(STATX_DIOALIGN)`
-/// reports (Linux 6.1+, for memory and for offsets/lengths), else 4096 — a
-/// multiple of every common logical block size.
-pub fn direct_alignment(fd: i32) -> usize {
-    let (mem, off) = dio_align(fd);
-    let a = mem.max(off) as usize;
-    if a == 0 {
-        4096
-    } else {
-        a.next_power_of_two().max(512)
-    }
-}
-
-/// `(stx_dio_mem_align, stx_dio_offset_align)`, zeros when unknown.
-///
-/// Raw system call, not libc's `statx()` wrapper: that wrapper appeared in
-/// glibc 2.28 and musl 1.2.5, so linking it made the module unloadable
-/// ("undefined symbol: statx") on the older C libraries the manylinux2014
-/// and musllinux_1_2 wheels promise to support.
-pub fn dio_align(fd: i32) -> (u32, u32) {
-    unsafe {
-        let mut stx: libc::statx = std::mem::zeroed();
-        let r = libc::syscall(
-            libc::SYS_statx,
-            fd as libc::c_long,
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH as libc::c_long,
-            libc::STATX_DIOALIGN as libc::c_long,
-            &mut stx as *mut libc::statx,
-        );
-        if r != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
-            return (0, 0);
-        }
-        (stx.stx_dio_mem_align, stx.stx_dio_offset_align)
-    }
 }
