@@ -569,3 +569,25 @@ class Recorder:
 def pipe_pair() -> Tuple[int, int]:
     r, w = os.pipe()
     return r, w
+
+
+# -- reliability figures -------------------------------------------------------------
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Prints the counters the reliability tests keep (examples run, faults
+    injected, kills survived...): each ``test_reliability_*`` module may hold
+    a ``STATS`` dict."""
+    lines = []
+    for name, module in sorted(sys.modules.items()):
+        if not name.startswith("test_reliability_"):
+            continue
+        stats = getattr(module, "STATS", None)
+        if stats:
+            lines.append("{}: {}".format(name, ", ".join(
+                "{} {}".format(value, key) for key, value in sorted(stats.items())
+            )))
+    if lines:
+        terminalreporter.section("reliability figures")
+        for line in lines:
+            terminalreporter.write_line(line)
