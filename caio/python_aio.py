@@ -217,6 +217,22 @@ class _DrainJob:
         del pool._cache[self]
 
 
+# Bumped in a child process after fork(): a Context remembers the value it
+# was created with. Its ThreadPool's threads exist only in the parent, so in
+# the child an accepted operation would never run and its awaiter would wait
+# forever; submit() refuses instead (as the native backends do).
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 # Contexts still open, closed by an atexit hook. multiprocessing's own exit
 # handler (registered when multiprocessing.pool was imported above, so it
 # runs after ours) terminates pools without marking them closed; a pool left
@@ -264,6 +280,7 @@ class Context(AbstractContext):
             )
 
         self._max_requests = max_requests
+        self._fork_generation = _fork_generation
         self.pool = ThreadPool(pool_size)
         self._in_progress = 0
         self._lock = Lock()
@@ -287,6 +304,14 @@ class Context(AbstractContext):
         for operation in aio_operations:
             if not isinstance(operation, Operation):
                 raise ValueError("Invalid Operation {!r}".format(operation))
+        if self._fork_generation != _fork_generation:
+            # Checked before taking any lock: a lock held by one of the
+            # parent's threads at fork() time is never released here.
+            raise RuntimeError(
+                "this python_aio Context was created before fork() and its "
+                "thread pool does not exist in this process; create a new "
+                "Context in the child",
+            )
 
         count = 0
         for operation in aio_operations:
