@@ -71,6 +71,16 @@ class AsyncioContextBase(abc.ABC):
     def _on_submitted(self) -> None:
         """Called after each successful ``_submit_op`` (default: nothing)."""
 
+    def _keep_slot_until_done(self, op: AbstractOperation, future: asyncio.Future) -> bool:
+        """The awaiting task was cancelled while ``op`` may still be running.
+
+        Return True to take over releasing its semaphore slot once the backend
+        has really finished the op (so cancelled-but-running operations cannot
+        pile up beyond ``max_requests`` and make the backend refuse new ones);
+        False (default) releases it now, as upstream does.
+        """
+        return False
+
     # -- public API --------------------------------------------------------
 
     def close(self) -> None:
@@ -112,6 +122,7 @@ class AsyncioContextBase(abc.ABC):
             # The uncontended path of Semaphore.acquire(), without the extra
             # coroutine: same FIFO rule (locked() also counts live waiters).
             semaphore._value -= 1
+        release = True
         try:
             self._submit_op(op, future)
             self._on_submitted()
@@ -129,10 +140,13 @@ class AsyncioContextBase(abc.ABC):
                     self.context.cancel(op)
                 except ValueError:
                     pass
+                if self._keep_slot_until_done(op, future):
+                    release = False
                 raise
             return op.get_value()
         finally:
-            semaphore.release()
+            if release:
+                semaphore.release()
 
     def read(
         self, nbytes: int, fd: int, offset: int, priority: int = 0,

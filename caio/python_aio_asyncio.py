@@ -2,7 +2,7 @@
 
 import asyncio
 from collections import deque
-from typing import Any, Deque
+from typing import Any, Deque, Set
 
 from .asyncio_base import AsyncioContextBase
 from .python_aio import Context, Operation
@@ -20,6 +20,12 @@ class AsyncioContext(AsyncioContextBase):
         # meanwhile.  Set up before the base constructor creates the Context.
         self._finished: Deque["asyncio.Future[Any]"] = deque()
         self._wakeup_pending = False
+        # Slot accounting for cancelled operations (loop thread only): the
+        # Context refuses work beyond max_requests *running* operations, and a
+        # cancelled one keeps running, so its semaphore slot is returned only
+        # when it has really finished.
+        self._cancelled_running: Set["asyncio.Future[Any]"] = set()
+        self._cancelled_finished: Set["asyncio.Future[Any]"] = set()
         super().__init__(*args, **kwargs)
 
     def _on_done(self, future: "asyncio.Future[Any]", result: Any) -> None:
@@ -45,9 +51,25 @@ class AsyncioContext(AsyncioContextBase):
         finished = self._finished
         while finished:
             future = finished.popleft()
-            # A cancelled awaiter leaves its future done; ignore it.
             if not future.done():
                 future.set_result(True)
+            elif future in self._cancelled_running:
+                # Its awaiter was cancelled earlier and left the slot to us.
+                self._cancelled_running.discard(future)
+                self.semaphore.release()
+            elif future.cancelled():
+                # Finished before the awaiter's cancellation was handled.
+                self._cancelled_finished.add(future)
+
+    def _keep_slot_until_done(self, op: Any, future: "asyncio.Future[Any]") -> bool:
+        # Loop thread, like _resolve_finished: no race between the two.
+        if not future.cancelled():
+            return False  # resolved: the op has finished
+        if future in self._cancelled_finished:
+            self._cancelled_finished.discard(future)
+            return False
+        self._cancelled_running.add(future)
+        return True
 
     def _destroy_context(self) -> None:
         # Non-blocking: already scheduled operations finish in the background.

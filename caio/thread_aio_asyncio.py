@@ -6,21 +6,28 @@ non-empty; the event loop (``add_reader``) then delivers the whole batch at
 once, resolving the futures directly on the loop thread. Workers never wait for
 the GIL and the loop is woken once per batch instead of once per operation.
 
+The per-operation path is native (``caio.thread_aio._AsyncioBase``, shared
+with the io_uring adapter): ``read``/``write``/``fsync``/``fdsync`` build the
+Operation at call time and return an awaitable that hands it to the pool.
 Small reads that hit the page cache are completed inline (see
-``INLINE_READ_MAX``) without involving a worker at all.
+``INLINE_READ_MAX``) and return without suspending the task. Cancelling a task
+whose operation no worker has started yet really cancels it.
 
-Loops without ``add_reader`` (Windows' proactor loop) keep the classic path:
-the worker runs the callback, which wakes the loop with
+Where the event loop has no ``add_reader`` (Windows' proactor loop), the
+classic path is used: the worker runs the callback, which wakes the loop with
 ``call_soon_threadsafe``.
 """
 
+import os
 from typing import Any, Optional
 
 from . import thread_aio
 from .asyncio_base import AsyncioContextBase
 
+__all__ = ("AsyncioContext",)
 
-class AsyncioContext(AsyncioContextBase):
+
+class _LoopDeliveryContext(thread_aio._AsyncioBase, AsyncioContextBase):
     MAX_REQUESTS_DEFAULT = 512
     OPERATION_CLASS = thread_aio.Operation
     CONTEXT_CLASS = thread_aio.Context
@@ -35,23 +42,36 @@ class AsyncioContext(AsyncioContextBase):
 
     def _create_context(self, max_requests: int, **kwargs: Any) -> Any:
         context = super()._create_context(max_requests, **kwargs)
-        enable = getattr(context, "_enable_loop_delivery", None)
-        if enable is not None:
-            try:
-                fd = context._completion_fd()
-                self.loop.add_reader(fd, context._process_completions)
-            except (NotImplementedError, OSError):
-                pass
-            else:
-                enable(inline_read_max=self.INLINE_READ_MAX)
-                self._reader_fd = fd
-                self._loop_delivery = True
+        fd = context._completion_fd()
+        self._bind(context, self.loop, max_requests, self.deferred)
+        self.loop.add_reader(fd, self._process_loop_events)
+        # Only now that the fd is watched: no completion can be stranded.
+        context._enable_loop_delivery(inline_read_max=self.INLINE_READ_MAX)
+        self._reader_fd = fd
+        self._loop_delivery = True
         return context
 
     def _destroy_context(self) -> None:
+        self._close_native()
         fd, self._reader_fd = self._reader_fd, None
         if fd is not None:
             self.loop.remove_reader(fd)
         # Blocks until queued work has finished (upstream semantics, API.md
         # §7 Q15); queued completions are delivered before it returns.
         self.context.close()
+
+
+class _CallbackContext(AsyncioContextBase):
+    """Portable path: callbacks on worker threads, call_soon_threadsafe."""
+
+    MAX_REQUESTS_DEFAULT = 512
+    OPERATION_CLASS = thread_aio.Operation
+    CONTEXT_CLASS = thread_aio.Context
+
+    def _destroy_context(self) -> None:
+        self.context.close()
+
+
+# Every asyncio loop on POSIX (selector loops, uvloop) has add_reader.
+AsyncioContext = _LoopDeliveryContext if os.name == "posix" else _CallbackContext
+AsyncioContext.__name__ = AsyncioContext.__qualname__ = "AsyncioContext"

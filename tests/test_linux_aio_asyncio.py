@@ -364,6 +364,134 @@ def test_callbacks_are_not_used_for_delivery(arun, fd):
     arun(main())
 
 
+def test_operations_are_native_awaitables(arun, deferred, fd):
+    async def main():
+        async with AsyncioContext(deferred=deferred) as ctx:
+            aw = ctx.write(b"abc", fd, 0)
+            assert type(aw) is linux_aio.OperationAwaitable
+            assert isinstance(aw.operation, linux_aio.Operation)
+            assert await aw == 3
+            assert await asyncio.ensure_future(ctx.read(3, fd, 0)) == b"abc"
+
+    arun(main())
+
+
+def test_inline_completion_does_not_call_the_ops_callback(arun, fd):
+    # A page-cache hit completes inside io_submit; a callback set on the op
+    # beforehand is replaced, as for any other operation.
+    os.pwrite(fd, b"cached", 0)
+    os.pread(fd, 6, 0)
+
+    async def main():
+        async with AsyncioContext() as ctx:
+            called = []
+            op = linux_aio.Operation.read(6, fd, 0)
+            op.set_callback(called.append)
+            assert await ctx.submit(op) == b"cached"
+            assert called == []
+
+    arun(main())
+
+
+def test_sync_budget_bounds_a_loop_iteration(arun, fd):
+    # Per loop iteration, at most about SYNC_BUDGET synchronous completions
+    # (plus one per task once it is used up) happen between two turns of a
+    # ticker task, however many tasks read from the page cache.
+    data = os.urandom(64 * 1024)
+    os.pwrite(fd, data, 0)
+    tasks = 16
+
+    async def main():
+        async with AsyncioContext() as ctx:
+            completed = 0
+            running = True
+            deltas = []
+
+            async def ticker():
+                last = completed
+                while running:
+                    await asyncio.sleep(0)
+                    deltas.append(completed - last)
+                    last = completed
+
+            async def reader(k):
+                nonlocal completed
+                for i in range(200):
+                    off = ((k * 200 + i) * 4096) % len(data)
+                    assert await ctx.read(4096, fd, off) == data[off:off + 4096]
+                    completed += 1
+
+            t = asyncio.ensure_future(ticker())
+            await asyncio.sleep(0)
+            await asyncio.gather(*(reader(k) for k in range(tasks)))
+            running = False
+            await t
+            assert completed == tasks * 200
+            assert max(deltas) <= AsyncioContext.SYNC_BUDGET + 2 * tasks, max(deltas)
+
+    arun(main())
+
+
+def test_deferred_op_abandoned_before_its_batch_never_runs(arun, fd):
+    async def main():
+        async with AsyncioContext(max_requests=1, deferred=True) as ctx:
+            aw = ctx.write(b"x", fd, 0)
+            aw.send(None)  # staged for the next batch, waiting on a future
+            assert ctx.context._staged == 1
+            assert ctx._gate_state() == (1, 1, 0)
+            aw.close()
+            assert ctx.context._staged == 0
+            assert ctx._gate_state() == (0, 1, 0)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert os.pread(fd, 1, 0) == b""
+            # It never reached the kernel: the op can still be submitted.
+            assert aw.operation.context is None
+            assert await ctx.submit(aw.operation) == 1
+            assert os.pread(fd, 1, 0) == b"x"
+
+    arun(main())
+
+
+def test_deferred_refused_op_frees_its_slot_and_stays_retryable(arun, fd):
+    bad = 9999  # not open
+
+    async def main():
+        async with AsyncioContext(max_requests=2, deferred=True) as ctx:
+            op = linux_aio.Operation.write(b"x", bad, 0)
+            for _ in range(3):
+                # Not "already submitted": a refused op is rolled back.
+                with pytest.raises(linux_aio.SubmitError) as e:
+                    await ctx.submit(op)
+                assert e.value.errno == errno.EBADF
+                assert op.context is None
+            assert ctx._gate_state() == (0, 2, 0)
+            assert await asyncio.gather(*(ctx.write(b"y", fd, i) for i in range(8))) == [1] * 8
+            assert ctx._gate_state() == (0, 2, 0)
+
+    arun(main())
+
+
+def test_slots_come_back_after_cancellations(arun, deferred, fd):
+    async def main():
+        async with AsyncioContext(max_requests=4, deferred=deferred) as ctx:
+            for _ in range(20):
+                tasks = [asyncio.ensure_future(ctx.write(b"z" * 512, fd, 512 * i))
+                         for i in range(12)]
+                await asyncio.sleep(0)
+                for t in tasks[::2]:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            for _ in range(500):
+                if not ctx.context._in_flight:
+                    break
+                await asyncio.sleep(0.01)
+            assert ctx.context._in_flight == 0 and ctx.context._staged == 0
+            assert ctx._gate_state() == (0, 4, 0)
+
+    arun(main())
+
+
 # -- close() and kernel resources -----------------------------------------------------
 
 

@@ -402,3 +402,60 @@ def test_gc_collects_context_and_ops(fd):
     wait_for(lambda: gc.collect() is not None and ref() is None)
     del op
     gc.collect()
+
+
+def test_cancelling_a_queued_operation_really_cancels_it(fd):
+    """A job no worker has started yet is taken back from the queue and
+    completes with ECANCELED; the admission slot returns when the backend has
+    really finished an operation, so cancelled work never piles up beyond
+    max_requests."""
+    import errno
+
+    big = b"b" * (64 << 20)
+
+    async def main():
+        ctx = AsyncioContext(max_requests=4, pool_size=1)
+        busy = asyncio.ensure_future(ctx.write(big, fd, 0))  # occupies the worker
+        await asyncio.sleep(0)
+        aw = ctx.write(b"queued", fd, len(big))
+        op = aw.operation
+        queued = asyncio.ensure_future(aw)
+        await asyncio.sleep(0)
+        assert ctx._gate_state()[0] == 2
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        # Taken back from the queue and finished as cancelled right away,
+        # while the big write is still running.
+        assert not busy.done()
+        assert op.error == errno.ECANCELED
+        assert ctx._gate_state()[0] == 1
+        assert await busy == len(big)
+        assert ctx._gate_state()[0] == 0
+        ctx.close()
+
+    asyncio.run(main())
+    assert os.fstat(fd).st_size == 64 << 20  # the cancelled write never ran
+
+
+def test_cancelled_running_operation_keeps_its_slot(fd):
+    big = b"c" * (64 << 20)
+
+    async def main():
+        ctx = AsyncioContext(max_requests=1, pool_size=1)
+        running = asyncio.ensure_future(ctx.write(big, fd, 0))
+        await asyncio.sleep(0)
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        # Still being written by the worker: the one slot stays taken, so
+        # the next operation waits instead of overfilling the pool.
+        if ctx._gate_state()[0] == 1:
+            nxt = asyncio.ensure_future(ctx.write(b"next", fd, 0))
+            await asyncio.sleep(0)
+            assert ctx._gate_state() == (1, 1, 1)
+            assert await nxt == 4
+        assert ctx._gate_state()[0] == 0
+        ctx.close()
+
+    asyncio.run(main())

@@ -20,8 +20,14 @@
 //! completed inline — returns the value without ever suspending. Otherwise it
 //! creates one future, installs it in the op (the backend's drain resolves
 //! it, see `op::set_future`) and yields it to the task; the next step returns
-//! `op.get_value()`. Cancelling the task cancels the op through the engine
-//! and releases the slot at once (API.md §4.7).
+//! `op.get_value()`. Cancelling the task cancels the op through the engine;
+//! its slot is released once the backend has really finished the op (at
+//! once when it never reached the backend), see `hand_slot_to_op`.
+//!
+//! Fairness for inline completions: by default the loop gets one turn after
+//! `MAX_SYNC_STREAK` consecutive ones. An adapter class that defines
+//! `SYNC_BUDGET` gets a per-loop-iteration budget instead (see
+//! `spend_sync_budget`).
 //!
 //! Per operation this costs one Operation, one Awaitable and — only for ops
 //! that do not complete inline — one future; no Python frame runs.
@@ -29,7 +35,7 @@
 use std::collections::VecDeque;
 use std::ffi::{c_int, c_void};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use pyo3_ffi::*;
@@ -94,9 +100,23 @@ pub struct Adapter {
     /// limit after which the loop gets one turn (`MAX_SYNC_STREAK`; 0: off).
     sync_streak: AtomicU32,
     max_sync_streak: u32,
+    /// Per-iteration budget mode (the adapter class defines `SYNC_BUDGET`;
+    /// it then replaces the streak): synchronous completions left in this
+    /// loop iteration, and the value a `call_soon` callback refills it to at
+    /// the start of the next one. `sync_budget_max < 0`: off.
+    sync_budget: AtomicI64,
+    sync_budget_max: i64,
 }
 
 impl Adapter {
+    /// The adapter itself, as a Python object (borrowed).
+    pub fn as_ptr(&self) -> *mut PyObject {
+        self as *const Adapter as *mut PyObject
+    }
+    /// `_close_native()` was called: new operations are refused.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
     /// The backend Context given to `_bind` (borrowed).
     pub fn context(&self) -> *mut PyObject {
         self.context
@@ -348,6 +368,8 @@ unsafe extern "C" fn adapter_new(
         ptr::addr_of_mut!((*a).bound).write(AtomicBool::new(false));
         ptr::addr_of_mut!((*a).sync_streak).write(AtomicU32::new(0));
         (*a).max_sync_streak = 0;
+        ptr::addr_of_mut!((*a).sync_budget).write(AtomicI64::new(0));
+        (*a).sync_budget_max = -1;
         ptr::addr_of_mut!((*a).closed).write(AtomicBool::new(false));
         ptr::addr_of_mut!((*a).gate).write(Mutex::new(Gate {
             in_use: 0,
@@ -503,6 +525,21 @@ unsafe extern "C" fn adapter_bind(
                 crate::args::int_in(streak.borrow(), "MAX_SYNC_STREAK", 0, u32::MAX as i128)?
                     as u32;
         }
+        // Optional per-iteration budget (class attribute `SYNC_BUDGET`).
+        let budget = PyObject_GetAttrString(slf, c"SYNC_BUDGET".as_ptr());
+        if budget.is_null() {
+            if PyErr_ExceptionMatches(PyExc_AttributeError) == 0 {
+                return Err(PyErr::Fetched);
+            }
+            PyErr_Clear();
+            (*a).sync_budget_max = -1;
+        } else {
+            let budget = Owned::from_raw(budget);
+            (*a).sync_budget_max =
+                crate::args::int_in(budget.borrow(), "SYNC_BUDGET", 0, i32::MAX as i128)? as i64;
+        }
+        (*a).sync_budget
+            .store((*a).sync_budget_max, Ordering::Relaxed);
         (*a).closed.store(false, Ordering::Release);
         (*a).bound.store(true, Ordering::Release);
         Ok(crate::py::none())
@@ -749,12 +786,20 @@ unsafe fn finish(w: *mut Awaitable, inline: bool) -> PyResult<Step> {
     set_state(w, FINISHED);
     let v = op::get_value(as_op((*w).op))?;
     let a = adapter((*w).adapter);
-    if !inline {
+    let yield_once = if a.sync_budget_max >= 0 {
+        inline && spend_sync_budget(w)
+    } else if !inline {
         a.sync_streak.store(0, Ordering::Relaxed);
+        false
     } else if a.max_sync_streak > 0
         && a.sync_streak.fetch_add(1, Ordering::Relaxed) + 1 >= a.max_sync_streak
     {
         a.sync_streak.store(0, Ordering::Relaxed);
+        true
+    } else {
+        false
+    };
+    if yield_once {
         (*w).value = v.into_ptr();
         set_state(w, YIELDED);
         // A bare yield: the task reschedules itself with call_soon.
@@ -762,6 +807,59 @@ unsafe fn finish(w: *mut Awaitable, inline: bool) -> PyResult<Step> {
     }
     Ok(Step::Return(v))
 }
+
+/// Budget mode: one synchronous completion spent; true when the awaiting
+/// task must yield once. Once this iteration's budget is used up every task
+/// yields after each synchronous completion, and the budget is refilled by a
+/// `call_soon` callback — at the start of the next iteration, before the
+/// tasks that yielded run again. Unlike a streak limit this bounds the whole
+/// iteration, however many tasks share the adapter.
+unsafe fn spend_sync_budget(w: *mut Awaitable) -> bool {
+    let a = adapter((*w).adapter);
+    let left = a.sync_budget.fetch_sub(1, Ordering::Relaxed) - 1;
+    if left > 0 {
+        return false;
+    }
+    if left == 0 {
+        let cb = if !a.bound.load(Ordering::Acquire) {
+            ptr::null_mut()
+        } else {
+            PyCFunction_NewEx(
+                ptr::addr_of_mut!(REFILL_BUDGET_DEF),
+                (*w).adapter,
+                ptr::null_mut(),
+            )
+        };
+        let scheduled = !cb.is_null() && {
+            let cb = Owned::from_raw(cb);
+            a.call_soon(cb.as_ptr()).is_ok()
+        };
+        if !scheduled {
+            // No loop to run it (closed?): refill now rather than never.
+            PyErr_Clear();
+            a.sync_budget.store(a.sync_budget_max, Ordering::Relaxed);
+        }
+    }
+    true
+}
+
+unsafe extern "C" fn refill_budget_callback(
+    adapter_obj: *mut PyObject,
+    _: *mut PyObject,
+) -> *mut PyObject {
+    let a = adapter(adapter_obj);
+    a.sync_budget.store(a.sync_budget_max, Ordering::Relaxed);
+    crate::py::none().into_ptr()
+}
+
+static mut REFILL_BUDGET_DEF: PyMethodDef = PyMethodDef {
+    ml_name: c"_refill_sync_budget".as_ptr(),
+    ml_meth: PyMethodDefPointer {
+        PyCFunction: refill_budget_callback,
+    },
+    ml_flags: METH_NOARGS,
+    ml_doc: ptr::null(),
+};
 
 unsafe fn submit_op(w: *mut Awaitable) -> PyResult<Step> {
     let a = adapter((*w).adapter);
@@ -913,12 +1011,60 @@ unsafe fn abandon(w: *mut Awaitable) {
                 (a.engine().cancel)(a, (*w).op);
                 PyErr_Clear();
             }
+            // The op may still be running in the backend: its slot is
+            // returned when the backend really finishes it, not now, or
+            // cancelled-but-running ops would pile up beyond max_requests
+            // (API.md 4.6: no capacity errors however many are cancelled).
+            if (*w).has_slot && hand_slot_to_op(w) {
+                (*w).has_slot = false;
+            }
             release_slot(w);
         }
         YIELDED => xdecref(&mut (*w).value),
         _ => {}
     }
     set_state(w, FINISHED);
+}
+
+unsafe extern "C" fn release_slot_callback(
+    adapter_obj: *mut PyObject,
+    _result: *mut PyObject,
+) -> *mut PyObject {
+    trampoline(|| {
+        adapter(adapter_obj).gate_release();
+        Ok(crate::py::none())
+    })
+}
+
+static mut RELEASE_SLOT_DEF: PyMethodDef = PyMethodDef {
+    ml_name: c"_release_slot".as_ptr(),
+    ml_meth: PyMethodDefPointer {
+        PyCFunction: release_slot_callback,
+    },
+    ml_flags: METH_O,
+    ml_doc: ptr::null(),
+};
+
+/// Makes the op's delivery release the awaitable's admission slot. False if
+/// the op is not in flight (the caller releases it now).
+unsafe fn hand_slot_to_op(w: *mut Awaitable) -> bool {
+    let o = as_op((*w).op);
+    // Only an op still claimed by the backend can hold it: a DONE op has
+    // finished, and one the backend rolled back to NEW (a deferred batch
+    // that never reached the kernel, a refused submission) never will.
+    if o.state() != op::IN_FLIGHT {
+        return false;
+    }
+    let cb = PyCFunction_NewEx(
+        ptr::addr_of_mut!(RELEASE_SLOT_DEF),
+        (*w).adapter,
+        ptr::null_mut(),
+    );
+    if cb.is_null() {
+        PyErr_Clear();
+        return false; // no memory: release now rather than never
+    }
+    op::set_callback_if_pending(o, Owned::from_raw(cb))
 }
 
 struct Running(*mut Awaitable);

@@ -209,6 +209,15 @@ impl Operation {
             .is_ok()
     }
 
+    /// Gives back a claim that was never followed by [`begin`] (the engine
+    /// kept the op aside and dropped it before dispatch): `NEW` again.
+    #[inline]
+    pub fn unclaim(&self) {
+        let _ = self
+            .state
+            .compare_exchange(IN_FLIGHT, NEW, Ordering::AcqRel, Ordering::Acquire);
+    }
+
     /// Raw result (bytes or `-errno`); 0 until `DONE`.
     #[inline]
     pub fn raw_result(&self) -> i64 {
@@ -550,9 +559,11 @@ pub unsafe fn finish(op: *mut Operation, raw: i64) -> Delivery {
         } else {
             None
         };
+        // Published under the lock: set_callback_if_pending() either runs
+        // before (its callback is taken here) or sees DONE.
+        o.state.store(DONE, Ordering::Release);
         (cb, ctx, payload)
     };
-    o.state.store(DONE, Ordering::Release);
     Delivery {
         op,
         callback,
@@ -943,6 +954,52 @@ pub unsafe fn set_callback(op: &Operation, callback: Borrowed<'_>) -> PyResult<(
 pub unsafe fn set_future(op: &Operation, fut: *mut PyObject) {
     Py_INCREF(fut);
     replace_callback(op, (fut as usize | FUTURE_TAG) as *mut PyObject);
+}
+
+/// Installs `callback` (replacing the current target) unless the op's
+/// completion has already been delivered, atomically with delivery: when it
+/// returns true the callback WILL be called exactly once by the delivery;
+/// when false, nothing was installed (the op is DONE).
+///
+/// # Safety
+/// Caller attached.
+pub unsafe fn set_callback_if_pending(op: &Operation, callback: Owned) -> bool {
+    let old = {
+        let _g = op.lock.lock();
+        if op.state.load(Ordering::Acquire) == DONE {
+            return false; // `callback` dropped (decref) on return, outside the lock
+        }
+        std::mem::replace(&mut *op.callback.get(), callback.into_ptr())
+    };
+    if !old.is_null() {
+        Py_DECREF(untag(old));
+    }
+    true
+}
+
+/// The future installed by [`set_future`], if that is what the op's
+/// delivery will resolve (a new reference); `None` for a plain callback or
+/// nothing.
+///
+/// # Safety
+/// Caller attached.
+pub unsafe fn future(op: &Operation) -> Option<Owned> {
+    let _g = op.lock.lock();
+    let p = *op.callback.get();
+    if p as usize & FUTURE_TAG == 0 {
+        return None;
+    }
+    let fut = untag(p);
+    Py_INCREF(fut);
+    Some(Owned::from_raw(fut))
+}
+
+/// Drops the op's callback (or future): its delivery will call nothing.
+///
+/// # Safety
+/// Caller attached.
+pub unsafe fn clear_callback(op: &Operation) {
+    replace_callback(op, ptr::null_mut());
 }
 
 unsafe fn replace_callback(op: &Operation, new: *mut PyObject) {

@@ -455,6 +455,18 @@ impl Pool {
         Ok(())
     }
 
+    /// Takes back a job that no worker has started yet (a real cancel for
+    /// queued work); the caller then finishes the op itself. `None` when it
+    /// is running or already done.
+    pub fn try_cancel(&self, op: *mut Operation) -> Option<Job> {
+        let mut st = lock(&self.shared.state);
+        let pos = st.queue.iter().position(|j| j.0 == op)?;
+        let job = st.queue.remove(pos)?;
+        self.shared.pending.store(st.queue.len(), Ordering::Relaxed);
+        OUTSTANDING.fetch_sub(1, Ordering::SeqCst);
+        Some(job)
+    }
+
     pub fn is_closed(&self) -> bool {
         lock(&self.shared.state).closed
     }

@@ -38,6 +38,7 @@
 #![cfg(target_os = "linux")]
 
 mod abi;
+mod adapter;
 mod destroyer;
 
 use std::collections::VecDeque;
@@ -216,6 +217,12 @@ struct Inner {
     nowait: AtomicBool,
     reads: Route,
     writes: Route,
+    /// The asyncio adapter's `deferred=True` batch: ops claimed by the
+    /// engine (owned references, not begun), submitted by the next flush
+    /// (see `adapter`).
+    staged: Mutex<Vec<usize>>,
+    /// A flush of `staged` is scheduled on the event loop.
+    flush_scheduled: AtomicBool,
 }
 
 #[repr(C)]
@@ -473,6 +480,8 @@ unsafe extern "C" fn ctx_new(
             nowait: AtomicBool::new(false),
             reads: Route::new(),
             writes: Route::new(),
+            staged: Mutex::new(Vec::new()),
+            flush_scheduled: AtomicBool::new(false),
         });
         Ok(obj)
     })
@@ -493,6 +502,8 @@ unsafe extern "C" fn ctx_dealloc(slf: *mut PyObject) {
         if let Some(r) = released {
             r.finish();
         }
+        // A deferred batch whose flush never ran (its loop was closed).
+        adapter::drop_staged(c);
         ptr::drop_in_place(ptr::addr_of_mut!((*(slf as *mut Context)).inner));
         let tp = Py_TYPE(slf);
         if let Some(free) = (*tp).tp_free {
@@ -682,10 +693,9 @@ unsafe fn prepare_direct_write(slf: *mut PyObject, o: &Operation) -> PyResult<()
     o.use_aligned_window(mem_align.next_power_of_two())
 }
 
-/// Claims, prepares and submits `args` (all known to be Operations).
-/// Returns how many were accepted and, if one was refused, its index and
-/// the reason; everything after it is rolled back (retryable). Indices of
-/// accepted ops are pushed to `accepted` when given.
+/// Claims and submits `args` (all known to be Operations), see
+/// [`submit_claimed`]. Ops that cannot be claimed (in flight elsewhere,
+/// listed twice, or done) are skipped.
 unsafe fn submit_ops(
     slf: *mut PyObject,
     c: &Inner,
@@ -693,40 +703,73 @@ unsafe fn submit_ops(
     accepted: Option<&mut Vec<usize>>,
 ) -> PyResult<(usize, Option<(usize, PyErr)>)> {
     c.check_fork()?;
+    if c.closing.load(Ordering::Acquire) {
+        return Err(closed_error());
+    }
+    let mut claimed: Vec<(usize, *mut Operation)> = Vec::with_capacity(args.len());
+    for (i, &a) in args.iter().enumerate() {
+        let o = as_op(a);
+        if o.try_claim() {
+            op::begin(o, slf);
+            claimed.push((i, a as *mut Operation));
+        }
+    }
+    submit_claimed(slf, c, &claimed, accepted)
+}
+
+/// Prepares and submits ops the caller has claimed and begun (`(argument
+/// index, op)`), in one `io_submit` when the kernel takes them all. Returns
+/// how many were accepted (a prefix) and, if one was refused, its argument
+/// index and the reason: that op and every later one is rolled back (`NEW`,
+/// retryable). Indices of accepted ops are pushed to `accepted` when given.
+/// On `Err` every op is rolled back.
+unsafe fn submit_claimed(
+    slf: *mut PyObject,
+    c: &Inner,
+    claimed: &[(usize, *mut Operation)],
+    accepted: Option<&mut Vec<usize>>,
+) -> PyResult<(usize, Option<(usize, PyErr)>)> {
+    let abort_all = || {
+        for &(_, p) in claimed {
+            op::abort(&*p);
+        }
+    };
+    if let Err(e) = c.check_fork() {
+        abort_all();
+        return Err(e);
+    }
     let h = c.read();
     if c.closing.load(Ordering::Acquire) || h.aio == 0 {
+        drop(h);
+        abort_all();
         return Err(closed_error());
     }
     let resfd = h.queue.as_ref().map_or(-1, |q| q.fileno());
     // (argument index, op, goes straight to the workers)
-    let mut entries: Vec<(usize, *mut Operation, bool)> = Vec::with_capacity(args.len());
-    let mut iocbs: Vec<*mut Iocb> = Vec::with_capacity(args.len());
+    let mut entries: Vec<(usize, *mut Operation, bool)> = Vec::with_capacity(claimed.len());
+    let mut iocbs: Vec<*mut Iocb> = Vec::with_capacity(claimed.len());
     // For each iocb, the index of its entry.
-    let mut iocb_entry: Vec<usize> = Vec::with_capacity(args.len());
+    let mut iocb_entry: Vec<usize> = Vec::with_capacity(claimed.len());
     let mut local: Option<(usize, PyErr)> = None;
     let mut cache = None;
     let nowait = c.nowait.load(Ordering::Relaxed);
-    for (i, &a) in args.iter().enumerate() {
-        let o = as_op(a);
-        if !o.try_claim() {
-            continue; // in flight elsewhere, listed twice, or done: skipped
-        }
-        op::begin(o, slf);
-        match prepare(slf, c, o, resfd, nowait, &mut cache) {
+    for &(i, p) in claimed {
+        match prepare(slf, c, &*p, resfd, nowait, &mut cache) {
             Ok((cb, to_workers)) => {
                 if !to_workers {
                     iocbs.push(cb);
                     iocb_entry.push(entries.len());
                 }
-                entries.push((i, a as *mut Operation, to_workers));
+                entries.push((i, p, to_workers));
             }
             Err(e) => {
-                op::abort(o);
                 local = Some((i, e));
                 break;
             }
         }
     }
+    // The op that could not be prepared and everything after it.
+    let unprepared = &claimed[entries.len()..];
     // Counted before the kernel sees them: a completion may be reaped by
     // another thread before io_submit even returns.
     c.in_flight.fetch_add(entries.len(), Ordering::AcqRel);
@@ -779,6 +822,9 @@ unsafe fn submit_ops(
         c.in_flight.fetch_sub(rolled_back, Ordering::AcqRel);
     }
     for &(_, p, _) in &entries[cut..] {
+        op::abort(&*p);
+    }
+    for &(_, p) in unprepared {
         op::abort(&*p);
     }
     if let Some(acc) = accepted {
@@ -864,7 +910,8 @@ unsafe fn exception_object(e: PyErr) -> PyResult<Owned> {
 /// outcome per argument: `True` accepted, `False` not accepted because the op
 /// was already submitted (or listed twice), or the exception that refused
 /// it. A refused op does not hold back the ones after it (they are
-/// resubmitted). For the asyncio adapter's batched (`deferred=True`) mode.
+/// resubmitted). What the asyncio adapter's `deferred=True` flush does
+/// natively (`adapter::flush`), for event-loop integrations in Python.
 unsafe extern "C" fn ctx_submit_each(
     slf: *mut PyObject,
     args: *mut *mut PyObject,
@@ -1196,33 +1243,41 @@ unsafe extern "C" fn ctx_process_events(
     })
 }
 
-/// `_drain()`: what the asyncio adapter's reader callback does — reset the
-/// eventfd counter, then deliver everything available.
+/// `_drain()`: what the asyncio adapter's reader callback does (natively,
+/// `adapter::loop_events`) — reset the eventfd counter, then deliver
+/// everything available.
 unsafe extern "C" fn ctx_drain(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
     trampoline(|| {
         let c = ctx(slf);
         c.check_fork()?;
+        py_int(c.drain() as i64)
+    })
+}
+
+impl Inner {
+    /// Resets the eventfd counter, then delivers every available completion.
+    unsafe fn drain(&self) -> usize {
         {
-            let h = c.read();
+            let h = self.read();
             if let Some(q) = h.queue.as_ref() {
                 let _ = read_counter(q.fileno());
             }
         }
         let mut total = 0usize;
         loop {
-            let n = c.deliver(DEFAULT_EVENTS);
+            let n = self.deliver(DEFAULT_EVENTS);
             if n == 0 {
                 break;
             }
             total += n;
         }
-        py_int(total as i64)
-    })
+        total
+    }
 }
 
 /// `_reap()`: deliver what is available now without touching the eventfd
-/// (the asyncio adapter calls it right after a submission: page-cache hits
-/// completed inside io_submit resolve their future before it is awaited).
+/// (what the asyncio adapter does natively right after a submission:
+/// page-cache hits completed inside io_submit are delivered at once).
 unsafe extern "C" fn ctx_reap(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
     trampoline(|| {
         let c = ctx(slf);
@@ -1373,6 +1428,10 @@ unsafe extern "C" fn get_in_flight(slf: *mut PyObject, _: *mut c_void) -> *mut P
     trampoline(|| py_int(ctx(slf).in_flight.load(Ordering::Acquire) as i64))
 }
 
+unsafe extern "C" fn get_staged(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
+    trampoline(|| py_int(ctx(slf).lock_staged().len() as i64))
+}
+
 static mut CTX_METHODS: [PyMethodDef; 10] = [
     PyMethodDef {
         ml_name: c"submit".as_ptr(),
@@ -1436,7 +1495,7 @@ as soon as process_events() has delivered the last completion. Idempotent. (Not 
         },
         ml_flags: METH_NOARGS,
         ml_doc: c"_drain() -> int\n--\n\nReset the eventfd counter and deliver every available \
-completion (the asyncio adapter's reader callback)."
+completion (what the asyncio adapter's reader callback does)."
             .as_ptr(),
     },
     PyMethodDef {
@@ -1446,7 +1505,7 @@ completion (the asyncio adapter's reader callback)."
         },
         ml_flags: METH_NOARGS,
         ml_doc: c"_reap() -> int\n--\n\nDeliver the completions available now (up to 512) without \
-reading the eventfd. Used by the asyncio adapter right after submitting."
+reading the eventfd (what the asyncio adapter does right after submitting)."
             .as_ptr(),
     },
     PyMethodDef {
@@ -1457,7 +1516,7 @@ reading the eventfd. Used by the asyncio adapter right after submitting."
         ml_flags: METH_FASTCALL,
         ml_doc: c"_submit_each(*operations) -> list\n--\n\nSubmit as many operations as possible; one \
 outcome per argument: True (accepted), False (already submitted) or the exception that refused \
-it. Used by the asyncio adapter with deferred=True."
+it (what the asyncio adapter's deferred=True flush does)."
             .as_ptr(),
     },
     PyMethodDef {
@@ -1476,7 +1535,7 @@ turns it on."
     PyMethodDef::zeroed(),
 ];
 
-static mut CTX_GETSET: [PyGetSetDef; 5] = [
+static mut CTX_GETSET: [PyGetSetDef; 6] = [
     PyGetSetDef {
         name: c"max_requests".as_ptr(),
         get: Some(get_max_requests),
@@ -1503,6 +1562,13 @@ static mut CTX_GETSET: [PyGetSetDef; 5] = [
         get: Some(get_in_flight),
         set: None,
         doc: c"operations accepted and not yet delivered".as_ptr(),
+        closure: ptr::null_mut(),
+    },
+    PyGetSetDef {
+        name: c"_staged".as_ptr(),
+        get: Some(get_staged),
+        set: None,
+        doc: c"operations waiting in the asyncio adapter's deferred batch".as_ptr(),
         closure: ptr::null_mut(),
     },
     PyGetSetDef {
@@ -1707,6 +1773,7 @@ upstream caio raises, and an OSError with the errno."
         ptr::null_mut(),
     ))?;
     caio_core::module::add_object(module, c"SubmitError", submit_error)?;
+    caio_core::aio::init(module, &adapter::ENGINE)?;
     Ok(())
 }
 

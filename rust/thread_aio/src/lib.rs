@@ -13,6 +13,7 @@ use std::ptr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use caio_core::aio::{Adapter, Engine};
 use caio_core::args::{int_in, Params};
 use caio_core::module::{init_common, ModState};
 use caio_core::op::{self, as_op, Flavor, ReadPayload};
@@ -194,7 +195,6 @@ unsafe extern "C" fn ctx_submit(
 ) -> *mut PyObject {
     trampoline(|| {
         let c = ctx(slf);
-        let inline_max = c.inline_read_max.load(Ordering::Relaxed);
         let nargs = PyVectorcall_NARGS(nargsf as usize) as usize;
         let args = std::slice::from_raw_parts(args, nargs);
         let op_type = (*ModState::of(slf)).op_type;
@@ -212,34 +212,47 @@ unsafe extern "C" fn ctx_submit(
         let pool = c.pool()?;
         let mut accepted = 0i64;
         for &a in args {
-            let o = as_op(a);
-            if !o.try_claim() {
-                continue; // already in flight or done: silently skipped
-            }
-            op::begin(o, slf);
-            if o.nbytes as usize <= inline_max {
-                // Page-cache hit: done right here, no thread hop. RWF_NOWAIT
-                // never waits for the disk and the size is bounded, so this
-                // does not stall the event loop.
-                if let Some(res) = pool::try_read_inline(o) {
-                    op::finish(a as *mut op::Operation, res).run();
-                    accepted += 1;
-                    continue;
-                }
-            }
-            match pool.submit(Job(a as *mut op::Operation)) {
-                Ok(()) => accepted += 1,
-                Err((_, why)) => {
-                    op::abort(o);
-                    return Err(PyErr::runtime(match why {
-                        SubmitError::Full => "Thread pool queue full",
-                        SubmitError::Closed => "Context is closed",
-                    }));
-                }
+            if submit_one(c, slf, &pool, a)? {
+                accepted += 1;
             }
         }
         py_int(accepted)
     })
+}
+
+/// Claims `a` and hands it to the pool — or, for a page-cache hit in
+/// event-loop mode, completes it right here. `Ok(false)`: already claimed
+/// (in flight or done), silently skipped. On error the claim is rolled back.
+unsafe fn submit_one(
+    c: &Context,
+    slf: *mut PyObject,
+    pool: &Pool,
+    a: *mut PyObject,
+) -> PyResult<bool> {
+    let o = as_op(a);
+    if !o.try_claim() {
+        return Ok(false);
+    }
+    op::begin(o, slf);
+    if o.nbytes as usize <= c.inline_read_max.load(Ordering::Relaxed) {
+        // Page-cache hit: done right here, no thread hop. RWF_NOWAIT never
+        // waits for the disk and the size is bounded, so this does not stall
+        // the event loop.
+        if let Some(res) = pool::try_read_inline(o) {
+            op::finish(a as *mut op::Operation, res).run();
+            return Ok(true);
+        }
+    }
+    match pool.submit(Job(a as *mut op::Operation)) {
+        Ok(()) => Ok(true),
+        Err((_, why)) => {
+            op::abort(o);
+            Err(PyErr::runtime(match why {
+                SubmitError::Full => "Thread pool queue full",
+                SubmitError::Closed => "Context is closed",
+            }))
+        }
+    }
 }
 
 unsafe extern "C" fn ctx_cancel(
@@ -489,6 +502,49 @@ static mut CTX_SPEC: PyType_Spec = PyType_Spec {
     slots: ptr::addr_of_mut!(CTX_SLOTS) as *mut PyType_Slot,
 };
 
+// ---------------------------------------------------------------------------
+// engine of the native asyncio fast path (caio_core::aio)
+
+/// Used by `thread_aio_asyncio.AsyncioContext` once the Context delivers on
+/// the event loop (`_enable_loop_delivery`): submission as in `submit()`,
+/// completions drained by the loop's reader, and a real cancel for jobs no
+/// worker has started yet.
+static ENGINE: Engine = Engine {
+    submit: engine_submit,
+    cancel: engine_cancel,
+    loop_events: engine_loop_events,
+};
+
+unsafe fn engine_submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
+    let slf = a.context();
+    let c = ctx(slf);
+    c.check_fork()?;
+    let pool = c.pool()?;
+    submit_one(c, slf, &pool, op)
+}
+
+unsafe fn engine_cancel(a: &Adapter, op: *mut PyObject) {
+    let c = ctx(a.context());
+    if c.check_fork().is_err() {
+        return;
+    }
+    let Some(pool) = c.pool_slot().clone() else {
+        return;
+    };
+    if let Some(job) = pool.try_cancel(op as *mut op::Operation) {
+        // Never started: complete it as cancelled, like a kernel cancel.
+        op::finish(job.0, -(libc::ECANCELED as i64)).run();
+    }
+}
+
+unsafe fn engine_loop_events(a: &Adapter) -> PyResult<usize> {
+    let pool = ctx(a.context()).pool_slot().clone();
+    Ok(match pool.as_ref().and_then(|p| p.queued_delivery()) {
+        Some(q) => q.deliver_all(),
+        None => 0,
+    })
+}
+
 unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
     init_common(
         module,
@@ -496,6 +552,7 @@ unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
         ptr::addr_of_mut!(CTX_SPEC),
         c"caio.thread_aio.OperationError",
     )?;
+    caio_core::aio::init(module, &ENGINE)?;
     caio_core::register_atexit()?;
     Ok(())
 }

@@ -1,0 +1,338 @@
+//! The kernel-AIO engine of the native asyncio fast path (`caio_core::aio`),
+//! driven by `caio.linux_aio_asyncio.AsyncioContext` (which puts its Context
+//! in event-loop mode, `_set_nowait(True)`: the loop never waits for the
+//! disk inside `io_submit`).
+//!
+//! * `deferred=False`: one `io_submit` per operation. A page-cache hit
+//!   completes inside it and is delivered right after it (together with
+//!   whatever else has completed), so the awaitable returns without
+//!   suspending — within the adapter's per-iteration `SYNC_BUDGET`.
+//! * `deferred=True`: the engine claims the op and stages it; one flush per
+//!   loop iteration (a `call_soon` callback) submits the whole batch in one
+//!   `io_submit`. An op the kernel refuses fails alone, with its own error;
+//!   the rest of the batch is resubmitted (API.md §7 Q12). An op whose task
+//!   was cancelled before the flush never reaches the kernel.
+//! * Completions (kernel and worker pool) signal the eventfd; the loop's
+//!   reader (`_process_loop_events`) drains them all.
+//! * After the adapter's `close()` (API.md §7 Q14) nothing new is accepted;
+//!   once nothing is staged or in flight any more, the reader or the flush
+//!   calls the adapter's `_release()`, which removes the reader and closes
+//!   the Context (`io_destroy`, eventfd, workers).
+
+use std::ptr;
+use std::sync::atomic::Ordering;
+
+use caio_core::aio::{Adapter, Engine};
+use caio_core::op::{self, as_op, Operation};
+use caio_core::py::{
+    call_method, none, trampoline, Borrowed, Exc, Interned, Owned, PyErr, PyResult,
+};
+use caio_core::pyo3_ffi::*;
+
+use crate::abi::{self, Iocb};
+use crate::{ctx, exception_object, submit_claimed, submit_ops, Inner, DEFAULT_EVENTS};
+
+pub static ENGINE: Engine = Engine {
+    submit,
+    cancel,
+    loop_events,
+};
+
+static DONE: Interned = Interned::new(c"done");
+static SET_EXCEPTION: Interned = Interned::new(c"set_exception");
+static RELEASE: Interned = Interned::new(c"_release");
+
+impl Inner {
+    pub(crate) fn lock_staged(&self) -> std::sync::MutexGuard<'_, Vec<usize>> {
+        self.staged.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
+    let slf = a.context();
+    let c = ctx(slf);
+    c.check_fork()?;
+    let o = as_op(op);
+    if !o.try_claim() {
+        return Ok(false); // in flight (or staged) already, or done
+    }
+    if a.deferred() {
+        Py_INCREF(op);
+        c.lock_staged().push(op as usize);
+        if let Err(e) = schedule_flush(a, c) {
+            if let Some(staged) = unstage(c, op) {
+                o.unclaim();
+                drop(staged);
+            }
+            return Err(e);
+        }
+        return Ok(true);
+    }
+    op::begin(o, slf);
+    let (_, failure) = submit_claimed(slf, c, &[(0, op as *mut Operation)], None)?;
+    if let Some((_, e)) = failure {
+        return Err(e);
+    }
+    // Delivery resolves the awaitable's future (installed when the op does
+    // not complete inline), never a callback set on the op beforehand: the
+    // upstream adapter replaces it too. (Only this thread delivers, so the
+    // op cannot have been delivered yet.)
+    op::clear_callback(o);
+    // A page-cache hit completed inside io_submit: deliver it now (with
+    // whatever else has completed) rather than after a trip through the loop.
+    c.deliver(DEFAULT_EVENTS);
+    Ok(true)
+}
+
+unsafe fn cancel(a: &Adapter, op: *mut PyObject) {
+    let c = ctx(a.context());
+    if c.check_fork().is_err() {
+        return;
+    }
+    let o = as_op(op);
+    if let Some(staged) = unstage(c, op) {
+        // Still waiting for its batch: it never reaches the kernel.
+        o.unclaim();
+        op::clear_callback(o);
+        drop(staged);
+        return;
+    }
+    if o.state() != op::IN_FLIGHT {
+        return;
+    }
+    // As upstream: io_cancel, and never mind a refusal (regular-file I/O
+    // cannot be cancelled, an op run by a worker is not in the kernel). The
+    // op completes later either way.
+    let h = c.read();
+    if h.aio != 0 {
+        let _ = abi::io_cancel(h.aio, o.engine_area() as *mut Iocb);
+    }
+}
+
+unsafe fn loop_events(a: &Adapter) -> PyResult<usize> {
+    let c = ctx(a.context());
+    c.check_fork()?;
+    let n = c.drain();
+    release_if_idle(a, c)?;
+    Ok(n)
+}
+
+/// Takes `op` out of the deferred batch (its reference is returned).
+unsafe fn unstage(c: &Inner, op: *mut PyObject) -> Option<Owned> {
+    let mut staged = c.lock_staged();
+    let i = staged.iter().position(|&p| p == op as usize)?;
+    Some(Owned::from_raw(staged.remove(i) as *mut PyObject))
+}
+
+/// Gives back the ops of a batch that was never flushed (Context
+/// deallocation: its loop was closed first).
+pub(crate) unsafe fn drop_staged(c: &Inner) {
+    let staged = std::mem::take(&mut *c.lock_staged());
+    for p in staged {
+        let p = p as *mut PyObject;
+        as_op(p).unclaim();
+        Py_DECREF(p);
+    }
+}
+
+/// After the adapter's close(): releases everything once nothing is staged
+/// or in flight (the adapter's `_release()` removes the reader first).
+unsafe fn release_if_idle(a: &Adapter, c: &Inner) -> PyResult<()> {
+    if !a.is_closed()
+        || c.closing.load(Ordering::Acquire)
+        || c.in_flight.load(Ordering::Acquire) != 0
+        || !c.lock_staged().is_empty()
+    {
+        return Ok(());
+    }
+    call_method(Borrowed::from_ptr(a.as_ptr()), RELEASE.get()?, &[]).map(drop)
+}
+
+/// Schedules the flush of the deferred batch (once per loop iteration).
+unsafe fn schedule_flush(a: &Adapter, c: &Inner) -> PyResult<()> {
+    if c.flush_scheduled.swap(true, Ordering::AcqRel) {
+        return Ok(());
+    }
+    let r = Owned::from_new(PyCFunction_NewEx(
+        ptr::addr_of_mut!(FLUSH_DEF),
+        a.as_ptr(),
+        ptr::null_mut(),
+    ))
+    .and_then(|cb| a.call_soon(cb.as_ptr()));
+    if r.is_err() {
+        c.flush_scheduled.store(false, Ordering::Release);
+    }
+    r
+}
+
+static mut FLUSH_DEF: PyMethodDef = PyMethodDef {
+    ml_name: c"_deferred_flush".as_ptr(),
+    ml_meth: PyMethodDefPointer {
+        PyCFunction: flush_callback,
+    },
+    ml_flags: METH_NOARGS,
+    ml_doc: ptr::null(),
+};
+
+/// The `call_soon` callback (bound to the adapter): submits the batch.
+/// Never raises for an operation's sake: each awaiter gets its own error.
+unsafe extern "C" fn flush_callback(adapter_obj: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
+    trampoline(|| {
+        let a = &*(adapter_obj as *const Adapter);
+        let slf = a.context();
+        if slf.is_null() {
+            return Ok(none()); // the adapter was cleared by the GC
+        }
+        let c = ctx(slf);
+        c.flush_scheduled.store(false, Ordering::Release);
+        let staged: Vec<Owned> = std::mem::take(&mut *c.lock_staged())
+            .into_iter()
+            .map(|p| Owned::from_raw(p as *mut PyObject))
+            .collect();
+        flush(slf, c, &staged);
+        release_if_idle(a, c)?;
+        Ok(none())
+    })
+}
+
+fn is_done(fut: &Owned) -> bool {
+    match DONE
+        .get()
+        .and_then(|name| call_method(fut.borrow(), name, &[]))
+    {
+        Ok(v) => v.as_ptr() == unsafe { Py_True() },
+        Err(e) => {
+            e.restore();
+            unsafe { PyErr_Clear() };
+            false
+        }
+    }
+}
+
+/// Makes the task awaiting `fut` raise `e` (unless it is done already).
+unsafe fn fail(fut: Option<&Owned>, e: &Owned) {
+    let Some(fut) = fut else {
+        return;
+    };
+    if is_done(fut) {
+        return;
+    }
+    let r = SET_EXCEPTION
+        .get()
+        .and_then(|name| call_method(fut.borrow(), name, &[e.as_ptr()]));
+    if let Err(e) = r {
+        e.restore();
+        PyErr_Clear();
+    }
+}
+
+/// The error an awaiter gets for `e` (an exception instance).
+unsafe fn to_exception(e: PyErr) -> Option<Owned> {
+    match exception_object(e) {
+        Ok(x) => Some(x),
+        Err(e) => {
+            e.restore();
+            PyErr_Clear();
+            None
+        }
+    }
+}
+
+/// Submits a deferred batch (ops claimed by `submit`, not begun): as many as
+/// the kernel takes, each refused op failing alone (API.md §7 Q12).
+unsafe fn flush(slf: *mut PyObject, c: &Inner, staged: &[Owned]) {
+    let mut ops: Vec<*mut PyObject> = Vec::with_capacity(staged.len());
+    // The futures the awaiting tasks wait on.
+    let mut futs: Vec<Option<Owned>> = Vec::with_capacity(staged.len());
+    for s in staged {
+        let o = as_op(s.as_ptr());
+        let fut = op::future(o);
+        if fut.as_ref().is_some_and(is_done) {
+            // Its task was cancelled while the op waited for this batch:
+            // it never reaches the kernel.
+            o.unclaim();
+            op::clear_callback(o);
+            continue;
+        }
+        ops.push(s.as_ptr());
+        futs.push(fut);
+    }
+    let n = ops.len();
+    if n == 0 {
+        return;
+    }
+    let claimed: Vec<(usize, *mut Operation)> = ops
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| {
+            op::begin(as_op(p), slf);
+            (i, p as *mut Operation)
+        })
+        .collect();
+    // Per op: accepted by the kernel, or its awaiter has been given an error.
+    let mut settled = vec![false; n];
+    let mut in_kernel = vec![false; n];
+    let mut accepted = Vec::new();
+    let mut start = 0usize;
+    let mut round = submit_claimed(slf, c, &claimed, Some(&mut accepted));
+    loop {
+        match round {
+            Err(e) => {
+                // Nothing of this round reached the kernel.
+                if let Some(x) = to_exception(e) {
+                    for i in start..n {
+                        if !settled[i] {
+                            settled[i] = true;
+                            fail(futs[i].as_ref(), &x);
+                        }
+                    }
+                }
+                break;
+            }
+            Ok((_, failure)) => {
+                for &i in &accepted {
+                    settled[start + i] = true;
+                    in_kernel[start + i] = true;
+                }
+                accepted.clear();
+                let Some((i, e)) = failure else {
+                    break;
+                };
+                let i = start + i;
+                settled[i] = true;
+                if let Some(x) = to_exception(e) {
+                    fail(futs[i].as_ref(), &x);
+                }
+                start = i + 1;
+                if start >= n {
+                    break;
+                }
+                // The rest was rolled back too: claim and submit it again.
+                round = submit_ops(slf, c, &ops[start..], Some(&mut accepted));
+            }
+        }
+    }
+    // Neither accepted nor refused: claimed by someone else meanwhile.
+    if settled.iter().any(|s| !s) {
+        let e = PyErr::new(Exc::Custom(PyExc_OSError), "Operation was not submitted");
+        if let Some(x) = to_exception(e) {
+            for i in 0..n {
+                if !settled[i] {
+                    fail(futs[i].as_ref(), &x);
+                }
+            }
+        }
+    }
+    // Refused ops were rolled back (NEW, retryable): their futures are no
+    // longer ours to resolve.
+    for i in 0..n {
+        let o = as_op(ops[i]);
+        if !in_kernel[i] && o.state() == op::NEW {
+            op::clear_callback(o);
+        }
+    }
+    if in_kernel.contains(&true) {
+        // Page-cache hits completed inside io_submit: deliver them now.
+        c.deliver(DEFAULT_EVENTS);
+    }
+}
