@@ -365,28 +365,12 @@ def test_full_ring_or_queue_is_also_oserror_eagain(backend: RawBackend, tmp_fd: 
 # -- cancellation must not turn into capacity errors for others ---------------------------------
 
 def _cancel_capacity_params() -> List[Any]:
+    """Every asyncio configuration. (thread_aio and python_aio used to fail
+    this: a cancelled operation gave its admission slot back at once while
+    still occupying the backend's queue - fixed on main, see
+    test_cancellation_slots.py.)"""
     from conftest import _async_params
-    params = []
-    for param in _async_params():
-        name, _module, kwargs = param.values[0]
-        if kwargs.get("sqpoll"):
-            # Also affected (OverflowError 'io_uring SQ ring full' about once in
-            # a thousand rounds with max_requests=1: a cancel SQE staged while
-            # the SQ thread lags), but too rarely for a deterministic test.
-            continue
-        marks = []
-        if name in ("thread_aio", "python_aio"):
-            marks.append(pytest.mark.xfail(strict=True, reason=(
-                "BUG: a cancelled operation gives its admission slot back at once but "
-                "keeps occupying the backend's queue until it has run, so the next "
-                "operation can be refused with a capacity error (thread_aio "
-                "RuntimeError('Thread pool queue full'), python_aio RuntimeError("
-                "'Maximum simultaneous requests have been reached')) although API.md "
-                "4.6 promises back-pressure instead. Reproducer: AsyncioContext(2); "
-                "start 3 writes, sleep(0), cancel the first, sleep(0), start one more; "
-                "gather -> RuntimeError in ~20-70% of rounds.")))
-        params.append(pytest.param(param.values[0], id=param.id, marks=marks))
-    return params
+    return [pytest.param(p.values[0], id=p.id) for p in _async_params()]
 
 
 @pytest.mark.parametrize("config", _cancel_capacity_params())
