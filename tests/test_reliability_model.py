@@ -275,19 +275,6 @@ programs = st.builds(
     rounds=st.lists(rounds, min_size=1, max_size=5),
 )
 
-#: Capacity errors raised to a task that was never cancelled, after another
-#: task of the same round was cancelled: the adapter gives the admission slot
-#: of a cancelled operation back while the operation still occupies the
-#: backend's queue (BUG, see test_reliability_faults.py::
-#: test_cancelled_operations_do_not_cause_capacity_errors, xfail). Tolerated
-#: here - as "refused, never started", which the model then checks - so that
-#: this test keeps looking for other problems; remove once fixed.
-KNOWN_CAPACITY_ERRORS = (
-    "Thread pool queue full",
-    "Maximum simultaneous requests have been reached",
-    "io_uring SQ ring full",
-)
-
 #: Generous: only a hang takes this long.
 HANG_TIMEOUT = 20.0
 
@@ -417,8 +404,10 @@ async def run_round(
         if task.cancelled():
             assert spec.cancel_after is not None, "task cancelled by nobody: {!r}".format(spec)
             _count("cancelled")
+            # A cancelled operation keeps its admission slot until the
+            # backend has really finished it (test_cancellation_slots.py).
+            await quiesce(backend, ctx, op, closed)
             if spec.kind == "write":
-                await quiesce(backend, ctx, op, closed)
                 if _cancel_proved(op):
                     _count("cancel proved by the kernel")
                 else:
@@ -428,10 +417,6 @@ async def run_round(
         if exc is not None:
             if closed and isinstance(exc, RuntimeError):
                 _count("refused after close")
-                continue  # refused: the operation never started
-            cancelled_any = any(s.cancel_after is not None for s in rnd.ops)
-            if cancelled_any and str(exc) in KNOWN_CAPACITY_ERRORS:
-                _count("capacity error after a cancellation (known bug)")
                 continue  # refused: the operation never started
             raise AssertionError("{!r} raised {!r}".format(spec, exc)) from exc
         result = task.result()
@@ -445,6 +430,14 @@ async def run_round(
         else:
             assert result is None, (spec, result)
 
+    # Every task is done and every cancelled operation has finished: the
+    # slots come back once their completions have been delivered.
+    deadline = loop.time() + HANG_TIMEOUT
+    while slots_in_use(ctx) != (0, 0) and loop.time() < deadline:
+        if closed and backend.is_uring:
+            ctx.context.flush()
+            ctx.context.process_events()
+        await asyncio.sleep(0.001)
     in_use, waiting = slots_in_use(ctx)
     assert (in_use, waiting) == (0, 0), "admission slots leaked: {} in use, {} waiting".format(
         in_use, waiting,
