@@ -43,6 +43,7 @@ def check_error(backend_name: str, exc: BaseException, expected_errno: int) -> N
     assert isinstance(exc, OSError), (type(exc), exc)
     assert exc.errno == expected_errno, (exc.errno, expected_errno, exc)
     assert exc.strerror, exc
+    _count("{} on {}".format(errno.errorcode[expected_errno], backend_name))
     if backend_name == "linux_aio" and isinstance(exc, ValueError):
         # Refused by io_submit: upstream raised ValueError from submit()
         # (API.md 3.2); ours is SubmitError(OSError, ValueError).
@@ -235,6 +236,7 @@ def test_efbig_file_size_limit(async_backend: AsyncBackend, tmp_path: Any) -> No
     assert report["after"] == 5
     assert report["size"] == 1 << 20
     _count("faults injected", 2)
+    _count("EFBIG on {}".format(async_backend.name))
 
 
 # -- ENOSPC (a tiny tmpfs) ---------------------------------------------------------------
