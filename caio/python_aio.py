@@ -42,7 +42,7 @@ import os
 import sys
 import threading
 from enum import IntEnum, unique
-from multiprocessing.pool import RUN as _POOL_RUN, ThreadPool
+from multiprocessing.pool import CLOSE as _POOL_CLOSE, RUN as _POOL_RUN, ThreadPool
 from threading import Lock, RLock
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Optional, Tuple, Union, cast
@@ -486,6 +486,17 @@ class Context(AbstractContext):
         """
         if self._state != ContextState.OPEN:
             return
+        if self._fork_generation != _fork_generation:
+            # Inherited through fork(): the pool's threads (and whoever held
+            # our lock or the pool's at the moment of the fork) exist only in
+            # the parent, so taking those locks here could block forever
+            # (seen at the child's exit, from the atexit hook). Nothing runs
+            # here to stop or wait for. Only mark the pool closed, so that
+            # its __del__ does not try to notify its (absent) threads through
+            # a queue at interpreter shutdown.
+            self._state = ContextState.CLOSED
+            self.pool._state = _POOL_CLOSE
+            return
         with self._lock:
             if self._state != ContextState.OPEN:
                 return
@@ -495,8 +506,12 @@ class Context(AbstractContext):
             finally:
                 self._state = ContextState.CLOSED
 
-    def __del__(self) -> None:
-        if self._state == ContextState.OPEN:
+    def __del__(self, _open: ContextState = ContextState.OPEN) -> None:
+        # ``_open`` is bound at definition time: at interpreter shutdown this
+        # module's globals may already be None (seen on 3.13t with a Context
+        # inherited through fork(): "'NoneType' object has no attribute
+        # 'OPEN'"), and then there is nothing left worth closing.
+        if self._state == _open and ContextState is not None:
             self.close()
 
 
