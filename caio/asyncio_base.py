@@ -62,7 +62,14 @@ class AsyncioContextBase(abc.ABC):
         # Default for callbacks fired on a foreign (worker) thread.
         if future.done():
             return
-        self.loop.call_soon_threadsafe(_resolve, future)
+        try:
+            self.loop.call_soon_threadsafe(_resolve, future)
+        except RuntimeError:
+            # The loop was closed with this operation in flight: no task can
+            # await the future any more; raising would only print a traceback
+            # from the worker thread.
+            if not self.loop.is_closed():
+                raise
 
     def _submit_op(self, op: AbstractOperation, future: asyncio.Future) -> None:
         if self.context.submit(op) != 1:

@@ -43,7 +43,7 @@ import os
 import sys
 import threading
 from enum import IntEnum, unique
-from multiprocessing.pool import RUN as _POOL_RUN, ThreadPool
+from multiprocessing.pool import CLOSE as _POOL_CLOSE, RUN as _POOL_RUN, ThreadPool
 from threading import Lock, RLock
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Optional, Tuple, Union, cast
@@ -279,6 +279,22 @@ class _DrainJob:
         del pool._cache[self]
 
 
+# Bumped in a child process after fork(): a Context remembers the value it
+# was created with. Its ThreadPool's threads exist only in the parent, so in
+# the child an accepted operation would never run and its awaiter would wait
+# forever; submit() refuses instead (as the native backends do).
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 # Contexts still open, closed by an atexit hook. multiprocessing's own exit
 # handler (registered when multiprocessing.pool was imported above, so it
 # runs after ours) terminates pools without marking them closed; a pool left
@@ -326,6 +342,7 @@ class Context(AbstractContext):
             )
 
         self._max_requests = max_requests
+        self._fork_generation = _fork_generation
         self.pool = ThreadPool(pool_size)
         self._in_progress = 0
         self._lock = Lock()
@@ -349,6 +366,14 @@ class Context(AbstractContext):
         for operation in aio_operations:
             if not isinstance(operation, Operation):
                 raise ValueError("Invalid Operation {!r}".format(operation))
+        if self._fork_generation != _fork_generation:
+            # Checked before taking any lock: a lock held by one of the
+            # parent's threads at fork() time is never released here.
+            raise RuntimeError(
+                "this python_aio Context was created before fork() and its "
+                "thread pool does not exist in this process; create a new "
+                "Context in the child",
+            )
 
         count = 0
         for operation in aio_operations:
@@ -523,6 +548,17 @@ class Context(AbstractContext):
         """
         if self._state != ContextState.OPEN:
             return
+        if self._fork_generation != _fork_generation:
+            # Inherited through fork(): the pool's threads (and whoever held
+            # our lock or the pool's at the moment of the fork) exist only in
+            # the parent, so taking those locks here could block forever
+            # (seen at the child's exit, from the atexit hook). Nothing runs
+            # here to stop or wait for. Only mark the pool closed, so that
+            # its __del__ does not try to notify its (absent) threads through
+            # a queue at interpreter shutdown.
+            self._state = ContextState.CLOSED
+            self.pool._state = _POOL_CLOSE
+            return
         with self._lock:
             if self._state != ContextState.OPEN:
                 return
@@ -532,8 +568,12 @@ class Context(AbstractContext):
             finally:
                 self._state = ContextState.CLOSED
 
-    def __del__(self) -> None:
-        if self._state == ContextState.OPEN:
+    def __del__(self, _open: ContextState = ContextState.OPEN) -> None:
+        # ``_open`` is bound at definition time: at interpreter shutdown this
+        # module's globals may already be None (seen on 3.13t with a Context
+        # inherited through fork(): "'NoneType' object has no attribute
+        # 'OPEN'"), and then there is nothing left worth closing.
+        if self._state == _open and ContextState is not None:
             self.close()
 
 

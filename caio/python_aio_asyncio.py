@@ -40,9 +40,16 @@ class AsyncioContext(AsyncioContextBase):
             try:
                 self.loop.call_soon_threadsafe(self._resolve_finished)
             except BaseException:
-                # e.g. the loop is closed: do not leave the flag set, or no
-                # later completion would try to wake the loop again.
+                # Do not leave the flag set, or no later completion would try
+                # to wake the loop again.
                 self._wakeup_pending = False
+                if self.loop.is_closed():
+                    # The loop was closed with this operation in flight: no
+                    # task can await its future any more, so there is nobody
+                    # to tell (raising here would only print a traceback from
+                    # the pool's result thread).
+                    self._finished.clear()
+                    return
                 raise
 
     def _resolve_finished(self) -> None:

@@ -12,6 +12,15 @@ built:
                      "linux_aio deferred=True") when those modules exist.
 
 Test ids name the backend (``[linux_uring]``, ``[linux_aio_asyncio-deferred]``).
+
+Event loops: the ``aio`` fixture (and ``loop_kind``) is parametrised over
+asyncio's default loop (id ``asyncio_loop``) and, when the ``uvloop`` package
+is installed, uvloop (id ``uvloop``). So every asyncio-level test runs on both
+loops, while the raw-API tests (which use no loop) run once.
+``CAIO_TEST_LOOPS=asyncio`` (or ``uvloop``) restricts the set.
+
+Hypothesis: profiles ``default`` (few examples, keeps the suite fast) and
+``thorough`` (many more); pick one with ``CAIO_HYPOTHESIS_PROFILE=thorough``.
 """
 
 import asyncio
@@ -31,6 +40,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import pytest
 
 import caio
+
+try:
+    import uvloop
+except ImportError:  # no wheel for this interpreter: no uvloop parameters
+    uvloop = None
+
+try:
+    from hypothesis import HealthCheck, settings as _hypothesis_settings
+except ImportError:  # hypothesis is a test dependency; tolerate its absence here
+    _hypothesis_settings = None
 
 
 # -- discovery -------------------------------------------------------------------
@@ -74,6 +93,62 @@ FREE_THREADED = (
 
 # Default per-test time limit; every test must finish.
 TEST_TIMEOUT = 60
+
+
+# -- event loops -------------------------------------------------------------------
+
+def _loop_kinds() -> List[str]:
+    kinds = ["asyncio"] + (["uvloop"] if uvloop is not None else [])
+    wanted = os.environ.get("CAIO_TEST_LOOPS")
+    if wanted:
+        kinds = [k for k in kinds if k in wanted.replace(",", " ").split()]
+    return kinds
+
+
+LOOP_KINDS = _loop_kinds()
+LOOP_IDS = {"asyncio": "asyncio_loop", "uvloop": "uvloop"}
+
+
+def new_event_loop(kind: str = "asyncio") -> asyncio.AbstractEventLoop:
+    """A fresh event loop of the given kind (``asyncio`` or ``uvloop``)."""
+    if kind == "uvloop":
+        assert uvloop is not None
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+@pytest.fixture(params=[pytest.param(k, id=LOOP_IDS[k]) for k in LOOP_KINDS])
+def loop_kind(request: Any) -> str:
+    """``"asyncio"`` or ``"uvloop"`` (the latter only when installed)."""
+    return request.param
+
+
+# -- hypothesis profiles --------------------------------------------------------------
+#
+# ``default`` keeps each property test to a few seconds on two shared cores;
+# ``thorough`` is for a dedicated run:
+#   CAIO_HYPOTHESIS_PROFILE=thorough python -m pytest tests/test_reliability_model.py
+# Deadlines are off: timing on a loaded CI box is not what these tests check
+# (pytest-timeout catches hangs).
+
+if _hypothesis_settings is not None:
+    _hypothesis_settings.register_profile(
+        "default",
+        max_examples=12,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+        print_blob=True,
+    )
+    _hypothesis_settings.register_profile(
+        "thorough",
+        max_examples=400,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+        print_blob=True,
+    )
+    _hypothesis_settings.load_profile(
+        os.environ.get("CAIO_HYPOTHESIS_PROFILE", "default"),
+    )
 
 
 def pytest_configure(config: Any) -> None:
@@ -331,8 +406,9 @@ class LoopRunner:
     :meth:`check` (called at teardown) asserts there were none.
     """
 
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, kind: str = "asyncio") -> None:
+        self.kind = kind
+        self.loop = new_event_loop(kind)
         self.handler_calls: List[Dict[str, Any]] = []
         self.loop.set_exception_handler(self._handler)
 
@@ -362,8 +438,9 @@ class LoopRunner:
 
 
 @pytest.fixture
-def aio() -> Any:
-    runner = LoopRunner()
+def aio(loop_kind: str) -> Any:
+    """A :class:`LoopRunner` on each available loop kind (asyncio, uvloop)."""
+    runner = LoopRunner(loop_kind)
     try:
         yield runner
         runner.close()
@@ -492,3 +569,25 @@ class Recorder:
 def pipe_pair() -> Tuple[int, int]:
     r, w = os.pipe()
     return r, w
+
+
+# -- reliability figures -------------------------------------------------------------
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Prints the counters the reliability tests keep (examples run, faults
+    injected, kills survived...): each ``test_reliability_*`` module may hold
+    a ``STATS`` dict."""
+    lines = []
+    for name, module in sorted(sys.modules.items()):
+        if not name.startswith("test_reliability_"):
+            continue
+        stats = getattr(module, "STATS", None)
+        if stats:
+            lines.append("{}: {}".format(name, ", ".join(
+                "{} {}".format(value, key) for key, value in sorted(stats.items())
+            )))
+    if lines:
+        terminalreporter.section("reliability figures")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -807,13 +807,14 @@ def test_timing_sanity(make_ctx, run, fd):
     assert run(main()) < 10
 
 
-def test_garbage_collection_with_ops_in_flight(pipe):
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_garbage_collection_with_ops_in_flight(pipe, loop_name):
     # Loop, adapter, task and an awaitable whose op is in flight all become
     # garbage together (with reference cycles): collecting them must not
     # crash, whatever order the collector clears and finalises them in.
     r, w = pipe
     for _ in range(20):
-        lp = asyncio.new_event_loop()
+        lp = uvloop.new_event_loop() if loop_name == "uvloop" else asyncio.new_event_loop()
         lp.set_exception_handler(lambda loop, ctx: None)  # "Task was destroyed but it is pending"
         ctx = AsyncioContext(4, loop=lp)
 

@@ -269,7 +269,7 @@ class TestLoopDelivery:
 @pytest.mark.skipif(
     not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise to evict pages",
 )
-def test_partially_cached_file_reads_back_exactly(tmp_path):
+def test_partially_cached_file_reads_back_exactly(tmp_path, aio):
     import random
 
     path = tmp_path / "cold.bin"
@@ -293,7 +293,7 @@ def test_partially_cached_file_reads_back_exactly(tmp_path):
             ctx.close()
             return reqs, results
 
-        reqs, results = asyncio.run(main())
+        reqs, results = aio.run(main(), timeout=120)
         for (off, n), got in zip(reqs, results):
             assert got == data[off:off + n]
     finally:
@@ -301,7 +301,7 @@ def test_partially_cached_file_reads_back_exactly(tmp_path):
 
 
 class TestAsyncioAdapter:
-    def test_adapter_uses_loop_delivery(self, fd):
+    def test_adapter_uses_loop_delivery(self, fd, aio):
         async def main():
             ctx = AsyncioContext()
             assert ctx._loop_delivery is True
@@ -311,9 +311,9 @@ class TestAsyncioAdapter:
             ctx.close()
             assert ctx._reader_fd is None
 
-        asyncio.run(main())
+        aio.run(main())
 
-    def test_inline_disabled_still_works(self, fd):
+    def test_inline_disabled_still_works(self, fd, aio):
         class NoInline(AsyncioContext):
             INLINE_READ_MAX = 0
 
@@ -323,9 +323,9 @@ class TestAsyncioAdapter:
             assert await ctx.read(9, fd, 0) == b"pool only"
             ctx.close()
 
-        asyncio.run(main())
+        aio.run(main())
 
-    def test_close_with_operations_in_flight(self, fd):
+    def test_close_with_operations_in_flight(self, fd, aio):
         async def main():
             ctx = AsyncioContext(pool_size=2)
             tasks = [asyncio.ensure_future(ctx.write(b"w" * 4096, fd, i * 4096)) for i in range(64)]
@@ -333,7 +333,7 @@ class TestAsyncioAdapter:
             ctx.close()  # blocks until the queued writes are done
             return await asyncio.gather(*tasks)
 
-        assert asyncio.run(main()) == [4096] * 64
+        assert aio.run(main()) == [4096] * 64
         assert os.fstat(fd).st_size == 64 * 4096
 
 
@@ -404,7 +404,7 @@ def test_gc_collects_context_and_ops(fd):
     gc.collect()
 
 
-def test_cancelling_a_queued_operation_really_cancels_it(fd):
+def test_cancelling_a_queued_operation_really_cancels_it(fd, aio):
     """A job no worker has started yet is taken back from the queue and
     completes with ECANCELED; the admission slot returns when the backend has
     really finished an operation, so cancelled work never piles up beyond
@@ -434,11 +434,11 @@ def test_cancelling_a_queued_operation_really_cancels_it(fd):
         assert ctx._gate_state()[0] == 0
         ctx.close()
 
-    asyncio.run(main())
+    aio.run(main())
     assert os.fstat(fd).st_size == 64 << 20  # the cancelled write never ran
 
 
-def test_cancelled_running_operation_keeps_its_slot(fd):
+def test_cancelled_running_operation_keeps_its_slot(fd, aio):
     big = b"c" * (64 << 20)
 
     async def main():
@@ -458,4 +458,4 @@ def test_cancelled_running_operation_keeps_its_slot(fd):
         assert ctx._gate_state()[0] == 0
         ctx.close()
 
-    asyncio.run(main())
+    aio.run(main())

@@ -126,6 +126,17 @@ static ATTACHING: AtomicUsize = AtomicUsize::new(0);
 /// Jobs accepted by any pool and not yet delivered/discarded.
 static OUTSTANDING: AtomicUsize = AtomicUsize::new(0);
 
+/// In a child process after `fork()` (async-signal-safe): the parent's
+/// workers do not exist here, so neither the jobs they had outstanding nor
+/// the ones about to attach can ever finish. Left as they were, the counters
+/// make [`interpreter_exiting`] wait 5 s for `OUTSTANDING`, then forever for
+/// `ATTACHING` (a worker waiting for the GIL at the moment of the fork).
+#[cfg_attr(not(unix), allow(dead_code))]
+pub(crate) fn after_fork_in_child() {
+    OUTSTANDING.store(0, Ordering::SeqCst);
+    ATTACHING.store(0, Ordering::SeqCst);
+}
+
 /// Called from an `atexit` hook (attached, Python still fully alive): lets
 /// queued work finish and deliver for a bounded time, then stops workers from
 /// ever attaching again, waiting for the ones already attaching.

@@ -28,6 +28,7 @@ static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
 #[cfg(unix)]
 extern "C" fn after_fork_in_child() {
     FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
+    crate::pool::after_fork_in_child();
 }
 
 /// The current fork generation: it changes in a child process after `fork()`.

@@ -28,6 +28,8 @@ struct State {
     idle: usize,
     /// Contexts handed over whose `io_destroy` has not returned yet.
     pending: usize,
+    /// The fork generation these counters belong to (see [`state`]).
+    generation: u64,
 }
 
 static STATE: Mutex<State> = Mutex::new(State {
@@ -35,6 +37,7 @@ static STATE: Mutex<State> = Mutex::new(State {
     live: 0,
     idle: 0,
     pending: 0,
+    generation: 0,
 });
 /// Helpers wait here for work.
 static WORK: Condvar = Condvar::new();
@@ -42,7 +45,22 @@ static WORK: Condvar = Condvar::new();
 static TAKEN: Condvar = Condvar::new();
 
 fn state() -> MutexGuard<'static, State> {
-    STATE.lock().unwrap_or_else(|e| e.into_inner())
+    let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    let generation = caio_core::sys::fork_generation();
+    if st.generation != generation {
+        // A child forked from a process that had helpers: they do not exist
+        // here, and neither do the contexts queued for them (the kernel does
+        // not copy AIO contexts into a child). Counting the parent's helpers
+        // as alive would leave this process's contexts queued forever and
+        // make `wait_backlog` wait forever once more than MAX_BACKLOG of
+        // them are closed.
+        st.queue.clear();
+        st.live = 0;
+        st.idle = 0;
+        st.pending = 0;
+        st.generation = generation;
+    }
+    st
 }
 
 /// Destroys `ctx` on a helper thread (or, if no thread can be started, on
