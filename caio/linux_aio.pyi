@@ -14,6 +14,11 @@ class OperationError(OSError, SystemError):
     """A failed operation (``get_value()``): ``errno``/``strerror`` like
     OSError, and still a SystemError for code written against upstream."""
 
+class CapacityError(OSError, OverflowError):
+    """``submit()`` accepted nothing because the kernel completion ring is
+    full (io_submit EAGAIN): upstream's OverflowError, and an OSError with
+    ``errno == errno.EAGAIN``."""
+
 class SubmitError(OSError, ValueError):
     """``submit()`` refused an operation (bad fd, invalid for the file,
     unaligned O_DIRECT write): upstream's ValueError, plus ``errno``."""

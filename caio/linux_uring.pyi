@@ -13,6 +13,10 @@ class OperationError(OSError, SystemError):
     """A failed operation: ``errno``/``strerror`` like OSError, and still a
     SystemError for code written against upstream caio."""
 
+class CapacityError(OSError, OverflowError):
+    """``submit()`` refused an operation because the SQ ring is full:
+    upstream's OverflowError, and an OSError with ``errno == errno.EAGAIN``."""
+
 # The runtime types do not inherit from the abstract classes; declaring them
 # as subclasses here is a typing convenience only.  Neither can be
 # subclassed at runtime, hence @final.

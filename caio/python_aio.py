@@ -77,6 +77,18 @@ class ContextState(IntEnum):
     CLOSED = 2
 
 
+class CapacityError(OSError, RuntimeError):
+    """``Context.submit()`` refused an operation: ``max_requests`` are
+    already in progress.
+
+    API.md 3.6 prescribes a ``RuntimeError`` here (as upstream caio raises);
+    issue 7 asks for an ``OSError`` with ``errno == errno.EAGAIN`` as well.
+    Deriving from both satisfies the two, as ``OperationError`` does for
+    operation failures in the native backends (API.md 7 Q4); the native
+    backends raise their own ``CapacityError`` the same way.
+    """
+
+
 Callback = Callable[[Any], Any]
 
 
@@ -400,8 +412,12 @@ class Context(AbstractContext):
             if self._state != _OPEN:
                 raise RuntimeError("Context is closed")
             if self._in_progress >= self._max_requests:
-                raise RuntimeError(
-                    "Maximum simultaneous requests have been reached",
+                raise CapacityError(
+                    errno.EAGAIN,
+                    "Maximum simultaneous requests have been reached: the "
+                    "queue is full (max_requests={}); the operations before "
+                    "this one were accepted, submit the rest again once some "
+                    "have completed".format(self._max_requests),
                 )
             operation.in_progress = True
             self._in_progress += 1

@@ -6,6 +6,10 @@ class OperationError(OSError, SystemError):
     """A failed operation: ``errno``/``strerror`` like OSError, and still a
     SystemError for code written against upstream caio."""
 
+class CapacityError(OSError, RuntimeError):
+    """``submit()`` refused an operation because the queue is full:
+    upstream's RuntimeError, and an OSError with ``errno == errno.EAGAIN``."""
+
 class Context(AbstractContext):
     """thread aio context: a native worker pool."""
 

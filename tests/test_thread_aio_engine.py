@@ -6,6 +6,7 @@ down how our native pool behaves.
 """
 
 import asyncio
+import errno
 import gc
 import os
 import select
@@ -130,8 +131,10 @@ class TestQueueFull:
         rejected = Operation.write(b"second!", fd, 0)
         results = []
         rejected.set_callback(results.append)
-        with pytest.raises(RuntimeError, match="queue full"):
+        with pytest.raises(RuntimeError, match=r"queue is full \(max_requests=1\)") as info:
             ctx.submit(queued, rejected)
+        # Also an OSError with errno EAGAIN (thread_aio.CapacityError).
+        assert isinstance(info.value, OSError) and info.value.errno == errno.EAGAIN
         # The queued op waits behind the busy worker: gated while in flight.
         with pytest.raises(RuntimeError):
             queued.get_value()

@@ -20,6 +20,9 @@ pub struct ModState {
     pub ctx_type: *mut PyObject,
     /// `OperationError(OSError, SystemError)`.
     pub error_type: *mut PyObject,
+    /// `CapacityError(OSError, OverflowError | RuntimeError)`, see
+    /// [`init_capacity_error`]; null until then.
+    pub capacity_type: *mut PyObject,
     pub flavor: *const Flavor,
     /// Native asyncio fast path ([`crate::aio::init`]); null when unused.
     pub adapter_type: *mut PyObject,
@@ -64,6 +67,7 @@ pub unsafe extern "C" fn state_traverse(
         (*st).op_type,
         (*st).ctx_type,
         (*st).error_type,
+        (*st).capacity_type,
         (*st).adapter_type,
         (*st).awaitable_type,
     ] {
@@ -86,6 +90,7 @@ pub unsafe extern "C" fn state_clear(module: *mut PyObject) -> c_int {
         &mut (*st).op_type,
         &mut (*st).ctx_type,
         &mut (*st).error_type,
+        &mut (*st).capacity_type,
         &mut (*st).adapter_type,
         &mut (*st).awaitable_type,
     ] {
@@ -236,6 +241,56 @@ compatibility with upstream caio, of SystemError."
     (*st).ctx_type = ctx_type.into_ptr();
     (*st).error_type = error_type.into_ptr();
     Ok(())
+}
+
+/// Creates the module's `CapacityError`: raised by a raw `Context.submit()`
+/// refused because the ring/queue is full. API.md §3.6 prescribes the
+/// builtin `base` (`OverflowError` for linux_uring/linux_aio, `RuntimeError`
+/// for thread_aio); issue 7 asks for an `OSError` with `errno == EAGAIN` as
+/// well. As for `OperationError` (API.md §7 Q4), one class deriving from
+/// both satisfies the two: `except OverflowError` / `except RuntimeError`
+/// keep working, `except OSError` with `e.errno == errno.EAGAIN` works too
+/// (and `str()` reads `[Errno 11] <message>`).
+///
+/// # Safety
+/// Called from a module exec slot after [`init_common`], attached; `base` is
+/// a builtin exception class.
+pub unsafe fn init_capacity_error(
+    module: *mut PyObject,
+    name: &'static CStr,
+    base: *mut PyObject,
+    doc: &'static CStr,
+) -> PyResult<()> {
+    let st = ModState::of_module(module);
+    let bases = crate::py::py_tuple(vec![
+        Owned::from_borrowed(PyExc_OSError),
+        Owned::from_borrowed(base),
+    ])?;
+    let cls = Owned::from_new(PyErr_NewExceptionWithDoc(
+        name.as_ptr(),
+        doc.as_ptr(),
+        bases.as_ptr(),
+        ptr::null_mut(),
+    ))?;
+    add_object(module, c"CapacityError", cls.clone())?;
+    (*st).capacity_type = cls.into_ptr();
+    Ok(())
+}
+
+/// The capacity refusal for a `submit()` on `obj` (an instance of one of the
+/// module's types): the module's `CapacityError(EAGAIN, msg)`, or
+/// `fallback(EAGAIN, msg)` if the module state is already torn down.
+///
+/// # Safety
+/// Attached; `obj` is an instance of one of our module's types.
+pub unsafe fn capacity_error(obj: *mut PyObject, fallback: crate::py::Exc, msg: String) -> PyErr {
+    let cls = (*ModState::of(obj)).capacity_type;
+    let exc = if cls.is_null() {
+        fallback
+    } else {
+        crate::py::Exc::Custom(cls)
+    };
+    PyErr::ErrnoMsg(exc, libc::EAGAIN, msg)
 }
 
 /// `module.<name> = value` (steals `value`).

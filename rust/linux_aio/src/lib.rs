@@ -535,14 +535,30 @@ unsafe fn submit_error_type(slf: *mut PyObject) -> Exc {
 /// messages extended to name the actual cause). Where upstream raises
 /// `ValueError`, `refused` is `SubmitError`: still a `ValueError`, and also
 /// an `OSError` carrying the errno (like `io.UnsupportedOperation`).
-fn refusal_error(o: &Operation, e: i32, max_requests: u32, refused: Exc) -> PyErr {
+///
+/// # Safety
+/// Attached; `slf` is a linux_aio Context.
+unsafe fn refusal_error(
+    slf: *mut PyObject,
+    o: &Operation,
+    e: i32,
+    max_requests: u32,
+    refused: Exc,
+) -> PyErr {
     let fd = o.fd_i32();
     match e {
-        libc::EAGAIN => PyErr::overflow(format!(
-            "Insufficient resources are available to queue any iocbs [EAGAIN]: the kernel \
+        // `caio.linux_aio.CapacityError`: upstream's OverflowError (API.md
+        // §3.6), also an OSError with errno EAGAIN (see
+        // caio_core::module::init_capacity_error).
+        libc::EAGAIN => caio_core::module::capacity_error(
+            slf,
+            Exc::OverflowError,
+            format!(
+                "Insufficient resources are available to queue any iocbs [EAGAIN]: the kernel \
 completion ring of this Context (max_requests={max_requests}) is full; deliver completions \
 with process_events() and retry"
-        )),
+            ),
+        ),
         libc::EBADF => PyErr::ErrnoMsg(
             refused,
             e,
@@ -835,7 +851,7 @@ unsafe fn submit_claimed(
             let (i, p, _) = entries[cut];
             Some((
                 i,
-                refusal_error(&*p, r, c.max_requests, submit_error_type(slf)),
+                refusal_error(slf, &*p, r, c.max_requests, submit_error_type(slf)),
             ))
         }
         None => local,
@@ -1722,6 +1738,13 @@ upstream caio raises, and an OSError with the errno."
         ptr::null_mut(),
     ))?;
     caio_core::module::add_object(module, c"SubmitError", submit_error)?;
+    caio_core::module::init_capacity_error(
+        module,
+        c"caio.linux_aio.CapacityError",
+        PyExc_OverflowError,
+        c"submit() accepted nothing because the kernel completion ring is full (io_submit \
+EAGAIN). An OverflowError, as upstream caio raises, and an OSError with errno EAGAIN.",
+    )?;
     caio_core::aio::init(module, &adapter::ENGINE)?;
     Ok(())
 }

@@ -56,7 +56,7 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     }
     let (n, err) = staged;
     if let Some(e) = err {
-        return Err(e.into_pyerr());
+        return Err(e.into_pyerr(ctx_obj));
     }
     if n == 0 {
         return Ok(false);

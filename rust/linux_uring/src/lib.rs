@@ -236,7 +236,7 @@ unsafe extern "C" fn ctx_submit(
         c.check_fork()?;
         let (accepted, err) = c.ring.stage(args, slf);
         match err {
-            Some(e) => Err(e.into_pyerr()),
+            Some(e) => Err(e.into_pyerr(slf)),
             None => py_int(accepted as i64),
         }
     })
@@ -299,7 +299,10 @@ unsafe fn cancel_ops(c: &Context, slf: *mut PyObject, ops: &[*mut PyObject]) -> 
             continue;
         }
         if c.ring.cancel(o).is_err() {
-            return Err(PyErr::overflow("io_uring SQ ring full"));
+            return Err(ring::ring_full_error(
+                slf,
+                "no room for the cancel request; flush() or process_events() and retry",
+            ));
         }
     }
     py_int(0)
@@ -468,7 +471,8 @@ available completion.".as_ptr(),
         ml_flags: METH_FASTCALL,
         ml_doc: c"submit(*operations) -> int\n--\n\nStage operations in the submission ring (no \
 system call; flush() hands them to the kernel). Returns how many were newly accepted; raises \
-OverflowError when the ring is full (the ops staged before stay staged)."
+CapacityError (an OverflowError and an OSError with errno EAGAIN) when the ring is full (the ops \
+staged before stay staged)."
             .as_ptr(),
     },
     PyMethodDef {
@@ -570,6 +574,13 @@ unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
             getset: ptr::addr_of_mut!(CTX_GETSET).cast(),
         },
         c"caio.linux_uring.OperationError",
+    )?;
+    caio_core::module::init_capacity_error(
+        module,
+        c"caio.linux_uring.CapacityError",
+        PyExc_OverflowError,
+        c"submit() found the SQ ring full. An OverflowError, as upstream caio raises, and an \
+OSError with errno EAGAIN.",
     )?;
     add_object(module, c"SQPOLL_ALLOWED", py_bool(probed.sqpoll_allowed))?;
     caio_core::aio::init(module, &adapter::ENGINE)?;

@@ -31,7 +31,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use caio_core::op::{self, as_op, Delivery, OpKind, Operation};
-use caio_core::py::{PyErr, PyResult};
+use caio_core::py::{Exc, PyErr, PyResult};
 use caio_core::pyo3_ffi::PyObject;
 use caio_core::sys::{self, MAX_TRANSFER};
 use io_uring::{opcode, squeue, types, EnterFlags, IoUring};
@@ -107,12 +107,38 @@ pub enum StageError {
 }
 
 impl StageError {
-    pub fn into_pyerr(self) -> PyErr {
+    /// The Python exception; `ctx` is the Context that staged.
+    ///
+    /// # Safety
+    /// Attached; `ctx` is a linux_uring Context.
+    pub unsafe fn into_pyerr(self, ctx: *mut PyObject) -> PyErr {
         match self {
-            StageError::Full => PyErr::overflow("io_uring SQ ring full"),
+            StageError::Full => ring_full_error(
+                ctx,
+                "the operations before this one were accepted; flush() or process_events() \
+hands them to the kernel, then submit the rest again",
+            ),
             StageError::Failed(e) => e,
         }
     }
+}
+
+/// The SQ ring has no free slot: `caio.linux_uring.CapacityError`, an
+/// `OverflowError` (API.md §3.6) that is also an `OSError` with errno EAGAIN
+/// (see `caio_core::module::init_capacity_error`).
+///
+/// # Safety
+/// Attached; `ctx` is a linux_uring Context.
+pub unsafe fn ring_full_error(ctx: *mut PyObject, advice: &str) -> PyErr {
+    caio_core::module::capacity_error(
+        ctx,
+        Exc::OverflowError,
+        format!(
+            "io_uring SQ ring is full (max_requests={}): {}",
+            crate::ctx(ctx).max_requests,
+            advice
+        ),
+    )
 }
 
 /// Why a ring could not be created: the errno of the last attempt.

@@ -19,7 +19,7 @@ use caio_core::module::{init_common, ContextType, ModState};
 use caio_core::op::{self, as_op, Flavor, ReadPayload};
 use caio_core::pool::{self, CompletionQueue, Job, Pool, SubmitError};
 use caio_core::py::{
-    allow_threads, none, py_int, py_str, trampoline, trampoline_void, Borrowed, Owned, PyErr,
+    allow_threads, none, py_int, py_str, trampoline, trampoline_void, Borrowed, Exc, Owned, PyErr,
     PyResult,
 };
 use caio_core::pyo3_ffi::*;
@@ -247,10 +247,21 @@ unsafe fn submit_one(
         Ok(()) => Ok(true),
         Err((_, why)) => {
             op::abort(o);
-            Err(PyErr::runtime(match why {
-                SubmitError::Full => "Thread pool queue full",
-                SubmitError::Closed => "Context is closed",
-            }))
+            Err(match why {
+                // `caio.thread_aio.CapacityError`: the RuntimeError of API.md
+                // §3.6, also an OSError with errno EAGAIN (see
+                // caio_core::module::init_capacity_error).
+                SubmitError::Full => caio_core::module::capacity_error(
+                    slf,
+                    Exc::RuntimeError,
+                    format!(
+                        "Thread pool queue is full (max_requests={}): the operations before \
+this one were accepted; submit the rest again once the workers have taken some",
+                        c.max_requests
+                    ),
+                ),
+                SubmitError::Closed => PyErr::runtime("Context is closed"),
+            })
         }
     }
 }
@@ -501,6 +512,13 @@ unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
             getset: ptr::addr_of_mut!(CTX_GETSET).cast(),
         },
         c"caio.thread_aio.OperationError",
+    )?;
+    caio_core::module::init_capacity_error(
+        module,
+        c"caio.thread_aio.CapacityError",
+        PyExc_RuntimeError,
+        c"submit() found the queue full (max_requests operations pending). A RuntimeError, as \
+upstream caio raises, and an OSError with errno EAGAIN.",
     )?;
     caio_core::aio::init(module, &ENGINE)?;
     caio_core::register_atexit()?;
