@@ -31,7 +31,10 @@
 //!
 //! `close()` (`_close_native()`) refuses new operations at once and calls
 //! the adapter's `_release()` (remove the reader, release the backend) once
-//! nothing is in flight any more — see "close once idle" below.
+//! nothing is in flight any more — see "close once idle" below. If the
+//! event loop is closed while operations are still in flight, the adapter
+//! notices it through the reader it gave to `add_reader` (`_loop_reader()`)
+//! and drains and releases the backend itself — see "loop gone".
 //!
 //! Per operation this costs one Operation, one Awaitable and — only for ops
 //! that do not complete inline — one future; no Python frame runs.
@@ -282,7 +285,7 @@ impl Adapter {
 // itself when nothing is in flight, otherwise by a loop callback scheduled
 // when the last slot is returned. (Never straight from `gate_release`: that
 // runs inside a backend's drain, or from a finaliser.) If the loop is closed
-// by then, nothing is scheduled; the backend goes at deallocation.
+// by then, nothing is scheduled: "loop gone" below takes over.
 
 impl Adapter {
     /// Calls `self._release()` once, if closed and idle.
