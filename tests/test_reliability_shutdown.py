@@ -274,3 +274,53 @@ def test_shutdown_with_operations_in_flight(
     assert len(report["threads_after"]) == 1, report
     assert report["fds_after"] == report["fds_before"], report
     assert report["after_still_works"], report
+
+
+def _native_params() -> List[Any]:
+    return [
+        pytest.param(p.values[0][0], p.values[0][2], id=p.id)
+        for p in _async_params() if p.values[0][0] != "python_aio"
+    ]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name,kwargs", _native_params())
+def test_loop_close_drains_and_releases_in_process(
+    name: str, kwargs: Dict[str, Any], tmp_path: Any,
+) -> None:
+    """``loop.close()`` with operations in flight: the adapter notices it
+    (through the reader the loop drops), refuses new operations, drains and
+    releases its backend before ``close()`` returns - the io_uring read of an
+    idle pipe, which would never complete, is cancelled - and resolves no
+    future of the closed loop."""
+    import asyncio
+    import importlib
+    import os
+
+    adapter = importlib.import_module("caio." + name + "_asyncio")
+    fd = os.open(str(tmp_path / "data.bin"), os.O_RDWR | os.O_CREAT, 0o600)
+    pipe_r, pipe_w = os.pipe()
+    loop = asyncio.new_event_loop()
+    try:
+        ctx = adapter.AsyncioContext(16, loop=loop, **kwargs)
+        coros = [ctx.write(b"w" * (1 << 20), fd, i << 20) for i in range(8)]
+        coros.append(ctx.fsync(fd))
+        if name == "linux_uring":
+            coros.append(ctx.read(16, pipe_r, -1))  # never completes
+        tasks = [loop.create_task(c) for c in coros]
+        loop.run_until_complete(asyncio.sleep(0))
+        assert not ctx._released()
+        loop.close()
+        assert ctx._released()
+        with pytest.raises(RuntimeError, match="closed"):
+            ctx.write(b"late", fd, 0).send(None)
+        if name == "linux_uring":
+            assert not tasks[-1].done()  # its future was dropped, not resolved
+        for t in tasks:
+            t._log_destroy_pending = False  # abandoned on purpose
+        ctx.close()  # still fine
+    finally:
+        if not loop.is_closed():
+            loop.close()
+        for f in (fd, pipe_r, pipe_w):
+            os.close(f)
