@@ -55,7 +55,7 @@ class AsyncioContext(linux_aio._AsyncioBase, AsyncioContextBase):
         context._set_nowait(True)
         try:
             self._bind(context, self.loop, max_requests, self.deferred)
-            self.loop.add_reader(context.fileno, self._process_loop_events)
+            self.loop.add_reader(context.fileno, self._loop_reader())
         except BaseException:
             context.close()
             raise

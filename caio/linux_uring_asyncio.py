@@ -38,7 +38,7 @@ class AsyncioContext(linux_uring._AsyncioBase, AsyncioContextBase):
         context = super()._create_context(max_requests, **kwargs)
         self._bind(context, self.loop, max_requests, self.deferred,
                    context._deferred_flush)
-        self.loop.add_reader(context.fileno, self._process_loop_events)
+        self.loop.add_reader(context.fileno, self._loop_reader())
         self._reader_fd = context.fileno
         self._loop_delivery = True
         return context

@@ -44,7 +44,7 @@ class _LoopDeliveryContext(thread_aio._AsyncioBase, AsyncioContextBase):
         context = super()._create_context(max_requests, **kwargs)
         fd = context._completion_fd()
         self._bind(context, self.loop, max_requests, self.deferred)
-        self.loop.add_reader(fd, self._process_loop_events)
+        self.loop.add_reader(fd, self._loop_reader())
         # Only now that the fd is watched: no completion can be stranded.
         context._enable_loop_delivery(inline_read_max=self.INLINE_READ_MAX)
         self._reader_fd = fd

@@ -208,31 +208,6 @@ print(json.dumps(report), flush=True)
 '''
 
 
-#: Known leaks (open BUGs, not fixed on this branch): (backend, scenario) ->
-#: what stays behind. The common root: an operation that has finished but
-#: not been delivered keeps a strong reference to its Context, and only the
-#: event loop's reader of the adapter delivers it. Once that reader is gone
-#: (the adapter was closed, or the loop was closed) with operations still in
-#: flight, nobody ever drains them, so the Context - its ring or kernel AIO
-#: context, eventfd and worker threads - is never released, not even by the
-#: garbage collector (the cycle runs through native structures it cannot
-#: see). python_aio (pure Python) has no such leak.
-KNOWN_LEAKS = {
-    ("linux_uring", "run_returns"): "ring fd + eventfd stay open (timing-dependent: "
-                                    "seen with sqpoll=True)",
-    ("thread_aio", "run_returns"): "8 worker threads + wake-up fd stay (timing-dependent: "
-                                   "seen on uvloop)",
-    ("linux_uring", "run_closes"): "ring fd + eventfd stay open",
-    ("linux_uring", "loop_close"): "ring fd + eventfd stay open",
-    ("linux_uring", "loop_drop"): "ring fd + eventfd stay open",
-    ("linux_aio", "run_returns"): "16 worker threads + eventfd stay",
-    ("linux_aio", "run_closes"): "16 worker threads + eventfd stay",
-    ("linux_aio", "loop_close"): "16 worker threads + eventfd stay",
-    ("linux_aio", "loop_drop"): "16 worker threads + eventfd stay",
-    ("thread_aio", "loop_drop"): "8 worker threads + wake-up fd stay",
-}
-
-
 def _params() -> List[Any]:
     params = []
     for p in _async_params():
@@ -241,15 +216,8 @@ def _params() -> List[Any]:
             if kind != "asyncio" and kwargs:
                 continue  # the extra configurations on asyncio's loop only
             for scenario in SCENARIOS:
-                marks = []
-                leak = KNOWN_LEAKS.get((name, scenario))
-                if leak:
-                    # Not strict: whether every operation is still in flight
-                    # when the loop goes away depends on the disk's speed.
-                    marks.append(pytest.mark.xfail(reason="BUG (leak after shutdown with "
-                                                   "operations in flight): " + leak))
                 params.append(pytest.param(
-                    name, kwargs, kind, scenario, marks=marks,
+                    name, kwargs, kind, scenario,
                     id="{}-{}-{}".format(p.id, kind, scenario),
                 ))
     return params
@@ -288,12 +256,9 @@ def check_stderr(stderr: str, scenario: str) -> None:
 def test_shutdown_with_operations_in_flight(
     name: str, kwargs: Dict[str, Any], loop_kind: str, scenario: str, tmp_path: Any,
 ) -> None:
-    # How long the script waits for threads and fds to come back: generous,
-    # except where a leak is known (the wait would only slow the suite down).
-    settle = "3" if (name, scenario) in KNOWN_LEAKS else "20"
     proc = run_python(
         ["-c", SCRIPT, name, json.dumps(kwargs), loop_kind, scenario, str(tmp_path)],
-        env=subprocess_env(CAIO_SETTLE_SECONDS=settle), timeout=90,
+        env=subprocess_env(CAIO_SETTLE_SECONDS="20"), timeout=90,
     )
     assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
     check_stderr(proc.stderr, scenario)
@@ -309,3 +274,53 @@ def test_shutdown_with_operations_in_flight(
     assert len(report["threads_after"]) == 1, report
     assert report["fds_after"] == report["fds_before"], report
     assert report["after_still_works"], report
+
+
+def _native_params() -> List[Any]:
+    return [
+        pytest.param(p.values[0][0], p.values[0][2], id=p.id)
+        for p in _async_params() if p.values[0][0] != "python_aio"
+    ]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name,kwargs", _native_params())
+def test_loop_close_drains_and_releases_in_process(
+    name: str, kwargs: Dict[str, Any], tmp_path: Any,
+) -> None:
+    """``loop.close()`` with operations in flight: the adapter notices it
+    (through the reader the loop drops), refuses new operations, drains and
+    releases its backend before ``close()`` returns - the io_uring read of an
+    idle pipe, which would never complete, is cancelled - and resolves no
+    future of the closed loop."""
+    import asyncio
+    import importlib
+    import os
+
+    adapter = importlib.import_module("caio." + name + "_asyncio")
+    fd = os.open(str(tmp_path / "data.bin"), os.O_RDWR | os.O_CREAT, 0o600)
+    pipe_r, pipe_w = os.pipe()
+    loop = asyncio.new_event_loop()
+    try:
+        ctx = adapter.AsyncioContext(16, loop=loop, **kwargs)
+        coros = [ctx.write(b"w" * (1 << 20), fd, i << 20) for i in range(8)]
+        coros.append(ctx.fsync(fd))
+        if name == "linux_uring":
+            coros.append(ctx.read(16, pipe_r, -1))  # never completes
+        tasks = [loop.create_task(c) for c in coros]
+        loop.run_until_complete(asyncio.sleep(0))
+        assert not ctx._released()
+        loop.close()
+        assert ctx._released()
+        with pytest.raises(RuntimeError, match="closed"):
+            ctx.write(b"late", fd, 0).send(None)
+        if name == "linux_uring":
+            assert not tasks[-1].done()  # its future was dropped, not resolved
+        for t in tasks:
+            t._log_destroy_pending = False  # abandoned on purpose
+        ctx.close()  # still fine
+    finally:
+        if not loop.is_closed():
+            loop.close()
+        for f in (fd, pipe_r, pipe_w):
+            os.close(f)

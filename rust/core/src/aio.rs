@@ -31,7 +31,10 @@
 //!
 //! `close()` (`_close_native()`) refuses new operations at once and calls
 //! the adapter's `_release()` (remove the reader, release the backend) once
-//! nothing is in flight any more — see "close once idle" below.
+//! nothing is in flight any more — see "close once idle" below. If the
+//! event loop is closed while operations are still in flight, the adapter
+//! notices it through the reader it gave to `add_reader` (`_loop_reader()`)
+//! and drains and releases the backend itself — see "loop gone".
 //!
 //! Per operation this costs one Operation, one Awaitable and — only for ops
 //! that do not complete inline — one future; no Python frame runs.
@@ -41,6 +44,7 @@ use std::ffi::{c_int, c_void};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU8, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use pyo3_ffi::*;
 
@@ -65,6 +69,43 @@ pub struct Engine {
     /// The event loop's reader callback (`_process_loop_events`): deliver
     /// what completed. Returns the number delivered.
     pub loop_events: unsafe fn(a: &Adapter) -> PyResult<usize>,
+    /// The event loop is closed while operations may be in flight (see
+    /// "loop gone"): cancel what can be cancelled, then deliver every
+    /// completion (deliveries run inside an `op::Discarding` scope, so they
+    /// only drop their references), blocking with the GIL released, until
+    /// nothing is in flight — `true` — or `deadline` passes — `false`: what
+    /// is still in flight stays untouched (the kernel may still write into
+    /// its memory) and the backend is not released. Must not raise.
+    pub shutdown: unsafe fn(a: &Adapter, deadline: Instant) -> bool,
+}
+
+/// How long a closed loop's adapter waits for its in-flight operations (see
+/// "loop gone"). Only reached when an operation can be neither cancelled nor
+/// finished (e.g. a worker thread blocked reading an idle pipe).
+pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits (GIL released) until `fd` is readable, `slice_ms` passed or
+/// `deadline` passed, whichever comes first. Returns false once past the
+/// deadline. For [`Engine::shutdown`] implementations.
+pub fn wait_readable_until(fd: c_int, deadline: Instant, slice_ms: c_int) -> bool {
+    let now = Instant::now();
+    if now >= deadline {
+        return false;
+    }
+    let left = (deadline - now).as_millis().min(slice_ms.max(1) as u128) as c_int;
+    if fd >= 0 {
+        crate::py::allow_threads(|| {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            unsafe { libc::poll(&mut p, 1, left) };
+        });
+    } else {
+        crate::py::allow_threads(|| std::thread::sleep(Duration::from_millis(left as u64)));
+    }
+    true
 }
 
 // ---------------------------------------------------------------------------
@@ -96,6 +137,9 @@ pub struct Adapter {
     future_type: *mut PyObject,
     call_soon: *mut PyObject,
     engine_obj: *mut PyObject,
+    /// A weak reference to the reader callback given to the loop
+    /// (`_loop_reader()`); its callback notices the loop closing.
+    reader_ref: *mut PyObject,
     deferred: bool,
     bound: AtomicBool,
     closed: AtomicBool,
@@ -103,6 +147,9 @@ pub struct Adapter {
     released: AtomicBool,
     /// A `_release_if_idle` callback is scheduled on the loop.
     release_scheduled: AtomicBool,
+    /// The loop was closed with the adapter in use ("loop gone"): nothing
+    /// is scheduled on the loop or resolved any more.
+    dead: AtomicBool,
     gate: Mutex<Gate>,
     /// Consecutive operations that completed without suspending, and the
     /// limit after which the loop gets one turn (`MAX_SYNC_STREAK`; 0: off).
@@ -192,6 +239,11 @@ impl Adapter {
         loop {
             let next = {
                 let mut g = self.gate();
+                if self.dead.load(Ordering::Acquire) {
+                    // The loop is closed: its waiters cannot be woken.
+                    g.in_use = g.in_use.saturating_sub(1);
+                    return;
+                }
                 match g.waiters.pop_front() {
                     Some(f) => f,
                     None => {
@@ -233,7 +285,7 @@ impl Adapter {
 // itself when nothing is in flight, otherwise by a loop callback scheduled
 // when the last slot is returned. (Never straight from `gate_release`: that
 // runs inside a backend's drain, or from a finaliser.) If the loop is closed
-// by then, nothing is scheduled; the backend goes at deallocation.
+// by then, nothing is scheduled: "loop gone" below takes over.
 
 impl Adapter {
     /// Calls `self._release()` once, if closed and idle.
@@ -311,6 +363,144 @@ static mut RELEASE_IF_IDLE_DEF: PyMethodDef = PyMethodDef {
     ml_doc: ptr::null(),
 };
 
+// ---------------------------------------------------------------------------
+// loop gone
+//
+// Operations in flight are delivered only by the loop's reader. When the
+// loop is closed before they are over (`asyncio.run()` returning while
+// operations of cancelled tasks are still in the kernel, `loop.close()` with
+// tasks pending, ...), nobody would ever deliver them: op and Context keep
+// each other alive through the backend's native structures, which the
+// garbage collector cannot see, and the ring/AIO context/eventfd/worker
+// threads leak. Asyncio loops do not tell their readers that they close,
+// but they drop them: the reader given to `add_reader` is a native function
+// (`_loop_reader()`) under a weak reference whose callback runs when the
+// loop lets go of it. If the loop is closed by then, the adapter drains the
+// backend synchronously — cancels what it can, waits (GIL released,
+// bounded by `SHUTDOWN_WAIT`) for the rest, drops the completions without
+// touching the dead loop (no future is resolved, no callback scheduled) —
+// and calls `_release()`.
+
+impl Adapter {
+    /// The reader went away: if that is because the loop is closed, drain
+    /// and release the backend (never raises; errors are dropped).
+    unsafe fn on_reader_gone(&self) {
+        if is_finalizing() || !self.bound.load(Ordering::Acquire) || self.loop_.is_null() {
+            return;
+        }
+        let saved = SavedErr::fetch();
+        let closed = (|| -> PyResult<bool> {
+            Ok(is_true(crate::py::call_method(
+                Borrowed::from_ptr(self.loop_),
+                IS_CLOSED.get()?,
+                &[],
+            )?))
+        })();
+        match closed {
+            Ok(true) => self.shutdown_dead(),
+            Ok(false) => {}
+            Err(e) => {
+                e.restore();
+                PyErr_Clear();
+            }
+        }
+        saved.restore();
+    }
+
+    /// The loop is closed: no new operations; drain the backend without
+    /// running Python callbacks, then `_release()` it.
+    unsafe fn shutdown_dead(&self) {
+        if self.dead.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.closed.store(true, Ordering::Release);
+        if self.released.swap(true, Ordering::AcqRel) {
+            return; // released once idle already: nothing in flight
+        }
+        let _discard = op::Discarding::new();
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        if !(self.engine().shutdown)(self, deadline) {
+            // Still in flight: its memory must stay; so does the backend.
+            PyErr_Clear();
+            return;
+        }
+        PyErr_Clear();
+        let m = PyObject_GetAttrString(self.as_ptr(), c"_release".as_ptr());
+        if m.is_null() {
+            PyErr_Clear();
+            return;
+        }
+        let m = Owned::from_raw(m);
+        if Owned::from_new(PyObject_CallNoArgs(m.as_ptr())).is_err() {
+            PyErr_Clear();
+        }
+    }
+}
+
+#[cfg(Py_3_13)]
+unsafe fn is_finalizing() -> bool {
+    Py_IsFinalizing() != 0
+}
+
+#[cfg(not(Py_3_13))]
+unsafe fn is_finalizing() -> bool {
+    extern "C" {
+        fn _Py_IsFinalizing() -> c_int;
+    }
+    _Py_IsFinalizing() != 0
+}
+
+unsafe extern "C" fn reader_gone_callback(
+    adapter_obj: *mut PyObject,
+    _weakref: *mut PyObject,
+) -> *mut PyObject {
+    trampoline(|| {
+        adapter(adapter_obj).on_reader_gone();
+        Ok(crate::py::none())
+    })
+}
+
+static mut READER_GONE_DEF: PyMethodDef = PyMethodDef {
+    ml_name: c"_reader_gone".as_ptr(),
+    ml_meth: PyMethodDefPointer {
+        PyCFunction: reader_gone_callback,
+    },
+    ml_flags: METH_O,
+    ml_doc: ptr::null(),
+};
+
+static mut LOOP_READER_DEF: PyMethodDef = PyMethodDef {
+    ml_name: c"_process_loop_events".as_ptr(),
+    ml_meth: PyMethodDefPointer {
+        PyCFunction: adapter_loop_events,
+    },
+    ml_flags: METH_NOARGS,
+    ml_doc: ptr::null(),
+};
+
+/// `_loop_reader()`: the callback to give to `loop.add_reader` (it does what
+/// `_process_loop_events` does); the adapter notices when the loop drops it
+/// (see "loop gone").
+unsafe extern "C" fn adapter_loop_reader(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
+    trampoline(|| {
+        let reader = Owned::from_new(PyCFunction_NewEx(
+            ptr::addr_of_mut!(LOOP_READER_DEF),
+            slf,
+            ptr::null_mut(),
+        ))?;
+        let cb = Owned::from_new(PyCFunction_NewEx(
+            ptr::addr_of_mut!(READER_GONE_DEF),
+            slf,
+            ptr::null_mut(),
+        ))?;
+        let wr = Owned::from_new(PyWeakref_NewRef(reader.as_ptr(), cb.as_ptr()))?;
+        let a = slf as *mut Adapter;
+        xset(&mut (*a).reader_ref, wr.as_ptr());
+        Ok(reader)
+    })
+}
+
+static IS_CLOSED: Interned = Interned::new(c"is_closed");
 static CALL_SOON_THREADSAFE: Interned = Interned::new(c"call_soon_threadsafe");
 static CREATE_FUTURE: Interned = Interned::new(c"create_future");
 
@@ -488,6 +678,7 @@ unsafe extern "C" fn adapter_new(
         ptr::addr_of_mut!((*a).closed).write(AtomicBool::new(false));
         ptr::addr_of_mut!((*a).released).write(AtomicBool::new(false));
         ptr::addr_of_mut!((*a).release_scheduled).write(AtomicBool::new(false));
+        ptr::addr_of_mut!((*a).dead).write(AtomicBool::new(false));
         ptr::addr_of_mut!((*a).gate).write(Mutex::new(Gate {
             in_use: 0,
             max: 0,
@@ -497,8 +688,9 @@ unsafe extern "C" fn adapter_new(
     })
 }
 
-unsafe fn adapter_refs(a: *mut Adapter) -> [*mut *mut PyObject; 9] {
+unsafe fn adapter_refs(a: *mut Adapter) -> [*mut *mut PyObject; 10] {
     [
+        ptr::addr_of_mut!((*a).reader_ref),
         ptr::addr_of_mut!((*a).future_type),
         ptr::addr_of_mut!((*a).op_type),
         ptr::addr_of_mut!((*a).awaitable_type),
@@ -546,6 +738,7 @@ unsafe fn adapter_clear_refs(a: *mut Adapter) {
         ptr::addr_of_mut!((*a).future_type),
         ptr::addr_of_mut!((*a).call_soon),
         ptr::addr_of_mut!((*a).engine_obj),
+        ptr::addr_of_mut!((*a).reader_ref),
     ] {
         xdecref(&mut *p);
     }
@@ -660,6 +853,7 @@ unsafe extern "C" fn adapter_bind(
         (*a).closed.store(false, Ordering::Release);
         (*a).released.store(false, Ordering::Release);
         (*a).release_scheduled.store(false, Ordering::Release);
+        (*a).dead.store(false, Ordering::Release);
         (*a).bound.store(true, Ordering::Release);
         Ok(crate::py::none())
     })
@@ -1535,6 +1729,14 @@ fn build_specs() -> Specs {
                 PyMethodDefPointer { PyCFunction: adapter_loop_events },
                 METH_NOARGS,
                 c"_process_loop_events() -> int\n--\n\nThe event loop's reader callback: deliver completed operations.",
+            ),
+            meth(
+                c"_loop_reader",
+                PyMethodDefPointer { PyCFunction: adapter_loop_reader },
+                METH_NOARGS,
+                c"_loop_reader()\n--\n\nThe callback for loop.add_reader (as _process_loop_events); when the loop \
+drops it while closed, operations still in flight are drained without touching the loop and _release() \
+is called.",
             ),
             meth(
                 c"_close_native",

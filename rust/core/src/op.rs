@@ -512,6 +512,35 @@ unsafe fn resolve_future(fut: Borrowed<'_>) -> PyResult<()> {
     }
 }
 
+thread_local! {
+    static DISCARD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While alive, [`Delivery::run`] on this thread discards instead of running
+/// the callback or resolving the future. For draining a backend whose event
+/// loop is closed: its futures must not be resolved (their callbacks would
+/// be scheduled on a dead loop) and nobody waits for the callbacks any more.
+pub struct Discarding(bool);
+
+impl Discarding {
+    pub fn new() -> Discarding {
+        Discarding(DISCARD.with(|d| d.replace(true)))
+    }
+}
+
+impl Default for Discarding {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Discarding {
+    fn drop(&mut self) {
+        let prev = self.0;
+        DISCARD.with(|d| d.set(prev));
+    }
+}
+
 /// What is left to do after a completion was recorded: call the callback and
 /// drop the references. Split from [`finish`] so that a drain can publish a
 /// whole batch (and release its locks) before any callback runs.
@@ -588,8 +617,12 @@ impl Delivery {
     }
 
     /// Runs the callback (exceptions go to `sys.unraisablehook`) and drops the
-    /// references held for the flight. Caller must be attached.
+    /// references held for the flight. Caller must be attached. Inside a
+    /// [`Discarding`] scope (on this thread) it discards instead.
     pub fn run(self) {
+        if DISCARD.with(|d| d.get()) {
+            return self.discard();
+        }
         unsafe {
             if !self.callback.is_null() {
                 let target = untag(self.callback);

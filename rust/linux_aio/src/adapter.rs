@@ -36,6 +36,7 @@ pub static ENGINE: Engine = Engine {
     submit,
     cancel,
     loop_events,
+    shutdown,
 };
 
 static DONE: Interned = Interned::new(c"done");
@@ -317,5 +318,27 @@ unsafe fn flush(slf: *mut PyObject, c: &Inner, staged: &[Owned]) {
     if in_kernel.contains(&true) {
         // Page-cache hits completed inside io_submit: deliver them now.
         c.deliver(DEFAULT_EVENTS);
+    }
+}
+
+/// The loop is closed ("loop gone" in `caio_core::aio`): deliver until
+/// nothing is in flight (kernel requests and worker jobs on files finish;
+/// neither can be cancelled reliably). Deliveries only drop their
+/// references here (`op::Discarding`, set by the caller). A deferred batch
+/// whose flush never ran is not in flight (it goes with the Context).
+unsafe fn shutdown(a: &Adapter, deadline: std::time::Instant) -> bool {
+    let c = ctx(a.context());
+    if c.forked() {
+        return false;
+    }
+    loop {
+        c.drain();
+        if c.in_flight.load(Ordering::Acquire) == 0 {
+            return true;
+        }
+        let fd = c.fileno.load(Ordering::Acquire);
+        if !caio_core::aio::wait_readable_until(fd, deadline, 20) {
+            return false;
+        }
     }
 }

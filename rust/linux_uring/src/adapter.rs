@@ -38,6 +38,7 @@ pub static ENGINE: Engine = Engine {
     submit,
     cancel,
     loop_events,
+    shutdown,
 };
 
 unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
@@ -122,4 +123,34 @@ unsafe fn cancel(a: &Adapter, op: *mut PyObject) {
     }
     // A full ring only means the op completes normally later.
     let _ = c.ring().cancel(as_op(op));
+}
+
+/// The loop is closed ("loop gone" in `caio_core::aio`): submit what is
+/// staged, cancel everything (reads of idle pipes and sockets would never
+/// complete), and drain until no op is left in flight. Deliveries only drop
+/// their references here (`op::Discarding`, set by the caller).
+unsafe fn shutdown(a: &Adapter, deadline: std::time::Instant) -> bool {
+    let c = ctx(a.context());
+    if c.check_fork().is_err() {
+        PyErr_Clear();
+        return false;
+    }
+    let ring = c.ring();
+    let mut rounds = 0u32;
+    loop {
+        if rounds % 10 == 0 {
+            // Again now and then: a request may have been between the
+            // submission queue and io-wq when the previous one looked.
+            ring.cancel_all();
+        }
+        rounds += 1;
+        ring.consume_eventfd();
+        c.deliver(usize::MAX);
+        if ring.in_flight() == 0 {
+            return true;
+        }
+        if !caio_core::aio::wait_readable_until(ring.eventfd(), deadline, 20) {
+            return false;
+        }
+    }
 }

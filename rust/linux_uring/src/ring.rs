@@ -94,6 +94,10 @@ pub struct Ring {
     staged_bytes: AtomicU64,
     /// Real completions consumed by drains so far (cancel CQEs excluded).
     consumed: AtomicU64,
+    /// Operations accepted by [`Ring::stage`] and finished by drains so far:
+    /// the difference is what is in flight (see [`Ring::in_flight`]).
+    accepted: AtomicU64,
+    finished: AtomicU64,
     /// Private wake-up eventfds of threads blocked in [`Ring::wait`].
     waiters: Mutex<Vec<i32>>,
     nwaiters: AtomicUsize,
@@ -209,6 +213,8 @@ impl Ring {
             cq: Mutex::new(()),
             staged_bytes: AtomicU64::new(0),
             consumed: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
             waiters: Mutex::new(Vec::new()),
             nwaiters: AtomicUsize::new(0),
         })
@@ -271,6 +277,9 @@ impl Ring {
         }
         drop(sq); // publishes the tail (release)
         drop(side);
+        if accepted > 0 {
+            self.accepted.fetch_add(accepted as u64, Ordering::AcqRel);
+        }
         if bytes > 0 {
             self.staged_bytes.fetch_add(bytes, Ordering::Relaxed);
         }
@@ -423,6 +432,51 @@ impl Ring {
     /// # Safety
     /// Attached (finishing an op touches its buffers' bookkeeping).
     pub unsafe fn drain(&self, max: usize, out: &mut Vec<Delivery>) -> usize {
+        let before = out.len();
+        let count = self.drain_inner(max, out);
+        self.finished
+            .fetch_add((out.len() - before) as u64, Ordering::AcqRel);
+        count
+    }
+
+    /// Operations accepted and not finished yet (staged, in the kernel, or
+    /// completed but not drained).
+    pub fn in_flight(&self) -> u64 {
+        let finished = self.finished.load(Ordering::Acquire);
+        self.accepted
+            .load(Ordering::Acquire)
+            .saturating_sub(finished)
+    }
+
+    /// Submits what is staged and asks the kernel to cancel every request of
+    /// this ring (`IORING_ASYNC_CANCEL_ANY`, Linux 5.19+; older kernels
+    /// answer EINVAL and the requests complete on their own). Best effort.
+    pub fn cancel_all(&self) {
+        let entry = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(CANCEL_TAG);
+        for attempt in 0..2 {
+            {
+                let _side = lock(&self.sq);
+                let mut sq = unsafe { self.uring.submission_shared() };
+                if !sq.is_full() {
+                    let _ = unsafe { sq.push(&entry) };
+                    drop(sq);
+                    drop(_side);
+                    let _ = self.submit_staged();
+                    return;
+                }
+            }
+            if attempt == 0 {
+                let _ = self.submit_staged();
+                if self.sqpoll {
+                    let _ = unsafe { self.enter(0, 0, EnterFlags::SQ_WAIT.bits()) };
+                }
+            }
+        }
+    }
+
+    unsafe fn drain_inner(&self, max: usize, out: &mut Vec<Delivery>) -> usize {
         if self.cq_overflow() {
             self.get_events();
         }

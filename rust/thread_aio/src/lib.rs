@@ -465,7 +465,17 @@ static ENGINE: Engine = Engine {
     submit: engine_submit,
     cancel: engine_cancel,
     loop_events: engine_loop_events,
+    shutdown: engine_shutdown,
 };
+
+/// The loop is closed ("loop gone" in `caio_core::aio`): stop the pool,
+/// letting queued and running work finish, and deliver the completions
+/// (they only drop their references here: `op::Discarding`, set by the
+/// caller). Like `close()`, this waits for the workers.
+unsafe fn engine_shutdown(a: &Adapter, _deadline: std::time::Instant) -> bool {
+    ctx(a.context()).shutdown();
+    true
+}
 
 unsafe fn engine_submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     let slf = a.context();
