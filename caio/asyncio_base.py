@@ -15,6 +15,7 @@ Backends customise it through small hooks: ``_create_context``,
 
 import abc
 import asyncio
+import os
 from functools import partial
 from typing import Any, Coroutine, Optional, Type, Union
 
@@ -48,7 +49,23 @@ class AsyncioContextBase(abc.ABC):
         self.loop = loop or asyncio.get_event_loop()
         self.deferred = deferred
         self.semaphore = asyncio.BoundedSemaphore(max_requests)
+        self._owner_pid = os.getpid()
         self.context = self._create_context(max_requests, **kwargs)
+
+    def _remove_loop_reader(self, fd: Optional[int]) -> None:
+        """Stop watching ``fd`` on the loop (nothing if the loop is closed).
+
+        Not in a process forked from the one that created this context: the
+        inherited loop's epoll instance is shared with the parent, so
+        removing the registration there would remove the parent's and hang
+        its pending operations. The child only drops its own references.
+        """
+        if fd is None or fd < 0 or os.getpid() != self._owner_pid:
+            return
+        try:
+            self.loop.remove_reader(fd)
+        except (RuntimeError, ValueError, OSError):
+            pass  # the loop is closed already
 
     # -- hooks -------------------------------------------------------------
 

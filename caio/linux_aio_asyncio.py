@@ -76,9 +76,5 @@ class AsyncioContext(linux_aio._AsyncioBase, AsyncioContextBase):
 
     def _release(self) -> None:
         fd, self._reader_fd = self._reader_fd, -1
-        if fd >= 0:
-            try:
-                self.loop.remove_reader(fd)
-            except (RuntimeError, ValueError, OSError):
-                pass  # loop already closed
+        self._remove_loop_reader(fd)
         self.context.close()

@@ -61,8 +61,4 @@ class AsyncioContext(linux_uring._AsyncioBase, AsyncioContextBase):
         # eventfd are released with the Context (as upstream: at garbage
         # collection; nothing in flight holds it any more).
         fd, self._reader_fd = self._reader_fd, -1
-        if fd >= 0:
-            try:
-                self.loop.remove_reader(fd)
-            except (RuntimeError, ValueError, OSError):
-                pass  # the loop is closed already
+        self._remove_loop_reader(fd)

@@ -64,11 +64,7 @@ class _LoopDeliveryContext(thread_aio._AsyncioBase, AsyncioContextBase):
         # Also called by the native base once idle ("close once idle"):
         # idempotent. The reader goes before the pool closes its wake-up fd.
         fd, self._reader_fd = self._reader_fd, None
-        if fd is not None:
-            try:
-                self.loop.remove_reader(fd)
-            except (RuntimeError, ValueError, OSError):
-                pass  # the loop is closed already
+        self._remove_loop_reader(fd)
         self.context.close()
 
 

@@ -321,21 +321,12 @@ def test_asyncio_fork_with_operations_in_flight(
 
 
 def _close_configs() -> List[Any]:
-    configs = []
-    for param in _async_configs():
-        name = param.values[0]
-        marks = []
-        if name != "python_aio":
-            marks.append(pytest.mark.xfail(strict=True, reason=(
-                "BUG: close() of an AsyncioContext inherited through fork() calls "
-                "loop.remove_reader() on the inherited loop, whose epoll instance is "
-                "shared with the parent: the parent's eventfd registration is deleted "
-                "and its pending and later operations hang forever. Reproducer: "
-                "ctx = AsyncioContext(loop=loop); <use it>; if os.fork() == 0: "
-                "ctx.close(); os._exit(0) -- then any await in the parent that "
-                "does not complete inline hangs.")))
-        configs.append(pytest.param(*param.values, id=param.id, marks=marks))
-    return configs
+    """Every asyncio configuration. close() of an inherited AsyncioContext
+    used to call loop.remove_reader() on the inherited loop, whose epoll
+    instance is shared with the parent: the parent's eventfd registration
+    was deleted and its pending operations hung. The child now leaves the
+    loop alone (AsyncioContextBase._remove_loop_reader)."""
+    return _async_configs()
 
 
 @pytest.mark.parametrize("name,kwargs", _close_configs())
