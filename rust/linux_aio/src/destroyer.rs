@@ -14,7 +14,8 @@
 //! [`MAX_BACKLOG`] of them waits ([`wait_backlog`]): a tight create/close
 //! loop is throttled instead of exhausting the system-wide limit.
 
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::cell::RefCell;
+use std::sync::{Condvar, Mutex, MutexGuard, Once};
 use std::time::Duration;
 
 const MAX_THREADS: usize = 128;
@@ -63,10 +64,37 @@ fn state() -> MutexGuard<'static, State> {
     st
 }
 
+thread_local! {
+    /// The `STATE` lock held across `fork()` by the forking thread.
+    static FORK_GUARD: RefCell<Option<MutexGuard<'static, State>>> = const { RefCell::new(None) };
+}
+
+extern "C" fn before_fork() {
+    let guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    FORK_GUARD.with(|g| *g.borrow_mut() = Some(guard));
+}
+
+extern "C" fn after_fork() {
+    FORK_GUARD.with(|g| drop(g.borrow_mut().take()));
+}
+
+/// A helper holding `STATE` at the moment another thread forks would leave
+/// the child's copy locked forever (nobody there to unlock it): the child's
+/// first `close()` would hang. So the forking thread takes the lock before
+/// `fork()` and releases it on both sides afterwards (`pthread_atfork`); the
+/// child then resets the counters (see [`state`]).
+fn register_fork_handlers() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| unsafe {
+        libc::pthread_atfork(Some(before_fork), Some(after_fork), Some(after_fork));
+    });
+}
+
 /// Destroys `ctx` on a helper thread (or, if no thread can be started, on
 /// the calling thread). Never touches Python; may be called with or without
 /// the GIL.
 pub fn destroy(ctx: u64) {
+    register_fork_handlers();
     let mut st = state();
     st.queue.push(ctx);
     st.pending += 1;
