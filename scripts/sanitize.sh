@@ -181,14 +181,15 @@ rm -f "$LOGS"/asan.*
 # -- the suite -------------------------------------------------------------
 # Not run: test_packaging.py builds wheels with pip (nothing native to check),
 # the RSS-footprint test (ASan's quarantine and redzones are the RSS), and
-# test_child_can_close_many_linux_aio_contexts: its child starts threads right
-# after fork(), and gcc 12's ASan runtime has no fork handler for its own
-# allocator lock, so a lock held by a parent thread at the fork stays locked
-# in the child and the child's new threads block in ASan's malloc (gdb:
-# SizeClassAllocator64::GetFromAllocator <- pthread_getattr_np <- ASan's
-# thread start). It runs in the normal suite.
+# test_reliability_fork.py: it forks processes whose worker threads are busy,
+# and gcc 12's ASan runtime has no fork handler for its own allocator lock —
+# a lock held by a parent thread at the fork stays locked in the child, whose
+# next malloc blocks forever (gdb: SizeClassAllocator64::GetFromAllocator;
+# seen for 2 of the 19 fork tests, about 2 runs in 5). glibc's malloc is
+# fork-safe, so the fork tests run in the normal suite.
 SKIP=(--ignore "$ROOT/tests/test_packaging.py"
-      -k "not do_not_grow_rss and not test_child_can_close_many_linux_aio_contexts")
+      --ignore "$ROOT/tests/test_reliability_fork.py"
+      -k "not do_not_grow_rss")
 if [[ $SHORT == 1 ]]; then
     say "test-suite (short form: quick soak)"
 else
