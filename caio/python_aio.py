@@ -196,11 +196,16 @@ def _direct_write(fd: int, data: bytes, offset: int) -> int:
         window.close()
 
 
+def _needs_aligned_retry(e: OSError, op: "Operation") -> bool:
+    """EINVAL at a valid offset on an O_DIRECT fd: the memory was the problem."""
+    return e.errno == errno.EINVAL and op._offset >= 0 and _is_direct(op._fileno)
+
+
 def _run_read(op: "Operation") -> int:
     try:
         data = _pread(op._fileno, op._nbytes, op._offset)
     except OSError as e:
-        if e.errno != errno.EINVAL or op._offset < 0 or not _is_direct(op._fileno):
+        if not _needs_aligned_retry(e, op):
             raise
         data = _direct_read(op._fileno, op._nbytes, op._offset)
     op.buffer = data
@@ -211,7 +216,7 @@ def _run_write(op: "Operation") -> int:
     try:
         return _pwrite(op._fileno, op.buffer, op._offset)
     except OSError as e:
-        if e.errno != errno.EINVAL or op._offset < 0 or not _is_direct(op._fileno):
+        if not _needs_aligned_retry(e, op):
             raise
         # Only the memory is fixed up: an unaligned offset or length gets
         # its EINVAL again from the kernel.
