@@ -43,7 +43,8 @@ import os
 import sys
 import threading
 from enum import IntEnum, unique
-from multiprocessing.pool import CLOSE as _POOL_CLOSE, RUN as _POOL_RUN, ThreadPool
+import multiprocessing
+from multiprocessing.pool import CLOSE as _POOL_CLOSE, RUN as _POOL_RUN, Pool, ThreadPool
 from threading import Lock, RLock
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Optional, Tuple, Union, cast
@@ -296,6 +297,32 @@ class _DrainJob:
         del pool._cache[self]
 
 
+def _notifier_context() -> Any:
+    try:
+        return multiprocessing.get_context("fork")
+    except ValueError:  # pragma: no cover - Windows: semaphores are never tracked there
+        return None
+
+
+class _ThreadPool(ThreadPool):
+    """A ``ThreadPool`` whose internal notifier queue is built with the
+    "fork" multiprocessing context where one exists.
+
+    ThreadPool starts no process, but ``Pool.__init__`` still builds a
+    ``multiprocessing.SimpleQueue`` (a pipe and a named semaphore) from the
+    default context. Since Python 3.14 that default is "forkserver" on Linux
+    ("spawn" on macOS), under which every named semaphore is registered with
+    multiprocessing's resource tracker: the first Context would start a
+    tracker process, hold a pipe to it open for the rest of the program, and
+    a forked child would print "leaked semaphore objects" at exit. Under the
+    "fork" context the semaphore is unlinked at once and never tracked.
+    Nothing here forks; the context only chooses that policy.
+    """
+
+    def __init__(self, processes: int) -> None:
+        Pool.__init__(self, processes, context=_notifier_context())
+
+
 # Bumped in a child process after fork(): a Context remembers the value it
 # was created with. Its ThreadPool's threads exist only in the parent, so in
 # the child an accepted operation would never run and its awaiter would wait
@@ -360,7 +387,7 @@ class Context(AbstractContext):
 
         self._max_requests = max_requests
         self._fork_generation = _fork_generation
-        self.pool = ThreadPool(pool_size)
+        self.pool = _ThreadPool(pool_size)
         self._in_progress = 0
         self._lock = Lock()
         self._direct = _pool_supports_direct_jobs(self.pool)

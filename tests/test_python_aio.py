@@ -412,3 +412,37 @@ def test_base_exception_in_runner_fails_only_that_operation(
         op.get_value()
     # The single worker is still alive and serving.
     assert python_aio.run_one(ctx, python_aio.Operation.fsync(fast_fd)) is None
+
+
+_NO_TRACKER_SCRIPT = """
+import gc, multiprocessing, os, sys
+multiprocessing.set_start_method(sys.argv[1])
+from caio import python_aio
+fds = sorted(os.listdir("/proc/self/fd"))
+ctx = python_aio.Context()
+pool = ctx.pool
+ctx.close()
+pool.join()
+del ctx, pool
+gc.collect()
+from multiprocessing import resource_tracker
+tracker = resource_tracker._resource_tracker
+print(sorted(os.listdir("/proc/self/fd")) == fds, getattr(tracker, "_pid", None))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_context_starts_no_resource_tracker(method: str) -> None:
+    """Under a "forkserver"/"spawn" default start method (Python 3.14's
+    default on Linux, macOS's since 3.8) ThreadPool's notifier semaphore would
+    be registered with multiprocessing's resource tracker: a tracker process
+    started by the first Context, a pipe fd held for good, and "leaked
+    semaphore" warnings from forked children. Our pool builds it under the
+    "fork" context: no tracker, no fd left behind."""
+    from conftest import run_python
+
+    proc = run_python(["-c", _NO_TRACKER_SCRIPT, method])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "None"], (proc.stdout, proc.stderr)
+    assert proc.stderr == "", proc.stderr
