@@ -13,7 +13,18 @@ if ! command -v "$PYTHON" >/dev/null 2>&1; then
 fi
 if [ ! -x "$VENV/bin/python" ]; then
     echo "dev-setup: creating $VENV with $("$PYTHON" -V 2>&1)"
-    "$PYTHON" -m venv "$VENV"
+    if ! "$PYTHON" -m venv "$VENV"; then
+        # Interpreters without ensurepip (Debian's 3.14 that
+        # manylinux/interpreters.sh provisions): its mkvenv helper bootstraps
+        # pip from a cached wheel instead.
+        MKVENV=${CAIO_INTERP_CACHE:-$HOME/.cache/caio-interpreters}/bin/mkvenv
+        rm -rf "$VENV"
+        if [ ! -x "$MKVENV" ]; then
+            echo "dev-setup: '$PYTHON -m venv' failed; run manylinux/interpreters.sh for a pip bootstrap" >&2
+            exit 1
+        fi
+        "$MKVENV" "$PYTHON" "$VENV"
+    fi
 fi
 STAMP="$VENV/.caio-deps-v2"
 if [ ! -f "$STAMP" ]; then
