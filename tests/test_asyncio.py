@@ -221,6 +221,9 @@ def test_closed_fd_raises(async_backend: AsyncBackend, aio: LoopRunner, closed_f
         async with async_backend.context() as ctx:
             for make in (
                 lambda: ctx.read(16, closed_fd, 0),
+                # Zero bytes asked for: the fd is still checked (thread_aio's
+                # inline page-cache read once returned b"" here).
+                lambda: ctx.read(0, closed_fd, 0),
                 lambda: ctx.write(b"data", closed_fd, 0),
                 lambda: ctx.fsync(closed_fd),
             ):

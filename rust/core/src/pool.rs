@@ -344,14 +344,19 @@ pub unsafe fn try_read_inline(op: &Operation) -> Option<i64> {
     }
     let fd = op.fd_i32();
     let mut done = 0usize;
-    while done < io.len {
+    // At least one call, even for a zero-length read: the kernel still
+    // checks the fd (EBADF, EISDIR, ...), as pread does on the pool.
+    loop {
         let r = sys::pread_nowait(fd, io.ptr.add(done), io.len - done, io.offset + done as u64);
         if r > 0 {
             done += r as usize;
-            continue;
+            if done < io.len {
+                continue;
+            }
+            break;
         }
         if r == 0 {
-            break; // end of file
+            break; // end of file (or nothing asked for)
         }
         return match (-r) as i32 {
             libc::ENOSYS => {
