@@ -42,11 +42,21 @@ class _LoopDeliveryContext(thread_aio._AsyncioBase, AsyncioContextBase):
 
     def _create_context(self, max_requests: int, **kwargs: Any) -> Any:
         context = super()._create_context(max_requests, **kwargs)
-        fd = context._completion_fd()
-        self._bind(context, self.loop, max_requests, self.deferred)
-        self.loop.add_reader(fd, self._loop_reader())
-        # Only now that the fd is watched: no completion can be stranded.
-        context._enable_loop_delivery(inline_read_max=self.INLINE_READ_MAX)
+        # A refused construction (e.g. ``loop`` not an event loop) stops the
+        # workers right here: the exception's traceback holds this frame, and
+        # whoever keeps that traceback would otherwise keep the pool's threads.
+        fd = None
+        try:
+            fd = context._completion_fd()
+            self._bind(context, self.loop, max_requests, self.deferred)
+            self.loop.add_reader(fd, self._loop_reader())
+            # Only now that the fd is watched: no completion can be stranded.
+            context._enable_loop_delivery(inline_read_max=self.INLINE_READ_MAX)
+        except BaseException:
+            if fd is not None:
+                self._remove_loop_reader(fd)
+            context.close()
+            raise
         self._reader_fd = fd
         self._loop_delivery = True
         return context

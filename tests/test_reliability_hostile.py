@@ -269,6 +269,38 @@ def _thread_count() -> int:
         else threading.active_count()
 
 
+def _thread_names() -> List[str]:
+    """Names of the process's threads (kernel ``comm``), for failure messages."""
+    names = []
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return [t.name for t in threading.enumerate()]
+    for tid in tids:
+        try:
+            with open("/proc/self/task/{}/comm".format(tid)) as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass
+    return sorted(names)
+
+
+def _worker_count() -> int:
+    """Threads of caio's native worker pools (named ``caio-worker``)."""
+    return _thread_names().count("caio-worker")
+
+
+def wait_worker_count(limit: int, timeout: float = 10.0) -> int:
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        gc.collect()
+        n = _worker_count()
+        if n <= limit or time.monotonic() > deadline:
+            return n
+        time.sleep(0.02)
+
+
 def wait_thread_count(limit: int, timeout: float = 10.0) -> int:
     """Waits for the process's thread count to drop to ``limit`` (helper
     threads, e.g. linux_aio's io_destroy helpers, linger up to a second)."""
@@ -286,6 +318,7 @@ def test_context_constructor(backend: RawBackend) -> None:
     extra = {"linux_uring": "sqpoll", "thread_aio": "pool_size", "python_aio": "pool_size"}
     second = extra.get(backend.name)
     before = _thread_count()
+    names_before = _thread_names()
 
     @more_examples(4)
     @given(
@@ -334,7 +367,7 @@ def test_context_constructor(backend: RawBackend) -> None:
     check()
     # Refused and closed contexts leave no worker threads behind.
     after = wait_thread_count(before)
-    assert after <= before, (before, after)
+    assert after <= before, (before, after, names_before, _thread_names())
 
 
 # -- Context methods, open and closed ------------------------------------------------------
@@ -493,6 +526,7 @@ def test_asyncio_context_constructor(
     A ``loop`` that is not an event loop may also give AttributeError
     (upstream does the same: the adapter calls its methods)."""
     before = _thread_count()
+    names_before = _thread_names()
 
     async def build(args: List[Any], kwargs: Dict[str, Any]) -> None:
         ctx = async_backend.module.AsyncioContext(*args, **kwargs)
@@ -519,6 +553,7 @@ def test_asyncio_context_constructor(
         note("AsyncioContext({!r}, loop={!r}, deferred={!r}, **{!r})".format(
             max_requests, loop, deferred, options))
         _count("AsyncioContext() calls")
+        workers = _worker_count()
         try:
             aio.run(build([max_requests, loop_value], dict(options, deferred=deferred)))
         except CLEAR:
@@ -529,11 +564,15 @@ def test_asyncio_context_constructor(
         except SystemError:
             assert async_backend.is_linux
             _count("AsyncioContext() calls refused")
+        # Per example: a worker pool this call started is gone again (built
+        # and closed, or released with the refused object).
+        left = wait_worker_count(workers)
+        assert left <= workers, (workers, left, _thread_names())
 
     check()
     aio.settle()
     after = wait_thread_count(before)
-    assert after <= before, (before, after)
+    assert after <= before, (before, after, names_before, _thread_names())
 
 
 def test_asyncio_operations(
