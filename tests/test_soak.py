@@ -105,7 +105,11 @@ RSS_TOLERANCE = {
     "python_aio": 32 << 20,
 }
 MALLOC_TOLERANCE = 2 * 1024 * 1024       # bytes in use by glibc malloc
-BLOCKS_TOLERANCE = 1_500                 # sys.getallocatedblocks()
+# sys.getallocatedblocks(): a per-operation leak would show as thousands
+# (>= 20 000 in the quick soak). python_aio runs its whole path in Python
+# (pool internals, caches filled on first use): 1 529 seen once on CI.
+BLOCKS_TOLERANCE = {"linux_uring": 1_500, "linux_aio": 1_500, "thread_aio": 1_500,
+                    "python_aio": 4_000}
 
 # How long to wait for things that finish asynchronously after close()
 # (pool threads exiting, linux_aio releasing its context once idle).
@@ -827,7 +831,7 @@ def test_soak(async_backend: Any, fast_dir: str, tmp_path: Any) -> None:
     assert deltas["rss"] <= RSS_TOLERANCE[name], (label, deltas)
     if deltas["malloc"] is not None:
         assert deltas["malloc"] <= MALLOC_TOLERANCE, (label, deltas)
-    assert deltas["blocks"] <= BLOCKS_TOLERANCE, (label, deltas)
+    assert deltas["blocks"] <= BLOCKS_TOLERANCE[name], (label, deltas)
 
 
 # -- a finding of the soak, reduced to a quick deterministic check -------------
