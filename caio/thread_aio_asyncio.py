@@ -45,17 +45,21 @@ class _LoopDeliveryContext(thread_aio._AsyncioBase, AsyncioContextBase):
         # A refused construction (e.g. ``loop`` not an event loop) stops the
         # workers right here: the exception's traceback holds this frame, and
         # whoever keeps that traceback would otherwise keep the pool's threads.
-        fd = None
+        watched = None
         try:
             fd = context._completion_fd()
             self._bind(context, self.loop, max_requests, self.deferred)
             self.loop.add_reader(fd, self._loop_reader())
+            watched = fd
             # Only now that the fd is watched: no completion can be stranded.
             context._enable_loop_delivery(inline_read_max=self.INLINE_READ_MAX)
         except BaseException:
-            if fd is not None:
-                self._remove_loop_reader(fd)
-            context.close()
+            try:
+                # Only a real loop that took the reader is asked to drop it
+                # (``loop`` may be any object here).
+                self._remove_loop_reader(watched)
+            finally:
+                context.close()
             raise
         self._reader_fd = fd
         self._loop_delivery = True
