@@ -512,6 +512,12 @@ def closed_fd() -> int:
         candidate += 1
 
 
+def aio_ring_count() -> int:
+    """This process's kernel AIO rings (``[aio]`` mappings)."""
+    with open("/proc/self/maps") as maps:
+        return sum(1 for line in maps if "[aio]" in line)
+
+
 def read_file(fd: int) -> bytes:
     size = os.fstat(fd).st_size
     return os.pread(fd, size, 0) if size else b""

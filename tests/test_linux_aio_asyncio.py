@@ -18,6 +18,7 @@ import pytest
 pytest.importorskip("caio.linux_aio")
 from caio import linux_aio  # noqa: E402
 from caio.linux_aio_asyncio import AsyncioContext  # noqa: E402
+from conftest import aio_ring_count  # noqa: E402
 
 try:
     import uvloop
@@ -609,18 +610,14 @@ def test_10000_contexts_do_not_leak(arun, fd):
         # A helper unmaps a context's ring right after giving its aio-nr
         # share back, and up to MAX_BACKLOG (8) closed contexts may still be
         # queued for a helper: wait (bounded) for both.
-        def aio_maps():
-            with open("/proc/self/maps") as f:
-                return sum("[aio]" in ln for ln in f)
-
         deadline = time.monotonic() + 10
-        while (read_aio_nr() > before or aio_maps() > 2) and time.monotonic() < deadline:
+        while (read_aio_nr() > before or aio_ring_count() > 2) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         after = read_aio_nr()
         sys.stderr.write("\naio-nr before %d, peak %d, after %d\n" % (before, peak, after))
         assert after <= before or after - before < 512 * 2, (before, after)
         assert count_fds() <= fds + 1
-        assert aio_maps() <= 2
+        assert aio_ring_count() <= 2
 
     arun(main())
 

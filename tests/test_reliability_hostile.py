@@ -20,7 +20,7 @@ import gc
 import os
 import sys
 import threading
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 from hypothesis import given, note, settings, strategies as st
@@ -290,28 +290,28 @@ def _worker_count() -> int:
     return _thread_names().count("caio-worker")
 
 
-def wait_worker_count(limit: int, timeout: float = 2.0) -> int:
+def _wait_count(count: Callable[[], int], limit: int, timeout: float, interval: float) -> int:
+    """Collects garbage and polls ``count()`` until it is at most ``limit``
+    or ``timeout`` seconds have passed; returns the last value."""
     import time
     deadline = time.monotonic() + timeout
     while True:
         gc.collect()
-        n = _worker_count()
+        n = count()
         if n <= limit or time.monotonic() > deadline:
             return n
-        time.sleep(0.02)
+        time.sleep(interval)
+
+
+def wait_worker_count(limit: int, timeout: float = 2.0) -> int:
+    """Pool workers are joined synchronously on close: a short bound."""
+    return _wait_count(_worker_count, limit, timeout, 0.02)
 
 
 def wait_thread_count(limit: int, timeout: float = 10.0) -> int:
     """Waits for the process's thread count to drop to ``limit`` (helper
     threads, e.g. linux_aio's io_destroy helpers, linger up to a second)."""
-    import time
-    deadline = time.monotonic() + timeout
-    while True:
-        gc.collect()
-        n = _thread_count()
-        if n <= limit or time.monotonic() > deadline:
-            return n
-        time.sleep(0.05)
+    return _wait_count(_thread_count, limit, timeout, 0.05)
 
 
 def test_context_constructor(backend: RawBackend) -> None:

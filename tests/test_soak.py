@@ -70,7 +70,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
-from conftest import run_python
+from conftest import aio_ring_count, run_python
 
 SOAK = os.environ.get("CAIO_SOAK", "") == "1"
 # scripts/sanitize.sh sets it: the exact checks stay, the allocator
@@ -196,11 +196,6 @@ def _fd_table() -> Dict[int, str]:
     return table
 
 
-def _aio_rings() -> int:
-    with open("/proc/self/maps") as maps:
-        return sum(1 for line in maps if "[aio]" in line)
-
-
 def _aio_nr() -> Optional[int]:
     try:
         with open("/proc/sys/fs/aio-nr") as f:
@@ -274,7 +269,7 @@ def _snapshot() -> Dict[str, Any]:
     return {
         "fds": _fd_table(),
         "threads": _threads(),
-        "aio_rings": _aio_rings(),
+        "aio_rings": aio_ring_count(),
         "aio_nr": aio_nr,
         # Other processes with kernel AIO rings around the aio-nr reading.
         "aio_others": aio_others,
@@ -892,7 +887,7 @@ def test_close_right_after_cancellation_releases_resources(
             await asyncio.sleep(0.01)
 
     before = _fd_table()
-    rings_before = _aio_rings()
+    rings_before = aio_ring_count()
     nr_before, others_before = _aio_nr_reading()
     try:
         loop.run_until_complete(main())
@@ -908,7 +903,7 @@ def test_close_right_after_cancellation_releases_resources(
     ]
     if async_backend.is_linux_aio:
         # Its kernel context goes in _release(), not at garbage collection.
-        assert _aio_rings() == rings_before
+        assert aio_ring_count() == rings_before
     del contexts[:]
     deadline = time.monotonic() + 3
     while True:
@@ -924,7 +919,7 @@ def test_close_right_after_cancellation_releases_resources(
     assert left == {}, "{} fds left after 10 rounds: {}".format(
         len(left), sorted(set(left.values())),
     )
-    assert _aio_rings() == rings_before
+    assert aio_ring_count() == rings_before
     # aio-nr is system-wide (and processes of other pid namespaces are
     # invisible here): only growth, persisting while no other process is
     # seen with AIO rings, can be ours. This process's own rings were
