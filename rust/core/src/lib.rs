@@ -39,6 +39,38 @@ unsafe extern "C" fn atexit_hook(_m: *mut PyObject, _a: *mut PyObject) -> *mut P
     })
 }
 
+unsafe extern "C" fn before_fork_hook(_m: *mut PyObject, _a: *mut PyObject) -> *mut PyObject {
+    py::trampoline(|| {
+        pool::before_fork();
+        Ok(py::none())
+    })
+}
+
+unsafe extern "C" fn after_fork_hook(_m: *mut PyObject, _a: *mut PyObject) -> *mut PyObject {
+    py::trampoline(|| {
+        pool::after_fork();
+        Ok(py::none())
+    })
+}
+
+static mut BEFORE_FORK_DEF: PyMethodDef = PyMethodDef {
+    ml_name: c"_caio_native_before_fork".as_ptr(),
+    ml_meth: PyMethodDefPointer {
+        PyCFunction: before_fork_hook,
+    },
+    ml_flags: METH_NOARGS,
+    ml_doc: ptr::null(),
+};
+
+static mut AFTER_FORK_DEF: PyMethodDef = PyMethodDef {
+    ml_name: c"_caio_native_after_fork".as_ptr(),
+    ml_meth: PyMethodDefPointer {
+        PyCFunction: after_fork_hook,
+    },
+    ml_flags: METH_NOARGS,
+    ml_doc: ptr::null(),
+};
+
 static mut ATEXIT_DEF: PyMethodDef = PyMethodDef {
     ml_name: c"_caio_native_atexit".as_ptr(),
     ml_meth: PyMethodDefPointer {
@@ -49,11 +81,13 @@ static mut ATEXIT_DEF: PyMethodDef = PyMethodDef {
 };
 
 /// Registers (once per process) the `atexit` hook that lets worker pools
-/// finish and then keeps them from attaching to a finalising interpreter.
+/// finish and then keeps them from attaching to a finalising interpreter,
+/// and (where `os.register_at_fork` exists) the fork hooks that keep workers
+/// from attaching while `os.fork()` runs ([`pool::before_fork`]).
 ///
 /// # Safety
 /// Caller attached.
-pub unsafe fn register_atexit() -> PyResult<()> {
+pub unsafe fn register_process_hooks() -> PyResult<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
     static DONE: AtomicBool = AtomicBool::new(false);
     if DONE.swap(true, Ordering::SeqCst) {
@@ -70,5 +104,40 @@ pub unsafe fn register_atexit() -> PyResult<()> {
         c"register".as_ptr(),
     ))?;
     py::call1(register.borrow(), func.borrow())?;
+
+    let os = Owned::from_new(PyImport_ImportModule(c"os".as_ptr()))?;
+    if PyObject_HasAttrString(os.as_ptr(), c"register_at_fork".as_ptr()) == 0 {
+        return Ok(()); // no fork() here
+    }
+    let before = Owned::from_new(PyCFunction_NewEx(
+        ptr::addr_of_mut!(BEFORE_FORK_DEF),
+        ptr::null_mut(),
+        ptr::null_mut(),
+    ))?;
+    let after = Owned::from_new(PyCFunction_NewEx(
+        ptr::addr_of_mut!(AFTER_FORK_DEF),
+        ptr::null_mut(),
+        ptr::null_mut(),
+    ))?;
+    let register = Owned::from_new(PyObject_GetAttrString(
+        os.as_ptr(),
+        c"register_at_fork".as_ptr(),
+    ))?;
+    let args = Owned::from_new(PyTuple_New(0))?;
+    let kwargs = Owned::from_new(PyDict_New())?;
+    for (key, value) in [
+        (c"before", &before),
+        (c"after_in_parent", &after),
+        (c"after_in_child", &after),
+    ] {
+        if PyDict_SetItemString(kwargs.as_ptr(), key.as_ptr(), value.as_ptr()) != 0 {
+            return Err(py::PyErr::Fetched);
+        }
+    }
+    Owned::from_new(PyObject_Call(
+        register.as_ptr(),
+        args.as_ptr(),
+        kwargs.as_ptr(),
+    ))?;
     Ok(())
 }

@@ -135,6 +135,43 @@ static OUTSTANDING: AtomicUsize = AtomicUsize::new(0);
 pub(crate) fn after_fork_in_child() {
     OUTSTANDING.store(0, Ordering::SeqCst);
     ATTACHING.store(0, Ordering::SeqCst);
+    FORKING.store(false, Ordering::SeqCst);
+}
+
+/// Set from `os.fork()`'s "before" hook until its "after" hooks: workers with
+/// a completion to deliver wait *before* attaching. `PyGILState_Ensure` and
+/// `Release` create and destroy a thread state under CPython's runtime locks;
+/// a fork landing in the middle of that leaves such a lock held in the child,
+/// whose interpreter then hangs at exit (seen on free-threaded 3.13: the
+/// child's final GC blocked in stop-the-world).
+static FORKING: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// This thread is running a direct delivery (a callback may fork).
+    static DELIVERING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `os.fork()` "before" hook (attached): stops workers from attaching and
+/// waits (GIL released, so a worker already waiting for the GIL can finish)
+/// until none is attached — bounded, because a callback running in a worker
+/// may itself wait for the forking thread.
+pub fn before_fork() {
+    FORKING.store(true, Ordering::SeqCst);
+    let own = usize::from(DELIVERING.with(|d| d.get()));
+    if ATTACHING.load(Ordering::SeqCst) <= own {
+        return;
+    }
+    crate::py::allow_threads(|| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while ATTACHING.load(Ordering::SeqCst) > own && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    });
+}
+
+/// `os.fork()` "after" hook, in the parent and in the child.
+pub fn after_fork() {
+    FORKING.store(false, Ordering::SeqCst);
 }
 
 /// Called from an `atexit` hook (attached, Python still fully alive): lets
@@ -165,7 +202,19 @@ fn is_finalizing() -> bool {
 }
 
 unsafe fn deliver_direct(job: Job, result: i64) {
-    ATTACHING.fetch_add(1, Ordering::SeqCst);
+    // Count ourselves in, then look at FORKING (both SeqCst): either the
+    // forking thread sees us in ATTACHING and waits, or we see its flag and
+    // step back until the fork is done.
+    loop {
+        ATTACHING.fetch_add(1, Ordering::SeqCst);
+        if !FORKING.load(Ordering::SeqCst) {
+            break;
+        }
+        ATTACHING.fetch_sub(1, Ordering::SeqCst);
+        while FORKING.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+    }
     if STOPPING.load(Ordering::SeqCst) || is_finalizing() {
         // The interpreter is going away: running Python is no longer
         // possible. The I/O itself has completed; the op is leaked on purpose.
@@ -174,7 +223,9 @@ unsafe fn deliver_direct(job: Job, result: i64) {
     }
     let g = PyGILState_Ensure();
     let d = finish(job.0, result);
+    DELIVERING.with(|f| f.set(true));
     d.run();
+    DELIVERING.with(|f| f.set(false));
     PyGILState_Release(g);
     ATTACHING.fetch_sub(1, Ordering::SeqCst);
 }

@@ -531,7 +531,7 @@ unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
 upstream caio raises, and an OSError with errno EAGAIN.",
     )?;
     caio_core::aio::init(module, &ENGINE)?;
-    caio_core::register_atexit()?;
+    caio_core::register_process_hooks()?;
     Ok(())
 }
 
