@@ -32,53 +32,43 @@ use pyo3_ffi::*;
 
 use py::{Owned, PyResult};
 
-unsafe extern "C" fn atexit_hook(_m: *mut PyObject, _a: *mut PyObject) -> *mut PyObject {
-    py::trampoline(|| {
-        pool::interpreter_exiting();
-        Ok(py::none())
-    })
+/// A module-less `METH_NOARGS` builtin `name` that runs `action` (attached)
+/// and returns None: the process hooks below.
+macro_rules! process_hook {
+    ($def:ident, $name:literal, $action:path) => {
+        static mut $def: PyMethodDef = {
+            unsafe extern "C" fn hook(_m: *mut PyObject, _a: *mut PyObject) -> *mut PyObject {
+                py::trampoline(|| {
+                    $action();
+                    Ok(py::none())
+                })
+            }
+            PyMethodDef {
+                ml_name: $name.as_ptr(),
+                ml_meth: PyMethodDefPointer { PyCFunction: hook },
+                ml_flags: METH_NOARGS,
+                ml_doc: ptr::null(),
+            }
+        };
+    };
 }
 
-unsafe extern "C" fn before_fork_hook(_m: *mut PyObject, _a: *mut PyObject) -> *mut PyObject {
-    py::trampoline(|| {
-        pool::before_fork();
-        Ok(py::none())
-    })
+process_hook!(
+    ATEXIT_DEF,
+    c"_caio_native_atexit",
+    pool::interpreter_exiting
+);
+process_hook!(
+    BEFORE_FORK_DEF,
+    c"_caio_native_before_fork",
+    pool::before_fork
+);
+process_hook!(AFTER_FORK_DEF, c"_caio_native_after_fork", pool::after_fork);
+
+/// A new builtin function object for one of the hooks above.
+unsafe fn hook_function(def: *mut PyMethodDef) -> PyResult<Owned> {
+    Owned::from_new(PyCFunction_NewEx(def, ptr::null_mut(), ptr::null_mut()))
 }
-
-unsafe extern "C" fn after_fork_hook(_m: *mut PyObject, _a: *mut PyObject) -> *mut PyObject {
-    py::trampoline(|| {
-        pool::after_fork();
-        Ok(py::none())
-    })
-}
-
-static mut BEFORE_FORK_DEF: PyMethodDef = PyMethodDef {
-    ml_name: c"_caio_native_before_fork".as_ptr(),
-    ml_meth: PyMethodDefPointer {
-        PyCFunction: before_fork_hook,
-    },
-    ml_flags: METH_NOARGS,
-    ml_doc: ptr::null(),
-};
-
-static mut AFTER_FORK_DEF: PyMethodDef = PyMethodDef {
-    ml_name: c"_caio_native_after_fork".as_ptr(),
-    ml_meth: PyMethodDefPointer {
-        PyCFunction: after_fork_hook,
-    },
-    ml_flags: METH_NOARGS,
-    ml_doc: ptr::null(),
-};
-
-static mut ATEXIT_DEF: PyMethodDef = PyMethodDef {
-    ml_name: c"_caio_native_atexit".as_ptr(),
-    ml_meth: PyMethodDefPointer {
-        PyCFunction: atexit_hook,
-    },
-    ml_flags: METH_NOARGS,
-    ml_doc: ptr::null(),
-};
 
 /// Registers (once per process) the `atexit` hook that lets worker pools
 /// finish and then keeps them from attaching to a finalising interpreter,
@@ -94,11 +84,7 @@ pub unsafe fn register_process_hooks() -> PyResult<()> {
         return Ok(());
     }
     let atexit = Owned::from_new(PyImport_ImportModule(c"atexit".as_ptr()))?;
-    let func = Owned::from_new(PyCFunction_NewEx(
-        ptr::addr_of_mut!(ATEXIT_DEF),
-        ptr::null_mut(),
-        ptr::null_mut(),
-    ))?;
+    let func = hook_function(ptr::addr_of_mut!(ATEXIT_DEF))?;
     let register = Owned::from_new(PyObject_GetAttrString(
         atexit.as_ptr(),
         c"register".as_ptr(),
@@ -109,16 +95,8 @@ pub unsafe fn register_process_hooks() -> PyResult<()> {
     if PyObject_HasAttrString(os.as_ptr(), c"register_at_fork".as_ptr()) == 0 {
         return Ok(()); // no fork() here
     }
-    let before = Owned::from_new(PyCFunction_NewEx(
-        ptr::addr_of_mut!(BEFORE_FORK_DEF),
-        ptr::null_mut(),
-        ptr::null_mut(),
-    ))?;
-    let after = Owned::from_new(PyCFunction_NewEx(
-        ptr::addr_of_mut!(AFTER_FORK_DEF),
-        ptr::null_mut(),
-        ptr::null_mut(),
-    ))?;
+    let before = hook_function(ptr::addr_of_mut!(BEFORE_FORK_DEF))?;
+    let after = hook_function(ptr::addr_of_mut!(AFTER_FORK_DEF))?;
     let register = Owned::from_new(PyObject_GetAttrString(
         os.as_ptr(),
         c"register_at_fork".as_ptr(),

@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::{JoinHandle, ThreadId};
+use std::time::Duration;
 
 use pyo3_ffi::*;
 
@@ -158,14 +159,12 @@ thread_local! {
 pub fn before_fork() {
     FORKING.store(true, Ordering::SeqCst);
     let own = usize::from(DELIVERING.with(|d| d.get()));
-    if ATTACHING.load(Ordering::SeqCst) <= own {
-        return;
-    }
     crate::py::allow_threads(|| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        while ATTACHING.load(Ordering::SeqCst) > own && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_micros(200));
-        }
+        wait_while(
+            Some(Duration::from_secs(2)),
+            Duration::from_micros(200),
+            || ATTACHING.load(Ordering::SeqCst) > own,
+        )
     });
 }
 
@@ -179,15 +178,22 @@ pub fn after_fork() {
 /// ever attaching again, waiting for the ones already attaching.
 pub fn interpreter_exiting() {
     crate::py::allow_threads(|| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while OUTSTANDING.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        let step = Duration::from_millis(1);
+        wait_while(Some(Duration::from_secs(5)), step, || {
+            OUTSTANDING.load(Ordering::SeqCst) > 0
+        });
         STOPPING.store(true, Ordering::SeqCst);
-        while ATTACHING.load(Ordering::SeqCst) > 0 {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        wait_while(None, step, || ATTACHING.load(Ordering::SeqCst) > 0);
     });
+}
+
+/// Sleeps in `step`s while `busy()` holds, at most `limit` (if given). For
+/// the process-wide counters above; the caller has released the GIL.
+fn wait_while(limit: Option<Duration>, step: Duration, busy: impl Fn() -> bool) {
+    let deadline = limit.map(|l| std::time::Instant::now() + l);
+    while busy() && deadline.is_none_or(|d| std::time::Instant::now() < d) {
+        std::thread::sleep(step);
+    }
 }
 
 #[cfg(Py_3_13)]
