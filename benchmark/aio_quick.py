@@ -49,7 +49,7 @@ FILE_SIZE = 1 << 30
 BLOCK = 4096
 
 # Runs in the child interpreter (python -c), cwd = a temporary directory.
-WORKER = r'''
+WORKER = r"""
 import asyncio, json, os, random, sys, time
 cfg = json.loads(sys.argv[1])
 import caio
@@ -136,7 +136,7 @@ async def main():
             "caio": os.path.dirname(caio.__file__)}
 
 print(json.dumps(asyncio.run(main())))
-'''
+"""
 
 
 def make_file(path, size):
@@ -170,7 +170,10 @@ def run_child(python, cfg):
     with tempfile.TemporaryDirectory(prefix="aio_quick_") as cwd:
         p = subprocess.run(
             [python, "-c", WORKER, json.dumps(cfg)],
-            cwd=cwd, capture_output=True, text=True, timeout=600,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
     if p.returncode != 0:
         return {"failed": (p.stderr.strip().splitlines() or ["?"])[-1]}
@@ -182,11 +185,23 @@ def fio_iops(path, conc, duration):
     if not fio:
         return None
     p = subprocess.run(
-        [fio, "--name=aio_quick", f"--filename={path}", "--ioengine=libaio",
-         f"--iodepth={conc}", "--direct=1", "--rw=randread", "--bs=4k",
-         f"--runtime={duration}", "--time_based", "--output-format=json",
-         "--readonly"],
-        capture_output=True, text=True, timeout=600,
+        [
+            fio,
+            "--name=aio_quick",
+            f"--filename={path}",
+            "--ioengine=libaio",
+            f"--iodepth={conc}",
+            "--direct=1",
+            "--rw=randread",
+            "--bs=4k",
+            f"--runtime={duration}",
+            "--time_based",
+            "--output-format=json",
+            "--readonly",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if p.returncode != 0:
         return None
@@ -196,8 +211,10 @@ def fio_iops(path, conc, duration):
 def fmt(r):
     if "failed" in r:
         return f"FAILED: {r['failed']}"
-    s = (f"{r['ops_per_s']:>9,.0f} ops/s  max stall {r['max_stall_ms']:7.2f} ms"
-         f" (excluding CPU contention {r['max_own_stall_ms']:6.2f} ms)")
+    s = (
+        f"{r['ops_per_s']:>9,.0f} ops/s  max stall {r['max_stall_ms']:7.2f} ms"
+        f" (excluding CPU contention {r['max_own_stall_ms']:6.2f} ms)"
+    )
     if r.get("errors"):
         s += f"  ({r['errors']} errors, first: {r['first_error']})"
     return s
@@ -242,8 +259,13 @@ def main():
                     warm(args.file)
                 elif mode == "cold":
                     evict(args.file)
-                cfg = {"file": args.file, "mode": mode, "concurrency": args.concurrency,
-                       "duration": args.duration, "seed": 1000 * i + 7}
+                cfg = {
+                    "file": args.file,
+                    "mode": mode,
+                    "concurrency": args.concurrency,
+                    "duration": args.duration,
+                    "seed": 1000 * i + 7,
+                }
                 r = run_child(python, cfg)
                 runs[name].append(r)
                 print(f"  run {i + 1} {name:<9} {fmt(r)}", flush=True)

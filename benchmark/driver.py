@@ -49,6 +49,7 @@ class CellError(Exception):
 def _version(dist):
     try:
         from importlib.metadata import version
+
         return version(dist)
     except Exception:  # noqa: BLE001
         return None
@@ -66,6 +67,7 @@ def probe():
     caio_info = {"importable": False}
     try:
         import caio  # noqa: F401
+
         caio_info.update(
             importable=True,
             version=getattr(caio, "__version__", None),
@@ -114,11 +116,18 @@ def _resident_fraction(path, length):
     no readahead (a RWF_NOWAIT probe read would)."""
     global _libc
     import ctypes
+
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.mmap.restype = ctypes.c_void_p
-        _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                               ctypes.c_int, ctypes.c_long]
+        _libc.mmap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
         _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     page = mmap.PAGESIZE
@@ -253,6 +262,7 @@ class ExecutorContender(Contender):
             # O_DIRECT); a careful user reads into an aligned buffer instead.
             buf = mmap.mmap(-1, n)
             if self.cell["op"] == "read":
+
                 async def op(off):
                     k = await run(None, os.preadv, fd, [buf], off)
                     return buf if k == n else buf[:k]
@@ -261,6 +271,7 @@ class ExecutorContender(Contender):
 
                 def op(off):
                     return run(None, os.pwritev, fd, [buf], off)
+
             return op
         if self.cell["op"] == "read":
             return lambda off: run(None, os.pread, fd, n, off)
@@ -284,13 +295,16 @@ class _FileObjContender(Contender):
     def make_op(self, worker):
         f, n, data = self.files[worker], self.cell["chunk"], self.data
         if data is None:
+
             async def op(off):
                 await f.seek(off)
                 return await f.read(n)
         else:
+
             async def op(off):
                 await f.seek(off)
                 return await f.write(data)
+
         return op
 
     async def after(self):
@@ -306,12 +320,14 @@ class _FileObjContender(Contender):
 class AiofilesContender(_FileObjContender):
     async def _open(self, path, mode):
         import aiofiles
+
         return await aiofiles.open(path, mode, opener=self._opener())
 
 
 class AnyioContender(_FileObjContender):
     async def _open(self, path, mode):
         import anyio
+
         return await anyio.open_file(path, mode, opener=self._opener())
 
 
@@ -330,6 +346,7 @@ class FloorContender(Contender):
             fut = loop.create_future()
             loop.call_soon(fut.set_result, None)
             return await fut
+
         return op
 
 
@@ -343,6 +360,7 @@ class SyncContender(Contender):
         if self.cell["cache"] == "direct":
             buf = mmap.mmap(-1, n)
             if self.cell["op"] == "read":
+
                 def op(off):
                     k = os.preadv(fd, [buf], off)
                     return buf if k == n else buf[:k]
@@ -351,6 +369,7 @@ class SyncContender(Contender):
 
                 def op(off):
                     return os.pwritev(fd, [buf], off)
+
             return op
         if self.cell["op"] == "read":
             return lambda off: os.pread(fd, n, off)
@@ -443,6 +462,7 @@ def _pct(sorted_vals, q):
     if not sorted_vals:
         return None
     import math
+
     i = max(0, min(len(sorted_vals) - 1, int(math.ceil(q * len(sorted_vals))) - 1))
     return sorted_vals[i]
 
@@ -452,15 +472,18 @@ def _check_factory(cell, verify):
     if not verify:
         return None
     if cell["op"] == "read":
+
         def check(r, off):
             if len(r) != n:
                 raise CellError("short read: %d of %d bytes at offset %d" % (len(r), n, off))
             if r[:8] != _hdr(off):
                 raise CellError("wrong data at offset %d (block header mismatch)" % off)
     else:
+
         def check(r, off):
             if r != n:
                 raise CellError("short write: %r of %d bytes at offset %d" % (r, n, off))
+
     return check
 
 
@@ -571,8 +594,14 @@ def run_cell(spec, cell):
     region = spec["region"]
     offsets = make_offsets(cell["pattern"], cell["chunk"], region, cell["seed"], cell["offsets"])
     # warm-up: another random list, or for seq the second half of the file
-    warm_offsets = make_offsets(cell["pattern"], cell["chunk"], region, cell["seed"] ^ 0x5A5A5A5A,
-                                min(cell["offsets"], 4096), start=region // cell["chunk"] // 2)
+    warm_offsets = make_offsets(
+        cell["pattern"],
+        cell["chunk"],
+        region,
+        cell["seed"] ^ 0x5A5A5A5A,
+        min(cell["offsets"], 4096),
+        start=region // cell["chunk"] // 2,
+    )
     reuse = cell["cache"] == "cached"
     max_ops = 1 << 62 if reuse else len(offsets)
     check = _check_factory(cell, contender.verify)
@@ -599,7 +628,9 @@ def run_cell(spec, cell):
 
         async def main():
             loop = asyncio.get_running_loop()
-            meter_cls = TickerStallMeter if spec.get("stall_method") == "ticker" else SelectorStallMeter
+            meter_cls = (
+                TickerStallMeter if spec.get("stall_method") == "ticker" else SelectorStallMeter
+            )
             meter = meter_cls(loop)
             await contender.setup(fd, path)
             try:
@@ -607,10 +638,13 @@ def run_cell(spec, cell):
                 try:
                     await asyncio.wait_for(
                         _drive(ops, warm_offsets, cell["warmup"], 1 << 62, check, None),
-                        cell["timeout"])
+                        cell["timeout"],
+                    )
                 except asyncio.TimeoutError:
-                    raise CellError("timeout during warm-up: operations did not complete "
-                                    "within %.0f s" % cell["timeout"]) from None
+                    raise CellError(
+                        "timeout during warm-up: operations did not complete "
+                        "within %.0f s" % cell["timeout"]
+                    ) from None
                 await contender.after()
                 _post_warmup(cell, path, region, info)
                 lats = []
@@ -619,11 +653,13 @@ def run_cell(spec, cell):
                 c0, t0 = time.process_time(), time.perf_counter()
                 try:
                     n = await asyncio.wait_for(
-                        _drive(ops, offsets, cell["measure"], max_ops, check, lats),
-                        cell["timeout"])
+                        _drive(ops, offsets, cell["measure"], max_ops, check, lats), cell["timeout"]
+                    )
                 except asyncio.TimeoutError:
-                    raise CellError("timeout: operations did not complete within %.0f s "
-                                    "(%d completed)" % (cell["timeout"], len(lats))) from None
+                    raise CellError(
+                        "timeout: operations did not complete within %.0f s "
+                        "(%d completed)" % (cell["timeout"], len(lats))
+                    ) from None
                 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                 stall = meter.stop()
                 ru1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -657,8 +693,17 @@ def run(spec_path, out_path):
         for cell in spec["cells"]:
             print("cell %s" % cell["id"], file=sys.stderr, flush=True)
             if hung is not None:
-                out.write(json.dumps({"id": cell["id"], "status": "fail", "error": "not run: an earlier "
-                                      "cell of this contender timed out in the same batch (%s)" % hung}) + "\n")
+                out.write(
+                    json.dumps(
+                        {
+                            "id": cell["id"],
+                            "status": "fail",
+                            "error": "not run: an earlier "
+                            "cell of this contender timed out in the same batch (%s)" % hung,
+                        }
+                    )
+                    + "\n"
+                )
                 out.flush()
                 continue
             faulthandler.dump_traceback_later(cell["hard_timeout"], exit=True)
@@ -668,8 +713,11 @@ def run(spec_path, out_path):
             except BaseException as e:  # noqa: BLE001
                 if isinstance(e, KeyboardInterrupt):
                     raise
-                res = {"status": "fail", "error": "%s: %s" % (type(e).__name__, e),
-                       "traceback": traceback.format_exc()[-2000:]}
+                res = {
+                    "status": "fail",
+                    "error": "%s: %s" % (type(e).__name__, e),
+                    "traceback": traceback.format_exc()[-2000:],
+                }
                 if isinstance(e, CellError) and str(e).startswith("timeout"):
                     hung = cell["id"]
             finally:

@@ -45,10 +45,19 @@ _PYVER = {}
 
 def py_version(python):
     if python not in _PYVER:
-        out = subprocess.run([python, "-c", "import sys; print(sys.version_info[0], sys.version_info[1], "
-                              "sys.version.split()[0], sys.implementation.name, "
-                              "int(not getattr(sys, '_is_gil_enabled', lambda: True)()))"],
-                             capture_output=True, text=True, check=True, cwd=tempfile.gettempdir())
+        out = subprocess.run(
+            [
+                python,
+                "-c",
+                "import sys; print(sys.version_info[0], sys.version_info[1], "
+                "sys.version.split()[0], sys.implementation.name, "
+                "int(not getattr(sys, '_is_gil_enabled', lambda: True)()))",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=tempfile.gettempdir(),
+        )
         a, b, full, impl, ft = out.stdout.split()
         _PYVER[python] = (int(a), int(b))
         _PYVER[python + "#tag"] = "%s-%s%s" % (impl, full, "t" if ft == "1" else "")
@@ -70,8 +79,9 @@ def ensure_venv(base_python, directory, requirements, label, offline_ok=False):
 
     A stamp file records what was installed; the venv is rebuilt when the
     requirement text or the base interpreter changes."""
-    stamp_text = json.dumps({"base": os.path.realpath(base_python), "tag": py_tag(base_python),
-                             "req": requirements})
+    stamp_text = json.dumps(
+        {"base": os.path.realpath(base_python), "tag": py_tag(base_python), "req": requirements}
+    )
     stamp = os.path.join(directory, ".caio-bench-stamp")
     py = os.path.join(directory, "bin", "python")
     if os.path.exists(stamp) and os.path.exists(py):
@@ -85,8 +95,10 @@ def ensure_venv(base_python, directory, requirements, label, offline_ok=False):
     req_file = os.path.join(directory, "requirements.txt")
     with open(req_file, "w") as f:
         f.write(requirements)
-    _run([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", req_file],
-         cwd=tempfile.gettempdir())
+    _run(
+        [py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", req_file],
+        cwd=tempfile.gettempdir(),
+    )
     with open(stamp, "w") as f:
         f.write(stamp_text)
     return py
@@ -107,8 +119,13 @@ def tools_venv(base_python, cache):
 def probe(python):
     """Run driver.py probe with ``python`` from a neutral cwd."""
     with tempfile.TemporaryDirectory(prefix="caio-bench-probe-") as tmp:
-        out = subprocess.run(python_cmd(python) + [DRIVER, "probe"], capture_output=True,
-                             text=True, cwd=tmp, timeout=120)
+        out = subprocess.run(
+            python_cmd(python) + [DRIVER, "probe"],
+            capture_output=True,
+            text=True,
+            cwd=tmp,
+            timeout=120,
+        )
     if out.returncode != 0:
         return {"error": (out.stderr or out.stdout).strip()[-2000:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -126,18 +143,29 @@ def ensure_fio(install=True):
     if p or not install:
         return p
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        log("setup: fio missing and cannot apt-get install it (not root or no apt); fio rows skipped")
+        log(
+            "setup: fio missing and cannot apt-get install it (not root or no apt); fio rows skipped"
+        )
         return None
     log("setup: installing fio with apt-get (Debian package)")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for attempt in range(2):
-        r = subprocess.run(["apt-get", "install", "-y", "-q", "fio"], env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        r = subprocess.run(
+            ["apt-get", "install", "-y", "-q", "fio"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         if r.returncode == 0:
             break
         if attempt == 0:
-            subprocess.run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+            subprocess.run(
+                ["apt-get", "update", "-q"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
     else:
         log("setup: apt-get install fio failed: %s" % r.stderr.strip()[-500:])
     return fio_path()
@@ -174,7 +202,13 @@ def block_device_info(dev):
     for base in (name, name.rstrip("0123456789").rstrip("p")):
         q = "/sys/block/%s/queue" % base
         if os.path.isdir(q):
-            for key in ("rotational", "scheduler", "nr_requests", "read_ahead_kb", "logical_block_size"):
+            for key in (
+                "rotational",
+                "scheduler",
+                "nr_requests",
+                "read_ahead_kb",
+                "logical_block_size",
+            ):
                 try:
                     with open(os.path.join(q, key)) as f:
                         info[key] = f.read().strip()
@@ -200,8 +234,9 @@ def _file_ok(path, size):
             head = f.read(16)
             f.seek(size - BLOCK)
             tail = f.read(16)
-        return (head == (0).to_bytes(8, "little") + MAGIC.to_bytes(8, "little")
-                and tail == ((size - BLOCK) // BLOCK).to_bytes(8, "little") + MAGIC.to_bytes(8, "little"))
+        return head == (0).to_bytes(8, "little") + MAGIC.to_bytes(8, "little") and tail == (
+            (size - BLOCK) // BLOCK
+        ).to_bytes(8, "little") + MAGIC.to_bytes(8, "little")
     except OSError:
         return False
 
@@ -214,6 +249,7 @@ def ensure_data_file(path, size, verify_content=True):
         return False
     log("setup: writing %d MiB test file %s" % (size >> 20, path))
     import random
+
     rnd = random.Random(1234)
     mib = 1 << 20
     base = bytearray(rnd.randbytes(mib))
@@ -225,7 +261,7 @@ def ensure_data_file(path, size, verify_content=True):
             n = min(mib, size - off)
             buf = bytearray(base[:n])
             for b in range(0, n, BLOCK):
-                buf[b:b + 16] = ((off + b) // BLOCK).to_bytes(8, "little") + magic
+                buf[b : b + 16] = ((off + b) // BLOCK).to_bytes(8, "little") + magic
             f.write(buf)
             off += n
         os.fsync(f.fileno())
@@ -239,6 +275,7 @@ def check_eviction(path, size):
     pages are read again; mincore(2) must agree for the whole file."""
     import random
     from .driver import _resident_fraction
+
     fd = os.open(path, os.O_RDONLY)
     buf = bytearray(BLOCK)
     rnd = random.Random(7)
@@ -263,9 +300,14 @@ def check_eviction(path, size):
         mincore_after = _resident_fraction(path, size)
         after = resident()
         ok = before == len(offs) and after == 0 and mincore_after < 0.001
-        return {"ok": ok, "sampled": len(offs), "resident_before": before, "resident_after_evict": after,
-                "mincore_resident_after_evict": mincore_after,
-                "method": "fsync + posix_fadvise(DONTNEED), verified with preadv(RWF_NOWAIT) and mincore"}
+        return {
+            "ok": ok,
+            "sampled": len(offs),
+            "resident_before": before,
+            "resident_after_evict": after,
+            "mincore_resident_after_evict": mincore_after,
+            "method": "fsync + posix_fadvise(DONTNEED), verified with preadv(RWF_NOWAIT) and mincore",
+        }
     except OSError as e:
         return {"ok": False, "error": "%s: %s" % (type(e).__name__, e)}
     finally:
@@ -311,9 +353,11 @@ def machine_info():
     except AttributeError:
         affinity = None
     git = {}
-    for key, cmd in (("commit", ["git", "rev-parse", "HEAD"]),
-                     ("branch", ["git", "rev-parse", "--abbrev-ref", "HEAD"]),
-                     ("dirty", ["git", "status", "--porcelain"])):
+    for key, cmd in (
+        ("commit", ["git", "rev-parse", "HEAD"]),
+        ("branch", ["git", "rev-parse", "--abbrev-ref", "HEAD"]),
+        ("dirty", ["git", "status", "--porcelain"]),
+    ):
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO).stdout.strip()
             git[key] = bool(out) if key == "dirty" else out

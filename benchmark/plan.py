@@ -15,11 +15,11 @@ SMALL = 4 * KiB
 
 @dataclass(frozen=True)
 class Scenario:
-    cache: str      # cached | cold | direct
-    pattern: str    # rand | seq
-    op: str         # read | write
-    concs: tuple    # concurrency sweep, at 4 KiB
-    chunks: tuple   # chunk-size sweep, at Mode.sweep_conc
+    cache: str  # cached | cold | direct
+    pattern: str  # rand | seq
+    op: str  # read | write
+    concs: tuple  # concurrency sweep, at 4 KiB
+    chunks: tuple  # chunk-size sweep, at Mode.sweep_conc
 
     @property
     def name(self):
@@ -33,12 +33,12 @@ class Mode:
     reps: int
     warmup: float
     measure: float
-    offsets: int            # length of each cell's offset list
-    sweep_conc: int         # concurrency of the chunk-size sweep
+    offsets: int  # length of each cell's offset list
+    sweep_conc: int  # concurrency of the chunk-size sweep
     scenarios: List[Scenario]
     fio_install: bool = True
     note: str = ""
-    budget: float = 0.0       # minutes; 0 = no limit (see runner --budget)
+    budget: float = 0.0  # minutes; 0 = no limit (see runner --budget)
 
 
 def _s(cache, pattern, op, concs=(), chunks=()):
@@ -50,17 +50,29 @@ CHUNKS_FULL = (4 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB)
 
 MODES = {
     "smoke": Mode(
-        "smoke", file_size=16 * MiB, reps=1, warmup=0.02, measure=0.05, offsets=4096,
-        sweep_conc=8, fio_install=False,
+        "smoke",
+        file_size=16 * MiB,
+        reps=1,
+        warmup=0.02,
+        measure=0.05,
+        offsets=4096,
+        sweep_conc=8,
+        fio_install=False,
         scenarios=[
             _s("cached", "rand", "read", (1, 8), (SMALL, 64 * KiB)),
             _s("cold", "rand", "read", (8,)),
             _s("direct", "rand", "read", (8,)),
             _s("cached", "seq", "write", (8,)),
         ],
-        note="plumbing check only: numbers are meaningless"),
+        note="plumbing check only: numbers are meaningless",
+    ),
     "quick": Mode(
-        "quick", file_size=256 * MiB, reps=3, warmup=0.05, measure=0.2, offsets=65536,
+        "quick",
+        file_size=256 * MiB,
+        reps=3,
+        warmup=0.05,
+        measure=0.2,
+        offsets=65536,
         sweep_conc=64,
         scenarios=[
             _s("cached", "rand", "read", (1, 64, 256), (SMALL, 64 * KiB, 1 * MiB)),
@@ -68,9 +80,15 @@ MODES = {
             _s("direct", "rand", "read", (64,)),
             _s("cached", "rand", "write", (64,)),
         ],
-        note="the performance-target cells plus a short concurrency/chunk sweep"),
+        note="the performance-target cells plus a short concurrency/chunk sweep",
+    ),
     "full": Mode(
-        "full", file_size=1 * GiB, reps=3, warmup=0.05, measure=0.2, offsets=131072,
+        "full",
+        file_size=1 * GiB,
+        reps=3,
+        warmup=0.05,
+        measure=0.2,
+        offsets=131072,
         sweep_conc=64,
         scenarios=[
             _s("cached", "rand", "read", CONCS_FULL, CHUNKS_FULL),
@@ -87,7 +105,8 @@ MODES = {
         ],
         budget=27.0,
         note="every scenario; cold writes only at a few points (aligned whole-page "
-             "buffered writes never read the old page, so they behave like cached writes)"),
+        "buffered writes never read the old page, so they behave like cached writes)",
+    ),
 }
 
 
@@ -104,7 +123,12 @@ class Cell:
 
     @property
     def id(self):
-        return "%s/%s/c%d/r%d" % (self.scenario.name, fmt_size(self.chunk), self.concurrency, self.rep)
+        return "%s/%s/c%d/r%d" % (
+            self.scenario.name,
+            fmt_size(self.chunk),
+            self.concurrency,
+            self.rep,
+        )
 
     @property
     def key(self):
@@ -127,7 +151,9 @@ def parse_size(text):
 
 def cell_seed(base, rep, scenario, chunk):
     """Same seed -> same offsets for every contender of a cell (and for fio)."""
-    return zlib.crc32(("%d:%d:%s:%s:%d" % (base, rep, scenario.pattern, scenario.op, chunk)).encode())
+    return zlib.crc32(
+        ("%d:%d:%s:%s:%d" % (base, rep, scenario.pattern, scenario.op, chunk)).encode()
+    )
 
 
 def scenario_points(mode, scen):
@@ -147,9 +173,9 @@ def scenario_points(mode, scen):
 @dataclass
 class Contender:
     id: str
-    family: str               # ours | upstream | peer | limit
+    family: str  # ours | upstream | peer | limit
     label: str
-    kind: str                 # caio | executor | aiofiles | anyio | sync | floor | fio
+    kind: str  # caio | executor | aiofiles | anyio | sync | floor | fio
     python: Optional[str] = None
     backend: Optional[str] = None
     variant: str = ""
@@ -163,7 +189,7 @@ class Contender:
             if scen.name != "cached-rand-read":
                 return []
             return [p for p in pts if p[0] == SMALL]
-        if self.kind == "sync":   # one thread: concurrency does not apply
+        if self.kind == "sync":  # one thread: concurrency does not apply
             out = []
             for ch, _ in pts:
                 if (ch, 1) not in out:
@@ -182,61 +208,131 @@ def caio_contenders(family, python, probe_info, log):
     out = []
     cinfo = probe_info.get("caio") or {}
     if probe_info.get("error") or not cinfo.get("importable"):
-        log("%s: caio not importable with %s -> no %s contenders (%s)" % (
-            family, python, family, probe_info.get("error") or cinfo.get("error")))
+        log(
+            "%s: caio not importable with %s -> no %s contenders (%s)"
+            % (family, python, family, probe_info.get("error") or cinfo.get("error"))
+        )
         return out
     version = cinfo.get("version") or cinfo.get("dist_version")
     for b in CAIO_BACKENDS:
         bi = (cinfo.get("backends") or {}).get(b) or {}
         if not bi.get("ok"):
-            log("%s: backend %s unavailable, omitted (%s)" % (family, b, bi.get("error", "not probed")))
+            log(
+                "%s: backend %s unavailable, omitted (%s)"
+                % (family, b, bi.get("error", "not probed"))
+            )
             continue
         common = dict(family=family, kind="caio", python=python, backend=b, version=version)
         if b == "linux_uring":
             dsq = bi.get("default_sqpoll")
-            out.append(Contender("%s.linux_uring" % family,
-                                 label="%s linux_uring (default%s)" % (family, ", sqpoll" if dsq else ""),
-                                 variant="default", params={"backend": b, "kwargs": {}}, **common))
+            out.append(
+                Contender(
+                    "%s.linux_uring" % family,
+                    label="%s linux_uring (default%s)" % (family, ", sqpoll" if dsq else ""),
+                    variant="default",
+                    params={"backend": b, "kwargs": {}},
+                    **common,
+                )
+            )
             # The explicit sqpoll=False row only when it differs from the
             # default (upstream's default is SQPOLL; ours is the plain ring,
             # so for ours it would measure the same thing twice).
             if dsq or family != "ours":
-                out.append(Contender("%s.linux_uring.nosqpoll" % family,
-                                     label="%s linux_uring sqpoll=False" % family, variant="sqpoll=False",
-                                     params={"backend": b, "kwargs": {"sqpoll": False}}, **common))
+                out.append(
+                    Contender(
+                        "%s.linux_uring.nosqpoll" % family,
+                        label="%s linux_uring sqpoll=False" % family,
+                        variant="sqpoll=False",
+                        params={"backend": b, "kwargs": {"sqpoll": False}},
+                        **common,
+                    )
+                )
             if not dsq and bi.get("SQPOLL_ALLOWED"):
-                out.append(Contender("%s.linux_uring.sqpoll" % family,
-                                     label="%s linux_uring sqpoll=True" % family, variant="sqpoll=True",
-                                     params={"backend": b, "kwargs": {"sqpoll": True}}, **common))
+                out.append(
+                    Contender(
+                        "%s.linux_uring.sqpoll" % family,
+                        label="%s linux_uring sqpoll=True" % family,
+                        variant="sqpoll=True",
+                        params={"backend": b, "kwargs": {"sqpoll": True}},
+                        **common,
+                    )
+                )
         else:
-            out.append(Contender("%s.%s" % (family, b), label="%s %s" % (family, b), variant="default",
-                                 params={"backend": b, "kwargs": {}}, **common))
+            out.append(
+                Contender(
+                    "%s.%s" % (family, b),
+                    label="%s %s" % (family, b),
+                    variant="default",
+                    params={"backend": b, "kwargs": {}},
+                    **common,
+                )
+            )
     return out
 
 
 def peer_contenders(python, probe_info, fio, fio_ver):
     out = [
-        Contender("peer.run_in_executor", "peer", "run_in_executor(os.pread/pwrite)", "executor",
-                  python=python, version="python " + str(probe_info.get("python"))),
-        Contender("peer.aiofiles", "peer", "aiofiles (seek + read/write)", "aiofiles", python=python,
-                  version=probe_info.get("aiofiles")),
-        Contender("peer.anyio", "peer", "anyio.open_file (seek + read/write)", "anyio", python=python,
-                  version=probe_info.get("anyio")),
-        Contender("limit.sync", "limit", "sync os.pread/pwrite loop (1 thread)", "sync", python=python,
-                  version="python " + str(probe_info.get("python"))),
-        Contender("limit.floor", "limit", "asyncio floor (call_soon future)", "floor", python=python,
-                  version="python " + str(probe_info.get("python"))),
+        Contender(
+            "peer.run_in_executor",
+            "peer",
+            "run_in_executor(os.pread/pwrite)",
+            "executor",
+            python=python,
+            version="python " + str(probe_info.get("python")),
+        ),
+        Contender(
+            "peer.aiofiles",
+            "peer",
+            "aiofiles (seek + read/write)",
+            "aiofiles",
+            python=python,
+            version=probe_info.get("aiofiles"),
+        ),
+        Contender(
+            "peer.anyio",
+            "peer",
+            "anyio.open_file (seek + read/write)",
+            "anyio",
+            python=python,
+            version=probe_info.get("anyio"),
+        ),
+        Contender(
+            "limit.sync",
+            "limit",
+            "sync os.pread/pwrite loop (1 thread)",
+            "sync",
+            python=python,
+            version="python " + str(probe_info.get("python")),
+        ),
+        Contender(
+            "limit.floor",
+            "limit",
+            "asyncio floor (call_soon future)",
+            "floor",
+            python=python,
+            version="python " + str(probe_info.get("python")),
+        ),
     ]
     if fio:
         for eng in ("io_uring", "libaio"):
-            out.append(Contender("limit.fio_%s" % eng, "limit", "fio %s (O_DIRECT)" % eng, "fio",
-                                 backend=eng, params={"ioengine": eng, "fio": fio}, version=fio_ver))
+            out.append(
+                Contender(
+                    "limit.fio_%s" % eng,
+                    "limit",
+                    "fio %s (O_DIRECT)" % eng,
+                    "fio",
+                    backend=eng,
+                    params={"ioengine": eng, "fio": fio},
+                    version=fio_ver,
+                )
+            )
     return out
 
 
 def select(contenders, only, skip):
     def match(c, pats):
         return any(fnmatch.fnmatch(c.id, p.strip()) for p in pats.split(",") if p.strip())
+
     if only:
         contenders = [c for c in contenders if match(c, only)]
     if skip:

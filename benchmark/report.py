@@ -13,12 +13,30 @@ import os
 import statistics
 import sys
 
-NUM = ("ops", "bytes", "wall_s", "ops_per_s", "mb_per_s", "lat_p50_us", "lat_p99_us", "lat_p999_us",
-       "lat_max_us", "cpu_s", "cpu_us_per_op", "user_s", "sys_s", "max_stall_ms", "load1", "load5",
-       "load15", "evict_ms", "resident")
+NUM = (
+    "ops",
+    "bytes",
+    "wall_s",
+    "ops_per_s",
+    "mb_per_s",
+    "lat_p50_us",
+    "lat_p99_us",
+    "lat_p999_us",
+    "lat_max_us",
+    "cpu_s",
+    "cpu_us_per_op",
+    "user_s",
+    "sys_s",
+    "max_stall_ms",
+    "load1",
+    "load5",
+    "load15",
+    "evict_ms",
+    "resident",
+)
 INT = ("rep", "chunk", "concurrency", "file_size")
 SMALL = 4096
-NOISY = 0.25   # (max - min) / median above this is flagged
+NOISY = 0.25  # (max - min) / median above this is flagged
 
 
 # ------------------------------------------------------------------ loading
@@ -90,14 +108,16 @@ class Results:
         self.rows, self.meta = rows, meta
         self.groups = {}
         for r in rows:
-            self.groups.setdefault((r["scenario"], r["chunk"], r["concurrency"], r["contender"]), []).append(r)
+            self.groups.setdefault(
+                (r["scenario"], r["chunk"], r["concurrency"], r["contender"]), []
+            ).append(r)
         self.contenders = []
         seen = set()
         for c in meta.get("contenders", []):
             if c["id"] not in seen:
                 seen.add(c["id"])
                 self.contenders.append(c)
-        for c in self.contenders:   # display names are the report's business
+        for c in self.contenders:  # display names are the report's business
             c["label"] = DISPLAY.get(c["id"], c["label"])
         self.labels = {c["id"]: c["label"] for c in self.contenders}
         self.scenarios = []
@@ -107,7 +127,7 @@ class Results:
 
     def get(self, scen, chunk, conc, cid):
         rows = self.groups.get((scen, chunk, conc, cid))
-        if rows is None and cid == "limit.sync":     # one thread: concurrency does not apply
+        if rows is None and cid == "limit.sync":  # one thread: concurrency does not apply
             rows = self.groups.get((scen, chunk, 1, cid))
         return Stat(rows) if rows else None
 
@@ -115,7 +135,9 @@ class Results:
         return any(k[3] == cid for k in self.groups)
 
     def points(self, scen):
-        pts = sorted({(k[1], k[2]) for k in self.groups if k[0] == scen and not k[3] == "limit.sync"})
+        pts = sorted(
+            {(k[1], k[2]) for k in self.groups if k[0] == scen and not k[3] == "limit.sync"}
+        )
         return pts
 
     def conc_points(self, scen):
@@ -206,39 +228,216 @@ def targets():
     """(group, title, scenario, chunk, conc, ours, reference, metric, kind)."""
     t = []
     a = t.append
-    a(("thread_aio", "4 KiB cached random read, c=1: ours / upstream", CR, SMALL, 1,
-       "ours.thread_aio", "upstream.thread_aio", "ops_per_s", "x"))
-    a(("thread_aio", "4 KiB cached random read, c=64: ours / upstream", CR, SMALL, 64,
-       "ours.thread_aio", "upstream.thread_aio", "ops_per_s", "x"))
-    a(("thread_aio", "4 KiB cached random read, c=64: ours / run_in_executor", CR, SMALL, 64,
-       "ours.thread_aio", "peer.run_in_executor", "ops_per_s", "x"))
-    a(("thread_aio", "4 KiB cached random read, c=64: ours / aiofiles", CR, SMALL, 64, "ours.thread_aio", "peer.aiofiles", "ops_per_s", "x"))
-    a(("python_aio", "4 KiB cached random read, c=64: ours / upstream", CR, SMALL, 64,
-       "ours.python_aio", "upstream.python_aio", "ops_per_s", "x"))
+    a(
+        (
+            "thread_aio",
+            "4 KiB cached random read, c=1: ours / upstream",
+            CR,
+            SMALL,
+            1,
+            "ours.thread_aio",
+            "upstream.thread_aio",
+            "ops_per_s",
+            "x",
+        )
+    )
+    a(
+        (
+            "thread_aio",
+            "4 KiB cached random read, c=64: ours / upstream",
+            CR,
+            SMALL,
+            64,
+            "ours.thread_aio",
+            "upstream.thread_aio",
+            "ops_per_s",
+            "x",
+        )
+    )
+    a(
+        (
+            "thread_aio",
+            "4 KiB cached random read, c=64: ours / run_in_executor",
+            CR,
+            SMALL,
+            64,
+            "ours.thread_aio",
+            "peer.run_in_executor",
+            "ops_per_s",
+            "x",
+        )
+    )
+    a(
+        (
+            "thread_aio",
+            "4 KiB cached random read, c=64: ours / aiofiles",
+            CR,
+            SMALL,
+            64,
+            "ours.thread_aio",
+            "peer.aiofiles",
+            "ops_per_s",
+            "x",
+        )
+    )
+    a(
+        (
+            "python_aio",
+            "4 KiB cached random read, c=64: ours / upstream",
+            CR,
+            SMALL,
+            64,
+            "ours.python_aio",
+            "upstream.python_aio",
+            "ops_per_s",
+            "x",
+        )
+    )
     for c in (1, 64):
-        a(("linux_uring", "4 KiB cached random read, c=%d: ours default / upstream default (SQPOLL)" % c, CR, SMALL, c,
-           "ours.linux_uring", "upstream.linux_uring", "ops_per_s", "x"))
-        a(("linux_uring", "4 KiB cached random read, c=%d: ours default / upstream sqpoll=False" % c, CR, SMALL, c,
-           "ours.linux_uring", "upstream.linux_uring.nosqpoll", "ops_per_s", "x"))
-    a(("linux_uring", "4 KiB cold buffered random read, c=64: ours / upstream default", CO, SMALL, 64,
-       "ours.linux_uring", "upstream.linux_uring", "ops_per_s", "x"))
-    a(("linux_uring", "4 KiB cold buffered random read, c=64: ours / upstream sqpoll=False", CO, SMALL, 64,
-       "ours.linux_uring", "upstream.linux_uring.nosqpoll", "ops_per_s", "x"))
-    a(("linux_uring", "4 KiB O_DIRECT random read, c=64: ours / fio io_uring (iodepth 64)", DR, SMALL, 64,
-       "ours.linux_uring", "limit.fio_io_uring", "ops_per_s", "x"))
-    a(("linux_uring", "4 KiB O_DIRECT random read, c=64: ours / upstream (upstream fails: EINVAL)", DR, SMALL, 64,
-       "ours.linux_uring", "upstream.linux_uring", "ops_per_s", "x"))
-    a(("linux_aio", "4 KiB cached random read, c=64: ours / upstream", CR, SMALL, 64,
-       "ours.linux_aio", "upstream.linux_aio", "ops_per_s", "x"))
-    a(("linux_aio", "4 KiB cold buffered random read, c=64: ours / upstream", CO, SMALL, 64,
-       "ours.linux_aio", "upstream.linux_aio", "ops_per_s", "x"))
-    a(("linux_aio", "… same cell, longest event-loop stall (ms): ours / upstream", CO, SMALL, 64,
-       "ours.linux_aio", "upstream.linux_aio", "max_stall_ms", "stall"))
-    a(("linux_aio", "4 KiB O_DIRECT random read, c=64: ours / fio libaio (iodepth 64)", DR, SMALL, 64,
-       "ours.linux_aio", "limit.fio_libaio", "ops_per_s", "x"))
+        a(
+            (
+                "linux_uring",
+                "4 KiB cached random read, c=%d: ours default / upstream default (SQPOLL)" % c,
+                CR,
+                SMALL,
+                c,
+                "ours.linux_uring",
+                "upstream.linux_uring",
+                "ops_per_s",
+                "x",
+            )
+        )
+        a(
+            (
+                "linux_uring",
+                "4 KiB cached random read, c=%d: ours default / upstream sqpoll=False" % c,
+                CR,
+                SMALL,
+                c,
+                "ours.linux_uring",
+                "upstream.linux_uring.nosqpoll",
+                "ops_per_s",
+                "x",
+            )
+        )
+    a(
+        (
+            "linux_uring",
+            "4 KiB cold buffered random read, c=64: ours / upstream default",
+            CO,
+            SMALL,
+            64,
+            "ours.linux_uring",
+            "upstream.linux_uring",
+            "ops_per_s",
+            "x",
+        )
+    )
+    a(
+        (
+            "linux_uring",
+            "4 KiB cold buffered random read, c=64: ours / upstream sqpoll=False",
+            CO,
+            SMALL,
+            64,
+            "ours.linux_uring",
+            "upstream.linux_uring.nosqpoll",
+            "ops_per_s",
+            "x",
+        )
+    )
+    a(
+        (
+            "linux_uring",
+            "4 KiB O_DIRECT random read, c=64: ours / fio io_uring (iodepth 64)",
+            DR,
+            SMALL,
+            64,
+            "ours.linux_uring",
+            "limit.fio_io_uring",
+            "ops_per_s",
+            "x",
+        )
+    )
+    a(
+        (
+            "linux_uring",
+            "4 KiB O_DIRECT random read, c=64: ours / upstream (upstream fails: EINVAL)",
+            DR,
+            SMALL,
+            64,
+            "ours.linux_uring",
+            "upstream.linux_uring",
+            "ops_per_s",
+            "x",
+        )
+    )
+    a(
+        (
+            "linux_aio",
+            "4 KiB cached random read, c=64: ours / upstream",
+            CR,
+            SMALL,
+            64,
+            "ours.linux_aio",
+            "upstream.linux_aio",
+            "ops_per_s",
+            "x",
+        )
+    )
+    a(
+        (
+            "linux_aio",
+            "4 KiB cold buffered random read, c=64: ours / upstream",
+            CO,
+            SMALL,
+            64,
+            "ours.linux_aio",
+            "upstream.linux_aio",
+            "ops_per_s",
+            "x",
+        )
+    )
+    a(
+        (
+            "linux_aio",
+            "… same cell, longest event-loop stall (ms): ours / upstream",
+            CO,
+            SMALL,
+            64,
+            "ours.linux_aio",
+            "upstream.linux_aio",
+            "max_stall_ms",
+            "stall",
+        )
+    )
+    a(
+        (
+            "linux_aio",
+            "4 KiB O_DIRECT random read, c=64: ours / fio libaio (iodepth 64)",
+            DR,
+            SMALL,
+            64,
+            "ours.linux_aio",
+            "limit.fio_libaio",
+            "ops_per_s",
+            "x",
+        )
+    )
     for b in ("linux_uring", "linux_aio", "thread_aio", "python_aio"):
-        a(("large reads", "1 MiB cached random read, c=64, MB/s: ours %s / sync os.pread loop" % b, CR, MB, 64,
-           "ours.%s" % b, "limit.sync", "mb_per_s", "pct"))
+        a(
+            (
+                "large reads",
+                "1 MiB cached random read, c=64, MB/s: ours %s / sync os.pread loop" % b,
+                CR,
+                MB,
+                64,
+                "ours.%s" % b,
+                "limit.sync",
+                "mb_per_s",
+                "pct",
+            )
+        )
     return t
 
 
@@ -251,7 +450,10 @@ def fmt_metric(metric):
 
 
 def targets_md(res):
-    out = ["| area | target | ours | reference | ratio | upstream's ratio |", "|---|---|---|---|---|---|"]
+    out = [
+        "| area | target | ours | reference | ratio | upstream's ratio |",
+        "|---|---|---|---|---|---|",
+    ]
     for group, title, scen, chunk, conc, ours, ref, metric, kind in targets():
         a, b = res.get(scen, chunk, conc, ours), res.get(scen, chunk, conc, ref)
         f = fmt_metric(metric)
@@ -271,8 +473,14 @@ def targets_md(res):
             ut = ""
         else:
             su = res.get(scen, chunk, conc, up)
-            ut = ("upstream **FAIL**" if su is not None and su.failed else rtext(ratio(su, b, metric), kind == "pct"))
-        out.append("| %s | %s | %s | %s | %s | %s |" % (group, title, at, bt, rtext(r, kind == "pct"), ut))
+            ut = (
+                "upstream **FAIL**"
+                if su is not None and su.failed
+                else rtext(ratio(su, b, metric), kind == "pct")
+            )
+        out.append(
+            "| %s | %s | %s | %s | %s | %s |" % (group, title, at, bt, rtext(r, kind == "pct"), ut)
+        )
     return "\n".join(out)
 
 
@@ -314,9 +522,13 @@ def sweep_table(res, scen, metric, axis):
             continue
         row, any_ = [c["label"]], False
         for p in pts:
-            st = res.get(scen, SMALL, p, c["id"]) if axis == "conc" else res.get(scen, p, sc, c["id"])
+            st = (
+                res.get(scen, SMALL, p, c["id"])
+                if axis == "conc"
+                else res.get(scen, p, sc, c["id"])
+            )
             if c["id"] == "limit.sync" and st is not None and axis == "conc" and p != pts[0]:
-                row.append("″")     # one thread: the same measurement (taken at c=1)
+                row.append("″")  # one thread: the same measurement (taken at c=1)
                 continue
             if c["id"] == "limit.sync" and st is not None and axis == "conc" and p != 1:
                 row.append(cell_text(st, metric, f) + " (c=1)")
@@ -330,8 +542,11 @@ def sweep_table(res, scen, metric, axis):
 
 
 def details_md(res, scen):
-    out = ["| chunk | c | contender | ops/s | MB/s | p50 µs | p99 µs | p99.9 µs | CPU µs/op | max stall ms "
-           "| spread | ok/n | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| chunk | c | contender | ops/s | MB/s | p50 µs | p99 µs | p99.9 µs | CPU µs/op | max stall ms "
+        "| spread | ok/n | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     pts = sorted({(k[1], k[2]) for k in res.groups if k[0] == scen})
     for ch, conc in pts:
         for c in res.contenders:
@@ -353,25 +568,46 @@ def details_md(res, scen):
                 if resd and min(resd) < 1.0:
                     note += " resident %.0f%%" % (100 * min(resd))
             sp = st.spread("ops_per_s")
-            out.append("| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %d/%d | %s |" % (
-                fsize(ch), conc, c["label"], si(st.med("ops_per_s")), num(st.med("mb_per_s")),
-                num(st.med("lat_p50_us")), num(st.med("lat_p99_us")), num(st.med("lat_p999_us")),
-                num(st.med("cpu_us_per_op")), num(st.med("max_stall_ms")),
-                "–" if sp is None else "%.0f%%" % (100 * sp), len(st.ok), len(st.rows), note))
+            out.append(
+                "| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %d/%d | %s |"
+                % (
+                    fsize(ch),
+                    conc,
+                    c["label"],
+                    si(st.med("ops_per_s")),
+                    num(st.med("mb_per_s")),
+                    num(st.med("lat_p50_us")),
+                    num(st.med("lat_p99_us")),
+                    num(st.med("lat_p999_us")),
+                    num(st.med("cpu_us_per_op")),
+                    num(st.med("max_stall_ms")),
+                    "–" if sp is None else "%.0f%%" % (100 * sp),
+                    len(st.ok),
+                    len(st.rows),
+                    note,
+                )
+            )
     return "\n".join(out)
 
 
 def ratio_md(res):
     """ours / upstream for every cell and backend, plus ours vs the peers."""
-    pairs = [(c["id"], c["id"].replace("ours.", "upstream.", 1)) for c in res.contenders
-             if c["id"].startswith("ours.")]
+    pairs = [
+        (c["id"], c["id"].replace("ours.", "upstream.", 1))
+        for c in res.contenders
+        if c["id"].startswith("ours.")
+    ]
     pairs = [(a, b) for a, b in pairs if res.has(a)]
     if not pairs:
         return "_ours not available in this run: no ratios._"
     peers = ["peer.run_in_executor", "peer.aiofiles", "peer.anyio", "limit.sync", "limit.floor"]
     peers = [p for p in peers if res.has(p)]
     out = []
-    hdr = ["scenario", "chunk", "c", "ours"] + ["/ upstream"] + ["/ " + res.labels.get(p, p).split(" (")[0] for p in peers]
+    hdr = (
+        ["scenario", "chunk", "c", "ours"]
+        + ["/ upstream"]
+        + ["/ " + res.labels.get(p, p).split(" (")[0] for p in peers]
+    )
     out.append("| " + " | ".join(hdr) + " |")
     out.append("|" + "---|" * len(hdr))
     for scen in res.scenarios:
@@ -387,7 +623,9 @@ def ratio_md(res):
                         sp = res.get(CR, SMALL, conc, p)
                     cols.append(rtext(ratio(sa, sp)))
                 label = res.labels.get(a, a) + (" **FAIL**" if sa.failed else "")
-                out.append("| %s | %s | %d | %s | %s |" % (scen, fsize(ch), conc, label, " | ".join(cols)))
+                out.append(
+                    "| %s | %s | %d | %s | %s |" % (scen, fsize(ch), conc, label, " | ".join(cols))
+                )
     return "\n".join(out)
 
 
@@ -402,8 +640,15 @@ def failures_md(res):
     out = ["| contender | scenario | cells | error |", "|---|---|---|---|"]
     for (cid, scen, err), cells in seen.items():
         uniq = sorted(set(cells), key=cells.index)
-        out.append("| %s | %s | %s | %s |" % (res.labels.get(cid, cid), scen, ", ".join(uniq[:6])
-                                             + (" …" if len(uniq) > 6 else ""), err))
+        out.append(
+            "| %s | %s | %s | %s |"
+            % (
+                res.labels.get(cid, cid),
+                scen,
+                ", ".join(uniq[:6]) + (" …" if len(uniq) > 6 else ""),
+                err,
+            )
+        )
     return "\n".join(out)
 
 
@@ -418,14 +663,25 @@ def noise_md(res):
             total += 1
             if sp > NOISY:
                 noisy += 1
-    lines = ["- %d measurements (%d ok, %d failed)." % (len(res.rows), len(ok), len(res.rows) - len(ok))]
+    lines = [
+        "- %d measurements (%d ok, %d failed)." % (len(res.rows), len(ok), len(res.rows) - len(ok))
+    ]
     if loads:
-        lines.append("- 1-minute load average during the run: min %.2f, median %.2f, max %.2f "
-                     "(machine has %s CPUs)." % (min(loads), statistics.median(loads), max(loads),
-                                                  res.meta.get("machine", {}).get("cpu_count")))
+        lines.append(
+            "- 1-minute load average during the run: min %.2f, median %.2f, max %.2f "
+            "(machine has %s CPUs)."
+            % (
+                min(loads),
+                statistics.median(loads),
+                max(loads),
+                res.meta.get("machine", {}).get("cpu_count"),
+            )
+        )
     if total:
-        lines.append("- %d of %d cells have a repetition spread (max−min)/median above %d%% (marked ⚠)."
-                     % (noisy, total, NOISY * 100))
+        lines.append(
+            "- %d of %d cells have a repetition spread (max−min)/median above %d%% (marked ⚠)."
+            % (noisy, total, NOISY * 100)
+        )
     return "\n".join(lines)
 
 
@@ -440,30 +696,100 @@ def env_md(meta):
     ev = d.get("eviction_check") or {}
     blk = d.get("block") or {}
     rows = [
-        ("run", "%s (mode `%s`: %s)" % (meta.get("run_id"), meta.get("mode"), meta.get("mode_note", ""))),
-        ("machine", "%s, %s CPUs (%s usable), %s MiB RAM" % (m.get("cpu_model"), m.get("cpu_count"),
-                                                             m.get("cpus_usable"), m.get("mem_total_mib"))),
+        (
+            "run",
+            "%s (mode `%s`: %s)"
+            % (meta.get("run_id"), meta.get("mode"), meta.get("mode_note", "")),
+        ),
+        (
+            "machine",
+            "%s, %s CPUs (%s usable), %s MiB RAM"
+            % (
+                m.get("cpu_model"),
+                m.get("cpu_count"),
+                m.get("cpus_usable"),
+                m.get("mem_total_mib"),
+            ),
+        ),
         ("kernel", "%s (%s)" % (m.get("kernel"), m.get("kernel_version"))),
-        ("python", "%s (runner %s)" % ((probes.get("ours") or {}).get("python"), m.get("runner_python"))),
-        ("ours caio", ("%s from `%s`" % (ours.get("version"), ours.get("file") or ours.get("path")))
-         if ours.get("importable") else "not available (%s)" % esc(ours.get("error") or (probes.get("ours") or {}).get("error"))[:200]),
-        ("upstream caio", "%s from `%s`" % (up.get("version"), up.get("file")) if up.get("importable") else "not run"),
-        ("peers", "aiofiles %s, anyio %s, fio: %s" % (tools.get("aiofiles"), tools.get("anyio"), meta.get("fio") or "not available")),
-        ("test files", "%s MiB each on %s (%s, %s; %s)" % (
-            (d.get("file_size") or 0) >> 20, d.get("mount"), d.get("fstype"), d.get("device"),
-            ", ".join("%s=%s" % kv for kv in blk.items()))),
-        ("page-cache eviction", ("works (%d/%d sampled pages resident before, %d after fsync+FADV_DONTNEED; "
-                                 "checked with RWF_NOWAIT)" % (ev.get("resident_before", 0), ev.get("sampled", 0),
-                                                              ev.get("resident_after_evict", 0)))
-         if ev.get("ok") else "**NOT WORKING** %s" % esc(json.dumps(ev))),
-        ("method", "%s reps round-robin, warm-up %.2f s + %.2f s measured per cell, stall probe: %s, seed %s" % (
-            p.get("reps"), p.get("warmup_s", 0), p.get("measure_s", 0), p.get("stall_method"), p.get("seed"))),
+        (
+            "python",
+            "%s (runner %s)" % ((probes.get("ours") or {}).get("python"), m.get("runner_python")),
+        ),
+        (
+            "ours caio",
+            ("%s from `%s`" % (ours.get("version"), ours.get("file") or ours.get("path")))
+            if ours.get("importable")
+            else "not available (%s)"
+            % esc(ours.get("error") or (probes.get("ours") or {}).get("error"))[:200],
+        ),
+        (
+            "upstream caio",
+            "%s from `%s`" % (up.get("version"), up.get("file"))
+            if up.get("importable")
+            else "not run",
+        ),
+        (
+            "peers",
+            "aiofiles %s, anyio %s, fio: %s"
+            % (tools.get("aiofiles"), tools.get("anyio"), meta.get("fio") or "not available"),
+        ),
+        (
+            "test files",
+            "%s MiB each on %s (%s, %s; %s)"
+            % (
+                (d.get("file_size") or 0) >> 20,
+                d.get("mount"),
+                d.get("fstype"),
+                d.get("device"),
+                ", ".join("%s=%s" % kv for kv in blk.items()),
+            ),
+        ),
+        (
+            "page-cache eviction",
+            (
+                "works (%d/%d sampled pages resident before, %d after fsync+FADV_DONTNEED; "
+                "checked with RWF_NOWAIT)"
+                % (
+                    ev.get("resident_before", 0),
+                    ev.get("sampled", 0),
+                    ev.get("resident_after_evict", 0),
+                )
+            )
+            if ev.get("ok")
+            else "**NOT WORKING** %s" % esc(json.dumps(ev)),
+        ),
+        (
+            "method",
+            "%s reps round-robin, warm-up %.2f s + %.2f s measured per cell, stall probe: %s, seed %s"
+            % (
+                p.get("reps"),
+                p.get("warmup_s", 0),
+                p.get("measure_s", 0),
+                p.get("stall_method"),
+                p.get("seed"),
+            ),
+        ),
         ("load", "start: `%s` — end: `%s`" % (meta.get("uptime_start"), meta.get("uptime_end"))),
-        ("duration", "%s s total (%s s setup, %s s measuring)%s" % (
-            meta.get("total_s"), meta.get("setup_s"), meta.get("elapsed_s"),
-            " — **interrupted**" if meta.get("interrupted") else "")),
-        ("git", "%s %s%s" % (m.get("git", {}).get("branch"), (m.get("git", {}).get("commit") or "")[:12],
-                            " (dirty)" if m.get("git", {}).get("dirty") else "")),
+        (
+            "duration",
+            "%s s total (%s s setup, %s s measuring)%s"
+            % (
+                meta.get("total_s"),
+                meta.get("setup_s"),
+                meta.get("elapsed_s"),
+                " — **interrupted**" if meta.get("interrupted") else "",
+            ),
+        ),
+        (
+            "git",
+            "%s %s%s"
+            % (
+                m.get("git", {}).get("branch"),
+                (m.get("git", {}).get("commit") or "")[:12],
+                " (dirty)" if m.get("git", {}).get("dirty") else "",
+            ),
+        ),
     ]
     return "\n".join(["| | |", "|---|---|"] + ["| %s | %s |" % (k, v) for k, v in rows])
 
@@ -477,12 +803,18 @@ def write_summary(out_dir):
     rows, meta = load(out_dir)
     res = Results(rows, meta)
     charts = chart_files(out_dir)
-    s = ["# caio benchmark — %s" % meta.get("run_id"), "",
-         "How to read this: see [benchmark/README.md](../../README.md). Values are medians over the "
-         "repetitions with <sub>min–max</sub>; ⚠ marks cells whose spread exceeds %d%%; "
-         "**FAIL** cells failed in every repetition (error text in *Failures*). "
-         "Ratios are ours ÷ reference of the medians (>1 = ours faster; for stalls <1 = ours better)."
-         % (NOISY * 100), "", env_md(meta), ""]
+    s = [
+        "# caio benchmark — %s" % meta.get("run_id"),
+        "",
+        "How to read this: see [benchmark/README.md](../../README.md). Values are medians over the "
+        "repetitions with <sub>min–max</sub>; ⚠ marks cells whose spread exceeds %d%%; "
+        "**FAIL** cells failed in every repetition (error text in *Failures*). "
+        "Ratios are ours ÷ reference of the medians (>1 = ours faster; for stalls <1 = ours better)."
+        % (NOISY * 100),
+        "",
+        env_md(meta),
+        "",
+    ]
     s += ["## Performance targets", "", targets_md(res), ""]
     b = baseline_md(res)
     if b:
@@ -493,37 +825,83 @@ def write_summary(out_dir):
         t = sweep_table(res, scen, "ops_per_s", "conc")
         if t:
             s += ["Throughput vs concurrency, 4 KiB (ops/s):", "", t, ""]
-            s += ["p99 latency vs concurrency, 4 KiB (µs):", "", sweep_table(res, scen, "lat_p99_us", "conc"), ""]
-            s += ["Longest event-loop stall, 4 KiB (ms):", "", sweep_table(res, scen, "max_stall_ms", "conc"), ""]
+            s += [
+                "p99 latency vs concurrency, 4 KiB (µs):",
+                "",
+                sweep_table(res, scen, "lat_p99_us", "conc"),
+                "",
+            ]
+            s += [
+                "Longest event-loop stall, 4 KiB (ms):",
+                "",
+                sweep_table(res, scen, "max_stall_ms", "conc"),
+                "",
+            ]
         t = sweep_table(res, scen, "mb_per_s", "chunk")
         if t and len(res.chunk_points(scen)) > 1:
-            s += ["Throughput vs chunk size, c=%s (MB/s):" % meta.get("params", {}).get("sweep_conc"), "", t, ""]
+            s += [
+                "Throughput vs chunk size, c=%s (MB/s):" % meta.get("params", {}).get("sweep_conc"),
+                "",
+                t,
+                "",
+            ]
         for ch in charts:
             if ch.startswith(scen + "-"):
                 s += ["![%s](charts/%s)" % (ch, ch), ""]
-    s += ["## Noise", "", noise_md(res), "", "## Failures", "", failures_md(res), "",
-          "Every measurement (one row per repetition) is in [results.csv](results.csv); all metrics "
-          "per cell in [details.md](details.md); machine and versions in [meta.json](meta.json).", ""]
+    s += [
+        "## Noise",
+        "",
+        noise_md(res),
+        "",
+        "## Failures",
+        "",
+        failures_md(res),
+        "",
+        "Every measurement (one row per repetition) is in [results.csv](results.csv); all metrics "
+        "per cell in [details.md](details.md); machine and versions in [meta.json](meta.json).",
+        "",
+    ]
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write("\n".join(s))
-    d = ["# caio benchmark details — %s" % meta.get("run_id"), "",
-         "Medians over repetitions; spread = (max−min)/median of ops/s. CPU µs/op is process CPU time "
-         "(all threads, incl. io_uring SQPOLL/io-wq kernel threads) per completed operation.", ""]
+    d = [
+        "# caio benchmark details — %s" % meta.get("run_id"),
+        "",
+        "Medians over repetitions; spread = (max−min)/median of ops/s. CPU µs/op is process CPU time "
+        "(all threads, incl. io_uring SQPOLL/io-wq kernel threads) per completed operation.",
+        "",
+    ]
     for scen in res.scenarios:
         d += ["## %s" % scen, "", details_md(res, scen), ""]
     with open(os.path.join(out_dir, "details.md"), "w") as f:
         f.write("\n".join(d))
-    return "\n".join(["## Performance targets", "", targets_md(res), "", "## Upstream caio and the peers "
-                      "at the target cells", "", b])
+    return "\n".join(
+        [
+            "## Performance targets",
+            "",
+            targets_md(res),
+            "",
+            "## Upstream caio and the peers at the target cells",
+            "",
+            b,
+        ]
+    )
 
 
 # ------------------------------------------------------------------- charts
 
 COLORS = {
-    "linux_uring": "#1f77b4", "linux_uring.nosqpoll": "#17becf", "linux_uring.sqpoll": "#0b3d91",
-    "linux_aio": "#d62728", "thread_aio": "#2ca02c", "python_aio": "#9467bd",
-    "peer.run_in_executor": "#ff7f0e", "peer.aiofiles": "#8c564b", "peer.anyio": "#e377c2",
-    "limit.sync": "#000000", "limit.floor": "#7f7f7f", "limit.fio_io_uring": "#bcbd22",
+    "linux_uring": "#1f77b4",
+    "linux_uring.nosqpoll": "#17becf",
+    "linux_uring.sqpoll": "#0b3d91",
+    "linux_aio": "#d62728",
+    "thread_aio": "#2ca02c",
+    "python_aio": "#9467bd",
+    "peer.run_in_executor": "#ff7f0e",
+    "peer.aiofiles": "#8c564b",
+    "peer.anyio": "#e377c2",
+    "limit.sync": "#000000",
+    "limit.floor": "#7f7f7f",
+    "limit.fio_io_uring": "#bcbd22",
     "limit.fio_libaio": "#aa6600",
 }
 
@@ -538,6 +916,7 @@ def _style(cid):
 
 def charts(out_dir):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -558,7 +937,7 @@ def charts(out_dir):
         failed = []
         for c in res.contenders:
             cid = c["id"]
-            if cid == "limit.floor" and axis == "chunk":    # no I/O: its MB/s is meaningless
+            if cid == "limit.floor" and axis == "chunk":  # no I/O: its MB/s is meaningless
                 continue
             xs, ys, lo, hi = [], [], [], []
             seen_any = False
@@ -580,11 +959,21 @@ def charts(out_dir):
             if not xs:
                 failed.append(c["label"])
                 continue
-            if cid == "limit.sync" and axis == "conc":      # one thread: a horizontal reference
+            if cid == "limit.sync" and axis == "conc":  # one thread: a horizontal reference
                 ax.axhline(ys[0], color=color, ls=":", lw=1.2, label=c["label"])
                 continue
-            ax.errorbar(xs, ys, yerr=[lo, hi], color=color, ls=ls, marker=mk, ms=4, lw=1.5,
-                        capsize=2, label=c["label"])
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=[lo, hi],
+                color=color,
+                ls=ls,
+                marker=mk,
+                ms=4,
+                lw=1.5,
+                capsize=2,
+                label=c["label"],
+            )
         if failed:
             ax.plot([], [], " ", label="FAIL (every cell): " + "; ".join(failed))
         ax.set_xscale("log", base=2)
@@ -592,10 +981,16 @@ def charts(out_dir):
             ax.set_yscale("log")
         ax.set_xticks(pts)
         ax.set_xticklabels([str(p) if axis == "conc" else fsize(p) for p in pts])
-        ax.set_xlabel("concurrency (4 KiB operations)" if axis == "conc" else "chunk size (concurrency %d)" % sc)
+        ax.set_xlabel(
+            "concurrency (4 KiB operations)"
+            if axis == "conc"
+            else "chunk size (concurrency %d)" % sc
+        )
         ax.set_ylabel(ylabel)
-        ax.set_title("%s — %s (median, bars: min–max of %s reps)" % (
-            scen, ylabel, meta.get("params", {}).get("reps")))
+        ax.set_title(
+            "%s — %s (median, bars: min–max of %s reps)"
+            % (scen, ylabel, meta.get("params", {}).get("reps"))
+        )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         fig.tight_layout()
@@ -646,8 +1041,17 @@ def charts(out_dir):
 
     for scen in res.scenarios:
         bars(scen)
-        plot(scen, "conc", "ops_per_s", "throughput (ops/s)", "%s-ops-vs-concurrency.png" % scen, True)
-        plot(scen, "conc", "lat_p99_us", "p99 latency (µs)", "%s-p99-vs-concurrency.png" % scen, True)
+        plot(
+            scen,
+            "conc",
+            "ops_per_s",
+            "throughput (ops/s)",
+            "%s-ops-vs-concurrency.png" % scen,
+            True,
+        )
+        plot(
+            scen, "conc", "lat_p99_us", "p99 latency (µs)", "%s-p99-vs-concurrency.png" % scen, True
+        )
         plot(scen, "chunk", "mb_per_s", "throughput (MB/s)", "%s-mbps-vs-chunk.png" % scen, True)
     return made
 

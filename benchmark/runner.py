@@ -20,13 +20,52 @@ from .envs import log
 from .plan import MODES, fmt_size
 
 CSV_FIELDS = [
-    "run_id", "timestamp", "mode", "rep", "scenario", "cache", "pattern", "op", "chunk", "concurrency",
-    "contender", "family", "backend", "variant", "label", "python", "lib_version",
-    "status", "error", "ops", "bytes", "wall_s", "ops_per_s", "mb_per_s",
-    "lat_p50_us", "lat_p99_us", "lat_p999_us", "lat_max_us",
-    "cpu_s", "cpu_us_per_op", "user_s", "sys_s", "max_stall_ms", "stall_method",
-    "sqpoll", "max_requests", "evicted", "evict_ms", "resident",
-    "load1", "load5", "load15", "seed", "file_size", "warmup_s", "measure_s",
+    "run_id",
+    "timestamp",
+    "mode",
+    "rep",
+    "scenario",
+    "cache",
+    "pattern",
+    "op",
+    "chunk",
+    "concurrency",
+    "contender",
+    "family",
+    "backend",
+    "variant",
+    "label",
+    "python",
+    "lib_version",
+    "status",
+    "error",
+    "ops",
+    "bytes",
+    "wall_s",
+    "ops_per_s",
+    "mb_per_s",
+    "lat_p50_us",
+    "lat_p99_us",
+    "lat_p999_us",
+    "lat_max_us",
+    "cpu_s",
+    "cpu_us_per_op",
+    "user_s",
+    "sys_s",
+    "max_stall_ms",
+    "stall_method",
+    "sqpoll",
+    "max_requests",
+    "evicted",
+    "evict_ms",
+    "resident",
+    "load1",
+    "load5",
+    "load15",
+    "seed",
+    "file_size",
+    "warmup_s",
+    "measure_s",
 ]
 
 
@@ -34,41 +73,75 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m benchmark",
         description="Benchmark caio (ours) against upstream caio 0.12.10, aiofiles, anyio, "
-                    "run_in_executor, a sync loop, the asyncio floor and fio.")
+        "run_in_executor, a sync loop, the asyncio floor and fio.",
+    )
     m = p.add_mutually_exclusive_group()
-    m.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                   help="target cells + short sweeps (about 2 minutes)")
-    m.add_argument("--full", dest="mode", action="store_const", const="full",
-                   help="every scenario and sweep point (default; under 30 minutes)")
-    m.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
-                   help="a few seconds, tiny file, 1 repetition: plumbing check for CI")
+    m.add_argument(
+        "--quick",
+        dest="mode",
+        action="store_const",
+        const="quick",
+        help="target cells + short sweeps (about 2 minutes)",
+    )
+    m.add_argument(
+        "--full",
+        dest="mode",
+        action="store_const",
+        const="full",
+        help="every scenario and sweep point (default; under 30 minutes)",
+    )
+    m.add_argument(
+        "--smoke",
+        dest="mode",
+        action="store_const",
+        const="smoke",
+        help="a few seconds, tiny file, 1 repetition: plumbing check for CI",
+    )
     p.set_defaults(mode="full")
-    p.add_argument("--ours-python", default=sys.executable,
-                   help="interpreter whose importable caio is 'ours' (default: this one)")
+    p.add_argument(
+        "--ours-python",
+        default=sys.executable,
+        help="interpreter whose importable caio is 'ours' (default: this one)",
+    )
     p.add_argument("--only", default="", help="comma-separated globs of contender ids to keep")
     p.add_argument("--skip", default="", help="comma-separated globs of contender ids to drop")
-    p.add_argument("--scenarios", default="", help="comma-separated globs of scenario names to keep")
+    p.add_argument(
+        "--scenarios", default="", help="comma-separated globs of scenario names to keep"
+    )
     p.add_argument("--reps", type=int, help="repetitions (round-robin over contenders)")
     p.add_argument("--measure", type=float, help="seconds measured per cell")
     p.add_argument("--warmup", type=float, help="seconds of warm-up per cell")
     p.add_argument("--file-size", help="test file size, e.g. 256M, 1G")
-    p.add_argument("--data-dir", default=os.path.join(envs.HERE, "results", "tmp"),
-                   help="directory for the test files (must be a real disk, not tmpfs)")
+    p.add_argument(
+        "--data-dir",
+        default=os.path.join(envs.HERE, "results", "tmp"),
+        help="directory for the test files (must be a real disk, not tmpfs)",
+    )
     p.add_argument("--allow-tmpfs", action="store_true", help="do not refuse a tmpfs data dir")
     p.add_argument("--out", default=os.path.join(envs.HERE, "results"), help="results root")
     p.add_argument("--no-latest", action="store_true", help="do not update results/latest/")
     p.add_argument("--cache-dir", default=None, help="venv cache (default ~/.cache/caio-bench)")
     p.add_argument("--no-upstream", action="store_true", help="skip upstream caio 0.12.10")
-    p.add_argument("--no-peers", action="store_true", help="skip aiofiles/anyio/executor/sync/floor/fio")
+    p.add_argument(
+        "--no-peers", action="store_true", help="skip aiofiles/anyio/executor/sync/floor/fio"
+    )
     p.add_argument("--no-fio", action="store_true", help="skip fio")
     p.add_argument("--no-install", action="store_true", help="never apt-get install fio")
     p.add_argument("--no-charts", action="store_true", help="skip PNG charts")
     p.add_argument("--seed", type=int, default=20251121, help="base seed for the offsets")
-    p.add_argument("--budget", type=float, default=None,
-                   help="minutes; shorten the measured time per cell if the estimate exceeds it "
-                        "(full mode default: 27; ignored when --measure is given)")
-    p.add_argument("--stall-method", choices=("selector", "ticker"), default="selector",
-                   help="event-loop stall probe (see README); 'ticker' = asyncio.sleep(0) task")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="minutes; shorten the measured time per cell if the estimate exceeds it "
+        "(full mode default: 27; ignored when --measure is given)",
+    )
+    p.add_argument(
+        "--stall-method",
+        choices=("selector", "ticker"),
+        default="selector",
+        help="event-loop stall probe (see README); 'ticker' = asyncio.sleep(0) task",
+    )
     return p.parse_args(argv)
 
 
@@ -77,7 +150,11 @@ def parse_args(argv):
 
 def _fmt_dur(s):
     s = int(s)
-    return "%d:%02d" % (s // 60, s % 60) if s < 3600 else "%d:%02d:%02d" % (s // 3600, s // 60 % 60, s % 60)
+    return (
+        "%d:%02d" % (s // 60, s % 60)
+        if s < 3600
+        else "%d:%02d:%02d" % (s // 3600, s // 60 % 60, s % 60)
+    )
 
 
 def _si(x):
@@ -121,6 +198,7 @@ class Runner:
         out = self.mode.scenarios
         if self.args.scenarios:
             import fnmatch
+
             pats = [p.strip() for p in self.args.scenarios.split(",") if p.strip()]
             out = [s for s in out if any(fnmatch.fnmatch(s.name, p) for p in pats)]
         return out
@@ -137,9 +215,12 @@ class Runner:
                     continue
                 k = rep % len(here)
                 for c in here[k:] + here[:k]:
-                    cells = [plan.Cell(scen, ch, conc, rep,
-                                       plan.cell_seed(self.args.seed, rep, scen, ch))
-                             for ch, conc in c.points(self.mode, scen)]
+                    cells = [
+                        plan.Cell(
+                            scen, ch, conc, rep, plan.cell_seed(self.args.seed, rep, scen, ch)
+                        )
+                        for ch, conc in c.points(self.mode, scen)
+                    ]
                     out.append((rep, scen, c, cells))
         return out
 
@@ -153,7 +234,7 @@ class Runner:
         per_cell = self.mode.warmup + self.mode.measure + 0.1
         t = 0.0
         for _, scen, c, cells in batches:
-            t += 0.15 if c.kind != "fio" else 0.0          # interpreter start + imports
+            t += 0.15 if c.kind != "fio" else 0.0  # interpreter start + imports
             for cell in cells:
                 t += per_cell + (0.25 if c.kind == "fio" else 0.0)
                 t += 0.15 * cell.concurrency / 1024 if c.kind in ("aiofiles", "anyio") else 0.0
@@ -165,13 +246,29 @@ class Runner:
         s = cell.scenario
         load = envs.loadavg()
         return {
-            "run_id": self.meta["run_id"], "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "mode": self.mode.name, "rep": cell.rep, "scenario": s.name, "cache": s.cache,
-            "pattern": s.pattern, "op": s.op, "chunk": cell.chunk, "concurrency": cell.concurrency,
-            "contender": c.id, "family": c.family, "backend": c.backend or "", "variant": c.variant,
-            "label": c.label, "python": c.python or "", "lib_version": c.version or "",
-            "load1": load[0], "load5": load[1], "load15": load[2], "seed": cell.seed,
-            "file_size": self.mode.file_size, "warmup_s": self.mode.warmup,
+            "run_id": self.meta["run_id"],
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "mode": self.mode.name,
+            "rep": cell.rep,
+            "scenario": s.name,
+            "cache": s.cache,
+            "pattern": s.pattern,
+            "op": s.op,
+            "chunk": cell.chunk,
+            "concurrency": cell.concurrency,
+            "contender": c.id,
+            "family": c.family,
+            "backend": c.backend or "",
+            "variant": c.variant,
+            "label": c.label,
+            "python": c.python or "",
+            "lib_version": c.version or "",
+            "load1": load[0],
+            "load5": load[1],
+            "load15": load[2],
+            "seed": cell.seed,
+            "file_size": self.mode.file_size,
+            "warmup_s": self.mode.warmup,
             "measure_s": self.mode.measure,
             "stall_method": self.args.stall_method if c.kind not in ("sync", "fio") else "",
         }
@@ -184,11 +281,19 @@ class Runner:
     def _cell_spec(self, cell):
         t, hard = self.cell_timeout()
         return {
-            "id": cell.id, "cache": cell.scenario.cache, "pattern": cell.scenario.pattern,
-            "op": cell.scenario.op, "chunk": cell.chunk, "concurrency": cell.concurrency,
-            "max_requests": cell.concurrency, "seed": cell.seed, "offsets": self.mode.offsets,
-            "warmup": self.mode.warmup, "measure": self.mode.measure,
-            "timeout": t, "hard_timeout": hard,
+            "id": cell.id,
+            "cache": cell.scenario.cache,
+            "pattern": cell.scenario.pattern,
+            "op": cell.scenario.op,
+            "chunk": cell.chunk,
+            "concurrency": cell.concurrency,
+            "max_requests": cell.concurrency,
+            "seed": cell.seed,
+            "offsets": self.mode.offsets,
+            "warmup": self.mode.warmup,
+            "measure": self.mode.measure,
+            "timeout": t,
+            "hard_timeout": hard,
         }
 
     def run_driver_batch(self, c, cells):
@@ -205,7 +310,8 @@ class Runner:
         while pending:
             spec = {
                 "contender": {"id": c.id, "kind": c.kind, "params": c.params},
-                "files": self.files, "region": self.region,
+                "files": self.files,
+                "region": self.region,
                 "stall_method": self.args.stall_method,
                 "cells": [self._cell_spec(x) for x in pending],
             }
@@ -219,8 +325,13 @@ class Runner:
             with open(err_path, "w") as err:
                 self.proc = subprocess.Popen(
                     envs.python_cmd(c.python) + [envs.DRIVER, "run", spec_path, out_path],
-                    cwd=self.tmp, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                    start_new_session=True)
+                    cwd=self.tmp,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=err,
+                    stderr=err,
+                    start_new_session=True,
+                )
                 killed = False
                 try:
                     rc = self.proc.wait(timeout=budget)
@@ -239,15 +350,24 @@ class Runner:
             remaining = [x for x in pending if x.id not in results]
             if remaining:
                 with open(err_path, errors="replace") as f:
-                    tail = "\n".join(ln for ln in f.read().splitlines()
-                                     if not ln.startswith("cell "))[-1500:]
-                why = ("killed after %.0f s" % budget if killed else "driver exited with code %s" % rc)
-                results[remaining[0].id] = {"status": "fail", "error": "%s: %s" % (why, tail.strip())}
+                    tail = "\n".join(
+                        ln for ln in f.read().splitlines() if not ln.startswith("cell ")
+                    )[-1500:]
+                why = (
+                    "killed after %.0f s" % budget if killed else "driver exited with code %s" % rc
+                )
+                results[remaining[0].id] = {
+                    "status": "fail",
+                    "error": "%s: %s" % (why, tail.strip()),
+                }
                 pending = remaining[1:]
-                if killed or "Timeout (" in tail:     # a hang: do not wait for it again and again
+                if killed or "Timeout (" in tail:  # a hang: do not wait for it again and again
                     for x in pending:
-                        results[x.id] = {"status": "fail", "error": "not run: an earlier cell of this "
-                                         "contender hung in the same batch (%s)" % remaining[0].id}
+                        results[x.id] = {
+                            "status": "fail",
+                            "error": "not run: an earlier cell of this "
+                            "contender hung in the same batch (%s)" % remaining[0].id,
+                        }
                     pending = []
             else:
                 pending = []
@@ -258,46 +378,80 @@ class Runner:
         eng = c.params["ioengine"]
         for cell in cells:
             s = cell.scenario
-            rw = {("read", "rand"): "randread", ("read", "seq"): "read",
-                  ("write", "rand"): "randwrite", ("write", "seq"): "write"}[(s.op, s.pattern)]
+            rw = {
+                ("read", "rand"): "randread",
+                ("read", "seq"): "read",
+                ("write", "rand"): "randwrite",
+                ("write", "seq"): "write",
+            }[(s.op, s.pattern)]
             path = self.files[s.op]
             evict(path)
-            cmd = [c.params["fio"], "--name=caio-bench", "--filename=%s" % path,
-                   "--size=%d" % self.region, "--direct=1", "--rw=%s" % rw, "--bs=%d" % cell.chunk,
-                   "--iodepth=%d" % cell.concurrency, "--ioengine=%s" % eng,
-                   "--ramp_time=%dms" % max(1, int(self.mode.warmup * 1000)),
-                   "--runtime=%dms" % max(1, int(self.mode.measure * 1000)), "--time_based",
-                   "--randseed=%d" % cell.seed, "--norandommap", "--lat_percentiles=1",
-                   "--percentile_list=50:99:99.9", "--output-format=json"]
+            cmd = [
+                c.params["fio"],
+                "--name=caio-bench",
+                "--filename=%s" % path,
+                "--size=%d" % self.region,
+                "--direct=1",
+                "--rw=%s" % rw,
+                "--bs=%d" % cell.chunk,
+                "--iodepth=%d" % cell.concurrency,
+                "--ioengine=%s" % eng,
+                "--ramp_time=%dms" % max(1, int(self.mode.warmup * 1000)),
+                "--runtime=%dms" % max(1, int(self.mode.measure * 1000)),
+                "--time_based",
+                "--randseed=%d" % cell.seed,
+                "--norandommap",
+                "--lat_percentiles=1",
+                "--percentile_list=50:99:99.9",
+                "--output-format=json",
+            ]
             t, _ = self.cell_timeout()
             try:
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=t + 30)
                 if p.returncode != 0:
-                    raise RuntimeError("fio exit %d: %s" % (p.returncode, (p.stderr or p.stdout).strip()[-800:]))
-                data = json.loads(p.stdout[p.stdout.index("{"):])
+                    raise RuntimeError(
+                        "fio exit %d: %s" % (p.returncode, (p.stderr or p.stdout).strip()[-800:])
+                    )
+                data = json.loads(p.stdout[p.stdout.index("{") :])
                 job = data["jobs"][0]
                 if job.get("error"):
                     raise RuntimeError("fio job error %s" % job["error"])
                 side = job[s.op]
                 ios = side["total_ios"]
                 wall = side["runtime"] / 1e3
-                pct = side.get("lat_ns", {}).get("percentile") or side.get("clat_ns", {}).get("percentile", {})
+                pct = side.get("lat_ns", {}).get("percentile") or side.get("clat_ns", {}).get(
+                    "percentile", {}
+                )
 
                 def pk(q):
                     for k, v in pct.items():
                         if abs(float(k) - q) < 1e-6:
                             return v / 1e3
                     return None
-                cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100.0 * job.get("job_runtime", side["runtime"]) / 1e3
+
+                cpu = (
+                    (job["usr_cpu"] + job["sys_cpu"])
+                    / 100.0
+                    * job.get("job_runtime", side["runtime"])
+                    / 1e3
+                )
                 results[cell.id] = {
-                    "status": "ok", "ops": ios, "bytes": ios * cell.chunk, "wall_s": wall,
+                    "status": "ok",
+                    "ops": ios,
+                    "bytes": ios * cell.chunk,
+                    "wall_s": wall,
                     "ops_per_s": ios / wall if wall else None,
                     "mb_per_s": ios * cell.chunk / wall / 1e6 if wall else None,
-                    "lat_p50_us": pk(50), "lat_p99_us": pk(99), "lat_p999_us": pk(99.9),
+                    "lat_p50_us": pk(50),
+                    "lat_p99_us": pk(99),
+                    "lat_p999_us": pk(99.9),
                     "lat_max_us": side.get("lat_ns", {}).get("max", 0) / 1e3 or None,
-                    "cpu_s": cpu, "cpu_us_per_op": cpu / ios * 1e6 if ios else None,
-                    "user_s": job["usr_cpu"] / 100.0 * wall, "sys_s": job["sys_cpu"] / 100.0 * wall,
-                    "max_stall_ms": None, "info": {"command": " ".join(cmd)},
+                    "cpu_s": cpu,
+                    "cpu_us_per_op": cpu / ios * 1e6 if ios else None,
+                    "user_s": job["usr_cpu"] / 100.0 * wall,
+                    "sys_s": job["sys_cpu"] / 100.0 * wall,
+                    "max_stall_ms": None,
+                    "info": {"command": " ".join(cmd)},
                 }
             except Exception as e:  # noqa: BLE001
                 results[cell.id] = {"status": "fail", "error": "%s: %s" % (type(e).__name__, e)}
@@ -313,13 +467,17 @@ class Runner:
             fixed = est - total_cells * self.mode.measure
             new = min(self.mode.measure, max(0.1, (budget * 60 - fixed) / total_cells))
             if new < self.mode.measure:
-                log("plan: estimate %s exceeds the %g min budget -> measuring %.3f s per cell instead "
-                    "of %.3f s" % (_fmt_dur(est), budget, new, self.mode.measure))
+                log(
+                    "plan: estimate %s exceeds the %g min budget -> measuring %.3f s per cell instead "
+                    "of %.3f s" % (_fmt_dur(est), budget, new, self.mode.measure)
+                )
                 self.mode.measure = round(new, 3)
                 self.meta["params"]["measure_s"] = self.mode.measure
                 est = self.estimate(batches)
-        log("plan: %d contenders, %d batches, %d cells (%d reps), estimated %s"
-            % (len(self.contenders), len(batches), total_cells, self.mode.reps, _fmt_dur(est)))
+        log(
+            "plan: %d contenders, %d batches, %d cells (%d reps), estimated %s"
+            % (len(self.contenders), len(batches), total_cells, self.mode.reps, _fmt_dur(est))
+        )
         t_start = time.monotonic()
         done_cells = 0
         for i, (rep, scen, c, cells) in enumerate(batches, 1):
@@ -340,7 +498,10 @@ class Runner:
                         row[k] = info[k]
                 if r.get("status") == "ok":
                     nok += 1
-                    summary.append("%s@c%d %s/s" % (fmt_size(cell.chunk), cell.concurrency, _si(r.get("ops_per_s"))))
+                    summary.append(
+                        "%s@c%d %s/s"
+                        % (fmt_size(cell.chunk), cell.concurrency, _si(r.get("ops_per_s")))
+                    )
                 else:
                     summary.append("%s@c%d FAIL" % (fmt_size(cell.chunk), cell.concurrency))
                     row["error"] = (row.get("error") or "").replace("\n", " | ")[:1000]
@@ -352,9 +513,23 @@ class Runner:
             if nok < len(cells):
                 first = next(rows0[x.id] for x in cells if rows0[x.id].get("status") != "ok")
                 err = "  [%s]" % (first.get("error") or "")[:90]
-            log("[%3d/%d %s, ~%s left] rep %d/%d %-18s %-30s %d/%d ok | %s%s" % (
-                i, len(batches), _fmt_dur(elapsed), _fmt_dur(left), rep + 1, self.mode.reps,
-                scen.name, c.id, nok, len(cells), ", ".join(summary[:4]) + (" ..." if len(summary) > 4 else ""), err))
+            log(
+                "[%3d/%d %s, ~%s left] rep %d/%d %-18s %-30s %d/%d ok | %s%s"
+                % (
+                    i,
+                    len(batches),
+                    _fmt_dur(elapsed),
+                    _fmt_dur(left),
+                    rep + 1,
+                    self.mode.reps,
+                    scen.name,
+                    c.id,
+                    nok,
+                    len(cells),
+                    ", ".join(summary[:4]) + (" ..." if len(summary) > 4 else ""),
+                    err,
+                )
+            )
         self.meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
 
     def close(self):
@@ -394,35 +569,52 @@ def main(argv=None):
     os.makedirs(args.data_dir, exist_ok=True)
     mnt, fstype, dev = envs.mount_of(args.data_dir)
     if fstype in ("tmpfs", "ramfs", "overlay") and not args.allow_tmpfs:
-        sys.exit("data dir %s is on %s (%s): page-cache/O_DIRECT results would be meaningless; "
-                 "use --data-dir on a real disk (or --allow-tmpfs)" % (args.data_dir, fstype, mnt))
+        sys.exit(
+            "data dir %s is on %s (%s): page-cache/O_DIRECT results would be meaningless; "
+            "use --data-dir on a real disk (or --allow-tmpfs)" % (args.data_dir, fstype, mnt)
+        )
     need = 2 * mode.file_size + (256 << 20)
-    files = {op: os.path.join(args.data_dir, "caio-bench-%s-%dM.bin" % (op, mode.file_size >> 20))
-             for op in ("read", "write")}
+    files = {
+        op: os.path.join(args.data_dir, "caio-bench-%s-%dM.bin" % (op, mode.file_size >> 20))
+        for op in ("read", "write")
+    }
     missing = sum(mode.file_size for p in files.values() if not os.path.exists(p))
     free = shutil.disk_usage(args.data_dir).free
     if missing and free < need:
-        sys.exit("not enough free space in %s: %d MiB free, need %d MiB" % (args.data_dir, free >> 20, need >> 20))
-    for op, p in files.items():   # the write file's content is overwritten by the runs
+        sys.exit(
+            "not enough free space in %s: %d MiB free, need %d MiB"
+            % (args.data_dir, free >> 20, need >> 20)
+        )
+    for op, p in files.items():  # the write file's content is overwritten by the runs
         envs.ensure_data_file(p, mode.file_size, verify_content=(op == "read"))
     eviction = envs.check_eviction(files["read"], mode.file_size)
-    log("setup: data on %s (%s, %s), eviction check: %s" % (mnt, fstype, dev,
-        "OK" if eviction.get("ok") else "NOT WORKING %s" % eviction))
+    log(
+        "setup: data on %s (%s, %s), eviction check: %s"
+        % (mnt, fstype, dev, "OK" if eviction.get("ok") else "NOT WORKING %s" % eviction)
+    )
 
     # ---- interpreters, venvs, fio
     cache = envs.cache_dir(args.cache_dir)
-    ours_py = os.path.abspath(args.ours_python) if os.sep in args.ours_python else shutil.which(args.ours_python)
+    ours_py = (
+        os.path.abspath(args.ours_python)
+        if os.sep in args.ours_python
+        else shutil.which(args.ours_python)
+    )
     contenders = []
     probes = {}
     ours_probe = envs.probe(ours_py)
     probes["ours"] = ours_probe
     ci = ours_probe.get("caio") or {}
     if ci.get("importable"):
-        log("ours: caio %s from %s (python %s)" % (ci.get("version"), ci.get("file") or ci.get("path"),
-                                                   ours_probe.get("python")))
+        log(
+            "ours: caio %s from %s (python %s)"
+            % (ci.get("version"), ci.get("file") or ci.get("path"), ours_probe.get("python"))
+        )
         if ci.get("version") == "0.12.10" or ci.get("dist_version") == "0.12.10":
-            log("WARNING: the caio importable by --ours-python reports version 0.12.10 - "
-                "is this upstream rather than ours?")
+            log(
+                "WARNING: the caio importable by --ours-python reports version 0.12.10 - "
+                "is this upstream rather than ours?"
+            )
     contenders += plan.caio_contenders("ours", ours_py, ours_probe, log)
     if not args.no_upstream:
         try:
@@ -450,20 +642,51 @@ def main(argv=None):
     log("contenders: " + ", ".join(c.id for c in contenders))
 
     meta = {
-        "run_id": run_id, "mode": mode.name, "mode_note": mode.note, "argv": sys.argv[1:] if argv is None else argv,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "uptime_start": envs.uptime_text(),
-        "loadavg_start": envs.loadavg(), "machine": envs.machine_info(),
-        "data": {"dir": os.path.abspath(args.data_dir), "mount": mnt, "fstype": fstype, "device": dev,
-                 "block": envs.block_device_info(dev), "file_size": mode.file_size,
-                 "files": files, "eviction_check": eviction},
-        "params": {"reps": mode.reps, "warmup_s": mode.warmup, "measure_s": mode.measure,
-                   "offsets_per_cell": mode.offsets, "sweep_conc": mode.sweep_conc, "seed": args.seed,
-                   "stall_method": args.stall_method,
-                   "scenarios": [{"name": s.name, "concs": s.concs, "chunks": s.chunks} for s in mode.scenarios]},
-        "probes": probes, "fio": fio_ver,
-        "contenders": [{"id": c.id, "family": c.family, "label": c.label, "kind": c.kind,
-                        "backend": c.backend, "variant": c.variant, "python": c.python,
-                        "version": c.version} for c in contenders],
+        "run_id": run_id,
+        "mode": mode.name,
+        "mode_note": mode.note,
+        "argv": sys.argv[1:] if argv is None else argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "uptime_start": envs.uptime_text(),
+        "loadavg_start": envs.loadavg(),
+        "machine": envs.machine_info(),
+        "data": {
+            "dir": os.path.abspath(args.data_dir),
+            "mount": mnt,
+            "fstype": fstype,
+            "device": dev,
+            "block": envs.block_device_info(dev),
+            "file_size": mode.file_size,
+            "files": files,
+            "eviction_check": eviction,
+        },
+        "params": {
+            "reps": mode.reps,
+            "warmup_s": mode.warmup,
+            "measure_s": mode.measure,
+            "offsets_per_cell": mode.offsets,
+            "sweep_conc": mode.sweep_conc,
+            "seed": args.seed,
+            "stall_method": args.stall_method,
+            "scenarios": [
+                {"name": s.name, "concs": s.concs, "chunks": s.chunks} for s in mode.scenarios
+            ],
+        },
+        "probes": probes,
+        "fio": fio_ver,
+        "contenders": [
+            {
+                "id": c.id,
+                "family": c.family,
+                "label": c.label,
+                "kind": c.kind,
+                "backend": c.backend,
+                "variant": c.variant,
+                "python": c.python,
+                "version": c.version,
+            }
+            for c in contenders
+        ],
         "setup_s": round(time.monotonic() - t0, 1),
     }
 
@@ -488,25 +711,44 @@ def main(argv=None):
     if not args.no_charts:
         tools = (probes.get("tools") or {}).get("executable")
         py = tools if tools and os.path.exists(tools) else sys.executable
-        r = subprocess.run([py, os.path.join(envs.HERE, "report.py"), "charts", out_dir],
-                           cwd=tempfile.gettempdir(), capture_output=True, text=True)
+        r = subprocess.run(
+            [py, os.path.join(envs.HERE, "report.py"), "charts", out_dir],
+            cwd=tempfile.gettempdir(),
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
             log("charts failed: %s" % r.stderr.strip()[-800:])
-    headline = report.write_summary(out_dir)   # again, now linking the charts
+    headline = report.write_summary(out_dir)  # again, now linking the charts
     if mode.name != "smoke" and not args.no_latest and not interrupted:
         latest = os.path.join(args.out, "latest")
         shutil.rmtree(latest, ignore_errors=True)
         shutil.copytree(out_dir, latest)
         log("copied to %s" % latest)
     print(headline)
-    log("done in %s; summary: %s" % (_fmt_dur(time.monotonic() - t0), os.path.join(out_dir, "summary.md")))
+    log(
+        "done in %s; summary: %s"
+        % (_fmt_dur(time.monotonic() - t0), os.path.join(out_dir, "summary.md"))
+    )
     # Exit status (useful for CI; never about timings): 1 when nothing was measured, when a
     # driver crashed or hung, or when a backend returned wrong/short data.  Ordinary failing
     # cells (e.g. upstream's O_DIRECT EINVAL) are results, not breakage.
     rows = runner.rows
-    broken = [r for r in rows if r.get("status") != "ok" and str(r.get("error", "")).startswith(
-        ("driver exited", "killed after", "CellError: timeout", "not run", "CellError: wrong data",
-         "CellError: short"))]
+    broken = [
+        r
+        for r in rows
+        if r.get("status") != "ok"
+        and str(r.get("error", "")).startswith(
+            (
+                "driver exited",
+                "killed after",
+                "CellError: timeout",
+                "not run",
+                "CellError: wrong data",
+                "CellError: short",
+            )
+        )
+    ]
     if interrupted or not any(r.get("status") == "ok" for r in rows) or broken:
         for r in broken[:5]:
             log("BROKEN: %s %s: %s" % (r["contender"], r["scenario"], str(r["error"])[:200]))

@@ -82,6 +82,7 @@ def child(cfg):
     total = conc * per_task
 
     if scenario == "floor":
+
         async def floor_worker():
             loop = asyncio.get_running_loop()
             for _ in range(per_task):
@@ -133,8 +134,12 @@ def child(cfg):
         await asyncio.gather(*(worker(c) for c in chunks))
         el = time.perf_counter() - t0
         r1 = resource.getrusage(resource.RUSAGE_SELF)
-        cpu.append(((r1.ru_utime - r0.ru_utime) * 1e6 / (len(offs) - 50),
-                    (r1.ru_stime - r0.ru_stime) * 1e6 / (len(offs) - 50)))
+        cpu.append(
+            (
+                (r1.ru_utime - r0.ru_utime) * 1e6 / (len(offs) - 50),
+                (r1.ru_stime - r0.ru_stime) * 1e6 / (len(offs) - 50),
+            )
+        )
         ctx.close()
         return el
 
@@ -149,9 +154,13 @@ def child(cfg):
     os.close(fd)
     fig = statistics.median(results) if scenario == "cold" else max(results)
     user, sys_ = min(cpu, key=lambda c: c[0] + c[1])
-    return {"ops_per_s": fig, "runs": results, "errors": errors,
-            "cpu_us_per_op": [round(user, 2), round(sys_, 2)],
-            "sqpoll_allowed": bool(getattr(linux_uring_asyncio, "SQPOLL_ALLOWED", False))}
+    return {
+        "ops_per_s": fig,
+        "runs": results,
+        "errors": errors,
+        "cpu_us_per_op": [round(user, 2), round(sys_, 2)],
+        "sqpoll_allowed": bool(getattr(linux_uring_asyncio, "SQPOLL_ALLOWED", False)),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -160,8 +169,9 @@ def child(cfg):
 
 def ensure_file():
     os.makedirs(os.path.dirname(FILE), exist_ok=True)
-    fstype = subprocess.run(["stat", "-f", "-c", "%T", os.path.dirname(FILE)],
-                            capture_output=True, text=True).stdout.strip()
+    fstype = subprocess.run(
+        ["stat", "-f", "-c", "%T", os.path.dirname(FILE)], capture_output=True, text=True
+    ).stdout.strip()
     if fstype in ("tmpfs", "ramfs"):
         sys.exit(f"{FILE} is on {fstype}; use a real disk")
     if not os.path.exists(FILE) or os.path.getsize(FILE) != FILE_SIZE:
@@ -178,8 +188,13 @@ def warm_cache():
 
 def run_child(python, cfg, timeout=300):
     with tempfile.TemporaryDirectory(prefix="uring-bench-") as cwd:
-        p = subprocess.run([python, os.path.abspath(__file__), "--child", json.dumps(cfg)],
-                           cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(
+            [python, os.path.abspath(__file__), "--child", json.dumps(cfg)],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     if p.returncode != 0:
         return {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -188,10 +203,23 @@ def run_child(python, cfg, timeout=300):
 def fio_iops(runtime):
     if shutil.which("fio") is None:
         return None
-    p = subprocess.run(["fio", "--name=randread", f"--filename={FILE}", "--direct=1",
-                        "--rw=randread", f"--bs={BLOCK}", "--ioengine=io_uring",
-                        "--iodepth=64", f"--runtime={runtime}", "--time_based",
-                        "--output-format=json"], capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            "fio",
+            "--name=randread",
+            f"--filename={FILE}",
+            "--direct=1",
+            "--rw=randread",
+            f"--bs={BLOCK}",
+            "--ioengine=io_uring",
+            "--iodepth=64",
+            f"--runtime={runtime}",
+            "--time_based",
+            "--output-format=json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if p.returncode != 0:
         return None
     return json.loads(p.stdout)["jobs"][0]["read"]["iops"]
@@ -212,13 +240,19 @@ def fmt(r):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child")
-    ap.add_argument("--only", default="floor,cached,cold,direct",
-                    help="comma-separated scenarios (floor, cached, cold, direct)")
+    ap.add_argument(
+        "--only",
+        default="floor,cached,cold,direct",
+        help="comma-separated scenarios (floor, cached, cold, direct)",
+    )
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--ours", default=OURS)
     ap.add_argument("--upstream", default=UPSTREAM)
-    ap.add_argument("--configs", default="default,sqpoll0,sqpoll1",
-                    help="configurations to run for both implementations")
+    ap.add_argument(
+        "--configs",
+        default="default,sqpoll0,sqpoll1",
+        help="configurations to run for both implementations",
+    )
     ap.add_argument("--fio-runtime", type=int, default=5)
     args = ap.parse_args()
 
@@ -241,31 +275,37 @@ def main():
 
     if "floor" in only:
         for conc, per in ((1, 100_000), (64, 3_000)):
-            measure(f"floor c={conc}", args.ours,
-                    {"scenario": "floor", "conc": conc, "per_task": per})
+            measure(
+                f"floor c={conc}", args.ours, {"scenario": "floor", "conc": conc, "per_task": per}
+            )
     if "cached" in only:
         warm_cache()
         for conc, per in ((1, 100_000), (64, 3_000)):
             for impl, python in (("upstream", args.upstream), ("ours", args.ours)):
                 for config in configs:
-                    measure(f"cached c={conc} {impl} {config}", python,
-                            {"scenario": "cached", "conc": conc, "per_task": per,
-                             "config": config})
+                    measure(
+                        f"cached c={conc} {impl} {config}",
+                        python,
+                        {"scenario": "cached", "conc": conc, "per_task": per, "config": config},
+                    )
     if "cold" in only:
         for impl, python in (("upstream", args.upstream), ("ours", args.ours)):
             for config in configs:
-                measure(f"cold c=64 {impl} {config}", python,
-                        {"scenario": "cold", "conc": 64, "per_task": 400,
-                         "config": config})
+                measure(
+                    f"cold c=64 {impl} {config}",
+                    python,
+                    {"scenario": "cold", "conc": 64, "per_task": 400, "config": config},
+                )
     if "direct" in only:
         iops = fio_iops(args.fio_runtime)
-        print(f"{'fio io_uring iodepth=64 O_DIRECT':<34} "
-              f"{(iops or 0) / 1000:8.1f}k", flush=True)
+        print(f"{'fio io_uring iodepth=64 O_DIRECT':<34} {(iops or 0) / 1000:8.1f}k", flush=True)
         for impl, python in (("upstream", args.upstream), ("ours", args.ours)):
             for config in configs:
-                r = measure(f"direct c=64 {impl} {config}", python,
-                            {"scenario": "direct", "conc": 64, "per_task": 1_000,
-                             "config": config})
+                r = measure(
+                    f"direct c=64 {impl} {config}",
+                    python,
+                    {"scenario": "direct", "conc": 64, "per_task": 1_000, "config": config},
+                )
                 if iops and "ops_per_s" in r and not r.get("errors"):
                     print(f"{'':<34} = {r['ops_per_s'] / iops:.0%} of fio", flush=True)
     print(f"# uptime: {os.popen('uptime').read().strip()}")

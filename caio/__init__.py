@@ -26,7 +26,8 @@ _import_errors: Dict[str, str] = {}
 
 
 def _import_backend(
-    key: str, native: str,
+    key: str,
+    native: str,
 ) -> Tuple[Optional[ModuleType], Optional[ModuleType]]:
     """Import a native backend together with its asyncio adapter.
 
@@ -41,7 +42,8 @@ def _import_backend(
         adapter = import_module("." + native + "_asyncio", __name__)
     except ImportError as exc:
         _import_errors[key] = "{}: {}".format(
-            type(exc).__name__, str(exc) or "(no message)",
+            type(exc).__name__,
+            str(exc) or "(no message)",
         )
         return None, None
     return module, adapter
@@ -53,11 +55,11 @@ thread_aio, thread_aio_asyncio = _import_backend("thread", "thread_aio")
 
 
 variants = tuple(
-    module for module in (linux_uring, linux_aio, thread_aio, python_aio)
-    if module is not None
+    module for module in (linux_uring, linux_aio, thread_aio, python_aio) if module is not None
 )
 variants_asyncio = tuple(
-    module for module in (
+    module
+    for module in (
         linux_uring_asyncio,
         linux_aio_asyncio,
         thread_aio_asyncio,
@@ -89,7 +91,8 @@ def _available_implementations() -> Dict[str, Tuple[ModuleType, ModuleType]]:
 
 
 def _read_default_implementation(
-    path: str, available: Dict[str, Tuple[ModuleType, ModuleType]],
+    path: str,
+    available: Dict[str, Tuple[ModuleType, ModuleType]],
 ) -> Optional[str]:
     """First line of the file naming an available backend, else ``None``.
 
@@ -106,7 +109,8 @@ def _read_default_implementation(
     except OSError as exc:
         # An unreadable file should not make "import caio" fail.
         warnings.warn(
-            "Cannot read {}: {}".format(path, exc), RuntimeWarning,
+            "Cannot read {}: {}".format(path, exc),
+            RuntimeWarning,
         )
     return None
 
@@ -127,12 +131,14 @@ def _select_implementation() -> None:
             reason = "CAIO_IMPL={}".format(requested)
         else:
             warnings.warn(
-                "CAIO_IMPL contains unsupported value {!r}. "
-                "Use one of {!r}".format(requested, tuple(available)),
+                "CAIO_IMPL contains unsupported value {!r}. Use one of {!r}".format(
+                    requested, tuple(available)
+                ),
                 RuntimeWarning,
             )
-            reason = "{}; CAIO_IMPL={!r} ignored (not an available " \
-                "backend)".format(automatic, requested)
+            reason = "{}; CAIO_IMPL={!r} ignored (not an available backend)".format(
+                automatic, requested
+            )
     else:
         path = os.path.join(
             os.path.dirname(os.path.abspath(__file__)),
@@ -143,8 +149,9 @@ def _select_implementation() -> None:
             if chosen is not None:
                 reason = "default_implementation file: {}".format(chosen)
             else:
-                reason = "{}; default_implementation file names no " \
-                    "available backend".format(automatic)
+                reason = "{}; default_implementation file names no available backend".format(
+                    automatic
+                )
         else:
             reason = automatic
 

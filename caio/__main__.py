@@ -44,15 +44,13 @@ def explain_import_error(module_name: str, message: str) -> str:
     if message.startswith("ModuleNotFoundError") and not_built in message:
         return (
             "native module not built/installed here (pure-Python install, "
-            "unsupported platform, or built without this backend)\n"
-            + message
+            "unsupported platform, or built without this backend)\n" + message
         )
     hints = []
     lowered = message.lower()
     if "seccomp" in lowered or "enosys" in lowered:
         hints.append(
-            "io_uring system calls are blocked (typically a container's "
-            "seccomp profile)",
+            "io_uring system calls are blocked (typically a container's seccomp profile)",
         )
     elif "not permitted" in lowered or "eperm" in lowered:
         hints.append(
@@ -93,8 +91,9 @@ def selection_report() -> List[str]:
     selected = caio.preferred_asyncio
     name = selected.__name__.rsplit(".", 1)[-1]
     lines = [
-        "Selected: `from caio import AsyncioContext` uses {} "
-        "(CAIO_IMPL key {!r})".format(name, caio._selected_key),
+        "Selected: `from caio import AsyncioContext` uses {} (CAIO_IMPL key {!r})".format(
+            name, caio._selected_key
+        ),
         "  how: {}".format(caio._selection_reason),
     ]
     env = os.environ.get("CAIO_IMPL")
@@ -124,14 +123,14 @@ async def _round_trip(adapter: ModuleType, directory: str) -> str:
             if written != len(payload):
                 raise AssertionError(
                     "write returned {}, expected {}".format(
-                        written, len(payload),
+                        written,
+                        len(payload),
                     ),
                 )
             data = await context.read(len(payload) + 100, fd, 0)
             if data != payload:
                 raise AssertionError(
-                    "read back {} bytes that differ from what was "
-                    "written".format(len(data)),
+                    "read back {} bytes that differ from what was written".format(len(data)),
                 )
             await context.fsync(fd)
             await context.fdsync(fd)
@@ -167,24 +166,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ),
     )
     parser.add_argument(
-        "--no-self-test", action="store_true",
+        "--no-self-test",
+        action="store_true",
         help="only print the report, do not run any I/O",
     )
     parser.add_argument(
-        "--dir", default=None,
+        "--dir",
+        default=None,
         help="directory for the self-test's temporary file "
         "(default: the system temp directory); use it to test a specific "
         "filesystem",
     )
     args = parser.parse_args(argv)
 
-    print("caio {} ({})".format(
-        caio.__version__, os.path.dirname(os.path.abspath(caio.__file__)),
-    ))
-    print("Python {} ({}) on {} {} ({})".format(
-        platform.python_version(), platform.python_implementation(),
-        platform.system(), platform.release(), platform.machine(),
-    ))
+    print(
+        "caio {} ({})".format(
+            caio.__version__,
+            os.path.dirname(os.path.abspath(caio.__file__)),
+        )
+    )
+    print(
+        "Python {} ({}) on {} {} ({})".format(
+            platform.python_version(),
+            platform.python_implementation(),
+            platform.system(),
+            platform.release(),
+            platform.machine(),
+        )
+    )
     print()
     for line in backend_report():
         print(line)
@@ -197,8 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     directory = args.dir or tempfile.gettempdir()
     print()
-    print("Self-test (write, read back, fsync, fdsync via AsyncioContext "
-          "in {}):".format(directory))
+    print("Self-test (write, read back, fsync, fdsync via AsyncioContext in {}):".format(directory))
     failed = []
     for key, module_name, _ in BACKENDS:
         adapter = getattr(caio, module_name + "_asyncio")
@@ -213,8 +221,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     print()
     if failed:
-        print("FAILED: {}. Select a working backend with CAIO_IMPL "
-              "(see above).".format(", ".join(failed)))
+        print(
+            "FAILED: {}. Select a working backend with CAIO_IMPL (see above).".format(
+                ", ".join(failed)
+            )
+        )
         return 1
     print("All available backends passed.")
     return 0

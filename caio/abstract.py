@@ -24,14 +24,22 @@ class AbstractOperation(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def read(
-        cls, nbytes: int, fd: int, offset: int, priority: int = 0,
+        cls,
+        nbytes: int,
+        fd: int,
+        offset: int,
+        priority: int = 0,
     ) -> "AbstractOperation":
         raise NotImplementedError
 
     @classmethod
     @abc.abstractmethod
     def write(
-        cls, payload_bytes: bytes, fd: int, offset: int, priority: int = 0,
+        cls,
+        payload_bytes: bytes,
+        fd: int,
+        offset: int,
+        priority: int = 0,
     ) -> "AbstractOperation":
         raise NotImplementedError
 

@@ -173,14 +173,22 @@ class AsyncioContextBase(abc.ABC):
                 semaphore.release()
 
     def read(
-        self, nbytes: int, fd: int, offset: int, priority: int = 0,
+        self,
+        nbytes: int,
+        fd: int,
+        offset: int,
+        priority: int = 0,
     ) -> Coroutine[Any, Any, bytes]:
         return self.submit(
             self.OPERATION_CLASS.read(nbytes, fd, offset, priority),
         )
 
     def write(
-        self, payload: bytes, fd: int, offset: int, priority: int = 0,
+        self,
+        payload: bytes,
+        fd: int,
+        offset: int,
+        priority: int = 0,
     ) -> Coroutine[Any, Any, int]:
         return self.submit(
             self.OPERATION_CLASS.write(payload, fd, offset, priority),

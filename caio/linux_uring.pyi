@@ -56,11 +56,19 @@ class Operation(AbstractOperation):
 
     @classmethod
     def read(
-        cls, nbytes: int, fd: int, offset: int = 0, priority: int = 0,
+        cls,
+        nbytes: int,
+        fd: int,
+        offset: int = 0,
+        priority: int = 0,
     ) -> Operation: ...
     @classmethod
     def write(
-        cls, payload_bytes: bytes, fd: int, offset: int = 0, priority: int = 0,
+        cls,
+        payload_bytes: bytes,
+        fd: int,
+        offset: int = 0,
+        priority: int = 0,
     ) -> Operation: ...
     @classmethod
     def fsync(cls, fd: int, priority: int = 0) -> Operation: ...
@@ -106,13 +114,19 @@ class _AsyncioBase:
     fast path)."""
 
     def read(self, nbytes: int, fd: int, offset: int, priority: int = 0) -> OperationAwaitable: ...
-    def write(self, payload: bytes, fd: int, offset: int, priority: int = 0) -> OperationAwaitable: ...
+    def write(
+        self, payload: bytes, fd: int, offset: int, priority: int = 0
+    ) -> OperationAwaitable: ...
     def fsync(self, fd: int) -> OperationAwaitable: ...
     def fdsync(self, fd: int) -> OperationAwaitable: ...
     def submit(self, op: Operation) -> OperationAwaitable: ...
     def _bind(
-        self, context: Context, loop: asyncio.AbstractEventLoop, max_requests: int,
-        deferred: bool, engine_obj: Any = ...,
+        self,
+        context: Context,
+        loop: asyncio.AbstractEventLoop,
+        max_requests: int,
+        deferred: bool,
+        engine_obj: Any = ...,
     ) -> None: ...
     def _process_loop_events(self) -> int: ...
     def _loop_reader(self) -> Callable[[], int]: ...

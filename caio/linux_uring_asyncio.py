@@ -36,8 +36,7 @@ class AsyncioContext(linux_uring._AsyncioBase, AsyncioContextBase):
     def _create_context(self, max_requests: int, **kwargs: Any) -> Any:
         kwargs.setdefault("sqpoll", DEFAULT_SQPOLL and SQPOLL_ALLOWED)
         context = super()._create_context(max_requests, **kwargs)
-        self._bind(context, self.loop, max_requests, self.deferred,
-                   context._deferred_flush)
+        self._bind(context, self.loop, max_requests, self.deferred, context._deferred_flush)
         self.loop.add_reader(context.fileno, self._loop_reader())
         self._reader_fd = context.fileno
         self._loop_delivery = True

@@ -140,12 +140,8 @@ def _lseek_write(fd: int, data: bytes, offset: int) -> int:
         return os.write(fd, data)
 
 
-_pread: Callable[[int, int, int], bytes] = (
-    os.pread if NATIVE_PREAD_PWRITE else _lseek_read
-)
-_pwrite: Callable[[int, bytes, int], int] = (
-    os.pwrite if NATIVE_PREAD_PWRITE else _lseek_write
-)
+_pread: Callable[[int, int, int], bytes] = os.pread if NATIVE_PREAD_PWRITE else _lseek_read
+_pwrite: Callable[[int, bytes, int], int] = os.pwrite if NATIVE_PREAD_PWRITE else _lseek_write
 
 
 # O_DIRECT: the kernel wants the buffer address, file offset and length
@@ -375,7 +371,8 @@ class Context(AbstractContext):
         if not 0 < pool_size < self.MAX_POOL_SIZE:
             raise ValueError(
                 "pool_size must be between 1 and {}, got {}".format(
-                    self.MAX_POOL_SIZE - 1, pool_size,
+                    self.MAX_POOL_SIZE - 1,
+                    pool_size,
                 ),
             )
         if max_requests <= 0:
@@ -463,13 +460,16 @@ class Context(AbstractContext):
             self._in_progress -= 1
 
     def _schedule(
-        self, runner: Callable[["Operation"], Any], operation: "Operation",
+        self,
+        runner: Callable[["Operation"], Any],
+        operation: "Operation",
     ) -> None:
         # Any: the direct path uses ThreadPool internals the stubs do not list.
         pool: Any = self.pool
         if not self._direct:
             pool.apply_async(
-                runner, (operation,),
+                runner,
+                (operation,),
                 callback=_ApplyCallback(self, operation, True),
                 error_callback=_ApplyCallback(self, operation, False),
             )
@@ -541,8 +541,9 @@ class Context(AbstractContext):
                 job, runner, operation = queue.popleft()
                 self._busy += 1
                 busy = True
-                spawn = bool(queue) and self._drains == self._busy \
-                    and self._drains < self._pool_size
+                spawn = (
+                    bool(queue) and self._drains == self._busy and self._drains < self._pool_size
+                )
                 if spawn:
                     self._drains += 1
             if spawn:
@@ -700,19 +701,31 @@ class Operation(AbstractOperation):
 
     @classmethod
     def read(
-        cls, nbytes: int, fd: int, offset: int, priority: int = 0,
+        cls,
+        nbytes: int,
+        fd: int,
+        offset: int,
+        priority: int = 0,
     ) -> "Operation":
         """Create a read operation."""
         return cls(fd, nbytes, offset, _READ, priority=priority)
 
     @classmethod
     def write(
-        cls, payload_bytes: bytes, fd: int, offset: int, priority: int = 0,
+        cls,
+        payload_bytes: bytes,
+        fd: int,
+        offset: int,
+        priority: int = 0,
     ) -> "Operation":
         """Create a write operation."""
         return cls(
-            fd, len(payload_bytes), offset, _WRITE,
-            payload=payload_bytes, priority=priority,
+            fd,
+            len(payload_bytes),
+            offset,
+            _WRITE,
+            payload=payload_bytes,
+            priority=priority,
         )
 
     @classmethod

@@ -31,11 +31,19 @@ class Operation(AbstractOperation):
 
     @classmethod
     def read(
-        cls, nbytes: int, fd: int, offset: int = 0, priority: int = 0,
+        cls,
+        nbytes: int,
+        fd: int,
+        offset: int = 0,
+        priority: int = 0,
     ) -> "Operation": ...
     @classmethod
     def write(
-        cls, payload_bytes: bytes, fd: int, offset: int = 0, priority: int = 0,
+        cls,
+        payload_bytes: bytes,
+        fd: int,
+        offset: int = 0,
+        priority: int = 0,
     ) -> "Operation": ...
     @classmethod
     def fsync(cls, fd: int, priority: int = 0) -> "Operation": ...

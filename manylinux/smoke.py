@@ -24,24 +24,38 @@ import tempfile
 
 # native modules whose only legitimate import failure is a missing kernel interface
 KERNEL_BACKENDS = {"linux_aio", "linux_uring"}
-LOADER_ERRORS = ("undefined symbol", "cannot open shared object", "ELF", "wrong", "invalid",
-                 "Exec format", "not a dynamic", "symbol not found", "Error relocating",
-                 "No module named")
+LOADER_ERRORS = (
+    "undefined symbol",
+    "cannot open shared object",
+    "ELF",
+    "wrong",
+    "invalid",
+    "Exec format",
+    "not a dynamic",
+    "symbol not found",
+    "Error relocating",
+    "No module named",
+)
 
 
 def main() -> int:
     wanted = sys.argv[1:]
     failures = []
     gil = getattr(sys, "_is_gil_enabled", lambda: True)()
-    print(f"python {platform.python_version()} {platform.machine()} "
-          f"EXT_SUFFIX={sysconfig.get_config_var('EXT_SUFFIX')} gil={'on' if gil else 'off'}")
+    print(
+        f"python {platform.python_version()} {platform.machine()} "
+        f"EXT_SUFFIX={sysconfig.get_config_var('EXT_SUFFIX')} gil={'on' if gil else 'off'}"
+    )
     import caio
 
     print(f"caio {caio.__version__} from {os.path.dirname(caio.__file__)}")
     for name in wanted:
         spec = importlib.util.find_spec("caio." + name)
-        if spec is None or not spec.origin \
-                or not spec.origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
+        if (
+            spec is None
+            or not spec.origin
+            or not spec.origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+        ):
             failures.append(f"{name}: no extension module file found (wrong file name?)")
             continue
         try:

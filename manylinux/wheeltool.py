@@ -41,8 +41,12 @@ def parse_target(triple):
     """``aarch64-unknown-linux-gnu.2.17`` -> ("aarch64", "gnu")."""
     triple = re.sub(r"\.\d+\.\d+$", "", triple)
     parts = triple.split("-")
-    if len(parts) != 4 or parts[2] != "linux" or parts[0] not in MACHINES \
-            or parts[3] not in ("gnu", "musl"):
+    if (
+        len(parts) != 4
+        or parts[2] != "linux"
+        or parts[0] not in MACHINES
+        or parts[3] not in ("gnu", "musl")
+    ):
         raise SystemExit(f"wheeltool: unsupported target {triple!r}")
     return parts[0], parts[3]
 
@@ -156,7 +160,9 @@ def _musl_soname(data, arch):
         path = os.path.join(tmp, "m.so")
         with open(path, "wb") as f:
             f.write(data)
-        subprocess.run(["patchelf", "--replace-needed", "libc.so", MUSL_SONAME % arch, path], check=True)
+        subprocess.run(
+            ["patchelf", "--replace-needed", "libc.so", MUSL_SONAME % arch, path], check=True
+        )
         with open(path, "rb") as f:
             return f.read()
 
@@ -251,17 +257,31 @@ def cmd_check(args):
             problems.append(f"{name}: has a PT_INTERP ({interp})")
         if any("libpython" in n for n in needed):
             problems.append(f"{name}: links libpython ({needed})")
-        glibc = [v[len("GLIBC_"):] for v in versions if v.startswith("GLIBC_") and v[6:7].isdigit()]
+        glibc = [
+            v[len("GLIBC_") :] for v in versions if v.startswith("GLIBC_") and v[6:7].isdigit()
+        ]
         if libc == "musl":
             if glibc or needed != [MUSL_SONAME % arch]:
-                problems.append(f"{name}: not a musl-only module (NEEDED {needed}, GLIBC {sorted(glibc)}); "
-                                f"expected NEEDED [{MUSL_SONAME % arch}]")
+                problems.append(
+                    f"{name}: not a musl-only module (NEEDED {needed}, GLIBC {sorted(glibc)}); "
+                    f"expected NEEDED [{MUSL_SONAME % arch}]"
+                )
         else:
             if unversioned:
-                problems.append(f"{name}: strong undefined symbols without a glibc version (not in the "
-                                f"target glibc; the import fails there): {', '.join(unversioned)}")
-            allowed = {"libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1",
-                       "libgcc_s.so.1", "ld-linux-x86-64.so.2", "ld-linux-aarch64.so.1"}
+                problems.append(
+                    f"{name}: strong undefined symbols without a glibc version (not in the "
+                    f"target glibc; the import fails there): {', '.join(unversioned)}"
+                )
+            allowed = {
+                "libc.so.6",
+                "libm.so.6",
+                "libpthread.so.0",
+                "libdl.so.2",
+                "librt.so.1",
+                "libgcc_s.so.1",
+                "ld-linux-x86-64.so.2",
+                "ld-linux-aarch64.so.1",
+            }
             if set(needed) - allowed:
                 problems.append(f"{name}: unexpected DT_NEEDED {sorted(set(needed) - allowed)}")
             if glibc:
@@ -275,13 +295,17 @@ def cmd_check(args):
             print(f"  FAIL {os.path.basename(args.wheel)}: {p}")
         return 1
     libc_info = f"musl {MUSL_SONAME % arch} only" if libc == "musl" else f"max GLIBC_{max_glibc}"
-    print(f"  ok {os.path.basename(args.wheel)}: {len(exts)} modules {suffix}, {MACHINES[arch]}, "
-          f"PyInit_* exported, {libc_info}, RECORD ok")
+    print(
+        f"  ok {os.path.basename(args.wheel)}: {len(exts)} modules {suffix}, {MACHINES[arch]}, "
+        f"PyInit_* exported, {libc_info}, RECORD ok"
+    )
     return 0
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("fix-names")
     p.add_argument("wheel")

@@ -82,20 +82,18 @@ def _import(name: str) -> Optional[ModuleType]:
 
 
 MODULES: Dict[str, ModuleType] = {
-    name: module for name in ALL_NAMES
-    for module in [_import(name)] if module is not None
+    name: module for name in ALL_NAMES for module in [_import(name)] if module is not None
 }
 NATIVE_MODULES = {k: v for k, v in MODULES.items() if k != "python_aio"}
 
-FREE_THREADED = (
-    hasattr(sys, "_is_gil_enabled") and not sys._is_gil_enabled()
-)
+FREE_THREADED = hasattr(sys, "_is_gil_enabled") and not sys._is_gil_enabled()
 
 # Default per-test time limit; every test must finish.
 TEST_TIMEOUT = 60
 
 
 # -- event loops -------------------------------------------------------------------
+
 
 def _loop_kinds() -> List[str]:
     kinds = ["asyncio"] + (["uvloop"] if uvloop is not None else [])
@@ -153,19 +151,22 @@ if _hypothesis_settings is not None:
 
 def pytest_configure(config: Any) -> None:
     config.addinivalue_line(
-        "markers", "slow: takes more than a few seconds "
-        "(deselect with -m 'not slow')",
+        "markers",
+        "slow: takes more than a few seconds (deselect with -m 'not slow')",
     )
     # An exception escaping a finaliser or a thread is a bug here, not noise.
     config.addinivalue_line(
-        "filterwarnings", "error::pytest.PytestUnraisableExceptionWarning",
+        "filterwarnings",
+        "error::pytest.PytestUnraisableExceptionWarning",
     )
     config.addinivalue_line(
-        "filterwarnings", "error::pytest.PytestUnhandledThreadExceptionWarning",
+        "filterwarnings",
+        "error::pytest.PytestUnhandledThreadExceptionWarning",
     )
     if not config.pluginmanager.hasplugin("timeout"):
         config.addinivalue_line(
-            "markers", "timeout(seconds): per-test time limit",
+            "markers",
+            "timeout(seconds): per-test time limit",
         )
 
 
@@ -254,7 +255,10 @@ class RawBackend:
         return delivered
 
     def wait_for(
-        self, ctx: Any, predicate: Callable[[], Any], timeout: float = 10.0,
+        self,
+        ctx: Any,
+        predicate: Callable[[], Any],
+        timeout: float = 10.0,
         what: str = "condition",
     ) -> None:
         deadline = time.monotonic() + timeout
@@ -268,7 +272,10 @@ class RawBackend:
             time.sleep(0.0005)
 
     def run(
-        self, ctx: Any, *ops: Any, timeout: float = 10.0,
+        self,
+        ctx: Any,
+        *ops: Any,
+        timeout: float = 10.0,
     ) -> List[Any]:
         """Submit ``ops`` in one call and wait for all their callbacks.
 
@@ -279,6 +286,7 @@ class RawBackend:
         def make_callback(index: int) -> Callable[[Any], None]:
             def callback(result: Any) -> None:
                 results[index] = result
+
             return callback
 
         for index, op in enumerate(ops):
@@ -286,7 +294,9 @@ class RawBackend:
         accepted = ctx.submit(*ops)
         assert accepted == len(ops), (accepted, len(ops))
         self.wait_for(
-            ctx, lambda: len(results) == len(ops), timeout,
+            ctx,
+            lambda: len(results) == len(ops),
+            timeout,
             "{} completions".format(len(ops)),
         )
         return [results[i] for i in range(len(ops))]
@@ -361,8 +371,8 @@ class AsyncBackend:
     """An asyncio adapter module plus the constructor kwargs to use."""
 
     def __init__(self, name: str, module: ModuleType, kwargs: Dict[str, Any]):
-        self.name = name          # e.g. "linux_uring"
-        self.module = module      # e.g. caio.linux_uring_asyncio
+        self.name = name  # e.g. "linux_uring"
+        self.module = module  # e.g. caio.linux_uring_asyncio
         self.kwargs = kwargs
 
     def __repr__(self) -> str:
@@ -385,19 +395,25 @@ def _async_params() -> List[Any]:
         name = adapter.__name__.rsplit(".", 1)[-1][: -len("_asyncio")]
         params.append(pytest.param((name, adapter, {}), id=name + "_asyncio"))
         if name == "linux_uring":
-            params.append(pytest.param(
-                (name, adapter, {"sqpoll": True}),
-                id="linux_uring_asyncio-sqpoll",
-            ))
-            params.append(pytest.param(
-                (name, adapter, {"sqpoll": False, "deferred": True}),
-                id="linux_uring_asyncio-nosqpoll-deferred",
-            ))
+            params.append(
+                pytest.param(
+                    (name, adapter, {"sqpoll": True}),
+                    id="linux_uring_asyncio-sqpoll",
+                )
+            )
+            params.append(
+                pytest.param(
+                    (name, adapter, {"sqpoll": False, "deferred": True}),
+                    id="linux_uring_asyncio-nosqpoll-deferred",
+                )
+            )
         elif name == "linux_aio":
-            params.append(pytest.param(
-                (name, adapter, {"deferred": True}),
-                id="linux_aio_asyncio-deferred",
-            ))
+            params.append(
+                pytest.param(
+                    (name, adapter, {"deferred": True}),
+                    id="linux_aio_asyncio-deferred",
+                )
+            )
     return params
 
 
@@ -478,8 +494,11 @@ def tmp_fd(tmp_path: Any) -> Any:
 
 def _tmpfs_root() -> Optional[str]:
     candidate = "/dev/shm"
-    if sys.platform.startswith("linux") and os.path.isdir(candidate) \
-            and os.access(candidate, os.W_OK):
+    if (
+        sys.platform.startswith("linux")
+        and os.path.isdir(candidate)
+        and os.access(candidate, os.W_OK)
+    ):
         return candidate
     return None
 
@@ -558,13 +577,18 @@ def subprocess_env(**overrides: Optional[str]) -> Dict[str, str]:
 
 
 def run_python(
-    args: Sequence[str], env: Optional[Dict[str, str]] = None,
-    cwd: Optional[str] = None, timeout: float = 60,
+    args: Sequence[str],
+    env: Optional[Dict[str, str]] = None,
+    cwd: Optional[str] = None,
+    timeout: float = 60,
 ) -> "subprocess.CompletedProcess[str]":
     return subprocess.run(
         [sys.executable, *args],
         env=env if env is not None else subprocess_env(),
-        cwd=cwd, timeout=timeout, capture_output=True, text=True,
+        cwd=cwd,
+        timeout=timeout,
+        capture_output=True,
+        text=True,
     )
 
 
@@ -602,9 +626,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             continue
         stats = getattr(module, "STATS", None)
         if stats:
-            lines.append("{}: {}".format(name, ", ".join(
-                "{} {}".format(value, key) for key, value in sorted(stats.items())
-            )))
+            lines.append(
+                "{}: {}".format(
+                    name,
+                    ", ".join("{} {}".format(value, key) for key, value in sorted(stats.items())),
+                )
+            )
     if lines:
         terminalreporter.section("reliability figures")
         for line in lines:

@@ -35,12 +35,16 @@ def test_adapter_class_wiring(async_backend: AsyncBackend, aio: LoopRunner) -> N
     assert cls.OPERATION_CLASS is native.Operation
     assert cls.MAX_REQUESTS_DEFAULT == 512
     public = [name for name in vars(module) if not name.startswith("_")]
-    assert [n for n in public if isinstance(getattr(module, n), type)
-            and getattr(module, n).__module__ == module.__name__] == ["AsyncioContext"]
+    assert [
+        n
+        for n in public
+        if isinstance(getattr(module, n), type) and getattr(module, n).__module__ == module.__name__
+    ] == ["AsyncioContext"]
 
 
 def test_default_max_requests(async_backend: AsyncBackend, aio: LoopRunner) -> None:
     """Edge case 66: None or 0 means 512, for the Context and the semaphore."""
+
     async def main() -> None:
         for value in (None, 0):
             ctx = async_backend.context(value)
@@ -59,11 +63,15 @@ def test_default_max_requests(async_backend: AsyncBackend, aio: LoopRunner) -> N
 
 
 def test_explicit_loop_and_positional_max_requests(
-    async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int,
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    tmp_fd: int,
 ) -> None:
     """aiofile calls AsyncioContext(max_requests, loop=loop)."""
     ctx = async_backend.module.AsyncioContext(
-        16, loop=aio.loop, **async_backend.kwargs,
+        16,
+        loop=aio.loop,
+        **async_backend.kwargs,
     )
     try:
         assert ctx.loop is aio.loop
@@ -76,7 +84,9 @@ def test_explicit_loop_and_positional_max_requests(
 
 
 def test_async_context_manager(
-    async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int,
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    tmp_fd: int,
 ) -> None:
     async def main() -> None:
         ctx = async_backend.context()
@@ -90,7 +100,8 @@ def test_async_context_manager(
 
 
 def test_exception_in_async_with_is_not_suppressed(
-    async_backend: AsyncBackend, aio: LoopRunner,
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
 ) -> None:
     async def main() -> None:
         async with async_backend.context():
@@ -145,7 +156,9 @@ def test_uring_default_sqpoll(aio: LoopRunner) -> None:
 
 
 def test_argument_errors_are_raised_at_call_time(
-    async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int,
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    tmp_fd: int,
 ) -> None:
     async def main() -> None:
         ctx = async_backend.context()
@@ -168,9 +181,12 @@ def test_argument_errors_are_raised_at_call_time(
 
 
 def test_submit_rejects_foreign_objects(
-    async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int,
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    tmp_fd: int,
 ) -> None:
     """Edge case 67."""
+
     async def main() -> None:
         ctx = async_backend.context()
         try:
@@ -191,6 +207,7 @@ def test_submit_rejects_foreign_objects(
 
 def test_hello_world(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int) -> None:
     """Edge case 53."""
+
     async def main() -> None:
         async with async_backend.context() as ctx:
             assert await ctx.read(32, tmp_fd, 0) == b""
@@ -204,11 +221,10 @@ def test_hello_world(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int) 
 
 def test_concurrent_small_writes(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int) -> None:
     """Edge case 54."""
+
     async def main() -> bytes:
         async with async_backend.context() as ctx:
-            await asyncio.gather(*(
-                ctx.write(b"%04d" % i, tmp_fd, 4 * i) for i in range(32)
-            ))
+            await asyncio.gather(*(ctx.write(b"%04d" % i, tmp_fd, 4 * i) for i in range(32)))
             await ctx.fdsync(tmp_fd)
             return await ctx.read(128, tmp_fd, 0)
 
@@ -217,6 +233,7 @@ def test_concurrent_small_writes(async_backend: AsyncBackend, aio: LoopRunner, t
 
 def test_closed_fd_raises(async_backend: AsyncBackend, aio: LoopRunner, closed_fd: int) -> None:
     """Edge case 55: an error, never a hang."""
+
     async def main() -> None:
         async with async_backend.context() as ctx:
             for make in (
@@ -233,9 +250,12 @@ def test_closed_fd_raises(async_backend: AsyncBackend, aio: LoopRunner, closed_f
     aio.run(main())
 
 
-def test_error_types_per_backend(async_backend: AsyncBackend, aio: LoopRunner, closed_fd: int) -> None:
+def test_error_types_per_backend(
+    async_backend: AsyncBackend, aio: LoopRunner, closed_fd: int
+) -> None:
     """API.md 3.6: bad fd -> SystemError (uring/thread; Q4: also OSError),
     ValueError (linux_aio), OSError (python_aio)."""
+
     async def main() -> BaseException:
         async with async_backend.context() as ctx:
             try:
@@ -255,6 +275,7 @@ def test_error_types_per_backend(async_backend: AsyncBackend, aio: LoopRunner, c
 
 def test_zero_length(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int) -> None:
     """Edge case 56."""
+
     async def main() -> None:
         async with async_backend.context() as ctx:
             assert await ctx.write(b"", tmp_fd, 0) == 0
@@ -278,6 +299,7 @@ def test_short_read_and_past_eof(async_backend: AsyncBackend, aio: LoopRunner, t
 
 def test_sync_ops_return_none(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int) -> None:
     """Edge case 58."""
+
     async def main() -> None:
         async with async_backend.context() as ctx:
             await ctx.write(b"x", tmp_fd, 0)
@@ -316,20 +338,20 @@ def test_sparse_write(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int)
 
 
 def test_back_pressure_with_tiny_max_requests(
-    async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int,
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    tmp_fd: int,
 ) -> None:
     """Edge case 61: max_requests=2, 40 writes then 40 reads, no capacity errors."""
     chunks = [os.urandom(4096) for _ in range(40)]
 
     async def main() -> List[bytes]:
         async with async_backend.context(2) as ctx:
-            written = await asyncio.gather(*(
-                ctx.write(chunk, tmp_fd, 4096 * i) for i, chunk in enumerate(chunks)
-            ))
+            written = await asyncio.gather(
+                *(ctx.write(chunk, tmp_fd, 4096 * i) for i, chunk in enumerate(chunks))
+            )
             assert written == [4096] * 40
-            return await asyncio.gather(*(
-                ctx.read(4096, tmp_fd, 4096 * i) for i in range(40)
-            ))
+            return await asyncio.gather(*(ctx.read(4096, tmp_fd, 4096 * i) for i in range(40)))
 
     assert aio.run(main()) == chunks
 
@@ -340,12 +362,10 @@ def test_no_buffer_aliasing(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd
 
     async def main() -> List[bytes]:
         async with async_backend.context() as ctx:
-            await asyncio.gather(*(
-                ctx.write(chunk, tmp_fd, 8192 * i) for i, chunk in enumerate(chunks)
-            ))
-            return await asyncio.gather(*(
-                ctx.read(8192, tmp_fd, 8192 * i) for i in range(32)
-            ))
+            await asyncio.gather(
+                *(ctx.write(chunk, tmp_fd, 8192 * i) for i, chunk in enumerate(chunks))
+            )
+            return await asyncio.gather(*(ctx.read(8192, tmp_fd, 8192 * i) for i in range(32)))
 
     assert aio.run(main()) == chunks
 
@@ -355,7 +375,10 @@ def test_no_buffer_aliasing(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd
 
 @pytest.mark.parametrize("kind", ["read", "write"])
 def test_cancel_cleanly_loop(
-    async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int, kind: str,
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    tmp_fd: int,
+    kind: str,
 ) -> None:
     """Edge case 63: 50 rounds x 16 tasks, cancel whatever is pending."""
     os.pwrite(tmp_fd, os.urandom(16 * 4096), 0)
@@ -368,13 +391,17 @@ def test_cancel_cleanly_loop(
         async with async_backend.context() as ctx:
             for _ in range(50):
                 if kind == "read":
-                    tasks = [asyncio.ensure_future(ctx.read(4096, tmp_fd, 4096 * i))
-                             for i in range(16)]
+                    tasks = [
+                        asyncio.ensure_future(ctx.read(4096, tmp_fd, 4096 * i)) for i in range(16)
+                    ]
                 else:
-                    tasks = [asyncio.ensure_future(ctx.write(payload, tmp_fd, 4096 * i))
-                             for i in range(16)]
+                    tasks = [
+                        asyncio.ensure_future(ctx.write(payload, tmp_fd, 4096 * i))
+                        for i in range(16)
+                    ]
                 done, pending = await asyncio.wait(
-                    tasks, return_when=asyncio.FIRST_COMPLETED,
+                    tasks,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
                 for task in pending:
                     task.cancel()
@@ -396,6 +423,7 @@ def test_cancel_cleanly_loop(
 
 def test_cancel_after_first_step(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int) -> None:
     """Edge case 64: cancel right after the op was submitted (or batched)."""
+
     async def main() -> None:
         async with async_backend.context() as ctx:
             for _ in range(20):
@@ -410,9 +438,7 @@ def test_cancel_after_first_step(async_backend: AsyncBackend, aio: LoopRunner, t
                     # It may legitimately have finished before the cancel.
                     assert result == 4096
             # The semaphore slots were all given back.
-            assert await asyncio.gather(*(
-                ctx.write(b"y", tmp_fd, i) for i in range(8)
-            )) == [1] * 8
+            assert await asyncio.gather(*(ctx.write(b"y", tmp_fd, i) for i in range(8))) == [1] * 8
 
     aio.run(main())
     aio.settle()
@@ -420,7 +446,9 @@ def test_cancel_after_first_step(async_backend: AsyncBackend, aio: LoopRunner, t
 
 
 def test_cancel_before_start_raises_cancelled(
-    async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int,
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    tmp_fd: int,
 ) -> None:
     async def main() -> None:
         async with async_backend.context() as ctx:
@@ -470,18 +498,21 @@ def test_uring_cancel_is_real(aio: LoopRunner) -> None:
 
 
 def test_close_with_operations_in_flight(
-    async_backend: AsyncBackend, aio: LoopRunner, fast_fd: int,
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    fast_fd: int,
 ) -> None:
     """Pool backends finish queued work after close(); linux adapters only
     stop listening (API.md 4.9), so whatever is left pending is cancelled."""
+
     async def main() -> None:
         ctx = async_backend.context(64)
-        tasks = [asyncio.ensure_future(ctx.write(b"%04d" % i, fast_fd, 4 * i))
-                 for i in range(64)]
+        tasks = [asyncio.ensure_future(ctx.write(b"%04d" % i, fast_fd, 4 * i)) for i in range(64)]
         await asyncio.sleep(0)
         ctx.close()
         done, pending = await asyncio.wait(
-            tasks, timeout=10 if async_backend.is_pool else 1,
+            tasks,
+            timeout=10 if async_backend.is_pool else 1,
         )
         if async_backend.is_pool:
             assert not pending
@@ -537,7 +568,9 @@ def _rss() -> int:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
 def test_ten_thousand_operations_do_not_grow_rss(
-    async_backend: AsyncBackend, aio: LoopRunner, fast_fd: int,
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    fast_fd: int,
 ) -> None:
     payload = os.urandom(4096)
 

@@ -17,9 +17,7 @@ import pytest
 
 from conftest import AsyncBackend, LoopRunner
 
-pytestmark = pytest.mark.skipif(
-    not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform"
-)
+pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
 
 BLOCK = 4096
 SIZE = 64 * BLOCK
@@ -53,24 +51,37 @@ def direct_file() -> object:
 
 
 def test_direct_reads_any_offset_and_length(
-    async_backend: AsyncBackend, aio: LoopRunner, direct_file: object,
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    direct_file: object,
 ) -> None:
     plain, direct, data = direct_file  # type: ignore[misc]
-    cases = [(0, BLOCK), (BLOCK, 8 * BLOCK), (1, 100), (BLOCK - 3, 7),
-             (12345, 54321), (SIZE - 10, 100), (SIZE, BLOCK), (SIZE + BLOCK, 10), (5, 0)]
+    cases = [
+        (0, BLOCK),
+        (BLOCK, 8 * BLOCK),
+        (1, 100),
+        (BLOCK - 3, 7),
+        (12345, 54321),
+        (SIZE - 10, 100),
+        (SIZE, BLOCK),
+        (SIZE + BLOCK, 10),
+        (5, 0),
+    ]
 
     async def main() -> None:
         async with async_backend.context(16) as ctx:
             got = await asyncio.gather(*(ctx.read(n, direct, off) for off, n in cases))
             for (off, n), value in zip(cases, got):
                 assert type(value) is bytes
-                assert value == data[off:off + n], (off, n)
+                assert value == data[off : off + n], (off, n)
 
     aio.run(main())
 
 
 def test_direct_aligned_writes_from_any_payload(
-    async_backend: AsyncBackend, aio: LoopRunner, direct_file: object,
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    direct_file: object,
 ) -> None:
     plain, direct, data = direct_file  # type: ignore[misc]
     blocks = {i: bytes([i]) * BLOCK for i in (0, 3, 17, 63)}
@@ -88,12 +99,14 @@ def test_direct_aligned_writes_from_any_payload(
     aio.run(main())
     expected = bytearray(data)
     for i, b in blocks.items():
-        expected[i * BLOCK:(i + 1) * BLOCK] = b
+        expected[i * BLOCK : (i + 1) * BLOCK] = b
     assert os.pread(plain, SIZE, 0) == bytes(expected)
 
 
 def test_direct_unaligned_write_is_einval_for_that_task_only(
-    async_backend: AsyncBackend, aio: LoopRunner, direct_file: object,
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    direct_file: object,
 ) -> None:
     plain, direct, data = direct_file  # type: ignore[misc]
 

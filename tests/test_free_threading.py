@@ -18,7 +18,12 @@ from typing import Any, Dict, List
 import pytest
 
 from conftest import (
-    FREE_THREADED, NATIVE_MODULES, RawBackend, Recorder, read_file, subprocess_env,
+    FREE_THREADED,
+    NATIVE_MODULES,
+    RawBackend,
+    Recorder,
+    read_file,
+    subprocess_env,
 )
 
 FORCED = os.environ.get("CAIO_TEST_FREE_THREADING") == "1"
@@ -70,7 +75,10 @@ def test_import_keeps_gil_disabled(module: str) -> None:
     )
     proc = subprocess.run(
         [sys.executable, "-W", "error::RuntimeWarning", "-c", code, module],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     gil, native = proc.stdout.split()
@@ -92,6 +100,7 @@ def test_one_op_many_contexts(backend: RawBackend, fast_fd: int, threads: int) -
         def callback(_: object) -> None:
             with lock:
                 callbacks[index] = callbacks.get(index, 0) + 1
+
         return callback
 
     for index, op in enumerate(ops):
@@ -123,7 +132,10 @@ def test_one_op_many_contexts(backend: RawBackend, fast_fd: int, threads: int) -
 
 @pytest.mark.parametrize("threads,batch", [(2, 64), (8, 16), (32, 1)])
 def test_many_threads_one_context(
-    backend: RawBackend, fast_fd: int, threads: int, batch: int,
+    backend: RawBackend,
+    fast_fd: int,
+    threads: int,
+    batch: int,
 ) -> None:
     """Edge case 71: distinct writes from many threads to one Context."""
     batches = 8
@@ -165,6 +177,7 @@ def test_concurrent_drainers(linux_backend: RawBackend, fast_fd: int, threads: i
             with lock:
                 hits[index] += 1
             done(index)
+
         return callback
 
     ops = [linux_backend.Operation.write(b"x", fast_fd, i) for i in range(count)]
@@ -248,8 +261,10 @@ def test_concurrent_callback_replacement(backend: RawBackend) -> None:
     def replacer(index: int) -> None:
         local = []
         for i in range(500):
+
             def callback(_: object, i: int = i) -> None:
                 pass
+
             local.append(weakref.ref(callback))
             assert op.set_callback(callback) is True
             del callback
@@ -296,7 +311,9 @@ def test_concurrent_uring_cancels(uring: RawBackend) -> None:
 
 @pytest.mark.parametrize("threads", [4, 16])
 def test_submit_and_cancel_hammer(
-    backend: RawBackend, fast_fd: int, threads: int,
+    backend: RawBackend,
+    fast_fd: int,
+    threads: int,
 ) -> None:
     """Many threads submit to, cancel on and drive one Context at once.
 
@@ -312,18 +329,18 @@ def test_submit_and_cancel_hammer(
     ctx = backend.context(total + 64)
     results: Dict[int, List[int]] = {}
     lock = threading.Lock()
-    submitted: List[Any] = []          # every accepted op, shared by all threads
+    submitted: List[Any] = []  # every accepted op, shared by all threads
     cancel_calls = [0]
-    writes: Dict[int, Any] = {}        # id(op) -> (offset, payload, op)
+    writes: Dict[int, Any] = {}  # id(op) -> (offset, payload, op)
     allowed_cancel_errors: Any = (
-        (ValueError, SystemError, RuntimeError, NotImplementedError)
-        if backend.is_linux_aio else ()
+        (ValueError, SystemError, RuntimeError, NotImplementedError) if backend.is_linux_aio else ()
     )
 
     def make_callback(key: int) -> Any:
         def callback(result: Any) -> None:
             with lock:
                 results.setdefault(key, []).append(result)
+
         return callback
 
     def worker(index: int) -> None:
@@ -358,8 +375,9 @@ def test_submit_and_cancel_hammer(
     _run_threads(threads, worker)
     assert len(submitted) == total
     assert cancel_calls[0] == threads * rounds * cancels
-    backend.wait_for(ctx, lambda: len(results) == total, timeout=60,
-                     what="{} completions".format(total))
+    backend.wait_for(
+        ctx, lambda: len(results) == total, timeout=60, what="{} completions".format(total)
+    )
     backend.drive(ctx)
     keys = {id(op) for op in submitted}
     assert set(results) == keys
@@ -371,4 +389,4 @@ def test_submit_and_cancel_hammer(
         if backend.is_uring and result == cancelled:
             continue
         assert result == len(payload), (backend.name, result)
-        assert data[offset:offset + len(payload)] == payload
+        assert data[offset : offset + len(payload)] == payload

@@ -285,7 +285,7 @@ def test_fsync_ops_return_none(ctx, fd):
     for op in ops:
         op.set_callback(seen.append)
     for i in range(0, 200, 20):
-        assert ctx.submit(*ops[i:i + 20]) == 20
+        assert ctx.submit(*ops[i : i + 20]) == 20
         deliver(ctx, 20)
     assert all(op.get_value() is None for op in ops)
     assert seen == [0] * 200
@@ -313,9 +313,13 @@ def test_process_events_arguments(ctx):
     assert ctx.process_events(0, 0, 0) == 0
     with pytest.raises(ValueError):
         ctx.process_events(max_requests=1, min_requests=5)
-    for kwargs in ({"max_requests": 2**32 - 1}, {"max_requests": -1},
-                   {"max_requests": 2**20 + 1}, {"min_requests": -1},
-                   {"timeout": 2**31}):
+    for kwargs in (
+        {"max_requests": 2**32 - 1},
+        {"max_requests": -1},
+        {"max_requests": 2**20 + 1},
+        {"min_requests": -1},
+        {"timeout": 2**31},
+    ):
         with pytest.raises(OverflowError):
             ctx.process_events(**kwargs)
     with pytest.raises(TypeError):
@@ -810,15 +814,24 @@ def direct_file(disk_path):
 
 def test_direct_reads_any_offset_and_length(ctx, direct_file):
     fd, data = direct_file
-    cases = [(4096, 0), (4096, 8192), (1, 0), (100, 7), (5000, 4095),
-             (65536, 12345), (512, 512), (0, 3), (10, len(data) - 4),
-             (100, len(data) + 5)]
+    cases = [
+        (4096, 0),
+        (4096, 8192),
+        (1, 0),
+        (100, 7),
+        (5000, 4095),
+        (65536, 12345),
+        (512, 512),
+        (0, 3),
+        (10, len(data) - 4),
+        (100, len(data) + 5),
+    ]
     ops = [Operation.read(n, fd, off) for n, off in cases]
     run(ctx, *ops)
     for (n, off), op in zip(cases, ops):
         value = op.get_value()
         assert isinstance(value, bytes)
-        assert value == data[off:off + n], (n, off)
+        assert value == data[off : off + n], (n, off)
 
 
 def test_direct_aligned_write(ctx, direct_file):
@@ -900,7 +913,7 @@ def test_nowait_mode_cold_reads_and_writes(disk_path):
         assert c.submit(*ops) == len(ops)
         deliver(c, len(ops))
         for off, op in zip(offsets, ops):
-            assert op.get_value() == data[off:off + op.nbytes]
+            assert op.get_value() == data[off : off + op.nbytes]
             assert op.nbytes == len(op.get_value())
         # Short read at the end of the file stays short.
         tail = Operation.read(100, fd, len(data) - 10)
@@ -934,13 +947,13 @@ def test_nowait_mode_cold_file_goes_straight_to_workers(disk_path):
             n = rnd.choice((1, 100, 4096, 9000))
             op = Operation.read(n, fd, off)
             run(c, op)
-            assert op.get_value() == data[off:off + n]
+            assert op.get_value() == data[off : off + n]
         # Now cached: served inline again (still correct).
         for _ in range(100):
             off = rnd.randrange(len(data) - 4096)
             op = Operation.read(4096, fd, off)
             run(c, op)
-            assert op.get_value() == data[off:off + 4096]
+            assert op.get_value() == data[off : off + 4096]
     finally:
         c.close()
         os.close(fd)
@@ -1079,7 +1092,7 @@ def test_10000_operations_with_random_cancel_attempts(fd):
     pending = 0
     for i in range(n):
         payload = bytes([rnd.randrange(256)]) * block
-        expected[i * block:(i + 1) * block] = payload
+        expected[i * block : (i + 1) * block] = payload
         op = Operation.write(payload, fd, i * block)
         ops.append(op)
         while True:
@@ -1105,7 +1118,7 @@ def test_10000_operations_with_random_cancel_attempts(fd):
     deliver(c, 100)
     for r in reads[:100]:
         i = r.offset // block
-        assert r.get_value() == bytes(expected[i * block:(i + 1) * block])
+        assert r.get_value() == bytes(expected[i * block : (i + 1) * block])
     c.close()
 
 
@@ -1130,16 +1143,18 @@ _, status = os.waitpid(pid, 0)
 print(os.waitstatus_to_exitcode(status))
 """
     path = "/proc/self/fd/%d" % fd
-    p = subprocess.run([sys.executable, "-c", code, os.readlink(path)],
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-c", code, os.readlink(path)], capture_output=True, text=True, timeout=60
+    )
     assert p.stdout.strip() == "0", p.stderr
 
 
 def import_in_subprocess(env):
     code = "import caio.linux_aio"
     full_env = dict(os.environ, **env)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True,
-                          text=True, env=full_env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=60
+    )
 
 
 @pytest.mark.parametrize(
@@ -1175,8 +1190,9 @@ def test_package_falls_back_when_probe_fails():
         "print(caio.AsyncioContext is not None)\n"
     )
     env = dict(os.environ, CAIO_TEST_AIO_PROBE_ERRNO=str(errno.ENOSYS))
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                       text=True, env=env, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
     assert p.returncode == 0, p.stderr
     lines = p.stdout.split()
     assert lines[0] in ("None", "missing")

@@ -118,9 +118,7 @@ def test_concurrent_small_writes(arun, deferred, fd):
     async def main():
         async with AsyncioContext(deferred=deferred) as ctx:
             data = [b"%04d" % i for i in range(32)]
-            results = await asyncio.gather(
-                *(ctx.write(d, fd, i * 4) for i, d in enumerate(data))
-            )
+            results = await asyncio.gather(*(ctx.write(d, fd, i * 4) for i, d in enumerate(data)))
             assert results == [4] * 32
             await ctx.fdsync(fd)
             assert await ctx.read(128, fd, 0) == b"".join(data)
@@ -172,12 +170,13 @@ def test_small_max_requests_back_pressure(arun, deferred, fd):
     async def main():
         async with AsyncioContext(max_requests=2, deferred=deferred) as ctx:
             blocks = [os.urandom(4096) for _ in range(40)]
-            assert await asyncio.gather(
-                *(ctx.write(b, fd, i * 4096) for i, b in enumerate(blocks))
-            ) == [4096] * 40
-            assert await asyncio.gather(
-                *(ctx.read(4096, fd, i * 4096) for i in range(40))
-            ) == blocks
+            assert (
+                await asyncio.gather(*(ctx.write(b, fd, i * 4096) for i, b in enumerate(blocks)))
+                == [4096] * 40
+            )
+            assert (
+                await asyncio.gather(*(ctx.read(4096, fd, i * 4096) for i in range(40))) == blocks
+            )
 
     arun(main())
 
@@ -202,11 +201,12 @@ def test_cancel_cleanly_in_loops(arun, deferred, fd):
             os.pwrite(fd, os.urandom(16 * 4096), 0)
             for rnd in range(50):
                 if rnd % 2:
-                    tasks = [asyncio.ensure_future(ctx.read(4096, fd, i * 4096))
-                             for i in range(16)]
+                    tasks = [asyncio.ensure_future(ctx.read(4096, fd, i * 4096)) for i in range(16)]
                 else:
-                    tasks = [asyncio.ensure_future(ctx.write(b"w" * 4096, fd, i * 4096))
-                             for i in range(16)]
+                    tasks = [
+                        asyncio.ensure_future(ctx.write(b"w" * 4096, fd, i * 4096))
+                        for i in range(16)
+                    ]
                 done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 for t in pending:
                     t.cancel()
@@ -311,8 +311,7 @@ def test_deferred_same_op_twice_in_one_batch(arun, fd):
     async def main():
         async with AsyncioContext(deferred=True) as ctx:
             op = linux_aio.Operation.write(b"dup", fd, 0)
-            results = await asyncio.gather(ctx.submit(op), ctx.submit(op),
-                                           return_exceptions=True)
+            results = await asyncio.gather(ctx.submit(op), ctx.submit(op), return_exceptions=True)
             assert results[0] == 3
             assert isinstance(results[1], OSError)
 
@@ -342,7 +341,7 @@ def test_cached_reads_complete_inline_without_starving_the_loop(arun, fd):
             start = turns
             for i in range(320):
                 off = (i * 4096) % len(data)
-                assert await ctx.read(4096, fd, off) == data[off:off + 4096]
+                assert await ctx.read(4096, fd, off) == data[off : off + 4096]
             ran = turns - start
             done = True
             await t
@@ -419,7 +418,7 @@ def test_sync_budget_bounds_a_loop_iteration(arun, fd):
                 nonlocal completed
                 for i in range(200):
                     off = ((k * 200 + i) * 4096) % len(data)
-                    assert await ctx.read(4096, fd, off) == data[off:off + 4096]
+                    assert await ctx.read(4096, fd, off) == data[off : off + 4096]
                     completed += 1
 
             t = asyncio.ensure_future(ticker())
@@ -477,8 +476,9 @@ def test_slots_come_back_after_cancellations(arun, deferred, fd):
     async def main():
         async with AsyncioContext(max_requests=4, deferred=deferred) as ctx:
             for _ in range(20):
-                tasks = [asyncio.ensure_future(ctx.write(b"z" * 512, fd, 512 * i))
-                         for i in range(12)]
+                tasks = [
+                    asyncio.ensure_future(ctx.write(b"z" * 512, fd, 512 * i)) for i in range(12)
+                ]
                 await asyncio.sleep(0)
                 for t in tasks[::2]:
                     t.cancel()
@@ -574,7 +574,7 @@ def test_close_with_operations_in_flight(arun, deferred, disk_path):
             await asyncio.sleep(0)
             ctx.close()  # while reads are in flight
             got = await asyncio.wait_for(asyncio.gather(*tasks), 10)
-            assert got == [data[i * 65536:(i + 1) * 65536] for i in range(16)]
+            assert got == [data[i * 65536 : (i + 1) * 65536] for i in range(16)]
             await asyncio.sleep(0)
             assert wait_unmapped(address)
         finally:
@@ -601,7 +601,7 @@ def test_10000_contexts_do_not_leak(arun, fd):
         peak = before
         for i in range(10000):
             ctx = AsyncioContext()
-            assert await ctx.read(4, fd, i % 7) == b"0123456789"[i % 7:i % 7 + 4]
+            assert await ctx.read(4, fd, i % 7) == b"0123456789"[i % 7 : i % 7 + 4]
             ctx.close()
             if i % 250 == 0:
                 peak = max(peak, read_aio_nr())
@@ -634,7 +634,7 @@ def test_direct_io(arun, deferred, disk_path):
         try:
             async with AsyncioContext(deferred=deferred) as ctx:
                 got = await asyncio.gather(*(ctx.read(4096, f, i * 4096) for i in range(64)))
-                assert got == [data[i * 4096:(i + 1) * 4096] for i in range(64)]
+                assert got == [data[i * 4096 : (i + 1) * 4096] for i in range(64)]
                 assert await ctx.read(100, f, 12345) == data[12345:12445]
                 block = os.urandom(4096)
                 assert await ctx.write(block, f, 8192) == 4096
@@ -698,8 +698,9 @@ def test_loop_not_stalled_by_cold_reads(arun, disk_path):
             await t
             assert results == expected
         worst = max(stalls)
-        sys.stderr.write("\ncold reads: worst loop stall %.1f ms over %d ticks\n"
-                         % (worst * 1e3, len(stalls)))
+        sys.stderr.write(
+            "\ncold reads: worst loop stall %.1f ms over %d ticks\n" % (worst * 1e3, len(stalls))
+        )
         # Generous: a shared, loaded CI machine can preempt any thread; a
         # loop blocked by synchronous disk reads shows up as many long gaps.
         assert worst < 0.5
@@ -755,7 +756,7 @@ def test_10000_operations_with_random_cancellations(arun, deferred, fd):
             assert cancelled, "the test should cancel some writes"
             content = os.pread(fd, n * block, 0).ljust(n * block, b"\0")
             for i in range(n):
-                got = content[i * block:(i + 1) * block]
+                got = content[i * block : (i + 1) * block]
                 if i in written:
                     assert got == payloads[i], i
                 else:
@@ -778,8 +779,9 @@ def test_caio_impl_selects_linux_aio():
         pytest.skip("package front-end (caio/__init__.py) not merged yet")
     code = "import caio; print(caio.Context.__doc__); print(caio.AsyncioContext.__module__)"
     env = dict(os.environ, CAIO_IMPL="linux")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=env, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
     assert p.returncode == 0, p.stderr
     assert "linux aio context representation" in p.stdout
     assert "linux_aio_asyncio" in p.stdout

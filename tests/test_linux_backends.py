@@ -16,7 +16,7 @@ import pytest
 
 from conftest import RawBackend, Recorder, read_file, run_python
 
-U64_MAX = 2 ** 64 - 1
+U64_MAX = 2**64 - 1
 
 
 def _wait_ready(ctx: object, timeout: float = 10.0) -> None:
@@ -53,7 +53,8 @@ def test_fileno_is_an_eventfd_int(linux_backend: RawBackend) -> None:
 
 
 def test_flush_and_process_events_delivery_counts(
-    linux_backend: RawBackend, tmp_fd: int,
+    linux_backend: RawBackend,
+    tmp_fd: int,
 ) -> None:
     """Edge case 10: every completion is counted exactly once by the
     flush()/process_events() calls that deliver it."""
@@ -85,12 +86,12 @@ def test_process_events_argument_checks(linux_backend: RawBackend) -> None:
     with pytest.raises(TypeError):
         ctx.process_events(timeout=0.5)
     with pytest.raises(OverflowError):
-        ctx.process_events(timeout=2 ** 31)
+        ctx.process_events(timeout=2**31)
     assert ctx.process_events(512, 0, 0) == 0
     assert ctx.process_events(max_requests=0, min_requests=0, timeout=0) == 0
     if linux_backend.is_linux_aio:
         with pytest.raises(OverflowError):
-            ctx.process_events(max_requests=2 ** 32 - 1)  # edge case 19
+            ctx.process_events(max_requests=2**32 - 1)  # edge case 19
         with pytest.raises(OverflowError):
             ctx.process_events(max_requests=1048577)
     else:
@@ -122,7 +123,8 @@ def test_process_events_timeout_releases_gil(linux_backend: RawBackend) -> None:
 
 
 def test_process_events_blocks_until_other_thread_completes(
-    linux_backend: RawBackend, tmp_fd: int,
+    linux_backend: RawBackend,
+    tmp_fd: int,
 ) -> None:
     """Edge case 13: timeout=-1 waits for a completion from another thread."""
     ctx = linux_backend.context()
@@ -251,7 +253,8 @@ def test_cancel_op_of_another_context(linux_backend: RawBackend, tmp_fd: int) ->
 
 
 def test_context_lifetime_follows_in_flight_ops(
-    linux_backend: RawBackend, tmp_fd: int,
+    linux_backend: RawBackend,
+    tmp_fd: int,
 ) -> None:
     """Edge case 32: with gc disabled, refcounting alone frees the Context."""
     ctx = linux_backend.Context()
@@ -287,7 +290,8 @@ def test_reentrant_process_events(linux_backend: RawBackend, tmp_fd: int) -> Non
 
 
 def test_process_events_max_requests_limits_delivery(
-    linux_backend: RawBackend, tmp_fd: int,
+    linux_backend: RawBackend,
+    tmp_fd: int,
 ) -> None:
     """Edge case 42: 5 ready completions, max_requests=1 delivers one."""
     ctx = linux_backend.context()
@@ -535,7 +539,7 @@ def test_linux_aio_too_many_requests(linux_aio: RawBackend) -> None:
             limit = int(fp.read())
     except OSError:
         pytest.skip("no /proc/sys/fs/aio-max-nr")
-    if limit >= 2 ** 31:
+    if limit >= 2**31:
         pytest.skip("aio-max-nr effectively unlimited")
     with pytest.raises(SystemError):
         linux_aio.Context(limit + 1)
@@ -555,7 +559,9 @@ def test_linux_aio_bad_fd_rolls_back(linux_aio: RawBackend, closed_fd: int) -> N
 
 
 def test_linux_aio_partial_acceptance(
-    linux_aio: RawBackend, tmp_fd: int, closed_fd: int,
+    linux_aio: RawBackend,
+    tmp_fd: int,
+    closed_fd: int,
 ) -> None:
     ctx = linux_aio.context()
     calls = Recorder()
@@ -602,8 +608,10 @@ def test_signal_handler_exception_interrupts_wait(linux_backend: RawBackend) -> 
     """Q11: a Python signal handler's exception ends a blocking wait promptly."""
     import signal
 
-    if not hasattr(signal, "setitimer") or \
-            threading.current_thread() is not threading.main_thread():
+    if (
+        not hasattr(signal, "setitimer")
+        or threading.current_thread() is not threading.main_thread()
+    ):
         pytest.skip("needs setitimer on the main thread")
 
     def handler(signum: int, frame: object) -> None:
@@ -626,8 +634,10 @@ def test_harmless_signal_does_not_break_wait(linux_backend: RawBackend) -> None:
     """Q11: EINTR without a raising handler keeps waiting (no SystemError)."""
     import signal
 
-    if not hasattr(signal, "setitimer") or \
-            threading.current_thread() is not threading.main_thread():
+    if (
+        not hasattr(signal, "setitimer")
+        or threading.current_thread() is not threading.main_thread()
+    ):
         pytest.skip("needs setitimer on the main thread")
     fired = []
     ctx = linux_backend.context()

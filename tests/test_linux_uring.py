@@ -339,7 +339,7 @@ def test_many_fsyncs_none_refcount(ctx, fd):
     for op in ops:
         op.set_callback(drain_all.append)
     for i in range(0, 200, 50):
-        ctx.submit(*ops[i:i + 50])
+        ctx.submit(*ops[i : i + 50])
         drain(ctx, 50)
     assert all(op.get_value() is None for op in ops)
     del ops, drain_all
@@ -362,10 +362,10 @@ def test_large_mixed_batch(fd):
     os.pwrite(fd, data, 0)
     ops = [Operation.read(4096, fd, (i % 16) * 4096) for i in range(10000)]
     for i in range(0, 10000, 2000):
-        assert ctx.submit(*ops[i:i + 2000]) == 2000
+        assert ctx.submit(*ops[i : i + 2000]) == 2000
         drain(ctx, 2000)
     for i, op in enumerate(ops):
-        assert op.get_value() == data[(i % 16) * 4096:][:4096]
+        assert op.get_value() == data[(i % 16) * 4096 :][:4096]
 
 
 # -- edge cases 11–16: process_events, poll, in-flight gating ----------------
@@ -754,6 +754,7 @@ def test_reentrant_submit_from_callback(ctx, fd):
                 nxt.set_callback(chain(i + 1))
                 ctx.submit(nxt)
                 ctx.flush()
+
         return cb
 
     first = Operation.read(1, fd, 0)
@@ -987,8 +988,9 @@ def test_threads_submit_to_one_context(fd):
 # -- signals (Q11) -----------------------------------------------------------
 
 
-@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
-                    reason="signals need the main thread")
+@pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(), reason="signals need the main thread"
+)
 def test_signal_handler_exception_interrupts_wait():
     ctx = Context(4)
 
@@ -1010,8 +1012,9 @@ def test_signal_handler_exception_interrupts_wait():
         signal.signal(signal.SIGALRM, old)
 
 
-@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
-                    reason="signals need the main thread")
+@pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(), reason="signals need the main thread"
+)
 def test_signal_handler_runs_during_wait_and_wait_continues():
     ctx = Context(4)
     calls = []
@@ -1060,8 +1063,13 @@ def test_context_refuses_work_after_fork(fd):
     pid = os.fork()
     if pid == 0:  # child
         code = 0
-        for call in (lambda: ctx.submit(Operation.fsync(fd)), ctx.flush,
-                     ctx.process_events, ctx.poll, lambda: ctx.cancel(op)):
+        for call in (
+            lambda: ctx.submit(Operation.fsync(fd)),
+            ctx.flush,
+            ctx.process_events,
+            ctx.poll,
+            lambda: ctx.cancel(op),
+        ):
             try:
                 call()
                 code |= 1
@@ -1126,15 +1134,22 @@ def test_direct_reads_any_offset_and_length(ctx, path):
     try:
         with open(path, "rb") as fh:
             data = fh.read()
-        cases = [(4096, 0), (4096, 8192), (100, 3), (5000, 4095), (1, (1 << 20) - 1),
-                 (8192, (1 << 20) - 100), (65536, 12345)]
+        cases = [
+            (4096, 0),
+            (4096, 8192),
+            (100, 3),
+            (5000, 4095),
+            (1, (1 << 20) - 1),
+            (8192, (1 << 20) - 100),
+            (65536, 12345),
+        ]
         ops = [Operation.read(n, f, off) for n, off in cases]
         res = run(ctx, *ops)
         for (n, off), op, r in zip(cases, ops, res):
-            expect = data[off:off + n]
+            expect = data[off : off + n]
             assert op.get_value() == expect
             assert isinstance(op.get_value(), bytes)
-        assert sorted(res) == sorted(len(data[off:off + n]) for n, off in cases)
+        assert sorted(res) == sorted(len(data[off : off + n]) for n, off in cases)
     finally:
         os.close(f)
 
@@ -1213,6 +1228,7 @@ def test_concurrent_drainers_deliver_each_completion_once(fd):
         def cb(res):
             with lock:
                 counts[i] = counts.get(i, 0) + 1
+
         return cb
 
     for i, op in enumerate(ops):

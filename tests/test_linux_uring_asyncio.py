@@ -56,6 +56,7 @@ def loop(request):
 def run(loop):
     def run(coro, timeout=30):
         return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
     return run
 
 
@@ -148,6 +149,7 @@ def test_positional_loop_and_context_manager(loop, run, fd):
         async with AsyncioContext(4, loop) as ctx:
             assert await ctx.write(b"cm", fd, 0) == 2
             return ctx
+
     ctx = run(main())
     ctx.close()  # twice is harmless
 
@@ -159,6 +161,7 @@ def test_get_event_loop_inside_coroutine(loop, run):
             return ctx.loop is asyncio.get_running_loop()
         finally:
             ctx.close()
+
     assert run(main())
 
 
@@ -178,6 +181,7 @@ def test_basic_io(make_ctx, run, fd):
         assert await ctx.read(0, fd, 0) == b""
         assert await ctx.fsync(fd) is None
         assert await ctx.fdsync(fd) is None
+
     run(main())
 
 
@@ -188,6 +192,7 @@ def test_keywords(make_ctx, run, fd):
         assert await ctx.write(payload=b"kw", fd=fd, offset=0, priority=0) == 2
         assert await ctx.read(nbytes=2, fd=fd, offset=0) == b"kw"
         assert await ctx.fsync(fd=fd) is None
+
     run(main())
 
 
@@ -199,6 +204,7 @@ def test_concurrent_small_writes(make_ctx, run, fd):
         await ctx.fdsync(fd)
         data = await ctx.read(128, fd, 0)
         assert data == b"".join(b"%04d" % i for i in range(32))
+
     run(main())
 
 
@@ -216,6 +222,7 @@ def test_closed_fd_raises(make_ctx, run, path):
         assert e.value.errno == errno.EBADF
         with pytest.raises(SystemError):
             await ctx.write(b"x", f, 0)
+
     run(main())
 
 
@@ -233,6 +240,7 @@ def test_big_payload(make_ctx, run, fd):
         assert await ctx.write(payload, fd, 0) == len(payload)
         back = await ctx.read(len(payload), fd, 0)
         assert hashlib.sha256(back).digest() == hashlib.sha256(payload).digest()
+
     run(main())
 
 
@@ -243,6 +251,7 @@ def test_sparse_write(make_ctx, run, fd):
         assert await ctx.write(b"x", fd, 4 << 20) == 1
         assert os.fstat(fd).st_size == (4 << 20) + 1
         assert await ctx.read(4 << 20, fd, 0) == bytes(4 << 20)
+
     run(main())
 
 
@@ -253,10 +262,12 @@ def test_back_pressure(loop, config, run, fd, max_requests):
     blocks = [os.urandom(4096) for _ in range(40)]
 
     async def main():
-        assert await asyncio.gather(
-            *(ctx.write(b, fd, i * 4096) for i, b in enumerate(blocks))) == [4096] * 40
-        assert await asyncio.gather(
-            *(ctx.read(4096, fd, i * 4096) for i in range(40))) == blocks
+        assert (
+            await asyncio.gather(*(ctx.write(b, fd, i * 4096) for i, b in enumerate(blocks)))
+            == [4096] * 40
+        )
+        assert await asyncio.gather(*(ctx.read(4096, fd, i * 4096) for i in range(40))) == blocks
+
     try:
         run(main())
         assert ctx._gate_state() == (0, max_requests, 0)
@@ -272,6 +283,7 @@ def test_no_buffer_aliasing(make_ctx, run, fd):
         await asyncio.gather(*(ctx.write(c, fd, i * 8192) for i, c in enumerate(chunks)))
         got = await asyncio.gather(*(ctx.read(8192, fd, i * 8192) for i in range(32)))
         assert got == chunks
+
     run(main())
 
 
@@ -287,6 +299,7 @@ def test_gate_limits_concurrency(loop, config, run, pipe):
         got = await asyncio.gather(*tasks)
         assert sorted(got) == [bytes([c]) for c in b"abcdefgh"]
         assert ctx._gate_state() == (0, 3, 0)
+
     try:
         run(main())
     finally:
@@ -312,6 +325,7 @@ def test_cancel_clean_loops(make_ctx, run, loop, fd):
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.sleep(0.05)
+
     run(main())
     gc.collect()
     assert loop.handler_calls == []
@@ -330,6 +344,7 @@ def test_cancel_write_after_first_step(make_ctx, run, loop, fd):
         except asyncio.CancelledError:
             pass
         await asyncio.sleep(0.05)
+
     run(main())
     assert loop.handler_calls == []
 
@@ -342,6 +357,7 @@ def test_cancel_before_first_step(make_ctx, run, loop, fd):
         t.cancel()
         with pytest.raises(asyncio.CancelledError):
             await t
+
     run(main())
     assert loop.handler_calls == []
     assert ctx._gate_state()[0] == 0
@@ -373,6 +389,7 @@ def test_cancel_in_flight_pipe_read_is_a_kernel_cancel(make_ctx, run, loop, pipe
         # the pipe is still usable, nothing consumed the data
         os.write(w, b"later")
         assert await ctx.read(10, r, -1) == b"later"
+
     run(main())
     assert loop.handler_calls == []
 
@@ -394,6 +411,7 @@ def test_cancel_while_waiting_for_slot(loop, config, run, pipe):
         assert await first == b"a"
         assert await third == b"b"
         assert ctx._gate_state() == (0, 1, 0)
+
     try:
         run(main())
     finally:
@@ -419,6 +437,7 @@ def test_cancel_when_slot_granted_but_not_resumed(loop, config, run, pipe):
         assert ctx._gate_state() == (0, 1, 0)
         os.write(w, b"b")
         assert await ctx.read(1, r, -1) == b"b"
+
     try:
         run(main())
     finally:
@@ -447,8 +466,9 @@ def test_cancel_cold_reads(make_ctx, run, loop, tmp_path):
         res = await asyncio.gather(*tasks, return_exceptions=True)
         for o, r in zip(offs, res):
             if not isinstance(r, asyncio.CancelledError):
-                assert r == data[o * 4096:(o + 1) * 4096]
+                assert r == data[o * 4096 : (o + 1) * 4096]
         await asyncio.sleep(0.1)
+
     try:
         run(main())
     finally:
@@ -473,6 +493,7 @@ def test_submit(make_ctx, run, fd):
             await ctx.submit(op)
         with pytest.raises(ValueError):
             await ctx.submit(linux_uring.Operation)
+
     run(main())
 
 
@@ -510,6 +531,7 @@ def test_awaitables_are_coroutines(make_ctx, run, fd):
         # an awaitable that is never awaited is harmless
         ctx.read(1, fd, 0)
         gc.collect()
+
     run(main())
 
 
@@ -548,6 +570,7 @@ def test_inline_completion_spends_no_loop_iteration(loop, run, fd):
         for i in range(100):
             await ctx.read(4096, fd, (i % 16) * 4096)
         return list(ran)  # a copy: the callback runs once main() is done
+
     try:
         assert run(main()) == []
     finally:
@@ -577,6 +600,7 @@ def test_back_to_inline_after_asynchronous_completions(loop, run, fd, pipe):
         for i in range(100):
             await ctx.read(4096, fd, (i % 16) * 4096)
         return list(ran)
+
     try:
         assert run(main()) == []
     finally:
@@ -601,6 +625,7 @@ def test_loop_with_own_create_future(run, fd, pipe):
             await asyncio.sleep(0.01)
             os.write(w, b"y")
             return await t
+
         assert lp.run_until_complete(main()) == b"y"
         assert made  # the loop's own factory was used
         ctx.close()
@@ -631,6 +656,7 @@ def test_sync_streak_gives_the_loop_a_turn(loop, run, fd):
             reads += 1
         await t
         return ticks
+
     try:
         ticks = run(main())
     finally:
@@ -647,6 +673,7 @@ def test_closed_context_refuses_new_ops(loop, run, fd):
         ctx.close()
         with pytest.raises(RuntimeError):
             await ctx.read(1, fd, 0)
+
     run(main())
 
 
@@ -692,10 +719,11 @@ def test_direct_io(make_ctx, run, path):
     async def main():
         got = await asyncio.gather(*(ctx.read(n, f, o) for n, o in cases))
         for (n, o), g in zip(cases, got):
-            assert g == data[o:o + n]
+            assert g == data[o : o + n]
         block = os.urandom(4096)
         assert await ctx.write(block, f, 8192) == 4096
         assert await ctx.read(4096, f, 8192) == block
+
     try:
         run(main())
     finally:
@@ -755,14 +783,14 @@ def test_10000_ops_with_random_cancellations(make_ctx, run, loop, tmp_path):
         if kind == "w":
             assert val == 4096
         elif b >= wblocks:
-            assert val == bytes(base[b * 4096:(b + 1) * 4096]), "wrong read"
+            assert val == bytes(base[b * 4096 : (b + 1) * 4096]), "wrong read"
         else:
             assert len(val) == 4096
     final = os.pread(f, 1 << 20, 0)
     os.close(f)
     for b in range(nblocks):
-        blk = final[b * 4096:(b + 1) * 4096]
-        assert blk == bytes(base[b * 4096:(b + 1) * 4096]) or blk in written.get(b, ())
+        blk = final[b * 4096 : (b + 1) * 4096]
+        assert blk == bytes(base[b * 4096 : (b + 1) * 4096]) or blk in written.get(b, ())
     assert loop.handler_calls == []
     assert ctx._gate_state()[0] == 0
 
@@ -804,6 +832,7 @@ def test_timing_sanity(make_ctx, run, fd):
         t0 = time.monotonic()
         await asyncio.gather(*(ctx.read(4096, fd, (i % 16) * 4096) for i in range(5000)))
         return time.monotonic() - t0
+
     assert run(main()) < 10
 
 

@@ -20,15 +20,21 @@ pytest.importorskip("caio.linux_uring")
 # The seccomp tests install their filter with ctypes (prctl); an interpreter
 # built without _ctypes (e.g. the musl CPython of manylinux/musl-python.sh,
 # which has no libffi) cannot do that.
-needs_ctypes = pytest.mark.skipif(importlib.util.find_spec("_ctypes") is None,
-                                  reason="needs ctypes to install a seccomp filter")
+needs_ctypes = pytest.mark.skipif(
+    importlib.util.find_spec("_ctypes") is None, reason="needs ctypes to install a seccomp filter"
+)
 
 
 def run_child(code, env=None):
     e = dict(os.environ)
     e.update(env or {})
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=e,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 IMPORT_AND_REPORT = """
@@ -118,8 +124,10 @@ SECCOMP = """
 """
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64"),
-                    reason="syscall number known for x86_64/aarch64 only")
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "aarch64"),
+    reason="syscall number known for x86_64/aarch64 only",
+)
 @needs_ctypes
 def test_real_seccomp_filter_falls_back():
     p = run_child(SECCOMP + IMPORT_AND_REPORT)
@@ -133,8 +141,10 @@ def test_real_seccomp_filter_falls_back():
         assert "FRONTEND True True" in out
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64"),
-                    reason="syscall number known for x86_64/aarch64 only")
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "aarch64"),
+    reason="syscall number known for x86_64/aarch64 only",
+)
 @needs_ctypes
 def test_python_m_caio_shows_the_reason():
     # Only meaningful once the package front-end (python -m caio) exists.
@@ -142,8 +152,9 @@ def test_python_m_caio_shows_the_reason():
 
     if importlib.util.find_spec("caio.__main__") is None:
         pytest.skip("caio has no __main__ yet")
-    p = run_child(textwrap.dedent(SECCOMP)
-                  + "\nimport runpy; runpy.run_module('caio', run_name='__main__')\n")
+    p = run_child(
+        textwrap.dedent(SECCOMP) + "\nimport runpy; runpy.run_module('caio', run_name='__main__')\n"
+    )
     if "NOSECCOMP" in p.stdout:
         pytest.skip("cannot install a seccomp filter here")
     out = p.stdout + p.stderr

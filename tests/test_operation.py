@@ -121,14 +121,14 @@ def test_python_aio_accepts_index_objects(python_aio: RawBackend) -> None:
 
 
 @pytest.mark.parametrize(
-    "payload", [bytearray(b"ab"), memoryview(b"ab"), "ab", ["a", "b"], 12],
+    "payload",
+    [bytearray(b"ab"), memoryview(b"ab"), "ab", ["a", "b"], 12],
     ids=["bytearray", "memoryview", "str", "list", "int"],
 )
 def test_write_payload_must_be_bytes(backend: RawBackend, payload: object) -> None:
     # int has no len(): python_aio raises TypeError there (len() is taken
     # first); everything with a len() is a ValueError on every backend.
-    expected = TypeError if (backend.is_python and isinstance(payload, int)) \
-        else ValueError
+    expected = TypeError if (backend.is_python and isinstance(payload, int)) else ValueError
     if backend.native and isinstance(payload, int):
         expected = ValueError
     with pytest.raises(expected):
@@ -172,6 +172,7 @@ def test_rejected_payload_refcount_unchanged(backend: RawBackend) -> None:
 
 def test_failed_constructions_do_not_leak(backend: RawBackend) -> None:
     """Edge case 38: 500 TypeErrors from a str argument leave nothing behind."""
+
     def attempt() -> None:
         for _ in range(500):
             try:
@@ -259,9 +260,9 @@ def test_huge_read_is_rejected_natively(backend: RawBackend) -> None:
     """Edge case 18: no abort; native backends raise, python_aio accepts."""
     if backend.native:
         with pytest.raises((OverflowError, MemoryError, ValueError)):
-            backend.Operation.read(2 ** 62, 0, 0)
+            backend.Operation.read(2**62, 0, 0)
     else:
-        assert backend.Operation.read(2 ** 62, 0, 0).nbytes == 2 ** 62
+        assert backend.Operation.read(2**62, 0, 0).nbytes == 2**62
 
 
 # -- integer ranges (API.md 2.1, quirk Q3) -------------------------------------------
@@ -272,15 +273,15 @@ def test_fd_range(backend: RawBackend) -> None:
     if backend.native:
         # Q3: an fd that would alias another one (2**32 + 5 -> 5) must raise.
         with pytest.raises(OverflowError):
-            Op.read(4, 2 ** 32 + 5, 0)
+            Op.read(4, 2**32 + 5, 0)
         with pytest.raises(OverflowError):
-            Op.fsync(2 ** 32)
+            Op.fsync(2**32)
         # ...but -1 stays accepted (fails later with EBADF), shown as u32.
-        assert Op.fsync(-1).fileno == 2 ** 32 - 1
-        assert Op.read(4, -1, 0).fileno == 2 ** 32 - 1
+        assert Op.fsync(-1).fileno == 2**32 - 1
+        assert Op.read(4, -1, 0).fileno == 2**32 - 1
     else:
         assert Op.fsync(-1).fileno == -1
-        assert Op.fsync(2 ** 32 + 5).fileno == 2 ** 32 + 5
+        assert Op.fsync(2**32 + 5).fileno == 2**32 + 5
 
 
 def test_nbytes_range(backend: RawBackend) -> None:
@@ -288,33 +289,33 @@ def test_nbytes_range(backend: RawBackend) -> None:
     if backend.native:
         # Q3: 2**64 used to wrap to 0.
         with pytest.raises(OverflowError):
-            Op.read(2 ** 64, FD, 0)
+            Op.read(2**64, FD, 0)
         with pytest.raises(OverflowError):
             Op.read(-1, FD, 0)
     else:
         assert Op.read(-1, FD, 0).nbytes == -1
-        assert Op.read(2 ** 64, FD, 0).nbytes == 2 ** 64
+        assert Op.read(2**64, FD, 0).nbytes == 2**64
 
 
 def test_offset_range(backend: RawBackend) -> None:
     Op = backend.Operation
     if backend.is_uring:
         # Unsigned 64-bit: -1 and 2**64-1 both mean "current position".
-        assert Op.read(4, FD, -1).offset == 2 ** 64 - 1
-        assert Op.read(4, FD, 2 ** 64 - 1).offset == 2 ** 64 - 1
+        assert Op.read(4, FD, -1).offset == 2**64 - 1
+        assert Op.read(4, FD, 2**64 - 1).offset == 2**64 - 1
         with pytest.raises(OverflowError):
-            Op.read(4, FD, 2 ** 64)  # Q3: would alias 0
+            Op.read(4, FD, 2**64)  # Q3: would alias 0
     elif backend.native:
         # Signed 64-bit with an overflow check; shown as the u64 view.
-        assert Op.read(4, FD, -1).offset == 2 ** 64 - 1
-        assert Op.read(4, FD, 2 ** 63 - 1).offset == 2 ** 63 - 1
+        assert Op.read(4, FD, -1).offset == 2**64 - 1
+        assert Op.read(4, FD, 2**63 - 1).offset == 2**63 - 1
         with pytest.raises(OverflowError):
-            Op.read(4, FD, 2 ** 63)
+            Op.read(4, FD, 2**63)
         with pytest.raises(OverflowError):
-            Op.write(b"x", FD, 2 ** 64)
+            Op.write(b"x", FD, 2**64)
     else:
         assert Op.read(4, FD, -1).offset == -1
-        assert Op.read(4, FD, 2 ** 70).offset == 2 ** 70
+        assert Op.read(4, FD, 2**70).offset == 2**70
 
 
 def test_priority_range(backend: RawBackend) -> None:
@@ -330,11 +331,11 @@ def test_priority_range(backend: RawBackend) -> None:
         Op.read(4, FD, 0, 65535)
         # Q3: 2**16 would silently alias priority 0.
         with pytest.raises(OverflowError):
-            Op.read(4, FD, 0, 2 ** 16)
+            Op.read(4, FD, 0, 2**16)
         with pytest.raises(OverflowError):
-            Op.fsync(FD, 2 ** 16 + 1)
+            Op.fsync(FD, 2**16 + 1)
     else:
-        Op.read(4, FD, 0, 2 ** 40)
+        Op.read(4, FD, 0, 2**40)
         Op.fsync(FD, None)
 
 
@@ -385,15 +386,18 @@ def test_set_callback_keyword(backend: RawBackend) -> None:
 
 NATIVE_IDENTITY = {
     "linux_uring": (
-        "io_uring based AIO backend (Linux 5.6+).", "linux_uring.Operation",
+        "io_uring based AIO backend (Linux 5.6+).",
+        "linux_uring.Operation",
         "io_uring AIO operation",
     ),
     "linux_aio": (
-        "Linux AIO c API bindings.", "aio.AIOOperation",
+        "Linux AIO c API bindings.",
+        "aio.AIOOperation",
         "linux aio operation representation",
     ),
     "thread_aio": (
-        "Thread based AIO.", "aio.AIOOperation",
+        "Thread based AIO.",
+        "aio.AIOOperation",
         "thread aio operation representation",
     ),
 }

@@ -13,22 +13,38 @@ import pytest
 
 import caio
 from conftest import (
-    CONTEXT_DOC, KEYS, MODULES, caio_package_root, run_python, subprocess_env,
+    CONTEXT_DOC,
+    KEYS,
+    MODULES,
+    caio_package_root,
+    run_python,
+    subprocess_env,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Backend keys usable for selection: module and adapter both importable.
-AVAILABLE_KEYS = [
-    KEYS[module.__name__.rsplit(".", 1)[-1]] for module in caio.variants
-]
+AVAILABLE_KEYS = [KEYS[module.__name__.rsplit(".", 1)[-1]] for module in caio.variants]
 KEY_TO_NAME = {key: name for name, key in KEYS.items()}
 
 EXPECTED_ALL = [
-    "AbstractContext", "AbstractOperation", "AsyncioContext", "Context",
-    "Operation", "__author__", "__version__", "linux_aio", "linux_aio_asyncio",
-    "linux_uring", "linux_uring_asyncio", "python_aio", "python_aio_asyncio",
-    "thread_aio", "thread_aio_asyncio", "variants", "variants_asyncio",
+    "AbstractContext",
+    "AbstractOperation",
+    "AsyncioContext",
+    "Context",
+    "Operation",
+    "__author__",
+    "__version__",
+    "linux_aio",
+    "linux_aio_asyncio",
+    "linux_uring",
+    "linux_uring_asyncio",
+    "python_aio",
+    "python_aio_asyncio",
+    "thread_aio",
+    "thread_aio_asyncio",
+    "variants",
+    "variants_asyncio",
 ]
 
 
@@ -63,8 +79,10 @@ def test_asyncio_base_names() -> None:
 
     from caio import abstract, asyncio_base
 
-    for alias, cls in ((asyncio_base.ContextType, abstract.AbstractContext),
-                       (asyncio_base.OperationType, abstract.AbstractOperation)):
+    for alias, cls in (
+        (asyncio_base.ContextType, abstract.AbstractContext),
+        (asyncio_base.OperationType, abstract.AbstractOperation),
+    ):
         assert typing.get_origin(alias) is type
         assert typing.get_args(alias) == (cls,)
     assert asyncio_base.AsyncioContextBase.MAX_REQUESTS_DEFAULT == 512
@@ -182,7 +200,8 @@ def test_invalid_caio_impl_warns_and_keeps_default(value: str) -> None:
     result = probe(subprocess_env(CAIO_IMPL=value))
     assert result["preferred"] == default_name()
     expected = "CAIO_IMPL contains unsupported value {!r}. Use one of {!r}".format(
-        value, tuple(AVAILABLE_KEYS),
+        value,
+        tuple(AVAILABLE_KEYS),
     )
     assert result["warnings"] == [["RuntimeWarning", expected]]
 
@@ -203,7 +222,8 @@ def package_copy(tmp_path: Any) -> str:
     source = os.path.dirname(os.path.abspath(caio.__file__))
     root = tmp_path / "site"
     shutil.copytree(
-        source, str(root / "caio"),
+        source,
+        str(root / "caio"),
         ignore=shutil.ignore_patterns("__pycache__", "default_implementation"),
     )
     return str(root)
@@ -302,13 +322,15 @@ def _replace_backend(root: str, name: str, native: str, adapter: str) -> None:
 
 def test_only_import_error_marks_backend_unavailable(package_copy: str) -> None:
     _replace_backend(
-        package_copy, "thread_aio",
+        package_copy,
+        "thread_aio",
         "raise ImportError('thread pool not supported here')\n",
         "from .thread_aio import Context, Operation\n",
     )
     proc = run_python(
         ["-c", "import caio; print(caio.thread_aio, caio.thread_aio_asyncio)"],
-        env=copy_env(package_copy), cwd=package_copy,
+        env=copy_env(package_copy),
+        cwd=package_copy,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["None None"]
@@ -316,13 +338,15 @@ def test_only_import_error_marks_backend_unavailable(package_copy: str) -> None:
 
 def test_import_error_message_is_recorded(package_copy: str) -> None:
     _replace_backend(
-        package_copy, "thread_aio",
+        package_copy,
+        "thread_aio",
         "raise ImportError('thread pool not supported here')\n",
         "from .thread_aio import Context, Operation\n",
     )
     proc = run_python(
         ["-c", "import caio; print(caio._import_errors['thread'])"],
-        env=copy_env(package_copy), cwd=package_copy,
+        env=copy_env(package_copy),
+        cwd=package_copy,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
@@ -332,14 +356,19 @@ def test_import_error_message_is_recorded(package_copy: str) -> None:
 
 def test_failing_adapter_disables_the_pair(package_copy: str) -> None:
     _replace_backend(
-        package_copy, "thread_aio",
+        package_copy,
+        "thread_aio",
         "Context = Operation = None\n",
         "raise ImportError('adapter broken')\n",
     )
     proc = run_python(
-        ["-c", "import caio; print(caio.thread_aio, caio.thread_aio_asyncio);"
-               "print(caio.thread_aio in caio.variants)"],
-        env=copy_env(package_copy), cwd=package_copy,
+        [
+            "-c",
+            "import caio; print(caio.thread_aio, caio.thread_aio_asyncio);"
+            "print(caio.thread_aio in caio.variants)",
+        ],
+        env=copy_env(package_copy),
+        cwd=package_copy,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["None None", "False"]
@@ -347,7 +376,8 @@ def test_failing_adapter_disables_the_pair(package_copy: str) -> None:
 
 def test_other_errors_break_the_import(package_copy: str) -> None:
     _replace_backend(
-        package_copy, "thread_aio",
+        package_copy,
+        "thread_aio",
         "raise RuntimeError('a real bug')\n",
         "from .thread_aio import Context, Operation\n",
     )
@@ -382,7 +412,8 @@ def test_main_reports_everything(tmp_path: Any) -> None:
 
 def test_main_explains_caio_impl() -> None:
     proc = run_python(
-        ["-m", "caio", "--no-self-test"], env=subprocess_env(CAIO_IMPL="python"),
+        ["-m", "caio", "--no-self-test"],
+        env=subprocess_env(CAIO_IMPL="python"),
     )
     assert proc.returncode == 0, proc.stderr
     assert "CAIO_IMPL=python" in proc.stdout
@@ -406,8 +437,9 @@ def test_main_fails_when_a_backend_fails() -> None:
     assert re.search(r"python_aio\s+FAIL", proc.stdout), proc.stdout
 
 
-def test_main_in_process(capsys: pytest.CaptureFixture, tmp_path: Any,
-                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_main_in_process(
+    capsys: pytest.CaptureFixture, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from caio import __main__ as main_module
 
     assert main_module.main(["--dir", str(tmp_path)]) == 0
@@ -428,15 +460,18 @@ def test_main_explanations() -> None:
     from caio.__main__ import explain_import_error
 
     missing = explain_import_error(
-        "linux_aio", "ModuleNotFoundError: No module named 'caio.linux_aio'",
+        "linux_aio",
+        "ModuleNotFoundError: No module named 'caio.linux_aio'",
     )
     assert "not built" in missing
     blocked = explain_import_error(
-        "linux_uring", "ImportError: io_uring_setup(2) returns ENOSYS: seccomp",
+        "linux_uring",
+        "ImportError: io_uring_setup(2) returns ENOSYS: seccomp",
     )
     assert "seccomp" in blocked
     refused = explain_import_error(
-        "linux_uring", "ImportError: io_uring_setup probe failed: Operation not permitted",
+        "linux_uring",
+        "ImportError: io_uring_setup probe failed: Operation not permitted",
     )
     assert "io_uring_disabled" in refused
 
@@ -460,12 +495,15 @@ def test_seed_usage_example(tmp_path: Any, key: Optional[str]) -> None:
         assert "loop = asyncio.get_event_loop()" in proc.stderr, proc.stderr
         assert "RuntimeError: There is no current event loop" in proc.stderr, proc.stderr
         assert not (tmp_path / "test.file").exists()
-        prelude = ("import asyncio, runpy, sys; asyncio.set_event_loop(asyncio.new_event_loop()); "
-                   "runpy.run_path(sys.argv[1], run_name='__main__')")
+        prelude = (
+            "import asyncio, runpy, sys; asyncio.set_event_loop(asyncio.new_event_loop()); "
+            "runpy.run_path(sys.argv[1], run_name='__main__')"
+        )
         proc = run_python(["-c", prelude, example], env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
-        "b'Hello world'", "b'Hello from async world'",
+        "b'Hello world'",
+        "b'Hello from async world'",
     ]
     # Only warnings are tolerated (3.12+ deprecates get_event_loop() here).
     assert "Traceback" not in proc.stderr

@@ -23,8 +23,18 @@ pytest.importorskip("setuptools")
 pytest.importorskip("setuptools_rust")
 
 IGNORE = shutil.ignore_patterns(
-    ".git", ".venv*", "target", "build", "dist", "*.egg-info", "__pycache__",
-    "*.so", "*.pyd", ".pytest_cache", ".hypothesis", "results",
+    ".git",
+    ".venv*",
+    "target",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    "*.so",
+    "*.pyd",
+    ".pytest_cache",
+    ".hypothesis",
+    "results",
 )
 
 
@@ -41,7 +51,8 @@ def env_without_cargo():
     env.pop("CARGO", None)
     env.pop("CAIO_REQUIRE_RUST", None)
     keep = [
-        d for d in env.get("PATH", "").split(os.pathsep)
+        d
+        for d in env.get("PATH", "").split(os.pathsep)
         if d and not os.path.exists(os.path.join(d, "cargo"))
     ]
     env["PATH"] = os.pathsep.join(keep)
@@ -53,7 +64,11 @@ def env_without_cargo():
 def pip(*args, env=None, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "pip", *args],
-        env=env, cwd=cwd, capture_output=True, text=True, timeout=600,
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -62,8 +77,13 @@ def test_install_without_cargo_works_on_python_aio(source_copy, tmp_path):
     target = tmp_path / "site"
     env = env_without_cargo()
     r = pip(
-        "install", "--no-build-isolation", "--no-deps", "--target", str(target),
-        str(source_copy), env=env,
+        "install",
+        "--no-build-isolation",
+        "--no-deps",
+        "--target",
+        str(target),
+        str(source_copy),
+        env=env,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert not list(target.glob("caio/*.so")), "no native module may be built"
@@ -90,8 +110,12 @@ def test_install_without_cargo_works_on_python_aio(source_copy, tmp_path):
     # cannot shadow the one just installed into `target`.
     run_env = dict(env, PYTHONPATH=str(target))
     r = subprocess.run(
-        [sys.executable, "-S", "-c", check], env=run_env, cwd=tmp_path,
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-S", "-c", check],
+        env=run_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "python_aio ok" in r.stdout
@@ -100,8 +124,13 @@ def test_install_without_cargo_works_on_python_aio(source_copy, tmp_path):
 @pytest.mark.timeout(600)
 def test_pure_wheel_is_platform_independent(source_copy, tmp_path):
     r = pip(
-        "wheel", "--no-build-isolation", "--no-deps", "-w", str(tmp_path),
-        str(source_copy), env=env_without_cargo(),
+        "wheel",
+        "--no-build-isolation",
+        "--no-deps",
+        "-w",
+        str(tmp_path),
+        str(source_copy),
+        env=env_without_cargo(),
     )
     assert r.returncode == 0, r.stdout + r.stderr
     wheels = [p.name for p in tmp_path.glob("*.whl")]
@@ -112,18 +141,29 @@ def test_pure_wheel_is_platform_independent(source_copy, tmp_path):
 def test_sdist_contains_the_rust_sources(source_copy, tmp_path):
     r = subprocess.run(
         [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)],
-        cwd=source_copy, env=env_without_cargo(),
-        capture_output=True, text=True, timeout=600,
+        cwd=source_copy,
+        env=env_without_cargo(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     (sdist,) = tmp_path.glob("caio-*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     for required in [
-        "Cargo.toml", "Cargo.lock", "setup.py", "pyproject.toml",
-        "rust/core/Cargo.toml", "rust/core/build.rs", "rust/core/src/lib.rs",
-        "rust/thread_aio/Cargo.toml", "rust/thread_aio/src/lib.rs",
-        "caio/__init__.py", "caio/py.typed", "caio/thread_aio.pyi",
+        "Cargo.toml",
+        "Cargo.lock",
+        "setup.py",
+        "pyproject.toml",
+        "rust/core/Cargo.toml",
+        "rust/core/build.rs",
+        "rust/core/src/lib.rs",
+        "rust/thread_aio/Cargo.toml",
+        "rust/thread_aio/src/lib.rs",
+        "caio/__init__.py",
+        "caio/py.typed",
+        "caio/thread_aio.pyi",
     ]:
         assert required in names, required
     assert not any(n.endswith((".so", ".pyd")) for n in names)

@@ -41,7 +41,8 @@ def test_close_twice_then_submit(pool_backend: RawBackend, tmp_fd: int) -> None:
 
 
 def test_dropped_context_still_delivers_queued_work(
-    pool_backend: RawBackend, fast_fd: int,
+    pool_backend: RawBackend,
+    fast_fd: int,
 ) -> None:
     """Edge case 37: 64 queued fsyncs on a pool_size=2 Context, Context dropped."""
     ctx = pool_backend.Context(max_requests=64, pool_size=2)
@@ -56,7 +57,8 @@ def test_dropped_context_still_delivers_queued_work(
 
 
 def test_close_with_operations_in_flight(
-    pool_backend: RawBackend, fast_fd: int,
+    pool_backend: RawBackend,
+    fast_fd: int,
 ) -> None:
     """close() stops accepting work; queued operations still complete."""
     ctx = pool_backend.context(128, pool_size=2)
@@ -196,7 +198,7 @@ def test_thread_aio_queue_overflow_is_retryable(thread_aio: RawBackend, tmp_fd: 
     assert thread_aio.run_one(ctx, rejected) == 2  # its original payload
     assert rejected.result == 2
     data = read_file(tmp_fd)
-    assert data[2 * accepted:2 * accepted + 2] == b"%02d" % accepted
+    assert data[2 * accepted : 2 * accepted + 2] == b"%02d" % accepted
 
 
 def _in_flight(op: object) -> bool:
@@ -225,7 +227,8 @@ def test_thread_aio_close_from_callback(thread_aio: RawBackend, tmp_fd: int) -> 
 
 
 def test_thread_aio_close_waits_for_queued_work(
-    thread_aio: RawBackend, fast_fd: int,
+    thread_aio: RawBackend,
+    fast_fd: int,
 ) -> None:
     ctx = thread_aio.Context(pool_size=2)
     calls = Recorder()

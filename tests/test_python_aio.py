@@ -19,14 +19,18 @@ from conftest import RawBackend, Recorder, read_file
 
 def test_module_level_names() -> None:
     assert python_aio.fdsync is getattr(os, "fdatasync", os.fsync)
-    assert python_aio.NATIVE_PREAD_PWRITE == (
-        hasattr(os, "pread") and hasattr(os, "pwrite")
-    )
+    assert python_aio.NATIVE_PREAD_PWRITE == (hasattr(os, "pread") and hasattr(os, "pwrite"))
     assert [(m.name, int(m)) for m in OpCode] == [
-        ("READ", 0), ("WRITE", 1), ("FSYNC", 2), ("FDSYNC", 3), ("NOOP", -1),
+        ("READ", 0),
+        ("WRITE", 1),
+        ("FSYNC", 2),
+        ("FDSYNC", 3),
+        ("NOOP", -1),
     ]
     assert [(m.name, int(m)) for m in ContextState] == [
-        ("OPEN", 0), ("CLOSING", 1), ("CLOSED", 2),
+        ("OPEN", 0),
+        ("CLOSING", 1),
+        ("CLOSED", 2),
     ]
     assert python_aio.Context.MAX_POOL_SIZE == 128
 
@@ -43,8 +47,7 @@ def test_context_defaults(python_aio: RawBackend) -> None:
 
 def test_context_validation(python_aio: RawBackend) -> None:
     """Edge case 48 and the documented validation order."""
-    for kwargs in ({"pool_size": 0}, {"max_requests": 0},
-                   {"pool_size": 128}, {"max_requests": -1}):
+    for kwargs in ({"pool_size": 0}, {"max_requests": 0}, {"pool_size": 128}, {"max_requests": -1}):
         with pytest.raises(ValueError):
             python_aio.Context(**kwargs)
     # pool_size is validated first.
@@ -97,7 +100,8 @@ def test_write_requires_bytes_payload_directly() -> None:
 
 
 def test_payload_is_a_new_memoryview_each_time(
-    python_aio: RawBackend, tmp_fd: int,
+    python_aio: RawBackend,
+    tmp_fd: int,
 ) -> None:
     op = python_aio.Operation.write(b"abc", tmp_fd, 0)
     first, second = op.payload, op.payload
@@ -135,7 +139,8 @@ def test_max_requests_one_rejects_second(python_aio: RawBackend) -> None:
 
 
 def test_in_flight_never_exceeds_max_requests(
-    python_aio: RawBackend, fast_fd: int,
+    python_aio: RawBackend,
+    fast_fd: int,
 ) -> None:
     ctx = python_aio.context(max_requests=3, pool_size=1)
     release = threading.Event()
@@ -152,7 +157,8 @@ def test_in_flight_never_exceeds_max_requests(
     # (ops[0] only returns its count - its callback blocks after that; the
     # others cannot finish meanwhile: the single worker is taken.)
     python_aio.wait_for(
-        None, lambda: ctx._in_progress == sum(op.in_progress for op in ops[1:]),
+        None,
+        lambda: ctx._in_progress == sum(op.in_progress for op in ops[1:]),
     )
     states = [op.in_progress for op in ops]
     assert states[1:3] == [True, True] and states[4] is False, states
@@ -165,7 +171,8 @@ def test_in_flight_never_exceeds_max_requests(
 
 
 def test_claimed_op_is_skipped_even_on_closed_context(
-    python_aio: RawBackend, tmp_fd: int,
+    python_aio: RawBackend,
+    tmp_fd: int,
 ) -> None:
     ctx = python_aio.context()
     op = python_aio.Operation.write(b"x", tmp_fd, 0)
@@ -191,7 +198,8 @@ def test_pool_closed_underneath(python_aio: RawBackend, tmp_fd: int) -> None:
 
 
 def test_close_does_not_wait_and_pool_joins(
-    python_aio: RawBackend, fast_fd: int,
+    python_aio: RawBackend,
+    fast_fd: int,
 ) -> None:
     ctx = python_aio.context(max_requests=64, pool_size=2)
     release = threading.Event()
@@ -211,7 +219,9 @@ def test_close_does_not_wait_and_pool_joins(
 
 
 def test_raising_callback_reports_via_excepthook(
-    python_aio: RawBackend, tmp_fd: int, monkeypatch: pytest.MonkeyPatch,
+    python_aio: RawBackend,
+    tmp_fd: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Edge case 46: exactly one excepthook call, later ops delivered."""
     reports = []
@@ -303,7 +313,8 @@ def emulated(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.delattr(os, "pread", raising=False)
     monkeypatch.delattr(os, "pwrite", raising=False)
     spec = importlib.util.spec_from_file_location(
-        "caio._python_aio_emulated", python_aio.__file__,
+        "caio._python_aio_emulated",
+        python_aio.__file__,
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -316,13 +327,12 @@ def emulated(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 def test_emulated_pread_pwrite(emulated: RawBackend, tmp_fd: int) -> None:
     ctx = emulated.context()
-    ops = [emulated.Operation.write(bytes([65 + i]) * 512, tmp_fd, 512 * i)
-           for i in range(16)]
+    ops = [emulated.Operation.write(bytes([65 + i]) * 512, tmp_fd, 512 * i) for i in range(16)]
     assert emulated.run(ctx, *ops) == [512] * 16
     reads = [emulated.Operation.read(512, tmp_fd, 512 * i) for i in range(16)]
     assert emulated.run(ctx, *reads) == [512] * 16
     assert [op.get_value() for op in reads] == [bytes([65 + i]) * 512 for i in range(16)]
-    past = emulated.Operation.read(10, tmp_fd, 10 ** 6)
+    past = emulated.Operation.read(10, tmp_fd, 10**6)
     assert emulated.run_one(ctx, past) == 0
     negative = emulated.Operation.read(10, tmp_fd, -1)
     emulated.run_one(ctx, negative)
@@ -362,7 +372,9 @@ def blocking_noop(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "apply_async"])
 def test_slow_operation_does_not_hold_up_others(
-    python_aio: RawBackend, fast_fd: int, blocking_noop: threading.Event,
+    python_aio: RawBackend,
+    fast_fd: int,
+    blocking_noop: threading.Event,
     direct: bool,
 ) -> None:
     ctx = python_aio.context(64, pool_size=2)
@@ -381,7 +393,9 @@ def test_slow_operation_does_not_hold_up_others(
 
 
 def test_exhausted_pool_queues_operations(
-    python_aio: RawBackend, fast_fd: int, blocking_noop: threading.Event,
+    python_aio: RawBackend,
+    fast_fd: int,
+    blocking_noop: threading.Event,
 ) -> None:
     ctx = python_aio.context(64, pool_size=2)
     slow = [python_aio.Operation(0, None, None, OpCode.NOOP) for _ in range(2)]
@@ -399,7 +413,9 @@ def test_exhausted_pool_queues_operations(
 
 
 def test_base_exception_in_runner_fails_only_that_operation(
-    python_aio: RawBackend, fast_fd: int, monkeypatch: pytest.MonkeyPatch,
+    python_aio: RawBackend,
+    fast_fd: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def interrupted(op: Any) -> None:
         raise KeyboardInterrupt

@@ -172,7 +172,8 @@ def test_submit_nothing(backend: RawBackend) -> None:
 
 
 def test_submit_rejects_wrong_types_before_claiming(
-    backend: RawBackend, tmp_fd: int,
+    backend: RawBackend,
+    tmp_fd: int,
 ) -> None:
     """Edge case 31 (every backend): nothing from a bad call is claimed."""
     ctx = backend.context()
@@ -187,7 +188,8 @@ def test_submit_rejects_wrong_types_before_claiming(
 
 
 def test_submit_rejects_other_backends_operations(
-    backend: RawBackend, tmp_fd: int,
+    backend: RawBackend,
+    tmp_fd: int,
 ) -> None:
     from conftest import MODULES
 
@@ -317,7 +319,8 @@ def test_bad_fd(backend: RawBackend, closed_fd: int) -> None:
 
 
 def test_native_errors_are_system_and_os_errors(
-    completion_error_backend: RawBackend, closed_fd: int,
+    completion_error_backend: RawBackend,
+    closed_fd: int,
 ) -> None:
     """Q4: catchable as SystemError (compatibility) and OSError with errno."""
     native_backend = completion_error_backend
@@ -337,7 +340,8 @@ def test_native_errors_are_system_and_os_errors(
 
 
 def test_python_error_is_original_oserror(
-    python_aio: RawBackend, closed_fd: int,
+    python_aio: RawBackend,
+    closed_fd: int,
 ) -> None:
     ctx = python_aio.context()
     op = python_aio.Operation.read(16, closed_fd, 0)
@@ -470,7 +474,8 @@ def test_no_callback_is_fine(backend: RawBackend, tmp_fd: int) -> None:
 
 
 def test_callback_installed_after_delivery_is_never_called(
-    backend: RawBackend, tmp_fd: int,
+    backend: RawBackend,
+    tmp_fd: int,
 ) -> None:
     ctx = backend.context()
     op = backend.Operation.write(b"x", tmp_fd, 0)
@@ -483,7 +488,9 @@ def test_callback_installed_after_delivery_is_never_called(
 
 
 def test_raising_callback_is_reported_and_delivery_continues(
-    backend: RawBackend, tmp_fd: int, monkeypatch: pytest.MonkeyPatch,
+    backend: RawBackend,
+    tmp_fd: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Native: sys.unraisablehook; python_aio: threading.excepthook."""
     reports = []
@@ -632,8 +639,9 @@ def test_inflight_op_keeps_context_alive(backend: RawBackend, tmp_fd: int) -> No
         backend.wait_for(None, done.is_set)
     assert op.get_value() == 5
     # The completed op no longer references its Context.
-    backend.wait_for(None, lambda: gc.collect() is not None and ctx_ref() is None,
-                     what="context to be freed")
+    backend.wait_for(
+        None, lambda: gc.collect() is not None and ctx_ref() is None, what="context to be freed"
+    )
 
 
 def _self_referencing(op: object, done: threading.Event) -> object:
@@ -663,8 +671,9 @@ def test_operation_cycle_is_collected(backend: RawBackend, tmp_fd: int) -> None:
     finally:
         gc.enable()
     backend.wait_for(
-        None, lambda: gc.collect() is not None and fresh() is None
-        and completed() is None, what="cycles to be collected",
+        None,
+        lambda: gc.collect() is not None and fresh() is None and completed() is None,
+        what="cycles to be collected",
     )
 
 

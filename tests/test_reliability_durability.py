@@ -158,9 +158,18 @@ def test_acknowledged_writes_survive_sigkill(name: str, tmp_path: Any) -> None:
     """ROUNDS SIGKILLs at random moments (5-250 ms into the stream); every
     range the child reported as synced must be intact (see module doc)."""
     seed = int.from_bytes(os.urandom(4), "little")
-    proc = run_python([
-        "-c", DRIVER, name, json.dumps(CONFIGS[name]), str(ROUNDS), str(tmp_path), str(seed),
-    ], timeout=TIME_LIMIT)
+    proc = run_python(
+        [
+            "-c",
+            DRIVER,
+            name,
+            json.dumps(CONFIGS[name]),
+            str(ROUNDS),
+            str(tmp_path),
+            str(seed),
+        ],
+        timeout=TIME_LIMIT,
+    )
     assert proc.returncode == 0, (seed, proc.stdout[-3000:], proc.stderr[-3000:])
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "error" not in summary, (seed, summary)

@@ -54,7 +54,9 @@ def check_error(backend_name: str, exc: BaseException, expected_errno: int) -> N
 
 
 async def with_neighbours(
-    ctx: Any, good_fd: int, fault: Callable[[], Any],
+    ctx: Any,
+    good_fd: int,
+    fault: Callable[[], Any],
 ) -> Tuple[BaseException, List[Any]]:
     """Runs ``fault()`` among N_GOOD writes and N_GOOD reads of ``good_fd``;
     returns the fault's exception and checks the neighbours."""
@@ -84,14 +86,15 @@ async def with_neighbours(
 
 
 def test_ebadf_closed_fd(
-    async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int, closed_fd: int,
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    tmp_fd: int,
+    closed_fd: int,
 ) -> None:
     async def main() -> BaseException:
         async with async_backend.context(64) as ctx:
-            exc, _ = await with_neighbours(
-                ctx, tmp_fd, lambda: ctx.write(b"lost", closed_fd, 0))
-            exc2, _ = await with_neighbours(
-                ctx, tmp_fd, lambda: ctx.read(16, closed_fd, 0))
+            exc, _ = await with_neighbours(ctx, tmp_fd, lambda: ctx.write(b"lost", closed_fd, 0))
+            exc2, _ = await with_neighbours(ctx, tmp_fd, lambda: ctx.read(16, closed_fd, 0))
             exc3, _ = await with_neighbours(ctx, tmp_fd, lambda: ctx.fdsync(closed_fd))
             for e in (exc2, exc3):
                 check_error(async_backend.name, e, errno.EBADF)
@@ -101,13 +104,17 @@ def test_ebadf_closed_fd(
 
 
 def test_ebadf_write_to_read_only_fd(
-    async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int, tmp_path: Any,
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    tmp_fd: int,
+    tmp_path: Any,
 ) -> None:
     path = str(tmp_path / "ro.bin")
     with open(path, "wb") as fp:
         fp.write(b"read only")
     ro = os.open(path, os.O_RDONLY)
     try:
+
         async def main() -> BaseException:
             async with async_backend.context(64) as ctx:
                 exc, _ = await with_neighbours(ctx, tmp_fd, lambda: ctx.write(b"XX", ro, 0))
@@ -123,6 +130,7 @@ def test_ebadf_write_to_read_only_fd(
 def test_eisdir(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int, tmp_path: Any) -> None:
     directory = os.open(str(tmp_path), os.O_RDONLY | os.O_DIRECTORY)
     try:
+
         async def main() -> BaseException:
             async with async_backend.context(64) as ctx:
                 exc, _ = await with_neighbours(ctx, tmp_fd, lambda: ctx.read(64, directory, 0))
@@ -151,7 +159,10 @@ def _supports_o_direct(directory: str) -> bool:
 
 
 def test_einval_unaligned_o_direct_write(
-    async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int, tmp_path: Any,
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    tmp_fd: int,
+    tmp_path: Any,
 ) -> None:
     """O_DIRECT writes at an unaligned offset are EINVAL on every backend;
     aligned ones work on uring/linux_aio (aligned bounce buffers), and their
@@ -163,12 +174,15 @@ def test_einval_unaligned_o_direct_write(
         fp.write(b"D" * 65536)
     direct = os.open(path, os.O_RDWR | os.O_DIRECT)
     try:
+
         async def main() -> BaseException:
             async with async_backend.context(64) as ctx:
                 exc, _ = await with_neighbours(
-                    ctx, tmp_fd, lambda: ctx.write(b"U" * 4096, direct, 1))
+                    ctx, tmp_fd, lambda: ctx.write(b"U" * 4096, direct, 1)
+                )
                 exc_len, _ = await with_neighbours(
-                    ctx, tmp_fd, lambda: ctx.write(b"U" * 1000, direct, 4096))
+                    ctx, tmp_fd, lambda: ctx.write(b"U" * 1000, direct, 4096)
+                )
                 check_error(async_backend.name, exc_len, errno.EINVAL)
                 if async_backend.is_linux:
                     assert await ctx.write(b"A" * 4096, direct, 8192) == 4096
@@ -186,7 +200,7 @@ def test_einval_unaligned_o_direct_write(
 
 # -- EFBIG (RLIMIT_FSIZE, in a subprocess) -----------------------------------------------
 
-EFBIG_SCRIPT = r'''
+EFBIG_SCRIPT = r"""
 import asyncio, importlib, json, os, resource, signal, sys
 name, kwargs, path = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 LIMIT = 1 << 20
@@ -213,14 +227,20 @@ async def main():
 
 results, after = asyncio.run(main())
 print(json.dumps({"results": results, "after": after, "size": os.fstat(fd).st_size}))
-'''
+"""
 
 
 def test_efbig_file_size_limit(async_backend: AsyncBackend, tmp_path: Any) -> None:
-    proc = run_python([
-        "-c", EFBIG_SCRIPT, async_backend.name, json.dumps(async_backend.kwargs),
-        str(tmp_path / "big.bin"),
-    ], timeout=60)
+    proc = run_python(
+        [
+            "-c",
+            EFBIG_SCRIPT,
+            async_backend.name,
+            json.dumps(async_backend.kwargs),
+            str(tmp_path / "big.bin"),
+        ],
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not proc.stderr.strip(), proc.stderr[-3000:]
     report = json.loads(proc.stdout)
@@ -250,7 +270,8 @@ def full_fs() -> Any:
     mountpoint = tempfile.mkdtemp(prefix="caio-enospc-")
     proc = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", mountpoint],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         os.rmdir(mountpoint)
@@ -271,15 +292,20 @@ def full_fs() -> Any:
 
 
 def test_enospc(
-    async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int, full_fs: str,
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    tmp_fd: int,
+    full_fs: str,
 ) -> None:
     path = os.path.join(full_fs, "victim-{}".format(os.getpid()))
     victim = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+
         async def main() -> BaseException:
             async with async_backend.context(64) as ctx:
                 exc, _ = await with_neighbours(
-                    ctx, tmp_fd, lambda: ctx.write(b"N" * 65536, victim, 0))
+                    ctx, tmp_fd, lambda: ctx.write(b"N" * 65536, victim, 0)
+                )
                 return exc
 
         check_error(async_backend.name, aio.run(main()), errno.ENOSPC)
@@ -312,6 +338,7 @@ def test_full_ring_or_queue(backend: RawBackend, tmp_fd: int) -> None:
     (linux_aio: a count instead of a refusal - its workers take the
     overflow)."""
     import time
+
     ctx = _capacity_context(backend)
     ops = [backend.Operation.write(b"%04d" % i, tmp_fd, 4 * i) for i in range(64)]
     calls: List[List[Any]] = [[] for _ in ops]
@@ -396,19 +423,24 @@ def test_full_ring_or_queue_is_also_oserror_eagain(backend: RawBackend, tmp_fd: 
 
 # -- cancellation must not turn into capacity errors for others ---------------------------------
 
+
 def _cancel_capacity_params() -> List[Any]:
     """Every asyncio configuration. (thread_aio and python_aio used to fail
     this: a cancelled operation gave its admission slot back at once while
     still occupying the backend's queue - fixed on main, see
     test_cancellation_slots.py.)"""
     from conftest import _async_params
+
     return [pytest.param(p.values[0], id=p.id) for p in _async_params()]
 
 
 @pytest.mark.parametrize("config", _cancel_capacity_params())
 @pytest.mark.parametrize("max_requests", [1, 2])
 def test_cancelled_operations_do_not_cause_capacity_errors(
-    config: Any, max_requests: int, aio: LoopRunner, tmp_fd: int,
+    config: Any,
+    max_requests: int,
+    aio: LoopRunner,
+    tmp_fd: int,
 ) -> None:
     name, module, kwargs = config
 
@@ -417,15 +449,18 @@ def test_cancelled_operations_do_not_cause_capacity_errors(
         errors: Dict[str, int] = {}
         try:
             for _ in range(150):
-                tasks = [asyncio.ensure_future(ctx.write(b"x" * 512, tmp_fd, 0))
-                         for _ in range(max_requests + 1)]
+                tasks = [
+                    asyncio.ensure_future(ctx.write(b"x" * 512, tmp_fd, 0))
+                    for _ in range(max_requests + 1)
+                ]
                 await asyncio.sleep(0)
                 tasks[0].cancel()
                 await asyncio.sleep(0)
                 tasks.append(asyncio.ensure_future(ctx.write(b"y" * 512, tmp_fd, 512)))
                 for result in await asyncio.gather(*tasks, return_exceptions=True):
                     if isinstance(result, Exception) and not isinstance(
-                            result, asyncio.CancelledError):
+                        result, asyncio.CancelledError
+                    ):
                         errors[repr(result)] = errors.get(repr(result), 0) + 1
         finally:
             ctx.close()

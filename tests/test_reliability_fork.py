@@ -116,7 +116,9 @@ def fresh_context_works(fd, out):
     out["fresh_context"] = "works"
 '''
 
-RAW_IDLE = COMMON + r'''
+RAW_IDLE = (
+    COMMON
+    + r"""
 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
 ctx = mod.Context()
 assert run(ctx, mod.Operation.write(b"parent", fd, 0)) == 6
@@ -139,9 +141,12 @@ assert run(ctx, mod.Operation.read(6, fd, 0)) == b"PARENT"
 report["parent"] = "works"
 report["file"] = os.pread(fd, 64, 4096).decode()
 print(json.dumps(report))
-'''
+"""
+)
 
-RAW_BUSY = COMMON + r'''
+RAW_BUSY = (
+    COMMON
+    + r"""
 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
 ctx = mod.Context(4096) if name != "python_aio" else mod.Context(4096, 8)
 calls = []
@@ -174,9 +179,12 @@ report["parent_ops"] = len(ops)
 content = os.pread(fd, 3200, 0)
 report["parent_data_ok"] = content == b"".join(b"%08d" % i for i in range(400))
 print(json.dumps(report))
-'''
+"""
+)
 
-ASYNC_BUSY = COMMON + r'''
+ASYNC_BUSY = (
+    COMMON
+    + r"""
 kwargs = json.loads(sys.argv[3])
 close_in_child = sys.argv[4] == "close"
 adapter = importlib.import_module("caio." + name + "_asyncio")
@@ -250,22 +258,28 @@ except asyncio.TimeoutError:
     report["parent"] = "HANG"
 ctx.close()
 print(json.dumps(report))
-'''
+"""
+)
 
 
 def _run(script: str, *args: str, timeout: float = 90) -> Dict[str, Any]:
     proc = run_python(["-c", script, *args], timeout=timeout)
     assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])
-    noise = [line for line in proc.stderr.splitlines()
-             if "DeprecationWarning" not in line and "os.fork()" not in line
-             and "self.pid = os.fork()" not in line and line.strip()]
+    noise = [
+        line
+        for line in proc.stderr.splitlines()
+        if "DeprecationWarning" not in line
+        and "os.fork()" not in line
+        and "self.pid = os.fork()" not in line
+        and line.strip()
+    ]
     assert not noise, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _check_child(report: Dict[str, Any]) -> None:
     assert "child_error" not in report, report
-    assert report["child_exit"] == 0, report         # exited, and promptly
+    assert report["child_exit"] == 0, report  # exited, and promptly
     assert report["child_exit_seconds"] < 10, report
     assert report["fresh_context"] == "works", report
     for method, outcome in report["inherited"].items():
@@ -309,7 +323,9 @@ def _async_configs() -> List[Any]:
 
 @pytest.mark.parametrize("name,kwargs", _async_configs())
 def test_asyncio_fork_with_operations_in_flight(
-    name: str, kwargs: Dict[str, Any], tmp_path: Any,
+    name: str,
+    kwargs: Dict[str, Any],
+    tmp_path: Any,
 ) -> None:
     report = _run(ASYNC_BUSY, name, str(tmp_path / "data"), json.dumps(kwargs), "keep")
     assert "child_error" not in report, report
@@ -331,7 +347,9 @@ def _close_configs() -> List[Any]:
 
 @pytest.mark.parametrize("name,kwargs", _close_configs())
 def test_closing_inherited_asyncio_context_leaves_parent_working(
-    name: str, kwargs: Dict[str, Any], tmp_path: Any,
+    name: str,
+    kwargs: Dict[str, Any],
+    tmp_path: Any,
 ) -> None:
     report = _run(ASYNC_BUSY, name, str(tmp_path / "data"), json.dumps(kwargs), "close")
     assert "child_error" not in report, report
@@ -344,7 +362,9 @@ def test_closing_inherited_asyncio_context_leaves_parent_working(
 def test_child_can_close_many_linux_aio_contexts(tmp_path: Any) -> None:
     """Regression: a child of a process that had just closed linux_aio
     contexts (io_destroy helpers still idle) hung at its 9th close()."""
-    script = COMMON + r'''
+    script = (
+        COMMON
+        + r"""
 ctxs = [mod.Context(8) for _ in range(40)]
 for c in ctxs:
     c.close()
@@ -362,7 +382,8 @@ report.update(read_report(r))
 status, seconds = wait_child(pid)
 report["child_exit"] = status
 print(json.dumps(report))
-'''
+"""
+    )
     report = _run(script, "linux_aio", str(tmp_path / "unused"))
     assert report == {"closed": 30, "child_exit": 0}, report
     _count("fork scenarios passed")

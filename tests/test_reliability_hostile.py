@@ -64,20 +64,56 @@ class Bytes(bytes):
 
 
 EDGE_INTS = [
-    -(2 ** 100), -(2 ** 64) - 1, -(2 ** 64), -(2 ** 63) - 1, -(2 ** 63), -(2 ** 32) - 1,
-    -(2 ** 32), -(2 ** 31) - 1, -(2 ** 31), -(2 ** 16), -(2 ** 15) - 1, -(2 ** 15), -2, -1,
-    0, 1, 2, 2 ** 15 - 1, 2 ** 15, 2 ** 16 - 1, 2 ** 16, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1,
-    2 ** 32, 2 ** 32 + 5, 2 ** 62, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1, 2 ** 64, 2 ** 64 + 1,
-    2 ** 100,
+    -(2**100),
+    -(2**64) - 1,
+    -(2**64),
+    -(2**63) - 1,
+    -(2**63),
+    -(2**32) - 1,
+    -(2**32),
+    -(2**31) - 1,
+    -(2**31),
+    -(2**16),
+    -(2**15) - 1,
+    -(2**15),
+    -2,
+    -1,
+    0,
+    1,
+    2,
+    2**15 - 1,
+    2**15,
+    2**16 - 1,
+    2**16,
+    2**31 - 1,
+    2**31,
+    2**32 - 1,
+    2**32,
+    2**32 + 5,
+    2**62,
+    2**63 - 1,
+    2**63,
+    2**64 - 1,
+    2**64,
+    2**64 + 1,
+    2**100,
 ]
 
 ints = st.one_of(st.sampled_from(EDGE_INTS), st.integers())
 junk = st.one_of(
-    st.none(), st.booleans(), st.floats(allow_nan=True), st.text(max_size=3),
-    st.binary(max_size=3), st.just(object()), st.lists(st.integers(), max_size=2),
-    st.just(bytearray(b"ab")), st.just(memoryview(b"ab")), st.just(Unbool()),
-    st.builds(Index, st.sampled_from([ValueError("boom"), "7", 2 ** 100, -1, 5, None])),
-    st.just(sys.maxsize), st.just(float("inf")),
+    st.none(),
+    st.booleans(),
+    st.floats(allow_nan=True),
+    st.text(max_size=3),
+    st.binary(max_size=3),
+    st.just(object()),
+    st.lists(st.integers(), max_size=2),
+    st.just(bytearray(b"ab")),
+    st.just(memoryview(b"ab")),
+    st.just(Unbool()),
+    st.builds(Index, st.sampled_from([ValueError("boom"), "7", 2**100, -1, 5, None])),
+    st.just(sys.maxsize),
+    st.just(float("inf")),
 )
 anything = st.one_of(ints, ints, junk)
 
@@ -107,9 +143,21 @@ def hostile_fds(tmp_path: Any, closed_fd: int) -> Any:
     fd = os.open(str(tmp_path / "target.bin"), os.O_RDWR | os.O_CREAT, 0o600)
     os.pwrite(fd, b"original", 0)
     candidates = [
-        fd, closed_fd, -1, -(2 ** 31), -(2 ** 31) - 1, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1,
-        2 ** 32, 2 ** 32 + fd, 2 ** 64 + fd, -(2 ** 32) + fd, fd - 2 ** 64,
-        Index(2 ** 32 + fd), True,  # True is fd 1 only as a bool: see below
+        fd,
+        closed_fd,
+        -1,
+        -(2**31),
+        -(2**31) - 1,
+        2**31 - 1,
+        2**31,
+        2**32 - 1,
+        2**32,
+        2**32 + fd,
+        2**64 + fd,
+        -(2**32) + fd,
+        fd - 2**64,
+        Index(2**32 + fd),
+        True,  # True is fd 1 only as a bool: see below
     ]
     # bool is an int subclass: True == 1 would be stdout. Keep only values
     # that cannot denote another open descriptor of this process.
@@ -120,7 +168,8 @@ def hostile_fds(tmp_path: Any, closed_fd: int) -> Any:
 
 def fd_strategy(candidates: List[Any]) -> Any:
     return st.one_of(
-        st.sampled_from(candidates), st.sampled_from(candidates),
+        st.sampled_from(candidates),
+        st.sampled_from(candidates),
         junk.filter(lambda v: as_int(v) is None),
     )
 
@@ -131,8 +180,8 @@ def check_fd_attribute(backend_name: str, given: Any, fileno: int) -> None:
         assert fileno == value
         return
     # Native: the u32 view of a value in the C int/unsigned range, nothing else.
-    assert -(2 ** 31) <= value < 2 ** 32, ("aliasing fd accepted", given)
-    assert fileno == value % 2 ** 32
+    assert -(2**31) <= value < 2**32, ("aliasing fd accepted", given)
+    assert fileno == value % 2**32
 
 
 def check_untouched(fd: int) -> None:
@@ -164,15 +213,23 @@ def test_operation_constructors(backend: RawBackend, hostile_fds: Tuple[int, Lis
         nbytes=maybe(st.integers(0, 4096)),
         payload=maybe(payloads),
         fd_value=st.one_of(st.just(fd), st.just(fd), fd_strategy(candidates)),
-        offset=maybe(st.integers(0, 2 ** 40)),
+        offset=maybe(st.integers(0, 2**40)),
         priority=maybe(st.integers(0, 3)),
         arity=st.sampled_from(["required", "all", "all", "too many", "missing"]),
         keywords=st.integers(0, 2),
     )
-    def check(method: str, nbytes: Any, payload: Any, fd_value: Any, offset: Any,
-              priority: Any, arity: str, keywords: int) -> None:
+    def check(
+        method: str,
+        nbytes: Any,
+        payload: Any,
+        fd_value: Any,
+        offset: Any,
+        priority: Any,
+        arity: str,
+        keywords: int,
+    ) -> None:
         if not sizes_ok(nbytes):
-            nbytes = 2 ** 62 if (as_int(nbytes) or 0) > 0 else nbytes
+            nbytes = 2**62 if (as_int(nbytes) or 0) > 0 else nbytes
         names = {
             "read": ["nbytes", "fd", "offset", "priority"],
             "write": ["payload_bytes", "fd", "offset", "priority"],
@@ -182,13 +239,18 @@ def test_operation_constructors(backend: RawBackend, hostile_fds: Tuple[int, Lis
         required = {"read": 2, "write": 2, "fsync": 1, "fdsync": 1}[method]
         if backend.is_python and method in ("read", "write"):
             required = 3  # offset is required there (API.md 2.1)
-        values = {"nbytes": nbytes, "payload_bytes": payload, "fd": fd_value,
-                  "offset": offset, "priority": priority}
+        values = {
+            "nbytes": nbytes,
+            "payload_bytes": payload,
+            "fd": fd_value,
+            "offset": offset,
+            "priority": priority,
+        }
         args = [values[n] for n in names]
         if arity == "required":
             args = args[:required]
         elif arity == "missing":
-            args = args[:required - 1]
+            args = args[: required - 1]
         kwargs: Dict[str, Any] = {}
         for _ in range(min(keywords, len(args))):
             kwargs[names[len(args) - 1]] = args.pop()
@@ -212,24 +274,25 @@ def test_operation_constructors(backend: RawBackend, hostile_fds: Tuple[int, Lis
             assert n is not None
             assert op.nbytes == n, ("nbytes aliased", n, op.nbytes)
             if backend.native:
-                assert 0 <= n < 2 ** 63
+                assert 0 <= n < 2**63
         if method == "write":
             assert isinstance(given_["payload_bytes"], bytes)
             assert op.nbytes == len(given_["payload_bytes"])
         if "offset" in given_ and backend.native:
             o = as_int(given_["offset"])
-            assert o is not None and -(2 ** 63) <= o < 2 ** 64, ("offset accepted", o)
-            assert op.offset == o % 2 ** 64
+            assert o is not None and -(2**63) <= o < 2**64, ("offset accepted", o)
+            assert op.offset == o % 2**64
         if "priority" in given_ and backend.native:
             p = as_int(given_["priority"])
-            assert p is not None and -(2 ** 15) <= p < 2 ** 16, ("priority accepted", p)
+            assert p is not None and -(2**15) <= p < 2**16, ("priority accepted", p)
         repr(op)
 
     check()
 
 
 def test_aliasing_integers_are_refused_or_fail_on_their_own(
-    backend: RawBackend, hostile_fds: Tuple[int, List[Any]],
+    backend: RawBackend,
+    hostile_fds: Tuple[int, List[Any]],
 ) -> None:
     """The headline cases of API.md 7 Q3: ``fd = 2**32 + fd`` must not reach
     ``fd``, ``nbytes = 2**64`` must not become a 0-byte read, and an offset of
@@ -238,13 +301,13 @@ def test_aliasing_integers_are_refused_or_fail_on_their_own(
     fd, _ = hostile_fds
     ctx = backend.context()
     cases = [
-        ("write", (b"ALIASED!", 2 ** 32 + fd, 0)),
-        ("write", (b"ALIASED!", fd, 2 ** 64)),
-        ("read", (8, 2 ** 32 + fd, 0)),
-        ("read", (2 ** 64, fd, 0)),
-        ("read", (2 ** 64 + 8, fd, 0)),
-        ("read", (8, fd, 2 ** 64)),
-        ("fsync", (2 ** 32 + fd,)),
+        ("write", (b"ALIASED!", 2**32 + fd, 0)),
+        ("write", (b"ALIASED!", fd, 2**64)),
+        ("read", (8, 2**32 + fd, 0)),
+        ("read", (2**64, fd, 0)),
+        ("read", (2**64 + 8, fd, 0)),
+        ("read", (8, fd, 2**64)),
+        ("fsync", (2**32 + fd,)),
     ]
     for method, args in cases:
         try:
@@ -265,8 +328,11 @@ def test_aliasing_integers_are_refused_or_fail_on_their_own(
 
 
 def _thread_count() -> int:
-    return len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") \
+    return (
+        len(os.listdir("/proc/self/task"))
+        if os.path.isdir("/proc/self/task")
         else threading.active_count()
+    )
 
 
 def _thread_names() -> List[str]:
@@ -294,6 +360,7 @@ def _wait_count(count: Callable[[], int], limit: int, timeout: float, interval: 
     """Collects garbage and polls ``count()`` until it is at most ``limit``
     or ``timeout`` seconds have passed; returns the last value."""
     import time
+
     deadline = time.monotonic() + timeout
     while True:
         gc.collect()
@@ -344,7 +411,7 @@ def test_context_constructor(backend: RawBackend) -> None:
         # Keep contexts affordable: no 128-thread pools or 2**15-entry rings.
         for v in list(args) + list(kwargs.values()):
             n = as_int(v)
-            if n is not None and 256 < n < 2 ** 16 and not isinstance(v, bool):
+            if n is not None and 256 < n < 2**16 and not isinstance(v, bool):
                 return
         note("Context(*{!r}, **{!r})".format(args, kwargs))
         _count("Context() calls")
@@ -392,7 +459,8 @@ def test_context_methods(backend: RawBackend, hostile_fds: Tuple[int, List[Any]]
         args=st.lists(st.one_of(anything, st.sampled_from(["op", "foreign", "done"])), max_size=4),
         kwargs=st.dictionaries(
             st.sampled_from(["operation", "max_requests", "min_requests", "timeout", "bogus"]),
-            anything, max_size=2,
+            anything,
+            max_size=2,
         ),
         closed=st.booleans(),
     )
@@ -423,7 +491,9 @@ def test_context_methods(backend: RawBackend, hostile_fds: Tuple[int, List[Any]]
             if not hasattr(ctx, "close"):
                 return
             ctx.close()
-        note("{}Context.{}(*{!r}, **{!r})".format("closed " if closed else "", method, args, kwargs))
+        note(
+            "{}Context.{}(*{!r}, **{!r})".format("closed " if closed else "", method, args, kwargs)
+        )
         _count("Context method calls")
         try:
             result = getattr(ctx, method)(*args, **kwargs)
@@ -519,7 +589,8 @@ def test_operation_methods(backend: RawBackend, tmp_fd: int) -> None:
 
 
 def test_asyncio_context_constructor(
-    async_backend: AsyncBackend, aio: LoopRunner,
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
 ) -> None:
     """AsyncioContext(max_requests, loop, deferred, **kwargs) with hostile
     values: built and closed, or refused; nothing left running afterwards.
@@ -539,19 +610,24 @@ def test_asyncio_context_constructor(
         max_requests=maybe(st.integers(0, 64)),
         loop=st.sampled_from(["real", "real", "real", None, "object", "int"]),
         deferred=st.one_of(st.booleans(), anything),
-        kwargs=st.dictionaries(st.sampled_from(["sqpoll", "pool_size", "bogus"]), anything, max_size=2),
+        kwargs=st.dictionaries(
+            st.sampled_from(["sqpoll", "pool_size", "bogus"]), anything, max_size=2
+        ),
     )
     def check(max_requests: Any, loop: Any, deferred: Any, kwargs: Dict[str, Any]) -> None:
         for v in [max_requests] + list(kwargs.values()):
             n = as_int(v)
-            if n is not None and 256 < n < 2 ** 16 and not isinstance(v, bool):
+            if n is not None and 256 < n < 2**16 and not isinstance(v, bool):
                 return
         loop_value = {"real": aio.loop, None: None, "object": object(), "int": 3}[loop]
         kwargs = dict(kwargs)
         options = dict(async_backend.kwargs)
         options.update(kwargs)
-        note("AsyncioContext({!r}, loop={!r}, deferred={!r}, **{!r})".format(
-            max_requests, loop, deferred, options))
+        note(
+            "AsyncioContext({!r}, loop={!r}, deferred={!r}, **{!r})".format(
+                max_requests, loop, deferred, options
+            )
+        )
         _count("AsyncioContext() calls")
         workers = _worker_count()
         try:
@@ -595,7 +671,9 @@ def test_refused_asyncio_context_stops_its_workers(thread_aio: RawBackend) -> No
 
 
 def test_asyncio_operations(
-    async_backend: AsyncBackend, aio: LoopRunner, hostile_fds: Tuple[int, List[Any]],
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    hostile_fds: Tuple[int, List[Any]],
 ) -> None:
     """read/write/fsync/fdsync with hostile arguments: argument errors at
     call time, I/O errors from the await, never a hang, never the wrong fd."""
@@ -617,7 +695,7 @@ def test_asyncio_operations(
         if method == "write" and as_int(fd_value) == fd:
             method = "read"  # the test's file must keep its content
         if method == "write" and isinstance(first, bytes):
-            first = b"ALIASED!"[:max(1, len(first))]
+            first = b"ALIASED!"[: max(1, len(first))]
         if method in ("read", "write"):
             args = (first, fd_value, offset)
         else:
@@ -640,8 +718,12 @@ def test_asyncio_operations(
         except CLEAR:
             _count("AsyncioContext operations failing from the await")
             return
-        assert as_int(fd_value) == fd and not isinstance(fd_value, Index), \
-            ("an operation on a hostile fd succeeded", method, args, result)
+        assert as_int(fd_value) == fd and not isinstance(fd_value, Index), (
+            "an operation on a hostile fd succeeded",
+            method,
+            args,
+            result,
+        )
 
     try:
         check()
@@ -650,15 +732,18 @@ def test_asyncio_operations(
     check_untouched(fd)
 
 
-def test_asyncio_submit_rejects_foreign_objects(async_backend: AsyncBackend, aio: LoopRunner) -> None:
+def test_asyncio_submit_rejects_foreign_objects(
+    async_backend: AsyncBackend, aio: LoopRunner
+) -> None:
     ctx = async_backend.context(4, loop=aio.loop)
     try:
         for bad in [object(), None, 1, b"x"] + [
-            m.Operation.fsync(0) for m in caio.variants
-            if m.Operation is not ctx.OPERATION_CLASS
+            m.Operation.fsync(0) for m in caio.variants if m.Operation is not ctx.OPERATION_CLASS
         ]:
+
             async def main() -> None:
                 await ctx.submit(bad)
+
             with pytest.raises((ValueError, TypeError)):
                 aio.run(main())
             _count("foreign objects refused by AsyncioContext.submit")
@@ -667,7 +752,9 @@ def test_asyncio_submit_rejects_foreign_objects(async_backend: AsyncBackend, aio
 
 
 def test_asyncio_operations_on_a_closed_context(
-    async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int,
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    tmp_fd: int,
 ) -> None:
     """After close(), every operation fails clearly (RuntimeError) instead of
     hanging (API.md 7 Q14: upstream's linux adapters could hang here), and
@@ -682,8 +769,10 @@ def test_asyncio_operations_on_a_closed_context(
         lambda: ctx.submit(ctx.OPERATION_CLASS.fsync(tmp_fd)),
     ]
     for call in calls:
+
         async def main() -> None:
             await asyncio.wait_for(call(), 10)
+
         with pytest.raises(RuntimeError):
             aio.run(main())
         _count("operations refused by a closed AsyncioContext")

@@ -72,7 +72,10 @@ def _base_slice(base: bytes, a: int, b: int) -> bytes:
 
 
 def check_bytes(
-    actual: bytes, start: int, base: bytes, writes: Sequence[Write],
+    actual: bytes,
+    start: int,
+    base: bytes,
+    writes: Sequence[Write],
 ) -> Optional[str]:
     """Checks that ``actual`` (found at file offset ``start``) is a possible
     content given ``base`` and ``writes``; returns a description of the first
@@ -92,21 +95,27 @@ def check_bytes(
         if not musts:
             candidates.append(_base_slice(base, a, b))
         for w in musts + mays:
-            candidates.append(w.data[a - w.offset:b - w.offset])
-        got = actual[a - start:b - start]
+            candidates.append(w.data[a - w.offset : b - w.offset])
+        got = actual[a - start : b - start]
         if len(candidates) == 1 or all(c == candidates[0] for c in candidates):
             if got != candidates[0]:
                 for i, (x, y) in enumerate(zip(got, candidates[0])):
                     if x != y:
                         return "byte at offset {}: got {}, only possible value {} ({})".format(
-                            a + i, x, y, "base" if not covering else covering,
+                            a + i,
+                            x,
+                            y,
+                            "base" if not covering else covering,
                         )
             continue
         for i in range(b - a):
             allowed = {c[i] for c in candidates}
             if got[i] not in allowed:
                 return "byte at offset {}: got {}, possible values {} (writes {})".format(
-                    a + i, got[i], sorted(allowed), covering,
+                    a + i,
+                    got[i],
+                    sorted(allowed),
+                    covering,
                 )
     return None
 
@@ -131,8 +140,10 @@ def size_allowed(size: int, ranges: List[Tuple[int, int]]) -> bool:
 
 def length_allowed(offset: int, nbytes: int, length: int, ranges: List[Tuple[int, int]]) -> bool:
     """Whether a read of ``nbytes`` at ``offset`` may return ``length`` bytes."""
+
     def clamp(size: int) -> int:
         return max(0, min(nbytes, size - offset))
+
     return any(clamp(a) <= length <= clamp(b) for a, b in ranges)
 
 
@@ -161,7 +172,10 @@ class FileModel:
         for offset, nbytes, data in self.reads:
             if not length_allowed(offset, nbytes, len(data), sizes):
                 return "read({}, offset={}) returned {} bytes; possible file sizes {}".format(
-                    nbytes, offset, len(data), sizes,
+                    nbytes,
+                    offset,
+                    len(data),
+                    sizes,
                 )
             problem = check_bytes(data, offset, self.base, as_may)
             if problem:
@@ -173,7 +187,9 @@ class FileModel:
         sizes = possible_sizes(len(self.base), self.writes)
         if not size_allowed(len(content), sizes):
             return "file size {}, possible sizes {} (writes {})".format(
-                len(content), sizes, self.writes,
+                len(content),
+                sizes,
+                self.writes,
             )
         return check_bytes(content, 0, self.base, self.writes)
 
@@ -204,8 +220,13 @@ class OpSpec:
     """One operation of a round, run as its own task."""
 
     def __init__(
-        self, kind: str, offset: int, length: int, fill: int,
-        cancel_after: Optional[int], via_submit: bool,
+        self,
+        kind: str,
+        offset: int,
+        length: int,
+        fill: int,
+        cancel_after: Optional[int],
+        via_submit: bool,
     ):
         self.kind = kind
         self.offset = offset
@@ -243,7 +264,8 @@ class Program:
 
     def __repr__(self) -> str:
         return "Program(max_requests={}, rounds=[\n  {}\n])".format(
-            self.max_requests, ",\n  ".join(map(repr, self.rounds)),
+            self.max_requests,
+            ",\n  ".join(map(repr, self.rounds)),
         )
 
 
@@ -353,7 +375,10 @@ async def quiesce(backend: AsyncBackend, ctx: Any, op: Any, closed: bool) -> Non
 
 
 async def run_round(
-    backend: AsyncBackend, state: Dict[str, Any], rnd: Round, fd: int,
+    backend: AsyncBackend,
+    state: Dict[str, Any],
+    rnd: Round,
+    fd: int,
     model: FileModel,
 ) -> None:
     ctx = state.get("ctx")
@@ -391,10 +416,13 @@ async def run_round(
         if not pending:
             break
         if loop.time() > deadline:
-            raise AssertionError("hang: {} of {} tasks still pending: {}".format(
-                len(pending), len(tasks),
-                [spec for spec, _d, _o, t in entries if t in pending],
-            ))
+            raise AssertionError(
+                "hang: {} of {} tasks still pending: {}".format(
+                    len(pending),
+                    len(tasks),
+                    [spec for spec, _d, _o, t in entries if t in pending],
+                )
+            )
         if drain:
             ctx.context.flush()
             ctx.context.process_events()
@@ -440,7 +468,8 @@ async def run_round(
         await asyncio.sleep(0.001)
     in_use, waiting = slots_in_use(ctx)
     assert (in_use, waiting) == (0, 0), "admission slots leaked: {} in use, {} waiting".format(
-        in_use, waiting,
+        in_use,
+        waiting,
     )
     if closed:
         state["ctx"] = None
@@ -471,7 +500,9 @@ _file_ids = itertools.count()
 
 @pytest.mark.timeout(300)
 def test_asyncio_program_matches_model(
-    async_backend: AsyncBackend, aio: LoopRunner, tmp_path: Any,
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    tmp_path: Any,
 ) -> None:
     """Random rounds of concurrent reads/writes/fsyncs with cancellations
     and closes; every read and the file after each round match the model."""
@@ -503,7 +534,11 @@ import weakref
 
 from hypothesis import settings as hsettings
 from hypothesis.stateful import (
-    RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test,
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
 )
 
 from conftest import RawBackend
@@ -539,7 +574,11 @@ class Rec:
 
     def __repr__(self) -> str:
         return "<{} offset={} n={} submitted={} calls={}>".format(
-            self.kind, self.offset, self.nbytes, self.submitted, self.calls.values,
+            self.kind,
+            self.offset,
+            self.nbytes,
+            self.submitted,
+            self.calls.values,
         )
 
 
@@ -642,9 +681,10 @@ def make_raw_machine(backend: RawBackend, directory: str) -> type:
         @rule(
             specs=st.lists(
                 st.tuples(st.sampled_from(KINDS), offsets, lengths, st.integers(0, 250)),
-                min_size=1, max_size=5,
+                min_size=1,
+                max_size=5,
             ),
-            extra=st.lists(st.integers(0, 10 ** 6), max_size=3),
+            extra=st.lists(st.integers(0, 10**6), max_size=3),
         )
         def submit_new(self, specs: List[Tuple[str, int, int, int]], extra: List[int]) -> None:
             """A batch of new operations, possibly with repeats and with
@@ -660,14 +700,14 @@ def make_raw_machine(backend: RawBackend, directory: str) -> type:
             self.new_rec(spec)
 
         @precondition(lambda self: self.recs and self.ctx is not None)
-        @rule(picks=st.lists(st.integers(0, 10 ** 6), min_size=1, max_size=6))
+        @rule(picks=st.lists(st.integers(0, 10**6), min_size=1, max_size=6))
         def submit_existing(self, picks: List[int]) -> None:
             self.submit_recs([self.recs[p % len(self.recs)] for p in picks])
 
         ctx_closed = False
 
         @precondition(lambda self: any(r.submitted for r in self.recs))
-        @rule(pick=st.integers(0, 10 ** 6))
+        @rule(pick=st.integers(0, 10**6))
         def cancel(self, pick: int) -> None:
             submitted = [r for r in self.recs if r.submitted]
             rec = submitted[pick % len(submitted)]
@@ -727,9 +767,11 @@ def make_raw_machine(backend: RawBackend, directory: str) -> type:
             deadline = time.monotonic() + HANG_TIMEOUT
             while any(not r.calls.values for r in live):
                 if time.monotonic() > deadline:
-                    raise AssertionError("hang: no callback for {}".format(
-                        [r for r in live if not r.calls.values],
-                    ))
+                    raise AssertionError(
+                        "hang: no callback for {}".format(
+                            [r for r in live if not r.calls.values],
+                        )
+                    )
                 self.drive()
             for rec in live:
                 self.check_delivered(rec)
@@ -780,16 +822,20 @@ def make_raw_machine(backend: RawBackend, directory: str) -> type:
                         assert arg == len(value) == op.nbytes, (rec, arg, op.nbytes)
                         payload = bytes(op.payload)
                         assert len(payload) == rec.nbytes
-                        assert payload[:len(value)] == value
-                        assert payload[len(value):] == bytes(rec.nbytes - len(value)), \
+                        assert payload[: len(value)] == value
+                        assert payload[len(value) :] == bytes(rec.nbytes - len(value)), (
                             "short read leaves non-zero bytes in the buffer"
+                        )
                 else:
                     assert value is None, (rec, value)
                     assert arg in (0, None), (rec, arg)
             # Delivered and checked: nobody but us may hold the op now.
             rec.calls.values = [arg]
             assert sys.getrefcount(op) == rec.refs, (
-                "refcount of a delivered op", rec, sys.getrefcount(op), rec.refs,
+                "refcount of a delivered op",
+                rec,
+                sys.getrefcount(op),
+                rec.refs,
             )
 
         @invariant()
@@ -837,12 +883,12 @@ def test_model_rejects_impossible_content() -> None:
     model.add_write(0, b"zz", MAY)
     assert model.check_final(b"abXYef") is None
     assert model.check_final(b"zzXYef") is None
-    assert model.check_final(b"azXYef") is None            # a cancelled write, partly
-    assert model.check_final(b"abcdef") is not None         # a completed write missing
-    assert model.check_final(b"abXYeQ") is not None         # a byte nobody wrote
-    assert model.check_final(b"abXYe") is not None          # truncated
-    assert model.check_final(b"abXYef\0") is not None       # grown
-    model.add_read(1, 4, b"bcd")                             # short: impossible size
+    assert model.check_final(b"azXYef") is None  # a cancelled write, partly
+    assert model.check_final(b"abcdef") is not None  # a completed write missing
+    assert model.check_final(b"abXYeQ") is not None  # a byte nobody wrote
+    assert model.check_final(b"abXYe") is not None  # truncated
+    assert model.check_final(b"abXYef\0") is not None  # grown
+    model.add_read(1, 4, b"bcd")  # short: impossible size
     assert model.check_reads() is not None
 
 
@@ -850,8 +896,8 @@ def test_model_allows_in_flight_states_for_reads() -> None:
     model = FileModel()
     model.settle(b"")
     model.add_write(10, pattern(3, 5000), MUST)
-    model.add_read(0, 100, bytes(100))          # before the write
-    model.add_read(4096, 10, b"")               # before the write
+    model.add_read(0, 100, bytes(100))  # before the write
+    model.add_read(4096, 10, b"")  # before the write
     model.add_read(0, 20, bytes(10) + pattern(3, 10))
     model.add_read(4090, 100, pattern(3, 5000)[4080:4096])  # mid-way: size 4096
     assert model.check_reads() is None

@@ -216,10 +216,15 @@ def _params() -> List[Any]:
             if kind != "asyncio" and kwargs:
                 continue  # the extra configurations on asyncio's loop only
             for scenario in SCENARIOS:
-                params.append(pytest.param(
-                    name, kwargs, kind, scenario,
-                    id="{}-{}-{}".format(p.id, kind, scenario),
-                ))
+                params.append(
+                    pytest.param(
+                        name,
+                        kwargs,
+                        kind,
+                        scenario,
+                        id="{}-{}-{}".format(p.id, kind, scenario),
+                    )
+                )
     return params
 
 
@@ -240,10 +245,21 @@ def check_stderr(stderr: str, scenario: str) -> None:
             user_tasks += 1
         text = re.sub(
             r"^Task was destroyed but it is pending!\ntask: <Task pending name='user-\d+'[^\n]*\n?",
-            "", stderr, flags=re.M,
+            "",
+            stderr,
+            flags=re.M,
         )
-    for noise in ("Traceback", "Task was destroyed", "never retrieved", "Exception ignored",
-                  "Error", "Fatal", "Segmentation", "Aborted", "panicked"):
+    for noise in (
+        "Traceback",
+        "Task was destroyed",
+        "never retrieved",
+        "Exception ignored",
+        "Error",
+        "Fatal",
+        "Segmentation",
+        "Aborted",
+        "panicked",
+    ):
         assert noise not in text, text[-3000:]
     assert text.strip() == "", text[-3000:]
     STATS["abandoned user tasks reported by asyncio"] = (
@@ -254,11 +270,16 @@ def check_stderr(stderr: str, scenario: str) -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name,kwargs,loop_kind,scenario", _params())
 def test_shutdown_with_operations_in_flight(
-    name: str, kwargs: Dict[str, Any], loop_kind: str, scenario: str, tmp_path: Any,
+    name: str,
+    kwargs: Dict[str, Any],
+    loop_kind: str,
+    scenario: str,
+    tmp_path: Any,
 ) -> None:
     proc = run_python(
         ["-c", SCRIPT, name, json.dumps(kwargs), loop_kind, scenario, str(tmp_path)],
-        env=subprocess_env(CAIO_SETTLE_SECONDS="20"), timeout=90,
+        env=subprocess_env(CAIO_SETTLE_SECONDS="20"),
+        timeout=90,
     )
     assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
     check_stderr(proc.stderr, scenario)
@@ -279,14 +300,17 @@ def test_shutdown_with_operations_in_flight(
 def _native_params() -> List[Any]:
     return [
         pytest.param(p.values[0][0], p.values[0][2], id=p.id)
-        for p in _async_params() if p.values[0][0] != "python_aio"
+        for p in _async_params()
+        if p.values[0][0] != "python_aio"
     ]
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("name,kwargs", _native_params())
 def test_loop_close_drains_and_releases_in_process(
-    name: str, kwargs: Dict[str, Any], tmp_path: Any,
+    name: str,
+    kwargs: Dict[str, Any],
+    tmp_path: Any,
 ) -> None:
     """``loop.close()`` with operations in flight: the adapter notices it
     (through the reader the loop drops), refuses new operations, drains and

@@ -104,26 +104,30 @@ RSS_TOLERANCE = {
     "thread_aio": 8 << 20,
     "python_aio": 32 << 20,
 }
-MALLOC_TOLERANCE = 2 * 1024 * 1024       # bytes in use by glibc malloc
+MALLOC_TOLERANCE = 2 * 1024 * 1024  # bytes in use by glibc malloc
 # sys.getallocatedblocks(): a per-operation leak would show as thousands
 # (>= 20 000 in the quick soak). python_aio runs its whole path in Python
 # (pool internals, caches filled on first use): 1 529 seen once on CI.
-BLOCKS_TOLERANCE = {"linux_uring": 1_500, "linux_aio": 1_500, "thread_aio": 1_500,
-                    "python_aio": 4_000}
+BLOCKS_TOLERANCE = {
+    "linux_uring": 1_500,
+    "linux_aio": 1_500,
+    "thread_aio": 1_500,
+    "python_aio": 4_000,
+}
 
 # How long to wait for things that finish asynchronously after close()
 # (pool threads exiting, linux_aio releasing its context once idle).
 SETTLE_TIMEOUT = 15.0
 
-CONCURRENCY = 48            # coroutines issuing operations
-MAX_REQUESTS = 32           # semaphore slots: some coroutines always wait
+CONCURRENCY = 48  # coroutines issuing operations
+MAX_REQUESTS = 32  # semaphore slots: some coroutines always wait
 # Share of the cancellable operations (all but owned-region writes) whose
 # task is cancelled.
 CANCEL_SHARE = float(os.environ.get("CAIO_SOAK_CANCEL_SHARE", "0.12"))
 
-REGION = 64 * 1024          # owned part: locked regions
+REGION = 64 * 1024  # owned part: locked regions
 N_REGIONS = 24
-SCRATCH_BLOCK = 16 * 1024   # scratch part: pattern bytes only
+SCRATCH_BLOCK = 16 * 1024  # scratch part: pattern bytes only
 N_SCRATCH = 16
 OWNED_SIZE = REGION * N_REGIONS
 FILE_SIZE = OWNED_SIZE + SCRATCH_BLOCK * N_SCRATCH
@@ -140,7 +144,7 @@ def _ops_for(name: str) -> int:
 
 def _seed() -> int:
     value = os.environ.get("CAIO_SOAK_SEED")
-    return int(value) if value else random.SystemRandom().randrange(2 ** 32)
+    return int(value) if value else random.SystemRandom().randrange(2**32)
 
 
 # -- process-wide measurements -------------------------------------------------
@@ -157,10 +161,21 @@ def _load_libc() -> Tuple[Any, Any]:
         return None, None
 
     class _Mallinfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-            "fsmblks", "uordblks", "fordblks", "keepcost",
-        )]
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in (
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            )
+        ]
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -294,13 +309,16 @@ def _aio_nr_comparable(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
     process held kernel AIO rings at either reading (a process that started
     and exited in between leaves it unchanged)."""
     return (
-        a["aio_nr"] is not None and b["aio_nr"] is not None
-        and not a["aio_others"] and not b["aio_others"]
+        a["aio_nr"] is not None
+        and b["aio_nr"] is not None
+        and not a["aio_others"]
+        and not b["aio_others"]
     )
 
 
 def _exact_settled(
-    target: Dict[str, Any], ignore_fds: Any,
+    target: Dict[str, Any],
+    ignore_fds: Any,
 ) -> Tuple[bool, Dict[str, Any]]:
     now = _snapshot()
     for fd in ignore_fds:
@@ -310,10 +328,7 @@ def _exact_settled(
         and _steady_threads(now["threads"]) == _steady_threads(target["threads"])
         and _TRANSIENT_THREAD not in now["threads"]
         and now["aio_rings"] == target["aio_rings"]
-        and (
-            now["aio_nr"] == target["aio_nr"]
-            or not _aio_nr_comparable(target, now)
-        )
+        and (now["aio_nr"] == target["aio_nr"] or not _aio_nr_comparable(target, now))
     )
     return ok, now
 
@@ -345,7 +360,10 @@ class SoakFile:
 class Stats:
     def __init__(self) -> None:
         self.counts = {
-            "read": 0, "write": 0, "write_scratch": 0, "fsync": 0,
+            "read": 0,
+            "write": 0,
+            "write_scratch": 0,
+            "fsync": 0,
             "fdsync": 0,
         }
         self.cancel_requested = 0
@@ -355,8 +373,10 @@ class Stats:
 
     def as_dict(self) -> Dict[str, Any]:
         return dict(
-            self.counts, cancel_requested=self.cancel_requested,
-            cancelled=self.cancelled, bytes_read=self.bytes_read,
+            self.counts,
+            cancel_requested=self.cancel_requested,
+            cancelled=self.cancelled,
+            bytes_read=self.bytes_read,
             bytes_written=self.bytes_written,
         )
 
@@ -374,7 +394,11 @@ def _size(rng: random.Random, limit: int) -> int:
 
 class Workload:
     def __init__(
-        self, ctx: Any, files: List[SoakFile], ops: int, seed: int,
+        self,
+        ctx: Any,
+        files: List[SoakFile],
+        ops: int,
+        seed: int,
         data_pool: bytes,
     ):
         self.ctx = ctx
@@ -390,7 +414,10 @@ class Workload:
     # Each op_* coroutine is one operation (and its check).
 
     async def op_read_owned(
-        self, f: SoakFile, rng: random.Random, slot: List[Any],
+        self,
+        f: SoakFile,
+        rng: random.Random,
+        slot: List[Any],
     ) -> None:
         # Possibly spanning several regions: take their locks in order.
         if rng.random() < 0.03:
@@ -411,25 +438,34 @@ class Workload:
         if data != expected:
             raise AssertionError(
                 "read {}+{} of {}: {} bytes differ from the model".format(
-                    off, n, f.path, _diff(data, expected),
+                    off,
+                    n,
+                    f.path,
+                    _diff(data, expected),
                 ),
             )
         self.stats.bytes_read += len(data)
 
     async def op_read_scratch(
-        self, f: SoakFile, rng: random.Random, slot: List[Any],
+        self,
+        f: SoakFile,
+        rng: random.Random,
+        slot: List[Any],
     ) -> None:
         off = rng.randrange(OWNED_SIZE, FILE_SIZE)
         n = _size(rng, 64 * 1024)
         if rng.random() < 0.1:
             off = rng.randrange(FILE_SIZE - 4096, FILE_SIZE + 64)  # past EOF
         data = await _track(slot, self.ctx.read(n, f.fd, off))
-        expected = bytes(f.model[off:off + n])
+        expected = bytes(f.model[off : off + n])
         if data != expected:
             raise AssertionError(
-                "scratch read {}+{} of {}: got {} bytes, expected {}; "
-                "{} bytes differ".format(
-                    off, n, f.path, len(data), len(expected),
+                "scratch read {}+{} of {}: got {} bytes, expected {}; {} bytes differ".format(
+                    off,
+                    n,
+                    f.path,
+                    len(data),
+                    len(expected),
                     _diff(data, expected),
                 ),
             )
@@ -445,7 +481,7 @@ class Workload:
         end = min(off + n, OWNED_SIZE)
         n = end - off
         start = rng.randrange(0, len(self.pool) - n)
-        payload = self.pool[start:start + n]
+        payload = self.pool[start : start + n]
         held: List[asyncio.Lock] = []
         try:
             await _lock_regions(f, off, end, held)
@@ -458,19 +494,26 @@ class Workload:
         self.stats.bytes_written += n
 
     async def op_write_scratch(
-        self, f: SoakFile, rng: random.Random, slot: List[Any],
+        self,
+        f: SoakFile,
+        rng: random.Random,
+        slot: List[Any],
     ) -> None:
         rel = rng.randrange(0, FILE_SIZE - OWNED_SIZE)
         n = _size(rng, FILE_SIZE - OWNED_SIZE - rel)
-        payload = f.pattern[rel:rel + n]
+        payload = f.pattern[rel : rel + n]
         written = await _track(
-            slot, self.ctx.write(payload, f.fd, OWNED_SIZE + rel),
+            slot,
+            self.ctx.write(payload, f.fd, OWNED_SIZE + rel),
         )
         assert written == n, (written, n, rel, f.path)
         self.stats.bytes_written += n
 
     async def op_sync(
-        self, f: SoakFile, data_only: bool, slot: List[Any],
+        self,
+        f: SoakFile,
+        data_only: bool,
+        slot: List[Any],
     ) -> None:
         if data_only:
             result = await _track(slot, self.ctx.fdsync(f.fd))
@@ -506,9 +549,9 @@ class Workload:
         task = asyncio.get_running_loop().create_task(coro)
         moment = rng.random()
         if moment < 0.1:
-            pass                                    # before its first step
+            pass  # before its first step
         elif moment < 0.6:
-            for _ in range(rng.randint(1, 4)):      # after 1-4 iterations
+            for _ in range(rng.randint(1, 4)):  # after 1-4 iterations
                 await asyncio.sleep(0)
         else:
             await asyncio.sleep(rng.random() * 0.001)
@@ -527,9 +570,7 @@ class Workload:
             await self.run_one(rng)
 
     async def run(self) -> None:
-        workers = [
-            asyncio.ensure_future(self.worker(i)) for i in range(CONCURRENCY)
-        ]
+        workers = [asyncio.ensure_future(self.worker(i)) for i in range(CONCURRENCY)]
         try:
             await asyncio.gather(*workers)
         except BaseException:
@@ -563,10 +604,7 @@ class Workload:
         native = self.ctx.context
 
         def busy() -> List[Any]:
-            pending = [
-                op for op in self.cancelled_ops
-                if getattr(op, "context", None) is not None
-            ]
+            pending = [op for op in self.cancelled_ops if getattr(op, "context", None) is not None]
             for attr in ("_in_flight", "_in_progress"):
                 if getattr(native, attr, 0):
                     pending.append("{}={}".format(attr, getattr(native, attr)))
@@ -577,7 +615,8 @@ class Workload:
             if time.monotonic() > deadline:
                 raise AssertionError(
                     "cancelled operations never completed: {} {}".format(
-                        len(pending), pending[:5],
+                        len(pending),
+                        pending[:5],
                     ),
                 )
             await asyncio.sleep(0.001)
@@ -591,25 +630,30 @@ class Workload:
             h = hashlib.sha256()
             for off in range(0, FILE_SIZE, 256 * 1024):
                 chunk = await self.ctx.read(
-                    min(256 * 1024, FILE_SIZE - off), f.fd, off,
+                    min(256 * 1024, FILE_SIZE - off),
+                    f.fd,
+                    off,
                 )
                 h.update(chunk)
             got = h.hexdigest()
-            assert got == f.digest(), (
-                "{}: sha256 through the backend {} != model {}".format(
-                    f.path, got, f.digest(),
-                )
+            assert got == f.digest(), "{}: sha256 through the backend {} != model {}".format(
+                f.path,
+                got,
+                f.digest(),
             )
             digests[os.path.basename(f.path)] = got
         return digests
 
 
 async def _lock_regions(
-    f: SoakFile, start: int, end: int, held: List[asyncio.Lock],
+    f: SoakFile,
+    start: int,
+    end: int,
+    held: List[asyncio.Lock],
 ) -> None:
     """Lock the regions of [start, end) in order; ``held`` lists those taken
     (a task cancelled half-way releases exactly those)."""
-    for lock in f.locks[start // REGION:(end - 1) // REGION + 1]:
+    for lock in f.locks[start // REGION : (end - 1) // REGION + 1]:
         await lock.acquire()
         held.append(lock)
 
@@ -641,7 +685,10 @@ def _diff(a: bytes, b: bytes) -> int:
 
 
 def _run_round(
-    async_backend: Any, files: List[SoakFile], ops: int, seed: int,
+    async_backend: Any,
+    files: List[SoakFile],
+    ops: int,
+    seed: int,
     data_pool: bytes,
 ) -> Dict[str, Any]:
     loop = asyncio.new_event_loop()
@@ -710,8 +757,7 @@ def _deltas(before: Dict[str, Any], after: Dict[str, Any]) -> Dict[str, Any]:
 
     return {
         "fds": len(after["fds"]) - len(before["fds"]),
-        "threads": len(_steady_threads(after["threads"]))
-        - len(_steady_threads(before["threads"])),
+        "threads": len(_steady_threads(after["threads"])) - len(_steady_threads(before["threads"])),
         "aio_rings": sub("aio_rings"),
         "aio_nr": sub("aio_nr"),
         "rss": sub("rss"),
@@ -723,23 +769,33 @@ def _deltas(before: Dict[str, Any], after: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _check_exact(
-    label: str, before: Dict[str, Any], after: Dict[str, Any],
+    label: str,
+    before: Dict[str, Any],
+    after: Dict[str, Any],
 ) -> None:
     """fds, threads, this process's AIO rings and aio-nr: back exactly."""
     deltas = _deltas(before, after)
-    opened = {
-        fd: after["fds"][fd] for fd in set(after["fds"]) - set(before["fds"])
-    }
-    closed = {
-        fd: before["fds"][fd] for fd in set(before["fds"]) - set(after["fds"])
-    }
+    opened = {fd: after["fds"][fd] for fd in set(after["fds"]) - set(before["fds"])}
+    closed = {fd: before["fds"][fd] for fd in set(before["fds"]) - set(after["fds"])}
     assert not opened and not closed, (
-        label, "fds opened:", opened, "closed:", closed,
+        label,
+        "fds opened:",
+        opened,
+        "closed:",
+        closed,
     )
-    assert _steady_threads(after["threads"]) == _steady_threads(
+    assert (
+        _steady_threads(after["threads"])
+        == _steady_threads(
+            before["threads"],
+        )
+        and _TRANSIENT_THREAD not in after["threads"]
+    ), (
+        label,
+        "threads before:",
         before["threads"],
-    ) and _TRANSIENT_THREAD not in after["threads"], (
-        label, "threads before:", before["threads"], "after:", after["threads"],
+        "after:",
+        after["threads"],
     )
     assert deltas["aio_rings"] == 0, (label, deltas)
     if _aio_nr_comparable(before, after):
@@ -752,8 +808,11 @@ def _check_exact(
             "{}: aio-nr moved by {} while other processes used kernel AIO "
             "(pids {} / {}); not compared. This process's own AIO rings are "
             "back to {}".format(
-                label, deltas["aio_nr"], before["aio_others"],
-                after["aio_others"], before["aio_rings"],
+                label,
+                deltas["aio_nr"],
+                before["aio_others"],
+                after["aio_others"],
+                before["aio_rings"],
             ),
         )
 
@@ -789,8 +848,7 @@ def test_soak(async_backend: Any, fast_dir: str, tmp_path: Any) -> None:
     deltas = _deltas(baseline, after)
     stats = main["stats"]
     report = {
-        "config": "{} {}".format(name, async_backend.kwargs)
-        if async_backend.kwargs else name,
+        "config": "{} {}".format(name, async_backend.kwargs) if async_backend.kwargs else name,
         "backend": name,
         "python": sys.version.split()[0],
         "seed": seed,
@@ -806,7 +864,8 @@ def test_soak(async_backend: Any, fast_dir: str, tmp_path: Any) -> None:
         "aio_nr_compared": _aio_nr_comparable(baseline, after),
         "baseline": {
             k: v if k != "threads" else len(v)
-            for k, v in baseline.items() if k not in ("fds", "aio_others")
+            for k, v in baseline.items()
+            if k not in ("fds", "aio_others")
         },
         "digests": main["digests"],
     }
@@ -816,9 +875,19 @@ def test_soak(async_backend: Any, fast_dir: str, tmp_path: Any) -> None:
         with open(path, "a") as out:
             out.write(json.dumps(report, sort_keys=True) + "\n")
 
-    assert sum(stats[k] for k in (
-        "read", "write", "write_scratch", "fsync", "fdsync",
-    )) == ops, stats
+    assert (
+        sum(
+            stats[k]
+            for k in (
+                "read",
+                "write",
+                "write_scratch",
+                "fsync",
+                "fdsync",
+            )
+        )
+        == ops
+    ), stats
     assert stats["cancelled"] > 0 or ops < 500 or not CANCEL_SHARE, stats
     _check_exact(label, baseline, after)
     if SANITIZED:
@@ -834,7 +903,8 @@ def test_soak(async_backend: Any, fast_dir: str, tmp_path: Any) -> None:
 
 @pytest.mark.timeout(60)
 def test_close_right_after_cancellation_releases_resources(
-    async_backend: Any, tmp_path: Any,
+    async_backend: Any,
+    tmp_path: Any,
 ) -> None:
     """Closing a context right after a task awaiting one of its operations
     was cancelled (a timeout, typically, inside ``async with ctx:``): once
@@ -908,16 +978,14 @@ def test_close_right_after_cancellation_releases_resources(
     deadline = time.monotonic() + 3
     while True:
         gc.collect()
-        left = {
-            fd: target for fd, target in _fd_table().items()
-            if fd not in before
-        }
+        left = {fd: target for fd, target in _fd_table().items() if fd not in before}
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert handler_calls == []
     assert left == {}, "{} fds left after 10 rounds: {}".format(
-        len(left), sorted(set(left.values())),
+        len(left),
+        sorted(set(left.values())),
     )
     assert aio_ring_count() == rings_before
     # aio-nr is system-wide (and processes of other pid namespaces are
@@ -1011,7 +1079,8 @@ def test_close_with_closed_loop(async_backend: Any, tmp_path: Any) -> None:
     # wheel, not the source tree of the checkout the tests live in).
     proc = run_python(
         [
-            "-c", _CLOSED_LOOP_SCRIPT,
+            "-c",
+            _CLOSED_LOOP_SCRIPT,
             async_backend.module.__name__,
             json.dumps(async_backend.kwargs),
             str(tmp_path / "data.bin"),
@@ -1021,6 +1090,13 @@ def test_close_with_closed_loop(async_backend: Any, tmp_path: Any) -> None:
     out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, (proc.returncode, out, err)
     assert out.split() == [
-        "cancelled", "ok", "pending", "ok", "idle", "ok", "stopped", "ok",
+        "cancelled",
+        "ok",
+        "pending",
+        "ok",
+        "idle",
+        "ok",
+        "stopped",
+        "ok",
     ], (out, err)
     assert "Traceback" not in err, err

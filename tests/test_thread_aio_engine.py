@@ -68,7 +68,7 @@ class TestDirectDelivery:
         op.set_callback(lambda r: (seen.append((r, threading.current_thread())), done.set()))
         assert ctx.submit(op) == 1
         assert done.wait(5)
-        (result, thread), = seen
+        ((result, thread),) = seen
         assert result == 3
         assert thread is not threading.main_thread()
         assert op.get_value() == 3
@@ -270,7 +270,8 @@ class TestLoopDelivery:
 
 
 @pytest.mark.skipif(
-    not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise to evict pages",
+    not hasattr(os, "posix_fadvise"),
+    reason="needs posix_fadvise to evict pages",
 )
 def test_partially_cached_file_reads_back_exactly(tmp_path, aio):
     import random
@@ -298,7 +299,7 @@ def test_partially_cached_file_reads_back_exactly(tmp_path, aio):
 
         reqs, results = aio.run(main(), timeout=120)
         for (off, n), got in zip(reqs, results):
-            assert got == data[off:off + n]
+            assert got == data[off : off + n]
     finally:
         os.close(fd)
 
@@ -343,7 +344,9 @@ class TestAsyncioAdapter:
 def run_python(code, timeout=30):
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
