@@ -3,7 +3,6 @@ from caio import AsyncioContext
 
 loop = asyncio.get_event_loop()
 
-
 async def main():
     # max_requests=128 by default
     ctx = AsyncioContext(max_requests=128)
