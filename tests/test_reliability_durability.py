@@ -62,6 +62,7 @@ def child(rnd, path, kwargs, w, child_seed):
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     async def stream():
         async with adapter.AsyncioContext(16, **kwargs) as ctx:
+            os.write(w, b"start\n")  # the parent's kill timer starts now
             offset, batch = 0, 0
             while True:
                 ranges = []
@@ -102,8 +103,15 @@ for rnd in range(rounds):
     os.close(w)
     os.set_blocking(r, False)
     data = b""
-    deadline = time.monotonic() + rng.uniform(0.005, 0.25)
+    # The kill comes 5-250 ms after the child started streaming (not after the fork: on a
+    # loaded machine the start alone can take that long, and the round would test nothing).
+    delay = rng.uniform(0.005, 0.25)
+    deadline = time.monotonic() + 30
+    started = False
     while time.monotonic() < deadline:
+        if not started and b"start\n" in data:
+            started = True
+            deadline = time.monotonic() + delay
         try:
             chunk = os.read(r, 65536)
         except BlockingIOError:
@@ -125,7 +133,8 @@ for rnd in range(rounds):
         print(json.dumps({"error": "child ended by itself", "status": status, "round": rnd}))
         sys.exit(1)
     summary["kills"] += 1
-    lines = data.split(b"\n")[:-1]  # the last piece is "" or an incomplete report
+    # the last piece is "" or an incomplete report
+    lines = [line for line in data.split(b"\n")[:-1] if line != b"start"]
     if not lines:
         summary["rounds_without_ack"] += 1
     fd = os.open(path, os.O_RDONLY) if os.path.exists(path) else None
