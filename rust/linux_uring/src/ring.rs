@@ -730,7 +730,13 @@ unsafe fn prepare(o: &Operation, side: &SqSide) -> PyResult<squeue::Entry> {
     let fd = types::Fd(o.fd_i32());
     let entry = match o.kind {
         OpKind::Read | OpKind::Write => {
-            if let Some(align) = side.direct_align(o.fd_i32()) {
+            // A cached entry may be stale (the fd number was closed and
+            // reused): it must never make an op fail, so an op the window
+            // cannot express is submitted as is.
+            let window = side
+                .direct_align(o.fd_i32())
+                .filter(|&align| window_fits(o.offset, o.nbytes, align));
+            if let Some(align) = window {
                 o.use_aligned_window(align)?;
                 area[0] |= ENG_ALIGNED;
                 area[1] = align as u64;
@@ -755,6 +761,18 @@ unsafe fn prepare(o: &Operation, side: &SqSide) -> PyResult<squeue::Entry> {
     Ok(entry.user_data(o as *const Operation as u64))
 }
 
+/// Whether an aligned window `[offset rounded down, offset + nbytes rounded
+/// up to align)` exists for this request: it needs a real offset (-1, the
+/// "current position" of pipes and sockets, has none) and an end that fits
+/// 64 bits.
+fn window_fits(offset: u64, nbytes: u64, align: usize) -> bool {
+    offset != u64::MAX
+        && offset
+            .checked_add(nbytes)
+            .and_then(|end| end.checked_add((align as u64).saturating_sub(1)))
+            .is_some()
+}
+
 /// EINVAL on a read/write that did not use an aligned window yet, on an fd
 /// open with O_DIRECT: worth one more try through aligned memory.
 unsafe fn wants_direct_retry(o: &Operation) -> bool {
@@ -764,9 +782,9 @@ unsafe fn wants_direct_retry(o: &Operation) -> bool {
     if (*o.engine_area())[0] & (ENG_ALIGNED | ENG_RETRIED) != 0 {
         return false;
     }
-    // Reads at the "current position" (pipes, offset -1) never use O_DIRECT
-    // windows (the window needs a real offset).
-    if o.kind == OpKind::Read && o.offset == u64::MAX {
+    // Requests no window can express (offset -1: the "current position")
+    // never use one.
+    if !window_fits(o.offset, o.nbytes, 1) {
         return false;
     }
     let fl = libc::fcntl(o.fd_i32(), libc::F_GETFL);
@@ -799,4 +817,20 @@ window (offset {}, length {})",
             align, o.offset, o.nbytes
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::window_fits;
+
+    #[test]
+    fn windows_need_a_real_offset_and_a_64_bit_end() {
+        assert!(window_fits(3, 100, 4096));
+        assert!(window_fits(0, 0, 512));
+        assert!(!window_fits(u64::MAX, 5, 4096)); // offset -1
+        assert!(!window_fits(u64::MAX, 0, 1));
+        assert!(!window_fits(u64::MAX - 10, 5, 4096)); // end rounds past 2**64
+        assert!(window_fits(u64::MAX - 10, 5, 1));
+        assert!(!window_fits(u64::MAX - 10, 20, 1));
+    }
 }
