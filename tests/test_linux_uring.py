@@ -1207,6 +1207,25 @@ def test_direct_fd_cache_entry_of_reused_fd_number_fails_nothing(ctx, path):
             os.close(x)
 
 
+def test_process_events_waits_past_a_retried_direct_read(ctx, path):
+    # The EINVAL of a misaligned O_DIRECT read is retried through an aligned
+    # window: it is not a completion, min_requests must wait for the real one.
+    f = _direct_fd(path)
+    try:
+        with open(path, "rb") as fh:
+            expect = fh.read()[3:103]
+        op = Operation.read(100, f, 3)
+        got = []
+        op.set_callback(got.append)
+        ctx.submit(op)
+        ctx_flush_no_drain(ctx)  # the EINVAL CQE now waits in the ring
+        n = ctx.process_events(min_requests=1, timeout=1)
+        assert (n, got) == (1, [100])
+        assert op.get_value() == expect
+    finally:
+        os.close(f)
+
+
 # -- free-threading shaped stress (meaningful on 3.13t, harmless elsewhere) ---
 
 

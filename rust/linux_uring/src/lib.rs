@@ -359,6 +359,10 @@ unsafe extern "C" fn ctx_process_events(
         }
         let c = ctx(slf);
         c.check_fork()?;
+        let max = max as usize;
+        // Delivered during the wait: an O_DIRECT EINVAL in the ring is only
+        // retried by a drain.
+        let mut delivered = 0usize;
         if min > 0 {
             if timeout == 0 {
                 allow_threads(|| c.ring.get_events());
@@ -369,18 +373,28 @@ unsafe extern "C" fn ctx_process_events(
                 } else {
                     None
                 };
-                c.ring.wait(start, min as u64, deadline, &mut || {
-                    // API.md §7 Q11: run Python signal handlers; an exception
-                    // from one ends the wait, otherwise keep waiting.
-                    if PyErr_CheckSignals() != 0 {
-                        Err(PyErr::Fetched)
-                    } else {
+                c.ring.wait(
+                    start,
+                    min as u64,
+                    deadline,
+                    &mut || {
+                        // API.md §7 Q11: run Python signal handlers; an
+                        // exception from one ends the wait, otherwise keep
+                        // waiting.
+                        if PyErr_CheckSignals() != 0 {
+                            Err(PyErr::Fetched)
+                        } else {
+                            Ok(())
+                        }
+                    },
+                    &mut || {
+                        delivered += c.deliver(max.saturating_sub(delivered));
                         Ok(())
-                    }
-                })?;
+                    },
+                )?;
             }
         }
-        py_int(c.deliver(max as usize) as i64)
+        py_int((delivered + c.deliver(max.saturating_sub(delivered))) as i64)
     })
 }
 

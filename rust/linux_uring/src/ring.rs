@@ -145,6 +145,18 @@ pub unsafe fn ring_full_error(ctx: *mut PyObject, advice: &str) -> PyErr {
     )
 }
 
+/// What one GIL-free round of [`Ring::wait`] found.
+enum WaitRound {
+    /// Enough completions, or the deadline passed.
+    Done,
+    /// A signal interrupted `poll(2)`: run the handlers.
+    Interrupted,
+    /// An O_DIRECT EINVAL waits to be retried: drain.
+    Retry,
+    /// Woken (or a spurious `poll` error): look again.
+    Again,
+}
+
 /// Why a ring could not be created: the errno of the last attempt.
 pub struct SetupError(pub i32);
 
@@ -553,32 +565,48 @@ impl Ring {
         }
     }
 
-    /// Real (non-cancel) CQEs currently in the ring, plus the running count
-    /// of consumed ones, read consistently under the CQ lock.
-    fn visible(&self) -> u64 {
+    /// Real completions visible so far: the running count of consumed ones
+    /// plus the CQEs in the ring that a drain will deliver (not cancel
+    /// CQEs, not O_DIRECT EINVALs it will retry), read consistently under
+    /// the CQ lock. Also says whether a CQE waits to be retried.
+    fn visible(&self) -> (u64, bool) {
         let _g = lock(&self.cq);
         let mut cq = unsafe { self.uring.completion_shared() };
         let mut n = 0u64;
+        let mut retry = false;
         for cqe in &mut cq {
-            if cqe.user_data() != CANCEL_TAG {
-                n += 1;
+            let ud = cqe.user_data();
+            if ud == CANCEL_TAG {
+                continue;
             }
+            if cqe.result() == -libc::EINVAL
+                && unsafe { wants_direct_retry(&*(ud as *const Operation)) }
+            {
+                retry = true;
+                continue;
+            }
+            n += 1;
         }
         // Peek only: dropping the queue would publish the advanced head.
         std::mem::forget(cq);
-        n + self.consumed.load(Ordering::Acquire)
+        (n + self.consumed.load(Ordering::Acquire), retry)
     }
 
     /// Blocks until `min` real completions became visible since `start`
-    /// (`start` is a [`Ring::consumed`] value; CQEs still in the ring count too) or the deadline passes. Runs with the GIL
-    /// released; `on_eintr` is called (with the GIL) whenever a signal
-    /// interrupted the wait — an error from it aborts the wait.
+    /// (`start` is a [`Ring::consumed`] value; CQEs still in the ring count
+    /// too) or the deadline passes. Runs with the GIL released. With the
+    /// GIL, `on_eintr` is called whenever a signal interrupted the wait, and
+    /// `on_retry` when the ring holds an O_DIRECT EINVAL to be retried and
+    /// not enough real completions yet: it must drain (a drain resubmits
+    /// the request; nothing else would). An error from either aborts the
+    /// wait.
     pub fn wait(
         &self,
         start: u64,
         min: u64,
         deadline: Option<Instant>,
         on_eintr: &mut dyn FnMut() -> PyResult<()>,
+        on_retry: &mut dyn FnMut() -> PyResult<()>,
     ) -> PyResult<()> {
         let mine = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if mine < 0 {
@@ -589,7 +617,7 @@ impl Ring {
             w.push(mine);
             self.nwaiters.fetch_add(1, Ordering::SeqCst);
         }
-        let r = self.wait_registered(mine, start, min, deadline, on_eintr);
+        let r = self.wait_registered(mine, start, min, deadline, on_eintr, on_retry);
         {
             let mut w = lock(&self.waiters);
             w.retain(|&fd| fd != mine);
@@ -606,59 +634,70 @@ impl Ring {
         min: u64,
         deadline: Option<Instant>,
         on_eintr: &mut dyn FnMut() -> PyResult<()>,
+        on_retry: &mut dyn FnMut() -> PyResult<()>,
     ) -> PyResult<()> {
         loop {
-            let (interrupted, done) = caio_core::py::allow_threads(|| {
-                if self.cq_overflow() {
-                    self.get_events();
-                }
-                if self.visible().wrapping_sub(start) >= min {
-                    return (false, true);
-                }
-                let timeout_ms = match deadline {
-                    None => -1,
-                    Some(d) => {
-                        let now = Instant::now();
-                        if now >= d {
-                            return (false, true);
-                        }
-                        // Round up so that we never wake just before the deadline.
-                        let left = d - now + Duration::from_micros(999);
-                        left.as_millis().min(i32::MAX as u128) as i32
-                    }
-                };
-                let mut fds = [
-                    libc::pollfd {
-                        fd: self.eventfd,
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                    libc::pollfd {
-                        fd: mine,
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                ];
-                let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
-                if r < 0 {
-                    return (caio_core::sys::last_errno() == libc::EINTR, false);
-                }
-                if fds[0].revents != 0 {
-                    self.consume_eventfd();
-                }
-                if fds[1].revents != 0 {
-                    let mut v = 0u64;
-                    unsafe { libc::read(mine, (&mut v as *mut u64).cast(), 8) };
-                }
-                (false, false)
-            });
-            if done {
-                return Ok(());
-            }
-            if interrupted {
-                on_eintr()?;
+            match caio_core::py::allow_threads(|| self.wait_round(mine, start, min, deadline)) {
+                WaitRound::Done => return Ok(()),
+                WaitRound::Interrupted => on_eintr()?,
+                WaitRound::Retry => on_retry()?,
+                WaitRound::Again => {}
             }
         }
+    }
+
+    /// One look at the ring and, if that is not enough, one `poll(2)` on
+    /// the ring eventfd and the waiter's own. Touches no Python object.
+    fn wait_round(&self, mine: i32, start: u64, min: u64, deadline: Option<Instant>) -> WaitRound {
+        if self.cq_overflow() {
+            self.get_events();
+        }
+        let (visible, retry) = self.visible();
+        if visible.wrapping_sub(start) >= min {
+            return WaitRound::Done;
+        }
+        if retry {
+            return WaitRound::Retry;
+        }
+        let timeout_ms = match deadline {
+            None => -1,
+            Some(d) => {
+                let now = Instant::now();
+                if now >= d {
+                    return WaitRound::Done;
+                }
+                // Round up so that we never wake just before the deadline.
+                let left = d - now + Duration::from_micros(999);
+                left.as_millis().min(i32::MAX as u128) as i32
+            }
+        };
+        let mut fds = [
+            libc::pollfd {
+                fd: self.eventfd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: mine,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+        if r < 0 {
+            if caio_core::sys::last_errno() == libc::EINTR {
+                return WaitRound::Interrupted;
+            }
+            return WaitRound::Again;
+        }
+        if fds[0].revents != 0 {
+            self.consume_eventfd();
+        }
+        if fds[1].revents != 0 {
+            let mut v = 0u64;
+            unsafe { libc::read(mine, (&mut v as *mut u64).cast(), 8) };
+        }
+        WaitRound::Again
     }
 
     /// Real completions consumed by drains so far: [`Ring::wait`] counts
