@@ -7,13 +7,16 @@
 //! and signal the fd when the queue turns non-empty, and
 //! `_process_completions()` (run by the loop) delivers the whole batch — no
 //! GIL traffic in workers, one wake-up per batch.
+//!
+//! This file holds the module (its Operation flavour and initialisation) and
+//! the Python `Context` type; `adapter` holds the engine hooks of the native
+//! asyncio fast path.
 
 use std::ffi::c_void;
 use std::ptr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use caio_core::aio::{Adapter, Engine};
 use caio_core::args::{int_in, Params};
 use caio_core::module::{init_common, ContextType, ModState};
 use caio_core::op::{self, as_op, Flavor, ReadPayload};
@@ -24,6 +27,8 @@ use caio_core::py::{
 };
 use caio_core::pyo3_ffi::*;
 use caio_core::{backend_module, sys};
+
+mod adapter;
 
 static FLAVOR: Flavor = Flavor {
     type_name: c"aio.AIOOperation",
@@ -55,7 +60,7 @@ const MAX_POOL_SIZE: i128 = 128;
 const MAX_REQUESTS_LIMIT: i128 = 65535;
 
 #[repr(C)]
-struct Context {
+pub(crate) struct Context {
     ob_base: PyObject,
     weakreflist: *mut PyObject,
     max_requests: u16,
@@ -69,17 +74,17 @@ struct Context {
 }
 
 impl Context {
-    fn pool_slot(&self) -> MutexGuard<'_, Option<Arc<Pool>>> {
+    pub(crate) fn pool_slot(&self) -> MutexGuard<'_, Option<Arc<Pool>>> {
         self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn pool(&self) -> PyResult<Arc<Pool>> {
+    pub(crate) fn pool(&self) -> PyResult<Arc<Pool>> {
         self.pool_slot()
             .clone()
             .ok_or_else(|| PyErr::runtime("Context is closed"))
     }
 
-    fn check_fork(&self) -> PyResult<()> {
+    pub(crate) fn check_fork(&self) -> PyResult<()> {
         if sys::fork_generation() != self.fork_generation {
             return Err(PyErr::runtime(
                 "this thread_aio Context was created before fork() and its worker \
@@ -91,7 +96,7 @@ threads do not exist in this process; create a new Context in the child",
 
     /// Stops the pool, letting queued and running work finish (callbacks
     /// included) — with the GIL released, as direct-delivery workers need it.
-    fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         let pool = self.pool_slot().take();
         if let Some(pool) = pool {
             if self.check_fork().is_err() {
@@ -109,7 +114,7 @@ threads do not exist in this process; create a new Context in the child",
     }
 }
 
-unsafe fn ctx<'a>(p: *mut PyObject) -> &'a Context {
+pub(crate) unsafe fn ctx<'a>(p: *mut PyObject) -> &'a Context {
     &*(p as *const Context)
 }
 
@@ -223,7 +228,7 @@ unsafe extern "C" fn ctx_submit(
 /// Claims `a` and hands it to the pool — or, for a page-cache hit in
 /// event-loop mode, completes it right here. `Ok(false)`: already claimed
 /// (in flight or done), silently skipped. On error the claim is rolled back.
-unsafe fn submit_one(
+pub(crate) unsafe fn submit_one(
     c: &Context,
     slf: *mut PyObject,
     pool: &Pool,
@@ -454,59 +459,6 @@ const CTX_DOC: &std::ffi::CStr =
     c"Context(max_requests=512, pool_size=8)\n--\n\nthread aio context: a native worker pool \
 running pread/pwrite/fsync/fdatasync.";
 
-// ---------------------------------------------------------------------------
-// engine of the native asyncio fast path (caio_core::aio)
-
-/// Used by `thread_aio_asyncio.AsyncioContext` once the Context delivers on
-/// the event loop (`_enable_loop_delivery`): submission as in `submit()`,
-/// completions drained by the loop's reader, and a real cancel for jobs no
-/// worker has started yet.
-static ENGINE: Engine = Engine {
-    submit: engine_submit,
-    cancel: engine_cancel,
-    loop_events: engine_loop_events,
-    shutdown: engine_shutdown,
-};
-
-/// The loop is closed ("loop gone" in `caio_core::aio`): stop the pool,
-/// letting queued and running work finish, and deliver the completions
-/// (they only drop their references here: `op::Discarding`, set by the
-/// caller). Like `close()`, this waits for the workers.
-unsafe fn engine_shutdown(a: &Adapter, _deadline: std::time::Instant) -> bool {
-    ctx(a.context()).shutdown();
-    true
-}
-
-unsafe fn engine_submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
-    let slf = a.context();
-    let c = ctx(slf);
-    c.check_fork()?;
-    let pool = c.pool()?;
-    submit_one(c, slf, &pool, op)
-}
-
-unsafe fn engine_cancel(a: &Adapter, op: *mut PyObject) {
-    let c = ctx(a.context());
-    if c.check_fork().is_err() {
-        return;
-    }
-    let Some(pool) = c.pool_slot().clone() else {
-        return;
-    };
-    if let Some(job) = pool.try_cancel(op as *mut op::Operation) {
-        // Never started: complete it as cancelled, like a kernel cancel.
-        op::finish(job.0, -(libc::ECANCELED as i64)).run();
-    }
-}
-
-unsafe fn engine_loop_events(a: &Adapter) -> PyResult<usize> {
-    let pool = ctx(a.context()).pool_slot().clone();
-    Ok(match pool.as_ref().and_then(|p| p.queued_delivery()) {
-        Some(q) => q.deliver_all(),
-        None => 0,
-    })
-}
-
 unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
     init_common(
         module,
@@ -530,7 +482,7 @@ unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
         c"submit() found the queue full (max_requests operations pending). A RuntimeError, as \
 upstream caio raises, and an OSError with errno EAGAIN.",
     )?;
-    caio_core::aio::init(module, &ENGINE)?;
+    caio_core::aio::init(module, &adapter::ENGINE)?;
     caio_core::register_process_hooks()?;
     Ok(())
 }
