@@ -25,6 +25,7 @@ use caio_core::pyo3_ffi::*;
 use caio_core::{backend_module, sys};
 
 mod adapter;
+mod direct;
 mod probe;
 mod ring;
 
@@ -598,7 +599,7 @@ OSError with errno EAGAIN.",
     )?;
     add_object(module, c"SQPOLL_ALLOWED", py_bool(probed.sqpoll_allowed))?;
     caio_core::aio::init(module, &adapter::ENGINE)?;
-    op::set_error_message_hook(ring::error_message);
+    op::set_error_message_hook(direct::error_message);
     Ok(())
 }
 

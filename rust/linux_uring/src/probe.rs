@@ -17,7 +17,10 @@ pub struct ProbeResult {
     pub sqpoll_allowed: bool,
 }
 
+// TODO(core): core is getting one kernel-version helper; switch
+// kernel_release() and version_of() to it.
 fn kernel_release() -> String {
+    // TODO(core): behind core's `test-hooks` cargo feature.
     if let Ok(r) = std::env::var("CAIO_TEST_URING_KERNEL") {
         return r;
     }
@@ -46,6 +49,7 @@ fn sysctl(name: &str) -> Option<String> {
         .map(|s| s.trim().to_owned())
 }
 
+// TODO(core): behind core's `test-hooks` cargo feature.
 fn test_errno() -> Option<i32> {
     std::env::var("CAIO_TEST_URING_PROBE_ERRNO")
         .ok()

@@ -12,14 +12,9 @@
 //!   `poll(2)` until enough completions are visible; several concurrent
 //!   waiters wake each other through private eventfds, so consuming the ring
 //!   eventfd never strands anyone.
-//! * O_DIRECT: reads and writes on an fd opened with `O_DIRECT` go through an
-//!   aligned bounce window (`Operation::use_aligned_window`). Detecting the
-//!   flag costs nothing on the submit path: an op on an fd not known to be
-//!   O_DIRECT is submitted as is; if it fails with `EINVAL`, one
-//!   `fcntl(F_GETFL)` tells whether O_DIRECT was the reason, the fd goes into
-//!   a small per-ring cache, and the op is resubmitted through an aligned
-//!   window. Cache entries never make an op fail (a stale entry only costs a
-//!   copy), so fd reuse is harmless.
+//! * O_DIRECT: a drain resubmits the `EINVAL` of a read or write on an
+//!   O_DIRECT fd through an aligned window instead of delivering it (the
+//!   policy is in `direct`).
 //!
 //! No lock is ever held while Python code runs, and the two ring locks are
 //! never nested.
@@ -33,15 +28,13 @@ use std::time::{Duration, Instant};
 use caio_core::op::{self, as_op, Delivery, OpKind, Operation};
 use caio_core::py::{Exc, PyErr, PyResult};
 use caio_core::pyo3_ffi::PyObject;
-use caio_core::sys::{self, MAX_TRANSFER};
+use caio_core::sys::MAX_TRANSFER;
 use io_uring::{opcode, squeue, types, EnterFlags, IoUring};
+
+use crate::direct::{self, DirectCache};
 
 /// `user_data` of our own cancel SQEs: their CQEs are skipped by drains.
 pub const CANCEL_TAG: u64 = u64::MAX;
-
-/// `engine_area()[0]` bits of an in-flight op.
-const ENG_ALIGNED: u64 = 1;
-const ENG_RETRIED: u64 = 2;
 
 /// Requested `sq_thread_idle` for SQPOLL rings, in milliseconds.
 pub const SQPOLL_IDLE_MS: u32 = 100;
@@ -50,38 +43,16 @@ pub const SQPOLL_IDLE_MS: u32 = 100;
 /// released (the kernel may copy page-cache data inline while submitting).
 const GIL_FREE_ENTER_BYTES: u64 = 256 * 1024;
 
-const DIRECT_CACHE_MAX: usize = 64;
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 struct SqSide {
-    /// fds found to be open with O_DIRECT, with the alignment to use.
-    direct: Vec<(i32, usize)>,
+    /// fds found to be open with O_DIRECT.
+    direct: DirectCache,
     /// `user_data` of the ops staged since the kernel last took the SQ
     /// (the asyncio adapter's batch).
     recent: Vec<u64>,
-}
-
-impl SqSide {
-    fn direct_align(&self, fd: i32) -> Option<usize> {
-        if self.direct.is_empty() {
-            return None;
-        }
-        self.direct.iter().find(|e| e.0 == fd).map(|e| e.1)
-    }
-
-    fn remember_direct(&mut self, fd: i32, align: usize) {
-        if let Some(e) = self.direct.iter_mut().find(|e| e.0 == fd) {
-            e.1 = align;
-            return;
-        }
-        if self.direct.len() >= DIRECT_CACHE_MAX {
-            self.direct.remove(0);
-        }
-        self.direct.push((fd, align));
-    }
 }
 
 pub struct Ring {
@@ -219,7 +190,7 @@ impl Ring {
             eventfd: efd,
             sqpoll,
             sq: Mutex::new(SqSide {
-                direct: Vec::new(),
+                direct: DirectCache::default(),
                 recent: Vec::new(),
             }),
             cq: Mutex::new(()),
@@ -272,7 +243,7 @@ impl Ring {
                 err = Some(StageError::Full);
                 break;
             }
-            match prepare(o, &side) {
+            match prepare(o, &side.direct) {
                 Ok(entry) => {
                     // Cannot fail: checked for room above, under the lock.
                     let _ = sq.push(&entry);
@@ -514,7 +485,7 @@ impl Ring {
                 }
                 let op = ud as *mut Operation;
                 let res = cqe.result();
-                if res == -libc::EINVAL && wants_direct_retry(&*op) {
+                if res == -libc::EINVAL && direct::wants_retry(&*op) {
                     retries.push(op);
                     continue;
                 }
@@ -540,16 +511,12 @@ impl Ring {
             let mut sq = self.uring.submission_shared();
             for op in ops {
                 let o = &*op;
-                let fd = o.fd_i32();
-                let align = side
-                    .direct_align(fd)
-                    .unwrap_or_else(|| sys::direct_alignment(fd));
-                side.remember_direct(fd, align);
-                (*o.engine_area())[0] |= ENG_RETRIED;
+                side.direct.learn(o.fd_i32());
+                direct::mark_retried(o);
                 let entry = if sq.is_full() {
                     None
                 } else {
-                    prepare(o, &side).ok()
+                    prepare(o, &side.direct).ok()
                 };
                 match entry {
                     Some(e) => {
@@ -580,7 +547,7 @@ impl Ring {
                 continue;
             }
             if cqe.result() == -libc::EINVAL
-                && unsafe { wants_direct_retry(&*(ud as *const Operation)) }
+                && unsafe { direct::wants_retry(&*(ud as *const Operation)) }
             {
                 retry = true;
                 continue;
@@ -762,24 +729,11 @@ impl Drop for Ring {
 }
 
 /// Builds the SQE of a claimed op (user_data = the op's address).
-unsafe fn prepare(o: &Operation, side: &SqSide) -> PyResult<squeue::Entry> {
-    let area = &mut *o.engine_area();
-    let retried = area[0] & ENG_RETRIED;
-    area[0] = retried;
+unsafe fn prepare(o: &Operation, direct: &DirectCache) -> PyResult<squeue::Entry> {
+    direct::prepare(o, direct)?;
     let fd = types::Fd(o.fd_i32());
     let entry = match o.kind {
         OpKind::Read | OpKind::Write => {
-            // A cached entry may be stale (the fd number was closed and
-            // reused): it must never make an op fail, so an op the window
-            // cannot express is submitted as is.
-            let window = side
-                .direct_align(o.fd_i32())
-                .filter(|&align| window_fits(o.offset, o.nbytes, align));
-            if let Some(align) = window {
-                o.use_aligned_window(align)?;
-                area[0] |= ENG_ALIGNED;
-                area[1] = align as u64;
-            }
             let io = o.io();
             // API.md §7 Q8: never more than the kernel's single-transfer cap;
             // the partial count is reported and callers loop.
@@ -798,78 +752,4 @@ unsafe fn prepare(o: &Operation, side: &SqSide) -> PyResult<squeue::Entry> {
             .build(),
     };
     Ok(entry.user_data(o as *const Operation as u64))
-}
-
-/// Whether an aligned window `[offset rounded down, offset + nbytes rounded
-/// up to align)` exists for this request: it needs a real offset (-1, the
-/// "current position" of pipes and sockets, has none) and an end that fits
-/// 64 bits.
-fn window_fits(offset: u64, nbytes: u64, align: usize) -> bool {
-    offset != u64::MAX
-        && offset
-            .checked_add(nbytes)
-            .and_then(|end| end.checked_add((align as u64).saturating_sub(1)))
-            .is_some()
-}
-
-/// EINVAL on a read/write that did not use an aligned window yet, on an fd
-/// open with O_DIRECT: worth one more try through aligned memory.
-unsafe fn wants_direct_retry(o: &Operation) -> bool {
-    if !matches!(o.kind, OpKind::Read | OpKind::Write) {
-        return false;
-    }
-    if (*o.engine_area())[0] & (ENG_ALIGNED | ENG_RETRIED) != 0 {
-        return false;
-    }
-    // Requests no window can express (offset -1: the "current position")
-    // never use one.
-    if !window_fits(o.offset, o.nbytes, 1) {
-        return false;
-    }
-    let fl = libc::fcntl(o.fd_i32(), libc::F_GETFL);
-    fl >= 0 && fl & libc::O_DIRECT != 0
-}
-
-/// `get_value()`'s message for an O_DIRECT request the kernel still refused
-/// after we aligned its memory: what the file needs.
-pub unsafe fn error_message(o: &Operation, errno: i32) -> Option<String> {
-    let area = &*o.engine_area();
-    if errno != libc::EINVAL || area[0] & ENG_ALIGNED == 0 {
-        return None;
-    }
-    let align = area[1];
-    Some(match o.kind {
-        OpKind::Write => format!(
-            "Invalid argument: O_DIRECT writes on this file need an offset and a length that \
-are multiples of the device's logical block size ({}); got offset {}, length {}. (The data \
-itself needs no alignment: caio copies it into aligned memory.)",
-            match sys::dio_alignment(o.fd_i32()) {
-                None => "512 or 4096 bytes".to_owned(),
-                Some((_, n)) => format!("{} bytes", n),
-            },
-            o.offset,
-            o.nbytes
-        ),
-        _ => format!(
-            "Invalid argument: the O_DIRECT read was refused even through a {}-byte aligned \
-window (offset {}, length {})",
-            align, o.offset, o.nbytes
-        ),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::window_fits;
-
-    #[test]
-    fn windows_need_a_real_offset_and_a_64_bit_end() {
-        assert!(window_fits(3, 100, 4096));
-        assert!(window_fits(0, 0, 512));
-        assert!(!window_fits(u64::MAX, 5, 4096)); // offset -1
-        assert!(!window_fits(u64::MAX, 0, 1));
-        assert!(!window_fits(u64::MAX - 10, 5, 4096)); // end rounds past 2**64
-        assert!(window_fits(u64::MAX - 10, 5, 1));
-        assert!(!window_fits(u64::MAX - 10, 20, 1));
-    }
 }
