@@ -20,41 +20,70 @@ pub(crate) static ENGINE: Engine = Engine {
     shutdown,
 };
 
+// Every hook below is an `Engine` hook: `caio_core::aio` calls it attached,
+// with `a` bound (in `_bind`) to a Context of this module, and `op` one of
+// this module's Operations. That is their `# Safety` contract.
+
 /// The loop is closed ("loop gone" in `caio_core::aio`): stop the pool,
 /// letting queued and running work finish, and deliver the completions
 /// (they only drop their references here: `op::Discarding`, set by the
 /// caller). Like `close()`, this waits for the workers.
+///
+/// # Safety
+/// An `Engine` hook (see above).
 unsafe fn shutdown(a: &Adapter, _deadline: std::time::Instant) -> bool {
-    ctx(a.context()).shutdown();
+    // SAFETY: `a.context()` is a Context and we are attached (hook
+    // contract).
+    unsafe { ctx(a.context()).shutdown() };
     true
 }
 
+/// Claims `op` and hands it to the pool, as `Context.submit` does.
+///
+/// # Safety
+/// An `Engine` hook (see above).
 unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     let slf = a.context();
-    let c = ctx(slf);
+    // SAFETY: `slf` is a Context (hook contract).
+    let c = unsafe { ctx(slf) };
     c.check_fork()?;
     let pool = c.pool()?;
-    submit_one(c, slf, &pool, op)
+    // SAFETY: attached; `slf` is `c`; `op` is an Operation (hook contract).
+    unsafe { submit_one(c, slf, &pool, op) }
 }
 
+/// Takes back a job no worker has started yet and completes it as
+/// cancelled; a running one completes normally later.
+///
+/// # Safety
+/// An `Engine` hook (see above).
 unsafe fn cancel(a: &Adapter, op: *mut PyObject) {
-    let c = ctx(a.context());
+    // SAFETY: `a.context()` is a Context (hook contract).
+    let c = unsafe { ctx(a.context()) };
     if c.check_fork().is_err() {
         return;
     }
     let Some(pool) = c.pool_slot().clone() else {
         return;
     };
-    if let Some(job) = pool.try_cancel(op as *mut op::Operation) {
+    if let Some(job) = pool.try_cancel(op.cast()) {
         // Never started: complete it as cancelled, like a kernel cancel.
-        op::finish(job.0, -(libc::ECANCELED as i64)).run();
+        // SAFETY: the pool handed the job back, so it is in flight and ours
+        // alone; attached (hook contract).
+        unsafe { op::finish(job.0, -i64::from(libc::ECANCELED)) }.run();
     }
 }
 
+/// The loop's reader callback: deliver every queued completion.
+///
+/// # Safety
+/// An `Engine` hook (see above).
 unsafe fn loop_events(a: &Adapter) -> PyResult<usize> {
-    let pool = ctx(a.context()).pool_slot().clone();
+    // SAFETY: `a.context()` is a Context (hook contract).
+    let pool = unsafe { ctx(a.context()) }.pool_slot().clone();
     Ok(match pool.as_ref().and_then(|p| p.queued_delivery()) {
-        Some(q) => q.deliver_all(),
+        // SAFETY: attached (hook contract).
+        Some(q) => unsafe { q.deliver_all() },
         None => 0,
     })
 }
