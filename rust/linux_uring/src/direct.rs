@@ -193,12 +193,13 @@ mod tests {
     fn cache_keeps_the_newest_fds() {
         let mut c = DirectCache::default();
         assert_eq!(c.alignment(3), None);
-        for fd in 0..=CACHE_MAX as i32 {
+        let last = i32::try_from(CACHE_MAX).unwrap();
+        for fd in 0..=last {
             c.learn(fd);
         }
         assert_eq!(c.alignment(0), None); // evicted
         assert!(c.alignment(1).is_some_and(|a| a.is_power_of_two()));
-        assert!(c.alignment(CACHE_MAX as i32).is_some());
+        assert!(c.alignment(last).is_some());
         c.learn(1); // already there: no eviction
         assert!(c.alignment(2).is_some());
     }

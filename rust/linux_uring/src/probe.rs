@@ -24,9 +24,11 @@ fn kernel_release() -> String {
     if let Ok(r) = std::env::var("CAIO_TEST_URING_KERNEL") {
         return r;
     }
+    // SAFETY: `utsname` is plain C data, valid all zeroes; uname(2) fills
+    // the live struct it is given and NUL-terminates `release`.
     unsafe {
         let mut u: libc::utsname = std::mem::zeroed();
-        if libc::uname(&mut u) != 0 {
+        if libc::uname(&raw mut u) != 0 {
             return "unknown".to_owned();
         }
         std::ffi::CStr::from_ptr(u.release.as_ptr())

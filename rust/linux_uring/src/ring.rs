@@ -18,9 +18,17 @@
 //!
 //! No lock is ever held while Python code runs, and the two ring locks are
 //! never nested.
+//!
+//! The shared rings are only touched under their lock: a `SubmissionQueue`
+//! exists only while `Ring::sq` is held, a `CompletionQueue` only while
+//! `Ring::cq` is held — what `IoUring::submission_shared` and
+//! `completion_shared` require. Every SQE pushed points into memory that
+//! stays valid until its CQE is consumed (see [`Ring::stage`]), so entering
+//! the kernel is always sound.
 
 use std::io;
 use std::mem::ManuallyDrop;
+use std::ptr;
 use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -88,11 +96,15 @@ impl StageError {
     /// Attached; `ctx` is a linux_uring Context.
     pub unsafe fn into_pyerr(self, ctx: *mut PyObject) -> PyErr {
         match self {
-            StageError::Full => ring_full_error(
-                ctx,
-                "the operations before this one were accepted; flush() or process_events() \
+            // SAFETY: attached; `ctx` is a linux_uring Context (contract
+            // above).
+            StageError::Full => unsafe {
+                ring_full_error(
+                    ctx,
+                    "the operations before this one were accepted; flush() or process_events() \
 hands them to the kernel, then submit the rest again",
-            ),
+                )
+            },
             StageError::Failed(e) => e,
         }
     }
@@ -105,15 +117,19 @@ hands them to the kernel, then submit the rest again",
 /// # Safety
 /// Attached; `ctx` is a linux_uring Context.
 pub unsafe fn ring_full_error(ctx: *mut PyObject, advice: &str) -> PyErr {
-    caio_core::module::capacity_error(
-        ctx,
-        Exc::OverflowError,
-        format!(
-            "io_uring SQ ring is full (max_requests={}): {}",
-            crate::ctx(ctx).max_requests,
-            advice
-        ),
-    )
+    // SAFETY: attached; `ctx` is an instance of this module's Context type
+    // (contract above).
+    unsafe {
+        caio_core::module::capacity_error(
+            ctx,
+            Exc::OverflowError,
+            format!(
+                "io_uring SQ ring is full (max_requests={}): {}",
+                crate::ctx(ctx).max_requests,
+                advice
+            ),
+        )
+    }
 }
 
 /// What one GIL-free round of [`Ring::wait`] found.
@@ -140,9 +156,9 @@ impl Ring {
     /// Setup flags are tried in order; EINVAL/EPERM/EACCES move on to the
     /// next set (older kernels, SQPOLL not permitted), anything else fails.
     pub fn new(entries: u64, sqpoll: bool) -> Result<Ring, SetupError> {
-        if entries > u32::MAX as u64 {
+        let Ok(entries) = u32::try_from(entries) else {
             return Err(SetupError(libc::EINVAL));
-        }
+        };
         // (sqpoll, no_sqarray)
         let attempts: &[(bool, bool)] = if sqpoll {
             &[(true, true), (true, false), (false, false)]
@@ -159,7 +175,7 @@ impl Ring {
             if nosqarray {
                 b.setup_no_sqarray();
             }
-            match b.build(entries as u32) {
+            match b.build(entries) {
                 Ok(r) => {
                     built = Some((r, sq));
                     break;
@@ -175,6 +191,7 @@ impl Ring {
         let Some((uring, sqpoll)) = built else {
             return Err(SetupError(last));
         };
+        // SAFETY: eventfd(2) takes no pointer.
         let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if efd < 0 {
             return Err(SetupError(caio_core::sys::last_errno()));
@@ -182,6 +199,7 @@ impl Ring {
         raise_bounded_workers(&uring, entries);
         // The plain variant: every posted CQE (inline ones included) signals.
         if let Err(e) = uring.submitter().register_eventfd(efd) {
+            // SAFETY: `efd` is ours and shared with nobody yet.
             unsafe { libc::close(efd) };
             return Err(SetupError(errno_of(&e)));
         }
@@ -228,31 +246,44 @@ impl Ring {
         ctx: *mut PyObject,
     ) -> (usize, Option<StageError>) {
         let mut side = lock(&self.sq);
-        let mut sq = self.uring.submission_shared();
+        // SAFETY: under the SQ lock (see the module doc).
+        let mut sq = unsafe { self.uring.submission_shared() };
         let mut accepted = 0;
         let mut bytes = 0u64;
         let mut err = None;
         for &p in ops {
-            let o = as_op(p);
+            // SAFETY: every pointer is one of this module's Operations
+            // (contract above).
+            let o = unsafe { as_op(p) };
             if !o.try_claim() {
                 continue; // in flight elsewhere, listed twice, or done
             }
-            op::begin(o, ctx);
+            // SAFETY: attached; `o` was claimed just now by this call.
+            unsafe { op::begin(o, ctx) };
             if sq.is_full() {
-                op::abort(o);
+                // SAFETY: begun above, never handed to the kernel.
+                unsafe { op::abort(o) };
                 err = Some(StageError::Full);
                 break;
             }
-            match prepare(o, &side.direct) {
+            // SAFETY: claimed by this call and not in the kernel yet, so its
+            // I/O window and engine area are the engine's.
+            match unsafe { prepare(o, &side.direct) } {
                 Ok(entry) => {
-                    // Cannot fail: checked for room above, under the lock.
-                    let _ = sq.push(&entry);
+                    // SAFETY: the SQE points into the op's I/O window (its
+                    // own buffer, payload or aligned window), which stays
+                    // valid until the drain that consumes its CQE finishes
+                    // the op: `op::begin` took the engine's reference and
+                    // the window belongs to the engine until then. Cannot
+                    // fail: checked for room above, under the lock.
+                    let _ = unsafe { sq.push(&entry) };
                     accepted += 1;
                     bytes += o.nbytes;
                     side.recent.push(p as u64);
                 }
                 Err(e) => {
-                    op::abort(o);
+                    // SAFETY: begun above, never handed to the kernel.
+                    unsafe { op::abort(o) };
                     err = Some(StageError::Failed(e));
                     break;
                 }
@@ -280,7 +311,7 @@ impl Ring {
         self.submit_staged()?;
         if self.sqpoll {
             loop {
-                match unsafe { self.enter(0, 0, EnterFlags::SQ_WAIT.bits()) } {
+                match self.enter(0, 0, EnterFlags::SQ_WAIT.bits()) {
                     Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                     r => return r.map(drop),
                 }
@@ -292,6 +323,7 @@ impl Ring {
     /// SQEs written but not yet consumed by the kernel.
     pub fn staged(&self) -> u32 {
         let _g = lock(&self.sq);
+        // SAFETY: under the SQ lock (see the module doc).
         let sq = unsafe { self.uring.submission_shared() };
         let n = sq.len() as u32;
         // Dropping the borrowed queue re-stores the same tail: harmless.
@@ -322,7 +354,7 @@ impl Ring {
             if staged == 0 {
                 return Ok(());
             }
-            match unsafe { self.enter(staged, 0, 0) } {
+            match self.enter(staged, 0, 0) {
                 Ok(0) => return Ok(()), // nothing consumed: do not spin
                 Ok(_) => continue,
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
@@ -334,6 +366,7 @@ impl Ring {
     fn wake_sq_thread(&self) -> io::Result<()> {
         let need = {
             let _g = lock(&self.sq);
+            // SAFETY: under the SQ lock (see the module doc).
             let sq = unsafe { self.uring.submission_shared() };
             // Our tail store must be visible before we read the flag (see
             // io_uring's SubmissionQueue::need_wakeup).
@@ -342,7 +375,7 @@ impl Ring {
         };
         if need {
             loop {
-                match unsafe { self.enter(0, 0, EnterFlags::SQ_WAKEUP.bits()) } {
+                match self.enter(0, 0, EnterFlags::SQ_WAKEUP.bits()) {
                     Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                     r => return r.map(drop),
                 }
@@ -351,20 +384,27 @@ impl Ring {
         Ok(())
     }
 
-    unsafe fn enter(&self, to_submit: u32, min_complete: u32, flags: u32) -> io::Result<usize> {
-        self.uring
-            .submitter()
-            .enter::<libc::sigset_t>(to_submit, min_complete, flags, None)
+    /// `io_uring_enter(2)` without a signal mask.
+    fn enter(&self, to_submit: u32, min_complete: u32, flags: u32) -> io::Result<usize> {
+        // SAFETY: no argument pointer is passed, and every SQE the kernel
+        // may take was pushed valid for the op's whole flight (see
+        // `Ring::stage`; cancel SQEs carry no buffer).
+        unsafe {
+            self.uring
+                .submitter()
+                .enter::<libc::sigset_t>(to_submit, min_complete, flags, None)
+        }
     }
 
     /// A non-waiting `io_uring_enter(GETEVENTS)`: flushes overflowed CQEs
     /// into the ring and runs pending completion work.
     pub fn get_events(&self) {
-        let _ = unsafe { self.enter(0, 0, EnterFlags::GETEVENTS.bits()) };
+        let _ = self.enter(0, 0, EnterFlags::GETEVENTS.bits());
     }
 
     fn cq_overflow(&self) -> bool {
         let _g = lock(&self.sq);
+        // SAFETY: under the SQ lock (see the module doc).
         let sq = unsafe { self.uring.submission_shared() };
         let r = sq.cq_overflow();
         drop(sq);
@@ -378,31 +418,44 @@ impl Ring {
     /// Errors from entering the kernel are ignored; a ring that stays full
     /// gives `Err(())`.
     pub fn cancel(&self, target: &Operation) -> Result<(), ()> {
-        let user_data = target as *const Operation as u64;
-        let entry = opcode::AsyncCancel::new(user_data)
+        let entry = opcode::AsyncCancel::new(ptr::from_ref(target) as u64)
             .build()
             .user_data(CANCEL_TAG);
+        if self.push_cancel(&entry) {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+
+    /// Stages one of our cancel SQEs (making room once if the ring is full)
+    /// and submits everything staged. False: the ring stayed full.
+    fn push_cancel(&self, entry: &squeue::Entry) -> bool {
         for attempt in 0..2 {
             {
                 let _side = lock(&self.sq);
+                // SAFETY: under the SQ lock (see the module doc).
                 let mut sq = unsafe { self.uring.submission_shared() };
                 if !sq.is_full() {
-                    let _ = unsafe { sq.push(&entry) };
+                    // SAFETY: a cancel SQE carries no buffer, only the key
+                    // of what to cancel. Cannot fail: room checked above,
+                    // under the lock.
+                    let _ = unsafe { sq.push(entry) };
                     drop(sq);
                     drop(_side);
                     let _ = self.submit_staged();
-                    return Ok(());
+                    return true;
                 }
             }
             if attempt == 0 {
                 // Make room: hand the staged SQEs to the kernel first.
                 let _ = self.submit_staged();
                 if self.sqpoll {
-                    let _ = unsafe { self.enter(0, 0, EnterFlags::SQ_WAIT.bits()) };
+                    let _ = self.enter(0, 0, EnterFlags::SQ_WAIT.bits());
                 }
             }
         }
-        Err(())
+        false
     }
 
     // -- completion ---------------------------------------------------------
@@ -416,7 +469,8 @@ impl Ring {
     /// Attached (finishing an op touches its buffers' bookkeeping).
     pub unsafe fn drain(&self, max: usize, out: &mut Vec<Delivery>) -> usize {
         let before = out.len();
-        let count = self.drain_inner(max, out);
+        // SAFETY: attached (this function's contract).
+        let count = unsafe { self.drain_inner(max, out) };
         self.finished
             .fetch_add((out.len() - before) as u64, Ordering::AcqRel);
         count
@@ -438,27 +492,13 @@ impl Ring {
         let entry = opcode::AsyncCancel2::new(types::CancelBuilder::any())
             .build()
             .user_data(CANCEL_TAG);
-        for attempt in 0..2 {
-            {
-                let _side = lock(&self.sq);
-                let mut sq = unsafe { self.uring.submission_shared() };
-                if !sq.is_full() {
-                    let _ = unsafe { sq.push(&entry) };
-                    drop(sq);
-                    drop(_side);
-                    let _ = self.submit_staged();
-                    return;
-                }
-            }
-            if attempt == 0 {
-                let _ = self.submit_staged();
-                if self.sqpoll {
-                    let _ = unsafe { self.enter(0, 0, EnterFlags::SQ_WAIT.bits()) };
-                }
-            }
-        }
+        self.push_cancel(&entry);
     }
 
+    /// [`Ring::drain`] without the `finished` bookkeeping.
+    ///
+    /// # Safety
+    /// Attached.
     unsafe fn drain_inner(&self, max: usize, out: &mut Vec<Delivery>) -> usize {
         if self.cq_overflow() {
             self.get_events();
@@ -467,7 +507,8 @@ impl Ring {
         let mut count = 0usize;
         {
             let _g = lock(&self.cq);
-            let mut cq = self.uring.completion_shared();
+            // SAFETY: under the CQ lock (see the module doc).
+            let mut cq = unsafe { self.uring.completion_shared() };
             let mut synced = false;
             while count < max {
                 let Some(cqe) = cq.next() else {
@@ -483,20 +524,29 @@ impl Ring {
                 if ud == CANCEL_TAG {
                     continue;
                 }
+                // Not a cancel CQE: `ud` is the address of an op this ring
+                // staged, kept alive by the engine's reference until it is
+                // finished — by whoever consumes its CQE, here, under the CQ
+                // lock.
                 let op = ud as *mut Operation;
                 let res = cqe.result();
-                if res == -libc::EINVAL && direct::wants_retry(&*op) {
+                // SAFETY: `op` is in flight on this ring (above).
+                if res == -libc::EINVAL && unsafe { direct::wants_retry(&*op) } {
                     retries.push(op);
                     continue;
                 }
-                out.push(op::finish(op, res as i64));
+                // SAFETY: in flight, its CQE consumed just now by this call
+                // alone; attached (contract above).
+                out.push(unsafe { op::finish(op, i64::from(res)) });
                 count += 1;
             }
             drop(cq); // publishes the head (release)
             self.consumed.fetch_add(count as u64, Ordering::Release);
         }
         if !retries.is_empty() {
-            self.resubmit_direct(retries, out);
+            // SAFETY: their CQEs were consumed above and they were not
+            // finished; attached (contract above).
+            unsafe { self.resubmit_direct(retries, out) };
         }
         count
     }
@@ -504,26 +554,40 @@ impl Ring {
     /// Second attempt of ops that failed with EINVAL on an O_DIRECT fd:
     /// through an aligned window this time. Ops that cannot be resubmitted
     /// are finished with their original error.
+    ///
+    /// # Safety
+    /// Attached; every op is in flight on this ring, its CQE consumed by the
+    /// caller and not finished.
     unsafe fn resubmit_direct(&self, ops: Vec<*mut Operation>, out: &mut Vec<Delivery>) {
         let mut staged = false;
         {
             let mut side = lock(&self.sq);
-            let mut sq = self.uring.submission_shared();
+            // SAFETY: under the SQ lock (see the module doc).
+            let mut sq = unsafe { self.uring.submission_shared() };
             for op in ops {
-                let o = &*op;
+                // SAFETY: in flight, so alive (contract above).
+                let o = unsafe { &*op };
                 side.direct.learn(o.fd_i32());
-                direct::mark_retried(o);
-                let entry = if sq.is_full() {
-                    None
-                } else {
-                    prepare(o, &side.direct).ok()
+                // SAFETY: its CQE is consumed and it is not finished: the
+                // engine owns it again, as between claim and dispatch.
+                let entry = unsafe {
+                    direct::mark_retried(o);
+                    if sq.is_full() {
+                        None
+                    } else {
+                        prepare(o, &side.direct).ok()
+                    }
                 };
                 match entry {
                     Some(e) => {
-                        let _ = sq.push(&e);
+                        // SAFETY: as in `Ring::stage`: the SQE points into
+                        // the op's window, the engine's until the op is
+                        // finished. Room checked above, under the lock.
+                        let _ = unsafe { sq.push(&e) };
                         staged = true;
                     }
-                    None => out.push(op::finish(op, -(libc::EINVAL as i64))),
+                    // SAFETY: ours alone (above); attached (contract above).
+                    None => out.push(unsafe { op::finish(op, -i64::from(libc::EINVAL)) }),
                 }
             }
         }
@@ -538,6 +602,7 @@ impl Ring {
     /// the CQ lock. Also says whether a CQE waits to be retried.
     fn visible(&self) -> (u64, bool) {
         let _g = lock(&self.cq);
+        // SAFETY: under the CQ lock (see the module doc).
         let mut cq = unsafe { self.uring.completion_shared() };
         let mut n = 0u64;
         let mut retry = false;
@@ -546,13 +611,17 @@ impl Ring {
             if ud == CANCEL_TAG {
                 continue;
             }
-            if cqe.result() == -libc::EINVAL
-                && unsafe { direct::wants_retry(&*(ud as *const Operation)) }
-            {
+            // A drain resubmits this one instead of delivering it.
+            let retried = cqe.result() == -libc::EINVAL
+                // SAFETY: not a cancel CQE, so `ud` is an op in flight on
+                // this ring; it stays alive at least until a drain consumes
+                // its CQE, which cannot happen while we hold the CQ lock.
+                && unsafe { direct::wants_retry(&*(ud as *const Operation)) };
+            if retried {
                 retry = true;
-                continue;
+            } else {
+                n += 1;
             }
-            n += 1;
         }
         // Peek only: dropping the queue would publish the advanced head.
         std::mem::forget(cq);
@@ -575,6 +644,7 @@ impl Ring {
         on_eintr: &mut dyn FnMut() -> PyResult<()>,
         on_retry: &mut dyn FnMut() -> PyResult<()>,
     ) -> PyResult<()> {
+        // SAFETY: eventfd(2) takes no pointer.
         let mine = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if mine < 0 {
             return Err(PyErr::last_os());
@@ -590,6 +660,7 @@ impl Ring {
             w.retain(|&fd| fd != mine);
             self.nwaiters.fetch_sub(1, Ordering::SeqCst);
         }
+        // SAFETY: `mine` is ours, and no longer listed for wake-ups.
         unsafe { libc::close(mine) };
         r
     }
@@ -635,7 +706,7 @@ impl Ring {
                 }
                 // Round up so that we never wake just before the deadline.
                 let left = d - now + Duration::from_micros(999);
-                left.as_millis().min(i32::MAX as u128) as i32
+                i32::try_from(left.as_millis()).unwrap_or(i32::MAX)
             }
         };
         let mut fds = [
@@ -650,6 +721,7 @@ impl Ring {
                 revents: 0,
             },
         ];
+        // SAFETY: `fds` is a live array of two pollfds.
         let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
         if r < 0 {
             if caio_core::sys::last_errno() == libc::EINTR {
@@ -662,7 +734,8 @@ impl Ring {
         }
         if fds[1].revents != 0 {
             let mut v = 0u64;
-            unsafe { libc::read(mine, (&mut v as *mut u64).cast(), 8) };
+            // SAFETY: reads at most 8 bytes into `v`, a live u64.
+            unsafe { libc::read(mine, (&raw mut v).cast(), 8) };
         }
         WaitRound::Again
     }
@@ -677,7 +750,8 @@ impl Ring {
     /// Whoever consumes a notification passes it on to blocked waiters.
     pub fn consume_eventfd(&self) -> u64 {
         let mut v = 0u64;
-        let r = unsafe { libc::read(self.eventfd, (&mut v as *mut u64).cast(), 8) };
+        // SAFETY: reads at most 8 bytes into `v`, a live u64.
+        let r = unsafe { libc::read(self.eventfd, (&raw mut v).cast(), 8) };
         if r != 8 {
             return 0;
         }
@@ -685,7 +759,8 @@ impl Ring {
             let w = lock(&self.waiters);
             let one = 1u64;
             for &fd in w.iter() {
-                unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+                // SAFETY: writes 8 bytes from `one`, a live u64.
+                unsafe { libc::write(fd, (&raw const one).cast(), 8) };
             }
         }
         v
@@ -702,8 +777,8 @@ const IOWQ_BOUNDED_MAX: u32 = 64;
 /// 4 x CPUs) of them — 8 on a 2-CPU machine — which caps such a workload at 8
 /// operations in parallel however many are submitted. Raise that bound to
 /// the ring size (at most 64; Linux 5.15+, best effort).
-fn raise_bounded_workers(uring: &IoUring, entries: u64) {
-    let want = (entries as u32).min(IOWQ_BOUNDED_MAX);
+fn raise_bounded_workers(uring: &IoUring, entries: u32) {
+    let want = entries.min(IOWQ_BOUNDED_MAX);
     let mut cur = [0u32, 0u32]; // 0 = leave unchanged, returns the current values
     if uring
         .submitter()
@@ -718,10 +793,12 @@ fn raise_bounded_workers(uring: &IoUring, entries: u64) {
 
 impl Drop for Ring {
     fn drop(&mut self) {
+        // Unmaps the rings and closes the ring fd (the kernel cancels
+        // whatever might still run). Also fine in a forked child: the
+        // mappings and fds dropped there are the child's own copies.
+        // SAFETY: dropped once, here, and never used again; the eventfd is
+        // ours.
         unsafe {
-            // Unmaps the rings and closes the ring fd (the kernel cancels
-            // whatever might still run). Also fine in a forked child: the
-            // mappings and fds dropped there are the child's own copies.
             ManuallyDrop::drop(&mut self.uring);
             libc::close(self.eventfd);
         }
@@ -729,12 +806,18 @@ impl Drop for Ring {
 }
 
 /// Builds the SQE of a claimed op (user_data = the op's address).
+///
+/// # Safety
+/// The calling engine owns `o`: claimed (or its CQE consumed for a retry)
+/// and not in the kernel.
 unsafe fn prepare(o: &Operation, direct: &DirectCache) -> PyResult<squeue::Entry> {
-    direct::prepare(o, direct)?;
+    // SAFETY: the engine owns `o` (contract above).
+    unsafe { direct::prepare(o, direct) }?;
     let fd = types::Fd(o.fd_i32());
     let entry = match o.kind {
         OpKind::Read | OpKind::Write => {
-            let io = o.io();
+            // SAFETY: the engine owns `o` (contract above).
+            let io = unsafe { o.io() };
             // API.md §7 Q8: never more than the kernel's single-transfer cap;
             // the partial count is reported and callers loop.
             let len = io.len.min(MAX_TRANSFER) as u32;
@@ -751,5 +834,5 @@ unsafe fn prepare(o: &Operation, direct: &DirectCache) -> PyResult<squeue::Entry
             .flags(types::FsyncFlags::DATASYNC)
             .build(),
     };
-    Ok(entry.user_data(o as *const Operation as u64))
+    Ok(entry.user_data(ptr::from_ref(o) as u64))
 }
