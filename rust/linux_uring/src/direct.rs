@@ -166,11 +166,13 @@ itself needs no alignment: caio copies it into aligned memory.)",
             o.offset,
             o.nbytes
         ),
-        _ => format!(
+        OpKind::Read => format!(
             "Invalid argument: the O_DIRECT read was refused even through a {}-byte aligned \
 window (offset {}, length {})",
             align, o.offset, o.nbytes
         ),
+        // Never marked ALIGNED (see `prepare`).
+        OpKind::Fsync | OpKind::Fdsync => return None,
     })
 }
 

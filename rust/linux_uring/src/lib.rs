@@ -5,6 +5,11 @@
 //! the ring's eventfd (`fileno`) and are delivered by `process_events()` —
 //! or, under asyncio, straight from the event loop (see `adapter`).
 //!
+//! This file holds the module (its Operation flavour and initialisation) and
+//! the Python `Context` type; `ring` is the io_uring engine behind a
+//! Context, `direct` its O_DIRECT policy, `adapter` the engine hooks of the
+//! native asyncio fast path and `probe` the import-time availability check.
+//!
 //! Linux only: on other targets the crate is empty (so `cargo build
 //! --workspace` works everywhere; setup.py builds it on Linux only).
 #![cfg(target_os = "linux")]
