@@ -1187,6 +1187,45 @@ def test_direct_misaligned_write_fails_with_einval(ctx, path):
         os.close(f)
 
 
+def test_direct_fd_cache_entry_of_reused_fd_number_fails_nothing(ctx, path):
+    # A misaligned read puts the fd into the ring's O_DIRECT cache. fd numbers
+    # are reused: a pipe on the same number must work at offset -1 as on a
+    # fresh Context (was: OverflowError "offset + nbytes overflows"; writes
+    # computed offset + nbytes unchecked).
+    f = _direct_fd(path)
+    r, w = os.pipe()
+    try:
+        run(ctx, Operation.read(100, f, 3))  # EINVAL, retried aligned: cached
+        os.dup2(w, f)  # closes the O_DIRECT file, same number
+        assert run(ctx, Operation.write(b"hello", f, -1)) == [5]
+        os.dup2(r, f)
+        op = Operation.read(5, f, -1)
+        assert run(ctx, op) == [5]
+        assert op.get_value() == b"hello"
+    finally:
+        for x in (r, w, f):
+            os.close(x)
+
+
+def test_process_events_waits_past_a_retried_direct_read(ctx, path):
+    # The EINVAL of a misaligned O_DIRECT read is retried through an aligned
+    # window: it is not a completion, min_requests must wait for the real one.
+    f = _direct_fd(path)
+    try:
+        with open(path, "rb") as fh:
+            expect = fh.read()[3:103]
+        op = Operation.read(100, f, 3)
+        got = []
+        op.set_callback(got.append)
+        ctx.submit(op)
+        ctx_flush_no_drain(ctx)  # the EINVAL CQE now waits in the ring
+        n = ctx.process_events(min_requests=1, timeout=1)
+        assert (n, got) == (1, [100])
+        assert op.get_value() == expect
+    finally:
+        os.close(f)
+
+
 # -- free-threading shaped stress (meaningful on 3.13t, harmless elsewhere) ---
 
 

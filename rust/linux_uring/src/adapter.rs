@@ -34,18 +34,30 @@ use crate::ring::StageError;
 /// Largest automatic batch (SQEs per `io_uring_enter`), see `submit`.
 const BATCH_MAX: usize = 4;
 
-pub static ENGINE: Engine = Engine {
+pub(crate) static ENGINE: Engine = Engine {
     submit,
     cancel,
     loop_events,
     shutdown,
 };
 
+// Every hook below is an `Engine` hook: `caio_core::aio` calls it attached,
+// with `a` bound (in `_bind`) to a Context of this module, and `op` one of
+// this module's Operations. That is their `# Safety` contract.
+
+/// Stages `op` and, depending on the policy (module doc), enters the ring
+/// now or schedules a batch flush.
+///
+/// # Safety
+/// An `Engine` hook (see above).
 unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     let ctx_obj = a.context();
-    let c = ctx(ctx_obj);
+    // SAFETY: `ctx_obj` is a Context (hook contract).
+    let c = unsafe { ctx(ctx_obj) };
     c.check_fork()?;
-    let mut staged = c.ring().stage(&[op], ctx_obj);
+    // SAFETY: attached; `op` is an Operation; `ctx_obj` owns the ring (hook
+    // contract).
+    let mut staged = unsafe { c.ring().stage(&[op], ctx_obj) };
     if let (_, Some(StageError::Full)) = staged {
         // The admission gate keeps in-flight ops below the ring size, but
         // SQEs of cancelled ops (and cancel SQEs) may still sit in a batch
@@ -53,11 +65,13 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
         c.ring()
             .make_room()
             .map_err(|e| PyErr::Errno(Exc::SystemError, e.raw_os_error().unwrap_or(libc::EIO)))?;
-        staged = c.ring().stage(&[op], ctx_obj);
+        // SAFETY: as above.
+        staged = unsafe { c.ring().stage(&[op], ctx_obj) };
     }
     let (n, err) = staged;
     if let Some(e) = err {
-        return Err(e.into_pyerr(ctx_obj));
+        // SAFETY: attached; `ctx_obj` is a Context.
+        return Err(unsafe { e.into_pyerr(ctx_obj) });
     }
     if n == 0 {
         return Ok(false);
@@ -69,15 +83,19 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
         // (one batch per whole iteration made the queue depth sag and cost
         // throughput); deferred=True keeps one enter per iteration.
         if !a.deferred() && c.ring().staged() as usize >= BATCH_MAX {
-            c.flush_batch()?;
+            // SAFETY: attached (hook contract).
+            unsafe { c.flush_batch() }?;
             return Ok(true);
         }
-        schedule_flush(a, c)?;
+        // SAFETY: attached; `a` is bound to `c` (hook contract).
+        unsafe { schedule_flush(a, c) }?;
         return Ok(true);
     }
     c.submit_staged()?;
-    c.deliver(usize::MAX);
-    if as_op(op).state() != caio_core::op::DONE && !c.ring().sqpoll {
+    // SAFETY: attached (hook contract).
+    unsafe { c.deliver(usize::MAX) };
+    // SAFETY: `op` is an Operation (hook contract).
+    if unsafe { as_op(op) }.state() != caio_core::op::DONE && !c.ring().sqpoll {
         // Not a page-cache hit: completions are coming through the event
         // loop now, batch the next submissions.
         c.batching.store(true, Ordering::Relaxed);
@@ -86,15 +104,22 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
 }
 
 /// Schedules the batch flush (once per loop iteration).
+///
+/// # Safety
+/// Attached; `a` is bound to the Context `c`.
 unsafe fn schedule_flush(a: &Adapter, c: &crate::Context) -> PyResult<()> {
     if !c.flush_scheduled.swap(true, Ordering::AcqRel) {
-        if let Err(e) = a.call_soon(a.engine_obj()) {
+        // SAFETY: attached; `engine_obj` is the live object given to `_bind`
+        // (the Context's `_deferred_flush`).
+        if let Err(e) = unsafe { a.call_soon(a.engine_obj()) } {
             // Could not schedule (closed loop?): submit right away.
             c.flush_scheduled.store(false, Ordering::Release);
             e.restore();
-            PyErr_Clear();
+            // SAFETY: attached; drops the exception just restored.
+            unsafe { PyErr_Clear() };
             c.submit_staged()?;
-            c.deliver(usize::MAX);
+            // SAFETY: attached (contract above).
+            unsafe { c.deliver(usize::MAX) };
         }
     }
     Ok(())
@@ -105,34 +130,52 @@ unsafe fn schedule_flush(a: &Adapter, c: &crate::Context) -> PyResult<()> {
 /// the flush runs in the next iteration *after* the woken tasks have staged
 /// their next operations — one enter for all of them, without the extra
 /// loop iteration a flush scheduled by the first of them would cost.
+///
+/// # Safety
+/// An `Engine` hook (see above).
 unsafe fn loop_events(a: &Adapter) -> PyResult<usize> {
-    let c = ctx(a.context());
+    // SAFETY: `a.context()` is a Context (hook contract).
+    let c = unsafe { ctx(a.context()) };
     c.check_fork()?;
     c.ring().consume_eventfd();
-    let n = c.deliver(usize::MAX);
+    // SAFETY: attached (hook contract).
+    let n = unsafe { c.deliver(usize::MAX) };
     if n > 0 && !c.ring().sqpoll && (a.deferred() || c.batching.load(Ordering::Relaxed)) {
-        schedule_flush(a, c)?;
+        // SAFETY: attached; `a` is bound to `c` (hook contract).
+        unsafe { schedule_flush(a, c) }?;
     }
     Ok(n)
 }
 
+/// Asks the kernel to cancel `op`; a full ring only means the op completes
+/// normally later.
+///
+/// # Safety
+/// An `Engine` hook (see above).
 unsafe fn cancel(a: &Adapter, op: *mut PyObject) {
-    let c = ctx(a.context());
+    // SAFETY: `a.context()` is a Context (hook contract).
+    let c = unsafe { ctx(a.context()) };
     if c.check_fork().is_err() {
         return;
     }
-    // A full ring only means the op completes normally later.
-    let _ = c.ring().cancel(as_op(op));
+    // SAFETY: `op` is an Operation (hook contract).
+    let _ = c.ring().cancel(unsafe { as_op(op) });
 }
 
 /// The loop is closed ("loop gone" in `caio_core::aio`): submit what is
 /// staged, cancel everything (reads of idle pipes and sockets would never
 /// complete), and drain until no op is left in flight. Deliveries only drop
 /// their references here (`op::Discarding`, set by the caller).
+///
+/// # Safety
+/// An `Engine` hook (see above).
 unsafe fn shutdown(a: &Adapter, deadline: std::time::Instant) -> bool {
-    let c = ctx(a.context());
+    // SAFETY: `a.context()` is a Context (hook contract).
+    let c = unsafe { ctx(a.context()) };
     if c.check_fork().is_err() {
-        PyErr_Clear();
+        // A hook must not raise: leave no exception set.
+        // SAFETY: attached (hook contract).
+        unsafe { PyErr_Clear() };
         return false;
     }
     let ring = c.ring();
@@ -145,7 +188,8 @@ unsafe fn shutdown(a: &Adapter, deadline: std::time::Instant) -> bool {
         }
         rounds += 1;
         ring.consume_eventfd();
-        c.deliver(usize::MAX);
+        // SAFETY: attached (hook contract).
+        unsafe { c.deliver(usize::MAX) };
         if ring.in_flight() == 0 {
             return true;
         }

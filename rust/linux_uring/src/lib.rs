@@ -5,6 +5,11 @@
 //! the ring's eventfd (`fileno`) and are delivered by `process_events()` —
 //! or, under asyncio, straight from the event loop (see `adapter`).
 //!
+//! This file holds the module (its Operation flavour and initialisation) and
+//! the Python `Context` type; `ring` is the io_uring engine behind a
+//! Context, `direct` its O_DIRECT policy, `adapter` the engine hooks of the
+//! native asyncio fast path and `probe` the import-time availability check.
+//!
 //! Linux only: on other targets the crate is empty (so `cargo build
 //! --workspace` works everywhere; setup.py builds it on Linux only).
 #![cfg(target_os = "linux")]
@@ -18,13 +23,14 @@ use caio_core::args::{int_in, truthy, Params};
 use caio_core::module::{add_object, init_common, ContextType, ModState};
 use caio_core::op::{self, as_op, Delivery, Flavor, ReadPayload};
 use caio_core::py::{
-    allow_threads, py_bool, py_int, py_str, trampoline, trampoline_void, Borrowed, Exc, Owned,
-    PyErr, PyResult,
+    allow_threads, py_bool, py_int, py_str, py_uint, trampoline, trampoline_void, Borrowed, Exc,
+    Owned, PyErr, PyResult,
 };
 use caio_core::pyo3_ffi::*;
 use caio_core::{backend_module, sys};
 
 mod adapter;
+mod direct;
 mod probe;
 mod ring;
 
@@ -101,9 +107,13 @@ its io_uring instance belongs to the parent and cannot be used here. Create a ne
 
     /// Drains up to `max` completions and runs their callbacks (after the
     /// CQ head was published). Returns how many were delivered.
+    ///
+    /// # Safety
+    /// Attached (callbacks run here).
     pub(crate) unsafe fn deliver(&self, max: usize) -> usize {
         let mut out: Vec<Delivery> = Vec::new();
-        let n = self.ring.drain(max, &mut out);
+        // SAFETY: attached (this function's contract).
+        let n = unsafe { self.ring.drain(max, &mut out) };
         for d in out {
             d.run();
         }
@@ -114,11 +124,15 @@ its io_uring instance belongs to the parent and cannot be used here. Create a ne
     /// everything available, and if the whole batch completed inside this
     /// enter (page-cache hits) go back to one enter per operation (no
     /// suspension at all). An empty batch says nothing either way.
+    ///
+    /// # Safety
+    /// Attached (callbacks run here).
     pub(crate) unsafe fn flush_batch(&self) -> PyResult<usize> {
         let mut batch = self.ring.take_recent();
         self.submit_staged()?;
         let mut out: Vec<Delivery> = Vec::new();
-        let n = self.ring.drain(usize::MAX, &mut out);
+        // SAFETY: attached (this function's contract).
+        let n = unsafe { self.ring.drain(usize::MAX, &mut out) };
         if !batch.is_empty() {
             batch.sort_unstable();
             let inline = out
@@ -135,18 +149,63 @@ its io_uring instance belongs to the parent and cannot be used here. Create a ne
 
     /// `flush()` semantics: enter with the staged SQEs (or wake the SQ
     /// thread), then deliver everything available.
+    ///
+    /// # Safety
+    /// Attached (callbacks run here).
     pub(crate) unsafe fn flush(&self) -> PyResult<usize> {
         if !self.ring.sqpoll && self.ring.staged() == 0 {
             // API.md §7 Q20: nothing staged, nothing looked at.
             return Ok(0);
         }
         self.submit_staged()?;
-        Ok(self.deliver(usize::MAX))
+        // SAFETY: attached (this function's contract).
+        Ok(unsafe { self.deliver(usize::MAX) })
     }
 }
 
+/// The Context behind `p`.
+///
+/// # Safety
+/// `p` is a live instance of this module's Context type that outlives `'a`:
+/// CPython passes one as `self` to the type's methods and slots, and
+/// `caio_core::aio` checks an adapter's context against the type in `_bind`.
 pub(crate) unsafe fn ctx<'a>(p: *mut PyObject) -> &'a Context {
-    &*(p as *const Context)
+    // SAFETY: `p` points to a Context (contract above); `#[repr(C)]` puts
+    // the object header first, as CPython laid it out.
+    unsafe { &*p.cast::<Context>() }
+}
+
+/// The positional arguments of a `METH_FASTCALL` call.
+///
+/// # Safety
+/// `args` and `nargsf` exactly as CPython passed them; the slice must not
+/// outlive the call.
+unsafe fn fastcall_args<'a>(args: *const *mut PyObject, nargsf: Py_ssize_t) -> &'a [*mut PyObject] {
+    // `PyVectorcall_NARGS`: the count without PY_VECTORCALL_ARGUMENTS_OFFSET,
+    // which is the sign bit.
+    let n = (nargsf & Py_ssize_t::MAX).unsigned_abs();
+    if n == 0 {
+        return &[];
+    }
+    // SAFETY: CPython passes `n` valid pointers at `args` for the call.
+    unsafe { std::slice::from_raw_parts(args, n) }
+}
+
+/// A count as a Python int.
+fn py_count(n: usize) -> PyResult<Owned> {
+    // usize is at most 64 bits wide on every target we build for.
+    py_uint(n as u64)
+}
+
+/// An integer argument in `min..=max` of type `T` (OverflowError outside,
+/// as `int_in` says).
+fn int_param<T>(obj: Borrowed<'_>, name: &str, min: T, max: T) -> PyResult<T>
+where
+    T: Copy + Into<i128> + TryFrom<i128>,
+{
+    let v = int_in(obj, name, min.into(), max.into())?;
+    // In range by int_in: the fallback is never taken.
+    Ok(T::try_from(v).unwrap_or(max))
 }
 
 static NEW_PARAMS: Params = Params {
@@ -156,15 +215,21 @@ static NEW_PARAMS: Params = Params {
     keywords: true,
 };
 
+/// `Context(max_requests=32, sqpoll=False)` (`tp_new`).
+///
+/// # Safety
+/// Called by CPython, attached: `tp` is this module's Context type, `args`
+/// a tuple, `kwargs` NULL or a dict.
 unsafe extern "C" fn ctx_new(
     tp: *mut PyTypeObject,
     args: *mut PyObject,
     kwargs: *mut PyObject,
 ) -> *mut PyObject {
     trampoline(|| {
-        let a = NEW_PARAMS.parse_tuple::<2>(args, kwargs)?;
+        // SAFETY: `args` and `kwargs` as CPython passes them to `tp_new`.
+        let a = unsafe { NEW_PARAMS.parse_tuple::<2>(args, kwargs) }?;
         let mut max_requests = match a.get(0) {
-            Some(o) => int_in(o, "max_requests", 0, u32::MAX as i128)? as u32,
+            Some(o) => int_param(o, "max_requests", 0, u32::MAX)?,
             None => DEFAULT_MAX_REQUESTS,
         };
         if max_requests == 0 {
@@ -176,72 +241,110 @@ unsafe extern "C" fn ctx_new(
         };
         // One spare entry: SQPOLL's lag and the cancel SQE of an op never
         // push a full `max_requests` load into "ring full".
-        let ring = Ring::new(max_requests as u64 + 1, sqpoll)
+        let ring = Ring::new(u64::from(max_requests) + 1, sqpoll)
             .map_err(|SetupError(errno)| PyErr::Errno(Exc::SystemError, errno))?;
-        let alloc = (*tp).tp_alloc.unwrap_or(PyType_GenericAlloc);
-        let obj = Owned::from_new(alloc(tp, 0))?;
-        let c = obj.as_ptr() as *mut Context;
-        (*c).max_requests = max_requests;
-        (*c).fork_generation = sys::fork_generation();
-        ptr::addr_of_mut!((*c).flush_scheduled).write(AtomicBool::new(false));
-        ptr::addr_of_mut!((*c).batching).write(AtomicBool::new(false));
-        ptr::addr_of_mut!((*c).ring).write(ring);
-        Ok(obj)
+        // SAFETY: attached; `tp` is a live type whose `tp_basicsize` is
+        // `size_of::<Context>()`: its allocator returns a zeroed object of
+        // that size (or NULL with an exception set). Every Rust field is
+        // written in place before the object is handed out.
+        unsafe {
+            let alloc = (*tp).tp_alloc.unwrap_or(PyType_GenericAlloc);
+            let obj = Owned::from_new(alloc(tp, 0))?;
+            let c = obj.as_ptr().cast::<Context>();
+            (*c).max_requests = max_requests;
+            (*c).fork_generation = sys::fork_generation();
+            ptr::addr_of_mut!((*c).flush_scheduled).write(AtomicBool::new(false));
+            ptr::addr_of_mut!((*c).batching).write(AtomicBool::new(false));
+            ptr::addr_of_mut!((*c).ring).write(ring);
+            Ok(obj)
+        }
     })
 }
 
+/// `tp_dealloc`.
+///
+/// # Safety
+/// Called by CPython, attached, when the last reference to `slf` (a
+/// Context made by [`ctx_new`]) is gone.
 unsafe extern "C" fn ctx_dealloc(slf: *mut PyObject) {
     trampoline_void(|| {
-        let c = slf as *mut Context;
-        if !(*c).weakreflist.is_null() {
-            PyObject_ClearWeakRefs(slf);
+        let c = slf.cast::<Context>();
+        // SAFETY: `slf` is a Context alive until `tp_free` (contract above);
+        // attached for the weakref callbacks. Every in-flight op holds a
+        // reference to its Context, so nothing can still be in flight here:
+        // no callback runs and no memory the kernel might write is freed when
+        // the ring (written by ctx_new, dropped once, here) goes. Then the
+        // memory goes back to the type's allocator and the heap type loses
+        // the reference its instance held.
+        unsafe {
+            if !(*c).weakreflist.is_null() {
+                PyObject_ClearWeakRefs(slf);
+            }
+            ptr::drop_in_place(ptr::addr_of_mut!((*c).ring));
+            let tp = Py_TYPE(slf);
+            if let Some(free) = (*tp).tp_free {
+                free(slf.cast());
+            }
+            Py_DECREF(tp.cast());
         }
-        // Every in-flight op holds a reference to its Context, so nothing
-        // can still be in flight here: no callback runs, no memory the
-        // kernel might write is freed.
-        ptr::drop_in_place(ptr::addr_of_mut!((*c).ring));
-        let tp = Py_TYPE(slf);
-        if let Some(free) = (*tp).tp_free {
-            free(slf.cast());
-        }
-        Py_DECREF(tp.cast());
     })
 }
 
 /// Type-checks every argument before anything is claimed (API.md §3.1).
-pub(crate) unsafe fn check_ops(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<()> {
-    let op_type = (*ModState::of(slf)).op_type;
-    for (i, &a) in args.iter().enumerate() {
-        if !op::is_op(a, op_type) {
-            return Err(PyErr::type_error(format!(
-                "argument {} is not an Operation: expected linux_uring.Operation, got {}",
-                i + 1,
-                Borrowed::from_ptr(a).type_name()
-            )));
+///
+/// # Safety
+/// Attached; `slf` is a Context; `args` are live objects.
+unsafe fn check_ops(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<()> {
+    // SAFETY: `slf` is an instance of this module's Context type, so its
+    // type's module state is ours and holds the Operation type; the args
+    // are live objects (contract above).
+    unsafe {
+        let op_type = (*ModState::of(slf)).op_type;
+        for (i, &a) in args.iter().enumerate() {
+            if !op::is_op(a, op_type) {
+                return Err(PyErr::type_error(format!(
+                    "argument {} is not an Operation: expected linux_uring.Operation, got {}",
+                    i + 1,
+                    Borrowed::from_ptr(a).type_name()
+                )));
+            }
         }
     }
     Ok(())
 }
 
+/// `Context.submit(*operations)` (`METH_FASTCALL`).
+///
+/// # Safety
+/// Called by CPython, attached: `slf` is a Context, `args`/`nargsf` the
+/// call's arguments.
 unsafe extern "C" fn ctx_submit(
     slf: *mut PyObject,
     args: *mut *mut PyObject,
     nargsf: Py_ssize_t,
 ) -> *mut PyObject {
     trampoline(|| {
-        let c = ctx(slf);
-        let nargs = PyVectorcall_NARGS(nargsf as usize) as usize;
-        let args = std::slice::from_raw_parts(args, nargs);
-        check_ops(slf, args)?;
+        // SAFETY: the METH_FASTCALL contract above.
+        let (c, args) = unsafe { (ctx(slf), fastcall_args(args.cast_const(), nargsf)) };
+        // SAFETY: attached; `slf` is a Context, `args` live objects.
+        unsafe { check_ops(slf, args) }?;
         c.check_fork()?;
-        let (accepted, err) = c.ring.stage(args, slf);
+        // SAFETY: attached; every arg is one of this module's Operations
+        // (checked above); `slf` owns this ring.
+        let (accepted, err) = unsafe { c.ring.stage(args, slf) };
         match err {
-            Some(e) => Err(e.into_pyerr(slf)),
-            None => py_int(accepted as i64),
+            // SAFETY: attached; `slf` is a Context.
+            Some(e) => Err(unsafe { e.into_pyerr(slf) }),
+            None => py_count(accepted),
         }
     })
 }
 
+/// `Context.cancel(operation, *more)` (`METH_FASTCALL | METH_KEYWORDS`).
+///
+/// # Safety
+/// Called by CPython, attached: `slf` is a Context, the rest the call's
+/// arguments.
 unsafe extern "C" fn ctx_cancel(
     slf: *mut PyObject,
     args: *const *mut PyObject,
@@ -249,25 +352,30 @@ unsafe extern "C" fn ctx_cancel(
     kwnames: *mut PyObject,
 ) -> *mut PyObject {
     trampoline(|| {
-        let c = ctx(slf);
-        let nargs = PyVectorcall_NARGS(nargsf as usize) as usize;
-        let nkw = if kwnames.is_null() {
-            0
-        } else {
-            PyTuple_GET_SIZE(kwnames) as usize
+        // SAFETY: the METH_FASTCALL contract above; `kwnames` is NULL or a
+        // tuple.
+        let (c, posargs, has_kw) = unsafe {
+            (
+                ctx(slf),
+                fastcall_args(args, nargsf),
+                !kwnames.is_null() && PyTuple_GET_SIZE(kwnames) > 0,
+            )
         };
         // cancel(operation) as upstream, cancel(op1, op2, ...) as an extension.
-        if nkw > 0 {
-            let a = CANCEL_PARAMS.parse::<1>(args, nargsf, kwnames)?;
+        if has_kw {
+            // SAFETY: the vectorcall arguments as CPython passed them.
+            let a = unsafe { CANCEL_PARAMS.parse::<1>(args, nargsf, kwnames) }?;
             let op = a.get(0).unwrap().as_ptr();
-            return cancel_ops(c, slf, &[op]);
+            // SAFETY: attached; `slf` is `c`; `op` a live object.
+            return unsafe { cancel_ops(c, slf, &[op]) };
         }
-        if nargs == 0 {
+        if posargs.is_empty() {
             return Err(PyErr::type_error(
                 "cancel() missing required argument 'operation' (pos 1)",
             ));
         }
-        cancel_ops(c, slf, std::slice::from_raw_parts(args, nargs))
+        // SAFETY: attached; `slf` is `c`; the args are live objects.
+        unsafe { cancel_ops(c, slf, posargs) }
     })
 }
 
@@ -278,20 +386,30 @@ static CANCEL_PARAMS: Params = Params {
     keywords: true,
 };
 
+/// Asks the kernel to cancel those of `ops` that are in flight.
+///
+/// # Safety
+/// Attached; `slf` is the Context `c`; `ops` are live objects.
 unsafe fn cancel_ops(c: &Context, slf: *mut PyObject, ops: &[*mut PyObject]) -> PyResult<Owned> {
-    let op_type = (*ModState::of(slf)).op_type;
-    for (i, &a) in ops.iter().enumerate() {
-        if !op::is_op(a, op_type) {
-            return Err(PyErr::type_error(format!(
-                "argument {} must be linux_uring.Operation, not {}",
-                i + 1,
-                Borrowed::from_ptr(a).type_name()
-            )));
+    // SAFETY: `slf` is an instance of this module's Context type, so its
+    // type's module state is ours and holds the Operation type; the ops are
+    // live objects (contract above).
+    unsafe {
+        let op_type = (*ModState::of(slf)).op_type;
+        for (i, &a) in ops.iter().enumerate() {
+            if !op::is_op(a, op_type) {
+                return Err(PyErr::type_error(format!(
+                    "argument {} must be linux_uring.Operation, not {}",
+                    i + 1,
+                    Borrowed::from_ptr(a).type_name()
+                )));
+            }
         }
     }
     c.check_fork()?;
     for &a in ops {
-        let o = as_op(a);
+        // SAFETY: `a` is an Operation (checked above).
+        let o = unsafe { as_op(a) };
         // Only an op in flight can be cancelled; for others (never
         // submitted, done, or on another Context) the kernel would answer
         // ENOENT anyway.
@@ -299,20 +417,29 @@ unsafe fn cancel_ops(c: &Context, slf: *mut PyObject, ops: &[*mut PyObject]) -> 
             continue;
         }
         if c.ring.cancel(o).is_err() {
-            return Err(ring::ring_full_error(
-                slf,
-                "no room for the cancel request; flush() or process_events() and retry",
-            ));
+            // SAFETY: attached; `slf` is a Context.
+            return Err(unsafe {
+                ring::ring_full_error(
+                    slf,
+                    "no room for the cancel request; flush() or process_events() and retry",
+                )
+            });
         }
     }
     py_int(0)
 }
 
+/// `Context.flush()`.
+///
+/// # Safety
+/// Called by CPython (`METH_NOARGS`), attached, with `slf` a Context.
 unsafe extern "C" fn ctx_flush(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
     trampoline(|| {
-        let c = ctx(slf);
+        // SAFETY: `slf` is a Context (contract above).
+        let c = unsafe { ctx(slf) };
         c.check_fork()?;
-        py_int(c.flush()? as i64)
+        // SAFETY: attached (contract above).
+        py_count(unsafe { c.flush() }?)
     })
 }
 
@@ -323,6 +450,11 @@ static EVENTS_PARAMS: Params = Params {
     keywords: true,
 };
 
+/// `Context.process_events(max_requests=512, min_requests=0, timeout=0)`.
+///
+/// # Safety
+/// Called by CPython (`METH_FASTCALL | METH_KEYWORDS`), attached, with
+/// `slf` a Context and the call's arguments.
 unsafe extern "C" fn ctx_process_events(
     slf: *mut PyObject,
     args: *const *mut PyObject,
@@ -330,13 +462,14 @@ unsafe extern "C" fn ctx_process_events(
     kwnames: *mut PyObject,
 ) -> *mut PyObject {
     trampoline(|| {
-        let a = EVENTS_PARAMS.parse::<3>(args, nargsf, kwnames)?;
+        // SAFETY: the vectorcall arguments as CPython passed them.
+        let a = unsafe { EVENTS_PARAMS.parse::<3>(args, nargsf, kwnames) }?;
         // Upstream takes -1 as "2**32-1" (everything); other negative values
         // would alias and raise (Q3).
         let mut max = match a.get(0) {
-            Some(o) => match int_in(o, "max_requests", -1, u32::MAX as i128)? {
+            Some(o) => match int_param(o, "max_requests", -1, i64::from(u32::MAX))? {
                 -1 => u32::MAX,
-                v => v as u32,
+                v => u32::try_from(v).unwrap_or(u32::MAX),
             },
             None => DEFAULT_EVENTS,
         };
@@ -344,11 +477,11 @@ unsafe extern "C" fn ctx_process_events(
             max = DEFAULT_EVENTS;
         }
         let min = match a.get(1) {
-            Some(o) => int_in(o, "min_requests", 0, u32::MAX as i128)? as u32,
+            Some(o) => int_param(o, "min_requests", 0, u32::MAX)?,
             None => 0,
         };
         let timeout = match a.get(2) {
-            Some(o) => int_in(o, "timeout", i32::MIN as i128, i32::MAX as i128)? as i32,
+            Some(o) => int_param(o, "timeout", i32::MIN, i32::MAX)?,
             None => 0,
         };
         if min > max {
@@ -357,92 +490,147 @@ unsafe extern "C" fn ctx_process_events(
                 min, max
             )));
         }
-        let c = ctx(slf);
+        // SAFETY: `slf` is a Context (contract above).
+        let c = unsafe { ctx(slf) };
         c.check_fork()?;
+        // u32 fits usize on every target we build for.
+        let max = max as usize;
+        // Delivered during the wait: an O_DIRECT EINVAL in the ring is only
+        // retried by a drain.
+        let mut delivered = 0usize;
         if min > 0 {
             if timeout == 0 {
                 allow_threads(|| c.ring.get_events());
             } else {
                 let start = c.ring.consumed();
                 let deadline = if timeout > 0 {
-                    Some(Instant::now() + Duration::from_secs(timeout as u64))
+                    let secs = u64::from(timeout.unsigned_abs());
+                    Some(Instant::now() + Duration::from_secs(secs))
                 } else {
                     None
                 };
-                c.ring.wait(start, min as u64, deadline, &mut || {
-                    // API.md §7 Q11: run Python signal handlers; an exception
-                    // from one ends the wait, otherwise keep waiting.
-                    if PyErr_CheckSignals() != 0 {
-                        Err(PyErr::Fetched)
-                    } else {
+                c.ring.wait(
+                    start,
+                    u64::from(min),
+                    deadline,
+                    &mut || {
+                        // API.md §7 Q11: run Python signal handlers; an
+                        // exception from one ends the wait, otherwise keep
+                        // waiting.
+                        // SAFETY: `wait` calls this attached.
+                        if unsafe { PyErr_CheckSignals() } != 0 {
+                            Err(PyErr::Fetched)
+                        } else {
+                            Ok(())
+                        }
+                    },
+                    &mut || {
+                        // SAFETY: `wait` calls this attached.
+                        delivered += unsafe { c.deliver(max.saturating_sub(delivered)) };
                         Ok(())
-                    }
-                })?;
+                    },
+                )?;
             }
         }
-        py_int(c.deliver(max as usize) as i64)
+        // SAFETY: attached (contract above).
+        let n = unsafe { c.deliver(max.saturating_sub(delivered)) };
+        py_count(delivered + n)
     })
 }
 
+/// `Context.poll()`.
+///
+/// # Safety
+/// Called by CPython (`METH_NOARGS`), attached, with `slf` a Context.
 unsafe extern "C" fn ctx_poll(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
     trampoline(|| {
-        let c = ctx(slf);
+        // SAFETY: `slf` is a Context (contract above).
+        let c = unsafe { ctx(slf) };
         c.check_fork()?;
         match c.ring.consume_eventfd() {
             0 => Err(PyErr::new(Exc::BlockingIOError, "")),
-            n => py_int(n as i64),
+            n => py_uint(n),
         }
     })
 }
 
 /// The asyncio adapter's deferred flush: one `io_uring_enter` for every
 /// SQE staged during the loop iteration, then delivery.
+///
+/// # Safety
+/// Called by CPython (`METH_NOARGS`), attached, with `slf` a Context.
 unsafe extern "C" fn ctx_deferred_flush(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
     trampoline(|| {
-        let c = ctx(slf);
+        // SAFETY: `slf` is a Context (contract above).
+        let c = unsafe { ctx(slf) };
         c.flush_scheduled.store(false, Ordering::Release);
         c.check_fork()?;
-        let n = c.flush_batch()?;
-        py_int(n as i64)
+        // SAFETY: attached (contract above).
+        py_count(unsafe { c.flush_batch() }?)
     })
 }
 
 /// The asyncio adapter's eventfd reader: reset the counter (EAGAIN is fine:
 /// draining never depends on it) and deliver the whole batch.
+///
+/// # Safety
+/// Called by CPython (`METH_NOARGS`), attached, with `slf` a Context.
 unsafe extern "C" fn ctx_loop_events(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
     trampoline(|| {
-        let c = ctx(slf);
+        // SAFETY: `slf` is a Context (contract above).
+        let c = unsafe { ctx(slf) };
         c.check_fork()?;
         c.ring.consume_eventfd();
-        py_int(c.deliver(usize::MAX) as i64)
+        // SAFETY: attached (contract above).
+        py_count(unsafe { c.deliver(usize::MAX) })
     })
 }
 
+/// `repr(context)`.
+///
+/// # Safety
+/// Called by CPython (`tp_repr`), attached, with `slf` a Context.
 unsafe extern "C" fn ctx_repr(slf: *mut PyObject) -> *mut PyObject {
     trampoline(|| {
-        let c = ctx(slf);
+        // SAFETY: `slf` is a Context (contract above).
+        let c = unsafe { ctx(slf) };
         py_str(&format!(
-            "<Context as {:#x}: max_requests={}, uring_fd={}, eventfd={}, sqpoll={}>",
-            slf as usize,
+            "<Context as {:p}: max_requests={}, uring_fd={}, eventfd={}, sqpoll={}>",
+            slf,
             c.max_requests,
             c.ring.ring_fd(),
             c.ring.eventfd(),
-            c.ring.sqpoll as i32
+            i32::from(c.ring.sqpoll)
         ))
     })
 }
 
+/// `Context.max_requests`.
+///
+/// # Safety
+/// Called by CPython (getter), attached, with `slf` a Context.
 unsafe extern "C" fn get_max_requests(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
-    trampoline(|| py_int(ctx(slf).max_requests as i64))
+    // SAFETY: `slf` is a Context (contract above).
+    trampoline(|| py_int(i64::from(unsafe { ctx(slf) }.max_requests)))
 }
 
+/// `Context.fileno`.
+///
+/// # Safety
+/// Called by CPython (getter), attached, with `slf` a Context.
 unsafe extern "C" fn get_fileno(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
-    trampoline(|| py_int(ctx(slf).ring.eventfd() as i64))
+    // SAFETY: `slf` is a Context (contract above).
+    trampoline(|| py_int(i64::from(unsafe { ctx(slf) }.ring.eventfd())))
 }
 
+/// `Context.sqpoll`: API.md §7 Q18, an int (what was negotiated), not a
+/// bool.
+///
+/// # Safety
+/// Called by CPython (getter), attached, with `slf` a Context.
 unsafe extern "C" fn get_sqpoll(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
-    // API.md §7 Q18: an int (what was negotiated), not a bool.
-    trampoline(|| py_int(ctx(slf).ring.sqpoll as i64))
+    // SAFETY: `slf` is a Context (contract above).
+    trampoline(|| py_int(i64::from(unsafe { ctx(slf) }.ring.sqpoll)))
 }
 
 static mut CTX_METHODS: [PyMethodDef; 8] = [
@@ -558,33 +746,42 @@ const CTX_DOC: &std::ffi::CStr =
 with room for max_requests staged operations, an eventfd (fileno) signalled for every \
 completion and, with sqpoll=True (when permitted), a kernel submission thread.";
 
+/// The module's `Py_mod_exec` slot.
+///
+/// # Safety
+/// Called by CPython from the exec slot (once per module object), attached.
 unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
     let probed = probe::run().map_err(|msg| PyErr::new(Exc::ImportError, msg))?;
-    init_common(
-        module,
-        &FLAVOR,
-        ContextType {
-            doc: CTX_DOC,
-            basicsize: std::mem::size_of::<Context>(),
-            weaklistoffset: std::mem::offset_of!(Context, weakreflist),
-            new: ctx_new,
-            dealloc: ctx_dealloc,
-            repr: ctx_repr,
-            methods: ptr::addr_of_mut!(CTX_METHODS).cast(),
-            getset: ptr::addr_of_mut!(CTX_GETSET).cast(),
-        },
-        c"caio.linux_uring.OperationError",
-    )?;
-    caio_core::module::init_capacity_error(
-        module,
-        c"caio.linux_uring.CapacityError",
-        PyExc_OverflowError,
-        c"submit() found the SQ ring full. An OverflowError, as upstream caio raises, and an \
+    // SAFETY: an exec slot, attached, in the order core requires
+    // (init_common first). The method and getset tables are statics that
+    // nothing writes after this and that outlive the type.
+    unsafe {
+        init_common(
+            module,
+            &FLAVOR,
+            ContextType {
+                doc: CTX_DOC,
+                basicsize: std::mem::size_of::<Context>(),
+                weaklistoffset: std::mem::offset_of!(Context, weakreflist),
+                new: ctx_new,
+                dealloc: ctx_dealloc,
+                repr: ctx_repr,
+                methods: ptr::addr_of_mut!(CTX_METHODS).cast(),
+                getset: ptr::addr_of_mut!(CTX_GETSET).cast(),
+            },
+            c"caio.linux_uring.OperationError",
+        )?;
+        caio_core::module::init_capacity_error(
+            module,
+            c"caio.linux_uring.CapacityError",
+            PyExc_OverflowError,
+            c"submit() found the SQ ring full. An OverflowError, as upstream caio raises, and an \
 OSError with errno EAGAIN.",
-    )?;
-    add_object(module, c"SQPOLL_ALLOWED", py_bool(probed.sqpoll_allowed))?;
-    caio_core::aio::init(module, &adapter::ENGINE)?;
-    op::set_error_message_hook(ring::error_message);
+        )?;
+        add_object(module, c"SQPOLL_ALLOWED", py_bool(probed.sqpoll_allowed))?;
+        caio_core::aio::init(module, &adapter::ENGINE)?;
+    }
+    op::set_error_message_hook(direct::error_message);
     Ok(())
 }
 

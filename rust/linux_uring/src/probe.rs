@@ -17,13 +17,18 @@ pub struct ProbeResult {
     pub sqpoll_allowed: bool,
 }
 
+// TODO(core): core is getting one kernel-version helper; switch
+// kernel_release() and version_of() to it.
 fn kernel_release() -> String {
+    // TODO(core): behind core's `test-hooks` cargo feature.
     if let Ok(r) = std::env::var("CAIO_TEST_URING_KERNEL") {
         return r;
     }
+    // SAFETY: `utsname` is plain C data, valid all zeroes; uname(2) fills
+    // the live struct it is given and NUL-terminates `release`.
     unsafe {
         let mut u: libc::utsname = std::mem::zeroed();
-        if libc::uname(&mut u) != 0 {
+        if libc::uname(&raw mut u) != 0 {
             return "unknown".to_owned();
         }
         std::ffi::CStr::from_ptr(u.release.as_ptr())
@@ -46,6 +51,7 @@ fn sysctl(name: &str) -> Option<String> {
         .map(|s| s.trim().to_owned())
 }
 
+// TODO(core): behind core's `test-hooks` cargo feature.
 fn test_errno() -> Option<i32> {
     std::env::var("CAIO_TEST_URING_PROBE_ERRNO")
         .ok()

@@ -12,20 +12,23 @@
 //!   `poll(2)` until enough completions are visible; several concurrent
 //!   waiters wake each other through private eventfds, so consuming the ring
 //!   eventfd never strands anyone.
-//! * O_DIRECT: reads and writes on an fd opened with `O_DIRECT` go through an
-//!   aligned bounce window (`Operation::use_aligned_window`). Detecting the
-//!   flag costs nothing on the submit path: an op on an fd not known to be
-//!   O_DIRECT is submitted as is; if it fails with `EINVAL`, one
-//!   `fcntl(F_GETFL)` tells whether O_DIRECT was the reason, the fd goes into
-//!   a small per-ring cache, and the op is resubmitted through an aligned
-//!   window. Cache entries never make an op fail (a stale entry only costs a
-//!   copy), so fd reuse is harmless.
+//! * O_DIRECT: a drain resubmits the `EINVAL` of a read or write on an
+//!   O_DIRECT fd through an aligned window instead of delivering it (the
+//!   policy is in `direct`).
 //!
 //! No lock is ever held while Python code runs, and the two ring locks are
 //! never nested.
+//!
+//! The shared rings are only touched under their lock: a `SubmissionQueue`
+//! exists only while `Ring::sq` is held, a `CompletionQueue` only while
+//! `Ring::cq` is held — what `IoUring::submission_shared` and
+//! `completion_shared` require. Every SQE pushed points into memory that
+//! stays valid until its CQE is consumed (see [`Ring::stage`]), so entering
+//! the kernel is always sound.
 
 use std::io;
 use std::mem::ManuallyDrop;
+use std::ptr;
 use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -33,15 +36,13 @@ use std::time::{Duration, Instant};
 use caio_core::op::{self, as_op, Delivery, OpKind, Operation};
 use caio_core::py::{Exc, PyErr, PyResult};
 use caio_core::pyo3_ffi::PyObject;
-use caio_core::sys::{self, MAX_TRANSFER};
+use caio_core::sys::MAX_TRANSFER;
 use io_uring::{opcode, squeue, types, EnterFlags, IoUring};
+
+use crate::direct::{self, DirectCache};
 
 /// `user_data` of our own cancel SQEs: their CQEs are skipped by drains.
 pub const CANCEL_TAG: u64 = u64::MAX;
-
-/// `engine_area()[0]` bits of an in-flight op.
-const ENG_ALIGNED: u64 = 1;
-const ENG_RETRIED: u64 = 2;
 
 /// Requested `sq_thread_idle` for SQPOLL rings, in milliseconds.
 pub const SQPOLL_IDLE_MS: u32 = 100;
@@ -50,38 +51,16 @@ pub const SQPOLL_IDLE_MS: u32 = 100;
 /// released (the kernel may copy page-cache data inline while submitting).
 const GIL_FREE_ENTER_BYTES: u64 = 256 * 1024;
 
-const DIRECT_CACHE_MAX: usize = 64;
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 struct SqSide {
-    /// fds found to be open with O_DIRECT, with the alignment to use.
-    direct: Vec<(i32, usize)>,
+    /// fds found to be open with O_DIRECT.
+    direct: DirectCache,
     /// `user_data` of the ops staged since the kernel last took the SQ
     /// (the asyncio adapter's batch).
     recent: Vec<u64>,
-}
-
-impl SqSide {
-    fn direct_align(&self, fd: i32) -> Option<usize> {
-        if self.direct.is_empty() {
-            return None;
-        }
-        self.direct.iter().find(|e| e.0 == fd).map(|e| e.1)
-    }
-
-    fn remember_direct(&mut self, fd: i32, align: usize) {
-        if let Some(e) = self.direct.iter_mut().find(|e| e.0 == fd) {
-            e.1 = align;
-            return;
-        }
-        if self.direct.len() >= DIRECT_CACHE_MAX {
-            self.direct.remove(0);
-        }
-        self.direct.push((fd, align));
-    }
 }
 
 pub struct Ring {
@@ -117,11 +96,15 @@ impl StageError {
     /// Attached; `ctx` is a linux_uring Context.
     pub unsafe fn into_pyerr(self, ctx: *mut PyObject) -> PyErr {
         match self {
-            StageError::Full => ring_full_error(
-                ctx,
-                "the operations before this one were accepted; flush() or process_events() \
+            // SAFETY: attached; `ctx` is a linux_uring Context (contract
+            // above).
+            StageError::Full => unsafe {
+                ring_full_error(
+                    ctx,
+                    "the operations before this one were accepted; flush() or process_events() \
 hands them to the kernel, then submit the rest again",
-            ),
+                )
+            },
             StageError::Failed(e) => e,
         }
     }
@@ -134,15 +117,31 @@ hands them to the kernel, then submit the rest again",
 /// # Safety
 /// Attached; `ctx` is a linux_uring Context.
 pub unsafe fn ring_full_error(ctx: *mut PyObject, advice: &str) -> PyErr {
-    caio_core::module::capacity_error(
-        ctx,
-        Exc::OverflowError,
-        format!(
-            "io_uring SQ ring is full (max_requests={}): {}",
-            crate::ctx(ctx).max_requests,
-            advice
-        ),
-    )
+    // SAFETY: attached; `ctx` is an instance of this module's Context type
+    // (contract above).
+    unsafe {
+        caio_core::module::capacity_error(
+            ctx,
+            Exc::OverflowError,
+            format!(
+                "io_uring SQ ring is full (max_requests={}): {}",
+                crate::ctx(ctx).max_requests,
+                advice
+            ),
+        )
+    }
+}
+
+/// What one GIL-free round of [`Ring::wait`] found.
+enum WaitRound {
+    /// Enough completions, or the deadline passed.
+    Done,
+    /// A signal interrupted `poll(2)`: run the handlers.
+    Interrupted,
+    /// An O_DIRECT EINVAL waits to be retried: drain.
+    Retry,
+    /// Woken (or a spurious `poll` error): look again.
+    Again,
 }
 
 /// Why a ring could not be created: the errno of the last attempt.
@@ -157,9 +156,9 @@ impl Ring {
     /// Setup flags are tried in order; EINVAL/EPERM/EACCES move on to the
     /// next set (older kernels, SQPOLL not permitted), anything else fails.
     pub fn new(entries: u64, sqpoll: bool) -> Result<Ring, SetupError> {
-        if entries > u32::MAX as u64 {
+        let Ok(entries) = u32::try_from(entries) else {
             return Err(SetupError(libc::EINVAL));
-        }
+        };
         // (sqpoll, no_sqarray)
         let attempts: &[(bool, bool)] = if sqpoll {
             &[(true, true), (true, false), (false, false)]
@@ -176,7 +175,7 @@ impl Ring {
             if nosqarray {
                 b.setup_no_sqarray();
             }
-            match b.build(entries as u32) {
+            match b.build(entries) {
                 Ok(r) => {
                     built = Some((r, sq));
                     break;
@@ -192,6 +191,7 @@ impl Ring {
         let Some((uring, sqpoll)) = built else {
             return Err(SetupError(last));
         };
+        // SAFETY: eventfd(2) takes no pointer.
         let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if efd < 0 {
             return Err(SetupError(caio_core::sys::last_errno()));
@@ -199,6 +199,7 @@ impl Ring {
         raise_bounded_workers(&uring, entries);
         // The plain variant: every posted CQE (inline ones included) signals.
         if let Err(e) = uring.submitter().register_eventfd(efd) {
+            // SAFETY: `efd` is ours and shared with nobody yet.
             unsafe { libc::close(efd) };
             return Err(SetupError(errno_of(&e)));
         }
@@ -207,7 +208,7 @@ impl Ring {
             eventfd: efd,
             sqpoll,
             sq: Mutex::new(SqSide {
-                direct: Vec::new(),
+                direct: DirectCache::default(),
                 recent: Vec::new(),
             }),
             cq: Mutex::new(()),
@@ -245,31 +246,44 @@ impl Ring {
         ctx: *mut PyObject,
     ) -> (usize, Option<StageError>) {
         let mut side = lock(&self.sq);
-        let mut sq = self.uring.submission_shared();
+        // SAFETY: under the SQ lock (see the module doc).
+        let mut sq = unsafe { self.uring.submission_shared() };
         let mut accepted = 0;
         let mut bytes = 0u64;
         let mut err = None;
         for &p in ops {
-            let o = as_op(p);
+            // SAFETY: every pointer is one of this module's Operations
+            // (contract above).
+            let o = unsafe { as_op(p) };
             if !o.try_claim() {
                 continue; // in flight elsewhere, listed twice, or done
             }
-            op::begin(o, ctx);
+            // SAFETY: attached; `o` was claimed just now by this call.
+            unsafe { op::begin(o, ctx) };
             if sq.is_full() {
-                op::abort(o);
+                // SAFETY: begun above, never handed to the kernel.
+                unsafe { op::abort(o) };
                 err = Some(StageError::Full);
                 break;
             }
-            match prepare(o, &side) {
+            // SAFETY: claimed by this call and not in the kernel yet, so its
+            // I/O window and engine area are the engine's.
+            match unsafe { prepare(o, &side.direct) } {
                 Ok(entry) => {
-                    // Cannot fail: checked for room above, under the lock.
-                    let _ = sq.push(&entry);
+                    // SAFETY: the SQE points into the op's I/O window (its
+                    // own buffer, payload or aligned window), which stays
+                    // valid until the drain that consumes its CQE finishes
+                    // the op: `op::begin` took the engine's reference and
+                    // the window belongs to the engine until then. Cannot
+                    // fail: checked for room above, under the lock.
+                    let _ = unsafe { sq.push(&entry) };
                     accepted += 1;
                     bytes += o.nbytes;
                     side.recent.push(p as u64);
                 }
                 Err(e) => {
-                    op::abort(o);
+                    // SAFETY: begun above, never handed to the kernel.
+                    unsafe { op::abort(o) };
                     err = Some(StageError::Failed(e));
                     break;
                 }
@@ -297,7 +311,7 @@ impl Ring {
         self.submit_staged()?;
         if self.sqpoll {
             loop {
-                match unsafe { self.enter(0, 0, EnterFlags::SQ_WAIT.bits()) } {
+                match self.enter(0, 0, EnterFlags::SQ_WAIT.bits()) {
                     Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                     r => return r.map(drop),
                 }
@@ -309,6 +323,7 @@ impl Ring {
     /// SQEs written but not yet consumed by the kernel.
     pub fn staged(&self) -> u32 {
         let _g = lock(&self.sq);
+        // SAFETY: under the SQ lock (see the module doc).
         let sq = unsafe { self.uring.submission_shared() };
         let n = sq.len() as u32;
         // Dropping the borrowed queue re-stores the same tail: harmless.
@@ -339,7 +354,7 @@ impl Ring {
             if staged == 0 {
                 return Ok(());
             }
-            match unsafe { self.enter(staged, 0, 0) } {
+            match self.enter(staged, 0, 0) {
                 Ok(0) => return Ok(()), // nothing consumed: do not spin
                 Ok(_) => continue,
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
@@ -351,6 +366,7 @@ impl Ring {
     fn wake_sq_thread(&self) -> io::Result<()> {
         let need = {
             let _g = lock(&self.sq);
+            // SAFETY: under the SQ lock (see the module doc).
             let sq = unsafe { self.uring.submission_shared() };
             // Our tail store must be visible before we read the flag (see
             // io_uring's SubmissionQueue::need_wakeup).
@@ -359,7 +375,7 @@ impl Ring {
         };
         if need {
             loop {
-                match unsafe { self.enter(0, 0, EnterFlags::SQ_WAKEUP.bits()) } {
+                match self.enter(0, 0, EnterFlags::SQ_WAKEUP.bits()) {
                     Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                     r => return r.map(drop),
                 }
@@ -368,20 +384,27 @@ impl Ring {
         Ok(())
     }
 
-    unsafe fn enter(&self, to_submit: u32, min_complete: u32, flags: u32) -> io::Result<usize> {
-        self.uring
-            .submitter()
-            .enter::<libc::sigset_t>(to_submit, min_complete, flags, None)
+    /// `io_uring_enter(2)` without a signal mask.
+    fn enter(&self, to_submit: u32, min_complete: u32, flags: u32) -> io::Result<usize> {
+        // SAFETY: no argument pointer is passed, and every SQE the kernel
+        // may take was pushed valid for the op's whole flight (see
+        // `Ring::stage`; cancel SQEs carry no buffer).
+        unsafe {
+            self.uring
+                .submitter()
+                .enter::<libc::sigset_t>(to_submit, min_complete, flags, None)
+        }
     }
 
     /// A non-waiting `io_uring_enter(GETEVENTS)`: flushes overflowed CQEs
     /// into the ring and runs pending completion work.
     pub fn get_events(&self) {
-        let _ = unsafe { self.enter(0, 0, EnterFlags::GETEVENTS.bits()) };
+        let _ = self.enter(0, 0, EnterFlags::GETEVENTS.bits());
     }
 
     fn cq_overflow(&self) -> bool {
         let _g = lock(&self.sq);
+        // SAFETY: under the SQ lock (see the module doc).
         let sq = unsafe { self.uring.submission_shared() };
         let r = sq.cq_overflow();
         drop(sq);
@@ -395,31 +418,44 @@ impl Ring {
     /// Errors from entering the kernel are ignored; a ring that stays full
     /// gives `Err(())`.
     pub fn cancel(&self, target: &Operation) -> Result<(), ()> {
-        let user_data = target as *const Operation as u64;
-        let entry = opcode::AsyncCancel::new(user_data)
+        let entry = opcode::AsyncCancel::new(ptr::from_ref(target) as u64)
             .build()
             .user_data(CANCEL_TAG);
+        if self.push_cancel(&entry) {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+
+    /// Stages one of our cancel SQEs (making room once if the ring is full)
+    /// and submits everything staged. False: the ring stayed full.
+    fn push_cancel(&self, entry: &squeue::Entry) -> bool {
         for attempt in 0..2 {
             {
                 let _side = lock(&self.sq);
+                // SAFETY: under the SQ lock (see the module doc).
                 let mut sq = unsafe { self.uring.submission_shared() };
                 if !sq.is_full() {
-                    let _ = unsafe { sq.push(&entry) };
+                    // SAFETY: a cancel SQE carries no buffer, only the key
+                    // of what to cancel. Cannot fail: room checked above,
+                    // under the lock.
+                    let _ = unsafe { sq.push(entry) };
                     drop(sq);
                     drop(_side);
                     let _ = self.submit_staged();
-                    return Ok(());
+                    return true;
                 }
             }
             if attempt == 0 {
                 // Make room: hand the staged SQEs to the kernel first.
                 let _ = self.submit_staged();
                 if self.sqpoll {
-                    let _ = unsafe { self.enter(0, 0, EnterFlags::SQ_WAIT.bits()) };
+                    let _ = self.enter(0, 0, EnterFlags::SQ_WAIT.bits());
                 }
             }
         }
-        Err(())
+        false
     }
 
     // -- completion ---------------------------------------------------------
@@ -433,7 +469,8 @@ impl Ring {
     /// Attached (finishing an op touches its buffers' bookkeeping).
     pub unsafe fn drain(&self, max: usize, out: &mut Vec<Delivery>) -> usize {
         let before = out.len();
-        let count = self.drain_inner(max, out);
+        // SAFETY: attached (this function's contract).
+        let count = unsafe { self.drain_inner(max, out) };
         self.finished
             .fetch_add((out.len() - before) as u64, Ordering::AcqRel);
         count
@@ -455,27 +492,13 @@ impl Ring {
         let entry = opcode::AsyncCancel2::new(types::CancelBuilder::any())
             .build()
             .user_data(CANCEL_TAG);
-        for attempt in 0..2 {
-            {
-                let _side = lock(&self.sq);
-                let mut sq = unsafe { self.uring.submission_shared() };
-                if !sq.is_full() {
-                    let _ = unsafe { sq.push(&entry) };
-                    drop(sq);
-                    drop(_side);
-                    let _ = self.submit_staged();
-                    return;
-                }
-            }
-            if attempt == 0 {
-                let _ = self.submit_staged();
-                if self.sqpoll {
-                    let _ = unsafe { self.enter(0, 0, EnterFlags::SQ_WAIT.bits()) };
-                }
-            }
-        }
+        self.push_cancel(&entry);
     }
 
+    /// [`Ring::drain`] without the `finished` bookkeeping.
+    ///
+    /// # Safety
+    /// Attached.
     unsafe fn drain_inner(&self, max: usize, out: &mut Vec<Delivery>) -> usize {
         if self.cq_overflow() {
             self.get_events();
@@ -484,7 +507,8 @@ impl Ring {
         let mut count = 0usize;
         {
             let _g = lock(&self.cq);
-            let mut cq = self.uring.completion_shared();
+            // SAFETY: under the CQ lock (see the module doc).
+            let mut cq = unsafe { self.uring.completion_shared() };
             let mut synced = false;
             while count < max {
                 let Some(cqe) = cq.next() else {
@@ -500,20 +524,29 @@ impl Ring {
                 if ud == CANCEL_TAG {
                     continue;
                 }
+                // Not a cancel CQE: `ud` is the address of an op this ring
+                // staged, kept alive by the engine's reference until it is
+                // finished — by whoever consumes its CQE, here, under the CQ
+                // lock.
                 let op = ud as *mut Operation;
                 let res = cqe.result();
-                if res == -libc::EINVAL && wants_direct_retry(&*op) {
+                // SAFETY: `op` is in flight on this ring (above).
+                if res == -libc::EINVAL && unsafe { direct::wants_retry(&*op) } {
                     retries.push(op);
                     continue;
                 }
-                out.push(op::finish(op, res as i64));
+                // SAFETY: in flight, its CQE consumed just now by this call
+                // alone; attached (contract above).
+                out.push(unsafe { op::finish(op, i64::from(res)) });
                 count += 1;
             }
             drop(cq); // publishes the head (release)
             self.consumed.fetch_add(count as u64, Ordering::Release);
         }
         if !retries.is_empty() {
-            self.resubmit_direct(retries, out);
+            // SAFETY: their CQEs were consumed above and they were not
+            // finished; attached (contract above).
+            unsafe { self.resubmit_direct(retries, out) };
         }
         count
     }
@@ -521,30 +554,40 @@ impl Ring {
     /// Second attempt of ops that failed with EINVAL on an O_DIRECT fd:
     /// through an aligned window this time. Ops that cannot be resubmitted
     /// are finished with their original error.
+    ///
+    /// # Safety
+    /// Attached; every op is in flight on this ring, its CQE consumed by the
+    /// caller and not finished.
     unsafe fn resubmit_direct(&self, ops: Vec<*mut Operation>, out: &mut Vec<Delivery>) {
         let mut staged = false;
         {
             let mut side = lock(&self.sq);
-            let mut sq = self.uring.submission_shared();
+            // SAFETY: under the SQ lock (see the module doc).
+            let mut sq = unsafe { self.uring.submission_shared() };
             for op in ops {
-                let o = &*op;
-                let fd = o.fd_i32();
-                let align = side
-                    .direct_align(fd)
-                    .unwrap_or_else(|| sys::direct_alignment(fd));
-                side.remember_direct(fd, align);
-                (*o.engine_area())[0] |= ENG_RETRIED;
-                let entry = if sq.is_full() {
-                    None
-                } else {
-                    prepare(o, &side).ok()
+                // SAFETY: in flight, so alive (contract above).
+                let o = unsafe { &*op };
+                side.direct.learn(o.fd_i32());
+                // SAFETY: its CQE is consumed and it is not finished: the
+                // engine owns it again, as between claim and dispatch.
+                let entry = unsafe {
+                    direct::mark_retried(o);
+                    if sq.is_full() {
+                        None
+                    } else {
+                        prepare(o, &side.direct).ok()
+                    }
                 };
                 match entry {
                     Some(e) => {
-                        let _ = sq.push(&e);
+                        // SAFETY: as in `Ring::stage`: the SQE points into
+                        // the op's window, the engine's until the op is
+                        // finished. Room checked above, under the lock.
+                        let _ = unsafe { sq.push(&e) };
                         staged = true;
                     }
-                    None => out.push(op::finish(op, -(libc::EINVAL as i64))),
+                    // SAFETY: ours alone (above); attached (contract above).
+                    None => out.push(unsafe { op::finish(op, -i64::from(libc::EINVAL)) }),
                 }
             }
         }
@@ -553,33 +596,55 @@ impl Ring {
         }
     }
 
-    /// Real (non-cancel) CQEs currently in the ring, plus the running count
-    /// of consumed ones, read consistently under the CQ lock.
-    fn visible(&self) -> u64 {
+    /// Real completions visible so far: the running count of consumed ones
+    /// plus the CQEs in the ring that a drain will deliver (not cancel
+    /// CQEs, not O_DIRECT EINVALs it will retry), read consistently under
+    /// the CQ lock. Also says whether a CQE waits to be retried.
+    fn visible(&self) -> (u64, bool) {
         let _g = lock(&self.cq);
+        // SAFETY: under the CQ lock (see the module doc).
         let mut cq = unsafe { self.uring.completion_shared() };
         let mut n = 0u64;
+        let mut retry = false;
         for cqe in &mut cq {
-            if cqe.user_data() != CANCEL_TAG {
+            let ud = cqe.user_data();
+            if ud == CANCEL_TAG {
+                continue;
+            }
+            // A drain resubmits this one instead of delivering it.
+            let retried = cqe.result() == -libc::EINVAL
+                // SAFETY: not a cancel CQE, so `ud` is an op in flight on
+                // this ring; it stays alive at least until a drain consumes
+                // its CQE, which cannot happen while we hold the CQ lock.
+                && unsafe { direct::wants_retry(&*(ud as *const Operation)) };
+            if retried {
+                retry = true;
+            } else {
                 n += 1;
             }
         }
         // Peek only: dropping the queue would publish the advanced head.
         std::mem::forget(cq);
-        n + self.consumed.load(Ordering::Acquire)
+        (n + self.consumed.load(Ordering::Acquire), retry)
     }
 
     /// Blocks until `min` real completions became visible since `start`
-    /// (`start` is a [`Ring::consumed`] value; CQEs still in the ring count too) or the deadline passes. Runs with the GIL
-    /// released; `on_eintr` is called (with the GIL) whenever a signal
-    /// interrupted the wait — an error from it aborts the wait.
+    /// (`start` is a [`Ring::consumed`] value; CQEs still in the ring count
+    /// too) or the deadline passes. Runs with the GIL released. With the
+    /// GIL, `on_eintr` is called whenever a signal interrupted the wait, and
+    /// `on_retry` when the ring holds an O_DIRECT EINVAL to be retried and
+    /// not enough real completions yet: it must drain (a drain resubmits
+    /// the request; nothing else would). An error from either aborts the
+    /// wait.
     pub fn wait(
         &self,
         start: u64,
         min: u64,
         deadline: Option<Instant>,
         on_eintr: &mut dyn FnMut() -> PyResult<()>,
+        on_retry: &mut dyn FnMut() -> PyResult<()>,
     ) -> PyResult<()> {
+        // SAFETY: eventfd(2) takes no pointer.
         let mine = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if mine < 0 {
             return Err(PyErr::last_os());
@@ -589,12 +654,13 @@ impl Ring {
             w.push(mine);
             self.nwaiters.fetch_add(1, Ordering::SeqCst);
         }
-        let r = self.wait_registered(mine, start, min, deadline, on_eintr);
+        let r = self.wait_registered(mine, start, min, deadline, on_eintr, on_retry);
         {
             let mut w = lock(&self.waiters);
             w.retain(|&fd| fd != mine);
             self.nwaiters.fetch_sub(1, Ordering::SeqCst);
         }
+        // SAFETY: `mine` is ours, and no longer listed for wake-ups.
         unsafe { libc::close(mine) };
         r
     }
@@ -606,59 +672,72 @@ impl Ring {
         min: u64,
         deadline: Option<Instant>,
         on_eintr: &mut dyn FnMut() -> PyResult<()>,
+        on_retry: &mut dyn FnMut() -> PyResult<()>,
     ) -> PyResult<()> {
         loop {
-            let (interrupted, done) = caio_core::py::allow_threads(|| {
-                if self.cq_overflow() {
-                    self.get_events();
-                }
-                if self.visible().wrapping_sub(start) >= min {
-                    return (false, true);
-                }
-                let timeout_ms = match deadline {
-                    None => -1,
-                    Some(d) => {
-                        let now = Instant::now();
-                        if now >= d {
-                            return (false, true);
-                        }
-                        // Round up so that we never wake just before the deadline.
-                        let left = d - now + Duration::from_micros(999);
-                        left.as_millis().min(i32::MAX as u128) as i32
-                    }
-                };
-                let mut fds = [
-                    libc::pollfd {
-                        fd: self.eventfd,
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                    libc::pollfd {
-                        fd: mine,
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                ];
-                let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
-                if r < 0 {
-                    return (caio_core::sys::last_errno() == libc::EINTR, false);
-                }
-                if fds[0].revents != 0 {
-                    self.consume_eventfd();
-                }
-                if fds[1].revents != 0 {
-                    let mut v = 0u64;
-                    unsafe { libc::read(mine, (&mut v as *mut u64).cast(), 8) };
-                }
-                (false, false)
-            });
-            if done {
-                return Ok(());
-            }
-            if interrupted {
-                on_eintr()?;
+            match caio_core::py::allow_threads(|| self.wait_round(mine, start, min, deadline)) {
+                WaitRound::Done => return Ok(()),
+                WaitRound::Interrupted => on_eintr()?,
+                WaitRound::Retry => on_retry()?,
+                WaitRound::Again => {}
             }
         }
+    }
+
+    /// One look at the ring and, if that is not enough, one `poll(2)` on
+    /// the ring eventfd and the waiter's own. Touches no Python object.
+    fn wait_round(&self, mine: i32, start: u64, min: u64, deadline: Option<Instant>) -> WaitRound {
+        if self.cq_overflow() {
+            self.get_events();
+        }
+        let (visible, retry) = self.visible();
+        if visible.wrapping_sub(start) >= min {
+            return WaitRound::Done;
+        }
+        if retry {
+            return WaitRound::Retry;
+        }
+        let timeout_ms = match deadline {
+            None => -1,
+            Some(d) => {
+                let now = Instant::now();
+                if now >= d {
+                    return WaitRound::Done;
+                }
+                // Round up so that we never wake just before the deadline.
+                let left = d - now + Duration::from_micros(999);
+                i32::try_from(left.as_millis()).unwrap_or(i32::MAX)
+            }
+        };
+        let mut fds = [
+            libc::pollfd {
+                fd: self.eventfd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: mine,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a live array of two pollfds.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+        if r < 0 {
+            if caio_core::sys::last_errno() == libc::EINTR {
+                return WaitRound::Interrupted;
+            }
+            return WaitRound::Again;
+        }
+        if fds[0].revents != 0 {
+            self.consume_eventfd();
+        }
+        if fds[1].revents != 0 {
+            let mut v = 0u64;
+            // SAFETY: reads at most 8 bytes into `v`, a live u64.
+            unsafe { libc::read(mine, (&raw mut v).cast(), 8) };
+        }
+        WaitRound::Again
     }
 
     /// Real completions consumed by drains so far: [`Ring::wait`] counts
@@ -671,7 +750,8 @@ impl Ring {
     /// Whoever consumes a notification passes it on to blocked waiters.
     pub fn consume_eventfd(&self) -> u64 {
         let mut v = 0u64;
-        let r = unsafe { libc::read(self.eventfd, (&mut v as *mut u64).cast(), 8) };
+        // SAFETY: reads at most 8 bytes into `v`, a live u64.
+        let r = unsafe { libc::read(self.eventfd, (&raw mut v).cast(), 8) };
         if r != 8 {
             return 0;
         }
@@ -679,7 +759,8 @@ impl Ring {
             let w = lock(&self.waiters);
             let one = 1u64;
             for &fd in w.iter() {
-                unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+                // SAFETY: writes 8 bytes from `one`, a live u64.
+                unsafe { libc::write(fd, (&raw const one).cast(), 8) };
             }
         }
         v
@@ -696,8 +777,8 @@ const IOWQ_BOUNDED_MAX: u32 = 64;
 /// 4 x CPUs) of them — 8 on a 2-CPU machine — which caps such a workload at 8
 /// operations in parallel however many are submitted. Raise that bound to
 /// the ring size (at most 64; Linux 5.15+, best effort).
-fn raise_bounded_workers(uring: &IoUring, entries: u64) {
-    let want = (entries as u32).min(IOWQ_BOUNDED_MAX);
+fn raise_bounded_workers(uring: &IoUring, entries: u32) {
+    let want = entries.min(IOWQ_BOUNDED_MAX);
     let mut cur = [0u32, 0u32]; // 0 = leave unchanged, returns the current values
     if uring
         .submitter()
@@ -712,10 +793,12 @@ fn raise_bounded_workers(uring: &IoUring, entries: u64) {
 
 impl Drop for Ring {
     fn drop(&mut self) {
+        // Unmaps the rings and closes the ring fd (the kernel cancels
+        // whatever might still run). Also fine in a forked child: the
+        // mappings and fds dropped there are the child's own copies.
+        // SAFETY: dropped once, here, and never used again; the eventfd is
+        // ours.
         unsafe {
-            // Unmaps the rings and closes the ring fd (the kernel cancels
-            // whatever might still run). Also fine in a forked child: the
-            // mappings and fds dropped there are the child's own copies.
             ManuallyDrop::drop(&mut self.uring);
             libc::close(self.eventfd);
         }
@@ -723,19 +806,18 @@ impl Drop for Ring {
 }
 
 /// Builds the SQE of a claimed op (user_data = the op's address).
-unsafe fn prepare(o: &Operation, side: &SqSide) -> PyResult<squeue::Entry> {
-    let area = &mut *o.engine_area();
-    let retried = area[0] & ENG_RETRIED;
-    area[0] = retried;
+///
+/// # Safety
+/// The calling engine owns `o`: claimed (or its CQE consumed for a retry)
+/// and not in the kernel.
+unsafe fn prepare(o: &Operation, direct: &DirectCache) -> PyResult<squeue::Entry> {
+    // SAFETY: the engine owns `o` (contract above).
+    unsafe { direct::prepare(o, direct) }?;
     let fd = types::Fd(o.fd_i32());
     let entry = match o.kind {
         OpKind::Read | OpKind::Write => {
-            if let Some(align) = side.direct_align(o.fd_i32()) {
-                o.use_aligned_window(align)?;
-                area[0] |= ENG_ALIGNED;
-                area[1] = align as u64;
-            }
-            let io = o.io();
+            // SAFETY: the engine owns `o` (contract above).
+            let io = unsafe { o.io() };
             // API.md §7 Q8: never more than the kernel's single-transfer cap;
             // the partial count is reported and callers loop.
             let len = io.len.min(MAX_TRANSFER) as u32;
@@ -752,51 +834,5 @@ unsafe fn prepare(o: &Operation, side: &SqSide) -> PyResult<squeue::Entry> {
             .flags(types::FsyncFlags::DATASYNC)
             .build(),
     };
-    Ok(entry.user_data(o as *const Operation as u64))
-}
-
-/// EINVAL on a read/write that did not use an aligned window yet, on an fd
-/// open with O_DIRECT: worth one more try through aligned memory.
-unsafe fn wants_direct_retry(o: &Operation) -> bool {
-    if !matches!(o.kind, OpKind::Read | OpKind::Write) {
-        return false;
-    }
-    if (*o.engine_area())[0] & (ENG_ALIGNED | ENG_RETRIED) != 0 {
-        return false;
-    }
-    // Reads at the "current position" (pipes, offset -1) never use O_DIRECT
-    // windows (the window needs a real offset).
-    if o.kind == OpKind::Read && o.offset == u64::MAX {
-        return false;
-    }
-    let fl = libc::fcntl(o.fd_i32(), libc::F_GETFL);
-    fl >= 0 && fl & libc::O_DIRECT != 0
-}
-
-/// `get_value()`'s message for an O_DIRECT request the kernel still refused
-/// after we aligned its memory: what the file needs.
-pub unsafe fn error_message(o: &Operation, errno: i32) -> Option<String> {
-    let area = &*o.engine_area();
-    if errno != libc::EINVAL || area[0] & ENG_ALIGNED == 0 {
-        return None;
-    }
-    let align = area[1];
-    Some(match o.kind {
-        OpKind::Write => format!(
-            "Invalid argument: O_DIRECT writes on this file need an offset and a length that \
-are multiples of the device's logical block size ({}); got offset {}, length {}. (The data \
-itself needs no alignment: caio copies it into aligned memory.)",
-            match sys::dio_alignment(o.fd_i32()) {
-                None => "512 or 4096 bytes".to_owned(),
-                Some((_, n)) => format!("{} bytes", n),
-            },
-            o.offset,
-            o.nbytes
-        ),
-        _ => format!(
-            "Invalid argument: the O_DIRECT read was refused even through a {}-byte aligned \
-window (offset {}, length {})",
-            align, o.offset, o.nbytes
-        ),
-    })
+    Ok(entry.user_data(ptr::from_ref(o) as u64))
 }

@@ -7,23 +7,28 @@
 //! and signal the fd when the queue turns non-empty, and
 //! `_process_completions()` (run by the loop) delivers the whole batch — no
 //! GIL traffic in workers, one wake-up per batch.
+//!
+//! This file holds the module (its Operation flavour and initialisation) and
+//! the Python `Context` type; `adapter` holds the engine hooks of the native
+//! asyncio fast path.
 
 use std::ffi::c_void;
 use std::ptr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use caio_core::aio::{Adapter, Engine};
 use caio_core::args::{int_in, Params};
 use caio_core::module::{init_common, ContextType, ModState};
 use caio_core::op::{self, as_op, Flavor, ReadPayload};
 use caio_core::pool::{self, CompletionQueue, Job, Pool, SubmitError};
 use caio_core::py::{
-    allow_threads, none, py_int, py_str, trampoline, trampoline_void, Borrowed, Exc, Owned, PyErr,
-    PyResult,
+    allow_threads, none, py_int, py_str, py_uint, trampoline, trampoline_void, Borrowed, Exc,
+    Owned, PyErr, PyResult,
 };
 use caio_core::pyo3_ffi::*;
 use caio_core::{backend_module, sys};
+
+mod adapter;
 
 static FLAVOR: Flavor = Flavor {
     type_name: c"aio.AIOOperation",
@@ -51,11 +56,11 @@ static FLAVOR: Flavor = Flavor {
 
 const DEFAULT_MAX_REQUESTS: u16 = 512;
 const DEFAULT_POOL_SIZE: u16 = 8;
-const MAX_POOL_SIZE: i128 = 128;
-const MAX_REQUESTS_LIMIT: i128 = 65535;
+const MAX_POOL_SIZE: u16 = 128;
+const MAX_REQUESTS_LIMIT: u16 = 65535;
 
 #[repr(C)]
-struct Context {
+pub(crate) struct Context {
     ob_base: PyObject,
     weakreflist: *mut PyObject,
     max_requests: u16,
@@ -69,17 +74,17 @@ struct Context {
 }
 
 impl Context {
-    fn pool_slot(&self) -> MutexGuard<'_, Option<Arc<Pool>>> {
+    pub(crate) fn pool_slot(&self) -> MutexGuard<'_, Option<Arc<Pool>>> {
         self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn pool(&self) -> PyResult<Arc<Pool>> {
+    pub(crate) fn pool(&self) -> PyResult<Arc<Pool>> {
         self.pool_slot()
             .clone()
             .ok_or_else(|| PyErr::runtime("Context is closed"))
     }
 
-    fn check_fork(&self) -> PyResult<()> {
+    pub(crate) fn check_fork(&self) -> PyResult<()> {
         if sys::fork_generation() != self.fork_generation {
             return Err(PyErr::runtime(
                 "this thread_aio Context was created before fork() and its worker \
@@ -91,7 +96,10 @@ threads do not exist in this process; create a new Context in the child",
 
     /// Stops the pool, letting queued and running work finish (callbacks
     /// included) — with the GIL released, as direct-delivery workers need it.
-    fn shutdown(&self) {
+    ///
+    /// # Safety
+    /// Attached (queued completions are delivered here).
+    pub(crate) unsafe fn shutdown(&self) {
         let pool = self.pool_slot().take();
         if let Some(pool) = pool {
             if self.check_fork().is_err() {
@@ -103,14 +111,45 @@ threads do not exist in this process; create a new Context in the child",
             }
             allow_threads(|| pool.shutdown(true));
             if let Some(q) = pool.queued_delivery() {
+                // SAFETY: attached (this function's contract).
                 unsafe { q.deliver_all() };
             }
         }
     }
 }
 
-unsafe fn ctx<'a>(p: *mut PyObject) -> &'a Context {
-    &*(p as *const Context)
+/// The Context behind `p`.
+///
+/// # Safety
+/// `p` is a live instance of this module's Context type that outlives `'a`:
+/// CPython passes one as `self` to the type's methods and slots, and
+/// `caio_core::aio` checks an adapter's context against the type in `_bind`.
+pub(crate) unsafe fn ctx<'a>(p: *mut PyObject) -> &'a Context {
+    // SAFETY: `p` points to a Context (contract above); `#[repr(C)]` puts
+    // the object header first, as CPython laid it out.
+    unsafe { &*p.cast::<Context>() }
+}
+
+/// The positional arguments of a `METH_FASTCALL` call.
+///
+/// # Safety
+/// `args` and `nargsf` exactly as CPython passed them; the slice must not
+/// outlive the call.
+unsafe fn fastcall_args<'a>(args: *const *mut PyObject, nargsf: Py_ssize_t) -> &'a [*mut PyObject] {
+    // `PyVectorcall_NARGS`: the count without PY_VECTORCALL_ARGUMENTS_OFFSET,
+    // which is the sign bit.
+    let n = (nargsf & Py_ssize_t::MAX).unsigned_abs();
+    if n == 0 {
+        return &[];
+    }
+    // SAFETY: CPython passes `n` valid pointers at `args` for the call.
+    unsafe { std::slice::from_raw_parts(args, n) }
+}
+
+/// A count as a Python int.
+fn py_count(n: usize) -> PyResult<Owned> {
+    // usize is at most 64 bits wide on every target we build for.
+    py_uint(n as u64)
 }
 
 static NEW_PARAMS: Params = Params {
@@ -123,28 +162,34 @@ static NEW_PARAMS: Params = Params {
 /// A u16 parameter: 0 selects the default, values above `limit` are refused
 /// with upstream's `ValueError`, values that do not fit 16 bits raise
 /// `OverflowError` instead of wrapping around (API.md §7 Q3).
-fn u16_param(obj: Option<Borrowed<'_>>, name: &str, default: u16, max_ok: i128) -> PyResult<u16> {
+fn u16_param(obj: Option<Borrowed<'_>>, name: &str, default: u16, max_ok: u16) -> PyResult<u16> {
     let Some(obj) = obj else { return Ok(default) };
-    let v = int_in(obj, name, 0, u16::MAX as i128)?;
+    let v = int_in(obj, name, 0, i128::from(u16::MAX))?;
     if v == 0 {
         return Ok(default);
     }
-    if v > max_ok {
-        return Err(PyErr::value_error(format!(
+    match u16::try_from(v) {
+        Ok(v) if v <= max_ok => Ok(v),
+        _ => Err(PyErr::value_error(format!(
             "{} too large: must be at most {}, got {}",
             name, max_ok, v
-        )));
+        ))),
     }
-    Ok(v as u16)
 }
 
+/// `Context(max_requests=512, pool_size=8)` (`tp_new`).
+///
+/// # Safety
+/// Called by CPython, attached: `tp` is this module's Context type, `args`
+/// a tuple, `kwargs` NULL or a dict.
 unsafe extern "C" fn ctx_new(
     tp: *mut PyTypeObject,
     args: *mut PyObject,
     kwargs: *mut PyObject,
 ) -> *mut PyObject {
     trampoline(|| {
-        let a = NEW_PARAMS.parse_tuple::<2>(args, kwargs)?;
+        // SAFETY: `args` and `kwargs` as CPython passes them to `tp_new`.
+        let a = unsafe { NEW_PARAMS.parse_tuple::<2>(args, kwargs) }?;
         let max_requests = u16_param(
             a.get(0),
             "max_requests",
@@ -152,53 +197,71 @@ unsafe extern "C" fn ctx_new(
             MAX_REQUESTS_LIMIT - 1,
         )?;
         let pool_size = u16_param(a.get(1), "pool_size", DEFAULT_POOL_SIZE, MAX_POOL_SIZE)?;
-        let pool = Pool::new(pool_size as usize, max_requests as usize).map_err(|e| {
+        let pool = Pool::new(usize::from(pool_size), usize::from(max_requests)).map_err(|e| {
             PyErr::runtime(format!(
                 "Pool initialization failed size={} max_requests={}: {}",
                 pool_size, max_requests, e
             ))
         })?;
-        let alloc = (*tp).tp_alloc.unwrap_or(PyType_GenericAlloc);
-        let obj = Owned::from_new(alloc(tp, 0))?;
-        let c = obj.as_ptr() as *mut Context;
-        (*c).max_requests = max_requests;
-        (*c).pool_size = pool_size;
-        (*c).fork_generation = sys::fork_generation();
-        ptr::addr_of_mut!((*c).inline_read_max).write(AtomicUsize::new(0));
-        ptr::addr_of_mut!((*c).pool).write(Mutex::new(Some(Arc::new(pool))));
-        Ok(obj)
+        // SAFETY: attached; `tp` is a live type whose `tp_basicsize` is
+        // `size_of::<Context>()`: its allocator returns a zeroed object of
+        // that size (or NULL with an exception set). Every Rust field is
+        // written in place before the object is handed out.
+        unsafe {
+            let alloc = (*tp).tp_alloc.unwrap_or(PyType_GenericAlloc);
+            let obj = Owned::from_new(alloc(tp, 0))?;
+            let c = obj.as_ptr().cast::<Context>();
+            (*c).max_requests = max_requests;
+            (*c).pool_size = pool_size;
+            (*c).fork_generation = sys::fork_generation();
+            ptr::addr_of_mut!((*c).inline_read_max).write(AtomicUsize::new(0));
+            ptr::addr_of_mut!((*c).pool).write(Mutex::new(Some(Arc::new(pool))));
+            Ok(obj)
+        }
     })
 }
 
+/// `tp_dealloc`.
+///
+/// # Safety
+/// Called by CPython, attached, when the last reference to `slf` (a
+/// Context made by [`ctx_new`]) is gone.
 unsafe extern "C" fn ctx_dealloc(slf: *mut PyObject) {
     trampoline_void(|| {
-        let c = ctx(slf);
+        // SAFETY: `slf` is a Context (contract above).
+        let c = unsafe { ctx(slf) };
         if !c.weakreflist.is_null() {
-            PyObject_ClearWeakRefs(slf);
+            // SAFETY: attached; `slf` is alive until `tp_free` below.
+            unsafe { PyObject_ClearWeakRefs(slf) };
         }
         // No op can be in flight here (each one keeps its Context alive), so
         // this only stops idle workers.
-        c.shutdown();
-        ptr::drop_in_place(ptr::addr_of_mut!((*(slf as *mut Context)).pool));
-        let tp = Py_TYPE(slf);
-        if let Some(free) = (*tp).tp_free {
-            free(slf.cast());
+        // SAFETY: attached.
+        unsafe { c.shutdown() };
+        // SAFETY: `pool` was written by ctx_new and is dropped once, here;
+        // then the memory goes back to the type's allocator and the heap
+        // type loses the reference its instance held. `c` is not used again.
+        unsafe {
+            ptr::drop_in_place(ptr::addr_of_mut!((*slf.cast::<Context>()).pool));
+            let tp = Py_TYPE(slf);
+            if let Some(free) = (*tp).tp_free {
+                free(slf.cast());
+            }
+            Py_DECREF(tp.cast());
         }
-        Py_DECREF(tp.cast());
     })
 }
 
-unsafe extern "C" fn ctx_submit(
-    slf: *mut PyObject,
-    args: *mut *mut PyObject,
-    nargsf: Py_ssize_t,
-) -> *mut PyObject {
-    trampoline(|| {
-        let c = ctx(slf);
-        let nargs = PyVectorcall_NARGS(nargsf as usize) as usize;
-        let args = std::slice::from_raw_parts(args, nargs);
+/// Type-checks every argument before anything is claimed.
+///
+/// # Safety
+/// Attached; `slf` is a Context; `args` are live objects.
+unsafe fn check_ops(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<()> {
+    // SAFETY: `slf` is an instance of this module's Context type, so its
+    // type's module state is ours and holds the Operation type; the args
+    // are live objects (contract above).
+    unsafe {
         let op_type = (*ModState::of(slf)).op_type;
-        // Type-check everything before claiming anything.
         for (i, &a) in args.iter().enumerate() {
             if !op::is_op(a, op_type) {
                 return Err(PyErr::type_error(format!(
@@ -208,86 +271,134 @@ unsafe extern "C" fn ctx_submit(
                 )));
             }
         }
+    }
+    Ok(())
+}
+
+/// `Context.submit(*operations)` (`METH_FASTCALL`).
+///
+/// # Safety
+/// Called by CPython, attached: `slf` is a Context, `args`/`nargsf` the
+/// call's arguments.
+unsafe extern "C" fn ctx_submit(
+    slf: *mut PyObject,
+    args: *mut *mut PyObject,
+    nargsf: Py_ssize_t,
+) -> *mut PyObject {
+    trampoline(|| {
+        // SAFETY: the METH_FASTCALL contract above.
+        let (c, args) = unsafe { (ctx(slf), fastcall_args(args.cast_const(), nargsf)) };
+        // SAFETY: attached; `slf` is a Context, `args` live objects.
+        unsafe { check_ops(slf, args) }?;
         c.check_fork()?;
         let pool = c.pool()?;
-        let mut accepted = 0i64;
+        let mut accepted = 0usize;
         for &a in args {
-            if submit_one(c, slf, &pool, a)? {
+            // SAFETY: attached; `slf` is `c`; `a` is an Operation (checked).
+            if unsafe { submit_one(c, slf, &pool, a) }? {
                 accepted += 1;
             }
         }
-        py_int(accepted)
+        py_count(accepted)
     })
 }
 
 /// Claims `a` and hands it to the pool — or, for a page-cache hit in
 /// event-loop mode, completes it right here. `Ok(false)`: already claimed
 /// (in flight or done), silently skipped. On error the claim is rolled back.
-unsafe fn submit_one(
+///
+/// # Safety
+/// Attached; `slf` is the Context `c`; `a` is one of this module's
+/// Operations.
+pub(crate) unsafe fn submit_one(
     c: &Context,
     slf: *mut PyObject,
     pool: &Pool,
     a: *mut PyObject,
 ) -> PyResult<bool> {
-    let o = as_op(a);
+    // SAFETY: `a` is an Operation (contract above).
+    let o = unsafe { as_op(a) };
     if !o.try_claim() {
         return Ok(false);
     }
-    op::begin(o, slf);
+    // SAFETY: attached, and `o` was claimed just now by this call.
+    unsafe { op::begin(o, slf) };
     if o.nbytes as usize <= c.inline_read_max.load(Ordering::Relaxed) {
         // Page-cache hit: done right here, no thread hop. RWF_NOWAIT never
         // waits for the disk and the size is bounded, so this does not stall
         // the event loop.
-        if let Some(res) = pool::try_read_inline(o) {
-            op::finish(a as *mut op::Operation, res).run();
+        // SAFETY: claimed and begun by this call and not handed to the pool
+        // yet, so nobody else finishes it; attached for `finish`.
+        if let Some(res) = unsafe { pool::try_read_inline(o) } {
+            // SAFETY: as above: in flight, ours alone, attached.
+            unsafe { op::finish(a.cast(), res) }.run();
             return Ok(true);
         }
     }
-    match pool.submit(Job(a as *mut op::Operation)) {
+    match pool.submit(Job(a.cast())) {
         Ok(()) => Ok(true),
         Err((_, why)) => {
-            op::abort(o);
+            // SAFETY: begun above, and the pool handed the job back.
+            unsafe { op::abort(o) };
             Err(match why {
                 // `caio.thread_aio.CapacityError`: the RuntimeError of API.md
                 // §3.6, also an OSError with errno EAGAIN (see
                 // caio_core::module::init_capacity_error).
-                SubmitError::Full => caio_core::module::capacity_error(
-                    slf,
-                    Exc::RuntimeError,
-                    format!(
-                        "Thread pool queue is full (max_requests={}): the operations before \
+                // SAFETY: attached; `slf` is an instance of this module's
+                // Context type.
+                SubmitError::Full => unsafe {
+                    caio_core::module::capacity_error(
+                        slf,
+                        Exc::RuntimeError,
+                        format!(
+                            "Thread pool queue is full (max_requests={}): the operations before \
 this one were accepted; submit the rest again once the workers have taken some",
-                        c.max_requests
-                    ),
-                ),
+                            c.max_requests
+                        ),
+                    )
+                },
                 SubmitError::Closed => PyErr::runtime("Context is closed"),
             })
         }
     }
 }
 
+/// `Context.cancel(*operations)`: a thread pool cannot stop a running
+/// pread(); upstream returns 0.
+///
+/// # Safety
+/// Called by CPython (`METH_FASTCALL`), attached.
 unsafe extern "C" fn ctx_cancel(
     _slf: *mut PyObject,
     _args: *mut *mut PyObject,
     _nargs: Py_ssize_t,
 ) -> *mut PyObject {
-    // A thread pool cannot stop a running pread(); upstream returns 0.
     trampoline(|| py_int(0))
 }
 
+/// `Context.close()`.
+///
+/// # Safety
+/// Called by CPython (`METH_NOARGS`), attached, with `slf` a Context.
 unsafe extern "C" fn ctx_close(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
     trampoline(|| {
-        ctx(slf).shutdown();
+        // SAFETY: `slf` is a Context and we are attached (contract above).
+        unsafe { ctx(slf).shutdown() };
         Ok(none())
     })
 }
 
+/// `Context._completion_fd()`.
+///
+/// # Safety
+/// Called by CPython (`METH_NOARGS`), attached, with `slf` a Context.
 unsafe extern "C" fn ctx_completion_fd(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
     trampoline(|| {
-        let c = ctx(slf);
+        // SAFETY: `slf` is a Context (contract above).
+        let c = unsafe { ctx(slf) };
         c.check_fork()?;
         let q: Arc<CompletionQueue> = c.pool()?.completion_queue().map_err(io_error)?;
-        py_int(q.fileno() as i64)
+        py_int(i64::from(q.fileno()))
     })
 }
 
@@ -310,6 +421,11 @@ static ENABLE_PARAMS: Params = Params {
     keywords: true,
 };
 
+/// `Context._enable_loop_delivery(inline_read_max=0)`.
+///
+/// # Safety
+/// Called by CPython (`METH_FASTCALL | METH_KEYWORDS`), attached, with
+/// `slf` a Context and the call's arguments.
 unsafe extern "C" fn ctx_enable_loop_delivery(
     slf: *mut PyObject,
     args: *const *mut PyObject,
@@ -317,12 +433,18 @@ unsafe extern "C" fn ctx_enable_loop_delivery(
     kwnames: *mut PyObject,
 ) -> *mut PyObject {
     trampoline(|| {
-        let a = ENABLE_PARAMS.parse::<1>(args, nargsf, kwnames)?;
+        // SAFETY: the vectorcall arguments as CPython passed them.
+        let a = unsafe { ENABLE_PARAMS.parse::<1>(args, nargsf, kwnames) }?;
         let inline_max = match a.get(0) {
-            Some(v) => int_in(v, "inline_read_max", 0, isize::MAX as i128)? as usize,
+            Some(v) => {
+                let v = int_in(v, "inline_read_max", 0, isize::MAX as i128)?;
+                // Bounded by int_in; saturate where usize is narrower.
+                usize::try_from(v).unwrap_or(usize::MAX)
+            }
             None => 0,
         };
-        let c = ctx(slf);
+        // SAFETY: `slf` is a Context (contract above).
+        let c = unsafe { ctx(slf) };
         c.check_fork()?;
         c.pool()?.enable_queued_delivery().map_err(io_error)?;
         c.inline_read_max.store(inline_max, Ordering::Relaxed);
@@ -330,43 +452,64 @@ unsafe extern "C" fn ctx_enable_loop_delivery(
     })
 }
 
+/// `Context._process_completions()`.
+///
+/// # Safety
+/// Called by CPython (`METH_NOARGS`), attached, with `slf` a Context.
 unsafe extern "C" fn ctx_process_completions(
     slf: *mut PyObject,
     _: *mut PyObject,
 ) -> *mut PyObject {
     trampoline(|| {
-        let pool = ctx(slf).pool_slot().clone();
+        // SAFETY: `slf` is a Context (contract above).
+        let pool = unsafe { ctx(slf) }.pool_slot().clone();
         let n = match pool.as_ref().and_then(|p| p.queued_delivery()) {
-            Some(q) => q.deliver_all(),
+            // SAFETY: attached (contract above).
+            Some(q) => unsafe { q.deliver_all() },
             None => 0,
         };
-        py_int(n as i64)
+        py_count(n)
     })
 }
 
+/// `repr(context)`.
+///
+/// # Safety
+/// Called by CPython (`tp_repr`), attached, with `slf` a Context.
 unsafe extern "C" fn ctx_repr(slf: *mut PyObject) -> *mut PyObject {
     trampoline(|| {
-        let c = ctx(slf);
+        // SAFETY: `slf` is a Context (contract above).
+        let c = unsafe { ctx(slf) };
         let pool = c
             .pool_slot()
             .clone()
             .ok_or_else(|| PyErr::runtime("Pool not initialized"))?;
         py_str(&format!(
-            "<Context as {:#x}: max_requests={}, pool_size={}, ctx={:#x}>",
-            slf as usize,
+            "<Context as {:p}: max_requests={}, pool_size={}, ctx={:p}>",
+            slf,
             c.max_requests,
             c.pool_size,
-            Arc::as_ptr(&pool) as usize
+            Arc::as_ptr(&pool)
         ))
     })
 }
 
+/// `Context.max_requests`.
+///
+/// # Safety
+/// Called by CPython (getter), attached, with `slf` a Context.
 unsafe extern "C" fn get_max_requests(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
-    trampoline(|| py_int(ctx(slf).max_requests as i64))
+    // SAFETY: `slf` is a Context (contract above).
+    trampoline(|| py_int(i64::from(unsafe { ctx(slf) }.max_requests)))
 }
 
+/// `Context.pool_size`.
+///
+/// # Safety
+/// Called by CPython (getter), attached, with `slf` a Context.
 unsafe extern "C" fn get_pool_size(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
-    trampoline(|| py_int(ctx(slf).pool_size as i64))
+    // SAFETY: `slf` is a Context (contract above).
+    trampoline(|| py_int(i64::from(unsafe { ctx(slf) }.pool_size)))
 }
 
 static mut CTX_METHODS: [PyMethodDef; 7] = [
@@ -454,84 +597,40 @@ const CTX_DOC: &std::ffi::CStr =
     c"Context(max_requests=512, pool_size=8)\n--\n\nthread aio context: a native worker pool \
 running pread/pwrite/fsync/fdatasync.";
 
-// ---------------------------------------------------------------------------
-// engine of the native asyncio fast path (caio_core::aio)
-
-/// Used by `thread_aio_asyncio.AsyncioContext` once the Context delivers on
-/// the event loop (`_enable_loop_delivery`): submission as in `submit()`,
-/// completions drained by the loop's reader, and a real cancel for jobs no
-/// worker has started yet.
-static ENGINE: Engine = Engine {
-    submit: engine_submit,
-    cancel: engine_cancel,
-    loop_events: engine_loop_events,
-    shutdown: engine_shutdown,
-};
-
-/// The loop is closed ("loop gone" in `caio_core::aio`): stop the pool,
-/// letting queued and running work finish, and deliver the completions
-/// (they only drop their references here: `op::Discarding`, set by the
-/// caller). Like `close()`, this waits for the workers.
-unsafe fn engine_shutdown(a: &Adapter, _deadline: std::time::Instant) -> bool {
-    ctx(a.context()).shutdown();
-    true
-}
-
-unsafe fn engine_submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
-    let slf = a.context();
-    let c = ctx(slf);
-    c.check_fork()?;
-    let pool = c.pool()?;
-    submit_one(c, slf, &pool, op)
-}
-
-unsafe fn engine_cancel(a: &Adapter, op: *mut PyObject) {
-    let c = ctx(a.context());
-    if c.check_fork().is_err() {
-        return;
-    }
-    let Some(pool) = c.pool_slot().clone() else {
-        return;
-    };
-    if let Some(job) = pool.try_cancel(op as *mut op::Operation) {
-        // Never started: complete it as cancelled, like a kernel cancel.
-        op::finish(job.0, -(libc::ECANCELED as i64)).run();
-    }
-}
-
-unsafe fn engine_loop_events(a: &Adapter) -> PyResult<usize> {
-    let pool = ctx(a.context()).pool_slot().clone();
-    Ok(match pool.as_ref().and_then(|p| p.queued_delivery()) {
-        Some(q) => q.deliver_all(),
-        None => 0,
-    })
-}
-
+/// The module's `Py_mod_exec` slot.
+///
+/// # Safety
+/// Called by CPython from the exec slot (once per module object), attached.
 unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
-    init_common(
-        module,
-        &FLAVOR,
-        ContextType {
-            doc: CTX_DOC,
-            basicsize: std::mem::size_of::<Context>(),
-            weaklistoffset: std::mem::offset_of!(Context, weakreflist),
-            new: ctx_new,
-            dealloc: ctx_dealloc,
-            repr: ctx_repr,
-            methods: ptr::addr_of_mut!(CTX_METHODS).cast(),
-            getset: ptr::addr_of_mut!(CTX_GETSET).cast(),
-        },
-        c"caio.thread_aio.OperationError",
-    )?;
-    caio_core::module::init_capacity_error(
-        module,
-        c"caio.thread_aio.CapacityError",
-        PyExc_RuntimeError,
-        c"submit() found the queue full (max_requests operations pending). A RuntimeError, as \
+    // SAFETY: an exec slot, attached, in the order core requires
+    // (init_common first). The method and getset tables are statics that
+    // nothing writes after this and that outlive the type.
+    unsafe {
+        init_common(
+            module,
+            &FLAVOR,
+            ContextType {
+                doc: CTX_DOC,
+                basicsize: std::mem::size_of::<Context>(),
+                weaklistoffset: std::mem::offset_of!(Context, weakreflist),
+                new: ctx_new,
+                dealloc: ctx_dealloc,
+                repr: ctx_repr,
+                methods: ptr::addr_of_mut!(CTX_METHODS).cast(),
+                getset: ptr::addr_of_mut!(CTX_GETSET).cast(),
+            },
+            c"caio.thread_aio.OperationError",
+        )?;
+        caio_core::module::init_capacity_error(
+            module,
+            c"caio.thread_aio.CapacityError",
+            PyExc_RuntimeError,
+            c"submit() found the queue full (max_requests operations pending). A RuntimeError, as \
 upstream caio raises, and an OSError with errno EAGAIN.",
-    )?;
-    caio_core::aio::init(module, &ENGINE)?;
-    caio_core::register_process_hooks()?;
+        )?;
+        caio_core::aio::init(module, &adapter::ENGINE)?;
+        caio_core::register_process_hooks()?;
+    }
     Ok(())
 }
 
