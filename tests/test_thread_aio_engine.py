@@ -308,8 +308,8 @@ class TestAsyncioAdapter:
     def test_adapter_uses_loop_delivery(self, fd, aio):
         async def main():
             ctx = AsyncioContext()
-            assert ctx._loop_delivery is True
             assert ctx._reader_fd is not None
+            assert ctx._reader_fd == ctx.context._completion_fd()  # the loop watches the pool
             assert await ctx.write(b"hello", fd, 0) == 5
             assert await ctx.read(5, fd, 0) == b"hello"
             ctx.close()
