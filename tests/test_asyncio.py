@@ -20,7 +20,7 @@ import pytest
 
 import caio
 from caio.asyncio_base import AsyncioContextBase
-from conftest import AsyncBackend, LoopRunner, read_file
+from helpers import AsyncBackend, LoopRunner, read_file
 
 
 # -- construction and attributes --------------------------------------------------------

@@ -15,7 +15,7 @@ import random
 
 import pytest
 
-from conftest import AsyncBackend, LoopRunner
+from helpers import AsyncBackend, LoopRunner
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
 

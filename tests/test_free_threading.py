@@ -17,7 +17,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from conftest import (
+from helpers import (
     FREE_THREADED,
     NATIVE_MODULES,
     RawBackend,

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("caio.linux_aio")
 from caio import linux_aio  # noqa: E402
 from caio.linux_aio_asyncio import AsyncioContext  # noqa: E402
-from conftest import aio_ring_count  # noqa: E402
+from helpers import aio_ring_count  # noqa: E402
 
 try:
     import uvloop

@@ -14,7 +14,7 @@ import weakref
 
 import pytest
 
-from conftest import RawBackend, Recorder, read_file, run_python
+from helpers import RawBackend, Recorder, read_file, run_python
 
 U64_MAX = 2**64 - 1
 
@@ -657,7 +657,7 @@ def test_linux_aio_wait_survives_uring_teardown(uring: RawBackend) -> None:
     """Destroying an io_uring ring queues kernel task work that interrupts the
     thread's next blocking io_getevents() with EINTR; linux_aio must retry
     instead of raising SystemError(EINTR) (Q11)."""
-    from conftest import MODULES
+    from helpers import MODULES
 
     if "linux_aio" not in MODULES:
         pytest.skip("linux_aio not available")

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 import pytest
 
 import caio
-from conftest import (
+from helpers import (
     CONTEXT_DOC,
     KEYS,
     MODULES,

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import RawBackend, Recorder, read_file
+from helpers import RawBackend, Recorder, read_file
 
 
 # -- shared by thread_aio and python_aio ----------------------------------------------

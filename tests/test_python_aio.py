@@ -14,7 +14,7 @@ import pytest
 import caio
 from caio import python_aio
 from caio.python_aio import ContextState, OpCode
-from conftest import RawBackend, Recorder, read_file
+from helpers import RawBackend, Recorder, read_file
 
 
 def test_module_level_names() -> None:
@@ -456,7 +456,7 @@ def test_context_starts_no_resource_tracker(method: str) -> None:
     started by the first Context, a pipe fd held for good, and "leaked
     semaphore" warnings from forked children. Our pool builds it under the
     "fork" context: no tracker, no fd left behind."""
-    from conftest import run_python
+    from helpers import run_python
 
     proc = run_python(["-c", _NO_TRACKER_SCRIPT, method])
     assert proc.returncode == 0, proc.stderr

@@ -10,7 +10,7 @@ import weakref
 
 import pytest
 
-from conftest import Recorder, RawBackend, read_file
+from helpers import Recorder, RawBackend, read_file
 
 
 # -- construction (edge case 1) ---------------------------------------------------
@@ -191,7 +191,7 @@ def test_submit_rejects_other_backends_operations(
     backend: RawBackend,
     tmp_fd: int,
 ) -> None:
-    from conftest import MODULES
+    from helpers import MODULES
 
     ctx = backend.context()
     expected = ValueError if backend.is_python else TypeError

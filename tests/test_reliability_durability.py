@@ -26,7 +26,7 @@ from typing import Any, Dict
 
 import pytest
 
-from conftest import MODULES, run_python
+from helpers import MODULES, run_python
 
 STATS: Dict[str, int] = {}
 

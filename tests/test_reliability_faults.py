@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 
-from conftest import AsyncBackend, LoopRunner, RawBackend, read_file, run_python
+from helpers import AsyncBackend, LoopRunner, RawBackend, read_file, run_python
 
 STATS: Dict[str, int] = {}
 
@@ -429,9 +429,9 @@ def _cancel_capacity_params() -> List[Any]:
     this: a cancelled operation gave its admission slot back at once while
     still occupying the backend's queue - fixed on main, see
     test_cancellation_slots.py.)"""
-    from conftest import _async_params
+    from helpers import async_params
 
-    return [pytest.param(p.values[0], id=p.id) for p in _async_params()]
+    return [pytest.param(p.values[0], id=p.id) for p in async_params()]
 
 
 @pytest.mark.parametrize("config", _cancel_capacity_params())

@@ -23,7 +23,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from conftest import MODULES, run_python
+from helpers import MODULES, run_python
 
 STATS: Dict[str, int] = {}
 

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import given, note, settings, strategies as st
 
 import caio
-from conftest import AsyncBackend, LoopRunner, RawBackend
+from helpers import AsyncBackend, LoopRunner, RawBackend
 
 CLEAR = (TypeError, ValueError, OverflowError, OSError, RuntimeError, MemoryError)
 STATS: Dict[str, int] = {}

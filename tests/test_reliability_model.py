@@ -11,7 +11,7 @@ checked against an in-memory model of the file.
   cycle, callbacks (exactly once), reference counts and the file.
 
 Hypothesis shrinks a failure to a minimal program and prints it. More
-examples: ``CAIO_HYPOTHESIS_PROFILE=thorough`` (see conftest.py).
+examples: ``CAIO_HYPOTHESIS_PROFILE=thorough`` (see helpers.py).
 
 The model
 ---------
@@ -211,7 +211,7 @@ from typing import Any, Dict
 import pytest
 from hypothesis import given, note, strategies as st
 
-from conftest import AsyncBackend, LoopRunner
+from helpers import AsyncBackend, LoopRunner
 
 KINDS = ("write",) * 6 + ("read",) * 5 + ("fsync", "fdsync")
 
@@ -541,7 +541,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from conftest import RawBackend
+from helpers import RawBackend
 
 
 class Calls:

@@ -36,7 +36,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from conftest import LOOP_KINDS, _async_params, run_python, subprocess_env
+from helpers import LOOP_KINDS, async_params, run_python, subprocess_env
 
 STATS: Dict[str, int] = {}
 
@@ -210,7 +210,7 @@ print(json.dumps(report), flush=True)
 
 def _params() -> List[Any]:
     params = []
-    for p in _async_params():
+    for p in async_params():
         name, _module, kwargs = p.values[0]
         for kind in LOOP_KINDS:
             if kind != "asyncio" and kwargs:
@@ -300,7 +300,7 @@ def test_shutdown_with_operations_in_flight(
 def _native_params() -> List[Any]:
     return [
         pytest.param(p.values[0][0], p.values[0][2], id=p.id)
-        for p in _async_params()
+        for p in async_params()
         if p.values[0][0] != "python_aio"
     ]
 

@@ -70,7 +70,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
-from conftest import aio_ring_count, run_python
+from helpers import aio_ring_count, run_python
 
 SOAK = os.environ.get("CAIO_SOAK", "") == "1"
 # scripts/sanitize.sh sets it: the exact checks stay, the allocator
