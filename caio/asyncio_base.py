@@ -20,17 +20,21 @@ this module only wires it to the event loop.
 import abc
 import asyncio
 import os
+from collections.abc import Callable, Coroutine
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Coroutine, Optional, Type, Union
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, cast
 
 from .abstract import AbstractContext, AbstractOperation
 
+ContextType = type[AbstractContext]
+OperationType = type[AbstractOperation]
 
-ContextType = Type[AbstractContext]
-OperationType = Type[AbstractOperation]
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 
-def _resolve(future: asyncio.Future) -> None:
+def _resolve(future: asyncio.Future[Any]) -> None:
     # Runs on the loop thread; the future may have been cancelled meanwhile.
     if not future.done():
         future.set_result(True)
@@ -44,8 +48,8 @@ class AsyncioContextBase(abc.ABC):
 
     def __init__(
         self,
-        max_requests: Optional[int] = None,
-        loop: Optional[asyncio.AbstractEventLoop] = None,
+        max_requests: int | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
         deferred: bool = False,
         **kwargs: Any,
     ):
@@ -56,7 +60,7 @@ class AsyncioContextBase(abc.ABC):
         self._owner_pid = os.getpid()
         self.context = self._create_context(max_requests, **kwargs)
 
-    def _remove_loop_reader(self, fd: Optional[int]) -> None:
+    def _remove_loop_reader(self, fd: int | None) -> None:
         """Stop watching ``fd`` on the loop (nothing if the loop is closed).
 
         Not in a process forked from the one that created this context: the
@@ -79,7 +83,7 @@ class AsyncioContextBase(abc.ABC):
     def _destroy_context(self) -> None:
         """Release the backend context (default: nothing to release)."""
 
-    def _on_done(self, future: asyncio.Future, result: Any) -> None:
+    def _on_done(self, future: asyncio.Future[Any], result: Any) -> None:
         # Default for callbacks fired on a foreign (worker) thread.
         if future.done():
             return
@@ -92,7 +96,7 @@ class AsyncioContextBase(abc.ABC):
             if not self.loop.is_closed():
                 raise
 
-    def _keep_slot_until_done(self, op: AbstractOperation, future: asyncio.Future) -> bool:
+    def _keep_slot_until_done(self, op: AbstractOperation, future: asyncio.Future[Any]) -> bool:
         """The awaiting task was cancelled while ``op`` may still be running.
 
         Return True to take over releasing its semaphore slot once the backend
@@ -107,10 +111,15 @@ class AsyncioContextBase(abc.ABC):
     def close(self) -> None:
         self._destroy_context()
 
-    async def __aenter__(self) -> "AsyncioContextBase":
+    async def __aenter__(self) -> "Self":
         return self
 
-    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     #: Operations served synchronously (a page-cache hit completed inside
@@ -120,7 +129,7 @@ class AsyncioContextBase(abc.ABC):
     MAX_SYNC_STREAK = 32
     _sync_streak = 0
 
-    async def submit(self, op: AbstractOperation) -> Union[bytes, int, None]:
+    async def submit(self, op: AbstractOperation) -> bytes | int | None:
         if not isinstance(op, self.OPERATION_CLASS):
             raise ValueError("Operation object expected")
 
@@ -167,8 +176,11 @@ class AsyncioContextBase(abc.ABC):
         offset: int,
         priority: int = 0,
     ) -> Coroutine[Any, Any, bytes]:
-        return self.submit(
-            self.OPERATION_CLASS.read(nbytes, fd, offset, priority),
+        # submit() returns what the operation's get_value() does: the bytes
+        # read (int for writes, None for syncs).
+        return cast(
+            "Coroutine[Any, Any, bytes]",
+            self.submit(self.OPERATION_CLASS.read(nbytes, fd, offset, priority)),
         )
 
     def write(
@@ -178,15 +190,16 @@ class AsyncioContextBase(abc.ABC):
         offset: int,
         priority: int = 0,
     ) -> Coroutine[Any, Any, int]:
-        return self.submit(
-            self.OPERATION_CLASS.write(payload, fd, offset, priority),
+        return cast(
+            "Coroutine[Any, Any, int]",
+            self.submit(self.OPERATION_CLASS.write(payload, fd, offset, priority)),
         )
 
     def fsync(self, fd: int) -> Coroutine[Any, Any, None]:
-        return self.submit(self.OPERATION_CLASS.fsync(fd))
+        return cast("Coroutine[Any, Any, None]", self.submit(self.OPERATION_CLASS.fsync(fd)))
 
     def fdsync(self, fd: int) -> Coroutine[Any, Any, None]:
-        return self.submit(self.OPERATION_CLASS.fdsync(fd))
+        return cast("Coroutine[Any, Any, None]", self.submit(self.OPERATION_CLASS.fdsync(fd)))
 
 
 class NativeAsyncioContextBase(AsyncioContextBase):

@@ -2,7 +2,7 @@
 
 import asyncio
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any, Callable, final
+from typing import Any, final
 
 from .abstract import AbstractContext, AbstractOperation
 

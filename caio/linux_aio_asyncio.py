@@ -50,7 +50,7 @@ class AsyncioContext(_AsyncioBase, NativeAsyncioContextBase):
             # Like upstream, any extra keyword argument is a TypeError
             # (API.md §7 Q13).
             raise TypeError(
-                "AsyncioContext() got an unexpected keyword argument {!r}".format(next(iter(kwargs)))
+                f"AsyncioContext() got an unexpected keyword argument {next(iter(kwargs))!r}"
             )
         context = self.CONTEXT_CLASS(max_requests=max_requests)
         # io_submit must never wait for the disk on the loop thread: buffered

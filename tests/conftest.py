@@ -33,7 +33,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any, List
+from typing import Any
 
 import pytest
 
@@ -56,7 +56,6 @@ from helpers import (  # noqa: E402
     raw_params,
     tmpfs_root,
 )
-
 
 # -- event loops -------------------------------------------------------------------
 
@@ -100,7 +99,7 @@ def pytest_collection_finish(session: Any) -> None:
     gc.freeze()
 
 
-def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     if not config.pluginmanager.hasplugin("timeout"):
         return
     for item in items:
@@ -276,7 +275,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             lines.append(
                 "{}: {}".format(
                     name,
-                    ", ".join("{} {}".format(value, key) for key, value in sorted(stats.items())),
+                    ", ".join(f"{value} {key}" for key, value in sorted(stats.items())),
                 )
             )
     if lines:

@@ -15,8 +15,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 import pytest
 
@@ -28,7 +29,8 @@ except ImportError:  # no wheel for this interpreter: no uvloop parameters
     uvloop = None
 
 try:
-    from hypothesis import HealthCheck, settings as _hypothesis_settings
+    from hypothesis import HealthCheck
+    from hypothesis import settings as _hypothesis_settings
 except ImportError:  # hypothesis is a test dependency; tolerate its absence here
     _hypothesis_settings = None
 
@@ -55,14 +57,14 @@ CONTEXT_DOC = {
 }
 
 
-def _import(name: str) -> Optional[ModuleType]:
+def _import(name: str) -> ModuleType | None:
     try:
         return importlib.import_module("caio." + name)
     except ImportError:
         return None
 
 
-MODULES: Dict[str, ModuleType] = {
+MODULES: dict[str, ModuleType] = {
     name: module for name in ALL_NAMES for module in [_import(name)] if module is not None
 }
 NATIVE_MODULES = {k: v for k, v in MODULES.items() if k != "python_aio"}
@@ -76,7 +78,7 @@ TEST_TIMEOUT = 60
 # -- event loops -------------------------------------------------------------------
 
 
-def _loop_kinds() -> List[str]:
+def _loop_kinds() -> list[str]:
     kinds = ["asyncio"] + (["uvloop"] if uvloop is not None else [])
     wanted = os.environ.get("CAIO_TEST_LOOPS")
     if wanted:
@@ -137,10 +139,10 @@ class RawBackend:
         self.module = module
         self.Context = module.Context
         self.Operation = module.Operation
-        self._contexts: List[Any] = []
+        self._contexts: list[Any] = []
 
     def __repr__(self) -> str:
-        return "<RawBackend {}>".format(self.name)
+        return f"<RawBackend {self.name}>"
 
     native = property(lambda self: self.name != "python_aio")
     is_uring = property(lambda self: self.name == "linux_uring")
@@ -185,7 +187,7 @@ class RawBackend:
         while not predicate():
             if time.monotonic() > deadline:
                 raise AssertionError(
-                    "{}: timed out waiting for {}".format(self.name, what),
+                    f"{self.name}: timed out waiting for {what}",
                 )
             if ctx is not None:
                 self.drive(ctx)
@@ -196,12 +198,12 @@ class RawBackend:
         ctx: Any,
         *ops: Any,
         timeout: float = 10.0,
-    ) -> List[Any]:
+    ) -> list[Any]:
         """Submit ``ops`` in one call and wait for all their callbacks.
 
         Returns the callback arguments in operation order.
         """
-        results: Dict[int, Any] = {}
+        results: dict[int, Any] = {}
 
         def make_callback(index: int) -> Callable[[Any], None]:
             def callback(result: Any) -> None:
@@ -217,7 +219,7 @@ class RawBackend:
             ctx,
             lambda: len(results) == len(ops),
             timeout,
-            "{} completions".format(len(ops)),
+            f"{len(ops)} completions",
         )
         return [results[i] for i in range(len(ops))]
 
@@ -225,7 +227,7 @@ class RawBackend:
         return self.run(ctx, op)[0]
 
 
-def raw_params(names: Sequence[str]) -> List[Any]:
+def raw_params(names: Sequence[str]) -> list[Any]:
     return [pytest.param(name, id=name) for name in names if name in MODULES]
 
 
@@ -235,26 +237,26 @@ def raw_params(names: Sequence[str]) -> List[Any]:
 class AsyncBackend:
     """An asyncio adapter module plus the constructor kwargs to use."""
 
-    def __init__(self, name: str, module: ModuleType, kwargs: Dict[str, Any]):
+    def __init__(self, name: str, module: ModuleType, kwargs: dict[str, Any]):
         self.name = name  # e.g. "linux_uring"
         self.module = module  # e.g. caio.linux_uring_asyncio
         self.kwargs = kwargs
 
     def __repr__(self) -> str:
-        return "<AsyncBackend {} {}>".format(self.name, self.kwargs)
+        return f"<AsyncBackend {self.name} {self.kwargs}>"
 
     is_uring = property(lambda self: self.name == "linux_uring")
     is_linux_aio = property(lambda self: self.name == "linux_aio")
     is_linux = property(lambda self: self.name in ("linux_uring", "linux_aio"))
     is_pool = property(lambda self: self.name in ("thread_aio", "python_aio"))
 
-    def context(self, max_requests: Optional[int] = None, **kwargs: Any) -> Any:
+    def context(self, max_requests: int | None = None, **kwargs: Any) -> Any:
         options = dict(self.kwargs)
         options.update(kwargs)
         return self.module.AsyncioContext(max_requests, **options)
 
 
-def async_params() -> List[Any]:
+def async_params() -> list[Any]:
     params = []
     for adapter in caio.variants_asyncio:
         name = adapter.__name__.rsplit(".", 1)[-1][: -len("_asyncio")]
@@ -293,10 +295,10 @@ class LoopRunner:
     def __init__(self, kind: str = "asyncio") -> None:
         self.kind = kind
         self.loop = new_event_loop(kind)
-        self.handler_calls: List[Dict[str, Any]] = []
+        self.handler_calls: list[dict[str, Any]] = []
         self.loop.set_exception_handler(self._handler)
 
-    def _handler(self, loop: Any, context: Dict[str, Any]) -> None:
+    def _handler(self, loop: Any, context: dict[str, Any]) -> None:
         self.handler_calls.append(context)
 
     def run(self, coro: Any, timeout: float = 30.0) -> Any:
@@ -327,7 +329,7 @@ class LoopRunner:
 # -- files -----------------------------------------------------------------------
 
 
-def tmpfs_root() -> Optional[str]:
+def tmpfs_root() -> str | None:
     candidate = "/dev/shm"
     if (
         sys.platform.startswith("linux")
@@ -357,7 +359,7 @@ def caio_package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(caio.__file__)))
 
 
-def subprocess_env(**overrides: Optional[str]) -> Dict[str, str]:
+def subprocess_env(**overrides: str | None) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("CAIO_IMPL", None)
     env["PYTHONPATH"] = os.pathsep.join(
@@ -373,8 +375,8 @@ def subprocess_env(**overrides: Optional[str]) -> Dict[str, str]:
 
 def run_python(
     args: Sequence[str],
-    env: Optional[Dict[str, str]] = None,
-    cwd: Optional[str] = None,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
     timeout: float = 60,
 ) -> "subprocess.CompletedProcess[str]":
     return subprocess.run(
@@ -392,7 +394,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.items: List[Any] = []
+        self.items: list[Any] = []
 
     def __call__(self, value: Any) -> None:
         with self.lock:

@@ -10,7 +10,6 @@ import pytest
 
 from helpers import RawBackend
 
-
 FD = 5  # never used for I/O in this file
 
 

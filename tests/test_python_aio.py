@@ -14,7 +14,8 @@ import pytest
 import caio
 from caio import python_aio
 from caio.python_aio import ContextState, OpCode
-from helpers import RawBackend, Recorder, read_file
+
+from helpers import RawBackend, Recorder
 
 
 def test_module_level_names() -> None:
@@ -189,7 +190,8 @@ def test_pool_closed_underneath(python_aio: RawBackend, tmp_fd: int) -> None:
     ctx = python_aio.context(max_requests=1)
     ctx.pool.close()
     op = python_aio.Operation.fsync(tmp_fd)
-    with pytest.raises(Exception):
+    # Whatever the closed pool raises (ValueError from multiprocessing today).
+    with pytest.raises(Exception):  # noqa: B017
         ctx.submit(op)
     assert ctx._in_progress == 0
     assert op.in_progress is False

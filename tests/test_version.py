@@ -23,7 +23,7 @@ CARGO_LOCK = os.path.join(ROOT, "Cargo.lock")
 
 def _read(path: str) -> str:
     if not os.path.isfile(path):
-        pytest.skip("{} not found (tests run outside the source tree)".format(path))
+        pytest.skip(f"{path} not found (tests run outside the source tree)")
     with open(path, encoding="utf-8") as fp:
         return fp.read()
 
@@ -73,7 +73,6 @@ def test_installed_metadata_matches() -> None:
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("caio is imported from a source tree without installed metadata")
     assert installed == caio.__version__, (
-        "installed metadata says {}, caio.__version__ is {} (reinstall: make develop)".format(
-            installed, caio.__version__
-        )
+        f"installed metadata says {installed}, caio.__version__ is {caio.__version__}"
+        " (reinstall: make develop)"
     )
