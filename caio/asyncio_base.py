@@ -78,7 +78,10 @@ class AsyncioContextBase(abc.ABC):
     # -- hooks -------------------------------------------------------------
 
     def _create_context(self, max_requests: int, **kwargs: Any) -> Any:
-        return self.CONTEXT_CLASS(max_requests=max_requests, **kwargs)
+        # The abstract interface leaves the constructor open; every backend's
+        # takes max_requests.
+        factory: Callable[..., Any] = self.CONTEXT_CLASS
+        return factory(max_requests=max_requests, **kwargs)
 
     def _destroy_context(self) -> None:
         """Release the backend context (default: nothing to release)."""
@@ -254,7 +257,8 @@ class NativeAsyncioContextBase(AsyncioContextBase):
 
     def _open_context(self, max_requests: int, **kwargs: Any) -> Any:
         """Create the backend Context."""
-        return self.CONTEXT_CLASS(max_requests=max_requests, **kwargs)
+        factory: Callable[..., Any] = self.CONTEXT_CLASS
+        return factory(max_requests=max_requests, **kwargs)
 
     def _completion_fd(self, context: Any) -> int:
         """The fd the loop watches for completions (default: its eventfd)."""

@@ -603,7 +603,8 @@ class Context(AbstractContext):
             # its __del__ does not try to notify its (absent) threads through
             # a queue at interpreter shutdown.
             self._state = ContextState.CLOSED
-            self.pool._state = _POOL_CLOSE
+            pool: Any = self.pool
+            pool._state = _POOL_CLOSE
             return
         with self._lock:
             if self._state != ContextState.OPEN:
@@ -687,7 +688,7 @@ class Operation(AbstractOperation):
         self.buffer: bytes = buffer
         self.opcode = opcode
         self.exception: BaseException | None = None
-        self.written: Any = 0
+        self.written: int = 0
 
         self._fileno = fd
         self._nbytes = nbytes
