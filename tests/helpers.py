@@ -135,7 +135,6 @@ class RawBackend:
 
     def __init__(self, name: str, module: ModuleType):
         self.name = name
-        self.key = KEYS[name]
         self.module = module
         self.Context = module.Context
         self.Operation = module.Operation
@@ -151,8 +150,6 @@ class RawBackend:
     is_python = property(lambda self: self.name == "python_aio")
     # Backends whose completions are driven by the caller (eventfd model).
     is_linux = property(lambda self: self.name in ("linux_uring", "linux_aio"))
-    # Backends whose errors surface at completion (not in submit()).
-    errors_at_completion = property(lambda self: not self.is_linux_aio)
 
     def context(self, *args: Any, **kwargs: Any) -> Any:
         """A Context that is closed (where possible) at teardown."""
