@@ -35,6 +35,7 @@ def rust_extensions():
         warnings.warn(
             "cargo not found: installing caio without its native backends "
             "(python_aio only). Install Rust (https://rustup.rs) for the fast ones.",
+            stacklevel=1,
         )
         return []
     from setuptools_rust import Binding, RustExtension

@@ -15,8 +15,8 @@ already measured).  Every contender goes through exactly the same worker loop
 (:func:`_drive`); only the ``op(offset)`` coroutine differs.
 """
 
-import sys
 import os
+import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # Python < 3.11 has no -P: drop the script directory from sys.path ourselves.
@@ -51,7 +51,7 @@ def _version(dist):
         from importlib.metadata import version
 
         return version(dist)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 
@@ -66,7 +66,7 @@ def probe():
     }
     caio_info = {"importable": False}
     try:
-        import caio  # noqa: F401
+        import caio
 
         caio_info.update(
             importable=True,
@@ -87,7 +87,7 @@ def probe():
                     raw = importlib.import_module("caio.linux_uring")
                     b["SQPOLL_ALLOWED"] = getattr(raw, "SQPOLL_ALLOWED", None)
 
-                    async def _sq():
+                    async def _sq(mod=mod):
                         ctx = mod.AsyncioContext(max_requests=4)
                         try:
                             return int(getattr(ctx.context, "sqpoll", -1))
@@ -95,11 +95,11 @@ def probe():
                             ctx.close()
 
                     b["default_sqpoll"] = asyncio.run(_sq())
-            except BaseException as e:  # noqa: BLE001
+            except BaseException as e:
                 b["error"] = "%s: %s" % (type(e).__name__, e)
             backends[name] = b
         caio_info["backends"] = backends
-    except BaseException as e:  # noqa: BLE001
+    except BaseException as e:
         caio_info["error"] = "%s: %s" % (type(e).__name__, e)
     info["caio"] = caio_info
     print(json.dumps(info))
@@ -509,7 +509,7 @@ async def _drive(ops, offsets, seconds, max_ops, check, lats):
                 t1 = perf_ns()
                 if check is not None:
                     check(r, off)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 failure.append(e)
                 return
             if lats is not None:
@@ -710,7 +710,7 @@ def run(spec_path, out_path):
             try:
                 res = run_cell(spec, cell)
                 res["status"] = "ok"
-            except BaseException as e:  # noqa: BLE001
+            except BaseException as e:
                 if isinstance(e, KeyboardInterrupt):
                     raise
                 res = {

@@ -144,7 +144,8 @@ def ensure_fio(install=True):
         return p
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         log(
-            "setup: fio missing and cannot apt-get install it (not root or no apt); fio rows skipped"
+            "setup: fio missing and cannot apt-get install it (not root or no apt); "
+            "fio rows skipped"
         )
         return None
     log("setup: installing fio with apt-get (Debian package)")
@@ -274,6 +275,7 @@ def check_eviction(path, size):
     RWF_NOWAIT reads must fail with EAGAIN after eviction and succeed once the
     pages are read again; mincore(2) must agree for the whole file."""
     import random
+
     from .driver import _resident_fraction
 
     fd = os.open(path, os.O_RDONLY)
@@ -306,7 +308,9 @@ def check_eviction(path, size):
             "resident_before": before,
             "resident_after_evict": after,
             "mincore_resident_after_evict": mincore_after,
-            "method": "fsync + posix_fadvise(DONTNEED), verified with preadv(RWF_NOWAIT) and mincore",
+            "method": (
+                "fsync + posix_fadvise(DONTNEED), verified with preadv(RWF_NOWAIT) and mincore"
+            ),
         }
     except OSError as e:
         return {"ok": False, "error": "%s: %s" % (type(e).__name__, e)}

@@ -3,7 +3,6 @@
 import fnmatch
 import zlib
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -35,7 +34,7 @@ class Mode:
     measure: float
     offsets: int  # length of each cell's offset list
     sweep_conc: int  # concurrency of the chunk-size sweep
-    scenarios: List[Scenario]
+    scenarios: list[Scenario]
     fio_install: bool = True
     note: str = ""
     budget: float = 0.0  # minutes; 0 = no limit (see runner --budget)
@@ -176,11 +175,11 @@ class Contender:
     family: str  # ours | upstream | peer | limit
     label: str
     kind: str  # caio | executor | aiofiles | anyio | sync | floor | fio
-    python: Optional[str] = None
-    backend: Optional[str] = None
+    python: str | None = None
+    backend: str | None = None
     variant: str = ""
     params: dict = field(default_factory=dict)
-    version: Optional[str] = None
+    version: str | None = None
 
     def points(self, mode, scen):
         """The (chunk, concurrency) cells this contender runs in a scenario."""
@@ -222,7 +221,13 @@ def caio_contenders(family, python, probe_info, log):
                 % (family, b, bi.get("error", "not probed"))
             )
             continue
-        common = dict(family=family, kind="caio", python=python, backend=b, version=version)
+        common = {
+            "family": family,
+            "kind": "caio",
+            "python": python,
+            "backend": b,
+            "version": version,
+        }
         if b == "linux_uring":
             dsq = bi.get("default_sqpoll")
             out.append(

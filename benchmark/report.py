@@ -543,8 +543,8 @@ def sweep_table(res, scen, metric, axis):
 
 def details_md(res, scen):
     out = [
-        "| chunk | c | contender | ops/s | MB/s | p50 µs | p99 µs | p99.9 µs | CPU µs/op | max stall ms "
-        "| spread | ok/n | note |",
+        "| chunk | c | contender | ops/s | MB/s | p50 µs | p99 µs | p99.9 µs | CPU µs/op "
+        "| max stall ms | spread | ok/n | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     pts = sorted({(k[1], k[2]) for k in res.groups if k[0] == scen})
@@ -656,7 +656,7 @@ def noise_md(res):
     ok = [r for r in res.rows if r["status"] == "ok"]
     loads = [r["load1"] for r in res.rows if r["load1"] is not None]
     noisy = total = 0
-    for key, rows in res.groups.items():
+    for rows in res.groups.values():
         st = Stat(rows)
         sp = st.spread("ops_per_s")
         if sp is not None:
@@ -761,7 +761,8 @@ def env_md(meta):
         ),
         (
             "method",
-            "%s reps round-robin, warm-up %.2f s + %.2f s measured per cell, stall probe: %s, seed %s"
+            "%s reps round-robin, warm-up %.2f s + %.2f s measured per cell, "
+            "stall probe: %s, seed %s"
             % (
                 p.get("reps"),
                 p.get("warmup_s", 0),
@@ -809,8 +810,8 @@ def write_summary(out_dir):
         "How to read this: see [benchmark/README.md](../../README.md). Values are medians over the "
         "repetitions with <sub>min–max</sub>; ⚠ marks cells whose spread exceeds %d%%; "
         "**FAIL** cells failed in every repetition (error text in *Failures*). "
-        "Ratios are ours ÷ reference of the medians (>1 = ours faster; for stalls <1 = ours better)."
-        % (NOISY * 100),
+        "Ratios are ours ÷ reference of the medians "
+        "(>1 = ours faster; for stalls <1 = ours better)." % (NOISY * 100),
         "",
         env_md(meta),
         "",
@@ -866,7 +867,8 @@ def write_summary(out_dir):
     d = [
         "# caio benchmark details — %s" % meta.get("run_id"),
         "",
-        "Medians over repetitions; spread = (max−min)/median of ops/s. CPU µs/op is process CPU time "
+        "Medians over repetitions; spread = (max−min)/median of ops/s. "
+        "CPU µs/op is process CPU time "
         "(all threads, incl. io_uring SQPOLL/io-wq kernel threads) per completed operation.",
         "",
     ]
@@ -1027,7 +1029,7 @@ def charts(out_dir):
         ax.barh(y, vals, xerr=[lo, hi], color=colors, alpha=0.85, capsize=2)
         ax.set_yticks(y)
         ax.set_yticklabels(labels, fontsize=8)
-        for yy, v in zip(y, vals):
+        for yy, v in zip(y, vals, strict=True):
             if v:
                 ax.text(v, yy, " %s" % si(v), va="center", fontsize=7)
         ax.set_xlabel("throughput (ops/s), median; bars: min–max")

@@ -233,7 +233,7 @@ class Runner:
         """Seconds, from overheads measured on the 2-core reference machine."""
         per_cell = self.mode.warmup + self.mode.measure + 0.1
         t = 0.0
-        for _, scen, c, cells in batches:
+        for _, _scen, c, cells in batches:
             t += 0.15 if c.kind != "fio" else 0.0  # interpreter start + imports
             for cell in cells:
                 t += per_cell + (0.25 if c.kind == "fio" else 0.0)
@@ -423,7 +423,7 @@ class Runner:
                     "percentile", {}
                 )
 
-                def pk(q):
+                def pk(q, pct=pct):
                     for k, v in pct.items():
                         if abs(float(k) - q) < 1e-6:
                             return v / 1e3
@@ -453,7 +453,7 @@ class Runner:
                     "max_stall_ms": None,
                     "info": {"command": " ".join(cmd)},
                 }
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 results[cell.id] = {"status": "fail", "error": "%s: %s" % (type(e).__name__, e)}
         return results
 
@@ -468,8 +468,9 @@ class Runner:
             new = min(self.mode.measure, max(0.1, (budget * 60 - fixed) / total_cells))
             if new < self.mode.measure:
                 log(
-                    "plan: estimate %s exceeds the %g min budget -> measuring %.3f s per cell instead "
-                    "of %.3f s" % (_fmt_dur(est), budget, new, self.mode.measure)
+                    "plan: estimate %s exceeds the %g min budget -> "
+                    "measuring %.3f s per cell instead of %.3f s"
+                    % (_fmt_dur(est), budget, new, self.mode.measure)
                 )
                 self.mode.measure = round(new, 3)
                 self.meta["params"]["measure_s"] = self.mode.measure

@@ -12,7 +12,6 @@ import os
 import warnings
 from importlib import import_module
 from types import ModuleType
-from typing import Dict, Optional, Tuple
 
 from . import python_aio, python_aio_asyncio
 from .abstract import AbstractContext, AbstractOperation
@@ -22,13 +21,13 @@ __author__ = "Dmitry Orlov <me@mosquito.su>"
 
 # Why each unavailable native backend could not be imported, keyed like
 # CAIO_IMPL ("uring", "linux", "thread"); shown by ``python -m caio``.
-_import_errors: Dict[str, str] = {}
+_import_errors: dict[str, str] = {}
 
 
 def _import_backend(
     key: str,
     native: str,
-) -> Tuple[Optional[ModuleType], Optional[ModuleType]]:
+) -> tuple[ModuleType | None, ModuleType | None]:
     """Import a native backend together with its asyncio adapter.
 
     Only ImportError means "not available here" (both names become None);
@@ -76,8 +75,8 @@ _selected_key: str = ""
 _selection_reason: str = ""
 
 
-def _available_implementations() -> Dict[str, Tuple[ModuleType, ModuleType]]:
-    candidates: Dict[str, Tuple[Optional[ModuleType], Optional[ModuleType]]] = {
+def _available_implementations() -> dict[str, tuple[ModuleType, ModuleType]]:
+    candidates: dict[str, tuple[ModuleType | None, ModuleType | None]] = {
         "uring": (linux_uring, linux_uring_asyncio),
         "linux": (linux_aio, linux_aio_asyncio),
         "thread": (thread_aio, thread_aio_asyncio),
@@ -92,8 +91,8 @@ def _available_implementations() -> Dict[str, Tuple[ModuleType, ModuleType]]:
 
 def _read_default_implementation(
     path: str,
-    available: Dict[str, Tuple[ModuleType, ModuleType]],
-) -> Optional[str]:
+    available: dict[str, tuple[ModuleType, ModuleType]],
+) -> str | None:
     """First line of the file naming an available backend, else ``None``.
 
     Blank lines, ``#`` comments, unknown and unavailable keys are skipped.
@@ -109,8 +108,9 @@ def _read_default_implementation(
     except OSError as exc:
         # An unreadable file should not make "import caio" fail.
         warnings.warn(
-            "Cannot read {}: {}".format(path, exc),
+            f"Cannot read {path}: {exc}",
             RuntimeWarning,
+            stacklevel=1,
         )
     return None
 
@@ -120,7 +120,7 @@ def _select_implementation() -> None:
 
     available = _available_implementations()
     automatic = "automatic (best available)"
-    chosen: Optional[str] = None
+    chosen: str | None = None
 
     requested = os.environ.get("CAIO_IMPL")
     if requested:
@@ -128,17 +128,15 @@ def _select_implementation() -> None:
         # default_implementation file is not consulted at all.
         if requested in available:
             chosen = requested
-            reason = "CAIO_IMPL={}".format(requested)
+            reason = f"CAIO_IMPL={requested}"
         else:
             warnings.warn(
-                "CAIO_IMPL contains unsupported value {!r}. Use one of {!r}".format(
-                    requested, tuple(available)
-                ),
+                f"CAIO_IMPL contains unsupported value {requested!r}. "
+                f"Use one of {tuple(available)!r}",
                 RuntimeWarning,
+                stacklevel=1,
             )
-            reason = "{}; CAIO_IMPL={!r} ignored (not an available backend)".format(
-                automatic, requested
-            )
+            reason = f"{automatic}; CAIO_IMPL={requested!r} ignored (not an available backend)"
     else:
         path = os.path.join(
             os.path.dirname(os.path.abspath(__file__)),
@@ -147,11 +145,9 @@ def _select_implementation() -> None:
         if os.path.isfile(path):
             chosen = _read_default_implementation(path, available)
             if chosen is not None:
-                reason = "default_implementation file: {}".format(chosen)
+                reason = f"default_implementation file: {chosen}"
             else:
-                reason = "{}; default_implementation file names no available backend".format(
-                    automatic
-                )
+                reason = f"{automatic}; default_implementation file names no available backend"
         else:
             reason = automatic
 

@@ -17,14 +17,13 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Sequence
 from types import ModuleType
-from typing import List, Optional, Sequence, Tuple
 
 import caio
 
-
 # (key used by CAIO_IMPL, native module name, short description)
-BACKENDS: Tuple[Tuple[str, str, str], ...] = (
+BACKENDS: tuple[tuple[str, str, str], ...] = (
     ("uring", "linux_uring", "io_uring, Linux >= 5.6"),
     ("linux", "linux_aio", "kernel AIO, Linux >= 4.18"),
     ("thread", "thread_aio", "native thread pool"),
@@ -40,7 +39,7 @@ def _indent(text: str, prefix: str) -> str:
 
 def explain_import_error(module_name: str, message: str) -> str:
     """Human explanation of why a native backend could not be imported."""
-    not_built = "No module named 'caio.{}'".format(module_name)
+    not_built = f"No module named 'caio.{module_name}'"
     if message.startswith("ModuleNotFoundError") and not_built in message:
         return (
             "native module not built/installed here (pure-Python install, "
@@ -64,11 +63,11 @@ def explain_import_error(module_name: str, message: str) -> str:
     return "\n".join(hints)
 
 
-def backend_report() -> List[str]:
+def backend_report() -> list[str]:
     lines = ["Backends (best first):"]
     for key, module_name, description in BACKENDS:
-        module: Optional[ModuleType] = getattr(caio, module_name)
-        label = "  {:<7} {:<12} ".format(key, module_name)
+        module: ModuleType | None = getattr(caio, module_name)
+        label = f"  {key:<7} {module_name:<12} "
         if module is not None:
             extra = ""
             if module_name == "linux_uring":
@@ -77,34 +76,33 @@ def backend_report() -> List[str]:
                     extra = ", SQPOLL {}".format(
                         "allowed" if allowed else "not allowed",
                     )
-            lines.append("{}available ({}{})".format(label, description, extra))
+            lines.append(f"{label}available ({description}{extra})")
         else:
             message = caio._import_errors.get(key, "unknown reason")
-            lines.append("{}unavailable ({})".format(label, description))
+            lines.append(f"{label}unavailable ({description})")
             lines.append(
                 _indent(explain_import_error(module_name, message), " " * 23),
             )
     return lines
 
 
-def selection_report() -> List[str]:
+def selection_report() -> list[str]:
     selected = caio.preferred_asyncio
     name = selected.__name__.rsplit(".", 1)[-1]
     lines = [
-        "Selected: `from caio import AsyncioContext` uses {} (CAIO_IMPL key {!r})".format(
-            name, caio._selected_key
-        ),
-        "  how: {}".format(caio._selection_reason),
+        f"Selected: `from caio import AsyncioContext` uses {name} "
+        f"(CAIO_IMPL key {caio._selected_key!r})",
+        f"  how: {caio._selection_reason}",
     ]
     env = os.environ.get("CAIO_IMPL")
     if env is not None:
-        lines.append("  CAIO_IMPL={!r}".format(env))
+        lines.append(f"  CAIO_IMPL={env!r}")
     default_file = os.path.join(
         os.path.dirname(os.path.abspath(caio.__file__)),
         "default_implementation",
     )
     if os.path.isfile(default_file):
-        lines.append("  default_implementation file: {}".format(default_file))
+        lines.append(f"  default_implementation file: {default_file}")
     lines.append(
         "  Override with CAIO_IMPL=uring|linux|thread|python, or import a "
         "backend directly (from caio.thread_aio_asyncio import "
@@ -122,15 +120,12 @@ async def _round_trip(adapter: ModuleType, directory: str) -> str:
             written = await context.write(payload, fd, 0)
             if written != len(payload):
                 raise AssertionError(
-                    "write returned {}, expected {}".format(
-                        written,
-                        len(payload),
-                    ),
+                    f"write returned {written}, expected {len(payload)}",
                 )
             data = await context.read(len(payload) + 100, fd, 0)
             if data != payload:
                 raise AssertionError(
-                    "read back {} bytes that differ from what was written".format(len(data)),
+                    f"read back {len(data)} bytes that differ from what was written",
                 )
             await context.fsync(fd)
             await context.fdsync(fd)
@@ -142,22 +137,20 @@ async def _round_trip(adapter: ModuleType, directory: str) -> str:
     return "ok"
 
 
-def self_test(adapter: ModuleType, directory: str) -> Tuple[bool, str]:
+def self_test(adapter: ModuleType, directory: str) -> tuple[bool, str]:
     started = time.monotonic()
     try:
         asyncio.run(
             asyncio.wait_for(_round_trip(adapter, directory), SELF_TEST_TIMEOUT),
         )
     except asyncio.TimeoutError:
-        return False, "FAIL: no completion within {:.0f} s".format(
-            SELF_TEST_TIMEOUT,
-        )
+        return False, f"FAIL: no completion within {SELF_TEST_TIMEOUT:.0f} s"
     except Exception as exc:  # report every failure, keep testing the rest
-        return False, "FAIL: {}: {}".format(type(exc).__name__, exc)
-    return True, "ok ({:.1f} ms)".format((time.monotonic() - started) * 1000)
+        return False, f"FAIL: {type(exc).__name__}: {exc}"
+    return True, f"ok ({(time.monotonic() - started) * 1000:.1f} ms)"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m caio",
         description=(
@@ -179,20 +172,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    print(f"caio {caio.__version__} ({os.path.dirname(os.path.abspath(caio.__file__))})")
     print(
-        "caio {} ({})".format(
-            caio.__version__,
-            os.path.dirname(os.path.abspath(caio.__file__)),
-        )
-    )
-    print(
-        "Python {} ({}) on {} {} ({})".format(
-            platform.python_version(),
-            platform.python_implementation(),
-            platform.system(),
-            platform.release(),
-            platform.machine(),
-        )
+        f"Python {platform.python_version()} ({platform.python_implementation()})"
+        f" on {platform.system()} {platform.release()} ({platform.machine()})"
     )
     print()
     for line in backend_report():
@@ -206,15 +189,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     directory = args.dir or tempfile.gettempdir()
     print()
-    print("Self-test (write, read back, fsync, fdsync via AsyncioContext in {}):".format(directory))
+    print(f"Self-test (write, read back, fsync, fdsync via AsyncioContext in {directory}):")
     failed = []
     for key, module_name, _ in BACKENDS:
         adapter = getattr(caio, module_name + "_asyncio")
         if adapter is None:
-            print("  {:<7} {:<12} skipped (unavailable)".format(key, module_name))
+            print(f"  {key:<7} {module_name:<12} skipped (unavailable)")
             continue
         ok, text = self_test(adapter, directory)
-        print("  {:<7} {:<12} {}".format(key, module_name, text))
+        print(f"  {key:<7} {module_name:<12} {text}")
         sys.stdout.flush()
         if not ok:
             failed.append(module_name)

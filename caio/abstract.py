@@ -5,7 +5,8 @@ follow the same interface without inheriting from them (see the ``.pyi`` stubs).
 """
 
 import abc
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 
 class AbstractContext(abc.ABC):
@@ -54,7 +55,7 @@ class AbstractOperation(abc.ABC):
         raise NotImplementedError
 
     @abc.abstractmethod
-    def get_value(self) -> Union[bytes, int, None]:
+    def get_value(self) -> bytes | int | None:
         raise NotImplementedError
 
     @property
@@ -69,7 +70,7 @@ class AbstractOperation(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def payload(self) -> Optional[Union[bytes, memoryview]]:
+    def payload(self) -> bytes | memoryview | None:
         raise NotImplementedError
 
     @property

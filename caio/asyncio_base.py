@@ -9,24 +9,32 @@ Every ``caio.<backend>_asyncio.AsyncioContext`` subclasses
                                       hand the op to the backend, await a
                                       future, return ``op.get_value()``
 
-Backends customise it through small hooks: ``_create_context``,
-``_submit_op``, ``_on_submitted``, ``_on_done`` and ``_destroy_context``.
+Pure-Python adapters customise it through small hooks: ``_create_context``,
+``_on_done``, ``_keep_slot_until_done`` and ``_destroy_context``.
+
+The native backends' adapters use :class:`NativeAsyncioContextBase` instead:
+there the per-operation path is the backend's native ``_AsyncioBase`` and
+this module only wires it to the event loop.
 """
 
 import abc
 import asyncio
 import os
+from collections.abc import Callable, Coroutine
 from functools import partial
-from typing import Any, Coroutine, Optional, Type, Union
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, cast
 
 from .abstract import AbstractContext, AbstractOperation
 
+ContextType = type[AbstractContext]
+OperationType = type[AbstractOperation]
 
-ContextType = Type[AbstractContext]
-OperationType = Type[AbstractOperation]
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 
-def _resolve(future: asyncio.Future) -> None:
+def _resolve(future: asyncio.Future[Any]) -> None:
     # Runs on the loop thread; the future may have been cancelled meanwhile.
     if not future.done():
         future.set_result(True)
@@ -40,8 +48,8 @@ class AsyncioContextBase(abc.ABC):
 
     def __init__(
         self,
-        max_requests: Optional[int] = None,
-        loop: Optional[asyncio.AbstractEventLoop] = None,
+        max_requests: int | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
         deferred: bool = False,
         **kwargs: Any,
     ):
@@ -52,7 +60,7 @@ class AsyncioContextBase(abc.ABC):
         self._owner_pid = os.getpid()
         self.context = self._create_context(max_requests, **kwargs)
 
-    def _remove_loop_reader(self, fd: Optional[int]) -> None:
+    def _remove_loop_reader(self, fd: int | None) -> None:
         """Stop watching ``fd`` on the loop (nothing if the loop is closed).
 
         Not in a process forked from the one that created this context: the
@@ -70,12 +78,15 @@ class AsyncioContextBase(abc.ABC):
     # -- hooks -------------------------------------------------------------
 
     def _create_context(self, max_requests: int, **kwargs: Any) -> Any:
-        return self.CONTEXT_CLASS(max_requests=max_requests, **kwargs)
+        # The abstract interface leaves the constructor open; every backend's
+        # takes max_requests.
+        factory: Callable[..., Any] = self.CONTEXT_CLASS
+        return factory(max_requests=max_requests, **kwargs)
 
     def _destroy_context(self) -> None:
         """Release the backend context (default: nothing to release)."""
 
-    def _on_done(self, future: asyncio.Future, result: Any) -> None:
+    def _on_done(self, future: asyncio.Future[Any], result: Any) -> None:
         # Default for callbacks fired on a foreign (worker) thread.
         if future.done():
             return
@@ -88,14 +99,7 @@ class AsyncioContextBase(abc.ABC):
             if not self.loop.is_closed():
                 raise
 
-    def _submit_op(self, op: AbstractOperation, future: asyncio.Future) -> None:
-        if self.context.submit(op) != 1:
-            raise OSError("Operation was not submitted")
-
-    def _on_submitted(self) -> None:
-        """Called after each successful ``_submit_op`` (default: nothing)."""
-
-    def _keep_slot_until_done(self, op: AbstractOperation, future: asyncio.Future) -> bool:
+    def _keep_slot_until_done(self, op: AbstractOperation, future: asyncio.Future[Any]) -> bool:
         """The awaiting task was cancelled while ``op`` may still be running.
 
         Return True to take over releasing its semaphore slot once the backend
@@ -110,17 +114,16 @@ class AsyncioContextBase(abc.ABC):
     def close(self) -> None:
         self._destroy_context()
 
-    async def __aenter__(self) -> "AsyncioContextBase":
+    async def __aenter__(self) -> "Self":
         return self
 
-    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
-
-    # Adapters whose completions are delivered on the event-loop thread set
-    # this (per instance, once delivery is wired up): the native drain then
-    # resolves the future itself (``Operation._set_future``), with no Python
-    # callback per operation. ``_on_done`` is not used in that mode.
-    _loop_delivery = False
 
     #: Operations served synchronously (a page-cache hit completed inside
     #: ``submit``) never suspend the awaiting coroutine. So that a task
@@ -129,15 +132,12 @@ class AsyncioContextBase(abc.ABC):
     MAX_SYNC_STREAK = 32
     _sync_streak = 0
 
-    async def submit(self, op: AbstractOperation) -> Union[bytes, int, None]:
+    async def submit(self, op: AbstractOperation) -> bytes | int | None:
         if not isinstance(op, self.OPERATION_CLASS):
             raise ValueError("Operation object expected")
 
         future = self.loop.create_future()
-        if self._loop_delivery:
-            op._set_future(future)  # type: ignore[attr-defined]
-        else:
-            op.set_callback(partial(self._on_done, future))
+        op.set_callback(partial(self._on_done, future))
 
         semaphore = self.semaphore
         if semaphore.locked():
@@ -148,8 +148,8 @@ class AsyncioContextBase(abc.ABC):
             semaphore._value -= 1
         release = True
         try:
-            self._submit_op(op, future)
-            self._on_submitted()
+            if self.context.submit(op) != 1:
+                raise OSError("Operation was not submitted")
             try:
                 if future.done():
                     self._sync_streak += 1
@@ -179,8 +179,11 @@ class AsyncioContextBase(abc.ABC):
         offset: int,
         priority: int = 0,
     ) -> Coroutine[Any, Any, bytes]:
-        return self.submit(
-            self.OPERATION_CLASS.read(nbytes, fd, offset, priority),
+        # submit() returns what the operation's get_value() does: the bytes
+        # read (int for writes, None for syncs).
+        return cast(
+            "Coroutine[Any, Any, bytes]",
+            self.submit(self.OPERATION_CLASS.read(nbytes, fd, offset, priority)),
         )
 
     def write(
@@ -190,12 +193,118 @@ class AsyncioContextBase(abc.ABC):
         offset: int,
         priority: int = 0,
     ) -> Coroutine[Any, Any, int]:
-        return self.submit(
-            self.OPERATION_CLASS.write(payload, fd, offset, priority),
+        return cast(
+            "Coroutine[Any, Any, int]",
+            self.submit(self.OPERATION_CLASS.write(payload, fd, offset, priority)),
         )
 
     def fsync(self, fd: int) -> Coroutine[Any, Any, None]:
-        return self.submit(self.OPERATION_CLASS.fsync(fd))
+        return cast("Coroutine[Any, Any, None]", self.submit(self.OPERATION_CLASS.fsync(fd)))
 
     def fdsync(self, fd: int) -> Coroutine[Any, Any, None]:
-        return self.submit(self.OPERATION_CLASS.fdsync(fd))
+        return cast("Coroutine[Any, Any, None]", self.submit(self.OPERATION_CLASS.fdsync(fd)))
+
+
+class NativeAsyncioContextBase(AsyncioContextBase):
+    """Mixin of the native backends' adapters, combined with the backend's
+    ``_AsyncioBase`` (the native fast path, documented at the top of
+    ``rust/core/src/aio.rs``), which must come first in the bases::
+
+        class AsyncioContext(backend._AsyncioBase, NativeAsyncioContextBase): ...
+
+    ``_AsyncioBase`` supplies ``read``/``write``/``fsync``/``fdsync``/
+    ``submit`` and the loop machinery; this class wires them the same way
+    for every backend:
+
+    construction   open the backend Context, ``_bind`` the native base to
+                   it and the loop, watch the completion fd with
+                   ``loop.add_reader(fd, self._loop_reader())``, then
+                   ``_start_delivery``. A refused construction (e.g.
+                   ``loop`` is not an event loop) undoes what was done: the
+                   reader is removed only if ``add_reader`` succeeded, and
+                   the backend is closed in a ``finally`` (the exception's
+                   traceback holds this frame; whoever keeps it must not keep
+                   worker threads or fds alive).
+    ``close()``    ``_close_native()``: new operations are refused at once;
+                   the native base calls ``_release()`` as soon as none is in
+                   flight, cancelled ones included ("close once idle").
+    loop gone      the loop is closed with operations in flight: the native
+                   base notices it drop the reader, drains the backend
+                   without touching the loop and calls ``_release()``.
+    ``_release()`` stop watching the fd, then close the backend.
+
+    Backends fill in the hooks below. ``_release()`` may run twice
+    (thread_aio also calls it from ``close()``): the reader is removed once,
+    and the backends' ``close()`` does nothing the second time.
+    """
+
+    _reader_fd: int | None = None
+
+    if TYPE_CHECKING:
+        # Supplied by the backend's native ``_AsyncioBase``.
+        def _bind(
+            self,
+            context: Any,
+            loop: asyncio.AbstractEventLoop,
+            max_requests: int,
+            deferred: bool,
+            engine_obj: Any = None,
+        ) -> None: ...
+        def _loop_reader(self) -> Callable[[], int]: ...
+        def _close_native(self) -> None: ...
+
+    # -- backend hooks -----------------------------------------------------
+
+    def _open_context(self, max_requests: int, **kwargs: Any) -> Any:
+        """Create the backend Context."""
+        factory: Callable[..., Any] = self.CONTEXT_CLASS
+        return factory(max_requests=max_requests, **kwargs)
+
+    def _completion_fd(self, context: Any) -> int:
+        """The fd the loop watches for completions (default: its eventfd)."""
+        fd: int = context.fileno
+        return fd
+
+    def _engine_obj(self, context: Any) -> Any:
+        """The backend's own object for the native engine (``_bind``)."""
+        return None
+
+    def _start_delivery(self, context: Any) -> None:
+        """Called once the completion fd is watched (default: nothing)."""
+
+    def _close_backend(self, context: Any) -> None:
+        """Release the backend's resources (default: ``context.close()``)."""
+        context.close()
+
+    # -- AsyncioContextBase hooks ---------------------------------------------
+
+    def _create_context(self, max_requests: int, **kwargs: Any) -> Any:
+        context = self._open_context(max_requests, **kwargs)
+        watched = None
+        try:
+            fd = self._completion_fd(context)
+            self._bind(context, self.loop, max_requests, self.deferred, self._engine_obj(context))
+            self.loop.add_reader(fd, self._loop_reader())
+            watched = fd
+            # Only now that the fd is watched: no completion can be stranded.
+            self._start_delivery(context)
+        except BaseException:
+            try:
+                # Only a real loop that took the reader is asked to drop it
+                # (``loop`` may be any object here).
+                self._remove_loop_reader(watched)
+            finally:
+                self._close_backend(context)
+            raise
+        self._reader_fd = fd
+        return context
+
+    def _destroy_context(self) -> None:
+        self._close_native()
+
+    def _release(self) -> None:
+        # Called by the native base once idle (or from close(), see
+        # thread_aio). The reader goes before the backend closes its fd.
+        fd, self._reader_fd = self._reader_fd, None
+        self._remove_loop_reader(fd)
+        self._close_backend(self.context)

@@ -8,6 +8,8 @@ inside that call and is delivered right after it, so the awaitable returns
 its value without suspending the task (within a budget of ``SYNC_BUDGET``
 such completions per loop iteration). Anything else waits on a future that
 the eventfd reader (``_process_loop_events``) resolves on the loop thread.
+Construction, ``close()`` and the loop-gone drain are shared with the other
+native adapters (``NativeAsyncioContextBase``).
 
 Differences from upstream caio (all compatible):
 
@@ -26,18 +28,15 @@ Differences from upstream caio (all compatible):
 
 from typing import Any
 
-from . import linux_aio
-from .asyncio_base import AsyncioContextBase
+from .asyncio_base import NativeAsyncioContextBase
+from .linux_aio import Context, Operation, _AsyncioBase
 
 __all__ = ("AsyncioContext",)
 
 
-class AsyncioContext(linux_aio._AsyncioBase, AsyncioContextBase):
-    OPERATION_CLASS = linux_aio.Operation
-    CONTEXT_CLASS = linux_aio.Context
-
-    _closed = False
-    _reader_fd = -1
+class AsyncioContext(_AsyncioBase, NativeAsyncioContextBase):
+    OPERATION_CLASS = Operation
+    CONTEXT_CLASS = Context
 
     #: Synchronous completions (page-cache hits delivered right after
     #: io_submit) allowed per event-loop iteration before tasks yield: at a
@@ -46,35 +45,15 @@ class AsyncioContext(linux_aio._AsyncioBase, AsyncioContextBase):
     #: iteration.) Read by ``_bind``; replaces ``MAX_SYNC_STREAK``.
     SYNC_BUDGET = 128
 
-    # No **kwargs: like upstream, any extra keyword argument is a TypeError
-    # (API.md §7 Q13).
-    def _create_context(self, max_requests: int) -> Any:
+    def _open_context(self, max_requests: int, **kwargs: Any) -> Any:
+        if kwargs:
+            # Like upstream, any extra keyword argument is a TypeError
+            # (API.md §7 Q13).
+            raise TypeError(
+                f"AsyncioContext() got an unexpected keyword argument {next(iter(kwargs))!r}"
+            )
         context = self.CONTEXT_CLASS(max_requests=max_requests)
         # io_submit must never wait for the disk on the loop thread: buffered
         # I/O the kernel cannot do from the page cache goes to worker threads.
         context._set_nowait(True)
-        try:
-            self._bind(context, self.loop, max_requests, self.deferred)
-            self.loop.add_reader(context.fileno, self._loop_reader())
-        except BaseException:
-            context.close()
-            raise
-        self._reader_fd = context.fileno
-        self._loop_delivery = True
         return context
-
-    def _destroy_context(self) -> None:
-        if self._closed:
-            return
-        # New operations are refused from now on; those started before are
-        # still submitted and delivered (the reader stays until then), so
-        # awaiting them never hangs. The native base calls _release() as soon
-        # as none is in flight (cancelled ones included): now, or from a loop
-        # callback once the last one is over ("close once idle").
-        self._closed = True
-        self._close_native()
-
-    def _release(self) -> None:
-        fd, self._reader_fd = self._reader_fd, -1
-        self._remove_loop_reader(fd)
-        self.context.close()

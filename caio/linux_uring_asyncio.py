@@ -11,13 +11,15 @@ future that the eventfd reader resolves straight from the completion ring.
 and submits them with a single ``io_uring_enter``. ``sqpoll=True`` asks for a
 kernel submission thread (see ``DEFAULT_SQPOLL`` for why it is off by
 default).
+
+Construction, ``close()`` ("close once idle") and the loop-gone drain are
+shared with the other native adapters (``NativeAsyncioContextBase``).
 """
 
 from typing import Any
 
-from . import linux_uring
-from .asyncio_base import AsyncioContextBase
-from .linux_uring import SQPOLL_ALLOWED, Context, Operation
+from .asyncio_base import NativeAsyncioContextBase
+from .linux_uring import SQPOLL_ALLOWED, Context, Operation, _AsyncioBase
 
 __all__ = ("AsyncioContext",)
 
@@ -27,37 +29,25 @@ __all__ = ("AsyncioContext",)
 DEFAULT_SQPOLL = False
 
 
-class AsyncioContext(linux_uring._AsyncioBase, AsyncioContextBase):
+class AsyncioContext(_AsyncioBase, NativeAsyncioContextBase):
     OPERATION_CLASS = Operation
     CONTEXT_CLASS = Context
 
-    _reader_fd = -1
-
-    def _create_context(self, max_requests: int, **kwargs: Any) -> Any:
+    def _open_context(self, max_requests: int, **kwargs: Any) -> Any:
         kwargs.setdefault("sqpoll", DEFAULT_SQPOLL and SQPOLL_ALLOWED)
-        context = super()._create_context(max_requests, **kwargs)
-        self._bind(context, self.loop, max_requests, self.deferred, context._deferred_flush)
-        self.loop.add_reader(context.fileno, self._loop_reader())
-        self._reader_fd = context.fileno
-        self._loop_delivery = True
-        return context
+        return super()._open_context(max_requests, **kwargs)
 
-    def _on_read_event(self) -> None:
-        # Kept for subclasses/compatibility; the reader is the native method.
-        self._process_loop_events()
+    def _engine_obj(self, context: Any) -> Any:
+        # deferred=True: the native base submits a loop iteration's staged
+        # SQEs through this.
+        return context._deferred_flush
 
-    def _destroy_context(self) -> None:
-        # New operations raise RuntimeError from now on (instead of hanging,
-        # API.md §7 Q14). The eventfd stays watched until the operations
-        # already in flight — cancelled ones included — have been delivered;
-        # then the native base calls _release() ("close once idle"). Without
-        # that, an undelivered completion would keep op and Context alive
-        # forever: ring and eventfd would leak.
-        self._close_native()
-
-    def _release(self) -> None:
-        # Nothing is in flight: stop watching the eventfd. The ring and the
-        # eventfd are released with the Context (as upstream: at garbage
-        # collection; nothing in flight holds it any more).
-        fd, self._reader_fd = self._reader_fd, -1
-        self._remove_loop_reader(fd)
+    def _close_backend(self, context: Any) -> None:
+        # Nothing to do: the ring and the eventfd are released with the
+        # Context (as upstream: at garbage collection; once the adapter is
+        # released nothing in flight holds it any more). Until then, new
+        # operations raise RuntimeError after close() (instead of hanging,
+        # API.md §7 Q14), and the eventfd stays watched until the operations
+        # already in flight, cancelled ones included, have been delivered:
+        # an undelivered completion would keep op and Context alive forever.
+        pass

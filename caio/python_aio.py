@@ -38,20 +38,22 @@ both).
 
 import atexit
 import errno
+import multiprocessing
 import operator
 import os
 import sys
 import threading
-from enum import IntEnum, unique
-import multiprocessing
-from multiprocessing.pool import CLOSE as _POOL_CLOSE, RUN as _POOL_RUN, Pool, ThreadPool
-from threading import Lock, RLock
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Optional, Tuple, Union, cast
+from collections.abc import Callable
+from enum import IntEnum, unique
+from multiprocessing.pool import CLOSE as _POOL_CLOSE
+from multiprocessing.pool import RUN as _POOL_RUN
+from multiprocessing.pool import Pool, ThreadPool
+from threading import Lock, RLock
+from typing import Any
 from weakref import WeakSet, WeakValueDictionary
 
 from .abstract import AbstractContext, AbstractOperation
-
 
 if hasattr(os, "fdatasync"):
     fdsync = os.fdatasync
@@ -237,7 +239,7 @@ def _run_noop(op: "Operation") -> None:
 _READ, _WRITE, _FSYNC, _FDSYNC = OpCode.READ, OpCode.WRITE, OpCode.FSYNC, OpCode.FDSYNC
 _OPEN = ContextState.OPEN
 
-_RUNNERS: Dict[int, Callable[["Operation"], Optional[int]]] = {
+_RUNNERS: dict[int, Callable[["Operation"], int | None]] = {
     OpCode.READ: _run_read,
     OpCode.WRITE: _run_write,
     OpCode.FSYNC: _run_fsync,
@@ -261,7 +263,7 @@ class _Job:
 
     # Called by the pool's result-handler thread: ``outcome`` is the
     # worker's ``(success, value_or_exception)`` pair.
-    def _set(self, index: int, outcome: Tuple[bool, Any]) -> None:
+    def _set(self, index: int, outcome: tuple[bool, Any]) -> None:
         context = self.context
         operation = self.operation
         self.context = self.operation = None  # type: ignore[assignment]
@@ -286,7 +288,7 @@ class _DrainJob:
     def __init__(self, context: "Context"):
         self.context = context
 
-    def _set(self, index: int, outcome: Tuple[bool, Any]) -> None:
+    def _set(self, index: int, outcome: tuple[bool, Any]) -> None:
         context = self.context
         self.context = None  # type: ignore[assignment]
         pool: Any = context.pool
@@ -370,16 +372,11 @@ class Context(AbstractContext):
 
         if not 0 < pool_size < self.MAX_POOL_SIZE:
             raise ValueError(
-                "pool_size must be between 1 and {}, got {}".format(
-                    self.MAX_POOL_SIZE - 1,
-                    pool_size,
-                ),
+                f"pool_size must be between 1 and {self.MAX_POOL_SIZE - 1}, got {pool_size}",
             )
         if max_requests <= 0:
             raise ValueError(
-                "max_requests must be a positive integer, got {}".format(
-                    max_requests,
-                ),
+                f"max_requests must be a positive integer, got {max_requests}",
             )
 
         self._max_requests = max_requests
@@ -390,7 +387,7 @@ class Context(AbstractContext):
         self._direct = _pool_supports_direct_jobs(self.pool)
         # Direct path: claimed operations wait here for a "drain" task; at
         # most pool_size drains are queued or running at any time.
-        self._queue: Deque[Tuple[Any, Any, "Operation"]] = deque()
+        self._queue: deque[tuple[Any, Any, Operation]] = deque()
         self._drains = 0
         self._busy = 0
         self._pool_size = pool_size
@@ -406,7 +403,7 @@ class Context(AbstractContext):
     def submit(self, *aio_operations: AbstractOperation) -> int:
         for operation in aio_operations:
             if not isinstance(operation, Operation):
-                raise ValueError("Invalid Operation {!r}".format(operation))
+                raise ValueError(f"Invalid Operation {operation!r}")
         if self._fork_generation != _fork_generation:
             # Checked before taking any lock: a lock held by one of the
             # parent's threads at fork() time is never released here.
@@ -444,9 +441,9 @@ class Context(AbstractContext):
                 raise CapacityError(
                     errno.EAGAIN,
                     "Maximum simultaneous requests have been reached: the "
-                    "queue is full (max_requests={}); the operations before "
+                    f"queue is full (max_requests={self._max_requests}); the operations before "
                     "this one were accepted, submit the rest again once some "
-                    "have completed".format(self._max_requests),
+                    "have completed",
                 )
             operation.in_progress = True
             self._in_progress += 1
@@ -550,7 +547,7 @@ class Context(AbstractContext):
                 # On failure the loop still serves the queue by itself.
                 self._spawn_drain(pool)
             try:
-                outcome: Tuple[bool, Any] = (True, runner(operation))
+                outcome: tuple[bool, Any] = (True, runner(operation))
             except BaseException as exc:
                 # Reported as this operation's failure; letting it escape
                 # would kill the worker with the drain bookkeeping half done.
@@ -606,7 +603,8 @@ class Context(AbstractContext):
             # its __del__ does not try to notify its (absent) threads through
             # a queue at interpreter shutdown.
             self._state = ContextState.CLOSED
-            self.pool._state = _POOL_CLOSE
+            pool: Any = self.pool
+            pool._state = _POOL_CLOSE
             return
         with self._lock:
             if self._state != ContextState.OPEN:
@@ -660,11 +658,11 @@ class Operation(AbstractOperation):
     def __init__(
         self,
         fd: int,
-        nbytes: Optional[int],
-        offset: Optional[int],
+        nbytes: int | None,
+        offset: int | None,
         opcode: OpCode,
-        payload: Optional[bytes] = None,
-        priority: Optional[int] = None,
+        payload: bytes | None = None,
+        priority: int | None = None,
     ):
         # Same acceptance rule as the native argument parsers: anything with
         # __index__ (int, bool, numpy integers), nothing else.
@@ -676,23 +674,21 @@ class Operation(AbstractOperation):
         if opcode == _WRITE:
             if not isinstance(payload, bytes):
                 raise ValueError(
-                    "payload_bytes must be bytes, got {!r}".format(
-                        type(payload),
-                    ),
+                    f"payload_bytes must be bytes, got {type(payload)!r}",
                 )
             buffer = payload
         else:
             buffer = b""
 
-        self.callback: Optional[Callback] = None
+        self.callback: Callback | None = None
         self.in_progress = False
         self._lock = Lock()
         # Write: the caller's payload (no copy).  Read: replaced by the bytes
         # pread() returns.  Otherwise empty.
         self.buffer: bytes = buffer
         self.opcode = opcode
-        self.exception: Optional[BaseException] = None
-        self.written: Any = 0
+        self.exception: BaseException | None = None
+        self.written: int = 0
 
         self._fileno = fd
         self._nbytes = nbytes
@@ -738,7 +734,7 @@ class Operation(AbstractOperation):
         """Create an fdatasync operation (fsync where unavailable)."""
         return cls(fd, None, None, _FDSYNC, priority=priority)
 
-    def get_value(self) -> Union[bytes, int, None]:
+    def get_value(self) -> bytes | int | None:
         """The result: bytes read, bytes written, or ``None`` for syncs.
 
         Re-raises the original ``OSError`` if the operation failed.
@@ -771,7 +767,7 @@ class Operation(AbstractOperation):
     def set_callback(self, callback: Callback) -> bool:
         if not callable(callback):
             raise ValueError(
-                "callback must be callable, got {!r}".format(callback),
+                f"callback must be callable, got {callback!r}",
             )
         # A single attribute store is atomic (also without the GIL) and drops
         # the previous callback exactly once.

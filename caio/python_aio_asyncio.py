@@ -2,7 +2,7 @@
 
 import asyncio
 from collections import deque
-from typing import Any, Deque, Set
+from typing import Any
 
 from .asyncio_base import AsyncioContextBase
 from .python_aio import Context, Operation
@@ -18,14 +18,14 @@ class AsyncioContext(AsyncioContextBase):
         # the loop's self-pipe plus a loop wake-up), finished futures are
         # queued here and a single wake-up drains everything that finished
         # meanwhile.  Set up before the base constructor creates the Context.
-        self._finished: Deque["asyncio.Future[Any]"] = deque()
+        self._finished: deque[asyncio.Future[Any]] = deque()
         self._wakeup_pending = False
         # Slot accounting for cancelled operations (loop thread only): the
         # Context refuses work beyond max_requests *running* operations, and a
         # cancelled one keeps running, so its semaphore slot is returned only
         # when it has really finished.
-        self._cancelled_running: Set["asyncio.Future[Any]"] = set()
-        self._cancelled_finished: Set["asyncio.Future[Any]"] = set()
+        self._cancelled_running: set[asyncio.Future[Any]] = set()
+        self._cancelled_finished: set[asyncio.Future[Any]] = set()
         super().__init__(*args, **kwargs)
 
     def _on_done(self, future: "asyncio.Future[Any]", result: Any) -> None:

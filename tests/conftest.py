@@ -21,98 +21,43 @@ loops, while the raw-API tests (which use no loop) run once.
 
 Hypothesis: profiles ``default`` (few examples, keeps the suite fast) and
 ``thorough`` (many more); pick one with ``CAIO_HYPOTHESIS_PROFILE=thorough``.
+
+This file holds the fixtures and pytest hooks only; what test modules share
+besides fixtures (backend discovery, drivers, subprocess helpers) is in
+``helpers.py``: ``from helpers import ...``.
 """
 
-import asyncio
 import faulthandler
 import gc
-import importlib
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
-import time
-from types import ModuleType
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import pytest
 
-import caio
+# helpers.py is not a test module: have pytest rewrite its asserts too (the
+# drivers' and LoopRunner.check()'s failure messages), as it did while they
+# lived in this file.
+pytest.register_assert_rewrite("helpers")
 
-try:
-    import uvloop
-except ImportError:  # no wheel for this interpreter: no uvloop parameters
-    uvloop = None
-
-try:
-    from hypothesis import HealthCheck, settings as _hypothesis_settings
-except ImportError:  # hypothesis is a test dependency; tolerate its absence here
-    _hypothesis_settings = None
-
-
-# -- discovery -------------------------------------------------------------------
-
-NATIVE_NAMES = ("linux_uring", "linux_aio", "thread_aio")
-ALL_NAMES = NATIVE_NAMES + ("python_aio",)
-
-# The key CAIO_IMPL / default_implementation use for each backend.
-KEYS = {
-    "linux_uring": "uring",
-    "linux_aio": "linux",
-    "thread_aio": "thread",
-    "python_aio": "python",
-}
-
-# Substring of Context.__doc__ identifying each backend (API.md 1.2).
-CONTEXT_DOC = {
-    "linux_uring": "io_uring AIO context",
-    "linux_aio": "linux aio context representation",
-    "thread_aio": "thread aio context",
-    "python_aio": "python aio context implementation",
-}
-
-
-def _import(name: str) -> Optional[ModuleType]:
-    try:
-        return importlib.import_module("caio." + name)
-    except ImportError:
-        return None
-
-
-MODULES: Dict[str, ModuleType] = {
-    name: module for name in ALL_NAMES for module in [_import(name)] if module is not None
-}
-NATIVE_MODULES = {k: v for k, v in MODULES.items() if k != "python_aio"}
-
-FREE_THREADED = hasattr(sys, "_is_gil_enabled") and not sys._is_gil_enabled()
-
-# Default per-test time limit; every test must finish.
-TEST_TIMEOUT = 60
-
+from helpers import (  # noqa: E402
+    ALL_NAMES,
+    LOOP_IDS,
+    LOOP_KINDS,
+    MODULES,
+    NATIVE_NAMES,
+    TEST_TIMEOUT,
+    AsyncBackend,
+    LoopRunner,
+    RawBackend,
+    async_params,
+    raw_params,
+    tmpfs_root,
+)
 
 # -- event loops -------------------------------------------------------------------
-
-
-def _loop_kinds() -> List[str]:
-    kinds = ["asyncio"] + (["uvloop"] if uvloop is not None else [])
-    wanted = os.environ.get("CAIO_TEST_LOOPS")
-    if wanted:
-        kinds = [k for k in kinds if k in wanted.replace(",", " ").split()]
-    return kinds
-
-
-LOOP_KINDS = _loop_kinds()
-LOOP_IDS = {"asyncio": "asyncio_loop", "uvloop": "uvloop"}
-
-
-def new_event_loop(kind: str = "asyncio") -> asyncio.AbstractEventLoop:
-    """A fresh event loop of the given kind (``asyncio`` or ``uvloop``)."""
-    if kind == "uvloop":
-        assert uvloop is not None
-        return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
 
 
 @pytest.fixture(params=[pytest.param(k, id=LOOP_IDS[k]) for k in LOOP_KINDS])
@@ -121,32 +66,7 @@ def loop_kind(request: Any) -> str:
     return request.param
 
 
-# -- hypothesis profiles --------------------------------------------------------------
-#
-# ``default`` keeps each property test to a few seconds on two shared cores;
-# ``thorough`` is for a dedicated run:
-#   CAIO_HYPOTHESIS_PROFILE=thorough python -m pytest tests/test_reliability_model.py
-# Deadlines are off: timing on a loaded CI box is not what these tests check
-# (pytest-timeout catches hangs).
-
-if _hypothesis_settings is not None:
-    _hypothesis_settings.register_profile(
-        "default",
-        max_examples=12,
-        deadline=None,
-        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-        print_blob=True,
-    )
-    _hypothesis_settings.register_profile(
-        "thorough",
-        max_examples=400,
-        deadline=None,
-        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-        print_blob=True,
-    )
-    _hypothesis_settings.load_profile(
-        os.environ.get("CAIO_HYPOTHESIS_PROFILE", "default"),
-    )
+# -- pytest hooks ------------------------------------------------------------------
 
 
 def pytest_configure(config: Any) -> None:
@@ -179,7 +99,7 @@ def pytest_collection_finish(session: Any) -> None:
     gc.freeze()
 
 
-def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     if not config.pluginmanager.hasplugin("timeout"):
         return
     for item in items:
@@ -208,151 +128,50 @@ def _hang_guard(request: Any) -> Any:
 # -- raw backends ----------------------------------------------------------------
 
 
-class RawBackend:
-    """One backend module plus helpers to drive its completions."""
-
-    def __init__(self, name: str, module: ModuleType):
-        self.name = name
-        self.key = KEYS[name]
-        self.module = module
-        self.Context = module.Context
-        self.Operation = module.Operation
-        self._contexts: List[Any] = []
-
-    def __repr__(self) -> str:
-        return "<RawBackend {}>".format(self.name)
-
-    native = property(lambda self: self.name != "python_aio")
-    is_uring = property(lambda self: self.name == "linux_uring")
-    is_linux_aio = property(lambda self: self.name == "linux_aio")
-    is_thread = property(lambda self: self.name == "thread_aio")
-    is_python = property(lambda self: self.name == "python_aio")
-    # Backends whose completions are driven by the caller (eventfd model).
-    is_linux = property(lambda self: self.name in ("linux_uring", "linux_aio"))
-    # Backends whose errors surface at completion (not in submit()).
-    errors_at_completion = property(lambda self: not self.is_linux_aio)
-
-    def context(self, *args: Any, **kwargs: Any) -> Any:
-        """A Context that is closed (where possible) at teardown."""
-        ctx = self.Context(*args, **kwargs)
-        self._contexts.append(ctx)
-        return ctx
-
-    def cleanup(self) -> None:
-        for ctx in self._contexts:
-            close = getattr(ctx, "close", None)
-            if close is not None:
-                close()
-        self._contexts.clear()
-
-    def drive(self, ctx: Any) -> int:
-        """Deliver whatever completions are ready; returns how many."""
-        delivered = 0
-        if hasattr(ctx, "flush"):
-            delivered += ctx.flush()
-        if hasattr(ctx, "process_events"):
-            delivered += ctx.process_events()
-        return delivered
-
-    def wait_for(
-        self,
-        ctx: Any,
-        predicate: Callable[[], Any],
-        timeout: float = 10.0,
-        what: str = "condition",
-    ) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    "{}: timed out waiting for {}".format(self.name, what),
-                )
-            if ctx is not None:
-                self.drive(ctx)
-            time.sleep(0.0005)
-
-    def run(
-        self,
-        ctx: Any,
-        *ops: Any,
-        timeout: float = 10.0,
-    ) -> List[Any]:
-        """Submit ``ops`` in one call and wait for all their callbacks.
-
-        Returns the callback arguments in operation order.
-        """
-        results: Dict[int, Any] = {}
-
-        def make_callback(index: int) -> Callable[[Any], None]:
-            def callback(result: Any) -> None:
-                results[index] = result
-
-            return callback
-
-        for index, op in enumerate(ops):
-            op.set_callback(make_callback(index))
-        accepted = ctx.submit(*ops)
-        assert accepted == len(ops), (accepted, len(ops))
-        self.wait_for(
-            ctx,
-            lambda: len(results) == len(ops),
-            timeout,
-            "{} completions".format(len(ops)),
-        )
-        return [results[i] for i in range(len(ops))]
-
-    def run_one(self, ctx: Any, op: Any) -> Any:
-        return self.run(ctx, op)[0]
-
-
-def _raw_params(names: Sequence[str]) -> List[Any]:
-    return [pytest.param(name, id=name) for name in names if name in MODULES]
-
-
 def _make_backend(request: Any) -> Any:
     backend = RawBackend(request.param, MODULES[request.param])
     request.addfinalizer(backend.cleanup)
     return backend
 
 
-@pytest.fixture(params=_raw_params(ALL_NAMES))
+@pytest.fixture(params=raw_params(ALL_NAMES))
 def backend(request: Any) -> RawBackend:
     return _make_backend(request)
 
 
-@pytest.fixture(params=_raw_params(NATIVE_NAMES))
+@pytest.fixture(params=raw_params(NATIVE_NAMES))
 def native_backend(request: Any) -> RawBackend:
     return _make_backend(request)
 
 
-@pytest.fixture(params=_raw_params(("linux_uring", "linux_aio")))
+@pytest.fixture(params=raw_params(("linux_uring", "linux_aio")))
 def linux_backend(request: Any) -> RawBackend:
     return _make_backend(request)
 
 
-@pytest.fixture(params=_raw_params(("thread_aio", "python_aio")))
+@pytest.fixture(params=raw_params(("thread_aio", "python_aio")))
 def pool_backend(request: Any) -> RawBackend:
     return _make_backend(request)
 
 
-@pytest.fixture(params=_raw_params(("linux_uring", "thread_aio")))
+@pytest.fixture(params=raw_params(("linux_uring", "thread_aio")))
 def completion_error_backend(request: Any) -> RawBackend:
     """Native backends that report I/O errors at completion (not linux_aio,
     which rejects most bad requests in submit())."""
     return _make_backend(request)
 
 
-@pytest.fixture(params=_raw_params(("linux_uring",)))
+@pytest.fixture(params=raw_params(("linux_uring",)))
 def uring(request: Any) -> RawBackend:
     return _make_backend(request)
 
 
-@pytest.fixture(params=_raw_params(("linux_aio",)))
+@pytest.fixture(params=raw_params(("linux_aio",)))
 def linux_aio(request: Any) -> RawBackend:
     return _make_backend(request)
 
 
-@pytest.fixture(params=_raw_params(("thread_aio",)))
+@pytest.fixture(params=raw_params(("thread_aio",)))
 def thread_aio(request: Any) -> RawBackend:
     return _make_backend(request)
 
@@ -367,102 +186,10 @@ def python_aio() -> Any:
 # -- asyncio backends --------------------------------------------------------------
 
 
-class AsyncBackend:
-    """An asyncio adapter module plus the constructor kwargs to use."""
-
-    def __init__(self, name: str, module: ModuleType, kwargs: Dict[str, Any]):
-        self.name = name  # e.g. "linux_uring"
-        self.module = module  # e.g. caio.linux_uring_asyncio
-        self.kwargs = kwargs
-
-    def __repr__(self) -> str:
-        return "<AsyncBackend {} {}>".format(self.name, self.kwargs)
-
-    is_uring = property(lambda self: self.name == "linux_uring")
-    is_linux_aio = property(lambda self: self.name == "linux_aio")
-    is_linux = property(lambda self: self.name in ("linux_uring", "linux_aio"))
-    is_pool = property(lambda self: self.name in ("thread_aio", "python_aio"))
-
-    def context(self, max_requests: Optional[int] = None, **kwargs: Any) -> Any:
-        options = dict(self.kwargs)
-        options.update(kwargs)
-        return self.module.AsyncioContext(max_requests, **options)
-
-
-def _async_params() -> List[Any]:
-    params = []
-    for adapter in caio.variants_asyncio:
-        name = adapter.__name__.rsplit(".", 1)[-1][: -len("_asyncio")]
-        params.append(pytest.param((name, adapter, {}), id=name + "_asyncio"))
-        if name == "linux_uring":
-            params.append(
-                pytest.param(
-                    (name, adapter, {"sqpoll": True}),
-                    id="linux_uring_asyncio-sqpoll",
-                )
-            )
-            params.append(
-                pytest.param(
-                    (name, adapter, {"sqpoll": False, "deferred": True}),
-                    id="linux_uring_asyncio-nosqpoll-deferred",
-                )
-            )
-        elif name == "linux_aio":
-            params.append(
-                pytest.param(
-                    (name, adapter, {"deferred": True}),
-                    id="linux_aio_asyncio-deferred",
-                )
-            )
-    return params
-
-
-@pytest.fixture(params=_async_params())
+@pytest.fixture(params=async_params())
 def async_backend(request: Any) -> AsyncBackend:
     name, module, kwargs = request.param
     return AsyncBackend(name, module, kwargs)
-
-
-class LoopRunner:
-    """Runs coroutines on a private event loop and watches for trouble.
-
-    Every call to the loop's exception handler (e.g. "exception was never
-    retrieved", "Task was destroyed but it is pending") is recorded;
-    :meth:`check` (called at teardown) asserts there were none.
-    """
-
-    def __init__(self, kind: str = "asyncio") -> None:
-        self.kind = kind
-        self.loop = new_event_loop(kind)
-        self.handler_calls: List[Dict[str, Any]] = []
-        self.loop.set_exception_handler(self._handler)
-
-    def _handler(self, loop: Any, context: Dict[str, Any]) -> None:
-        self.handler_calls.append(context)
-
-    def run(self, coro: Any, timeout: float = 30.0) -> Any:
-        return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
-
-    def settle(self) -> None:
-        """Let pending callbacks run and finalise garbage: a few loop turns,
-        one collection, then turns for what the finalisers scheduled."""
-        for _ in range(3):
-            self.loop.run_until_complete(asyncio.sleep(0))
-        gc.collect()
-        for _ in range(2):
-            self.loop.run_until_complete(asyncio.sleep(0))
-
-    def close(self) -> None:
-        try:
-            if not self.loop.is_closed():
-                self.settle()
-                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-                self.loop.close()
-        finally:
-            gc.collect()
-
-    def check(self) -> None:
-        assert self.handler_calls == [], self.handler_calls
 
 
 @pytest.fixture
@@ -492,21 +219,10 @@ def tmp_fd(tmp_path: Any) -> Any:
         pass
 
 
-def _tmpfs_root() -> Optional[str]:
-    candidate = "/dev/shm"
-    if (
-        sys.platform.startswith("linux")
-        and os.path.isdir(candidate)
-        and os.access(candidate, os.W_OK)
-    ):
-        return candidate
-    return None
-
-
 @pytest.fixture
 def fast_dir(tmp_path: Any) -> Any:
     """A directory where fsync is cheap (tmpfs if available)."""
-    root = _tmpfs_root()
+    root = tmpfs_root()
     if root is None:
         yield str(tmp_path)
         return
@@ -543,76 +259,6 @@ def closed_fd() -> int:
         candidate += 1
 
 
-def aio_ring_count() -> int:
-    """This process's kernel AIO rings (``[aio]`` mappings)."""
-    with open("/proc/self/maps") as maps:
-        return sum(1 for line in maps if "[aio]" in line)
-
-
-def read_file(fd: int) -> bytes:
-    size = os.fstat(fd).st_size
-    return os.pread(fd, size, 0) if size else b""
-
-
-# -- subprocesses ------------------------------------------------------------------
-
-
-def caio_package_root() -> str:
-    """The directory that contains the ``caio`` package being tested."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(caio.__file__)))
-
-
-def subprocess_env(**overrides: Optional[str]) -> Dict[str, str]:
-    env = dict(os.environ)
-    env.pop("CAIO_IMPL", None)
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [caio_package_root(), env.get("PYTHONPATH")]),
-    )
-    for key, value in overrides.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
-
-
-def run_python(
-    args: Sequence[str],
-    env: Optional[Dict[str, str]] = None,
-    cwd: Optional[str] = None,
-    timeout: float = 60,
-) -> "subprocess.CompletedProcess[str]":
-    return subprocess.run(
-        [sys.executable, *args],
-        env=env if env is not None else subprocess_env(),
-        cwd=cwd,
-        timeout=timeout,
-        capture_output=True,
-        text=True,
-    )
-
-
-class Recorder:
-    """Thread-safe list of callback results."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.items: List[Any] = []
-
-    def __call__(self, value: Any) -> None:
-        with self.lock:
-            self.items.append(value)
-
-    def __len__(self) -> int:
-        with self.lock:
-            return len(self.items)
-
-
-def pipe_pair() -> Tuple[int, int]:
-    r, w = os.pipe()
-    return r, w
-
-
 # -- reliability figures -------------------------------------------------------------
 
 
@@ -629,7 +275,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             lines.append(
                 "{}: {}".format(
                     name,
-                    ", ".join("{} {}".format(value, key) for key, value in sorted(stats.items())),
+                    ", ".join(f"{value} {key}" for key, value in sorted(stats.items())),
                 )
             )
     if lines:

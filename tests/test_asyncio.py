@@ -13,15 +13,14 @@ import errno
 import gc
 import hashlib
 import os
-import sys
-from typing import Any, List
+from typing import Any
 
 import pytest
 
 import caio
 from caio.asyncio_base import AsyncioContextBase
-from conftest import AsyncBackend, LoopRunner, read_file
 
+from helpers import AsyncBackend, LoopRunner, read_file
 
 # -- construction and attributes --------------------------------------------------------
 
@@ -260,7 +259,7 @@ def test_error_types_per_backend(
         async with async_backend.context() as ctx:
             try:
                 await ctx.read(16, closed_fd, 0)
-            except Exception as exc:  # noqa: BLE001 - inspected below
+            except Exception as exc:
                 return exc
         raise AssertionError("no error")
 
@@ -345,7 +344,7 @@ def test_back_pressure_with_tiny_max_requests(
     """Edge case 61: max_requests=2, 40 writes then 40 reads, no capacity errors."""
     chunks = [os.urandom(4096) for _ in range(40)]
 
-    async def main() -> List[bytes]:
+    async def main() -> list[bytes]:
         async with async_backend.context(2) as ctx:
             written = await asyncio.gather(
                 *(ctx.write(chunk, tmp_fd, 4096 * i) for i, chunk in enumerate(chunks))
@@ -360,7 +359,7 @@ def test_no_buffer_aliasing(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd
     """Edge case 62."""
     chunks = [bytes([i]) * 8192 for i in range(32)]
 
-    async def main() -> List[bytes]:
+    async def main() -> list[bytes]:
         async with async_backend.context() as ctx:
             await asyncio.gather(
                 *(ctx.write(chunk, tmp_fd, 8192 * i) for i, chunk in enumerate(chunks))
@@ -539,7 +538,7 @@ def test_linux_aio_deferred_partial_batch(aio: LoopRunner, tmp_fd: int, closed_f
     if module is None:
         pytest.skip("linux_aio not available")
 
-    async def main() -> List[Any]:
+    async def main() -> list[Any]:
         async with module.AsyncioContext(deferred=True) as ctx:
             return await asyncio.gather(
                 ctx.write(b"good", tmp_fd, 0),

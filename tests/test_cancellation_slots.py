@@ -12,8 +12,6 @@ capacity errors). Ours hands the slot to the operation's completion.
 import asyncio
 from typing import Any
 
-import pytest
-
 
 def test_operation_after_a_cancelled_one_never_sees_capacity_errors(
     async_backend: Any,
@@ -44,7 +42,7 @@ def test_many_cancellations_with_one_slot(async_backend: Any, aio: Any, tmp_fd: 
 
     async def main() -> None:
         ctx = async_backend.context(1)
-        for round_ in range(20):
+        for _round in range(20):
             tasks = [asyncio.ensure_future(ctx.write(chunk, tmp_fd, i << 20)) for i in range(4)]
             await asyncio.sleep(0)
             for t in tasks[1:]:

@@ -15,7 +15,7 @@ import random
 
 import pytest
 
-from conftest import AsyncBackend, LoopRunner
+from helpers import AsyncBackend, LoopRunner
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
 
@@ -28,19 +28,19 @@ def direct_file() -> object:
     """(buffered fd, O_DIRECT fd) of one file on a real disk, 256 KiB of
     known content."""
     base = os.environ.get("CAIO_TEST_DISK_DIR", "/var/tmp")
-    path = os.path.join(base, "caio-direct-%d-%d" % (os.getpid(), random.getrandbits(32)))
+    path = os.path.join(base, f"caio-direct-{os.getpid()}-{random.getrandbits(32)}")
     data = random.Random(7).randbytes(SIZE)
     try:
         plain = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     except OSError as e:
-        pytest.skip("cannot create a file in %s: %s" % (base, e))
+        pytest.skip(f"cannot create a file in {base}: {e}")
     try:
         os.pwrite(plain, data, 0)
         os.fsync(plain)
         try:
             direct = os.open(path, os.O_RDWR | os.O_DIRECT)
         except OSError as e:
-            pytest.skip("O_DIRECT unsupported in %s: %s" % (base, e))
+            pytest.skip(f"O_DIRECT unsupported in {base}: {e}")
         try:
             yield plain, direct, data
         finally:
@@ -71,7 +71,7 @@ def test_direct_reads_any_offset_and_length(
     async def main() -> None:
         async with async_backend.context(16) as ctx:
             got = await asyncio.gather(*(ctx.read(n, direct, off) for off, n in cases))
-            for (off, n), value in zip(cases, got):
+            for (off, n), value in zip(cases, got, strict=True):
                 assert type(value) is bytes
                 assert value == data[off : off + n], (off, n)
 

@@ -13,11 +13,11 @@ import sys
 import sysconfig
 import threading
 import weakref
-from typing import Any, Dict, List
+from typing import Any
 
 import pytest
 
-from conftest import (
+from helpers import (
     FREE_THREADED,
     NATIVE_MODULES,
     RawBackend,
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _run_threads(count: int, target: Any, *args: Any) -> None:
-    errors: List[BaseException] = []
+    errors: list[BaseException] = []
     barrier = threading.Barrier(count)
 
     def wrapper(index: int) -> None:
@@ -93,7 +93,7 @@ def test_one_op_many_contexts(backend: RawBackend, fast_fd: int, threads: int) -
     """Edge case 70: racing submits of one op to different Contexts."""
     iterations = 2000 if threads == 2 else 500
     ops = [backend.Operation.fsync(fast_fd) for _ in range(iterations)]
-    callbacks: Dict[int, int] = {}
+    callbacks: dict[int, int] = {}
     lock = threading.Lock()
 
     def count(index: int) -> Any:
@@ -255,7 +255,7 @@ def test_observers_during_completion(pool_backend: RawBackend, fast_fd: int) -> 
 def test_concurrent_callback_replacement(backend: RawBackend) -> None:
     """Edge case 75: every replaced callback is released exactly once."""
     op = backend.Operation.fsync(0)
-    refs: List[Any] = []
+    refs: list[Any] = []
     lock = threading.Lock()
 
     def replacer(index: int) -> None:
@@ -286,13 +286,13 @@ def test_concurrent_uring_cancels(uring: RawBackend) -> None:
     calls = [Recorder() for _ in pipes]
     ops = []
     try:
-        for (r, _), recorder in zip(pipes, calls):
+        for (r, _), recorder in zip(pipes, calls, strict=True):
             op = uring.Operation.read(8, r, -1)
             op.set_callback(recorder)
             ops.append(op)
         assert ctx.submit(*ops) == len(ops)
         ctx.flush()
-        results: List[int] = []
+        results: list[int] = []
 
         def canceller(index: int) -> None:
             for op in ops[index::8]:
@@ -327,11 +327,11 @@ def test_submit_and_cancel_hammer(
     rounds, batch, block, cancels = 30, 8, 16, 6
     total = threads * rounds * (batch + 1)
     ctx = backend.context(total + 64)
-    results: Dict[int, List[int]] = {}
+    results: dict[int, list[int]] = {}
     lock = threading.Lock()
-    submitted: List[Any] = []  # every accepted op, shared by all threads
+    submitted: list[Any] = []  # every accepted op, shared by all threads
     cancel_calls = [0]
-    writes: Dict[int, Any] = {}  # id(op) -> (offset, payload, op)
+    writes: dict[int, Any] = {}  # id(op) -> (offset, payload, op)
     allowed_cancel_errors: Any = (
         (ValueError, SystemError, RuntimeError, NotImplementedError) if backend.is_linux_aio else ()
     )
@@ -375,16 +375,14 @@ def test_submit_and_cancel_hammer(
     _run_threads(threads, worker)
     assert len(submitted) == total
     assert cancel_calls[0] == threads * rounds * cancels
-    backend.wait_for(
-        ctx, lambda: len(results) == total, timeout=60, what="{} completions".format(total)
-    )
+    backend.wait_for(ctx, lambda: len(results) == total, timeout=60, what=f"{total} completions")
     backend.drive(ctx)
     keys = {id(op) for op in submitted}
     assert set(results) == keys
     assert all(len(r) == 1 for r in results.values()), "a callback ran twice"
     cancelled = -errno.ECANCELED
     data = read_file(fast_fd)
-    for key, (offset, payload, op) in writes.items():
+    for key, (offset, payload, _op) in writes.items():
         (result,) = results[key]
         if backend.is_uring and result == cancelled:
             continue

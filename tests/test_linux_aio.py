@@ -46,11 +46,11 @@ def fd(path):
 def disk_dir():
     """A directory on a real disk (O_DIRECT, page-cache eviction)."""
     base = os.environ.get("CAIO_TEST_DISK_DIR", "/var/tmp")
-    probe = os.path.join(base, "caio-linux-aio-probe-%d" % os.getpid())
+    probe = os.path.join(base, f"caio-linux-aio-probe-{os.getpid()}")
     try:
         f = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
     except OSError as e:
-        pytest.skip("no O_DIRECT-capable directory (%s: %s)" % (base, e))
+        pytest.skip(f"no O_DIRECT-capable directory ({base}: {e})")
     os.close(f)
     os.unlink(probe)
     return base
@@ -59,7 +59,7 @@ def disk_dir():
 @pytest.fixture
 def disk_path():
     base = disk_dir()
-    p = os.path.join(base, "caio-linux-aio-test-%d-%d" % (os.getpid(), random.getrandbits(32)))
+    p = os.path.join(base, f"caio-linux-aio-test-{os.getpid()}-{random.getrandbits(32)}")
     yield p
     if os.path.exists(p):
         os.unlink(p)
@@ -70,7 +70,7 @@ def deliver(ctx, n, timeout=10.0):
     got = 0
     deadline = time.monotonic() + timeout
     while got < n:
-        assert time.monotonic() < deadline, "only %d of %d completions" % (got, n)
+        assert time.monotonic() < deadline, f"only {got} of {n} completions"
         got += ctx.process_events(max_requests=max(n - got, 1), min_requests=1, timeout=1)
     return got
 
@@ -125,7 +125,7 @@ def test_context_construction():
         c = Context(*args)
         assert c.max_requests == expected
         assert isinstance(c.fileno, int) and c.fileno >= 0
-        assert isinstance(repr(c), str) and "max_requests=%d" % expected in repr(c)
+        assert isinstance(repr(c), str) and f"max_requests={expected}" in repr(c)
         c.close()
     c = Context(max_requests=5)
     assert c.max_requests == 5
@@ -435,7 +435,7 @@ def test_in_flight_gating_and_context_attribute(ctx, fd):
     with pytest.raises(RuntimeError):
         op.get_value()
     with pytest.raises(RuntimeError):
-        op.payload
+        _ = op.payload
     assert op.fileno == fd
     deliver(ctx, 1)
     assert op.context is None
@@ -515,7 +515,7 @@ def test_submitted_op_without_user_reference(ctx, fd):
 
 def test_callback_cycle_collected(fd):
     op = Operation.fsync(fd)
-    op.set_callback(lambda r: op)
+    op.set_callback(lambda r: op)  # noqa: F821 (a cycle through the callback; op is deleted below)
     ref = weakref.ref(op)
     del op
     gc.collect()
@@ -828,7 +828,7 @@ def test_direct_reads_any_offset_and_length(ctx, direct_file):
     ]
     ops = [Operation.read(n, fd, off) for n, off in cases]
     run(ctx, *ops)
-    for (n, off), op in zip(cases, ops):
+    for (n, off), op in zip(cases, ops, strict=True):
         value = op.get_value()
         assert isinstance(value, bytes)
         assert value == data[off : off + n], (n, off)
@@ -912,7 +912,7 @@ def test_nowait_mode_cold_reads_and_writes(disk_path):
         offsets.append(4096 + 100)
         assert c.submit(*ops) == len(ops)
         deliver(c, len(ops))
-        for off, op in zip(offsets, ops):
+        for off, op in zip(offsets, ops, strict=True):
             assert op.get_value() == data[off : off + op.nbytes]
             assert op.nbytes == len(op.get_value())
         # Short read at the end of the file stays short.
@@ -972,7 +972,7 @@ def test_nowait_mode_errors_match_plain_mode(ctx, tmp_path):
     # tmpfs files cannot do RWF_NOWAIT: submitted the classic way.
     if not os.path.isdir("/dev/shm"):
         return
-    shm = "/dev/shm/caio-linux-aio-%d" % os.getpid()
+    shm = f"/dev/shm/caio-linux-aio-{os.getpid()}"
     st = os.open(shm, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         w = Operation.write(b"tmpfs data", st, 0)
@@ -1142,7 +1142,7 @@ if pid == 0:
 _, status = os.waitpid(pid, 0)
 print(os.waitstatus_to_exitcode(status))
 """
-    path = "/proc/self/fd/%d" % fd
+    path = f"/proc/self/fd/{fd}"
     p = subprocess.run(
         [sys.executable, "-c", code, os.readlink(path)], capture_output=True, text=True, timeout=60
     )

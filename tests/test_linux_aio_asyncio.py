@@ -16,9 +16,10 @@ import time
 import pytest
 
 pytest.importorskip("caio.linux_aio")
-from caio import linux_aio  # noqa: E402
-from caio.linux_aio_asyncio import AsyncioContext  # noqa: E402
-from conftest import aio_ring_count  # noqa: E402
+from caio import linux_aio
+from caio.linux_aio_asyncio import AsyncioContext
+
+from helpers import aio_ring_count
 
 try:
     import uvloop
@@ -65,11 +66,11 @@ def fd(tmp_path):
 
 def disk_dir():
     base = os.environ.get("CAIO_TEST_DISK_DIR", "/var/tmp")
-    probe = os.path.join(base, "caio-linux-aio-probe-%d" % os.getpid())
+    probe = os.path.join(base, f"caio-linux-aio-probe-{os.getpid()}")
     try:
         f = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
     except OSError as e:
-        pytest.skip("no O_DIRECT-capable directory (%s: %s)" % (base, e))
+        pytest.skip(f"no O_DIRECT-capable directory ({base}: {e})")
     os.close(f)
     os.unlink(probe)
     return base
@@ -77,7 +78,7 @@ def disk_dir():
 
 @pytest.fixture
 def disk_path():
-    p = os.path.join(disk_dir(), "caio-aio-asyncio-%d-%d" % (os.getpid(), random.getrandbits(32)))
+    p = os.path.join(disk_dir(), f"caio-aio-asyncio-{os.getpid()}-{random.getrandbits(32)}")
     yield p
     if os.path.exists(p):
         os.unlink(p)
@@ -614,7 +615,7 @@ def test_10000_contexts_do_not_leak(arun, fd):
         while (read_aio_nr() > before or aio_ring_count() > 2) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         after = read_aio_nr()
-        sys.stderr.write("\naio-nr before %d, peak %d, after %d\n" % (before, peak, after))
+        sys.stderr.write(f"\naio-nr before {before}, peak {peak}, after {after}\n")
         assert after <= before or after - before < 512 * 2, (before, after)
         assert count_fds() <= fds + 1
         assert aio_ring_count() <= 2
@@ -654,7 +655,7 @@ def test_direct_io(arun, deferred, disk_path):
 def test_loop_not_stalled_by_cold_reads(arun, disk_path):
     size = 64 << 20
     with open(disk_path, "wb") as f:
-        for i in range(size >> 20):
+        for _ in range(size >> 20):
             f.write(os.urandom(1 << 20))
     f = os.open(disk_path, os.O_RDONLY)
     os.fsync(f)
@@ -699,7 +700,7 @@ def test_loop_not_stalled_by_cold_reads(arun, disk_path):
             assert results == expected
         worst = max(stalls)
         sys.stderr.write(
-            "\ncold reads: worst loop stall %.1f ms over %d ticks\n" % (worst * 1e3, len(stalls))
+            f"\ncold reads: worst loop stall {worst * 1e3:.1f} ms over {len(stalls)} ticks\n"
         )
         # Generous: a shared, loaded CI machine can preempt any thread; a
         # loop blocked by synchronous disk reads shows up as many long gaps.

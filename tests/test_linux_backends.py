@@ -14,7 +14,7 @@ import weakref
 
 import pytest
 
-from conftest import RawBackend, Recorder, read_file, run_python
+from helpers import RawBackend, Recorder, read_file, run_python
 
 U64_MAX = 2**64 - 1
 
@@ -31,9 +31,9 @@ def _wait_ready(ctx: object, timeout: float = 10.0) -> None:
         try:
             ctx.poll()
             break
-        except BlockingIOError:
+        except BlockingIOError as exc:
             if time.monotonic() > deadline:
-                raise AssertionError("no completion signalled")
+                raise AssertionError("no completion signalled") from exc
             time.sleep(0.001)
     time.sleep(0.2)
 
@@ -198,7 +198,7 @@ def test_in_flight_gate(linux_backend: RawBackend, tmp_fd: int) -> None:
     op.set_callback(calls)
     assert ctx.submit(op) == 1  # uring: staged; linux_aio: not yet delivered
     with pytest.raises(RuntimeError):
-        op.payload
+        _ = op.payload
     with pytest.raises(RuntimeError):
         op.get_value()
     assert (op.fileno, op.offset) == (tmp_fd, 2)
@@ -657,7 +657,7 @@ def test_linux_aio_wait_survives_uring_teardown(uring: RawBackend) -> None:
     """Destroying an io_uring ring queues kernel task work that interrupts the
     thread's next blocking io_getevents() with EINTR; linux_aio must retry
     instead of raising SystemError(EINTR) (Q11)."""
-    from conftest import MODULES
+    from helpers import MODULES
 
     if "linux_aio" not in MODULES:
         pytest.skip("linux_aio not available")

@@ -461,7 +461,7 @@ def test_in_flight_gating(ctx, pipe):
     op.set_callback(got.append)
     ctx.submit(op)
     with pytest.raises(RuntimeError):
-        op.payload
+        _ = op.payload
     with pytest.raises(RuntimeError):
         op.get_value()
     assert op.context is ctx
@@ -1145,7 +1145,7 @@ def test_direct_reads_any_offset_and_length(ctx, path):
         ]
         ops = [Operation.read(n, f, off) for n, off in cases]
         res = run(ctx, *ops)
-        for (n, off), op, r in zip(cases, ops, res):
+        for (n, off), op, _r in zip(cases, ops, res, strict=True):
             expect = data[off : off + n]
             assert op.get_value() == expect
             assert isinstance(op.get_value(), bytes)
@@ -1239,7 +1239,7 @@ def test_same_op_raced_to_many_contexts(fd):
         op.set_callback(calls.append)
         accepted = []
 
-        def racer(c):
+        def racer(c, op=op, accepted=accepted):
             barrier.wait()
             accepted.append(c.submit(op))
 

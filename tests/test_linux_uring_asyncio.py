@@ -464,7 +464,7 @@ def test_cancel_cold_reads(make_ctx, run, loop, tmp_path):
         for t in tasks[::2]:
             t.cancel()
         res = await asyncio.gather(*tasks, return_exceptions=True)
-        for o, r in zip(offs, res):
+        for o, r in zip(offs, res, strict=True):
             if not isinstance(r, asyncio.CancelledError):
                 assert r == data[o * 4096 : (o + 1) * 4096]
         await asyncio.sleep(0.1)
@@ -662,7 +662,7 @@ def test_sync_streak_gives_the_loop_a_turn(loop, run, fd):
     finally:
         ctx.close()
     assert len(ticks) >= 300 // 33
-    assert max(b - a for a, b in zip(ticks, ticks[1:])) <= 33
+    assert max(b - a for a, b in zip(ticks, ticks[1:], strict=False)) <= 33
 
 
 def test_closed_context_refuses_new_ops(loop, run, fd):
@@ -718,7 +718,7 @@ def test_direct_io(make_ctx, run, path):
 
     async def main():
         got = await asyncio.gather(*(ctx.read(n, f, o) for n, o in cases))
-        for (n, o), g in zip(cases, got):
+        for (n, o), g in zip(cases, got, strict=True):
             assert g == data[o : o + n]
         block = os.urandom(4096)
         assert await ctx.write(block, f, 8192) == 4096
@@ -848,7 +848,9 @@ def test_garbage_collection_with_ops_in_flight(pipe, loop_name):
         ctx = AsyncioContext(4, loop=lp)
 
         async def main():
-            tasks = [asyncio.ensure_future(ctx.read(1, r, -1)) for _ in range(3)]
+            # ctx through the closure cell, not a default argument: ``del ctx``
+            # below must leave the adapter to the garbage collector.
+            tasks = [asyncio.ensure_future(ctx.read(1, r, -1)) for _ in range(3)]  # noqa: B023, F821
             await asyncio.sleep(0.005)
             return tasks
 

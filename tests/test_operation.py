@@ -8,8 +8,7 @@ import weakref
 
 import pytest
 
-from conftest import RawBackend
-
+from helpers import RawBackend
 
 FD = 5  # never used for I/O in this file
 
@@ -418,7 +417,7 @@ def test_native_type_names(native_backend: RawBackend) -> None:
 
 
 def test_context_docstring_identifies_backend(backend: RawBackend) -> None:
-    from conftest import CONTEXT_DOC
+    from helpers import CONTEXT_DOC
 
     assert CONTEXT_DOC[backend.name] in backend.Context.__doc__
 

@@ -7,16 +7,15 @@ import re
 import shutil
 import sys
 import textwrap
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import pytest
 
 import caio
-from conftest import (
+
+from helpers import (
     CONTEXT_DOC,
     KEYS,
-    MODULES,
-    caio_package_root,
     run_python,
     subprocess_env,
 )
@@ -67,7 +66,7 @@ def test_abstract_classes_exported() -> None:
     # Instantiable, with NotImplementedError members (API.md 1.3).
     ctx = AbstractContext()
     with pytest.raises(NotImplementedError):
-        ctx.max_requests
+        _ = ctx.max_requests
     with pytest.raises(NotImplementedError):
         ctx.submit()
     with pytest.raises(NotImplementedError):
@@ -166,7 +165,7 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def probe(env: Dict[str, str], cwd: Optional[str] = None) -> Dict[str, Any]:
+def probe(env: dict[str, str], cwd: str | None = None) -> dict[str, Any]:
     import json
 
     proc = run_python(["-c", PROBE], env=env, cwd=cwd)
@@ -199,9 +198,8 @@ def test_automatic_selection_is_best_available() -> None:
 def test_invalid_caio_impl_warns_and_keeps_default(value: str) -> None:
     result = probe(subprocess_env(CAIO_IMPL=value))
     assert result["preferred"] == default_name()
-    expected = "CAIO_IMPL contains unsupported value {!r}. Use one of {!r}".format(
-        value,
-        tuple(AVAILABLE_KEYS),
+    expected = (
+        f"CAIO_IMPL contains unsupported value {value!r}. Use one of {tuple(AVAILABLE_KEYS)!r}"
     )
     assert result["warnings"] == [["RuntimeWarning", expected]]
 
@@ -229,7 +227,7 @@ def package_copy(tmp_path: Any) -> str:
     return str(root)
 
 
-def copy_env(root: str, **overrides: Optional[str]) -> Dict[str, str]:
+def copy_env(root: str, **overrides: str | None) -> dict[str, str]:
     env = subprocess_env(**overrides)
     env["PYTHONPATH"] = root
     return env
@@ -262,7 +260,7 @@ def test_selection_reason_default_implementation(package_copy: str) -> None:
 
 @pytest.mark.parametrize("key", AVAILABLE_KEYS)
 def test_default_implementation_file_each_key(package_copy: str, key: str) -> None:
-    write_default(package_copy, "# comment\nunknown\n{}\n".format(key))
+    write_default(package_copy, f"# comment\nunknown\n{key}\n")
     result = probe(copy_env(package_copy), cwd=package_copy)
     assert result["preferred"] == "caio." + KEY_TO_NAME[key]
 
@@ -285,7 +283,7 @@ def test_selection_reason_caio_impl(package_copy: str) -> None:
     write_default(package_copy, "python\n")
     key = AVAILABLE_KEYS[0]
     result = probe(copy_env(package_copy, CAIO_IMPL=key), cwd=package_copy)
-    assert result["reason"] == "CAIO_IMPL={}".format(key)
+    assert result["reason"] == f"CAIO_IMPL={key}"
     result = probe(copy_env(package_copy, CAIO_IMPL="nope"), cwd=package_copy)
     assert "CAIO_IMPL='nope' ignored" in result["reason"]
 
@@ -393,9 +391,9 @@ def test_main_reports_everything(tmp_path: Any) -> None:
     proc = run_python(["-m", "caio", "--dir", str(tmp_path)], cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    assert "caio {}".format(caio.__version__) in out
+    assert f"caio {caio.__version__}" in out
     for name in ("linux_uring", "linux_aio", "thread_aio", "python_aio"):
-        lines = [line for line in out.splitlines() if re.search(r"\b%s\b" % name, line)]
+        lines = [line for line in out.splitlines() if re.search(rf"\b{name}\b", line)]
         status = lines[0]
         if getattr(caio, name) is not None:
             assert "available" in status and "unavailable" not in status
@@ -480,7 +478,7 @@ def test_main_explanations() -> None:
 
 
 @pytest.mark.parametrize("key", [None, *AVAILABLE_KEYS], ids=lambda k: k or "default")
-def test_seed_usage_example(tmp_path: Any, key: Optional[str]) -> None:
+def test_seed_usage_example(tmp_path: Any, key: str | None) -> None:
     """The upstream README example runs unchanged (tests/seed_example.py is
     its code block, verbatim)."""
     env = subprocess_env(CAIO_IMPL=key)

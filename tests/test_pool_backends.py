@@ -1,13 +1,10 @@
 """Thread-pool backends: thread_aio (native) and python_aio (API.md 3.4, 3.5)."""
 
-import os
 import threading
-import time
 
 import pytest
 
-from conftest import RawBackend, Recorder, read_file
-
+from helpers import RawBackend, Recorder, read_file
 
 # -- shared by thread_aio and python_aio ----------------------------------------------
 
@@ -164,7 +161,7 @@ def test_thread_aio_queued_op_is_gated(thread_aio: RawBackend, tmp_fd: int) -> N
         op.set_callback(calls)
         assert ctx.submit(op) == 1
         with pytest.raises(RuntimeError):
-            op.payload
+            _ = op.payload
         with pytest.raises(RuntimeError):
             op.get_value()
         assert op.nbytes == 5

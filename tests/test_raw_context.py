@@ -10,8 +10,7 @@ import weakref
 
 import pytest
 
-from conftest import Recorder, RawBackend, read_file
-
+from helpers import RawBackend, Recorder, read_file
 
 # -- construction (edge case 1) ---------------------------------------------------
 
@@ -191,7 +190,7 @@ def test_submit_rejects_other_backends_operations(
     backend: RawBackend,
     tmp_fd: int,
 ) -> None:
-    from conftest import MODULES
+    from helpers import MODULES
 
     ctx = backend.context()
     expected = ValueError if backend.is_python else TypeError
@@ -336,7 +335,7 @@ def test_native_errors_are_system_and_os_errors(
     # Q6: a failed read keeps its requested size.
     assert op.nbytes == 16
     # payload is readable after completion (no in-flight gate).
-    op.payload
+    _ = op.payload
 
 
 def test_python_error_is_original_oserror(
@@ -538,7 +537,7 @@ def test_flood_beyond_capacity(backend: RawBackend, fast_fd: int) -> None:
 
     def settled() -> bool:
         if not backend.native:
-            return ctx._in_progress == 0
+            return ctx._in_progress == 0  # noqa: F821 (used before the del ctx below)
         for op in ops:
             try:
                 op.get_value()

@@ -22,13 +22,13 @@ configurations and alternate fdatasync/fsync.
 
 import json
 import os
-from typing import Any, Dict
+from typing import Any
 
 import pytest
 
-from conftest import MODULES, run_python
+from helpers import MODULES, run_python
 
-STATS: Dict[str, int] = {}
+STATS: dict[str, int] = {}
 
 #: SIGKILL rounds per backend (20 take ~3 s per backend on a 2-core box; the
 #: suite runs on many interpreters in CI); more with
@@ -67,7 +67,9 @@ def child(rnd, path, kwargs, w, child_seed):
             while True:
                 ranges = []
                 for _ in range(crng.randint(1, 8)):
-                    length = crng.choice([1, 100, 511, 4096, 4097, 16384, 65536, crng.randint(1, 65536)])
+                    length = crng.choice(
+                        [1, 100, 511, 4096, 4097, 16384, 65536, crng.randint(1, 65536)]
+                    )
                     ranges.append((offset, length))
                     offset += length + crng.choice([0, 0, 0, 1, 4096])  # some holes
                 results = await asyncio.gather(*[
@@ -144,7 +146,10 @@ for rnd in range(rounds):
         for offset, length in report["ranges"]:
             got = os.pread(fd, length, offset)
             if got != payload(rnd, offset, length):
-                bad = next(i for i, (a, b) in enumerate(zip(got + b"\0" * length, payload(rnd, offset, length))) if a != b)
+                expected = payload(rnd, offset, length)
+                bad = next(
+                    i for i, (a, b) in enumerate(zip(got + b"\0" * length, expected)) if a != b
+                )
                 print(json.dumps({"error": "acknowledged range damaged", "round": rnd,
                                   "config": kwargs, "batch": report["batch"], "offset": offset,
                                   "length": length, "got_length": len(got), "first_bad_byte": bad}))

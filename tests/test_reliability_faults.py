@@ -22,13 +22,14 @@ import json
 import os
 import subprocess
 import tempfile
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from conftest import AsyncBackend, LoopRunner, RawBackend, read_file, run_python
+from helpers import AsyncBackend, LoopRunner, RawBackend, read_file, run_python
 
-STATS: Dict[str, int] = {}
+STATS: dict[str, int] = {}
 
 
 def _count(key: str, n: int = 1) -> None:
@@ -43,7 +44,7 @@ def check_error(backend_name: str, exc: BaseException, expected_errno: int) -> N
     assert isinstance(exc, OSError), (type(exc), exc)
     assert exc.errno == expected_errno, (exc.errno, expected_errno, exc)
     assert exc.strerror, exc
-    _count("{} on {}".format(errno.errorcode[expected_errno], backend_name))
+    _count(f"{errno.errorcode[expected_errno]} on {backend_name}")
     if backend_name == "linux_aio" and isinstance(exc, ValueError):
         # Refused by io_submit: upstream raised ValueError from submit()
         # (API.md 3.2); ours is SubmitError(OSError, ValueError).
@@ -57,11 +58,11 @@ async def with_neighbours(
     ctx: Any,
     good_fd: int,
     fault: Callable[[], Any],
-) -> Tuple[BaseException, List[Any]]:
+) -> tuple[BaseException, list[Any]]:
     """Runs ``fault()`` among N_GOOD writes and N_GOOD reads of ``good_fd``;
     returns the fault's exception and checks the neighbours."""
     os.pwrite(good_fd, b"R" * (CHUNK * N_GOOD), CHUNK * 64)
-    coros: List[Any] = []
+    coros: list[Any] = []
     for i in range(N_GOOD):
         coros.append(ctx.write(bytes([65 + i]) * CHUNK, good_fd, CHUNK * i))
         coros.append(ctx.read(CHUNK, good_fd, CHUNK * (64 + i)))
@@ -256,7 +257,7 @@ def test_efbig_file_size_limit(async_backend: AsyncBackend, tmp_path: Any) -> No
     assert report["after"] == 5
     assert report["size"] == 1 << 20
     _count("faults injected", 2)
-    _count("EFBIG on {}".format(async_backend.name))
+    _count(f"EFBIG on {async_backend.name}")
 
 
 # -- ENOSPC (a tiny tmpfs) ---------------------------------------------------------------
@@ -297,7 +298,7 @@ def test_enospc(
     tmp_fd: int,
     full_fs: str,
 ) -> None:
-    path = os.path.join(full_fs, "victim-{}".format(os.getpid()))
+    path = os.path.join(full_fs, f"victim-{os.getpid()}")
     victim = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
 
@@ -341,12 +342,12 @@ def test_full_ring_or_queue(backend: RawBackend, tmp_fd: int) -> None:
 
     ctx = _capacity_context(backend)
     ops = [backend.Operation.write(b"%04d" % i, tmp_fd, 4 * i) for i in range(64)]
-    calls: List[List[Any]] = [[] for _ in ops]
-    for op, record in zip(ops, calls):
+    calls: list[list[Any]] = [[] for _ in ops]
+    for op, record in zip(ops, calls, strict=True):
         op.set_callback(record.append)
     try:
         accepted = ctx.submit(*ops)
-    except Exception as exc:  # noqa: BLE001 - checked below
+    except Exception as exc:
         assert not backend.is_linux_aio, exc
         assert isinstance(exc, CAPACITY_TYPES[backend.name]), exc
         _count("full ring/queue refusals")
@@ -368,7 +369,7 @@ def test_full_ring_or_queue(backend: RawBackend, tmp_fd: int) -> None:
     for i, op in enumerate(ops[accepted:], accepted):
         # Rolled back: still fresh, with its original payload and callback.
         assert ctx.submit(op) == 1
-        backend.wait_for(ctx, lambda: calls[i], what="op {}".format(i))
+        backend.wait_for(ctx, lambda i=i: calls[i], what=f"op {i}")
     assert [len(c) for c in calls] == [1] * 64
     assert all(c == [4] for c in calls) or backend.is_python
     assert read_file(tmp_fd) == b"".join(b"%04d" % i for i in range(64))
@@ -388,7 +389,7 @@ def test_full_ring_or_queue_is_also_oserror_eagain(backend: RawBackend, tmp_fd: 
     ctx = _capacity_context(backend)
     n = 4096 if backend.is_linux_aio else 64
     ops = [backend.Operation.fsync(tmp_fd) for _ in range(n)]
-    calls: List[Any] = []
+    calls: list[Any] = []
     for op in ops:
         op.set_callback(calls.append)
     if backend.is_linux_aio:
@@ -406,7 +407,7 @@ def test_full_ring_or_queue_is_also_oserror_eagain(backend: RawBackend, tmp_fd: 
     for exc in (as_oserror.value, as_contract_type.value):
         assert type(exc) is cls, exc
         assert exc.errno == errno.EAGAIN, exc
-        assert str(exc).startswith("[Errno {}] ".format(errno.EAGAIN)), exc
+        assert str(exc).startswith(f"[Errno {errno.EAGAIN}] "), exc
         assert "full" in str(exc) and "max_requests=1" in str(exc), exc
         _count("EAGAIN capacity refusals")
 
@@ -417,21 +418,21 @@ def test_full_ring_or_queue_is_also_oserror_eagain(backend: RawBackend, tmp_fd: 
             pass  # still full: deliver (wait_for drives) and retry
         return len(calls) == n
 
-    backend.wait_for(ctx, all_done, timeout=60.0, what="all {} fsyncs".format(n))
+    backend.wait_for(ctx, all_done, timeout=60.0, what=f"all {n} fsyncs")
     assert len(calls) == n
 
 
 # -- cancellation must not turn into capacity errors for others ---------------------------------
 
 
-def _cancel_capacity_params() -> List[Any]:
+def _cancel_capacity_params() -> list[Any]:
     """Every asyncio configuration. (thread_aio and python_aio used to fail
     this: a cancelled operation gave its admission slot back at once while
     still occupying the backend's queue - fixed on main, see
     test_cancellation_slots.py.)"""
-    from conftest import _async_params
+    from helpers import async_params
 
-    return [pytest.param(p.values[0], id=p.id) for p in _async_params()]
+    return [pytest.param(p.values[0], id=p.id) for p in async_params()]
 
 
 @pytest.mark.parametrize("config", _cancel_capacity_params())
@@ -444,9 +445,9 @@ def test_cancelled_operations_do_not_cause_capacity_errors(
 ) -> None:
     name, module, kwargs = config
 
-    async def main() -> Dict[str, int]:
+    async def main() -> dict[str, int]:
         ctx = module.AsyncioContext(max_requests, **kwargs)
-        errors: Dict[str, int] = {}
+        errors: dict[str, int] = {}
         try:
             for _ in range(150):
                 tasks = [

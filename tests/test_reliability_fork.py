@@ -18,14 +18,13 @@ test process itself never forks.
 
 import json
 import os
-import sys
-from typing import Any, Dict, List
+from typing import Any
 
 import pytest
 
-from conftest import MODULES, run_python
+from helpers import MODULES, run_python
 
-STATS: Dict[str, int] = {}
+STATS: dict[str, int] = {}
 
 
 def _count(key: str, n: int = 1) -> None:
@@ -262,7 +261,7 @@ print(json.dumps(report))
 )
 
 
-def _run(script: str, *args: str, timeout: float = 90) -> Dict[str, Any]:
+def _run(script: str, *args: str, timeout: float = 90) -> dict[str, Any]:
     proc = run_python(["-c", script, *args], timeout=timeout)
     assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])
     noise = [
@@ -277,7 +276,7 @@ def _run(script: str, *args: str, timeout: float = 90) -> Dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _check_child(report: Dict[str, Any]) -> None:
+def _check_child(report: dict[str, Any]) -> None:
     assert "child_error" not in report, report
     assert report["child_exit"] == 0, report  # exited, and promptly
     assert report["child_exit_seconds"] < 10, report
@@ -312,7 +311,7 @@ def test_fork_with_operations_in_flight(name: str, tmp_path: Any) -> None:
     _count("fork scenarios passed")
 
 
-def _async_configs() -> List[Any]:
+def _async_configs() -> list[Any]:
     configs = []
     for name in sorted(MODULES):
         configs.append(pytest.param(name, {}, id=name))
@@ -324,7 +323,7 @@ def _async_configs() -> List[Any]:
 @pytest.mark.parametrize("name,kwargs", _async_configs())
 def test_asyncio_fork_with_operations_in_flight(
     name: str,
-    kwargs: Dict[str, Any],
+    kwargs: dict[str, Any],
     tmp_path: Any,
 ) -> None:
     report = _run(ASYNC_BUSY, name, str(tmp_path / "data"), json.dumps(kwargs), "keep")
@@ -336,7 +335,7 @@ def test_asyncio_fork_with_operations_in_flight(
     _count("fork scenarios passed")
 
 
-def _close_configs() -> List[Any]:
+def _close_configs() -> list[Any]:
     """Every asyncio configuration. close() of an inherited AsyncioContext
     used to call loop.remove_reader() on the inherited loop, whose epoll
     instance is shared with the parent: the parent's eventfd registration
@@ -348,7 +347,7 @@ def _close_configs() -> List[Any]:
 @pytest.mark.parametrize("name,kwargs", _close_configs())
 def test_closing_inherited_asyncio_context_leaves_parent_working(
     name: str,
-    kwargs: Dict[str, Any],
+    kwargs: dict[str, Any],
     tmp_path: Any,
 ) -> None:
     report = _run(ASYNC_BUSY, name, str(tmp_path / "data"), json.dumps(kwargs), "close")

@@ -20,16 +20,19 @@ import gc
 import os
 import sys
 import threading
-from typing import Any, Callable, Dict, List, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import pytest
-from hypothesis import given, note, settings, strategies as st
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
 
 import caio
-from conftest import AsyncBackend, LoopRunner, RawBackend
+
+from helpers import AsyncBackend, LoopRunner, RawBackend
 
 CLEAR = (TypeError, ValueError, OverflowError, OSError, RuntimeError, MemoryError)
-STATS: Dict[str, int] = {}
+STATS: dict[str, int] = {}
 
 
 def _count(key: str, n: int = 1) -> None:
@@ -48,7 +51,7 @@ class Index:
         return self.value
 
     def __repr__(self) -> str:
-        return "Index({!r})".format(self.value)
+        return f"Index({self.value!r})"
 
 
 class Unbool:
@@ -166,7 +169,7 @@ def hostile_fds(tmp_path: Any, closed_fd: int) -> Any:
     os.close(fd)
 
 
-def fd_strategy(candidates: List[Any]) -> Any:
+def fd_strategy(candidates: list[Any]) -> Any:
     return st.one_of(
         st.sampled_from(candidates),
         st.sampled_from(candidates),
@@ -202,7 +205,7 @@ def maybe(valid: Any) -> Any:
     return st.one_of(valid, valid, valid, valid, valid, anything)
 
 
-def test_operation_constructors(backend: RawBackend, hostile_fds: Tuple[int, List[Any]]) -> None:
+def test_operation_constructors(backend: RawBackend, hostile_fds: tuple[int, list[Any]]) -> None:
     fd, candidates = hostile_fds
     Op = backend.Operation
     payloads = st.one_of(st.binary(max_size=8), st.builds(Bytes, st.binary(max_size=8)))
@@ -251,12 +254,12 @@ def test_operation_constructors(backend: RawBackend, hostile_fds: Tuple[int, Lis
             args = args[:required]
         elif arity == "missing":
             args = args[: required - 1]
-        kwargs: Dict[str, Any] = {}
+        kwargs: dict[str, Any] = {}
         for _ in range(min(keywords, len(args))):
             kwargs[names[len(args) - 1]] = args.pop()
         if arity == "too many":
             args.append(0)
-        note("{}(*{!r}, **{!r})".format(method, args, kwargs))
+        note(f"{method}(*{args!r}, **{kwargs!r})")
         _count("constructor calls")
         try:
             op = getattr(Op, method)(*args, **kwargs)
@@ -265,7 +268,7 @@ def test_operation_constructors(backend: RawBackend, hostile_fds: Tuple[int, Lis
             return
         _count("constructor calls accepted")
         assert arity not in ("too many", "missing")
-        given_ = dict(zip(names, args), **kwargs)
+        given_ = dict(zip(names, args, strict=False), **kwargs)
         check_fd_attribute(backend.name, given_["fd"], op.fileno)
         if method == "read":
             n = as_int(given_["nbytes"])
@@ -292,7 +295,7 @@ def test_operation_constructors(backend: RawBackend, hostile_fds: Tuple[int, Lis
 
 def test_aliasing_integers_are_refused_or_fail_on_their_own(
     backend: RawBackend,
-    hostile_fds: Tuple[int, List[Any]],
+    hostile_fds: tuple[int, list[Any]],
 ) -> None:
     """The headline cases of API.md 7 Q3: ``fd = 2**32 + fd`` must not reach
     ``fd``, ``nbytes = 2**64`` must not become a 0-byte read, and an offset of
@@ -335,7 +338,7 @@ def _thread_count() -> int:
     )
 
 
-def _thread_names() -> List[str]:
+def _thread_names() -> list[str]:
     """Names of the process's threads (kernel ``comm``), for failure messages."""
     names = []
     try:
@@ -344,7 +347,7 @@ def _thread_names() -> List[str]:
         return [t.name for t in threading.enumerate()]
     for tid in tids:
         try:
-            with open("/proc/self/task/{}/comm".format(tid)) as f:
+            with open(f"/proc/self/task/{tid}/comm") as f:
                 names.append(f.read().strip())
         except OSError:
             pass
@@ -394,8 +397,8 @@ def test_context_constructor(backend: RawBackend) -> None:
         shape=st.sampled_from(["none", "pos1", "pos2", "kw", "bogus", "three"]),
     )
     def check(max_requests: Any, other: Any, shape: str) -> None:
-        args: List[Any] = []
-        kwargs: Dict[str, Any] = {}
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
         if shape == "pos1":
             args = [max_requests]
         elif shape == "pos2":
@@ -413,7 +416,7 @@ def test_context_constructor(backend: RawBackend) -> None:
             n = as_int(v)
             if n is not None and 256 < n < 2**16 and not isinstance(v, bool):
                 return
-        note("Context(*{!r}, **{!r})".format(args, kwargs))
+        note(f"Context(*{args!r}, **{kwargs!r})")
         _count("Context() calls")
         try:
             ctx = backend.Context(*args, **kwargs)
@@ -440,12 +443,12 @@ def test_context_constructor(backend: RawBackend) -> None:
 # -- Context methods, open and closed ------------------------------------------------------
 
 
-def _ctx_methods(backend: RawBackend) -> List[str]:
+def _ctx_methods(backend: RawBackend) -> list[str]:
     names = ["submit", "cancel", "process_events", "poll", "flush", "close"]
     return [n for n in names if hasattr(backend.Context, n)]
 
 
-def test_context_methods(backend: RawBackend, hostile_fds: Tuple[int, List[Any]]) -> None:
+def test_context_methods(backend: RawBackend, hostile_fds: tuple[int, list[Any]]) -> None:
     """submit/cancel/process_events/poll/flush/close with hostile arguments,
     on an open and on a closed Context; afterwards a fresh Context still
     works and the test's file is intact."""
@@ -464,12 +467,12 @@ def test_context_methods(backend: RawBackend, hostile_fds: Tuple[int, List[Any]]
         ),
         closed=st.booleans(),
     )
-    def check(method: str, args: List[Any], kwargs: Dict[str, Any], closed: bool) -> None:
+    def check(method: str, args: list[Any], kwargs: dict[str, Any], closed: bool) -> None:
         ctx = backend.Context(8)
         done = backend.Operation.write(b"", fd, 0)
         backend.run_one(ctx, done)
         op = backend.Operation.read(4, fd, 0)
-        calls: List[Any] = []
+        calls: list[Any] = []
         op.set_callback(calls.append)
         for i, a in enumerate(args):
             if a == "op":
@@ -481,7 +484,7 @@ def test_context_methods(backend: RawBackend, hostile_fds: Tuple[int, List[Any]]
         if method == "process_events":
             # min_requests > 0 with a non-zero timeout waits by contract;
             # nothing is in flight here, so it could wait forever.
-            params = dict(zip(["max_requests", "min_requests", "timeout"], args))
+            params = dict(zip(["max_requests", "min_requests", "timeout"], args, strict=False))
             params.update(kwargs)
             m = as_int(params.get("min_requests", 0))
             t = params.get("timeout", 0)
@@ -534,7 +537,7 @@ def test_submit_rejects_bad_batches_without_claiming(backend: RawBackend, tmp_fd
     """A batch with one bad item is refused as a whole; the good operations
     in it stay fresh and can be submitted afterwards."""
     ctx = backend.context()
-    bad_items: List[Any] = [object(), None, 1, "op", [], b"x"]
+    bad_items: list[Any] = [object(), None, 1, "op", [], b"x"]
     bad_items += [m.Operation.fsync(tmp_fd) for m in caio.variants if m is not backend.module]
     for bad in bad_items:
         op = backend.Operation.write(b"ok", tmp_fd, 0)
@@ -561,14 +564,14 @@ def test_operation_methods(backend: RawBackend, tmp_fd: int) -> None:
         kw=st.booleans(),
         state=st.sampled_from(["new", "done"]),
     )
-    def check(which: str, args: List[Any], kw: bool, state: str) -> None:
+    def check(which: str, args: list[Any], kw: bool, state: str) -> None:
         op = backend.Operation.read(4, tmp_fd, 0)
         if state == "done":
             backend.run_one(ctx, op)
         kwargs = {}
         if kw and args:
             kwargs = {"callback": args.pop()}
-        note("{} op.{}(*{!r}, **{!r})".format(state, which, args, kwargs))
+        note(f"{state} op.{which}(*{args!r}, **{kwargs!r})")
         _count("Operation method calls")
         try:
             result = getattr(op, which)(*args, **kwargs)
@@ -599,7 +602,7 @@ def test_asyncio_context_constructor(
     before = _thread_count()
     names_before = _thread_names()
 
-    async def build(args: List[Any], kwargs: Dict[str, Any]) -> None:
+    async def build(args: list[Any], kwargs: dict[str, Any]) -> None:
         ctx = async_backend.module.AsyncioContext(*args, **kwargs)
         try:
             repr(ctx)
@@ -614,7 +617,7 @@ def test_asyncio_context_constructor(
             st.sampled_from(["sqpoll", "pool_size", "bogus"]), anything, max_size=2
         ),
     )
-    def check(max_requests: Any, loop: Any, deferred: Any, kwargs: Dict[str, Any]) -> None:
+    def check(max_requests: Any, loop: Any, deferred: Any, kwargs: dict[str, Any]) -> None:
         for v in [max_requests] + list(kwargs.values()):
             n = as_int(v)
             if n is not None and 256 < n < 2**16 and not isinstance(v, bool):
@@ -624,9 +627,7 @@ def test_asyncio_context_constructor(
         options = dict(async_backend.kwargs)
         options.update(kwargs)
         note(
-            "AsyncioContext({!r}, loop={!r}, deferred={!r}, **{!r})".format(
-                max_requests, loop, deferred, options
-            )
+            f"AsyncioContext({max_requests!r}, loop={loop!r}, deferred={deferred!r}, **{options!r})"
         )
         _count("AsyncioContext() calls")
         workers = _worker_count()
@@ -673,7 +674,7 @@ def test_refused_asyncio_context_stops_its_workers(thread_aio: RawBackend) -> No
 def test_asyncio_operations(
     async_backend: AsyncBackend,
     aio: LoopRunner,
-    hostile_fds: Tuple[int, List[Any]],
+    hostile_fds: tuple[int, list[Any]],
 ) -> None:
     """read/write/fsync/fdsync with hostile arguments: argument errors at
     call time, I/O errors from the await, never a hang, never the wrong fd."""
@@ -700,7 +701,7 @@ def test_asyncio_operations(
             args = (first, fd_value, offset)
         else:
             args = (fd_value,)
-        note("{}(*{!r})".format(method, args))
+        note(f"{method}(*{args!r})")
         _count("AsyncioContext operation calls")
         try:
             awaitable = getattr(ctx, method)(*args)
@@ -713,8 +714,8 @@ def test_asyncio_operations(
 
         try:
             result = aio.run(run())
-        except asyncio.TimeoutError:
-            raise AssertionError("hang: {}{!r}".format(method, args))
+        except asyncio.TimeoutError as exc:
+            raise AssertionError(f"hang: {method}{args!r}") from exc
         except CLEAR:
             _count("AsyncioContext operations failing from the await")
             return
@@ -741,7 +742,7 @@ def test_asyncio_submit_rejects_foreign_objects(
             m.Operation.fsync(0) for m in caio.variants if m.Operation is not ctx.OPERATION_CLASS
         ]:
 
-            async def main() -> None:
+            async def main(bad: Any = bad) -> None:
                 await ctx.submit(bad)
 
             with pytest.raises((ValueError, TypeError)):
@@ -770,7 +771,7 @@ def test_asyncio_operations_on_a_closed_context(
     ]
     for call in calls:
 
-        async def main() -> None:
+        async def main(call: Callable[[], Any] = call) -> None:
             await asyncio.wait_for(call(), 10)
 
         with pytest.raises(RuntimeError):

@@ -11,7 +11,7 @@ checked against an in-memory model of the file.
   cycle, callbacks (exactly once), reference counts and the file.
 
 Hypothesis shrinks a failure to a minimal program and prints it. More
-examples: ``CAIO_HYPOTHESIS_PROFILE=thorough`` (see conftest.py).
+examples: ``CAIO_HYPOTHESIS_PROFILE=thorough`` (see helpers.py).
 
 The model
 ---------
@@ -34,7 +34,7 @@ boundaries), so byte-by-byte comparisons only happen where several values
 are genuinely possible.
 """
 
-from typing import Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
 
 MUST = "must"
 MAY = "may"
@@ -63,7 +63,7 @@ class Write:
         return self.offset + len(self.data)
 
     def __repr__(self) -> str:
-        return "Write({}, {} bytes, {})".format(self.offset, len(self.data), self.status)
+        return f"Write({self.offset}, {len(self.data)} bytes, {self.status})"
 
 
 def _base_slice(base: bytes, a: int, b: int) -> bytes:
@@ -76,7 +76,7 @@ def check_bytes(
     start: int,
     base: bytes,
     writes: Sequence[Write],
-) -> Optional[str]:
+) -> str | None:
     """Checks that ``actual`` (found at file offset ``start``) is a possible
     content given ``base`` and ``writes``; returns a description of the first
     impossible byte, or None."""
@@ -87,11 +87,11 @@ def check_bytes(
             points.add(max(w.offset, start))
             points.add(min(w.end, end))
     cuts = sorted(points)
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in zip(cuts, cuts[1:], strict=False):
         covering = [w for w in writes if w.data and w.offset <= a and w.end >= b]
         musts = [w for w in covering if w.status == MUST]
         mays = [w for w in covering if w.status == MAY]
-        candidates: List[bytes] = []
+        candidates: list[bytes] = []
         if not musts:
             candidates.append(_base_slice(base, a, b))
         for w in musts + mays:
@@ -99,7 +99,7 @@ def check_bytes(
         got = actual[a - start : b - start]
         if len(candidates) == 1 or all(c == candidates[0] for c in candidates):
             if got != candidates[0]:
-                for i, (x, y) in enumerate(zip(got, candidates[0])):
+                for i, (x, y) in enumerate(zip(got, candidates[0], strict=False)):
                     if x != y:
                         return "byte at offset {}: got {}, only possible value {} ({})".format(
                             a + i,
@@ -111,16 +111,14 @@ def check_bytes(
         for i in range(b - a):
             allowed = {c[i] for c in candidates}
             if got[i] not in allowed:
-                return "byte at offset {}: got {}, possible values {} (writes {})".format(
-                    a + i,
-                    got[i],
-                    sorted(allowed),
-                    covering,
+                return (
+                    f"byte at offset {a + i}: got {got[i]}, possible values {sorted(allowed)}"
+                    f" (writes {covering})"
                 )
     return None
 
 
-def possible_sizes(base_size: int, writes: Iterable[Write]) -> List[Tuple[int, int]]:
+def possible_sizes(base_size: int, writes: Iterable[Write]) -> list[tuple[int, int]]:
     """File sizes possible once every MUST write happened and any subset of
     the MAY writes did, as inclusive ranges. A MAY write may also be partly
     done (a buffered write extends the file page by page; a cancelled one can
@@ -134,11 +132,11 @@ def possible_sizes(base_size: int, writes: Iterable[Write]) -> List[Tuple[int, i
     return ranges
 
 
-def size_allowed(size: int, ranges: List[Tuple[int, int]]) -> bool:
+def size_allowed(size: int, ranges: list[tuple[int, int]]) -> bool:
     return any(a <= size <= b for a, b in ranges)
 
 
-def length_allowed(offset: int, nbytes: int, length: int, ranges: List[Tuple[int, int]]) -> bool:
+def length_allowed(offset: int, nbytes: int, length: int, ranges: list[tuple[int, int]]) -> bool:
     """Whether a read of ``nbytes`` at ``offset`` may return ``length`` bytes."""
 
     def clamp(size: int) -> int:
@@ -152,8 +150,8 @@ class FileModel:
 
     def __init__(self) -> None:
         self.base = b""
-        self.writes: List[Write] = []
-        self.reads: List[Tuple[int, int, bytes]] = []
+        self.writes: list[Write] = []
+        self.reads: list[tuple[int, int, bytes]] = []
 
     def start_interval(self) -> None:
         self.writes = []
@@ -165,32 +163,26 @@ class FileModel:
     def add_read(self, offset: int, nbytes: int, data: bytes) -> None:
         self.reads.append((offset, nbytes, data))
 
-    def check_reads(self) -> Optional[str]:
+    def check_reads(self) -> str | None:
         """Each read may have seen any state of the interval."""
         as_may = [Write(w.offset, w.data, MAY) for w in self.writes]
         sizes = possible_sizes(len(self.base), as_may)
         for offset, nbytes, data in self.reads:
             if not length_allowed(offset, nbytes, len(data), sizes):
-                return "read({}, offset={}) returned {} bytes; possible file sizes {}".format(
-                    nbytes,
-                    offset,
-                    len(data),
-                    sizes,
+                return (
+                    f"read({nbytes}, offset={offset}) returned {len(data)} bytes;"
+                    f" possible file sizes {sizes}"
                 )
             problem = check_bytes(data, offset, self.base, as_may)
             if problem:
-                return "read({}, offset={}): {}".format(nbytes, offset, problem)
+                return f"read({nbytes}, offset={offset}): {problem}"
         return None
 
-    def check_final(self, content: bytes) -> Optional[str]:
+    def check_final(self, content: bytes) -> str | None:
         """``content``: the whole file, read back at a quiescent point."""
         sizes = possible_sizes(len(self.base), self.writes)
         if not size_allowed(len(content), sizes):
-            return "file size {}, possible sizes {} (writes {})".format(
-                len(content),
-                sizes,
-                self.writes,
-            )
+            return f"file size {len(content)}, possible sizes {sizes} (writes {self.writes})"
         return check_bytes(content, 0, self.base, self.writes)
 
     def settle(self, content: bytes) -> None:
@@ -206,12 +198,13 @@ import errno
 import itertools
 import os
 import sys
-from typing import Any, Dict
+from typing import Any
 
 import pytest
-from hypothesis import given, note, strategies as st
+from hypothesis import given, note
+from hypothesis import strategies as st
 
-from conftest import AsyncBackend, LoopRunner
+from helpers import AsyncBackend, LoopRunner
 
 KINDS = ("write",) * 6 + ("read",) * 5 + ("fsync", "fdsync")
 
@@ -225,7 +218,7 @@ class OpSpec:
         offset: int,
         length: int,
         fill: int,
-        cancel_after: Optional[int],
+        cancel_after: int | None,
         via_submit: bool,
     ):
         self.kind = kind
@@ -238,27 +231,27 @@ class OpSpec:
     def __repr__(self) -> str:
         parts = [self.kind]
         if self.kind in ("write", "read"):
-            parts.append("offset={}, length={}".format(self.offset, self.length))
+            parts.append(f"offset={self.offset}, length={self.length}")
         if self.kind == "write":
-            parts.append("fill={}".format(self.fill))
+            parts.append(f"fill={self.fill}")
         if self.cancel_after is not None:
-            parts.append("cancel_after={}".format(self.cancel_after))
+            parts.append(f"cancel_after={self.cancel_after}")
         if self.via_submit:
             parts.append("via_submit")
         return "Op({})".format(", ".join(parts))
 
 
 class Round:
-    def __init__(self, ops: List[OpSpec], close_after: Optional[int]):
+    def __init__(self, ops: list[OpSpec], close_after: int | None):
         self.ops = ops
         self.close_after = close_after
 
     def __repr__(self) -> str:
-        return "Round({!r}, close_after={})".format(self.ops, self.close_after)
+        return f"Round({self.ops!r}, close_after={self.close_after})"
 
 
 class Program:
-    def __init__(self, max_requests: Optional[int], rounds: List[Round]):
+    def __init__(self, max_requests: int | None, rounds: list[Round]):
         self.max_requests = max_requests
         self.rounds = rounds
 
@@ -301,14 +294,14 @@ programs = st.builds(
 HANG_TIMEOUT = 20.0
 
 # Counters reported by the session summary (examples run, cancellations...).
-STATS: Dict[str, int] = {}
+STATS: dict[str, int] = {}
 
 
 def _count(key: str, n: int = 1) -> None:
     STATS[key] = STATS.get(key, 0) + n
 
 
-def slots_in_use(ctx: Any) -> Tuple[int, int]:
+def slots_in_use(ctx: Any) -> tuple[int, int]:
     """(slots held, waiters) of an AsyncioContext's admission control."""
     gate_state = getattr(ctx, "_gate_state", None)
     if gate_state is not None:
@@ -365,7 +358,7 @@ async def quiesce(backend: AsyncBackend, ctx: Any, op: Any, closed: bool) -> Non
         if not busy:
             return
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("cancelled operation never finished: {!r}".format(op))
+            raise AssertionError(f"cancelled operation never finished: {op!r}")
         if closed and backend.is_uring:
             # API.md 7 Q14: a closed uring adapter no longer watches its
             # eventfd; whoever still cares must drain the ring.
@@ -376,7 +369,7 @@ async def quiesce(backend: AsyncBackend, ctx: Any, op: Any, closed: bool) -> Non
 
 async def run_round(
     backend: AsyncBackend,
-    state: Dict[str, Any],
+    state: dict[str, Any],
     rnd: Round,
     fd: int,
     model: FileModel,
@@ -417,11 +410,8 @@ async def run_round(
             break
         if loop.time() > deadline:
             raise AssertionError(
-                "hang: {} of {} tasks still pending: {}".format(
-                    len(pending),
-                    len(tasks),
-                    [spec for spec, _d, _o, t in entries if t in pending],
-                )
+                f"hang: {len(pending)} of {len(tasks)} tasks still pending: "
+                f"{[spec for spec, _d, _o, t in entries if t in pending]}"
             )
         if drain:
             ctx.context.flush()
@@ -430,7 +420,7 @@ async def run_round(
     for spec, data, op, task in entries:
         _count("operations")
         if task.cancelled():
-            assert spec.cancel_after is not None, "task cancelled by nobody: {!r}".format(spec)
+            assert spec.cancel_after is not None, f"task cancelled by nobody: {spec!r}"
             _count("cancelled")
             # A cancelled operation keeps its admission slot until the
             # backend has really finished it (test_cancellation_slots.py).
@@ -446,7 +436,7 @@ async def run_round(
             if closed and isinstance(exc, RuntimeError):
                 _count("refused after close")
                 continue  # refused: the operation never started
-            raise AssertionError("{!r} raised {!r}".format(spec, exc)) from exc
+            raise AssertionError(f"{spec!r} raised {exc!r}") from exc
         result = task.result()
         if spec.kind == "write":
             assert result == len(data), (spec, result)
@@ -467,9 +457,8 @@ async def run_round(
             ctx.context.process_events()
         await asyncio.sleep(0.001)
     in_use, waiting = slots_in_use(ctx)
-    assert (in_use, waiting) == (0, 0), "admission slots leaked: {} in use, {} waiting".format(
-        in_use,
-        waiting,
+    assert (in_use, waiting) == (0, 0), (
+        f"admission slots leaked: {in_use} in use, {waiting} waiting"
     )
     if closed:
         state["ctx"] = None
@@ -484,7 +473,7 @@ async def run_round(
 
 
 async def run_program(backend: AsyncBackend, program: Program, fd: int) -> None:
-    state: Dict[str, Any] = {"max_requests": program.max_requests}
+    state: dict[str, Any] = {"max_requests": program.max_requests}
     model = FileModel()
     try:
         for rnd in program.rounds:
@@ -510,7 +499,7 @@ def test_asyncio_program_matches_model(
     @given(program=programs)
     def check(program: Program) -> None:
         note(repr(program))
-        path = str(tmp_path / "model-{}.bin".format(next(_file_ids)))
+        path = str(tmp_path / f"model-{next(_file_ids)}.bin")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             aio.run(run_program(async_backend, program, fd), timeout=120)
@@ -541,7 +530,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from conftest import RawBackend
+from helpers import RawBackend
 
 
 class Calls:
@@ -550,7 +539,7 @@ class Calls:
     __slots__ = ("values", "lock")
 
     def __init__(self) -> None:
-        self.values: List[Any] = []
+        self.values: list[Any] = []
         self.lock = threading.Lock()
 
     def __call__(self, value: Any) -> None:
@@ -573,12 +562,9 @@ class Rec:
         self.refs = 0
 
     def __repr__(self) -> str:
-        return "<{} offset={} n={} submitted={} calls={}>".format(
-            self.kind,
-            self.offset,
-            self.nbytes,
-            self.submitted,
-            self.calls.values,
+        return (
+            f"<{self.kind} offset={self.offset} n={self.nbytes} submitted={self.submitted}"
+            f" calls={self.calls.values}>"
         )
 
 
@@ -594,21 +580,21 @@ def make_raw_machine(backend: RawBackend, directory: str) -> type:
     class RawMachine(RuleBasedStateMachine):
         def __init__(self) -> None:
             super().__init__()
-            path = os.path.join(directory, "raw-{}.bin".format(next(_file_ids)))
+            path = os.path.join(directory, f"raw-{next(_file_ids)}.bin")
             self.path = path
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             self.ctx = backend.Context(256)
-            self.dropped: List[Any] = []  # weakrefs of contexts let go with work in flight
-            self.recs: List[Rec] = []
+            self.dropped: list[Any] = []  # weakrefs of contexts let go with work in flight
+            self.recs: list[Rec] = []
             self.model = FileModel()
             _count("raw state machines")
 
         # -- helpers ---------------------------------------------------------
 
-        def live(self) -> List[Rec]:
+        def live(self) -> list[Rec]:
             return [r for r in self.recs if r.submitted and not r.checked]
 
-        def contexts(self) -> List[Any]:
+        def contexts(self) -> list[Any]:
             found = [self.ctx] if self.ctx is not None else []
             for rec in self.live():
                 ctx = getattr(rec.op, "context", None)
@@ -631,7 +617,7 @@ def make_raw_machine(backend: RawBackend, directory: str) -> type:
 
         # -- rules -------------------------------------------------------------
 
-        def new_rec(self, spec: Tuple[str, int, int, int]) -> Rec:
+        def new_rec(self, spec: tuple[str, int, int, int]) -> Rec:
             kind, offset, length, fill = spec
             cls = backend.Operation
             data = b""
@@ -648,8 +634,8 @@ def make_raw_machine(backend: RawBackend, directory: str) -> type:
             self.recs.append(rec)
             return rec
 
-        def submit_recs(self, batch: List[Rec]) -> None:
-            fresh: List[Rec] = []
+        def submit_recs(self, batch: list[Rec]) -> None:
+            fresh: list[Rec] = []
             for rec in batch:
                 if not rec.submitted and all(rec is not f for f in fresh):
                     fresh.append(rec)
@@ -672,7 +658,7 @@ def make_raw_machine(backend: RawBackend, directory: str) -> type:
                     with pytest.raises(RuntimeError):
                         rec.op.get_value()
                     with pytest.raises(RuntimeError):
-                        rec.op.payload
+                        _ = rec.op.payload
                     assert rec.op.context is self.ctx
             _count("raw operations submitted", accepted)
             _count("raw duplicate/late submissions skipped", len(batch) - accepted)
@@ -686,7 +672,7 @@ def make_raw_machine(backend: RawBackend, directory: str) -> type:
             ),
             extra=st.lists(st.integers(0, 10**6), max_size=3),
         )
-        def submit_new(self, specs: List[Tuple[str, int, int, int]], extra: List[int]) -> None:
+        def submit_new(self, specs: list[tuple[str, int, int, int]], extra: list[int]) -> None:
             """A batch of new operations, possibly with repeats and with
             operations submitted (or completed) before, which must be skipped."""
             batch = [self.new_rec(spec) for spec in specs]
@@ -695,13 +681,13 @@ def make_raw_machine(backend: RawBackend, directory: str) -> type:
             self.submit_recs(batch)
 
         @rule(spec=st.tuples(st.sampled_from(KINDS), offsets, lengths, st.integers(0, 250)))
-        def new_operation(self, spec: Tuple[str, int, int, int]) -> None:
+        def new_operation(self, spec: tuple[str, int, int, int]) -> None:
             """An operation created now, submitted by a later step (maybe)."""
             self.new_rec(spec)
 
         @precondition(lambda self: self.recs and self.ctx is not None)
         @rule(picks=st.lists(st.integers(0, 10**6), min_size=1, max_size=6))
-        def submit_existing(self, picks: List[int]) -> None:
+        def submit_existing(self, picks: list[int]) -> None:
             self.submit_recs([self.recs[p % len(self.recs)] for p in picks])
 
         ctx_closed = False
@@ -768,9 +754,7 @@ def make_raw_machine(backend: RawBackend, directory: str) -> type:
             while any(not r.calls.values for r in live):
                 if time.monotonic() > deadline:
                     raise AssertionError(
-                        "hang: no callback for {}".format(
-                            [r for r in live if not r.calls.values],
-                        )
+                        f"hang: no callback for {[r for r in live if not r.calls.values]}"
                     )
                 self.drive()
             for rec in live:
@@ -842,7 +826,7 @@ def make_raw_machine(backend: RawBackend, directory: str) -> type:
         def callbacks_at_most_once(self) -> None:
             for rec in self.recs:
                 n = len(rec.calls.values)
-                assert n <= 1, ("callback ran {} times".format(n), rec)
+                assert n <= 1, (f"callback ran {n} times", rec)
                 assert n == 0 or rec.submitted, ("callback of a never accepted op", rec)
 
         def teardown(self) -> None:

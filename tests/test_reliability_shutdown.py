@@ -32,13 +32,13 @@ helper are not counted) and a fresh loop and context still work.
 
 import json
 import re
-from typing import Any, Dict, List
+from typing import Any
 
 import pytest
 
-from conftest import LOOP_KINDS, _async_params, run_python, subprocess_env
+from helpers import LOOP_KINDS, async_params, run_python, subprocess_env
 
-STATS: Dict[str, int] = {}
+STATS: dict[str, int] = {}
 
 SCENARIOS = ["exit_in_run", "exit_pending", "run_returns", "run_closes", "loop_close", "loop_drop"]
 
@@ -208,9 +208,9 @@ print(json.dumps(report), flush=True)
 '''
 
 
-def _params() -> List[Any]:
+def _params() -> list[Any]:
     params = []
-    for p in _async_params():
+    for p in async_params():
         name, _module, kwargs = p.values[0]
         for kind in LOOP_KINDS:
             if kind != "asyncio" and kwargs:
@@ -222,7 +222,7 @@ def _params() -> List[Any]:
                         kwargs,
                         kind,
                         scenario,
-                        id="{}-{}-{}".format(p.id, kind, scenario),
+                        id=f"{p.id}-{kind}-{scenario}",
                     )
                 )
     return params
@@ -271,7 +271,7 @@ def check_stderr(stderr: str, scenario: str) -> None:
 @pytest.mark.parametrize("name,kwargs,loop_kind,scenario", _params())
 def test_shutdown_with_operations_in_flight(
     name: str,
-    kwargs: Dict[str, Any],
+    kwargs: dict[str, Any],
     loop_kind: str,
     scenario: str,
     tmp_path: Any,
@@ -297,10 +297,10 @@ def test_shutdown_with_operations_in_flight(
     assert report["after_still_works"], report
 
 
-def _native_params() -> List[Any]:
+def _native_params() -> list[Any]:
     return [
         pytest.param(p.values[0][0], p.values[0][2], id=p.id)
-        for p in _async_params()
+        for p in async_params()
         if p.values[0][0] != "python_aio"
     ]
 
@@ -309,7 +309,7 @@ def _native_params() -> List[Any]:
 @pytest.mark.parametrize("name,kwargs", _native_params())
 def test_loop_close_drains_and_releases_in_process(
     name: str,
-    kwargs: Dict[str, Any],
+    kwargs: dict[str, Any],
     tmp_path: Any,
 ) -> None:
     """``loop.close()`` with operations in flight: the adapter notices it

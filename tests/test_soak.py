@@ -63,14 +63,13 @@ import json
 import os
 import random
 import sys
-import threading
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import pytest
 
-from conftest import aio_ring_count, run_python
+from helpers import aio_ring_count, run_python
 
 SOAK = os.environ.get("CAIO_SOAK", "") == "1"
 # scripts/sanitize.sh sets it: the exact checks stay, the allocator
@@ -150,7 +149,7 @@ def _seed() -> int:
 # -- process-wide measurements -------------------------------------------------
 
 
-def _load_libc() -> Tuple[Any, Any]:
+def _load_libc() -> tuple[Any, Any]:
     """glibc's mallinfo2() and malloc_trim(), or (None, None) where they or
     ctypes are missing (musl, glibc < 2.33, an interpreter built without
     _ctypes): the soak then checks RSS only."""
@@ -192,7 +191,7 @@ def _load_libc() -> Tuple[Any, Any]:
 _mallinfo2, _malloc_trim = _load_libc()
 
 
-def _malloc_stats() -> Tuple[Optional[int], Optional[int]]:
+def _malloc_stats() -> tuple[int | None, int | None]:
     """(bytes handed out by glibc malloc, all arenas plus mmapped chunks;
     bytes of the arenas themselves, free space included)."""
     if _mallinfo2 is None:
@@ -201,7 +200,7 @@ def _malloc_stats() -> Tuple[Optional[int], Optional[int]]:
     return info.uordblks + info.hblkhd, info.arena
 
 
-def _fd_table() -> Dict[int, str]:
+def _fd_table() -> dict[int, str]:
     table = {}
     for name in os.listdir("/proc/self/fd"):
         try:
@@ -211,7 +210,7 @@ def _fd_table() -> Dict[int, str]:
     return table
 
 
-def _aio_nr() -> Optional[int]:
+def _aio_nr() -> int | None:
     try:
         with open("/proc/sys/fs/aio-nr") as f:
             return int(f.read())
@@ -219,7 +218,7 @@ def _aio_nr() -> Optional[int]:
         return None
 
 
-def _other_aio_users() -> List[int]:
+def _other_aio_users() -> list[int]:
     """Other processes holding kernel AIO rings (they move aio-nr too)."""
     pids = []
     me = os.getpid()
@@ -227,7 +226,7 @@ def _other_aio_users() -> List[int]:
         if not entry.isdigit() or int(entry) == me:
             continue
         try:
-            with open("/proc/{}/maps".format(entry)) as maps:
+            with open(f"/proc/{entry}/maps") as maps:
                 if any("[aio]" in line for line in maps):
                     pids.append(int(entry))
         except OSError:
@@ -243,14 +242,14 @@ def _rss() -> int:
     raise AssertionError("no VmRSS")
 
 
-def _threads() -> List[str]:
+def _threads() -> list[str]:
     """Names of this process's threads, without io_uring's kernel threads
     (``iou-sqp-*``, ``iou-wrk-*``): those exit asynchronously some time
     after their ring is gone (a leaked ring shows up as its fd)."""
     names = []
     for tid in os.listdir("/proc/self/task"):
         try:
-            with open("/proc/self/task/{}/comm".format(tid)) as comm:
+            with open(f"/proc/self/task/{tid}/comm") as comm:
                 name = comm.read().strip()
         except OSError:
             continue  # exited meanwhile
@@ -265,11 +264,11 @@ def _threads() -> List[str]:
 _TRANSIENT_THREAD = "caio-aio-destro"
 
 
-def _steady_threads(names: List[str]) -> List[str]:
+def _steady_threads(names: list[str]) -> list[str]:
     return [n for n in names if n != _TRANSIENT_THREAD]
 
 
-def _snapshot() -> Dict[str, Any]:
+def _snapshot() -> dict[str, Any]:
     """The values compared. ``rss`` is taken after ``malloc_trim(0)``:
     glibc keeps freed memory in its arenas (measured: +44 MB of free arena
     space, +65 KiB in use, after 300k operations on io_uring), which says
@@ -296,7 +295,7 @@ def _snapshot() -> Dict[str, Any]:
     }
 
 
-def _aio_nr_reading() -> Tuple[Optional[int], List[int]]:
+def _aio_nr_reading() -> tuple[int | None, list[int]]:
     """aio-nr, and the other processes holding kernel AIO rings just
     before or after reading it."""
     others = _other_aio_users()
@@ -304,7 +303,7 @@ def _aio_nr_reading() -> Tuple[Optional[int], List[int]]:
     return nr, sorted(set(others) | set(_other_aio_users()))
 
 
-def _aio_nr_comparable(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+def _aio_nr_comparable(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """aio-nr is system-wide: it only speaks for this process when no other
     process held kernel AIO rings at either reading (a process that started
     and exited in between leaves it unchanged)."""
@@ -317,9 +316,9 @@ def _aio_nr_comparable(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
 
 
 def _exact_settled(
-    target: Dict[str, Any],
+    target: dict[str, Any],
     ignore_fds: Any,
-) -> Tuple[bool, Dict[str, Any]]:
+) -> tuple[bool, dict[str, Any]]:
     now = _snapshot()
     for fd in ignore_fds:
         now["fds"].pop(fd, None)
@@ -344,7 +343,7 @@ class SoakFile:
         self.model = bytearray(owned + self.pattern)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         os.pwrite(self.fd, bytes(self.model), 0)
-        self.locks: List[asyncio.Lock] = []
+        self.locks: list[asyncio.Lock] = []
 
     def bind(self) -> None:
         # asyncio.Lock binds to the loop that first uses it: one set per round.
@@ -371,7 +370,7 @@ class Stats:
         self.bytes_read = 0
         self.bytes_written = 0
 
-    def as_dict(self) -> Dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return dict(
             self.counts,
             cancel_requested=self.cancel_requested,
@@ -396,7 +395,7 @@ class Workload:
     def __init__(
         self,
         ctx: Any,
-        files: List[SoakFile],
+        files: list[SoakFile],
         ops: int,
         seed: int,
         data_pool: bytes,
@@ -409,7 +408,7 @@ class Workload:
         self.stats = Stats()
         # Operations of cancelled awaitables, to wait for their delivery
         # before closing (see _drain_cancelled).
-        self.cancelled_ops: List[Any] = []
+        self.cancelled_ops: list[Any] = []
 
     # Each op_* coroutine is one operation (and its check).
 
@@ -417,7 +416,7 @@ class Workload:
         self,
         f: SoakFile,
         rng: random.Random,
-        slot: List[Any],
+        slot: list[Any],
     ) -> None:
         # Possibly spanning several regions: take their locks in order.
         if rng.random() < 0.03:
@@ -428,7 +427,7 @@ class Workload:
             n = _size(rng, 64 * 1024)
         end = min(off + n, OWNED_SIZE)
         n = end - off
-        held: List[asyncio.Lock] = []
+        held: list[asyncio.Lock] = []
         try:
             await _lock_regions(f, off, end, held)
             data = await _track(slot, self.ctx.read(n, f.fd, off))
@@ -437,12 +436,7 @@ class Workload:
             _unlock(held)
         if data != expected:
             raise AssertionError(
-                "read {}+{} of {}: {} bytes differ from the model".format(
-                    off,
-                    n,
-                    f.path,
-                    _diff(data, expected),
-                ),
+                f"read {off}+{n} of {f.path}: {_diff(data, expected)} bytes differ from the model",
             )
         self.stats.bytes_read += len(data)
 
@@ -450,7 +444,7 @@ class Workload:
         self,
         f: SoakFile,
         rng: random.Random,
-        slot: List[Any],
+        slot: list[Any],
     ) -> None:
         off = rng.randrange(OWNED_SIZE, FILE_SIZE)
         n = _size(rng, 64 * 1024)
@@ -460,14 +454,8 @@ class Workload:
         expected = bytes(f.model[off : off + n])
         if data != expected:
             raise AssertionError(
-                "scratch read {}+{} of {}: got {} bytes, expected {}; {} bytes differ".format(
-                    off,
-                    n,
-                    f.path,
-                    len(data),
-                    len(expected),
-                    _diff(data, expected),
-                ),
+                f"scratch read {off}+{n} of {f.path}: got {len(data)} bytes, "
+                f"expected {len(expected)}; {_diff(data, expected)} bytes differ",
             )
         self.stats.bytes_read += len(data)
 
@@ -482,7 +470,7 @@ class Workload:
         n = end - off
         start = rng.randrange(0, len(self.pool) - n)
         payload = self.pool[start : start + n]
-        held: List[asyncio.Lock] = []
+        held: list[asyncio.Lock] = []
         try:
             await _lock_regions(f, off, end, held)
             written = await self.ctx.write(payload, f.fd, off)
@@ -497,7 +485,7 @@ class Workload:
         self,
         f: SoakFile,
         rng: random.Random,
-        slot: List[Any],
+        slot: list[Any],
     ) -> None:
         rel = rng.randrange(0, FILE_SIZE - OWNED_SIZE)
         n = _size(rng, FILE_SIZE - OWNED_SIZE - rel)
@@ -513,7 +501,7 @@ class Workload:
         self,
         f: SoakFile,
         data_only: bool,
-        slot: List[Any],
+        slot: list[Any],
     ) -> None:
         if data_only:
             result = await _track(slot, self.ctx.fdsync(f.fd))
@@ -524,7 +512,7 @@ class Workload:
     async def run_one(self, rng: random.Random) -> None:
         stats = self.stats
         f = self.files[0] if rng.random() < 0.5 else self.files[1]
-        slot: List[Any] = []
+        slot: list[Any] = []
         r = rng.random()
         if r < 0.30:
             # Owned data: never cancelled, so the model stays exact.
@@ -603,27 +591,24 @@ class Workload:
         deadline = time.monotonic() + timeout
         native = self.ctx.context
 
-        def busy() -> List[Any]:
+        def busy() -> list[Any]:
             pending = [op for op in self.cancelled_ops if getattr(op, "context", None) is not None]
             for attr in ("_in_flight", "_in_progress"):
                 if getattr(native, attr, 0):
-                    pending.append("{}={}".format(attr, getattr(native, attr)))
+                    pending.append(f"{attr}={getattr(native, attr)}")
             return pending
 
         pending = busy()
         while pending:
             if time.monotonic() > deadline:
                 raise AssertionError(
-                    "cancelled operations never completed: {} {}".format(
-                        len(pending),
-                        pending[:5],
-                    ),
+                    f"cancelled operations never completed: {len(pending)} {pending[:5]}",
                 )
             await asyncio.sleep(0.001)
             pending = busy()
         self.cancelled_ops.clear()
 
-    async def verify(self) -> Dict[str, str]:
+    async def verify(self) -> dict[str, str]:
         """Read every file back through the backend; compare by sha256."""
         digests = {}
         for f in self.files:
@@ -636,10 +621,8 @@ class Workload:
                 )
                 h.update(chunk)
             got = h.hexdigest()
-            assert got == f.digest(), "{}: sha256 through the backend {} != model {}".format(
-                f.path,
-                got,
-                f.digest(),
+            assert got == f.digest(), (
+                f"{f.path}: sha256 through the backend {got} != model {f.digest()}"
             )
             digests[os.path.basename(f.path)] = got
         return digests
@@ -649,7 +632,7 @@ async def _lock_regions(
     f: SoakFile,
     start: int,
     end: int,
-    held: List[asyncio.Lock],
+    held: list[asyncio.Lock],
 ) -> None:
     """Lock the regions of [start, end) in order; ``held`` lists those taken
     (a task cancelled half-way releases exactly those)."""
@@ -658,12 +641,12 @@ async def _lock_regions(
         held.append(lock)
 
 
-def _unlock(held: List[asyncio.Lock]) -> None:
+def _unlock(held: list[asyncio.Lock]) -> None:
     for lock in reversed(held):
         lock.release()
 
 
-def _track(slot: List[Any], awaitable: Any) -> Any:
+def _track(slot: list[Any], awaitable: Any) -> Any:
     """Note the Operation behind an adapter awaitable in ``slot``."""
     op = getattr(awaitable, "operation", None)  # linux_uring's awaitable
     if op is None:
@@ -677,8 +660,8 @@ def _track(slot: List[Any], awaitable: Any) -> Any:
 
 def _diff(a: bytes, b: bytes) -> int:
     if len(a) != len(b):
-        return abs(len(a) - len(b)) + sum(x != y for x, y in zip(a, b))
-    return sum(x != y for x, y in zip(a, b))
+        return abs(len(a) - len(b)) + sum(x != y for x, y in zip(a, b, strict=False))
+    return sum(x != y for x, y in zip(a, b, strict=False))
 
 
 # -- one round -------------------------------------------------------------------
@@ -686,15 +669,15 @@ def _diff(a: bytes, b: bytes) -> int:
 
 def _run_round(
     async_backend: Any,
-    files: List[SoakFile],
+    files: list[SoakFile],
     ops: int,
     seed: int,
     data_pool: bytes,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     loop = asyncio.new_event_loop()
-    handler_calls: List[Dict[str, Any]] = []
+    handler_calls: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _loop, c: handler_calls.append(c))
-    result: Dict[str, Any] = {}
+    result: dict[str, Any] = {}
 
     async def main() -> None:
         for f in files:
@@ -729,7 +712,7 @@ def _run_round(
     return result
 
 
-def _settle(target: Dict[str, Any], files: List[SoakFile]) -> Dict[str, Any]:
+def _settle(target: dict[str, Any], files: list[SoakFile]) -> dict[str, Any]:
     """Snapshot once the exact counters are back to ``target`` (or after
     SETTLE_TIMEOUT: then the caller's comparison fails and shows why).
     The soak files' own fds are not counted."""
@@ -749,8 +732,8 @@ def _timeout() -> int:
     return 3600 if SOAK or "CAIO_SOAK_OPS" in os.environ else 120
 
 
-def _deltas(before: Dict[str, Any], after: Dict[str, Any]) -> Dict[str, Any]:
-    def sub(key: str) -> Optional[int]:
+def _deltas(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    def sub(key: str) -> int | None:
         if before[key] is None or after[key] is None:
             return None
         return after[key] - before[key]
@@ -770,8 +753,8 @@ def _deltas(before: Dict[str, Any], after: Dict[str, Any]) -> Dict[str, Any]:
 
 def _check_exact(
     label: str,
-    before: Dict[str, Any],
-    after: Dict[str, Any],
+    before: dict[str, Any],
+    after: dict[str, Any],
 ) -> None:
     """fds, threads, this process's AIO rings and aio-nr: back exactly."""
     deltas = _deltas(before, after)
@@ -814,6 +797,7 @@ def _check_exact(
                 after["aio_others"],
                 before["aio_rings"],
             ),
+            stacklevel=1,
         )
 
 
@@ -825,7 +809,7 @@ def test_soak(async_backend: Any, fast_dir: str, tmp_path: Any) -> None:
     seed = _seed()
     rng = random.Random(seed)
     data_pool = rng.randbytes(1024 * 1024)
-    label = "{} seed={} ops={}".format(async_backend, seed, ops)
+    label = f"{async_backend} seed={seed} ops={ops}"
     initial = _snapshot()
     files = [
         SoakFile(os.path.join(fast_dir, "soak-tmpfs.bin"), rng),
@@ -848,7 +832,7 @@ def test_soak(async_backend: Any, fast_dir: str, tmp_path: Any) -> None:
     deltas = _deltas(baseline, after)
     stats = main["stats"]
     report = {
-        "config": "{} {}".format(name, async_backend.kwargs) if async_backend.kwargs else name,
+        "config": f"{name} {async_backend.kwargs}" if async_backend.kwargs else name,
         "backend": name,
         "python": sys.version.split()[0],
         "seed": seed,
@@ -921,12 +905,12 @@ def test_close_right_after_cancellation_releases_resources(
     stays until the last operation, cancelled ones included, is delivered,
     then ``_release()`` runs."""
     loop = asyncio.new_event_loop()
-    handler_calls: List[Dict[str, Any]] = []
+    handler_calls: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _loop, c: handler_calls.append(c))
     path = str(tmp_path / "data.bin")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     pipe_r, pipe_w = os.pipe()
-    contexts: List[Any] = []
+    contexts: list[Any] = []
 
     async def one_round() -> None:
         async with async_backend.context(8) as ctx:
@@ -983,10 +967,7 @@ def test_close_right_after_cancellation_releases_resources(
             break
         time.sleep(0.05)
     assert handler_calls == []
-    assert left == {}, "{} fds left after 10 rounds: {}".format(
-        len(left),
-        sorted(set(left.values())),
-    )
+    assert left == {}, f"{len(left)} fds left after 10 rounds: {sorted(set(left.values()))}"
     assert aio_ring_count() == rings_before
     # aio-nr is system-wide (and processes of other pid namespaces are
     # invisible here): only growth, persisting while no other process is
