@@ -236,6 +236,7 @@ fi
 # native wheels
 # ---------------------------------------------------------------------------------------------
 export CARGO_TARGET_DIR=$CACHE/target
+mkdir -p "$STAGE/summary"
 
 # build_one <tag> <target-triple> <kind: manylinux|musllinux> <arch>
 build_one() {
@@ -297,7 +298,7 @@ $show"
 $chk"
     printf '%s\n' "$chk" >>"$logf"
     cp "$final" "$STAGE/final/"
-    SUMMARY+=("$(basename "$final")|$awtag|${chk#  ok *: }")
+    printf '%s|%s|%s\n' "$(basename "$final")" "$awtag" "${chk#  ok *: }" >"$STAGE/summary/$name"
     log "  $(basename "$final")  [$awtag]  $((SECONDS - t)) s"
 }
 
@@ -305,15 +306,31 @@ if ((QUICK)); then
     log "--quick: manylinux2014 x86_64 wheel for $QTAG ($QUICK_PY)"
     build_one "$QTAG" x86_64-unknown-linux-gnu.2.17 manylinux x86_64
 else
-    log "manylinux2014 x86_64: ${PYTAGS[*]} cp313t"
-    for tag in "${PYTAGS[@]}" cp313t; do build_one "$tag" x86_64-unknown-linux-gnu.2.17 manylinux x86_64; done
-    log "manylinux2014 aarch64 (cross): ${PYTAGS[*]}"
-    for tag in "${PYTAGS[@]}"; do build_one "$tag" aarch64-unknown-linux-gnu.2.17 manylinux aarch64; done
-    log "musllinux_1_2 x86_64 (cross): ${PYTAGS[*]}"
-    for tag in "${PYTAGS[@]}"; do build_one "$tag" x86_64-unknown-linux-musl musllinux x86_64; done
-    log "musllinux_1_2 aarch64 (cross): ${PYTAGS[*]}"
-    for tag in "${PYTAGS[@]}"; do build_one "$tag" aarch64-unknown-linux-musl musllinux aarch64; done
+    # Two lanes side by side, each with a cargo target dir of its own: a wheel build is mostly
+    # one rustc at a time (three crates linked one after the other, LTO with one codegen unit),
+    # so two lanes keep both cores busy. glibc wheels in one lane, musl wheels in the other.
+    lane() {   # lane <target dir> <tag:triple:kind:arch>...
+        export CARGO_TARGET_DIR=$1; shift
+        local spec tag triple kind arch
+        for spec in "$@"; do
+            IFS=: read -r tag triple kind arch <<<"$spec"
+            build_one "$tag" "$triple" "$kind" "$arch"
+        done
+    }
+    GNU=() MUSL=()
+    for tag in "${PYTAGS[@]}" cp313t; do GNU+=("$tag:x86_64-unknown-linux-gnu.2.17:manylinux:x86_64"); done
+    for tag in "${PYTAGS[@]}"; do GNU+=("$tag:aarch64-unknown-linux-gnu.2.17:manylinux:aarch64"); done
+    for tag in "${PYTAGS[@]}"; do MUSL+=("$tag:x86_64-unknown-linux-musl:musllinux:x86_64"); done
+    for tag in "${PYTAGS[@]}"; do MUSL+=("$tag:aarch64-unknown-linux-musl:musllinux:aarch64"); done
+    log "manylinux2014 x86_64 (${PYTAGS[*]} cp313t) and aarch64 (${PYTAGS[*]}, cross) | musllinux_1_2 x86_64 and aarch64 (${PYTAGS[*]}, cross): two lanes"
+    lane "$CACHE/target" "${GNU[@]}" & gnu_pid=$!
+    lane "$CACHE/target-musl" "${MUSL[@]}" & musl_pid=$!
+    lane_rc=0
+    wait "$gnu_pid" || lane_rc=1
+    wait "$musl_pid" || lane_rc=1
+    ((lane_rc == 0)) || die "a wheel build failed (see the messages above and $LOGS/build-*.log)"
 fi
+for f in "$STAGE"/summary/*; do SUMMARY+=("$(cat "$f")"); done
 
 # ---------------------------------------------------------------------------------------------
 # publish into dist/

@@ -1,25 +1,34 @@
 #!/usr/bin/env bash
 # manylinux/test-wheels.sh - install every artifact in dist/ where it can run, and test it there.
 #
-#   manylinux/test-wheels.sh [--only REGEX] [--keep]
+#   manylinux/test-wheels.sh [--full] [--jobs N] [--only REGEX] [--keep]
+#
+# Two depths (docs/wheels.md, "What test-wheels.sh tests"):
+#   default (what CI runs)  the WHOLE suite on the manylinux x86_64 cp310 and cp314 wheels, on the
+#                           cp313t wheel (PYTHON_GIL=0), on the py3-none-any wheel and on the sdist
+#                           installed without cargo; every other artifact that can run here gets the
+#                           smoke test (every module loads, every backend's round trip) plus the
+#                           curated subset of the suite (SUBSET below, a few hundred tests).
+#   --full                  the whole suite on every artifact that can run here.
+# --jobs N runs N artifact tests at once (default 2: the suites wait on I/O and subprocesses a lot).
 #
 # What runs where (interpreters from manylinux/interpreters.sh --arm64):
-#   manylinux x86_64 cpXY wheels   fresh venv of that interpreter, wheel + test deps, the WHOLE test suite
+#   manylinux x86_64 cpXY wheels   fresh venv of that interpreter, wheel + test deps, the suite
 #                                  (tests/ of this checkout, run from a scratch cwd so the source tree's
 #                                  caio/ cannot shadow the wheel; a plugin asserts caio is the venv's).
 #   cp313t wheel                   the same with PYTHON_GIL=0, plus an explicit check that importing every
 #                                  native module (with -W error::RuntimeWarning) leaves the GIL disabled;
 #                                  tests/test_free_threading.py (thread hammers) runs there, and its
 #                                  tests must all have passed (counted from pytest's junit XML).
-#   py3-none-any wheel             fresh cp312 venv, whole suite (python_aio only; asserted).
+#   py3-none-any wheel             fresh cp312 venv (python_aio only; asserted).
 #   sdist                          installed twice into fresh cp311 venvs: with cargo (CAIO_REQUIRE_RUST=1,
 #                                  native modules asserted) and with cargo removed from PATH (python_aio
-#                                  only, asserted); the whole suite runs on both.
+#                                  only, asserted).
 #   manylinux aarch64 cp313/cp314  host pip --target --platform, then manylinux/smoke.py under qemu-user
 #                                  with Debian sid's arm64 CPython (imports + write/read/fsync per backend).
-#   musllinux x86_64 cp313         the whole suite on a CPython 3.13 built against musl (musl-python.sh).
+#   musllinux x86_64 cp313         smoke + suite on a CPython 3.13 built against musl (musl-python.sh).
 #   other aarch64 / musl wheels    no interpreter exists here: static checks only (build-wheels.sh).
-# Prints a table (wheel, interpreter, result) at the end and exits non-zero if anything failed.
+# Prints a table (wheel, interpreter, depth, result) at the end and exits non-zero if anything failed.
 set -Eeuo pipefail
 shopt -s nullglob
 
@@ -28,12 +37,14 @@ log()  { printf '[%s %s] %s\n' "$PROG" "$(date +%H:%M:%S)" "$*" >&2; }
 die()  { printf '\n[%s] ERROR: %s\n' "$PROG" "$*" >&2; exit 1; }
 trap 'rc=$?; printf "[%s] ERROR: command failed (exit %s) at line %s: %s\n" "$PROG" "$rc" "$LINENO" "$BASH_COMMAND" >&2' ERR
 
-ONLY= KEEP=0
+ONLY= KEEP=0 FULL=0 JOBS=2
 while (($#)); do
     case $1 in
         --only) shift; ONLY=${1:?--only needs a regex} ;;
         --keep) KEEP=1 ;;
-        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --full) FULL=1 ;;
+        --jobs) shift; JOBS=${1:?--jobs needs a number} ;;
+        -h|--help) sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $1" ;;
     esac
     shift
@@ -74,9 +85,27 @@ for d in "$REPO"/rust/*/; do
     grep -q cdylib "$d/Cargo.toml" && MODULES+=("$n")
 done
 
-RESULTS=()   # "artifact|where|result"
-FAILED=0
-record() { RESULTS+=("$1|$2|$3"); [[ $3 == PASS* || $3 == "static checks only"* ]] || FAILED=$((FAILED + 1)); }
+# Results: every artifact test writes "artifact|where|depth|result" lines into a file of its own
+# under $WORK/results (the tests run as parallel jobs); the table at the end reads them all.
+mkdir -p "$WORK/results"
+RESFILE=/dev/null
+record() { printf '%s|%s|%s|%s\n' "$1" "$2" "$DEPTH" "$3" >>"$RESFILE"; }
+
+# The curated subset (default depth for the artifacts that do not get the whole suite): the public
+# API and its errors on every backend (raw Context/Operation, asyncio adapters on the asyncio loop),
+# selection (CAIO_IMPL, default_implementation), `python -m caio` and the packaging checks. A few
+# hundred tests, about 20 s; together with manylinux/smoke.py it proves the artifact works here.
+SUBSET=(tests/test_package.py tests/test_raw_context.py tests/test_operation.py tests/test_asyncio.py)
+SUBSET_ENV=(CAIO_TEST_LOOPS=asyncio)
+
+# depth_of <python tag or kind>: "suite" (the whole suite) or "subset"
+depth_of() {
+    ((FULL)) && { echo suite; return; }
+    case $1 in
+        cp310|cp314|cp313t|pure|sdist-nocargo) echo suite ;;
+        *) echo subset ;;
+    esac
+}
 
 # the pytest plugin that proves the installed package is under test, not the checkout
 mkdir -p "$WORK/plugin"
@@ -93,20 +122,35 @@ def pytest_sessionstart(session):
     print(f"\ncaio under test: {where}; native: {', '.join(files) or 'none (python_aio only)'}")
 EOF
 
-# pytest_run <python> <logfile> <expect-prefix> <extra PYTHONPATH or ""> [env...]: runs the whole
-# suite from a scratch cwd, echoes pytest's summary line, returns pytest's status
+# pytest_run <python> <logfile> <expect-prefix> <extra PYTHONPATH or ""> [env...]: runs the suite
+# ($DEPTH: the whole suite or the curated subset) from a scratch cwd, echoes pytest's summary line,
+# returns pytest's status
 pytest_run() {
     local py=$1 logf=$2 prefix=$3 extra=$4; shift 4
     local cwd
     cwd=$(mktemp -d "$WORK/cwd.XXXXXX")
-    local rc=0
-    (cd "$cwd" && env "$@" CAIO_EXPECT_PREFIX="$prefix" PYTHONPATH="$WORK/plugin${extra:+:$extra}" \
-        "$py" -m pytest "$REPO/tests" -p caio_installed_check -p no:cacheprovider -q -rfEs \
+    local rc=0 paths=("$REPO/tests") envs=("$@") f
+    if [[ $DEPTH == subset ]]; then
+        paths=()
+        for f in "${SUBSET[@]}"; do paths+=("$REPO/$f"); done
+        envs+=("${SUBSET_ENV[@]}")
+    fi
+    (cd "$cwd" && env "${envs[@]}" CAIO_EXPECT_PREFIX="$prefix" PYTHONPATH="$WORK/plugin${extra:+:$extra}" \
+        "$py" -m pytest "${paths[@]}" -p caio_installed_check -p no:cacheprovider -q -rfEs \
         --junitxml "${logf%.log}.xml" --rootdir "$REPO" >>"$logf" 2>&1) || rc=$?
     local summary
     summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed)|^(=+ )?no tests ran|^(=+ )?[0-9]+ error' "$logf" | tail -n1 | sed 's/=//g; s/^ *//; s/ *$//')
     printf '%s\n' "${summary:-no pytest summary (rc $rc)}"
     return $rc
+}
+
+# smoke_run <python> <logfile> [env...]: manylinux/smoke.py (every native module loads, a round trip
+# through every asyncio context) from a scratch cwd
+smoke_run() {
+    local py=$1 logf=$2; shift 2
+    local cwd
+    cwd=$(mktemp -d "$WORK/cwd.XXXXXX")
+    (cd "$cwd" && env "$@" "$py" "$REPO/manylinux/smoke.py" "${MODULES[@]}") >>"$logf" 2>&1
 }
 
 # new_venv <tag> <name>: fresh venv of interpreter <tag> with the test dependencies
@@ -157,7 +201,8 @@ test_native_x86_64() {   # <wheel>
     tag=$(tag_of "$whl")
     name=manylinux-x86_64-$tag
     logf=$LOGS/test-$name.log; : >"$logf"
-    log "$tag: fresh venv, $(basename "$whl"), whole test suite"
+    DEPTH=$(depth_of "$tag")
+    log "$tag: fresh venv, $(basename "$whl"), $DEPTH"
     v=$(new_venv "$tag" "$name" "$logf")
     "$v/bin/python" -m pip install -q --disable-pip-version-check --no-deps "$whl" >>"$logf" 2>&1 \
         || { record "$(basename "$whl")" "$tag" "FAIL: pip install"; return; }
@@ -185,6 +230,9 @@ print("GIL still disabled after importing", ", ".join(sys.argv[1:]))' "${mods[@]
             fi
         done
     fi
+    if [[ $DEPTH == subset ]] && ! smoke_run "$v/bin/python" "$logf" "${envs[@]}"; then
+        record "$(basename "$whl")" "$tag venv" "FAIL: smoke (log: $logf)"; return
+    fi
     local summary rc=0
     summary=$(pytest_run "$v/bin/python" "$logf" "$v" "" "${envs[@]}") || rc=$?
     local extra=
@@ -208,7 +256,8 @@ print("GIL still disabled after importing", ", ".join(sys.argv[1:]))' "${mods[@]
 test_pure() {   # <wheel>
     local whl=$1 logf=$LOGS/test-pure.log v t=$SECONDS
     : >"$logf"
-    log "py3-none-any: fresh cp312 venv, whole test suite"
+    DEPTH=$(depth_of pure)
+    log "py3-none-any: fresh cp312 venv, $DEPTH"
     v=$(new_venv cp312 pure "$logf")
     "$v/bin/python" -m pip install -q --disable-pip-version-check --no-deps "$whl" >>"$logf" 2>&1 \
         || { record "$(basename "$whl")" cp312 "FAIL: pip install"; return; }
@@ -221,12 +270,14 @@ test_pure() {   # <wheel>
     log "  py3-none-any: $summary ($((SECONDS - t)) s)"
 }
 
-test_sdist() {   # <sdist>
-    local sd=$1 mode logf v t
-    for mode in cargo nocargo; do
+test_sdist() {   # <sdist> <mode: cargo|nocargo>
+    local sd=$1 logf v t
+    local mode
+    for mode in $2; do
         t=$SECONDS
         logf=$LOGS/test-sdist-$mode.log; : >"$logf"
-        log "sdist ($mode): fresh cp311 venv, pip install $(basename "$sd") (PEP 517 build isolation), whole suite"
+        DEPTH=$(depth_of "sdist-$mode")
+        log "sdist ($mode): fresh cp311 venv, pip install $(basename "$sd") (PEP 517 build isolation), $DEPTH"
         v=$(new_venv cp311 "sdist-$mode" "$logf")
         local envs=() expect=none
         if [[ $mode == cargo ]]; then
@@ -244,6 +295,9 @@ test_sdist() {   # <sdist>
         fi
         (cd "$WORK" && assert_native "$v/bin/python" "$expect") >>"$logf" 2>&1 \
             || { record "$(basename "$sd")" "cp311 venv, $mode" "FAIL: wrong backends (see $logf)"; continue; }
+        if [[ $DEPTH == subset ]] && ! smoke_run "$v/bin/python" "$logf"; then
+            record "$(basename "$sd")" "cp311 venv, $mode" "FAIL: smoke (log: $logf)"; continue
+        fi
         local summary rc=0
         summary=$(pytest_run "$v/bin/python" "$logf" "$v" "") || rc=$?
         local what="with cargo: native ${MODULES[*]}"
@@ -266,7 +320,9 @@ test_aarch64() {   # <wheel>
     tag=$(tag_of "$whl")
     local pyv=${tag#cp}; pyv=${pyv:0:1}.${pyv:1}
     local qpy=${PY[$tag-arm64]:-}
+    DEPTH=smoke
     if [[ -z $qpy ]]; then
+        DEPTH=static
         record "$(basename "$whl")" "-" "static checks only (no arm64 CPython $pyv here)"
         return
     fi
@@ -296,12 +352,14 @@ test_musl() {   # <wheel>
     local whl=$1 tag arch t=$SECONDS
     tag=$(tag_of "$whl")
     case $whl in *_x86_64.whl) arch=x86_64 ;; *) arch=aarch64 ;; esac
+    DEPTH=$(depth_of musl)
     if [[ $arch != x86_64 || $tag != cp313 ]]; then
+        DEPTH=static
         record "$(basename "$whl")" "-" "static checks only (no musl CPython ${tag#cp} $arch here)"
         return
     fi
     local logf=$LOGS/test-musl-$tag.log; : >"$logf"
-    log "musllinux x86_64 $tag: CPython 3.13 built against musl (manylinux/musl-python.sh), whole suite"
+    log "musllinux x86_64 $tag: CPython 3.13 built against musl (manylinux/musl-python.sh), smoke + $DEPTH"
     local mpy
     mpy=$("$REPO/manylinux/musl-python.sh" --print) || { record "$(basename "$whl")" musl "FAIL: no musl CPython"; return; }
     local dir=$WORK/musl-$tag
@@ -329,24 +387,63 @@ test_musl() {   # <wheel>
 }
 
 # ---------------------------------------------------------------------------------------------
+# The jobs, heaviest first (they run $JOBS at a time): "<function> <artifact> [mode]".
+JOBLIST=()
+declare -A WEIGHT=()
+add_job() {   # add_job <weight> <function> <artifact> [arg]
+    JOBLIST+=("$2|$3|${4:-}")
+    WEIGHT[${#JOBLIST[@]}]=$1
+}
 for a in "${ARTIFACTS[@]}"; do
     b=$(basename "$a")
     if [[ -n $ONLY && ! $b =~ $ONLY ]]; then continue; fi
     case $b in
-        *.tar.gz) test_sdist "$a" ;;
-        *-py3-none-any.whl) test_pure "$a" ;;
-        *manylinux*_x86_64.whl) test_native_x86_64 "$a" ;;
-        *manylinux*_aarch64.whl) test_aarch64 "$a" ;;
-        *musllinux*.whl) test_musl "$a" ;;
-        *) record "$b" "-" "FAIL: no test route for this artifact" ;;
+        *.tar.gz) add_job 60 test_sdist "$a" cargo; add_job 20 test_sdist "$a" nocargo ;;
+        *-py3-none-any.whl) add_job 20 test_pure "$a" ;;
+        *manylinux*_x86_64.whl)
+            t=$(tag_of "$a")
+            if [[ $(depth_of "$t") == suite ]]; then add_job $([[ $t == *t ]] && echo 100 || echo 90) test_native_x86_64 "$a"
+            else add_job 10 test_native_x86_64 "$a"; fi ;;
+        *manylinux*_aarch64.whl) add_job 5 test_aarch64 "$a" ;;
+        *musllinux*.whl) add_job $([[ $b == *cp313-cp313-musllinux*_x86_64.whl ]] && echo 30 || echo 0) test_musl "$a" ;;
+        *) add_job 0 record_unroutable "$a" ;;
     esac
+done
+record_unroutable() { DEPTH=-; record "$(basename "$1")" "-" "FAIL: no test route for this artifact"; }
+# the musl interpreter is provisioned once, before the jobs that share it start
+if printf '%s\n' "${JOBLIST[@]}" | grep -q '^test_musl|.*cp313-cp313-musllinux.*_x86_64'; then
+    "$REPO/manylinux/musl-python.sh" >/dev/null || true
+fi
+
+ORDER=()
+while read -r _ i; do ORDER+=("$i"); done < <(for i in "${!WEIGHT[@]}"; do echo "${WEIGHT[$i]} $i"; done | sort -k1,1nr -k2,2n)
+log "${#ORDER[@]} artifact tests, $JOBS at a time ($( ((FULL)) && echo "--full: the whole suite everywhere" || echo "whole suite on cp310, cp314, cp313t, py3-none-any, sdist without cargo; smoke + subset elsewhere"))"
+running=0
+for i in "${ORDER[@]}"; do
+    IFS='|' read -r fn art arg <<<"${JOBLIST[$((i - 1))]}"
+    while ((running >= JOBS)); do wait -n || true; running=$((running - 1)); done
+    ( RESFILE=$WORK/results/$(printf '%03d' "$i"); : >"$RESFILE"; DEPTH=-
+      "$fn" "$art" ${arg:+"$arg"}
+      [[ -s $RESFILE ]] || record "$(basename "$art")" "-" "FAIL: the test job ended without a result (logs in $LOGS)" ) &
+    running=$((running + 1))
+done
+wait || true
+
+RESULTS=()
+FAILED=0
+for f in "$WORK"/results/*; do
+    while IFS= read -r line; do
+        RESULTS+=("$line")
+        IFS='|' read -r _ _ _ r <<<"$line"
+        [[ $r == PASS* || $r == "static checks only"* ]] || FAILED=$((FAILED + 1))
+    done <"$f"
 done
 
 {
-    printf '\n%-74s %-40s %s\n' "artifact" "tested on" "result"
+    printf '\n%-74s %-40s %-7s %s\n' "artifact" "tested on" "depth" "result"
     for line in "${RESULTS[@]}"; do
-        IFS='|' read -r a w r <<<"$line"
-        printf '%-74s %-40s %s\n' "$a" "$w" "$r"
+        IFS='|' read -r a w d r <<<"$line"
+        printf '%-74s %-40s %-7s %s\n' "$a" "$w" "$d" "$r"
     done
     printf '\n%d artifact test(s), %d failure(s), %d s\n' "${#RESULTS[@]}" "$FAILED" "$((SECONDS - T0))"
 } | tee "$LOGS/test-summary.txt" >&2
