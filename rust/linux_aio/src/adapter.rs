@@ -30,7 +30,7 @@ use caio_core::py::{call_method, none, trampoline, Exc, Interned, Owned, PyErr, 
 use caio_core::pyo3_ffi::*;
 
 use crate::abi::{self, Iocb};
-use crate::{ctx, exception_object, submit_claimed, submit_ops, Inner, DEFAULT_EVENTS};
+use crate::{ctx, exception_object, submit_claimed, submit_ops, AioContext, DEFAULT_EVENTS};
 
 pub static ENGINE: Engine = Engine {
     submit,
@@ -42,7 +42,7 @@ pub static ENGINE: Engine = Engine {
 static DONE: Interned = Interned::new(c"done");
 static SET_EXCEPTION: Interned = Interned::new(c"set_exception");
 
-impl Inner {
+impl AioContext {
     pub(crate) fn lock_staged(&self) -> std::sync::MutexGuard<'_, Vec<usize>> {
         self.staged.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -116,7 +116,7 @@ unsafe fn loop_events(a: &Adapter) -> PyResult<usize> {
 }
 
 /// Takes `op` out of the deferred batch (its reference is returned).
-unsafe fn unstage(c: &Inner, op: *mut PyObject) -> Option<Owned> {
+unsafe fn unstage(c: &AioContext, op: *mut PyObject) -> Option<Owned> {
     let mut staged = c.lock_staged();
     let i = staged.iter().position(|&p| p == op as usize)?;
     Some(Owned::from_raw(staged.remove(i) as *mut PyObject))
@@ -124,7 +124,7 @@ unsafe fn unstage(c: &Inner, op: *mut PyObject) -> Option<Owned> {
 
 /// Gives back the ops of a batch that was never flushed (Context
 /// deallocation: its loop was closed first).
-pub(crate) unsafe fn drop_staged(c: &Inner) {
+pub(crate) unsafe fn drop_staged(c: &AioContext) {
     let staged = std::mem::take(&mut *c.lock_staged());
     for p in staged {
         let p = p as *mut PyObject;
@@ -134,7 +134,7 @@ pub(crate) unsafe fn drop_staged(c: &Inner) {
 }
 
 /// Schedules the flush of the deferred batch (once per loop iteration).
-unsafe fn schedule_flush(a: &Adapter, c: &Inner) -> PyResult<()> {
+unsafe fn schedule_flush(a: &Adapter, c: &AioContext) -> PyResult<()> {
     if c.flush_scheduled.swap(true, Ordering::AcqRel) {
         return Ok(());
     }
@@ -224,7 +224,7 @@ unsafe fn to_exception(e: PyErr) -> Option<Owned> {
 
 /// Submits a deferred batch (ops claimed by `submit`, not begun): as many as
 /// the kernel takes, each refused op failing alone (API.md §7 Q12).
-unsafe fn flush(slf: *mut PyObject, c: &Inner, staged: &[Owned]) {
+unsafe fn flush(slf: *mut PyObject, c: &AioContext, staged: &[Owned]) {
     let mut ops: Vec<*mut PyObject> = Vec::with_capacity(staged.len());
     // The futures the awaiting tasks wait on.
     let mut futs: Vec<Option<Owned>> = Vec::with_capacity(staged.len());

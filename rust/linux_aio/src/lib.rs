@@ -195,7 +195,7 @@ struct Reap {
     events: Vec<IoEvent>,
 }
 
-struct Inner {
+struct AioContext {
     max_requests: u32,
     fork_generation: u64,
     /// The context id as created (for repr).
@@ -229,10 +229,10 @@ struct Inner {
 struct Context {
     ob_base: PyObject,
     weakreflist: *mut PyObject,
-    inner: Inner,
+    inner: AioContext,
 }
 
-unsafe fn ctx<'a>(p: *mut PyObject) -> &'a Inner {
+unsafe fn ctx<'a>(p: *mut PyObject) -> &'a AioContext {
     &(*(p as *const Context)).inner
 }
 
@@ -240,7 +240,7 @@ fn closed_error() -> PyErr {
     PyErr::runtime("Context is closed")
 }
 
-impl Inner {
+impl AioContext {
     fn read(&self) -> RwLockReadGuard<'_, Handle> {
         self.handle.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -458,7 +458,7 @@ unsafe extern "C" fn ctx_new(
         };
         let c = obj.as_ptr() as *mut Context;
         let fd = queue.fileno();
-        ptr::addr_of_mut!((*c).inner).write(Inner {
+        ptr::addr_of_mut!((*c).inner).write(AioContext {
             max_requests,
             fork_generation: sys::fork_generation(),
             aio_id: aio,
@@ -613,7 +613,7 @@ fn fd_flags(fd: u32, cache: &mut Option<(u32, c_int)>) -> c_int {
 /// aligned memory; in event-loop mode reads and writes get `RWF_NOWAIT`.
 unsafe fn prepare(
     slf: *mut PyObject,
-    c: &Inner,
+    c: &AioContext,
     o: &Operation,
     resfd: i32,
     nowait: bool,
@@ -714,7 +714,7 @@ unsafe fn prepare_direct_write(slf: *mut PyObject, o: &Operation) -> PyResult<()
 /// listed twice, or done) are skipped.
 unsafe fn submit_ops(
     slf: *mut PyObject,
-    c: &Inner,
+    c: &AioContext,
     args: &[*mut PyObject],
     accepted: Option<&mut Vec<usize>>,
 ) -> PyResult<(usize, Option<(usize, PyErr)>)> {
@@ -741,7 +741,7 @@ unsafe fn submit_ops(
 /// On `Err` every op is rolled back.
 unsafe fn submit_claimed(
     slf: *mut PyObject,
-    c: &Inner,
+    c: &AioContext,
     claimed: &[(usize, *mut Operation)],
     accepted: Option<&mut Vec<usize>>,
 ) -> PyResult<(usize, Option<(usize, PyErr)>)> {
@@ -989,7 +989,7 @@ unsafe fn at_eof(o: &Operation, n: u64) -> bool {
     o.io().offset.saturating_add(n) >= st.st_size as u64
 }
 
-impl Inner {
+impl AioContext {
     /// Hands an op to the worker pool (created on first use).
     unsafe fn to_pool(
         &self,
@@ -1270,7 +1270,7 @@ unsafe extern "C" fn ctx_drain(slf: *mut PyObject, _: *mut PyObject) -> *mut PyO
     })
 }
 
-impl Inner {
+impl AioContext {
     /// Resets the eventfd counter, then delivers every available completion.
     unsafe fn drain(&self) -> usize {
         {
