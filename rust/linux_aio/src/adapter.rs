@@ -30,7 +30,10 @@ use caio_core::py::{call_method, none, trampoline, Exc, Interned, Owned, PyErr, 
 use caio_core::pyo3_ffi::*;
 
 use crate::abi::{self, Iocb};
-use crate::{ctx, exception_object, submit_claimed, submit_ops, AioContext, DEFAULT_EVENTS};
+use crate::context::{ctx, exception_object};
+use crate::engine::AioContext;
+use crate::reap::DEFAULT_EVENTS;
+use crate::submit::{submit_claimed, submit_ops};
 
 pub static ENGINE: Engine = Engine {
     submit,
