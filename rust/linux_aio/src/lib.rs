@@ -95,23 +95,31 @@ static FLAVOR: Flavor = Flavor {
     repr_result: false,
 };
 
+/// The running kernel's release string (`uname -r`), or empty.
+// TODO(core): core gets one kernel-version helper; use it (and its test
+// hook, under the `test-hooks` feature) instead of this copy and
+// `parse_version`.
 fn kernel_release() -> String {
+    // TODO(core): test hook; move behind core's `test-hooks` cargo feature.
     if let Ok(r) = std::env::var("CAIO_TEST_AIO_KERNEL_RELEASE") {
         if !r.is_empty() {
             return r; // test hook: pretend to run on this kernel
         }
     }
-    unsafe {
-        let mut u: libc::utsname = std::mem::zeroed();
-        if libc::uname(&mut u) != 0 {
-            return String::new();
-        }
-        std::ffi::CStr::from_ptr(u.release.as_ptr())
-            .to_string_lossy()
-            .into_owned()
+    // SAFETY: `utsname` is plain bytes, so all-zero is a valid value.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: uname fills the struct it is given.
+    if unsafe { libc::uname(&raw mut u) } != 0 {
+        return String::new();
     }
+    // SAFETY: on success `release` holds a NUL-terminated string (and the
+    // zeroed tail guarantees a NUL within the array in any case).
+    unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
+/// `(major, minor)` of a kernel release string such as `6.8.0-45-generic`.
 fn parse_version(release: &str) -> Option<(u32, u32)> {
     let mut it = release.split(|ch: char| !ch.is_ascii_digit());
     let major = it.next()?.parse().ok()?;
@@ -137,6 +145,7 @@ needs AIO fsync/fdsync and RWF_NOWAIT.)",
             ))
         }
     }
+    // TODO(core): test hook; move behind core's `test-hooks` cargo feature.
     let forced = std::env::var("CAIO_TEST_AIO_PROBE_ERRNO")
         .ok()
         .and_then(|v| v.trim().parse::<i32>().ok())
@@ -195,35 +204,49 @@ policy (seccomp, LSM) forbidding it. Kernel {}.",
     Err(PyErr::new(Exc::ImportError, reason))
 }
 
+/// The module's exec slot: availability check, then the types, the
+/// exceptions and the asyncio fast path.
+///
+/// # Safety
+/// Called by CPython's multi-phase init (through `backend_module!`),
+/// attached, with the new module.
 unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
     check_available()?;
-    init_common(
-        module,
-        &FLAVOR,
-        context::context_type(),
-        c"caio.linux_aio.OperationError",
-    )?;
-    let bases = caio_core::py::py_tuple(vec![
-        Owned::from_borrowed(PyExc_OSError),
-        Owned::from_borrowed(PyExc_ValueError),
-    ])?;
-    let submit_error = Owned::from_new(PyErr_NewExceptionWithDoc(
-        c"caio.linux_aio.SubmitError".as_ptr(),
-        c"io_submit refused an operation (bad fd, invalid for the file, ...). A ValueError, as \
-upstream caio raises, and an OSError with the errno."
-            .as_ptr(),
-        bases.as_ptr(),
-        ptr::null_mut(),
-    ))?;
-    caio_core::module::add_object(module, c"SubmitError", submit_error)?;
-    caio_core::module::init_capacity_error(
-        module,
-        c"caio.linux_aio.CapacityError",
-        PyExc_OverflowError,
-        c"submit() accepted nothing because the kernel completion ring is full (io_submit \
+    // SAFETY: an exec slot, attached (our contract).
+    unsafe {
+        init_common(
+            module,
+            &FLAVOR,
+            context::context_type(),
+            c"caio.linux_aio.OperationError",
+        )
+    }?;
+    // SAFETY: attached; the builtin exception classes are valid objects
+    // (immortal or kept alive by the interpreter), the strings are static
+    // and NUL-terminated, and `module` is the module being initialised.
+    unsafe {
+        let bases = caio_core::py::py_tuple(vec![
+            Owned::from_borrowed(PyExc_OSError),
+            Owned::from_borrowed(PyExc_ValueError),
+        ])?;
+        let submit_error = Owned::from_new(PyErr_NewExceptionWithDoc(
+            c"caio.linux_aio.SubmitError".as_ptr(),
+            c"io_submit refused an operation (bad fd, invalid for the file, ...). A ValueError, \
+as upstream caio raises, and an OSError with the errno."
+                .as_ptr(),
+            bases.as_ptr(),
+            ptr::null_mut(),
+        ))?;
+        caio_core::module::add_object(module, c"SubmitError", submit_error)?;
+        caio_core::module::init_capacity_error(
+            module,
+            c"caio.linux_aio.CapacityError",
+            PyExc_OverflowError,
+            c"submit() accepted nothing because the kernel completion ring is full (io_submit \
 EAGAIN). An OverflowError, as upstream caio raises, and an OSError with errno EAGAIN.",
-    )?;
-    caio_core::aio::init(module, &adapter::ENGINE)?;
+        )?;
+        caio_core::aio::init(module, &adapter::ENGINE)?;
+    }
     Ok(())
 }
 
