@@ -207,17 +207,22 @@ fn throttle_destroys() {
     }
 }
 
+/// Adds one to an eventfd counter (wakes its pollers). Never fails on an
+/// open eventfd short of counter overflow, which then only means "already
+/// signalled".
 pub(crate) fn signal_fd(fd: i32) {
     let one: u64 = 1;
+    // SAFETY: write reads 8 bytes from `one`, which outlives the call.
     unsafe {
-        libc::write(fd, (&one as *const u64).cast(), 8);
+        libc::write(fd, (&raw const one).cast(), 8);
     }
 }
 
 /// Reads (and so resets) an eventfd counter: `Ok(0)` if it was zero.
 pub(crate) fn read_counter(fd: i32) -> Result<u64, i32> {
     let mut v: u64 = 0;
-    let r = unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+    // SAFETY: read writes at most 8 bytes into `v`, which outlives the call.
+    let r = unsafe { libc::read(fd, (&raw mut v).cast(), 8) };
     if r == 8 {
         return Ok(v);
     }
@@ -262,12 +267,17 @@ without CONFIG_AIO, or blocked by a seccomp filter)",
 
 /// `io_setup`, waiting a little when the limit is only held by contexts
 /// that are being destroyed in the background.
-fn setup(nr: u32) -> PyResult<u64> {
+///
+/// # Safety
+/// Attached: an interrupted call runs the Python signal handlers, and the
+/// wait releases the GIL.
+unsafe fn setup(nr: u32) -> PyResult<u64> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match abi::io_setup(nr) {
             Ok(c) => return Ok(c),
             Err(libc::EINTR) => {
+                // SAFETY: attached (our contract).
                 if unsafe { PyErr_CheckSignals() } != 0 {
                     return Err(PyErr::Fetched);
                 }
@@ -283,7 +293,10 @@ fn setup(nr: u32) -> PyResult<u64> {
 impl AioContext {
     /// A new kernel AIO context of `max_requests` events with its eventfd,
     /// in event-loop mode off (upstream semantics).
-    pub(crate) fn open(max_requests: u32) -> PyResult<AioContext> {
+    ///
+    /// # Safety
+    /// Attached (see [`setup`]).
+    pub(crate) unsafe fn open(max_requests: u32) -> PyResult<AioContext> {
         let queue = Arc::new(CompletionQueue::new_shared().map_err(|e| {
             let errno = e.raw_os_error().unwrap_or(libc::EIO);
             PyErr::ErrnoMsg(
@@ -292,7 +305,8 @@ impl AioContext {
                 format!("eventfd() failed: {}", sys::strerror(errno)),
             )
         })?);
-        let aio = setup(max_requests)?;
+        // SAFETY: attached (our contract).
+        let aio = unsafe { setup(max_requests) }?;
         // SAFETY: `aio` is the live context io_setup just returned.
         let user_ring = unsafe { Ring::of(aio) }.is_some();
         let fd = queue.fileno();
@@ -328,7 +342,15 @@ impl AioContext {
         destroyer::destroy(self.aio_id);
     }
 
-    /// Hands an op to the worker pool (created on first use).
+    /// Hands an op to the worker pool (created on first use). Returns false
+    /// if no worker could take it (no thread could be started): the op is
+    /// then still the caller's.
+    ///
+    /// # Safety
+    /// `op` is in flight, owned by this engine and not in the kernel: the
+    /// worker runs its I/O and queues its result (`reap` delivers it).
+    /// `reap` is this context's (locked) completion state and `queue` its
+    /// completion queue.
     pub(crate) unsafe fn to_pool(
         &self,
         reap: &mut Reap,

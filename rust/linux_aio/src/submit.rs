@@ -32,20 +32,55 @@ pub(crate) const TAG_BUFFERED: u64 = 1;
 
 /// Memory alignment (and read window granularity) for O_DIRECT: covers every
 /// logical block size up to a page.
+// TODO(core): core gets one O_DIRECT policy (`direct.rs`); use its alignment
+// (and `prepare_direct_write`'s checks below) instead of this copy.
 const DIO_ALIGN: usize = 4096;
+
+/// The iocb of `o`: its engine area, which is exactly one [`Iocb`] (size
+/// and alignment checked in `abi`).
+///
+/// # Safety
+/// The pointer may be formed for any op (`io_cancel` only compares it), but
+/// only the engine owning the in-flight op may read or write through it
+/// (`Operation::engine_area`).
+pub(crate) unsafe fn iocb_of(o: &Operation) -> *mut Iocb {
+    // SAFETY: forming the pointer reads nothing; the caller upholds the
+    // ownership rule for every access through it.
+    unsafe { o.engine_area() }.cast::<Iocb>()
+}
+
+/// The same 64 bits read as a signed number. Offsets are kept as the raw
+/// bits of a signed value (`Flavor::offset_min` is `i64::MIN`); the
+/// kernel's `aio_offset` is signed.
+const fn signed64(v: u64) -> i64 {
+    i64::from_ne_bytes(v.to_ne_bytes())
+}
+
+/// The same 16 bits read as a signed number (priorities, `aio_reqprio`).
+const fn signed16(v: u16) -> i16 {
+    i16::from_ne_bytes(v.to_ne_bytes())
+}
 
 /// The module's `SubmitError(OSError, ValueError)` class (borrowed: the
 /// module keeps it alive), or plain `ValueError` if it cannot be found.
+///
+/// # Safety
+/// Attached; `slf` is a linux_aio Context.
 unsafe fn submit_error_type(slf: *mut PyObject) -> Exc {
-    let module = PyType_GetModule(Py_TYPE(slf));
-    if !module.is_null() {
-        let cls = PyObject_GetAttrString(module, c"SubmitError".as_ptr());
-        if !cls.is_null() {
-            Py_DECREF(cls);
-            return Exc::Custom(cls);
+    // SAFETY: attached and `slf` is a live object of our heap type, whose
+    // module (if it still exists) we may query; a new reference is dropped
+    // at once because the module attribute keeps the class alive.
+    unsafe {
+        let module = PyType_GetModule(Py_TYPE(slf));
+        if !module.is_null() {
+            let cls = PyObject_GetAttrString(module, c"SubmitError".as_ptr());
+            if !cls.is_null() {
+                Py_DECREF(cls);
+                return Exc::Custom(cls);
+            }
         }
+        PyErr_Clear();
     }
-    PyErr_Clear();
     Exc::ValueError
 }
 
@@ -68,15 +103,19 @@ unsafe fn refusal_error(
         // `caio.linux_aio.CapacityError`: upstream's OverflowError (API.md
         // §3.6), also an OSError with errno EAGAIN (see
         // caio_core::module::init_capacity_error).
-        libc::EAGAIN => caio_core::module::capacity_error(
-            slf,
-            Exc::OverflowError,
-            format!(
-                "Insufficient resources are available to queue any iocbs [EAGAIN]: the kernel \
-completion ring of this Context (max_requests={max_requests}) is full; deliver completions \
-with process_events() and retry"
-            ),
-        ),
+        // SAFETY: attached and `slf` is a linux_aio Context (the caller's
+        // contract).
+        libc::EAGAIN => unsafe {
+            caio_core::module::capacity_error(
+                slf,
+                Exc::OverflowError,
+                format!(
+                    "Insufficient resources are available to queue any iocbs [EAGAIN]: the \
+kernel completion ring of this Context (max_requests={max_requests}) is full; deliver \
+completions with process_events() and retry"
+                ),
+            )
+        },
         libc::EBADF => PyErr::ErrnoMsg(
             refused,
             e,
@@ -87,7 +126,7 @@ not open{}",
                 match o.kind {
                     OpKind::Read => " for reading",
                     OpKind::Write => " for writing",
-                    _ => "",
+                    OpKind::Fsync | OpKind::Fdsync => "",
                 }
             ),
         ),
@@ -116,48 +155,58 @@ fsync on a special file, ...) or the offset is invalid",
 }
 
 /// `fcntl(F_GETFL)`, remembered for the last fd of a batch.
-fn fd_flags(fd: u32, cache: &mut Option<(u32, c_int)>) -> c_int {
+fn fd_flags(fd: c_int, cache: &mut Option<(c_int, c_int)>) -> c_int {
     if let Some((f, flags)) = *cache {
         if f == fd {
             return flags;
         }
     }
-    let flags = unsafe { libc::fcntl(fd as c_int, libc::F_GETFL) };
+    // SAFETY: F_GETFL takes no pointer; a bad fd only fails (-1, EBADF).
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     *cache = Some((fd, flags));
     flags
 }
 
 /// Fills the op's iocb (in its engine area). O_DIRECT reads/writes get
 /// aligned memory; in event-loop mode reads and writes get `RWF_NOWAIT`.
+/// Returns the iocb and whether the op goes straight to the workers
+/// instead (then the iocb only keeps its bookkeeping).
+///
+/// # Safety
+/// Attached; `o` has been claimed and begun by the caller (this engine owns
+/// its I/O window and engine area) and `slf` is the Context owning `c`.
 unsafe fn prepare(
     slf: *mut PyObject,
     c: &AioContext,
     o: &Operation,
-    resfd: i32,
+    resfd: u32,
     nowait: bool,
-    cache: &mut Option<(u32, c_int)>,
+    cache: &mut Option<(c_int, c_int)>,
 ) -> Result<(*mut Iocb, bool), PyErr> {
     let mut to_workers = false;
-    let cb = o.engine_area() as *mut Iocb;
     let mut iocb = Iocb {
         data: o.as_ptr() as u64,
         fildes: o.fd,
-        reqprio: o.priority as i16,
+        reqprio: signed16(o.priority),
         flags: abi::IOCB_FLAG_RESFD,
-        resfd: resfd as u32,
+        resfd,
         ..Iocb::default()
     };
     match o.kind {
         OpKind::Fsync => iocb.opcode = abi::IOCB_CMD_FSYNC,
         OpKind::Fdsync => iocb.opcode = abi::IOCB_CMD_FDSYNC,
         OpKind::Read | OpKind::Write => {
-            let flags = fd_flags(o.fd, cache);
+            let flags = fd_flags(o.fd_i32(), cache);
             let direct = flags >= 0 && flags & libc::O_DIRECT != 0;
             if direct {
                 if o.kind == OpKind::Write {
-                    prepare_direct_write(slf, o)?;
+                    // SAFETY: the caller's contract (attached, `o` claimed
+                    // and not dispatched, `slf` our Context).
+                    unsafe { prepare_direct_write(slf, o) }?;
                 } else {
-                    o.use_aligned_window(DIO_ALIGN)?;
+                    // SAFETY: `o` is between claim and dispatch (the
+                    // caller's contract).
+                    unsafe { o.use_aligned_window(DIO_ALIGN) }?;
                 }
             }
             if nowait {
@@ -174,7 +223,8 @@ unsafe fn prepare(
                     }
                 }
             }
-            let io = o.io();
+            // SAFETY: this engine owns the claimed op's I/O window.
+            let io = unsafe { o.io() };
             iocb.opcode = if o.kind == OpKind::Read {
                 abi::IOCB_CMD_PREAD
             } else {
@@ -182,10 +232,16 @@ unsafe fn prepare(
             };
             iocb.buf = io.ptr as u64;
             iocb.nbytes = io.len as u64;
-            iocb.offset = io.offset as i64;
+            iocb.offset = signed64(io.offset);
         }
     }
-    cb.write(iocb);
+    // SAFETY: this engine owns the claimed op's engine area, one `Iocb`;
+    // nothing else (the kernel included) uses it before submission.
+    let cb = unsafe {
+        let cb = iocb_of(o);
+        cb.write(iocb);
+        cb
+    };
     Ok((cb, to_workers))
 }
 
@@ -193,6 +249,10 @@ unsafe fn prepare(
 /// (a `bytes` object never is); offset and length must be multiples of the
 /// file's O_DIRECT offset alignment, otherwise `SubmitError` (an `OSError`
 /// with errno EINVAL, and a `ValueError`) naming it.
+///
+/// # Safety
+/// As [`prepare`]: attached, `o` between claim and dispatch, `slf` a
+/// linux_aio Context.
 unsafe fn prepare_direct_write(slf: *mut PyObject, o: &Operation) -> PyResult<()> {
     if o.nbytes == 0 {
         return Ok(()); // nothing is transferred; no alignment needed
@@ -201,13 +261,14 @@ unsafe fn prepare_direct_write(slf: *mut PyObject, o: &Operation) -> PyResult<()
         (DIO_ALIGN, DIO_ALIGN as u64)
     } else {
         match caio_core::sys::dio_alignment(o.fd_i32()) {
-            Some((m, off)) => ((m as usize).max(DIO_ALIGN), off as u64),
+            Some((m, off)) => ((m as usize).max(DIO_ALIGN), u64::from(off)),
             None => (DIO_ALIGN, 512),
         }
     };
     if o.offset % off_align != 0 || o.nbytes % off_align != 0 {
         return Err(PyErr::ErrnoMsg(
-            submit_error_type(slf),
+            // SAFETY: attached, `slf` a linux_aio Context (our contract).
+            unsafe { submit_error_type(slf) },
             libc::EINVAL,
             format!(
                 "O_DIRECT write to fd {} must have offset and length aligned to {} bytes \
@@ -219,12 +280,18 @@ unsafe fn prepare_direct_write(slf: *mut PyObject, o: &Operation) -> PyResult<()
             ),
         ));
     }
-    o.use_aligned_window(mem_align.next_power_of_two())
+    // SAFETY: `o` is between claim and dispatch (our contract); offset and
+    // length were checked against the alignment above.
+    unsafe { o.use_aligned_window(mem_align.next_power_of_two()) }
 }
 
 /// Claims and submits `args` (all known to be Operations), see
 /// [`submit_claimed`]. Ops that cannot be claimed (in flight elsewhere,
 /// listed twice, or done) are skipped.
+///
+/// # Safety
+/// Attached; `slf` is the linux_aio Context owning `c` and every element of
+/// `args` is an Operation of its module (`check_types`).
 pub(crate) unsafe fn submit_ops(
     slf: *mut PyObject,
     c: &AioContext,
@@ -237,13 +304,16 @@ pub(crate) unsafe fn submit_ops(
     }
     let mut claimed: Vec<(usize, *mut Operation)> = Vec::with_capacity(args.len());
     for (i, &a) in args.iter().enumerate() {
-        let o = as_op(a);
+        // SAFETY: `a` is an Operation (our contract), alive for the call.
+        let o = unsafe { as_op(a) };
         if o.try_claim() {
-            op::begin(o, slf);
-            claimed.push((i, a as *mut Operation));
+            // SAFETY: attached, and we have just claimed `o`.
+            unsafe { op::begin(o, slf) };
+            claimed.push((i, a.cast::<Operation>()));
         }
     }
-    submit_claimed(slf, c, &claimed, accepted)
+    // SAFETY: attached; every op in `claimed` was claimed and begun above.
+    unsafe { submit_claimed(slf, c, &claimed, accepted) }
 }
 
 /// Prepares and submits ops the caller has claimed and begun (`(argument
@@ -252,15 +322,33 @@ pub(crate) unsafe fn submit_ops(
 /// index and the reason: that op and every later one is rolled back (`NEW`,
 /// retryable). Indices of accepted ops are pushed to `accepted` when given.
 /// On `Err` every op is rolled back.
+///
+/// # Safety
+/// Attached; `slf` is the linux_aio Context owning `c`; every op in
+/// `claimed` was claimed and begun ([`op::begin`]) by the caller and is not
+/// handed to any engine yet: from here on this function owns it.
 pub(crate) unsafe fn submit_claimed(
     slf: *mut PyObject,
     c: &AioContext,
     claimed: &[(usize, *mut Operation)],
     accepted: Option<&mut Vec<usize>>,
 ) -> PyResult<(usize, Option<(usize, PyErr)>)> {
+    /// Rolls `p` back to `NEW`.
+    ///
+    /// # Safety
+    /// Attached; `p` is begun and was not accepted by the kernel nor handed
+    /// to a worker.
+    unsafe fn abort(p: *mut Operation) {
+        // SAFETY: the caller's contract; the op is alive (we hold the
+        // reference `op::begin` took).
+        unsafe { op::abort(&*p) }
+    }
+    // Only before anything is prepared or dispatched.
     let abort_all = || {
         for &(_, p) in claimed {
-            op::abort(&*p);
+            // SAFETY: used only on the early returns below, before any op
+            // of `claimed` was prepared, submitted or handed to a worker.
+            unsafe { abort(p) };
         }
     };
     if let Err(e) = c.check_fork() {
@@ -268,12 +356,17 @@ pub(crate) unsafe fn submit_claimed(
         return Err(e);
     }
     let h = c.read();
-    if c.closing.load(Ordering::Acquire) || h.aio == 0 {
-        drop(h);
-        abort_all();
-        return Err(closed_error());
-    }
-    let resfd = h.queue.as_ref().map_or(-1, |q| q.fileno());
+    // The queue (eventfd) is released together with the kernel context.
+    let queue = match h.queue.as_ref() {
+        Some(q) if h.aio != 0 && !c.closing.load(Ordering::Acquire) => q,
+        _ => {
+            drop(h);
+            abort_all();
+            return Err(closed_error());
+        }
+    };
+    // An open eventfd: never negative.
+    let resfd = u32::try_from(queue.fileno()).unwrap_or(u32::MAX);
     // (argument index, op, goes straight to the workers)
     let mut entries: Vec<(usize, *mut Operation, bool)> = Vec::with_capacity(claimed.len());
     let mut iocbs: Vec<*mut Iocb> = Vec::with_capacity(claimed.len());
@@ -283,7 +376,9 @@ pub(crate) unsafe fn submit_claimed(
     let mut cache = None;
     let nowait = c.nowait.load(Ordering::Relaxed);
     for &(i, p) in claimed {
-        match prepare(slf, c, &*p, resfd, nowait, &mut cache) {
+        // SAFETY: attached; `p` is claimed and begun, not dispatched, and
+        // alive (our contract).
+        match unsafe { prepare(slf, c, &*p, resfd, nowait, &mut cache) } {
             Ok((cb, to_workers)) => {
                 if !to_workers {
                     iocbs.push(cb);
@@ -305,7 +400,12 @@ pub(crate) unsafe fn submit_claimed(
     let mut done = 0usize;
     let mut refused: Option<(usize, i32)> = None;
     while done < iocbs.len() {
-        match abi::io_submit(h.aio, &iocbs[done..]) {
+        // SAFETY: each iocb lives in the engine area of an op we own (the
+        // begun op holds a reference, so the object and its buffers — the
+        // result bytes, the payload export or the aligned window — stay
+        // alive until the completion is reaped); the handle is held
+        // shared, so the context cannot be released meanwhile.
+        match unsafe { abi::io_submit(h.aio, &iocbs[done..]) } {
             Ok(0) => {
                 refused = Some((done, libc::EAGAIN));
                 break;
@@ -313,7 +413,9 @@ pub(crate) unsafe fn submit_claimed(
             Ok(n) => done += n,
             Err(libc::EINTR) => continue,
             Err(e) => {
-                let cb = &mut *iocbs[done];
+                // SAFETY: the kernel refused this iocb (it did not take it),
+                // so it is still ours alone.
+                let cb = unsafe { &mut *iocbs[done] };
                 if cb.rw_flags & RWF_NOWAIT != 0 && (e == libc::EOPNOTSUPP || e == libc::EINVAL) {
                     // This file cannot do non-blocking AIO (tmpfs, procfs, a
                     // pipe, a directory...): submit it the classic way, which
@@ -332,16 +434,17 @@ pub(crate) unsafe fn submit_claimed(
     // now, the rest is rolled back.
     let cut = refused.map_or(entries.len(), |(k, _)| iocb_entry[k]);
     if entries[..cut].iter().any(|e| e.2) {
-        if let Some(queue) = h.queue.as_ref() {
-            let mut reap = c.lock_reap();
-            for &(_, p, to_workers) in &entries[..cut] {
-                if to_workers && !c.to_pool(&mut reap, queue, p) {
-                    // No worker thread could be started: do it here; the
-                    // result is delivered by process_events() like any other.
-                    let r = pool::execute(&*p);
-                    reap.backlog.push_back((Job(p), r));
-                    signal_fd(queue.fileno());
-                }
+        let mut reap = c.lock_reap();
+        for &(_, p, to_workers) in &entries[..cut] {
+            // SAFETY: `p` is claimed, begun and prepared, and not in the
+            // kernel (no iocb was submitted for it): ours to hand over.
+            if to_workers && !unsafe { c.to_pool(&mut reap, queue, p) } {
+                // No worker thread could be started: do it here; the
+                // result is delivered by process_events() like any other.
+                // SAFETY: as above; this engine owns `p` until delivery.
+                let r = unsafe { pool::execute(&*p) };
+                reap.backlog.push_back((Job(p), r));
+                signal_fd(queue.fileno());
             }
         }
     }
@@ -351,10 +454,13 @@ pub(crate) unsafe fn submit_claimed(
         c.in_flight.fetch_sub(rolled_back, Ordering::AcqRel);
     }
     for &(_, p, _) in &entries[cut..] {
-        op::abort(&*p);
+        // SAFETY: refused or after the refused one: the kernel did not take
+        // its iocb and no worker has it.
+        unsafe { abort(p) };
     }
     for &(_, p) in unprepared {
-        op::abort(&*p);
+        // SAFETY: never prepared, so never dispatched.
+        unsafe { abort(p) };
     }
     if let Some(acc) = accepted {
         acc.extend(entries[..cut].iter().map(|&(i, _, _)| i));
@@ -362,10 +468,10 @@ pub(crate) unsafe fn submit_claimed(
     let failure = match refused {
         Some((_, r)) => {
             let (i, p, _) = entries[cut];
-            Some((
-                i,
-                refusal_error(slf, &*p, r, c.max_requests, submit_error_type(slf)),
-            ))
+            // SAFETY: attached, `slf` our Context; `p` was rolled back but
+            // is still alive (the caller holds the argument's reference).
+            let e = unsafe { refusal_error(slf, &*p, r, c.max_requests, submit_error_type(slf)) };
+            Some((i, e))
         }
         None => local,
     };
@@ -380,11 +486,15 @@ impl AioContext {
     /// found (`EINVAL`). Current kernels report a started cancellation as
     /// `EINPROGRESS`; the op then completes (`-ECANCELED`) through the
     /// completion ring.
-    pub(crate) unsafe fn cancel(&self, o: &Operation) -> Option<Result<(), i32>> {
+    pub(crate) fn cancel(&self, o: &Operation) -> Option<Result<(), i32>> {
         let h = self.read();
         if h.aio == 0 {
             return None;
         }
-        Some(abi::io_cancel(h.aio, o.engine_area() as *mut Iocb))
+        // SAFETY: the engine area is memory inside the live op object (the
+        // caller holds a reference); the kernel reads only the iocb's key
+        // and compares the address with its own requests. The handle is
+        // held shared: the context stays alive for the call.
+        Some(unsafe { abi::io_cancel(h.aio, iocb_of(o)) })
     }
 }
