@@ -43,7 +43,9 @@ pub(crate) struct Route {
 /// (so a `last_probe` of 0 is always long enough ago).
 fn monotonic_us() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_micros() as u64 + 1_000_000
+    let us = START.get_or_init(Instant::now).elapsed().as_micros();
+    // u64 microseconds last 584 000 years.
+    u64::try_from(us).unwrap_or(u64::MAX - 1_000_000) + 1_000_000
 }
 
 impl Route {
@@ -77,7 +79,7 @@ impl Route {
         }
         let now = monotonic_us();
         let last = self.last_probe.load(Ordering::Relaxed);
-        let probe = now.saturating_sub(last) >= PROBE_INTERVAL.as_micros() as u64
+        let probe = u128::from(now.saturating_sub(last)) >= PROBE_INTERVAL.as_micros()
             && self
                 .last_probe
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
