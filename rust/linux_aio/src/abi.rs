@@ -52,6 +52,9 @@ pub struct IoEvent {
 
 const _: () = assert!(std::mem::size_of::<Iocb>() == 64);
 const _: () = assert!(std::mem::size_of::<IoEvent>() == 32);
+// An iocb lives in an op's engine area (`[u64; 8]`): same size, and no
+// stricter alignment.
+const _: () = assert!(std::mem::align_of::<Iocb>() <= std::mem::align_of::<[u64; 8]>());
 
 /// Header of the completion ring the kernel maps at the address that
 /// `io_setup` returns as the context id (`struct aio_ring` in fs/aio.c).
@@ -82,14 +85,20 @@ impl Ring {
     /// The ring of `ctx`, if it has the layout we know.
     ///
     /// # Safety
-    /// `ctx` must be a live AIO context of this process.
+    /// `ctx` must be a live AIO context of this process (its id is the
+    /// address of its ring, mapped until `io_destroy`).
     pub unsafe fn of(ctx: u64) -> Option<Ring> {
         let h = ctx as *const RingHeader;
-        if h.is_null()
-            || (*h).magic != AIO_RING_MAGIC
-            || (*h).incompat_features != 0
-            || (*h).nr == 0
-            || ((*h).header_length as usize) < std::mem::size_of::<RingHeader>()
+        if h.is_null() {
+            return None;
+        }
+        // SAFETY: a live context's id is the address of its mapped ring,
+        // which starts with this header (the caller's contract).
+        let h_ref = unsafe { &*h };
+        if h_ref.magic != AIO_RING_MAGIC
+            || h_ref.incompat_features != 0
+            || h_ref.nr == 0
+            || (h_ref.header_length as usize) < std::mem::size_of::<RingHeader>()
         {
             return None;
         }
@@ -101,11 +110,16 @@ impl Ring {
     /// how many were counted.
     ///
     /// # Safety
-    /// See the type's documentation (exclusive reader, live context).
+    /// See the type's documentation: the caller is the only reader of the
+    /// ring and its context is alive (not yet destroyed) until this returns.
     pub unsafe fn consume(&self, max: usize, mut f: impl FnMut(&IoEvent) -> bool) -> usize {
-        let h = &*self.0;
+        // SAFETY: the context is alive, so its ring stays mapped (caller's
+        // contract); `of` checked that the header has our layout.
+        let h = unsafe { &*self.0 };
         let nr = h.nr;
-        let events = (self.0 as *const u8).add(h.header_length as usize) as *const IoEvent;
+        // SAFETY: the `nr` events start `header_length` bytes into the
+        // ring's mapping (`of` checked the layout).
+        let events = unsafe { self.0.cast::<u8>().add(h.header_length as usize) }.cast::<IoEvent>();
         let mut head = h.head.load(Ordering::Relaxed);
         let mut counted = 0;
         let mut moved = false;
@@ -115,7 +129,11 @@ impl Ring {
             if head == tail {
                 break;
             }
-            let ev = std::ptr::read_volatile(events.add((head % nr) as usize));
+            // SAFETY: `head % nr` is a slot of the mapped ring, published
+            // by the kernel (it is before `tail`, read with Acquire); being
+            // the only reader, nobody else moves `head` meanwhile. Volatile:
+            // the kernel writes the slots.
+            let ev = unsafe { std::ptr::read_volatile(events.add((head % nr) as usize)) };
             head = (head + 1) % nr;
             moved = true;
             if f(&ev) {
@@ -131,23 +149,25 @@ impl Ring {
     }
 }
 
-fn ret(r: libc::c_long) -> Result<libc::c_long, i32> {
-    if r < 0 {
-        Err(caio_core::sys::last_errno())
-    } else {
-        Ok(r)
-    }
+// The context id is passed as the kernel's `aio_context_t` (an unsigned
+// long): `as libc::c_ulong` is the identity on 64-bit targets and keeps a
+// variadic `syscall` argument the right width elsewhere.
+
+/// A system call's result: `Ok(r)` for `r >= 0`, else `Err(errno)`.
+fn ret(r: libc::c_long) -> Result<usize, i32> {
+    usize::try_from(r).map_err(|_| caio_core::sys::last_errno())
 }
 
 pub fn io_setup(nr_events: u32) -> Result<u64, i32> {
     let mut ctx: u64 = 0;
-    unsafe {
-        ret(libc::syscall(
+    // SAFETY: io_setup writes the new context id to `ctx`, a valid u64.
+    ret(unsafe {
+        libc::syscall(
             libc::SYS_io_setup,
-            nr_events as libc::c_ulong,
-            &mut ctx as *mut u64,
-        ))?;
-    }
+            libc::c_ulong::from(nr_events),
+            &raw mut ctx,
+        )
+    })?;
     Ok(ctx)
 }
 
@@ -155,7 +175,9 @@ pub fn io_setup(nr_events: u32) -> Result<u64, i32> {
 /// go of it (an RCU grace period, tens of milliseconds): call it from a
 /// helper thread (`destroyer`).
 pub fn io_destroy(ctx: u64) -> Result<(), i32> {
-    unsafe { ret(libc::syscall(libc::SYS_io_destroy, ctx as libc::c_ulong)).map(drop) }
+    // SAFETY: no pointer is passed; an unknown id is refused (EINVAL). The
+    // callers own `ctx`: nobody reads its ring any more.
+    ret(unsafe { libc::syscall(libc::SYS_io_destroy, ctx as libc::c_ulong) }).map(drop)
 }
 
 /// Submits `iocbs`; returns how many the kernel accepted (a prefix).
@@ -164,46 +186,49 @@ pub fn io_destroy(ctx: u64) -> Result<(), i32> {
 /// Every pointer must reference a valid iocb whose buffers stay valid until
 /// the completion has been reaped.
 pub unsafe fn io_submit(ctx: u64, iocbs: &[*mut Iocb]) -> Result<usize, i32> {
-    ret(libc::syscall(
-        libc::SYS_io_submit,
-        ctx as libc::c_ulong,
-        iocbs.len() as libc::c_long,
-        iocbs.as_ptr(),
-    ))
-    .map(|n| n as usize)
+    let nr = libc::c_long::try_from(iocbs.len()).map_err(|_| libc::EINVAL)?;
+    // SAFETY: `iocbs` holds `nr` pointers to valid iocbs whose buffers stay
+    // valid until reaped (the caller's contract).
+    ret(unsafe {
+        libc::syscall(
+            libc::SYS_io_submit,
+            ctx as libc::c_ulong,
+            nr,
+            iocbs.as_ptr(),
+        )
+    })
 }
 
 /// Non-blocking reap of up to `events.len()` completions (used only when the
 /// ring layout is unknown).
 pub fn io_getevents_nowait(ctx: u64, events: &mut [IoEvent]) -> Result<usize, i32> {
+    let nr = libc::c_long::try_from(events.len()).map_err(|_| libc::EINVAL)?;
     let ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    unsafe {
-        ret(libc::syscall(
+    // SAFETY: the kernel writes at most `nr` events into `events` and reads
+    // `ts`; both outlive the call.
+    ret(unsafe {
+        libc::syscall(
             libc::SYS_io_getevents,
             ctx as libc::c_ulong,
             0 as libc::c_long,
-            events.len() as libc::c_long,
+            nr,
             events.as_mut_ptr(),
-            &ts as *const libc::timespec,
-        ))
-        .map(|n| n as usize)
-    }
+            &raw const ts,
+        )
+    })
 }
 
 /// # Safety
 /// `iocb` must point to readable memory (the kernel reads its key).
 pub unsafe fn io_cancel(ctx: u64, iocb: *mut Iocb) -> Result<(), i32> {
     let mut ev = IoEvent::default();
-    ret(libc::syscall(
-        libc::SYS_io_cancel,
-        ctx as libc::c_ulong,
-        iocb,
-        &mut ev as *mut IoEvent,
-    ))
-    .map(drop)
+    // SAFETY: `iocb` is readable (the caller's contract); the kernel writes
+    // at most one event into `ev`.
+    ret(unsafe { libc::syscall(libc::SYS_io_cancel, ctx as libc::c_ulong, iocb, &raw mut ev) })
+        .map(drop)
 }
 
 /// `/proc/sys/fs/aio-nr` and `aio-max-nr`, for error messages.

@@ -29,9 +29,15 @@ use caio_core::op::{self, as_op, Operation};
 use caio_core::py::{call_method, none, trampoline, Exc, Interned, Owned, PyErr, PyResult};
 use caio_core::pyo3_ffi::*;
 
-use crate::abi::{self, Iocb};
-use crate::{ctx, exception_object, submit_claimed, submit_ops, Inner, DEFAULT_EVENTS};
+use crate::context::{ctx, exception_object};
+use crate::engine::AioContext;
+use crate::reap::DEFAULT_EVENTS;
+use crate::submit::{submit_claimed, submit_ops};
 
+// The four `Engine` functions are called by `caio_core::aio`, attached,
+// with an adapter bound (`_bind`) to a live linux_aio Context (core checks
+// its type) and, for `submit`/`cancel`, an Operation of that Context's
+// module. Their `# Safety` sections refer to this as "the engine contract".
 pub static ENGINE: Engine = Engine {
     submit,
     cancel,
@@ -42,25 +48,35 @@ pub static ENGINE: Engine = Engine {
 static DONE: Interned = Interned::new(c"done");
 static SET_EXCEPTION: Interned = Interned::new(c"set_exception");
 
-impl Inner {
+impl AioContext {
+    /// The deferred batch (a poisoned lock is taken over: the `Vec` is
+    /// never left half-updated).
     pub(crate) fn lock_staged(&self) -> std::sync::MutexGuard<'_, Vec<usize>> {
         self.staged.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
+/// `Engine::submit`: one operation of an awaiting task.
+///
+/// # Safety
+/// The engine contract.
 unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     let slf = a.context();
-    let c = ctx(slf);
+    // SAFETY: the engine contract: `slf` a live Context, `op` an Operation.
+    let (c, o) = unsafe { (ctx(slf), as_op(op)) };
     c.check_fork()?;
-    let o = as_op(op);
     if !o.try_claim() {
         return Ok(false); // in flight (or staged) already, or done
     }
     if a.deferred() {
-        Py_INCREF(op);
+        // SAFETY: attached; the batch owns this new reference until the
+        // flush (or `unstage`/`drop_staged`) takes it back.
+        unsafe { Py_INCREF(op) };
         c.lock_staged().push(op as usize);
-        if let Err(e) = schedule_flush(a, c) {
-            if let Some(staged) = unstage(c, op) {
+        // SAFETY: attached, `a` bound to `c`'s Context.
+        if let Err(e) = unsafe { schedule_flush(a, c) } {
+            // SAFETY: attached; `op` was staged above.
+            if let Some(staged) = unsafe { unstage(c, op) } {
                 o.unclaim();
                 drop(staged);
             }
@@ -68,8 +84,12 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
         }
         return Ok(true);
     }
-    op::begin(o, slf);
-    let (_, failure) = submit_claimed(slf, c, &[(0, op as *mut Operation)], None)?;
+    // SAFETY: attached; we have just claimed `o`, and hand it to
+    // `submit_claimed` begun, as it requires.
+    let (_, failure) = unsafe {
+        op::begin(o, slf);
+        submit_claimed(slf, c, &[(0, op.cast::<Operation>())], None)
+    }?;
     if let Some((_, e)) = failure {
         return Err(e);
     }
@@ -77,23 +97,32 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     // not complete inline), never a callback set on the op beforehand: the
     // upstream adapter replaces it too. (Only this thread delivers, so the
     // op cannot have been delivered yet.)
-    op::clear_callback(o);
     // A page-cache hit completed inside io_submit: deliver it now (with
     // whatever else has completed) rather than after a trip through the loop.
-    c.deliver(DEFAULT_EVENTS);
+    // SAFETY: attached (the engine contract).
+    unsafe {
+        op::clear_callback(o);
+        c.deliver(DEFAULT_EVENTS);
+    }
     Ok(true)
 }
 
+/// `Engine::cancel`: the awaiting task is gone.
+///
+/// # Safety
+/// The engine contract.
 unsafe fn cancel(a: &Adapter, op: *mut PyObject) {
-    let c = ctx(a.context());
+    // SAFETY: the engine contract: a live Context, `op` an Operation.
+    let (c, o) = unsafe { (ctx(a.context()), as_op(op)) };
     if c.check_fork().is_err() {
         return;
     }
-    let o = as_op(op);
-    if let Some(staged) = unstage(c, op) {
+    // SAFETY: attached.
+    if let Some(staged) = unsafe { unstage(c, op) } {
         // Still waiting for its batch: it never reaches the kernel.
         o.unclaim();
-        op::clear_callback(o);
+        // SAFETY: attached.
+        unsafe { op::clear_callback(o) };
         drop(staged);
         return;
     }
@@ -103,47 +132,70 @@ unsafe fn cancel(a: &Adapter, op: *mut PyObject) {
     // As upstream: io_cancel, and never mind a refusal (regular-file I/O
     // cannot be cancelled, an op run by a worker is not in the kernel). The
     // op completes later either way.
-    let h = c.read();
-    if h.aio != 0 {
-        let _ = abi::io_cancel(h.aio, o.engine_area() as *mut Iocb);
-    }
+    let _ = c.cancel(o);
 }
 
+/// `Engine::loop_events`: the loop's reader callback.
+///
+/// # Safety
+/// The engine contract.
 unsafe fn loop_events(a: &Adapter) -> PyResult<usize> {
-    let c = ctx(a.context());
+    // SAFETY: the engine contract.
+    let c = unsafe { ctx(a.context()) };
     c.check_fork()?;
-    Ok(c.drain())
+    // SAFETY: attached (the engine contract).
+    Ok(unsafe { c.drain() })
 }
 
 /// Takes `op` out of the deferred batch (its reference is returned).
-unsafe fn unstage(c: &Inner, op: *mut PyObject) -> Option<Owned> {
+///
+/// # Safety
+/// Attached.
+unsafe fn unstage(c: &AioContext, op: *mut PyObject) -> Option<Owned> {
     let mut staged = c.lock_staged();
     let i = staged.iter().position(|&p| p == op as usize)?;
-    Some(Owned::from_raw(staged.remove(i) as *mut PyObject))
+    let p = staged.remove(i) as *mut PyObject;
+    // SAFETY: the batch held a strong reference to every staged op; it is
+    // moved out of the batch here.
+    Some(unsafe { Owned::from_raw(p) })
 }
 
 /// Gives back the ops of a batch that was never flushed (Context
 /// deallocation: its loop was closed first).
-pub(crate) unsafe fn drop_staged(c: &Inner) {
+///
+/// # Safety
+/// Attached.
+pub(crate) unsafe fn drop_staged(c: &AioContext) {
     let staged = std::mem::take(&mut *c.lock_staged());
     for p in staged {
         let p = p as *mut PyObject;
-        as_op(p).unclaim();
-        Py_DECREF(p);
+        // SAFETY: a staged op: an Operation (claimed, not begun) whose
+        // strong reference the batch held; attached.
+        unsafe {
+            as_op(p).unclaim();
+            Py_DECREF(p);
+        }
     }
 }
 
 /// Schedules the flush of the deferred batch (once per loop iteration).
-unsafe fn schedule_flush(a: &Adapter, c: &Inner) -> PyResult<()> {
+///
+/// # Safety
+/// Attached; `a` is bound to `c`'s Context.
+unsafe fn schedule_flush(a: &Adapter, c: &AioContext) -> PyResult<()> {
     if c.flush_scheduled.swap(true, Ordering::AcqRel) {
         return Ok(());
     }
-    let r = Owned::from_new(PyCFunction_NewEx(
-        ptr::addr_of_mut!(FLUSH_DEF),
-        a.as_ptr(),
-        ptr::null_mut(),
-    ))
-    .and_then(|cb| a.call_soon(cb.as_ptr()));
+    // SAFETY: attached; FLUSH_DEF is static (CPython keeps the pointer) and
+    // the new builtin holds a reference to the adapter, its `self`.
+    let r = unsafe {
+        Owned::from_new(PyCFunction_NewEx(
+            &raw mut FLUSH_DEF,
+            a.as_ptr(),
+            ptr::null_mut(),
+        ))
+        .and_then(|cb| a.call_soon(cb.as_ptr()))
+    };
     if r.is_err() {
         c.flush_scheduled.store(false, Ordering::Release);
     }
@@ -161,32 +213,45 @@ static mut FLUSH_DEF: PyMethodDef = PyMethodDef {
 
 /// The `call_soon` callback (bound to the adapter): submits the batch.
 /// Never raises for an operation's sake: each awaiter gets its own error.
+///
+/// # Safety
+/// Called by CPython (METH_NOARGS), attached, with `adapter_obj` the
+/// adapter `schedule_flush` bound it to.
 unsafe extern "C" fn flush_callback(adapter_obj: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
     trampoline(|| {
-        let a = &*(adapter_obj as *const Adapter);
+        // SAFETY: the builtin's `self` is the adapter (see `schedule_flush`),
+        // kept alive by the builtin for the call.
+        let a = unsafe { &*adapter_obj.cast::<Adapter>() };
         let slf = a.context();
         if slf.is_null() {
             return Ok(none()); // the adapter was cleared by the GC
         }
-        let c = ctx(slf);
+        // SAFETY: a bound adapter's Context is a live linux_aio Context.
+        let c = unsafe { ctx(slf) };
         c.flush_scheduled.store(false, Ordering::Release);
         let staged: Vec<Owned> = std::mem::take(&mut *c.lock_staged())
             .into_iter()
-            .map(|p| Owned::from_raw(p as *mut PyObject))
+            // SAFETY: the batch's strong references move into `Owned`s.
+            .map(|p| unsafe { Owned::from_raw(p as *mut PyObject) })
             .collect();
-        flush(slf, c, &staged);
+        // SAFETY: attached; `staged` holds the claimed, not begun, ops of
+        // `slf`'s batch.
+        unsafe { flush(slf, c, &staged) };
         Ok(none())
     })
 }
 
+/// `fut.done()`, false if that raises (the error is dropped).
 fn is_done(fut: &Owned) -> bool {
     match DONE
         .get()
         .and_then(|name| call_method(fut.borrow(), name, &[]))
     {
+        // SAFETY: Py_True only reads the interpreter's singleton.
         Ok(v) => v.as_ptr() == unsafe { Py_True() },
         Err(e) => {
             e.restore();
+            // SAFETY: attached (we just called a method).
             unsafe { PyErr_Clear() };
             false
         }
@@ -194,6 +259,9 @@ fn is_done(fut: &Owned) -> bool {
 }
 
 /// Makes the task awaiting `fut` raise `e` (unless it is done already).
+///
+/// # Safety
+/// Attached.
 unsafe fn fail(fut: Option<&Owned>, e: &Owned) {
     let Some(fut) = fut else {
         return;
@@ -206,17 +274,23 @@ unsafe fn fail(fut: Option<&Owned>, e: &Owned) {
         .and_then(|name| call_method(fut.borrow(), name, &[e.as_ptr()]));
     if let Err(e) = r {
         e.restore();
-        PyErr_Clear();
+        // SAFETY: attached (our contract).
+        unsafe { PyErr_Clear() };
     }
 }
 
 /// The error an awaiter gets for `e` (an exception instance).
+///
+/// # Safety
+/// Attached; no exception set.
 unsafe fn to_exception(e: PyErr) -> Option<Owned> {
-    match exception_object(e) {
+    // SAFETY: our contract.
+    match unsafe { exception_object(e) } {
         Ok(x) => Some(x),
         Err(e) => {
             e.restore();
-            PyErr_Clear();
+            // SAFETY: attached.
+            unsafe { PyErr_Clear() };
             None
         }
     }
@@ -224,18 +298,25 @@ unsafe fn to_exception(e: PyErr) -> Option<Owned> {
 
 /// Submits a deferred batch (ops claimed by `submit`, not begun): as many as
 /// the kernel takes, each refused op failing alone (API.md §7 Q12).
-unsafe fn flush(slf: *mut PyObject, c: &Inner, staged: &[Owned]) {
+///
+/// # Safety
+/// Attached; `slf` is the Context owning `c`; `staged` holds Operations of
+/// its module that `submit` claimed and staged (not begun).
+unsafe fn flush(slf: *mut PyObject, c: &AioContext, staged: &[Owned]) {
     let mut ops: Vec<*mut PyObject> = Vec::with_capacity(staged.len());
     // The futures the awaiting tasks wait on.
     let mut futs: Vec<Option<Owned>> = Vec::with_capacity(staged.len());
     for s in staged {
-        let o = as_op(s.as_ptr());
-        let fut = op::future(o);
+        // SAFETY: a staged Operation (our contract), kept alive by `staged`.
+        let o = unsafe { as_op(s.as_ptr()) };
+        // SAFETY: attached.
+        let fut = unsafe { op::future(o) };
         if fut.as_ref().is_some_and(is_done) {
             // Its task was cancelled while the op waited for this batch:
             // it never reaches the kernel.
             o.unclaim();
-            op::clear_callback(o);
+            // SAFETY: attached.
+            unsafe { op::clear_callback(o) };
             continue;
         }
         ops.push(s.as_ptr());
@@ -249,8 +330,10 @@ unsafe fn flush(slf: *mut PyObject, c: &Inner, staged: &[Owned]) {
         .iter()
         .enumerate()
         .map(|(i, &p)| {
-            op::begin(as_op(p), slf);
-            (i, p as *mut Operation)
+            // SAFETY: attached; `p` is an Operation claimed by `submit` and
+            // not begun (our contract).
+            unsafe { op::begin(as_op(p), slf) };
+            (i, p.cast::<Operation>())
         })
         .collect();
     // Per op: accepted by the kernel, or its awaiter has been given an error.
@@ -258,16 +341,19 @@ unsafe fn flush(slf: *mut PyObject, c: &Inner, staged: &[Owned]) {
     let mut in_kernel = vec![false; n];
     let mut accepted = Vec::new();
     let mut start = 0usize;
-    let mut round = submit_claimed(slf, c, &claimed, Some(&mut accepted));
+    // SAFETY: attached; every op of `claimed` was claimed and begun above.
+    let mut round = unsafe { submit_claimed(slf, c, &claimed, Some(&mut accepted)) };
     loop {
         match round {
             Err(e) => {
                 // Nothing of this round reached the kernel.
-                if let Some(x) = to_exception(e) {
+                // SAFETY: attached; `e` is not raised.
+                if let Some(x) = unsafe { to_exception(e) } {
                     for i in start..n {
                         if !settled[i] {
                             settled[i] = true;
-                            fail(futs[i].as_ref(), &x);
+                            // SAFETY: attached.
+                            unsafe { fail(futs[i].as_ref(), &x) };
                         }
                     }
                 }
@@ -284,25 +370,34 @@ unsafe fn flush(slf: *mut PyObject, c: &Inner, staged: &[Owned]) {
                 };
                 let i = start + i;
                 settled[i] = true;
-                if let Some(x) = to_exception(e) {
-                    fail(futs[i].as_ref(), &x);
+                // SAFETY: attached; `e` is not raised.
+                if let Some(x) = unsafe { to_exception(e) } {
+                    // SAFETY: attached.
+                    unsafe { fail(futs[i].as_ref(), &x) };
                 }
                 start = i + 1;
                 if start >= n {
                     break;
                 }
                 // The rest was rolled back too: claim and submit it again.
-                round = submit_ops(slf, c, &ops[start..], Some(&mut accepted));
+                // SAFETY: attached; `ops` are Operations of `slf`'s module.
+                round = unsafe { submit_ops(slf, c, &ops[start..], Some(&mut accepted)) };
             }
         }
     }
     // Neither accepted nor refused: claimed by someone else meanwhile.
     if settled.iter().any(|s| !s) {
-        let e = PyErr::new(Exc::Custom(PyExc_OSError), "Operation was not submitted");
-        if let Some(x) = to_exception(e) {
+        // SAFETY: reads the builtin exception class.
+        let e = PyErr::new(
+            Exc::Custom(unsafe { PyExc_OSError }),
+            "Operation was not submitted",
+        );
+        // SAFETY: attached; `e` is not raised.
+        if let Some(x) = unsafe { to_exception(e) } {
             for i in 0..n {
                 if !settled[i] {
-                    fail(futs[i].as_ref(), &x);
+                    // SAFETY: attached.
+                    unsafe { fail(futs[i].as_ref(), &x) };
                 }
             }
         }
@@ -310,14 +405,17 @@ unsafe fn flush(slf: *mut PyObject, c: &Inner, staged: &[Owned]) {
     // Refused ops were rolled back (NEW, retryable): their futures are no
     // longer ours to resolve.
     for i in 0..n {
-        let o = as_op(ops[i]);
+        // SAFETY: an Operation kept alive by `staged`.
+        let o = unsafe { as_op(ops[i]) };
         if !in_kernel[i] && o.state() == op::NEW {
-            op::clear_callback(o);
+            // SAFETY: attached.
+            unsafe { op::clear_callback(o) };
         }
     }
     if in_kernel.contains(&true) {
         // Page-cache hits completed inside io_submit: deliver them now.
-        c.deliver(DEFAULT_EVENTS);
+        // SAFETY: attached.
+        unsafe { c.deliver(DEFAULT_EVENTS) };
     }
 }
 
@@ -326,13 +424,18 @@ unsafe fn flush(slf: *mut PyObject, c: &Inner, staged: &[Owned]) {
 /// neither can be cancelled reliably). Deliveries only drop their
 /// references here (`op::Discarding`, set by the caller). A deferred batch
 /// whose flush never ran is not in flight (it goes with the Context).
+///
+/// # Safety
+/// The engine contract.
 unsafe fn shutdown(a: &Adapter, deadline: std::time::Instant) -> bool {
-    let c = ctx(a.context());
+    // SAFETY: the engine contract.
+    let c = unsafe { ctx(a.context()) };
     if c.forked() {
         return false;
     }
     loop {
-        c.drain();
+        // SAFETY: attached (the engine contract).
+        unsafe { c.drain() };
         if c.in_flight.load(Ordering::Acquire) == 0 {
             return true;
         }

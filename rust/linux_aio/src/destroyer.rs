@@ -83,10 +83,17 @@ extern "C" fn after_fork() {
 /// first `close()` would hang. So the forking thread takes the lock before
 /// `fork()` and releases it on both sides afterwards (`pthread_atfork`); the
 /// child then resets the counters (see [`state`]).
+// TODO(core): core gets one `fork.rs` for at-fork handlers; register these
+// two there instead of calling pthread_atfork here.
 fn register_fork_handlers() {
     static ONCE: Once = Once::new();
-    ONCE.call_once(|| unsafe {
-        libc::pthread_atfork(Some(before_fork), Some(after_fork), Some(after_fork));
+    ONCE.call_once(|| {
+        // SAFETY: the handlers are `extern "C"` functions that live as long
+        // as the process (this library is never unloaded: CPython does not
+        // unload extension modules) and only lock/unlock a std Mutex.
+        unsafe {
+            libc::pthread_atfork(Some(before_fork), Some(after_fork), Some(after_fork));
+        }
     });
 }
 
