@@ -641,12 +641,6 @@ def test_first_op_refused_raises(ctx, fd, tmp_path):
             ctx.submit(Operation.write(b"x", ro, 0))
     finally:
         os.close(ro)
-    d = os.open(str(tmp_path), os.O_RDONLY)
-    try:
-        with pytest.raises(ValueError, match="EINVAL"):
-            ctx.submit(Operation.read(10, d, 0))
-    finally:
-        os.close(d)
     r, w = os.pipe()
     try:
         with pytest.raises(ValueError, match="EINVAL"):
@@ -654,6 +648,92 @@ def test_first_op_refused_raises(ctx, fd, tmp_path):
     finally:
         os.close(r)
         os.close(w)
+    assert ctx._in_flight == 0
+
+
+# -- files kernel AIO cannot do: the workers give the system call's answer -----
+
+
+def special_ops(tmp_path):
+    """(op, check) pairs for files without a kernel AIO path: io_submit
+    refuses each with EINVAL although pread/pwrite work or fail otherwise."""
+    d = os.open(str(tmp_path), os.O_RDONLY | os.O_DIRECTORY)
+    full = os.open("/dev/full", os.O_WRONLY)
+    status = os.open("/proc/self/status", os.O_RDONLY)
+    fds = [d, full, status]
+
+    def fails(code):
+        def check(op):
+            with pytest.raises(OSError) as e:
+                op.get_value()
+            assert e.value.errno == code, e.value
+            assert isinstance(e.value, la.OperationError)
+
+        return check
+
+    def status_text(op):
+        assert op.get_value().startswith(b"Name:\t")
+
+    pairs = [
+        (Operation.read(16, d, 0), fails(errno.EISDIR)),
+        (Operation.write(b"x" * 16, full, 0), fails(errno.ENOSPC)),
+        (Operation.read(4096, status, 0), status_text),
+    ]
+    return pairs, fds
+
+
+@pytest.mark.parametrize("nowait", [False, True], ids=["plain", "nowait"])
+def test_files_without_aio_support_go_to_workers(ctx, fd, tmp_path, nowait):
+    """io_submit's EINVAL for a read/write at a valid offset means the file
+    has no kernel AIO path (directory, /dev/full, /proc): the op is accepted
+    and a worker's pread/pwrite gives the true result, also inside a batch."""
+    ctx._set_nowait(nowait)
+    pairs, fds = special_ops(tmp_path)
+    try:
+        for op, check in pairs:
+            run(ctx, op)
+            check(op)
+        # In one batch between good ops: nothing is refused or rolled back.
+        pairs, more = special_ops(tmp_path)
+        fds += more
+        os.pwrite(fd, b"data", 100)
+        batch = [Operation.write(b"first", fd, 0)]
+        for i, (op, _) in enumerate(pairs):
+            batch += [op, Operation.write(b"between", fd, 10 * (i + 1))]
+        batch.append(Operation.read(4, fd, 100))
+        run(ctx, *batch)
+        for op, check in pairs:
+            check(op)
+        assert batch[-1].get_value() == b"data"
+        assert os.pread(fd, 37, 0) == b"first\0\0\0\0\0" + b"between\0\0\0" * 2 + b"between"
+        assert ctx._in_flight == 0
+    finally:
+        for f in fds:
+            os.close(f)
+
+
+def test_genuine_einval_still_refused_at_submit(ctx, fd):
+    """A bad position (pread says EINVAL too) and fsync of a file without
+    fsync (fsync(2) says EINVAL too) stay upstream's submit-time errors; a
+    refused op in a batch still ends the accepted prefix."""
+    os.pwrite(fd, b"data", 0)
+    for bad in (Operation.read(4, fd, -1), Operation.write(b"x", fd, -2)):
+        with pytest.raises(la.SubmitError) as e:
+            ctx.submit(bad)
+        assert e.value.errno == errno.EINVAL and "invalid offset" in str(e.value)
+        assert bad.context is None
+    r, w = os.pipe()
+    try:
+        with pytest.raises(la.SubmitError) as e:
+            ctx.submit(Operation.fsync(w))
+        assert e.value.errno == errno.EINVAL
+    finally:
+        os.close(r)
+        os.close(w)
+    good = Operation.read(4, fd, 0)
+    assert ctx.submit(good, Operation.read(4, fd, -1), Operation.read(4, fd, 0)) == 1
+    deliver(ctx, 1)
+    assert good.get_value() == b"data"
     assert ctx._in_flight == 0
 
 
@@ -963,8 +1043,11 @@ def test_nowait_mode_errors_match_plain_mode(ctx, tmp_path):
     ctx._set_nowait(True)
     d = os.open(str(tmp_path), os.O_RDONLY)
     try:
-        with pytest.raises(ValueError, match="EINVAL"):
-            ctx.submit(Operation.read(10, d, 0))
+        op = Operation.read(10, d, 0)
+        run(ctx, op)
+        with pytest.raises(OSError) as e:
+            op.get_value()
+        assert e.value.errno == errno.EISDIR
     finally:
         os.close(d)
     with pytest.raises(ValueError, match="EBADF"):

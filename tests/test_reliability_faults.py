@@ -12,8 +12,9 @@ Faults: EBADF (closed fd, write to a read-only fd), EINVAL (O_DIRECT write
 at an unaligned offset - the uring/linux_aio aligned windows only cover
 reads and aligned writes), EFBIG (``RLIMIT_FSIZE`` in a subprocess with
 SIGXFSZ ignored, plus the partial write that crosses the limit), ENOSPC (a
-256 KiB tmpfs mounted by the test - needs root), EISDIR (read of a directory;
-linux_aio: EINVAL, API.md 3.6), and full rings/queues in the raw API.
+256 KiB tmpfs mounted by the test - needs root), EISDIR (read of a directory),
+special files (/dev/full, /dev/zero, pipes, /proc, sysfs: what os.pread and
+os.pwrite give, raw and under asyncio), and full rings/queues in the raw API.
 """
 
 import asyncio
@@ -140,12 +141,178 @@ def test_eisdir(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int, tmp_p
         exc = aio.run(main())
     finally:
         os.close(directory)
-    # linux_aio: the kernel refuses a directory at io_submit (EINVAL), API.md 3.6.
-    if async_backend.is_linux_aio:
-        check_error(async_backend.name, exc, errno.EINVAL)
-        assert isinstance(exc, ValueError)  # upstream raised ValueError from submit
-    else:
-        check_error(async_backend.name, exc, errno.EISDIR)
+    # linux_aio: io_submit refuses a directory (EINVAL); a worker's pread
+    # then gives the true errno, like every other backend.
+    check_error(async_backend.name, exc, errno.EISDIR)
+
+
+# -- special files: what os.pread / os.pwrite give ---------------------------------
+#
+# Files without a kernel AIO path (linux_aio's io_submit refuses them with
+# EINVAL) or that io_uring handles through another code path: every backend
+# must give what the system call gives, raw and under asyncio.
+
+SPECIAL_CASES = (
+    "devfull_write",
+    "dir_read",
+    "pipe_read",
+    "proc_read",
+    "sys_read",
+    "devzero_read",
+)
+
+SYSFS_CANDIDATES = (
+    "/sys/devices/system/cpu/online",
+    "/sys/devices/system/cpu/possible",
+    "/sys/kernel/mm/transparent_hugepage/enabled",
+    "/sys/power/state",
+)
+
+PIPE_DATA = b"through the pipe"
+
+
+def _sysfs_file() -> str | None:
+    for path in SYSFS_CANDIDATES:
+        try:
+            with open(path, "rb") as fp:
+                if fp.read():
+                    return path
+        except OSError:
+            continue
+    return None
+
+
+class SpecialCase:
+    """One operation on a special file and the outcome it must have."""
+
+    def __init__(self, case: str, backend_name: str, tmp_path: Any) -> None:
+        self.fds: list[int] = []
+        self.kind = "read"
+        self.offset = 0
+        self.errno: int | None = None
+        self.check: Callable[[bytes], bool] = lambda data: True
+        if case == "devfull_write":
+            self.kind = "write"
+            self.fd = self._open("/dev/full", os.O_WRONLY)
+            self.arg: Any = b"x" * 64
+            self.errno = errno.ENOSPC
+        elif case == "dir_read":
+            self.fd = self._open(str(tmp_path), os.O_RDONLY | os.O_DIRECTORY)
+            self.arg = 64
+            self.errno = errno.EISDIR
+        elif case == "pipe_read":
+            r, w = os.pipe()
+            self.fds += [r, w]
+            os.write(w, PIPE_DATA)
+            self.fd, self.arg = r, len(PIPE_DATA)
+            if backend_name in ("thread_aio", "python_aio"):
+                # The pool backends run os.pread(), which has no stream
+                # semantics: ESPIPE, exactly what os.pread(r, n, 0) gives.
+                self.errno = errno.ESPIPE
+            else:
+                self.check = lambda data: data == PIPE_DATA
+        elif case == "proc_read":
+            self.fd = self._open("/proc/self/status", os.O_RDONLY)
+            self.arg = 4096
+            self.check = lambda data: data.startswith(b"Name:\t") and b"\nPid:\t" in data
+        elif case == "sys_read":
+            path = _sysfs_file()
+            if path is None:
+                pytest.skip("no readable sysfs file")
+            self.fd = self._open(path, os.O_RDONLY)
+            with open(path, "rb") as fp:
+                expected = fp.read()
+            self.arg = 4096
+            self.check = lambda data: data == expected
+        elif case == "devzero_read":
+            self.fd = self._open("/dev/zero", os.O_RDONLY)
+            # One page: /dev/zero may end a longer non-blocking read early
+            # when the task should reschedule (a legal short read, which
+            # io_uring passes on).
+            self.arg = 4096
+            self.check = lambda data: data == bytes(4096)
+        else:
+            raise AssertionError(case)
+
+    def _open(self, path: str, flags: int) -> int:
+        try:
+            fd = os.open(path, flags)
+        except OSError as e:
+            self.close()
+            pytest.skip(f"{path}: {e}")
+        self.fds.append(fd)
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def verify(self, backend_name: str, outcome: Any) -> None:
+        if self.errno is not None:
+            check_error(backend_name, outcome, self.errno)
+            # Reported at completion, like every other backend: never a
+            # submit-time refusal.
+            assert not (backend_name == "linux_aio" and isinstance(outcome, ValueError)), outcome
+            return
+        assert not isinstance(outcome, BaseException), repr(outcome)
+        if self.kind == "write":
+            assert outcome == len(self.arg)
+        else:
+            assert isinstance(outcome, bytes), type(outcome)
+            assert self.check(outcome), outcome[:200]
+
+
+@pytest.mark.parametrize("case", SPECIAL_CASES)
+def test_special_files_raw(backend: RawBackend, tmp_path: Any, case: str) -> None:
+    sc = SpecialCase(case, backend.name, tmp_path)
+    try:
+        ctx = backend.context()
+        if sc.kind == "write":
+            op = backend.Operation.write(sc.arg, sc.fd, sc.offset)
+        else:
+            op = backend.Operation.read(sc.arg, sc.fd, sc.offset)
+        backend.run_one(ctx, op)
+        try:
+            outcome = op.get_value()
+        except OSError as e:
+            outcome = e
+        sc.verify(backend.name, outcome)
+    finally:
+        sc.close()
+
+
+@pytest.mark.parametrize("case", SPECIAL_CASES)
+def test_special_files_asyncio(
+    async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int, tmp_path: Any, case: str
+) -> None:
+    sc = SpecialCase(case, async_backend.name, tmp_path)
+    try:
+
+        async def main() -> Any:
+            async with async_backend.context(64) as ctx:
+                if sc.kind == "write":
+                    fault = lambda: ctx.write(sc.arg, sc.fd, sc.offset)  # noqa: E731
+                else:
+                    fault = lambda: ctx.read(sc.arg, sc.fd, sc.offset)  # noqa: E731
+                try:
+                    alone = await fault()
+                except OSError as e:
+                    alone = e
+                if sc.errno is None:
+                    return alone
+                # A failing one among others: it alone fails, with its errno.
+                exc, _ = await with_neighbours(ctx, tmp_fd, fault)
+                return alone, exc
+
+        outcome = aio.run(main())
+        if sc.errno is None:
+            sc.verify(async_backend.name, outcome)
+        else:
+            for o in outcome:
+                sc.verify(async_backend.name, o)
+    finally:
+        sc.close()
 
 
 def _supports_o_direct(directory: str) -> bool:

@@ -21,6 +21,11 @@
 //!   requests get `RWF_NOWAIT` too, so a saturated device (no free request
 //!   slot), block allocation or a contended inode lock cannot block the
 //!   loop either.
+//! * **Every file `pread`/`pwrite` can do works.** Kernel AIO refuses files
+//!   without `read_iter`/`write_iter` (directories, `/dev/full`, most `/proc`
+//!   files) with `EINVAL` at `io_submit`; such an op goes to the worker pool
+//!   too, so it gets the system call's answer (`EISDIR`, `ENOSPC`, the data)
+//!   instead of upstream's `ValueError`.
 //! * **`O_DIRECT` works.** Reads go through a 4096-byte aligned window
 //!   (any offset/length; the caller still gets `bytes`); writes are copied
 //!   into aligned memory, and must have offset and length aligned to the

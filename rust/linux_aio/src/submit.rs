@@ -12,6 +12,10 @@
 //!   everything after it is rolled back (`NEW`, retryable).
 //! * A non-blocking attempt the file cannot do (`EOPNOTSUPP`/`EINVAL` for
 //!   `RWF_NOWAIT` at submission) is resubmitted the classic way.
+//! * A read or write of a file kernel AIO has no path for (`EINVAL` at a
+//!   valid position: a directory, `/dev/full`, most `/proc` files) goes to
+//!   the worker pool, whose `pread`/`pwrite` gives the true result or errno
+//!   ([`aio_cannot_do`]).
 
 use std::ffi::c_int;
 use std::sync::atomic::Ordering;
@@ -138,13 +142,22 @@ not open{}",
         libc::EINVAL => PyErr::ErrnoMsg(
             refused,
             e,
-            format!(
-                "The kernel refused the {} on fd {} [EINVAL]: the file does not support this \
-operation through kernel AIO (a directory, an eventfd, a pipe or socket with a position, \
-fsync on a special file, ...) or the offset is invalid",
-                o.kind.mode(),
-                fd
-            ),
+            match o.kind {
+                OpKind::Read | OpKind::Write => format!(
+                    "The kernel refused the {} on fd {} [EINVAL]: invalid offset {} (it must not \
+be negative: kernel AIO has no current position; and offset + length must fit in a signed \
+64-bit file position)",
+                    o.kind.mode(),
+                    fd,
+                    o.offset_i64()
+                ),
+                OpKind::Fsync | OpKind::Fdsync => format!(
+                    "The kernel refused the {} on fd {} [EINVAL]: the file does not support \
+synchronization (a pipe, socket or special file; fsync(2) fails the same way)",
+                    o.kind.mode(),
+                    fd
+                ),
+            },
         ),
         e => PyErr::ErrnoMsg(
             Exc::SystemError,
@@ -152,6 +165,30 @@ fsync on a special file, ...) or the offset is invalid",
             format!("io_submit failed: {}", sys::strerror(e)),
         ),
     }
+}
+
+/// Whether `io_submit`'s `EINVAL` for `cb` (a plain, non-`RWF_NOWAIT` iocb
+/// we built) can only mean that the file has no kernel AIO path for it.
+///
+/// For a read or write the kernel refuses at submission with `EINVAL` when
+/// the file has no `read_iter`/`write_iter` (directories, `/dev/full`, many
+/// `/proc` and driver files: `read(2)`/`write(2)` work through
+/// `->read`/`->write`, kernel AIO does not) or when the position is invalid
+/// (negative, or `offset + length` overflows) — everything else a file can
+/// object to (misaligned `O_DIRECT`, a short `eventfd` buffer, ...) is
+/// reported in the completion instead. So a read or write at a valid
+/// position goes to a worker, whose `pread`/`pwrite` yields what the
+/// system call gives; a bad position (which `pread` refuses with `EINVAL`
+/// too) stays upstream's submit-time error, as does an fsync of a file
+/// without `->fsync` (`fsync(2)` fails the same way). Only reached on a
+/// refusal: the normal path pays nothing for it.
+fn aio_cannot_do(cb: &Iocb) -> bool {
+    (cb.opcode == abi::IOCB_CMD_PREAD || cb.opcode == abi::IOCB_CMD_PWRITE)
+        && cb.offset >= 0
+        && i64::try_from(cb.nbytes)
+            .ok()
+            .and_then(|n| cb.offset.checked_add(n))
+            .is_some()
 }
 
 /// `fcntl(F_GETFL)`, remembered for the last fd of a batch.
@@ -422,6 +459,14 @@ pub(crate) unsafe fn submit_claimed(
                     // also yields upstream's error if it is invalid anyway.
                     cb.rw_flags &= !RWF_NOWAIT;
                     cb.data &= !TAG_BUFFERED;
+                    continue;
+                }
+                if e == libc::EINVAL && aio_cannot_do(cb) {
+                    // The file has no kernel AIO path (a directory, /dev/full,
+                    // most /proc files...): a worker's pread/pwrite gives the
+                    // true result or errno (EISDIR, ENOSPC, the data).
+                    entries[iocb_entry[done]].2 = true;
+                    done += 1;
                     continue;
                 }
                 refused = Some((done, e));
