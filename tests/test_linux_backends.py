@@ -165,14 +165,19 @@ def test_poll(linux_backend: RawBackend, tmp_fd: int) -> None:
     """Edge cases 14 and 15."""
     ctx = linux_backend.context()
     started = time.monotonic()
-    with pytest.raises(BlockingIOError):
+    with pytest.raises(BlockingIOError) as e:
         ctx.poll()
     assert time.monotonic() - started < 1
+    # Upstream's exception exactly: BlockingIOError() - no arguments, so
+    # no errno and str() == "" (DESIGN.md §4.4, §4.5).
+    assert type(e.value) is BlockingIOError
+    assert e.value.args == () and e.value.errno is None
     ops = [linux_backend.Operation.write(b"x", tmp_fd, i) for i in range(3)]
     linux_backend.run(ctx, *ops)
     _wait_ready(ctx)  # reads (and resets) the counter
-    with pytest.raises(BlockingIOError):
+    with pytest.raises(BlockingIOError) as e:
         ctx.poll()
+    assert e.value.args == ()
 
 
 def test_poll_returns_positive_count(linux_backend: RawBackend, tmp_fd: int) -> None:

@@ -548,7 +548,13 @@ unsafe extern "C" fn ctx_poll(slf: *mut PyObject, _: *mut PyObject) -> *mut PyOb
         let c = unsafe { ctx(slf) };
         c.check_fork()?;
         match c.ring.consume_eventfd() {
-            0 => Err(PyErr::new(Exc::BlockingIOError, "")),
+            0 => {
+                // `BlockingIOError()` without arguments, as upstream and
+                // linux_aio raise it (not `BlockingIOError('')`).
+                // SAFETY: attached; a builtin exception class.
+                unsafe { PyErr_SetNone(PyExc_BlockingIOError) };
+                Err(PyErr::Fetched)
+            }
             n => py_uint(n),
         }
     })
