@@ -12,6 +12,7 @@ import random
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 
@@ -452,6 +453,58 @@ def test_deferred_op_abandoned_before_its_batch_never_runs(arun, fd):
             assert os.pread(fd, 1, 0) == b"x"
 
     arun(main())
+
+
+def new_loop(kind):
+    return uvloop.new_event_loop() if kind == "uvloop" else asyncio.new_event_loop()
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_loop_closed_before_flush_frees_ops_and_context(loop_kind, deferred, fd):
+    """The loop stops and is closed while a deferred batch waits for its
+    flush (a callback of that loop, which never runs): the batch is given
+    back, so op, Context and adapter are collectable - the batch's
+    references are invisible to the GC, and each op's future leads through
+    its task back to the adapter and the Context."""
+    os.pwrite(fd, b"r" * 4096, 0)
+    loop = new_loop(loop_kind)
+    try:
+        ctx = AsyncioContext(16, loop=loop, deferred=deferred)
+        context = ctx.context
+        refs = [weakref.ref(ctx), weakref.ref(context)]
+
+        async def one(make):
+            aw = make()
+            refs.append(weakref.ref(aw.operation))
+            return await aw
+
+        makers = [
+            lambda: ctx.read(4096, fd, 0),
+            lambda: ctx.write(b"w" * 4096, fd, 4096),
+            lambda: ctx.fdsync(fd),
+            lambda: ctx.read(100, fd, 8192),
+        ]
+        tasks = [loop.create_task(one(m)) for m in makers]
+        loop.call_soon(loop.stop)
+        loop.run_forever()  # one iteration: every task ran its first step
+        assert len(refs) == 2 + len(makers)
+        if deferred and loop_kind == "asyncio":
+            # The flush has not run. (uvloop runs the callbacks scheduled
+            # during its last iteration before it stops: there the batch is
+            # in the kernel, undelivered, the loop-gone drain's case.)
+            assert context._staged == len(makers)
+        loop.close()
+        assert context._staged == 0
+        assert context.closed and context.fileno == -1  # the loop-gone release
+        for task in tasks:
+            task._log_destroy_pending = False  # abandoned on purpose
+        del ctx, context, tasks, task, makers, one
+        gc.collect()
+        alive = [r() for r in refs if r() is not None]
+        assert alive == [], alive
+    finally:
+        if not loop.is_closed():
+            loop.close()
 
 
 def test_deferred_refused_op_frees_its_slot_and_stays_retryable(arun, fd):

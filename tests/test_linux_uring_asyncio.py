@@ -688,6 +688,56 @@ def test_context_freed_after_close(loop, run, fd):
     assert ref() is None and ring() is None
 
 
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_loop_closed_before_flush_frees_ops_and_context(loop_kind, config, fd, pipe):
+    """The loop stops and is closed while the SQEs of a batch wait for
+    their flush (a callback of that loop, which never runs; deferred=True
+    and automatic batching): the loop-gone drain submits and cancels them,
+    so op, Context and adapter are collectable - the ring's references are
+    invisible to the GC, and each op's future leads through its task back
+    to the adapter and the Context. Includes a read of an idle pipe, which
+    only a cancel ends."""
+    os.pwrite(fd, b"r" * 4096, 0)
+    lp = uvloop.new_event_loop() if loop_kind == "uvloop" else asyncio.new_event_loop()
+    try:
+        ctx = AsyncioContext(16, loop=lp, **config)
+        context = ctx.context
+        refs = [weakref.ref(ctx), weakref.ref(context)]
+
+        async def one(make):
+            aw = make()
+            refs.append(weakref.ref(aw.operation))
+            return await aw
+
+        makers = [
+            lambda: ctx.read(4096, fd, 0),
+            lambda: ctx.write(b"w" * 4096, fd, 4096),
+            lambda: ctx.fdsync(fd),
+            lambda: ctx.read(100, pipe[0], -1),  # never completes
+            lambda: ctx.read(100, fd, 8192),
+        ]
+        tasks = [lp.create_task(one(m)) for m in makers]
+        lp.call_soon(lp.stop)
+        lp.run_forever()  # one iteration: every task ran its first step
+        assert len(refs) == 2 + len(makers)
+        if config.get("deferred") and not config.get("sqpoll") and loop_kind == "asyncio":
+            # Staged, not entered: the flush has not run. (uvloop runs the
+            # callbacks scheduled during its last iteration before it stops.)
+            assert not any(task.done() for task in tasks)
+        assert not tasks[3].done()
+        lp.close()
+        assert ctx._released()
+        for task in tasks:
+            task._log_destroy_pending = False  # abandoned on purpose
+        del ctx, context, tasks, task, makers, one
+        gc.collect()
+        alive = [r() for r in refs if r() is not None]
+        assert alive == [], alive
+    finally:
+        if not lp.is_closed():
+            lp.close()
+
+
 def test_subclass_hooks_still_work(loop, run, fd):
     class Mine(AsyncioContext):
         def extra(self):

@@ -178,6 +178,29 @@ pub(crate) unsafe fn drop_staged(c: &AioContext) {
     }
 }
 
+/// Gives back a deferred batch that will never be flushed (its loop is
+/// gone): each op is rolled back — `NEW` again, its future dropped, as if
+/// its task had been cancelled before the flush — and the batch's
+/// reference released.
+///
+/// # Safety
+/// Attached.
+unsafe fn abandon_staged(c: &AioContext) {
+    let staged = std::mem::take(&mut *c.lock_staged());
+    for p in staged {
+        // SAFETY: the batch held a strong reference to every staged op (an
+        // Operation claimed by `submit`, not begun); it moves into `staged`
+        // and is dropped after the op is rolled back. Attached.
+        unsafe {
+            let staged = Owned::from_raw(p as *mut PyObject);
+            let o = as_op(staged.as_ptr());
+            o.unclaim();
+            op::clear_callback(o);
+            drop(staged);
+        }
+    }
+}
+
 /// Schedules the flush of the deferred batch (once per loop iteration).
 ///
 /// # Safety
@@ -419,17 +442,23 @@ unsafe fn flush(slf: *mut PyObject, c: &AioContext, staged: &[Owned]) {
     }
 }
 
-/// The loop is closed ("loop gone" in `caio_core::aio`): deliver until
-/// nothing is in flight (kernel requests and worker jobs on files finish;
-/// neither can be cancelled reliably). Deliveries only drop their
-/// references here (`op::Discarding`, set by the caller). A deferred batch
-/// whose flush never ran is not in flight (it goes with the Context).
+/// The loop is closed ("loop gone" in `caio_core::aio`): give back the
+/// deferred batch whose flush will never run, then deliver until nothing is
+/// in flight (kernel requests and worker jobs on files finish; neither can
+/// be cancelled reliably). Deliveries only drop their references here
+/// (`op::Discarding`, set by the caller).
 ///
 /// # Safety
 /// The engine contract.
 unsafe fn shutdown(a: &Adapter, deadline: std::time::Instant) -> bool {
     // SAFETY: the engine contract.
     let c = unsafe { ctx(a.context()) };
+    // The flush was a callback of the closed loop: it is gone with it. The
+    // batch's references are invisible to the GC, and each staged op holds
+    // its future, whose task holds the awaitable, the adapter and so this
+    // Context: kept, they would keep all of it alive forever.
+    // SAFETY: attached (the engine contract).
+    unsafe { abandon_staged(c) };
     if c.forked() {
         return false;
     }
