@@ -122,6 +122,50 @@ def pytest_sessionstart(session):
     print(f"\ncaio under test: {where}; native: {', '.join(files) or 'none (python_aio only)'}")
 EOF
 
+# Memory watch: every suite logs each test's start and, after it, the process's RSS and peak RSS
+# ("<nodeid> rss=<kB> hwm=<kB>") into <log>.rss, and runs in a memory cgroup capped at MEMCAP (when
+# this host lets us make one), so that a runaway test is killed alone and the last "START" line
+# of its .rss file names it (docs/wheels.md, "Memory").
+MEMCAP=${CAIO_TEST_MEMCAP:-$((8 * 1024 * 1024 * 1024))}
+cat >"$WORK/plugin/caio_rss_log.py" <<'EOF'
+import os
+OUT = os.environ.get("CAIO_RSS_LOG")
+def _status():
+    vals = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                vals[line[:5]] = line.split()[1]
+    return vals.get("VmRSS", "?"), vals.get("VmHWM", "?")
+def _write(text):
+    if OUT:
+        with open(OUT, "a") as f:
+            f.write(text + "\n")
+def pytest_runtest_logstart(nodeid, location):
+    _write("START " + nodeid)
+def pytest_runtest_logfinish(nodeid, location):
+    rss, hwm = _status()
+    _write(f"{nodeid} rss={rss} hwm={hwm}")
+EOF
+# memcap_exec <name> cmd...: runs cmd in a fresh memory cgroup capped at MEMCAP (v2 or v1), or as is
+memcap_exec() {
+    local name=$1 cg=; shift
+    if [[ -w /sys/fs/cgroup/cgroup.subtree_control ]] && grep -qw memory /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
+        cg=/sys/fs/cgroup/caio-test-$name-$$
+        mkdir -p "$cg" 2>/dev/null && echo "$MEMCAP" >"$cg/memory.max" 2>/dev/null || cg=
+    elif [[ -w /sys/fs/cgroup/memory ]]; then
+        cg=/sys/fs/cgroup/memory/caio-test-$name-$$
+        mkdir -p "$cg" 2>/dev/null && echo "$MEMCAP" >"$cg/memory.limit_in_bytes" 2>/dev/null || cg=
+    fi
+    if [[ -n $cg ]]; then
+        local rc=0
+        sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' memcap "$cg" "$@" || rc=$?
+        rmdir "$cg" 2>/dev/null || true
+        return $rc
+    fi
+    "$@"
+}
+
 # pytest_run <python> <logfile> <expect-prefix> <extra PYTHONPATH or ""> [env...]: runs the suite
 # ($DEPTH: the whole suite or the curated subset) from a scratch cwd, echoes pytest's summary line,
 # returns pytest's status
@@ -135,12 +179,21 @@ pytest_run() {
         for f in "${SUBSET[@]}"; do paths+=("$REPO/$f"); done
         envs+=("${SUBSET_ENV[@]}")
     fi
-    (cd "$cwd" && env "${envs[@]}" CAIO_EXPECT_PREFIX="$prefix" PYTHONPATH="$WORK/plugin${extra:+:$extra}" \
-        "$py" -m pytest "${paths[@]}" -p caio_installed_check -p no:cacheprovider -q -rfEs \
+    : >"${logf%.log}.rss"
+    (cd "$cwd" && memcap_exec "$(basename "${logf%.log}")" env "${envs[@]}" CAIO_EXPECT_PREFIX="$prefix" \
+        CAIO_RSS_LOG="${logf%.log}.rss" PYTHONPATH="$WORK/plugin${extra:+:$extra}" \
+        "$py" -m pytest "${paths[@]}" -p caio_installed_check -p caio_rss_log -p no:cacheprovider -q -rfEs \
         --junitxml "${logf%.log}.xml" --rootdir "$REPO" >>"$logf" 2>&1) || rc=$?
     local summary
     summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed)|^(=+ )?no tests ran|^(=+ )?[0-9]+ error' "$logf" | tail -n1 | sed 's/=//g; s/^ *//; s/ *$//')
-    printf '%s\n' "${summary:-no pytest summary (rc $rc)}"
+    if [[ -z $summary ]]; then
+        # killed (out of memory, a signal): name the test that was running and the peak so far
+        local last peak
+        last=$(grep '^START ' "${logf%.log}.rss" | tail -n1 | cut -c7-)
+        peak=$(grep -o 'hwm=[0-9]*' "${logf%.log}.rss" | cut -d= -f2 | sort -n | tail -n1)
+        summary="no pytest summary (rc $rc); running: ${last:-?}; peak RSS before it: ${peak:-?} kB"
+    fi
+    printf '%s\n' "$summary"
     return $rc
 }
 
