@@ -5,19 +5,20 @@ asyncio loop, so they cannot use the asyncio adapters' native fast path
 (``_AsyncioBase``). They drive the raw API instead (DESIGN.md §4), through
 one :class:`Driver` per backend:
 
-============  ==========================  ===============================  ==========================
-backend       submit (+ inline delivery)  completions                      cancel in the engine
-============  ==========================  ===============================  ==========================
-linux_uring   ``submit`` + ``flush()``    eventfd → ``_process_loop_events``  ``cancel(op)``: kernel
-                                                                           ``-ECANCELED``
-linux_aio     ``submit`` (event-loop      eventfd → ``_drain()`` (kernel   ``cancel(op)``: refused for
-              mode) + ``_reap()``         and worker completions)          regular files (ignored)
-thread_aio    ``submit`` (page-cache      completion fd →                  ``cancel(op)`` (a no-op
-              reads inline)               ``_process_completions()``;      today, DESIGN.md §4.6)
-                                          Windows: callbacks on workers
-python_aio    ``submit``                  callbacks on the pool's result   nothing to cancel
-                                          thread
-============  ==========================  ===============================  ==========================
+* linux_uring: ``submit`` stages, ``flush()`` enters the kernel (a page-cache
+  hit is delivered right there); completions: eventfd, then
+  ``_process_loop_events()``; cancel: ``cancel(op)``, a real kernel cancel
+  (``-ECANCELED``).
+* linux_aio: ``submit`` in event-loop mode (``RWF_NOWAIT``, misses go to
+  workers), ``_reap()`` delivers page-cache hits; completions (kernel and
+  workers): eventfd, then ``_drain()``; cancel: ``cancel(op)``, which the
+  kernel refuses for regular files (ignored).
+* thread_aio: ``submit`` (small page-cache reads complete inline);
+  completions: the completion fd, then ``_process_completions()``; on
+  Windows callbacks on the workers; cancel: ``cancel(op)`` (a no-op today,
+  DESIGN.md §4.6).
+* python_aio: ``submit``; callbacks on the pool's result thread; nothing to
+  cancel.
 
 A driver with a completion fd (:attr:`Driver.fd`) delivers only when its
 ``drain()`` is called, on the caller's thread; one without (``fd is None``)

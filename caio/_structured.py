@@ -38,6 +38,7 @@ queue the waiter and one thread-to-loop call per batch
 
 import abc
 import operator
+import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractContextManager
@@ -49,6 +50,21 @@ from ._drivers import open_driver
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs Python 3.11
+
+
+# Bumped in a forked child: a context created before fork() refuses to
+# work there (its engine is the parent's, DESIGN.md §9.3), and says so
+# before its admission or polling state, also the parent's, could make it
+# wait for ever.
+_fork_generation = [0]
+
+
+def _after_fork_in_child() -> None:
+    _fork_generation[0] += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Waiter(abc.ABC):
@@ -130,6 +146,7 @@ class StructuredContextBase(abc.ABC):
         self.max_requests = max_requests
         self.CONTEXT_CLASS: Any = driver.module.Context
         self.OPERATION_CLASS: Any = driver.module.Operation
+        self._generation = _fork_generation[0]
         # Admission (loop thread only).
         self._in_use = 0
         self._slot_waiters: deque[Waiter] = deque()
@@ -251,6 +268,11 @@ class StructuredContextBase(abc.ABC):
 
     async def _execute(self, op: Any) -> Any:
         await self._checkpoint_if_cancelled()
+        if self._generation != _fork_generation[0]:
+            raise RuntimeError(
+                f"this {type(self).__name__} was created before fork(); its engine belongs "
+                "to the parent process: create a new one in the child"
+            )
         if self._closed:
             raise RuntimeError(
                 f"{type(self).__name__} is closed: create a new one to submit operations"
