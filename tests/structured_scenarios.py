@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 import caio
-from caio._drivers import available_backends, selected_backend
+from caio._drivers import ThreadAioDriver, available_backends, selected_backend
 
 from helpers import read_file
 
@@ -98,10 +98,23 @@ class Lib:
         return self.Context(max_requests, backend=engine, **kwargs)
 
 
-@pytest.fixture(params=[pytest.param(name, id=name) for name in available_backends()])
-def engine(request: Any) -> str:
+def _engines() -> list[Any]:
+    params = [pytest.param(name, id=name) for name in available_backends()]
+    if "thread_aio" in available_backends():
+        # thread_aio as on Windows: no completion fd, callbacks on the
+        # workers, delivered through the library's thread-to-loop call.
+        params.append(pytest.param("thread_aio+callbacks", id="thread_aio-callbacks"))
+    return params
+
+
+@pytest.fixture(params=_engines())
+def engine(request: Any, monkeypatch: Any) -> str:
     """A backend name available here (``linux_uring`` ... ``python_aio``)."""
-    return str(request.param)
+    name = str(request.param)
+    if name == "thread_aio+callbacks":
+        monkeypatch.setattr(ThreadAioDriver, "loop_delivery", False)
+        name = "thread_aio"
+    return name
 
 
 def _in_flight(ctx: Any, op: Any) -> bool:
@@ -481,23 +494,35 @@ def test_cancelled_slow_reads_are_done_in_the_engine_when_the_scope_exits(
     kwargs = {"pool_size": 1} if engine in ("thread_aio", "python_aio") else {}
     state: dict[str, Any] = {}
 
+    started = [0]
+
     async def reader(ctx: Any, op: Any) -> None:
+        started[0] += 1  # same step as the submission in ctx.submit()
         await ctx.submit(op)
 
     async def main() -> None:
         async with lib.context(engine, 64, **kwargs) as ctx:
             for round_ in range(3):
-                ops = [ctx.OPERATION_CLASS.read(4096, slow, 4096 * (i * 3 + round_)) for i in range(64)]
-                with lib.move_on_after(0.002 * (round_ + 1)) as scope:
+                ops = [
+                    ctx.OPERATION_CLASS.read(4096, slow, 4096 * (i * 3 + round_))
+                    for i in range(64)
+                ]
+                started[0] = 0
+                # Round 0: cancelled as soon as all 64 are submitted;
+                # then by timeouts of 2 and 4 ms.
+                with lib.move_on_after(0.002 * round_ if round_ else 30) as scope:
                     async with lib.task_group() as tg:
                         for op in ops:
                             tg.start_soon(reader, ctx, op)
+                        if not round_:
+                            while started[0] < 64:
+                                await lib.sleep(0)
+                            tg.cancel_scope.cancel()
                 # The scope has exited: nothing may still be in the engine.
                 still = [op for op in ops if _in_flight(ctx, op)]
                 assert still == [], (round_, len(still))
                 assert ctx._in_use == 0
                 state.setdefault("cancelled", []).append(scope.cancelled_caught)
-            state["context"] = ctx.context
 
     try:
         lib.run(main)
