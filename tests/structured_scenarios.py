@@ -100,6 +100,9 @@ class Lib:
 
 def _engines() -> list[Any]:
     params = [pytest.param(name, id=name) for name in available_backends()]
+    if "linux_uring" in available_backends() and caio.linux_uring.SQPOLL_ALLOWED:
+        # A kernel submission thread: submissions complete asynchronously.
+        params.append(pytest.param("linux_uring+sqpoll", id="linux_uring-sqpoll"))
     if "thread_aio" in available_backends():
         # thread_aio as on Windows: no completion fd, callbacks on the
         # workers, delivered through the library's thread-to-loop call.
@@ -114,6 +117,10 @@ def engine(request: Any, monkeypatch: Any) -> str:
     if name == "thread_aio+callbacks":
         monkeypatch.setattr(ThreadAioDriver, "loop_delivery", False)
         name = "thread_aio"
+    elif name == "linux_uring+sqpoll":
+        # The default of the uring driver follows the asyncio adapter's.
+        monkeypatch.setattr(caio.linux_uring_asyncio, "DEFAULT_SQPOLL", True)
+        name = "linux_uring"
     return name
 
 
@@ -123,7 +130,7 @@ def _in_flight(ctx: Any, op: Any) -> bool:
     if ctx.backend == "python_aio":
         return bool(ctx.context._in_progress)
     try:
-        op.payload
+        op.payload  # noqa: B018  (raises while in flight)
     except RuntimeError:
         return True
     return False
@@ -504,8 +511,7 @@ def test_cancelled_slow_reads_are_done_in_the_engine_when_the_scope_exits(
         async with lib.context(engine, 64, **kwargs) as ctx:
             for round_ in range(3):
                 ops = [
-                    ctx.OPERATION_CLASS.read(4096, slow, 4096 * (i * 3 + round_))
-                    for i in range(64)
+                    ctx.OPERATION_CLASS.read(4096, slow, 4096 * (i * 3 + round_)) for i in range(64)
                 ]
                 started[0] = 0
                 # Round 0: cancelled as soon as all 64 are submitted;

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 
 anyio = pytest.importorskip("anyio")
+if not hasattr(pytest.importorskip("anyio.lowlevel"), "current_token"):
+    pytest.skip("needs anyio >= 4.11 (the `anyio` extra)", allow_module_level=True)
 
 from caio.anyio import AnyioContext  # noqa: E402
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-trio = pytest.importorskip("trio")
+trio = pytest.importorskip("trio", minversion="0.25")  # the `trio` extra
 
 from caio.trio import TrioContext  # noqa: E402
 
