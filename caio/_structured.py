@@ -302,6 +302,14 @@ class StructuredContextBase(abc.ABC):
                     else:
                         self._streak = 0
                         await self._wait_done(waiter)
+                except GeneratorExit:
+                    # The coroutine is being closed without being awaited to
+                    # the end (garbage collected with its loop gone): it can
+                    # no longer wait. The engine keeps the op (and its
+                    # buffer) alive until it completes.
+                    if not waiter.done:
+                        self._driver.cancel(op)
+                    raise
                 except BaseException:
                     await self._abandon(op, waiter)
                     raise

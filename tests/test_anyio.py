@@ -114,3 +114,39 @@ def test_native_asyncio_cancellation_through_the_shield(tmp_path: Any) -> None:
         os.close(r)
         os.close(w)
     assert state == {"cancelled": True, "error": 125, "context": None}
+
+
+def test_closing_an_abandoned_coroutine_does_not_wait() -> None:
+    """A coroutine closed while its read waits (what happens to the tasks of
+    a loop that is gone) cannot wait any more: close() neither hangs nor
+    complains; the op is cancelled in the engine, which still owns it until
+    it is delivered."""
+    import asyncio
+    import os
+
+    import caio
+
+    if caio.linux_uring is None:
+        pytest.skip("linux_uring not available")
+    r, w = os.pipe()
+
+    async def main() -> None:
+        ctx = AnyioContext(backend="linux_uring")
+        op = ctx.OPERATION_CLASS.read(4, r, -1)
+        coro = ctx.submit(op)
+        coro.send(None)  # submitted; now waiting for the completion fd
+        assert op.context is ctx.context  # in flight
+        coro.close()
+        assert ctx._active == 0 and ctx._in_use == 0 and not ctx._polling
+        for _ in range(100):
+            if ctx.context._process_loop_events():
+                break
+            await asyncio.sleep(0.01)
+        assert op.context is None and op.error == 125  # cancelled in the kernel
+        ctx.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        os.close(r)
+        os.close(w)
