@@ -127,3 +127,17 @@ def test_trio_cancelled_in_engine_raises_cancelled_not_the_op_error() -> None:
         os.close(r)
         os.close(w)
     assert seen == ["cancelled"] * 8
+
+
+def test_unavailable_backend_is_refused(monkeypatch: Any) -> None:
+    """A backend named but not usable here: RuntimeError naming why."""
+    import caio
+
+    available = caio._available_implementations()
+    available.pop("uring", None)
+    monkeypatch.setattr(caio, "_available_implementations", lambda: available)
+    monkeypatch.setitem(caio._import_errors, "uring", "ImportError: no io_uring here")
+    with pytest.raises(RuntimeError, match="no io_uring here"):
+        TrioContext(backend="linux_uring")
+    with pytest.raises(ValueError, match="unknown backend"):
+        TrioContext(backend="io_uring")
