@@ -7,7 +7,6 @@ anyio is not installed (the wheel tests run the suite without it); the trio
 backend's parameters are skipped where trio is not installed.
 """
 
-import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -62,7 +61,15 @@ class AnyioLib(Lib):
         return anyio.get_cancelled_exc_class()  # type: ignore[no-any-return]
 
 
-_HAVE_TRIO = importlib.util.find_spec("trio") is not None
+def _have_trio() -> bool:
+    try:
+        import trio  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_HAVE_TRIO = _have_trio()
 
 
 @pytest.fixture(
