@@ -26,7 +26,7 @@ if [ ! -x "$VENV/bin/python" ]; then
         "$MKVENV" "$PYTHON" "$VENV"
     fi
 fi
-STAMP="$VENV/.caio-deps-v2"
+STAMP="$VENV/.caio-deps-v3"
 if [ ! -f "$STAMP" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
     # Binary wheels only: recent hypothesis releases ship a pyo3 >= 0.29
@@ -35,6 +35,9 @@ if [ ! -f "$STAMP" ]; then
     "$VENV/bin/python" -m pip install -q --only-binary=:all: \
         "setuptools>=70" "setuptools-rust>=1.10" wheel \
         "pytest>=7" pytest-timeout hypothesis
+    # caio.trio / caio.anyio and their tests (skipped where these are missing).
+    "$VENV/bin/python" -m pip install -q "trio>=0.25" "anyio>=4.11" \
+        || echo "dev-setup: trio/anyio unavailable, their tests will be skipped"
     # uvloop has no wheels for every interpreter; the suite uses it when present.
     "$VENV/bin/python" -m pip install -q uvloop || echo "dev-setup: uvloop unavailable, skipping"
     touch "$STAMP"
