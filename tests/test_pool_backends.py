@@ -1,5 +1,6 @@
 """Thread-pool backends: thread_aio (native) and python_aio (API.md 3.4, 3.5)."""
 
+import errno
 import threading
 
 import pytest
@@ -15,7 +16,8 @@ def test_no_eventfd_interface(pool_backend: RawBackend) -> None:
         assert not hasattr(ctx, name)
 
 
-def test_cancel_is_a_no_op(pool_backend: RawBackend, tmp_fd: int) -> None:
+def test_cancel_of_nothing_queued_returns_0(pool_backend: RawBackend, tmp_fd: int) -> None:
+    """An op not queued (new, or done) is left alone: 0, as upstream's no-op cancel."""
     ctx = pool_backend.context()
     op = pool_backend.Operation.write(b"x", tmp_fd, 0)
     assert ctx.cancel(op) == 0
@@ -150,6 +152,38 @@ def _blocked_worker(backend: RawBackend, fd: int) -> tuple:
     assert ctx.submit(blocker) == 1
     assert entered.wait(10)
     return ctx, release
+
+
+def test_thread_aio_cancel_takes_back_queued_operations(
+    thread_aio: RawBackend, tmp_fd: int
+) -> None:
+    """cancel() completes queued ops (no worker started them) with ECANCELED
+    and returns how many; the running one and ops of another Context are
+    left alone (DESIGN.md §4.6)."""
+    ctx, release = _blocked_worker(thread_aio, tmp_fd)
+    other = thread_aio.context()
+    try:
+        calls = Recorder()
+        queued = [thread_aio.Operation.write(b"q", tmp_fd, i) for i in range(3)]
+        for op in queued:
+            op.set_callback(calls)
+        assert ctx.submit(*queued) == 3
+        elsewhere = thread_aio.Operation.fsync(tmp_fd)
+        assert ctx.cancel(queued[0], queued[2], elsewhere, object()) == 2
+        # Delivered inside cancel(): -1 with the errno, as every thread_aio failure.
+        assert calls.items == [-1, -1]
+        for op in (queued[0], queued[2]):
+            assert op.result == -1 and op.error == errno.ECANCELED
+            with pytest.raises(SystemError) as info:
+                op.get_value()
+            assert info.value.errno == errno.ECANCELED
+        assert ctx.cancel(queued[0]) == 0  # already done
+        assert other.cancel(queued[1]) == 0  # not queued on that Context
+    finally:
+        release.set()
+    thread_aio.wait_for(None, lambda: len(calls) == 3)
+    assert queued[1].get_value() == 1
+    assert read_file(tmp_fd)[1:2] == b"q"  # only the op left queued was written
 
 
 def test_thread_aio_queued_op_is_gated(thread_aio: RawBackend, tmp_fd: int) -> None:

@@ -363,17 +363,46 @@ this one were accepted; submit the rest again once the workers have taken some",
     }
 }
 
-/// `Context.cancel(*operations)`: a thread pool cannot stop a running
-/// pread(); upstream returns 0.
+/// `Context.cancel(*operations)`: takes back every given operation that is
+/// queued on this Context and no worker has started yet, and completes it
+/// as cancelled (`ECANCELED`; its callback runs here). A running `pread`
+/// cannot be stopped: it completes normally later. Returns how many were
+/// cancelled. Like upstream (whose `cancel` does nothing and returns 0), any
+/// arguments are accepted; what is not a queued operation of this Context
+/// is left alone (DESIGN.md §4.6).
 ///
 /// # Safety
-/// Called by CPython (`METH_FASTCALL`), attached.
+/// Called by CPython (`METH_FASTCALL`), attached, with `slf` a Context.
 unsafe extern "C" fn ctx_cancel(
-    _slf: *mut PyObject,
-    _args: *mut *mut PyObject,
-    _nargs: Py_ssize_t,
+    slf: *mut PyObject,
+    args: *mut *mut PyObject,
+    nargsf: Py_ssize_t,
 ) -> *mut PyObject {
-    trampoline(|| py_int(0))
+    trampoline(|| {
+        // SAFETY: the METH_FASTCALL contract above.
+        let (c, args) = unsafe { (ctx(slf), fastcall_args(args.cast_const(), nargsf)) };
+        c.check_fork()?;
+        // SAFETY: `slf` is an instance of this module's Context type, so its
+        // module state holds this module's Operation type.
+        let op_type = unsafe { (*ModState::of(slf)).op_type };
+        let Some(pool) = c.pool_slot().clone() else {
+            return py_count(0);
+        };
+        let mut cancelled = 0usize;
+        for &a in args {
+            // SAFETY: `a` is a live object (a call argument).
+            if !unsafe { op::is_op(a, op_type) } {
+                continue;
+            }
+            if let Some(job) = pool.try_cancel(a.cast()) {
+                // SAFETY: the pool handed the job back: it is in flight and
+                // ours alone; attached (contract above).
+                unsafe { op::finish(job.0, -i64::from(libc::ECANCELED)) }.run();
+                cancelled += 1;
+            }
+        }
+        py_count(cancelled)
+    })
 }
 
 /// `Context.close()`.
@@ -527,7 +556,7 @@ static mut CTX_METHODS: [PyMethodDef; 7] = [
             PyCFunctionFast: ctx_cancel,
         },
         ml_flags: METH_FASTCALL,
-        ml_doc: c"cancel(*operations) -> int\n--\n\nNo-op (a running pread cannot be stopped); returns 0.".as_ptr(),
+        ml_doc: c"cancel(*operations) -> int\n--\n\nCancels the given operations that no worker has started yet (they complete\nwith ECANCELED); a running one completes normally. Returns how many were\ncancelled.".as_ptr(),
     },
     PyMethodDef {
         ml_name: c"close".as_ptr(),
