@@ -11,10 +11,8 @@
 //! backend has really finished the op (at once when it never reached the
 //! backend), see [`hand_slot_to_op`].
 //!
-//! Fairness for inline completions: by default the loop gets one turn after
-//! `MAX_SYNC_STREAK` consecutive ones. An adapter class that defines
-//! `SYNC_BUDGET` gets a per-loop-iteration budget instead (see
-//! [`spend_sync_budget`]).
+//! An op that completed inline may still yield once to the loop before its
+//! value is returned ([`super::fairness`]).
 
 use std::cell::Cell;
 use std::ffi::{c_int, c_void};
@@ -198,9 +196,9 @@ fn release_slot(w: &Awaitable) {
 }
 
 /// The op is done: free the slot and return its value (or raise its error).
-/// `inline`: it completed without the awaitable ever suspending; after
-/// `MAX_SYNC_STREAK` of those in a row the loop gets one turn first, so a
-/// task looping over page-cache hits cannot starve the others.
+/// `inline`: it completed without the awaitable ever suspending; the loop
+/// may get one turn first ([`super::fairness`]), so a task looping over
+/// page-cache hits cannot starve the others.
 fn finish(w: &Awaitable, inline: bool) -> PyResult<Step> {
     release_slot(w);
     drop(w.fut.take());
@@ -208,22 +206,7 @@ fn finish(w: &Awaitable, inline: bool) -> PyResult<Step> {
     // SAFETY: attached; stepping an awaitable without `error` (the INIT
     // step raised and finished it otherwise).
     let v = unsafe { op::get_value(w.operation())? };
-    let a = w.adapter();
-    let yield_once = if a.sync_budget_max.load(Ordering::Relaxed) >= 0 {
-        inline && spend_sync_budget(w)
-    } else if !inline {
-        a.sync_streak.store(0, Ordering::Relaxed);
-        false
-    } else {
-        let max = a.max_sync_streak.load(Ordering::Relaxed);
-        if max > 0 && a.sync_streak.fetch_add(1, Ordering::Relaxed) + 1 >= max {
-            a.sync_streak.store(0, Ordering::Relaxed);
-            true
-        } else {
-            false
-        }
-    };
-    if yield_once {
+    if super::fairness::must_yield(w.adapter(), inline) {
         w.value.set(Some(v));
         w.set_state(AwState::Yielded);
         // A bare yield: the task reschedules itself with call_soon.
@@ -231,56 +214,6 @@ fn finish(w: &Awaitable, inline: bool) -> PyResult<Step> {
     }
     Ok(Step::Return(v))
 }
-
-/// Budget mode: one synchronous completion spent; true when the awaiting
-/// task must yield once. Once this iteration's budget is used up every task
-/// yields after each synchronous completion, and the budget is refilled by a
-/// `call_soon` callback — at the start of the next iteration, before the
-/// tasks that yielded run again. Unlike a streak limit this bounds the whole
-/// iteration, however many tasks share the adapter.
-fn spend_sync_budget(w: &Awaitable) -> bool {
-    let a = w.adapter();
-    let left = a.sync_budget.fetch_sub(1, Ordering::Relaxed) - 1;
-    if left > 0 {
-        return false;
-    }
-    if left == 0 {
-        let scheduled = a.is_bound()
-            // SAFETY: attached; the callback is bound to the live adapter.
-            && unsafe { REFILL_BUDGET_DEF.new_function(a.as_ptr()) }
-                .and_then(|cb| {
-                    // SAFETY: attached; `cb` is a live callable.
-                    unsafe { a.call_soon(cb.as_ptr()) }
-                })
-                .is_ok();
-        if !scheduled {
-            // No loop to run it (closed?): refill now rather than never.
-            clear_error();
-            a.sync_budget
-                .store(a.sync_budget_max.load(Ordering::Relaxed), Ordering::Relaxed);
-        }
-    }
-    true
-}
-
-/// # Safety
-/// A builtin function bound to one of our adapters (`MethodDef::new_function`),
-/// called by CPython attached.
-unsafe extern "C" fn refill_budget_callback(
-    adapter_obj: *mut PyObject,
-    _: *mut PyObject,
-) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the function is bound to one of our adapters.
-        let a = unsafe { adapter(adapter_obj) };
-        a.sync_budget
-            .store(a.sync_budget_max.load(Ordering::Relaxed), Ordering::Relaxed);
-        Ok(none())
-    })
-}
-
-static REFILL_BUDGET_DEF: MethodDef =
-    MethodDef::noargs(c"_refill_sync_budget", refill_budget_callback);
 
 fn submit_op(w: &Awaitable) -> PyResult<Step> {
     let a = w.adapter();

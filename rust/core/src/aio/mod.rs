@@ -27,8 +27,10 @@
 //! that do not complete inline — one future; no Python frame runs.
 //!
 //! * [`adapter`]: the `_AsyncioBase` type;
+//! * [`bind`]: `_bind`, the loop and its futures;
 //! * [`awaitable`]: the awaitable and its steps;
 //! * [`gate`]: admission control (`max_requests`);
+//! * [`fairness`]: when an inline completion yields once to the loop;
 //! * [`lifecycle`]: close once idle, loop gone.
 
 use std::ffi::c_int;
@@ -41,6 +43,8 @@ use crate::py::{PyResult, SpecCache};
 
 pub mod adapter;
 pub mod awaitable;
+pub mod bind;
+pub mod fairness;
 pub mod gate;
 pub mod lifecycle;
 

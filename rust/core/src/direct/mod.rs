@@ -13,11 +13,18 @@
 //!   (the above, else a safe default);
 //! * [`is_direct`] / [`alignment_if_direct`]: whether an fd is open with
 //!   `O_DIRECT`;
-//! * [`retry_aligned`]: the predicate "this op failed because it needs the
-//!   aligned path" (EINVAL on an untouched read/write of an O_DIRECT fd) and
-//!   the alignment to retry with;
-//! * [`write_alignment`]: the offset/length granularity an O_DIRECT write
-//!   must respect, for an up-front check with a helpful message.
+//! * [`needs_aligned_path`]: the up-front predicate "this op needs the
+//!   aligned path" (a read or write on an O_DIRECT fd) and its alignment;
+//! * [`retry_aligned`]: the after-the-fact predicate "this op failed because
+//!   it needs the aligned path" (EINVAL on an untouched read/write of an
+//!   O_DIRECT fd) and the alignment to retry with;
+//! * [`write_alignment`] / [`check_write`]: the offset/length granularity an
+//!   O_DIRECT write must respect, for an up-front check with a helpful
+//!   message.
+//!
+//! Engines then call `Operation::use_aligned_window(align)` between claim
+//! and dispatch; [`crate::op::finish`] copies a read's bytes out and frees
+//! the window.
 
 pub mod bounce;
 
@@ -99,6 +106,18 @@ pub fn alignment_if_direct(fd: i32) -> Option<usize> {
     is_direct(fd).then(|| alignment(fd))
 }
 
+/// The up-front predicate: a read or write on an O_DIRECT fd (at a real
+/// offset) needs the aligned path; the result is the alignment to use with
+/// `Operation::use_aligned_window`. `None` for syncs, buffered fds and reads
+/// "at the current position" (offset -1). One `fcntl` per call: cache it
+/// per fd if that matters.
+pub fn needs_aligned_path(op: &Operation) -> Option<usize> {
+    if !matches!(op.kind, OpKind::Read | OpKind::Write) || op.offset_i64() < 0 {
+        return None;
+    }
+    alignment_if_direct(op.fd_i32())
+}
+
 /// The retry predicate: `raw` (bytes moved or `-errno`) is the EINVAL of a
 /// read or write that went straight from the op's own buffer (no aligned
 /// window yet, nothing transferred) at a real offset, on an O_DIRECT fd. The
@@ -126,6 +145,46 @@ pub unsafe fn retry_aligned(op: &Operation, raw: i64) -> Option<usize> {
 /// kernel's report, else [`DEFAULT_OFFSET_ALIGN`].
 pub fn write_alignment(fd: i32) -> u64 {
     dio_alignment(fd).map_or(DEFAULT_OFFSET_ALIGN, |(_, off)| u64::from(off))
+}
+
+/// Whether `offset` and `len` are both multiples of `granularity` (> 0).
+fn aligned_to(offset: u64, len: u64, granularity: u64) -> bool {
+    granularity != 0 && offset % granularity == 0 && len % granularity == 0
+}
+
+/// Up-front check of an O_DIRECT write: `Ok(())` when its offset and length
+/// are multiples of the file's [`write_alignment`] (or it moves nothing),
+/// else `Err(granularity)` for the error message. The payload's memory needs
+/// no check: the aligned window copies it.
+pub fn check_write(op: &Operation) -> Result<(), u64> {
+    if op.nbytes == 0 {
+        return Ok(());
+    }
+    let fd = op.fd_i32();
+    // The common case (4 KiB multiples) needs no statx.
+    if aligned_to(op.offset, op.nbytes, crate::num::len_u64(DEFAULT_ALIGN)) {
+        return Ok(());
+    }
+    let g = write_alignment(fd);
+    if aligned_to(op.offset, op.nbytes, g) {
+        Ok(())
+    } else {
+        Err(g)
+    }
+}
+
+#[cfg(test)]
+mod pure_tests {
+    use super::aligned_to;
+
+    #[test]
+    fn alignment_arithmetic() {
+        assert!(aligned_to(0, 4096, 4096));
+        assert!(aligned_to(8192, 512, 512));
+        assert!(!aligned_to(100, 4096, 512));
+        assert!(!aligned_to(4096, 100, 512));
+        assert!(!aligned_to(0, 0, 0));
+    }
 }
 
 #[cfg(all(test, any(target_os = "linux", target_os = "android")))]

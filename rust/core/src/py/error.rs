@@ -148,8 +148,13 @@ fn cstring(s: &str) -> CString {
 }
 
 /// The current exception, taken out of the interpreter: put back with
-/// [`SavedErr::restore`], or dropped (released) with the guard.
-pub struct SavedErr(*mut PyObject, *mut PyObject, *mut PyObject);
+/// [`SavedErr::restore`], or dropped (released) with the guard. One
+/// exception object on 3.12+ (`PyErr_GetRaisedException`), the classic
+/// `(type, value, traceback)` triple before.
+pub struct SavedErr(
+    #[cfg(Py_3_12)] *mut PyObject,
+    #[cfg(not(Py_3_12))] [*mut PyObject; 3],
+);
 
 impl SavedErr {
     /// Takes the current exception (if any) out of the interpreter.
@@ -157,28 +162,57 @@ impl SavedErr {
     /// # Safety
     /// Caller attached; the guard is dropped or restored attached.
     pub unsafe fn fetch() -> SavedErr {
-        let mut s = SavedErr(ptr::null_mut(), ptr::null_mut(), ptr::null_mut());
-        // SAFETY: attached (caller's contract); the three out-pointers are
-        // valid locals.
-        unsafe { PyErr_Fetch(&raw mut s.0, &raw mut s.1, &raw mut s.2) };
-        s
+        #[cfg(Py_3_12)]
+        {
+            // SAFETY: attached (caller's contract); returns a new reference
+            // or NULL, and clears the current exception.
+            SavedErr(unsafe { PyErr_GetRaisedException() })
+        }
+        #[cfg(not(Py_3_12))]
+        {
+            let mut s = [ptr::null_mut(); 3];
+            let [t, v, tb] = &mut s;
+            // SAFETY: attached (caller's contract); the three out-pointers
+            // are valid locals.
+            unsafe { PyErr_Fetch(t, v, tb) };
+            SavedErr(s)
+        }
     }
 
     /// Makes the saved exception (or none) current again.
     pub fn restore(self) {
         let s = std::mem::ManuallyDrop::new(self);
-        // SAFETY: attached (the guard's contract); hands the three references
-        // (or NULLs) back to the interpreter, which steals them — the
-        // `ManuallyDrop` keeps us from releasing them too.
-        unsafe { PyErr_Restore(s.0, s.1, s.2) };
+        // SAFETY: attached (the guard's contract); hands the saved
+        // references (or NULLs) back to the interpreter, which steals them —
+        // the `ManuallyDrop` keeps us from releasing them too.
+        #[cfg(Py_3_12)]
+        unsafe {
+            PyErr_SetRaisedException(s.0);
+        }
+        // SAFETY: as above.
+        #[cfg(not(Py_3_12))]
+        unsafe {
+            PyErr_Restore(s.0[0], s.0[1], s.0[2]);
+        }
+    }
+
+    fn refs(&self) -> &[*mut PyObject] {
+        #[cfg(Py_3_12)]
+        {
+            std::slice::from_ref(&self.0)
+        }
+        #[cfg(not(Py_3_12))]
+        {
+            &self.0
+        }
     }
 }
 
 impl Drop for SavedErr {
     fn drop(&mut self) {
-        for p in [self.0, self.1, self.2] {
+        for &p in self.refs() {
             if !p.is_null() {
-                // SAFETY: a reference taken by `PyErr_Fetch`, released once,
+                // SAFETY: a reference taken by `fetch`, released once,
                 // attached (the guard's contract).
                 unsafe { Py_DECREF(p) };
             }
