@@ -2,7 +2,7 @@
 //!
 //! Every backend module stores its types in a [`ModState`]; types find it with
 //! `PyType_GetModuleState` (they cannot be subclassed, so `Py_TYPE(self)` is
-//! always the module's own type). The [`backend_module!`] macro generates
+//! always the module's own type). The [`backend_module!`](crate::backend_module) macro generates
 //! the `PyModuleDef`, its slots (exec, `Py_mod_gil = NOT_USED` on 3.13+,
 //! single-interpreter on 3.12+) and the `PyInit_*` symbol.
 
@@ -74,7 +74,7 @@ impl ModState {
 pub const STATE_SIZE: Py_ssize_t = std::mem::size_of::<ModState>() as Py_ssize_t;
 
 /// # Safety
-/// CPython's `m_traverse` of a module made from [`backend_module!`].
+/// CPython's `m_traverse` of a module made from [`backend_module!`](crate::backend_module).
 pub unsafe extern "C" fn state_traverse(
     module: *mut PyObject,
     visit: visitproc,
@@ -99,7 +99,7 @@ pub unsafe extern "C" fn state_traverse(
 }
 
 /// # Safety
-/// CPython's `m_clear` of a module made from [`backend_module!`].
+/// CPython's `m_clear` of a module made from [`backend_module!`](crate::backend_module).
 pub unsafe extern "C" fn state_clear(module: *mut PyObject) -> c_int {
     // SAFETY: our module (CPython's contract); its state is NULL or a live
     // `ModState`, cleared while no other code uses it.
@@ -118,7 +118,7 @@ pub unsafe extern "C" fn state_clear(module: *mut PyObject) -> c_int {
 }
 
 /// # Safety
-/// CPython's `m_free` of a module made from [`backend_module!`].
+/// CPython's `m_free` of a module made from [`backend_module!`](crate::backend_module).
 pub unsafe extern "C" fn state_free(module: *mut c_void) {
     // SAFETY: CPython passes the module being freed.
     unsafe { state_clear(module.cast()) };

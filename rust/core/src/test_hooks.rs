@@ -4,7 +4,7 @@
 //! ("the kernel is 4.9", "`io_uring_setup` fails with EPERM") through
 //! `CAIO_TEST_*` environment variables. Release builds must not honour them,
 //! so they are read only when caio-core is built with the `test-hooks`
-//! cargo feature; otherwise [`env`] is always `None` and costs nothing.
+//! cargo feature; otherwise [`env()`](fn@env) is always `None` and costs nothing.
 
 /// The value of the test hook `name` (a `CAIO_TEST_*` variable), `None` when
 /// unset, empty, or when built without the `test-hooks` feature.
@@ -21,7 +21,7 @@ pub fn env(name: &str) -> Option<String> {
     }
 }
 
-/// [`env`] parsed (surrounding whitespace ignored); `None` if absent or
+/// [`env()`](fn@env) parsed (surrounding whitespace ignored); `None` if absent or
 /// unparsable.
 pub fn env_parse<T: std::str::FromStr>(name: &str) -> Option<T> {
     env(name).and_then(|v| v.trim().parse().ok())

@@ -9,7 +9,7 @@
 //! it to the task; the next step returns `op.get_value()`. Cancelling the
 //! task cancels the op through the engine; its slot is released once the
 //! backend has really finished the op (at once when it never reached the
-//! backend), see [`hand_slot_to_op`].
+//! backend), see `hand_slot_to_op`.
 //!
 //! An op that completed inline may still yield once to the loop before its
 //! value is returned ([`super::fairness`]).
@@ -50,9 +50,9 @@ crate::u8_state! {
 /// The instance struct (allocated zeroed: every field empty, state `Init`).
 ///
 /// The `Cell` fields change only while a step runs (steps are serialised by
-/// `running`, see [`Running`]) or while the object is finalised, cleared or
+/// `running`, see `Running`) or while the object is finalised, cleared or
 /// deallocated — never concurrently with a step. That is the invariant
-/// [`aw`] relies on to hand out `&Awaitable`.
+/// `aw` relies on to hand out `&Awaitable`.
 #[repr(C)]
 pub struct Awaitable {
     ob_base: PyObject,

@@ -1,6 +1,6 @@
 //! Wiring an adapter to its event loop: `_bind` (run once, by the Python
 //! adapter's `_create_context`) stores the Context, the loop and its
-//! future factory, and the fairness settings; [`Adapter::new_future`] makes
+//! future factory, and the fairness settings; `Adapter::new_future` makes
 //! the futures operations wait on.
 
 use std::sync::atomic::Ordering;

@@ -3,7 +3,7 @@
 //! give the event loop a turn. By default the loop gets one turn after
 //! `MAX_SYNC_STREAK` consecutive inline completions of an adapter. An
 //! adapter class that defines `SYNC_BUDGET` gets a per-loop-iteration budget
-//! instead ([`spend_sync_budget`]).
+//! instead (`spend_sync_budget`).
 
 use std::sync::atomic::Ordering;
 

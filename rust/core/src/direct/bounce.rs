@@ -5,7 +5,7 @@
 //!
 //! The free list's lock is taken by worker threads, so a `fork()` landing
 //! while one holds it would leave it locked forever in the child, whose
-//! first O_DIRECT operation would then hang: [`FORK_HANDLERS`] take it
+//! first O_DIRECT operation would then hang: `FORK_HANDLERS` take it
 //! around `fork()` (registered by [`crate::fork`]).
 
 use std::cell::RefCell;

@@ -6,7 +6,7 @@
 //!   [`crate::fork`]) hold workers back while the interpreter forks;
 //! * [`interpreter_exiting`]: the `atexit` hook lets queued work finish for a
 //!   bounded time, then stops workers from ever attaching again;
-//! * [`FORK_HANDLERS`]: resets the counters in a forked child.
+//! * `FORK_HANDLERS`: resets the counters in a forked child.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;

@@ -303,7 +303,7 @@ where
 }
 
 /// Reports the current exception through `sys.unraisablehook`
-/// ("Exception ignored in: <obj>") and clears it.
+/// (`Exception ignored in: <obj>`) and clears it.
 ///
 /// # Safety
 /// Caller attached; `obj` NULL or a valid object.
