@@ -10,11 +10,15 @@
 * ``repr()`` of a write operation reads the payload pointer under the
   operation's lock: on free-threaded builds a completion on a worker thread
   may release the payload at that very moment.
+* An awaitable's ``__name__``/``__qualname__``/``repr`` (a task's repr) may
+  be read from any thread while the loop thread steps it.
 * ``_AsyncioBase._bind`` runs once per adapter: what it stores is read
   without locks afterwards, so a second call is refused instead of swapping
   those objects under a running operation.
 """
 
+import asyncio
+import os
 import re
 import textwrap
 import threading
@@ -172,3 +176,41 @@ def test_bind_runs_once(async_backend: Any, aio: Any, tmp_fd: int) -> None:
         assert actx._gate_state() == (0, 4, 0)
     finally:
         actx.close()
+
+
+def test_awaitable_names_read_while_another_thread_steps(
+    async_backend: Any, aio: Any, tmp_fd: int
+) -> None:
+    """``__name__``/``__qualname__``/``repr`` of an awaitable (what a task's
+    repr shows) may be read from any thread while the loop thread steps it:
+    they read only immutable fields and the atomic state."""
+    actx = async_backend.context(8, loop=aio.loop)
+    if not hasattr(actx, "_bind"):
+        actx.close()
+        pytest.skip("not the native awaitable")
+    os.pwrite(tmp_fd, b"z" * 65536, 0)
+    awaitables = []
+    stop = threading.Event()
+    seen = []
+
+    def spin() -> None:
+        while not stop.is_set():
+            for aw in list(awaitables):
+                seen.append((aw.__name__, aw.__qualname__, repr(aw)[:30]))
+            del seen[:-10]
+
+    async def main() -> None:
+        for _ in range(300):
+            batch = [actx.read(4096, tmp_fd, 4096 * (i % 16)) for i in range(8)]
+            awaitables[:] = batch
+            assert await asyncio.gather(*batch) == [b"z" * 4096] * 8
+
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        aio.run(main())
+    finally:
+        stop.set()
+        t.join()
+        actx.close()
+    assert all(name == "read" and qual == "AsyncioContext.read" for name, qual, _ in seen)

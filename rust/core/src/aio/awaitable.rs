@@ -49,10 +49,12 @@ crate::u8_state! {
 
 /// The instance struct (allocated zeroed: every field empty, state `Init`).
 ///
-/// The `Cell` fields change only while a step runs (steps are serialised by
-/// `running`, see `Running`) or while the object is finalised, cleared or
-/// deallocated — never concurrently with a step. That is the invariant
-/// `aw` relies on to hand out `&Awaitable`.
+/// The `Cell` fields are used only while a step runs (steps are serialised
+/// by `running`, see `Running`) or while the object is finalised, cleared,
+/// traversed or deallocated — never concurrently with a step. Slots that may
+/// run on another thread meanwhile (repr, the getters) read only `state`
+/// (atomic) and the immutable `adapter`/`op`. That is the invariant `aw`
+/// relies on to hand out `&Awaitable`.
 #[repr(C)]
 pub struct Awaitable {
     ob_base: PyObject,
@@ -83,14 +85,6 @@ unsafe fn aw<'a>(p: *mut PyObject) -> &'a Awaitable {
     // SAFETY: instances start with the `Awaitable` struct (`repr(C)`, the
     // object header first); caller's contract for lifetime and exclusivity.
     unsafe { &*p.cast::<Awaitable>() }
-}
-
-/// Whether a `Cell<Option<Owned>>` holds something (without moving it).
-fn is_set(c: &Cell<Option<Owned>>) -> bool {
-    let v = c.take();
-    let set = v.is_some();
-    c.set(v);
-    set
 }
 
 impl Awaitable {
@@ -714,11 +708,16 @@ unsafe extern "C" fn aw_repr(slf: *mut PyObject) -> *mut PyObject {
 }
 
 /// `read`, `write`, ... (shown in task reprs); `submit` for a failed submit.
+///
+/// Reads only the immutable `op` (never the `Cell`s): task reprs call it from
+/// any thread, possibly while another one steps the awaitable.
 fn aw_name(w: &Awaitable) -> &'static str {
-    if is_set(&w.error) || w.op_obj().is_none() {
+    // `op` is None exactly when the awaitable was made for a refused
+    // `submit` (with its `error`); otherwise it is an Operation.
+    if w.op_obj().is_none() {
         "submit"
     } else {
-        // SAFETY: no `error`, so `op` is an Operation.
+        // SAFETY: not None, so an Operation (see above).
         unsafe { w.operation() }.kind.mode()
     }
 }
