@@ -10,7 +10,7 @@ use std::ffi::CStr;
 
 use pyo3_ffi::*;
 
-use crate::py::{str_of, Borrowed, Owned, PyErr, PyResult};
+use crate::py::{ssize, str_of, usize_of, Borrowed, Exc, Owned, PyErr, PyResult};
 
 /// Signature of a function taking named parameters.
 pub struct Params {
@@ -33,11 +33,42 @@ impl<'a, const N: usize> Args<'a, N> {
     }
 }
 
+/// The number of positional arguments in a vectorcall `nargsf` (the
+/// `PY_VECTORCALL_ARGUMENTS_OFFSET` flag masked off).
+#[inline]
+pub fn nargs(nargsf: Py_ssize_t) -> usize {
+    // SAFETY: `PyVectorcall_NARGS` is pure arithmetic on its argument.
+    usize_of(unsafe { PyVectorcall_NARGS(crate::num::usize_bits(nargsf)) })
+}
+
+/// The positional arguments of a vectorcall as a slice. `args` may be NULL
+/// when there are none (CPython passes NULL for zero-argument calls such as
+/// `PyObject_CallNoArgs`), and `slice::from_raw_parts` on NULL is undefined
+/// behaviour even for length 0: this guards it.
+///
+/// # Safety
+/// `args`/`nargsf` come straight from CPython's vectorcall, and the slice is
+/// not used after the call returns.
+#[inline]
+pub unsafe fn positional<'a>(
+    args: *const *mut PyObject,
+    nargsf: Py_ssize_t,
+) -> &'a [*mut PyObject] {
+    let n = nargs(nargsf);
+    if n == 0 || args.is_null() {
+        return &[];
+    }
+    // SAFETY: CPython passes `n` valid argument pointers at `args` (non-NULL
+    // here), alive for the call (caller's contract).
+    unsafe { std::slice::from_raw_parts(args, n) }
+}
+
 impl Params {
     /// Parses a vectorcall argument vector.
     ///
     /// # Safety
-    /// `args`/`nargsf`/`kwnames` must come straight from CPython's vectorcall.
+    /// `args`/`nargsf`/`kwnames` must come straight from CPython's vectorcall
+    /// (alive for `'a`); caller attached.
     pub unsafe fn parse<'a, const N: usize>(
         &self,
         args: *const *mut PyObject,
@@ -45,7 +76,7 @@ impl Params {
         kwnames: *mut PyObject,
     ) -> PyResult<Args<'a, N>> {
         debug_assert_eq!(N, self.names.len());
-        let nargs = PyVectorcall_NARGS(nargsf as usize) as usize;
+        let nargs = nargs(nargsf);
         let mut out: [Option<Borrowed<'a>>; N] = [None; N];
         if nargs > N {
             return Err(PyErr::type_error(format!(
@@ -56,37 +87,50 @@ impl Params {
                 nargs
             )));
         }
-        for (i, slot) in out.iter_mut().enumerate().take(nargs) {
-            *slot = Some(Borrowed::from_ptr(*args.add(i)));
+        // SAFETY: forwarded contract: `nargs` positional arguments.
+        let positional = unsafe { positional(args, nargsf) };
+        for (slot, &arg) in out.iter_mut().zip(positional) {
+            // SAFETY: CPython's arguments are live objects for the call.
+            *slot = Some(unsafe { Borrowed::from_ptr(arg) });
         }
-        if !kwnames.is_null() {
-            let nkw = PyTuple_GET_SIZE(kwnames) as usize;
-            if nkw > 0 && !self.keywords {
-                return Err(PyErr::type_error(format!(
-                    "{}() takes no keyword arguments",
-                    self.fname
-                )));
-            }
-            for k in 0..nkw {
-                let key = Borrowed::from_ptr(PyTuple_GET_ITEM(kwnames, k as Py_ssize_t));
-                let value = Borrowed::from_ptr(*args.add(nargs + k));
-                let name = str_of(key).unwrap_or_default();
-                match self.names.iter().position(|n| *n == name) {
-                    Some(i) if i < nargs => {
-                        return Err(PyErr::type_error(format!(
-                            "argument for {}() given by name ('{}') and position ({})",
-                            self.fname,
-                            name,
-                            i + 1
-                        )))
-                    }
-                    Some(i) => out[i] = Some(value),
-                    None => {
-                        return Err(PyErr::type_error(format!(
-                            "'{}' is an invalid keyword argument for {}()",
-                            name, self.fname
-                        )))
-                    }
+        let nkw = if kwnames.is_null() {
+            0
+        } else {
+            // SAFETY: a non-NULL `kwnames` is a tuple of str (vectorcall).
+            usize_of(unsafe { PyTuple_GET_SIZE(kwnames) })
+        };
+        if nkw > 0 && !self.keywords {
+            return Err(PyErr::type_error(format!(
+                "{}() takes no keyword arguments",
+                self.fname
+            )));
+        }
+        for k in 0..nkw {
+            // SAFETY: `k < len(kwnames)`; the keyword values follow the
+            // positional ones in `args` (vectorcall convention), so
+            // `args[nargs + k]` exists; all are live objects for the call.
+            let (key, value) = unsafe {
+                (
+                    Borrowed::from_ptr(PyTuple_GET_ITEM(kwnames, ssize(k))),
+                    Borrowed::from_ptr(*args.add(nargs + k)),
+                )
+            };
+            let name = str_of(key).unwrap_or_default();
+            match self.names.iter().position(|n| *n == name) {
+                Some(i) if i < nargs => {
+                    return Err(PyErr::type_error(format!(
+                        "argument for {}() given by name ('{}') and position ({})",
+                        self.fname,
+                        name,
+                        i + 1
+                    )))
+                }
+                Some(i) => out[i] = Some(value),
+                None => {
+                    return Err(PyErr::type_error(format!(
+                        "'{}' is an invalid keyword argument for {}()",
+                        name, self.fname
+                    )))
                 }
             }
         }
@@ -102,29 +146,33 @@ impl Params {
         }
         Ok(Args(out))
     }
-}
 
-impl Params {
     /// Parses classic `(args_tuple, kwargs_dict)` arguments (for `tp_new`).
     ///
     /// # Safety
-    /// `args` must be a tuple, `kwargs` NULL or a dict, both alive for `'a`.
+    /// `args` must be a tuple, `kwargs` NULL or a dict, both alive for `'a`;
+    /// caller attached.
     pub unsafe fn parse_tuple<'a, const N: usize>(
         &self,
         args: *mut PyObject,
         kwargs: *mut PyObject,
     ) -> PyResult<Args<'a, N>> {
-        let nargs = PyTuple_GET_SIZE(args) as usize;
+        // SAFETY: `args` is a tuple (caller's contract).
+        let nargs = usize_of(unsafe { PyTuple_GET_SIZE(args) });
         let mut flat: Vec<*mut PyObject> = (0..nargs)
-            .map(|i| PyTuple_GET_ITEM(args, i as Py_ssize_t))
+            // SAFETY: `i < len(args)`.
+            .map(|i| unsafe { PyTuple_GET_ITEM(args, ssize(i)) })
             .collect();
         let mut names: Vec<Owned> = Vec::new();
         if !kwargs.is_null() {
             let mut pos: Py_ssize_t = 0;
             let mut k: *mut PyObject = std::ptr::null_mut();
             let mut v: *mut PyObject = std::ptr::null_mut();
-            while PyDict_Next(kwargs, &mut pos, &mut k, &mut v) != 0 {
-                names.push(Owned::from_borrowed(k));
+            // SAFETY: iterating a dict (caller's contract) with valid
+            // out-pointers; the borrowed keys/values live as long as it.
+            while unsafe { PyDict_Next(kwargs, &raw mut pos, &raw mut k, &raw mut v) } != 0 {
+                // SAFETY: `k` is a live key of the dict.
+                names.push(unsafe { Owned::from_borrowed(k) });
                 flat.push(v);
             }
         }
@@ -133,33 +181,44 @@ impl Params {
         } else {
             Some(crate::py::py_tuple(names)?)
         };
-        let parsed = self.parse::<N>(
-            flat.as_ptr(),
-            nargs as Py_ssize_t,
-            kwnames
-                .as_ref()
-                .map_or(std::ptr::null_mut(), |t| t.as_ptr()),
-        )?;
-        // The values are borrowed from `args`/`kwargs`, which outlive 'a.
+        // SAFETY: `flat` holds the positional then keyword values, `kwnames`
+        // the keyword names, all borrowed from `args`/`kwargs`, which outlive
+        // 'a — the vectorcall shape `parse` expects.
+        let parsed = unsafe {
+            self.parse::<N>(
+                flat.as_ptr(),
+                ssize(nargs),
+                kwnames.as_ref().map_or(std::ptr::null_mut(), Owned::as_ptr),
+            )?
+        };
         Ok(Args(parsed.0))
+    }
+
+    /// A parameter `parse` guarantees (a required one), as a value: an
+    /// internal error instead of a panic should that ever not hold.
+    #[inline]
+    pub fn req(a: Option<Borrowed<'_>>) -> PyResult<Borrowed<'_>> {
+        a.ok_or_else(|| PyErr::new(Exc::SystemError, "caio: required argument missing"))
     }
 }
 
 /// Rejects any argument (for methods that take none).
+///
 /// # Safety
 /// Arguments straight from CPython's vectorcall.
 pub unsafe fn no_args(fname: &str, nargsf: Py_ssize_t, kwnames: *mut PyObject) -> PyResult<()> {
-    let nargs = PyVectorcall_NARGS(nargsf as usize);
+    let nargs = nargs(nargsf);
     let nkw = if kwnames.is_null() {
         0
     } else {
-        PyTuple_GET_SIZE(kwnames)
+        // SAFETY: a non-NULL `kwnames` is a tuple (vectorcall convention).
+        usize_of(unsafe { PyTuple_GET_SIZE(kwnames) })
     };
     if nargs != 0 || nkw != 0 {
         return Err(PyErr::type_error(format!(
             "{}() takes no arguments ({} given)",
             fname,
-            nargs as isize + nkw
+            nargs + nkw
         )));
     }
     Ok(())
@@ -168,26 +227,29 @@ pub unsafe fn no_args(fname: &str, nargsf: Py_ssize_t, kwnames: *mut PyObject) -
 /// `operator.index(obj)` converted to `i128` (enough for every range we
 /// accept: −2⁶³ … 2⁶⁴−1); values outside that raise `OverflowError`.
 pub fn to_i128(obj: Borrowed<'_>, name: &str) -> PyResult<i128> {
-    unsafe {
-        let idx = Owned::from_new(PyNumber_Index(obj.as_ptr()))?;
-        let mut overflow = 0;
-        let v = PyLong_AsLongLongAndOverflow(idx.as_ptr(), &mut overflow);
-        if overflow == 0 {
-            if v == -1 && !PyErr_Occurred().is_null() {
-                return Err(PyErr::Fetched);
-            }
-            return Ok(v as i128);
+    // SAFETY: attached (crate invariant); a live object.
+    let idx = unsafe { Owned::from_new(PyNumber_Index(obj.as_ptr()))? };
+    let mut overflow = 0;
+    // SAFETY: attached; `idx` is an int.
+    let v = unsafe { PyLong_AsLongLongAndOverflow(idx.as_ptr(), &raw mut overflow) };
+    if overflow == 0 {
+        // SAFETY: attached.
+        if v == -1 && !unsafe { PyErr_Occurred() }.is_null() {
+            return Err(PyErr::Fetched);
         }
-        if overflow > 0 {
-            let u = PyLong_AsUnsignedLongLong(idx.as_ptr());
-            if u == u64::MAX && !PyErr_Occurred().is_null() {
-                PyErr_Clear();
-            } else {
-                return Ok(u as i128);
-            }
-        }
-        Err(out_of_range(name, idx.borrow()))
+        return Ok(i128::from(v));
     }
+    if overflow > 0 {
+        // SAFETY: attached; `idx` is an int.
+        let u = unsafe { PyLong_AsUnsignedLongLong(idx.as_ptr()) };
+        // SAFETY: attached.
+        if u == u64::MAX && !unsafe { PyErr_Occurred() }.is_null() {
+            crate::py::clear_error();
+        } else {
+            return Ok(i128::from(u));
+        }
+    }
+    Err(out_of_range(name, idx.borrow()))
 }
 
 fn out_of_range(name: &str, value: Borrowed<'_>) -> PyErr {
@@ -211,11 +273,14 @@ pub fn int_in(obj: Borrowed<'_>, name: &str, min: i128, max: i128) -> PyResult<i
 /// `OverflowError`; negative ones (−1) are accepted and fail later with EBADF,
 /// as upstream does; `fileno` shows them as unsigned 32-bit.
 pub fn fd_arg(obj: Borrowed<'_>) -> PyResult<u32> {
-    Ok(int_in(obj, "fd", i32::MIN as i128, u32::MAX as i128)? as u32)
+    let v = int_in(obj, "fd", i128::from(i32::MIN), i128::from(u32::MAX))?;
+    // In range: the raw 32 bits (−1 is 0xffff_ffff).
+    Ok(crate::num::low_u64(v) as u32)
 }
 
 /// Truthiness of an object (`bool(obj)`).
 pub fn truthy(obj: Borrowed<'_>) -> PyResult<bool> {
+    // SAFETY: attached (crate invariant); a live object.
     match unsafe { PyObject_IsTrue(obj.as_ptr()) } {
         -1 => Err(PyErr::Fetched),
         v => Ok(v != 0),
@@ -225,4 +290,29 @@ pub fn truthy(obj: Borrowed<'_>) -> PyResult<bool> {
 /// Interns a C string name for use as a keyword/attribute.
 pub fn cstr_name(s: &'static CStr) -> &'static str {
     s.to_str().unwrap_or("?")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: zero-argument vectorcalls may pass `args == NULL`
+    /// (`PyObject_CallNoArgs`, `iter(callable, sentinel)`), and
+    /// `slice::from_raw_parts(NULL, 0)` is undefined behaviour (debug builds
+    /// abort on it). `positional` must not build a slice from it.
+    #[test]
+    fn positional_accepts_null_args_for_zero_arguments() {
+        // SAFETY: the shape CPython uses for a zero-argument call.
+        let s = unsafe { positional(std::ptr::null(), 0) };
+        assert!(s.is_empty());
+        // With the "arguments offset" flag set and still no arguments.
+        let flag = Py_ssize_t::MIN; // PY_VECTORCALL_ARGUMENTS_OFFSET as a signed nargsf
+                                    // SAFETY: as above.
+        let s = unsafe { positional(std::ptr::null(), flag) };
+        assert!(s.is_empty());
+        let one = [std::ptr::NonNull::<PyObject>::dangling().as_ptr()];
+        // SAFETY: one (never dereferenced) pointer at a live array.
+        let s = unsafe { positional(one.as_ptr(), 1) };
+        assert_eq!(s.len(), 1);
+    }
 }

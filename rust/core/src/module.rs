@@ -2,7 +2,7 @@
 //!
 //! Every backend module stores its types in a [`ModState`]; types find it with
 //! `PyType_GetModuleState` (they cannot be subclassed, so `Py_TYPE(self)` is
-//! always the module's own type). The [`backend_module!`] macro generates
+//! always the module's own type). The [`backend_module!`](crate::backend_module) macro generates
 //! the `PyModuleDef`, its slots (exec, `Py_mod_gil = NOT_USED` on 3.13+,
 //! single-interpreter on 3.12+) and the `PyInit_*` symbol.
 
@@ -12,8 +12,9 @@ use std::ptr;
 use pyo3_ffi::*;
 
 use crate::op::Flavor;
-use crate::py::{Owned, PyErr, PyResult};
+use crate::py::{Exc, Owned, PyErr, PyResult, SpecCache, TypeSpec};
 
+/// Per-module state (`m_size` bytes, zeroed by CPython before exec).
 #[repr(C)]
 pub struct ModState {
     pub op_type: *mut PyObject,
@@ -35,44 +36,60 @@ impl ModState {
     /// `tp` must be a type created by one of our modules.
     #[inline]
     pub unsafe fn of_type(tp: *mut PyTypeObject) -> *mut ModState {
-        PyType_GetModuleState(tp) as *mut ModState
+        // SAFETY: a type made with `PyType_FromModuleAndSpec` by one of our
+        // modules has that module's state (caller's contract).
+        unsafe { PyType_GetModuleState(tp) }.cast()
     }
 
     /// # Safety
     /// `obj` must be an instance of one of our module's types.
     #[inline]
     pub unsafe fn of(obj: *mut PyObject) -> *mut ModState {
-        Self::of_type(Py_TYPE(obj))
+        // SAFETY: a live instance of one of our types (caller's contract).
+        unsafe { Self::of_type(Py_TYPE(obj)) }
     }
 
     /// # Safety
     /// `module` must be a module created from a def using this state.
     pub unsafe fn of_module(module: *mut PyObject) -> *mut ModState {
-        PyModule_GetState(module) as *mut ModState
+        // SAFETY: forwarded contract.
+        unsafe { PyModule_GetState(module) }.cast()
+    }
+
+    /// The object references the state owns, for traverse/clear.
+    fn refs(&mut self) -> [&mut *mut PyObject; 6] {
+        [
+            &mut self.op_type,
+            &mut self.ctx_type,
+            &mut self.error_type,
+            &mut self.capacity_type,
+            &mut self.adapter_type,
+            &mut self.awaitable_type,
+        ]
     }
 }
 
+/// `m_size` of every backend module.
+#[allow(clippy::cast_possible_wrap)] // a struct of eight pointers: far below isize::MAX
 pub const STATE_SIZE: Py_ssize_t = std::mem::size_of::<ModState>() as Py_ssize_t;
 
+/// # Safety
+/// CPython's `m_traverse` of a module made from [`backend_module!`](crate::backend_module).
 pub unsafe extern "C" fn state_traverse(
     module: *mut PyObject,
     visit: visitproc,
     arg: *mut c_void,
 ) -> c_int {
-    let st = ModState::of_module(module);
-    if st.is_null() {
+    // SAFETY: our module (CPython's contract for m_traverse); its state is
+    // NULL or a live `ModState` that only GC/clear touch right now.
+    let Some(st) = (unsafe { ModState::of_module(module).as_mut() }) else {
         return 0;
-    }
-    for p in [
-        (*st).op_type,
-        (*st).ctx_type,
-        (*st).error_type,
-        (*st).capacity_type,
-        (*st).adapter_type,
-        (*st).awaitable_type,
-    ] {
+    };
+    for p in st.refs() {
         if !p.is_null() {
-            let r = visit(p, arg);
+            // SAFETY: a strong reference the state owns, visited with the
+            // collector's callback.
+            let r = unsafe { visit(*p, arg) };
             if r != 0 {
                 return r;
             }
@@ -81,29 +98,30 @@ pub unsafe extern "C" fn state_traverse(
     0
 }
 
+/// # Safety
+/// CPython's `m_clear` of a module made from [`backend_module!`](crate::backend_module).
 pub unsafe extern "C" fn state_clear(module: *mut PyObject) -> c_int {
-    let st = ModState::of_module(module);
-    if st.is_null() {
+    // SAFETY: our module (CPython's contract); its state is NULL or a live
+    // `ModState`, cleared while no other code uses it.
+    let Some(st) = (unsafe { ModState::of_module(module).as_mut() }) else {
         return 0;
-    }
-    for p in [
-        &mut (*st).op_type,
-        &mut (*st).ctx_type,
-        &mut (*st).error_type,
-        &mut (*st).capacity_type,
-        &mut (*st).adapter_type,
-        &mut (*st).awaitable_type,
-    ] {
+    };
+    for p in st.refs() {
         let old = std::mem::replace(p, ptr::null_mut());
         if !old.is_null() {
-            Py_DECREF(old);
+            // SAFETY: the state's strong reference, released once (the
+            // field is already NULL).
+            unsafe { Py_DECREF(old) };
         }
     }
     0
 }
 
+/// # Safety
+/// CPython's `m_free` of a module made from [`backend_module!`](crate::backend_module).
 pub unsafe extern "C" fn state_free(module: *mut c_void) {
-    state_clear(module.cast());
+    // SAFETY: CPython passes the module being freed.
+    unsafe { state_clear(module.cast()) };
 }
 
 /// What a backend's `Context` type consists of; `init_common` turns it into
@@ -132,74 +150,37 @@ pub struct ContextType {
 const CONTEXT_SPEC_NAME: &CStr = c"builtins.Context";
 
 impl ContextType {
+    fn type_spec(&self) -> TypeSpec {
+        TypeSpec::new(CONTEXT_SPEC_NAME, self.basicsize, Py_TPFLAGS_DEFAULT)
+            .doc(self.doc)
+            .new_fn(self.new)
+            .dealloc(self.dealloc)
+            .repr(self.repr)
+            .methods_table(self.methods)
+            .getset_table(self.getset)
+            .weaklist_offset(self.weaklistoffset)
+    }
+
     /// # Safety
     /// Attached; `module` valid; the method/getset tables are static and
     /// NULL-terminated.
     unsafe fn create(&self, module: *mut PyObject) -> PyResult<Owned> {
-        // CPython copies the members table and the doc into the new type;
-        // only `methods`/`getset` (and the spec name) must outlive it.
-        let mut members = [
-            PyMemberDef {
-                name: c"__weaklistoffset__".as_ptr(),
-                type_code: Py_T_PYSSIZET,
-                offset: self.weaklistoffset as Py_ssize_t,
-                flags: Py_READONLY,
-                doc: ptr::null(),
-            },
-            PyMemberDef {
-                name: ptr::null(),
-                type_code: 0,
-                offset: 0,
-                flags: 0,
-                doc: ptr::null(),
-            },
-        ];
-        let mut slots = [
-            PyType_Slot {
-                slot: Py_tp_doc,
-                pfunc: self.doc.as_ptr() as *mut c_void,
-            },
-            PyType_Slot {
-                slot: Py_tp_new,
-                pfunc: self.new as *mut c_void,
-            },
-            PyType_Slot {
-                slot: Py_tp_dealloc,
-                pfunc: self.dealloc as *mut c_void,
-            },
-            PyType_Slot {
-                slot: Py_tp_repr,
-                pfunc: self.repr as *mut c_void,
-            },
-            PyType_Slot {
-                slot: Py_tp_methods,
-                pfunc: self.methods.cast(),
-            },
-            PyType_Slot {
-                slot: Py_tp_getset,
-                pfunc: self.getset.cast(),
-            },
-            PyType_Slot {
-                slot: Py_tp_members,
-                pfunc: members.as_mut_ptr().cast(),
-            },
-            PyType_Slot {
-                slot: 0,
-                pfunc: ptr::null_mut(),
-            },
-        ];
-        let mut spec = PyType_Spec {
-            name: CONTEXT_SPEC_NAME.as_ptr(),
-            basicsize: self.basicsize as c_int,
-            itemsize: 0,
-            flags: Py_TPFLAGS_DEFAULT as _,
-            slots: slots.as_mut_ptr(),
-        };
-        let tp = Owned::from_new(PyType_FromModuleAndSpec(module, &mut spec, ptr::null_mut()))?;
+        // One spec per backend (keyed by its method table): module
+        // re-execution reuses it.
+        static SPECS: SpecCache = SpecCache::new();
+        let spec = SPECS.get_or_build(self.methods as usize, || self.type_spec());
+        // SAFETY: forwarded contract; the backend's functions match their
+        // slots.
+        let tp = unsafe { spec.create(module)? };
         // Messages and repr(type) use tp_name, which upstream has as plain
-        // "Context": point it past the "builtins." prefix (static string).
+        // "Context": point it past the "builtins." prefix (a static string).
         let prefix = b"builtins.".len();
-        (*(tp.as_ptr() as *mut PyTypeObject)).tp_name = CONTEXT_SPEC_NAME.as_ptr().add(prefix);
+        // SAFETY: `tp` is the heap type just created, not yet visible to any
+        // other code; the new name points into a static NUL-terminated
+        // string.
+        unsafe {
+            (*tp.as_ptr().cast::<PyTypeObject>()).tp_name = CONTEXT_SPEC_NAME.as_ptr().add(prefix);
+        }
         Ok(tp)
     }
 }
@@ -215,31 +196,47 @@ pub unsafe fn init_common(
     ctx: ContextType,
     error_name: &'static CStr,
 ) -> PyResult<()> {
-    let st = ModState::of_module(module);
-    (*st).flavor = flavor;
+    // Fork handlers in place before any context, pool or buffer exists.
+    crate::fork::install();
+    // SAFETY: a module made from `backend_module!` being executed
+    // (caller's contract): its state is ours to fill.
+    let st = unsafe { &mut *ModState::of_module(module) };
+    st.flavor = flavor;
 
-    let op_type = crate::op::create_type(module, flavor)?;
-    let ctx_type = ctx.create(module)?;
-    let bases = crate::py::py_tuple(vec![
-        Owned::from_borrowed(PyExc_OSError),
-        Owned::from_borrowed(PyExc_SystemError),
-    ])?;
-    let error_type = Owned::from_new(PyErr_NewExceptionWithDoc(
-        error_name.as_ptr(),
-        c"An I/O operation failed. Subclass of OSError (errno, strerror) and, for \
+    // SAFETY: attached, `module` valid (caller's contract).
+    let op_type = unsafe { crate::op::create_type(module, flavor)? };
+    // SAFETY: as above; the backend's tables are static (ContextType docs).
+    let ctx_type = unsafe { ctx.create(module)? };
+    // SAFETY: attached; the builtin classes are valid objects.
+    let bases = crate::py::py_tuple(unsafe {
+        vec![
+            Owned::from_borrowed(PyExc_OSError),
+            Owned::from_borrowed(PyExc_SystemError),
+        ]
+    })?;
+    // SAFETY: attached; static NUL-terminated name and doc, a tuple of
+    // exception classes.
+    let error_type = unsafe {
+        Owned::from_new(PyErr_NewExceptionWithDoc(
+            error_name.as_ptr(),
+            c"An I/O operation failed. Subclass of OSError (errno, strerror) and, for \
 compatibility with upstream caio, of SystemError."
-            .as_ptr(),
-        bases.as_ptr(),
-        ptr::null_mut(),
-    ))?;
+                .as_ptr(),
+            bases.as_ptr(),
+            ptr::null_mut(),
+        ))?
+    };
 
-    add_object(module, c"Operation", op_type.clone())?;
-    add_object(module, c"Context", ctx_type.clone())?;
-    add_object(module, c"OperationError", error_type.clone())?;
+    // SAFETY: attached, `module` valid (caller's contract).
+    unsafe {
+        add_object(module, c"Operation", op_type.clone())?;
+        add_object(module, c"Context", ctx_type.clone())?;
+        add_object(module, c"OperationError", error_type.clone())?;
+    }
 
-    (*st).op_type = op_type.into_ptr();
-    (*st).ctx_type = ctx_type.into_ptr();
-    (*st).error_type = error_type.into_ptr();
+    st.op_type = op_type.into_ptr();
+    st.ctx_type = ctx_type.into_ptr();
+    st.error_type = error_type.into_ptr();
     Ok(())
 }
 
@@ -261,19 +258,25 @@ pub unsafe fn init_capacity_error(
     base: *mut PyObject,
     doc: &'static CStr,
 ) -> PyResult<()> {
-    let st = ModState::of_module(module);
-    let bases = crate::py::py_tuple(vec![
-        Owned::from_borrowed(PyExc_OSError),
-        Owned::from_borrowed(base),
-    ])?;
-    let cls = Owned::from_new(PyErr_NewExceptionWithDoc(
-        name.as_ptr(),
-        doc.as_ptr(),
-        bases.as_ptr(),
-        ptr::null_mut(),
-    ))?;
-    add_object(module, c"CapacityError", cls.clone())?;
-    (*st).capacity_type = cls.into_ptr();
+    // SAFETY: attached; `base` and `OSError` are exception classes (caller's
+    // contract); static NUL-terminated name and doc.
+    let cls = unsafe {
+        let bases = crate::py::py_tuple(vec![
+            Owned::from_borrowed(PyExc_OSError),
+            Owned::from_borrowed(base),
+        ])?;
+        Owned::from_new(PyErr_NewExceptionWithDoc(
+            name.as_ptr(),
+            doc.as_ptr(),
+            bases.as_ptr(),
+            ptr::null_mut(),
+        ))?
+    };
+    // SAFETY: attached; our module being executed (caller's contract).
+    unsafe {
+        add_object(module, c"CapacityError", cls.clone())?;
+        (*ModState::of_module(module)).capacity_type = cls.into_ptr();
+    }
     Ok(())
 }
 
@@ -283,22 +286,24 @@ pub unsafe fn init_capacity_error(
 ///
 /// # Safety
 /// Attached; `obj` is an instance of one of our module's types.
-pub unsafe fn capacity_error(obj: *mut PyObject, fallback: crate::py::Exc, msg: String) -> PyErr {
-    let cls = (*ModState::of(obj)).capacity_type;
+pub unsafe fn capacity_error(obj: *mut PyObject, fallback: Exc, msg: String) -> PyErr {
+    // SAFETY: forwarded contract: our type has our module state.
+    let cls = unsafe { (*ModState::of(obj)).capacity_type };
     let exc = if cls.is_null() {
         fallback
     } else {
-        crate::py::Exc::Custom(cls)
+        Exc::Custom(cls)
     };
     PyErr::ErrnoMsg(exc, libc::EAGAIN, msg)
 }
 
-/// `module.<name> = value` (steals `value`).
+/// `module.<name> = value` (the module takes its own reference).
 ///
 /// # Safety
 /// Attached; `module` valid.
 pub unsafe fn add_object(module: *mut PyObject, name: &CStr, value: Owned) -> PyResult<()> {
-    if PyModule_AddObjectRef(module, name.as_ptr(), value.as_ptr()) != 0 {
+    // SAFETY: forwarded contract; `PyModule_AddObjectRef` does not steal.
+    if unsafe { PyModule_AddObjectRef(module, name.as_ptr(), value.as_ptr()) } != 0 {
         return Err(PyErr::Fetched);
     }
     Ok(())
@@ -313,7 +318,12 @@ macro_rules! backend_module {
             use super::*;
             use $crate::pyo3_ffi::*;
 
+            /// # Safety
+            /// CPython's `Py_mod_exec` slot: attached, `m` the module being
+            /// initialised.
             unsafe extern "C" fn exec_slot(m: *mut PyObject) -> ::std::ffi::c_int {
+                // SAFETY: CPython runs the exec slot attached, with the
+                // module being initialised.
                 $crate::py::trampoline_int(|| unsafe { $exec(m) })
             }
 
@@ -355,10 +365,16 @@ macro_rules! backend_module {
                 m_free: Some($crate::module::state_free),
             };
 
+            /// The module's init function (multi-phase initialisation).
+            ///
+            /// # Safety
+            /// Called by CPython's import machinery, attached.
             #[no_mangle]
             #[allow(non_snake_case)]
             pub unsafe extern "C" fn $init() -> *mut PyObject {
-                PyModuleDef_Init(::std::ptr::addr_of_mut!(DEF))
+                // SAFETY: CPython calls PyInit_* attached; the definition is
+                // a static that CPython initialises and then owns.
+                unsafe { PyModuleDef_Init(::std::ptr::addr_of_mut!(DEF)) }
             }
         }
     };

@@ -1,0 +1,173 @@
+//! Process-wide coordination of *direct* delivery (a worker attaches to the
+//! interpreter and runs the callback itself) with the two moments it must
+//! not happen: while `os.fork()` runs, and once the interpreter exits.
+//!
+//! * [`before_fork`]/[`after_fork`]: the `os.register_at_fork` hooks (see
+//!   [`crate::fork`]) hold workers back while the interpreter forks;
+//! * [`interpreter_exiting`]: the `atexit` hook lets queued work finish for a
+//!   bounded time, then stops workers from ever attaching again;
+//! * `FORK_HANDLERS`: resets the counters in a forked child.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use pyo3_ffi::*;
+
+use super::Job;
+use crate::op::finish;
+use crate::py::MethodDef;
+
+/// Set when the interpreter starts shutting down; from then on workers never
+/// attach to it (callbacks of later completions are not run).
+static STOPPING: AtomicBool = AtomicBool::new(false);
+/// Workers currently between "decided to attach" and "detached again".
+static ATTACHING: AtomicUsize = AtomicUsize::new(0);
+/// Jobs accepted by any pool and not yet delivered/discarded.
+pub(super) static OUTSTANDING: AtomicUsize = AtomicUsize::new(0);
+
+/// Set from `os.fork()`'s "before" hook until its "after" hooks: workers with
+/// a completion to deliver wait *before* attaching. `PyGILState_Ensure` and
+/// `Release` create and destroy a thread state under CPython's runtime locks;
+/// a fork landing in the middle of that leaves such a lock held in the child,
+/// whose interpreter then hangs at exit (seen on free-threaded 3.13: the
+/// child's final GC blocked in stop-the-world).
+static FORKING: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// This thread is running a direct delivery (a callback may fork).
+    static DELIVERING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// In a child process after `fork()` (async-signal-safe): the parent's
+/// workers do not exist here, so neither the jobs they had outstanding nor
+/// the ones about to attach can ever finish. Left as they were, the counters
+/// make [`interpreter_exiting`] wait 5 s for `OUTSTANDING`, then forever for
+/// `ATTACHING` (a worker waiting for the GIL at the moment of the fork).
+fn reset_in_child() {
+    OUTSTANDING.store(0, Ordering::SeqCst);
+    ATTACHING.store(0, Ordering::SeqCst);
+    FORKING.store(false, Ordering::SeqCst);
+}
+
+/// The pool's `pthread_atfork` handlers (run by [`crate::fork`]).
+pub(crate) static FORK_HANDLERS: crate::fork::Handlers = crate::fork::Handlers {
+    prepare: None,
+    parent: None,
+    child: Some(reset_in_child),
+};
+
+/// `os.fork()` "before" hook (attached): stops workers from attaching and
+/// waits (GIL released, so a worker already waiting for the GIL can finish)
+/// until none is attached — bounded, because a callback running in a worker
+/// may itself wait for the forking thread.
+pub fn before_fork() {
+    FORKING.store(true, Ordering::SeqCst);
+    let own = usize::from(DELIVERING.with(std::cell::Cell::get));
+    crate::py::allow_threads(|| {
+        wait_while(
+            Some(Duration::from_secs(2)),
+            Duration::from_micros(200),
+            || ATTACHING.load(Ordering::SeqCst) > own,
+        );
+    });
+}
+
+/// `os.fork()` "after" hook, in the parent and in the child.
+pub fn after_fork() {
+    FORKING.store(false, Ordering::SeqCst);
+}
+
+/// Called from an `atexit` hook (attached, Python still fully alive): lets
+/// queued work finish and deliver for a bounded time, then stops workers from
+/// ever attaching again, waiting for the ones already attaching.
+pub fn interpreter_exiting() {
+    crate::py::allow_threads(|| {
+        let step = Duration::from_millis(1);
+        wait_while(Some(Duration::from_secs(5)), step, || {
+            OUTSTANDING.load(Ordering::SeqCst) > 0
+        });
+        STOPPING.store(true, Ordering::SeqCst);
+        wait_while(None, step, || ATTACHING.load(Ordering::SeqCst) > 0);
+    });
+}
+
+/// Sleeps in `step`s while `busy()` holds, at most `limit` (if given). For
+/// the process-wide counters above; the caller has released the GIL.
+fn wait_while(limit: Option<Duration>, step: Duration, busy: impl Fn() -> bool) {
+    let deadline = limit.map(|l| std::time::Instant::now() + l);
+    while busy() && deadline.is_none_or(|d| std::time::Instant::now() < d) {
+        std::thread::sleep(step);
+    }
+}
+
+/// Delivers `job` from a worker thread (not attached): attaches, finishes
+/// the op and runs its callback — unless the interpreter is going away, in
+/// which case the op is leaked on purpose (running Python is no longer
+/// possible; the I/O itself has completed).
+///
+/// # Safety
+/// `job` is an in-flight op whose engine reference the job carries, and the
+/// calling thread is not attached.
+pub(super) unsafe fn deliver_direct(job: Job, result: i64) {
+    // Count ourselves in, then look at FORKING (both SeqCst): either the
+    // forking thread sees us in ATTACHING and waits, or we see its flag and
+    // step back until the fork is done.
+    loop {
+        ATTACHING.fetch_add(1, Ordering::SeqCst);
+        if !FORKING.load(Ordering::SeqCst) {
+            break;
+        }
+        ATTACHING.fetch_sub(1, Ordering::SeqCst);
+        while FORKING.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+    if STOPPING.load(Ordering::SeqCst) || crate::py::is_finalizing() {
+        ATTACHING.fetch_sub(1, Ordering::SeqCst);
+        return;
+    }
+    // SAFETY: a detached thread may attach with `PyGILState_Ensure` while
+    // the interpreter is alive (checked just above; the atexit hook waits
+    // for `ATTACHING` before finalisation proceeds).
+    let g = unsafe { PyGILState_Ensure() };
+    // SAFETY: attached now; the job's in-flight op is finished only here.
+    let d = unsafe { finish(job.0, result) };
+    DELIVERING.with(|f| f.set(true));
+    d.run();
+    DELIVERING.with(|f| f.set(false));
+    // SAFETY: pairs with the `PyGILState_Ensure` above.
+    unsafe { PyGILState_Release(g) };
+    ATTACHING.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// # Safety
+/// A module-less builtin function called by CPython attached (arguments
+/// unused).
+unsafe extern "C" fn atexit_hook(_m: *mut PyObject, _a: *mut PyObject) -> *mut PyObject {
+    crate::py::trampoline(|| {
+        interpreter_exiting();
+        Ok(crate::py::none())
+    })
+}
+
+static ATEXIT_DEF: MethodDef = MethodDef::noargs(c"_caio_native_atexit", atexit_hook);
+
+/// Registers the `atexit` hook ([`interpreter_exiting`]). Call once per
+/// process.
+///
+/// # Safety
+/// Caller attached.
+pub(crate) unsafe fn register_atexit() -> crate::py::PyResult<()> {
+    use crate::py::Owned;
+    // SAFETY: attached (caller's contract); static NUL-terminated names.
+    unsafe {
+        let atexit = Owned::from_new(PyImport_ImportModule(c"atexit".as_ptr()))?;
+        let func = ATEXIT_DEF.new_function(std::ptr::null_mut())?;
+        let register = Owned::from_new(PyObject_GetAttrString(
+            atexit.as_ptr(),
+            c"register".as_ptr(),
+        ))?;
+        crate::py::call1(register.borrow(), func.borrow())?;
+    }
+    Ok(())
+}
