@@ -23,7 +23,7 @@ Differences from upstream caio (all compatible):
   completed first; starting one after ``close()`` raises ``RuntimeError``
   instead of hanging.
 * ``deferred=True``: an operation refused by the kernel fails alone; the
-  rest of its batch is still submitted (API.md §7 Q12).
+  rest of its batch is still submitted (DESIGN.md §6.2 batch-fail).
 """
 
 from typing import Any
@@ -48,7 +48,7 @@ class AsyncioContext(_AsyncioBase, NativeAsyncioContextBase):
     def _open_context(self, max_requests: int, **kwargs: Any) -> Any:
         if kwargs:
             # Like upstream, any extra keyword argument is a TypeError
-            # (API.md §7 Q13).
+            # (DESIGN.md §6.2 aio-kwargs).
             raise TypeError(
                 f"AsyncioContext() got an unexpected keyword argument {next(iter(kwargs))!r}"
             )

@@ -47,7 +47,7 @@ class AsyncioContext(_AsyncioBase, NativeAsyncioContextBase):
         # Context (as upstream: at garbage collection; once the adapter is
         # released nothing in flight holds it any more). Until then, new
         # operations raise RuntimeError after close() (instead of hanging,
-        # API.md §7 Q14), and the eventfd stays watched until the operations
+        # DESIGN.md §5.6), and the eventfd stays watched until the operations
         # already in flight, cancelled ones included, have been delivered:
         # an undelivered completion would keep op and Context alive forever.
         pass

@@ -2,7 +2,7 @@
 
 This backend works everywhere CPython does (it is the only one on Windows
 unless a native ``thread_aio`` is built there).  Its observable behaviour is
-described in API.md section 3.5; the notes below explain how the per-operation
+described in DESIGN.md §4.7; the notes below explain how the per-operation
 path is kept cheap without changing that behaviour.
 
 Per-operation path
@@ -84,10 +84,10 @@ class CapacityError(OSError, RuntimeError):
     """``Context.submit()`` refused an operation: ``max_requests`` are
     already in progress.
 
-    API.md 3.6 prescribes a ``RuntimeError`` here (as upstream caio raises);
-    issue 7 asks for an ``OSError`` with ``errno == errno.EAGAIN`` as well.
+    DESIGN.md §4.2 prescribes a ``RuntimeError`` here (as upstream caio raises);
+    it is also an ``OSError`` with ``errno == errno.EAGAIN`` (same section).
     Deriving from both satisfies the two, as ``OperationError`` does for
-    operation failures in the native backends (API.md 7 Q4); the native
+    operation failures in the native backends (DESIGN.md §6.2 errtype); the native
     backends raise their own ``CapacityError`` the same way.
     """
 
@@ -364,7 +364,7 @@ class Context(AbstractContext):
 
     # Class-level default: if the constructor call fails before __init__
     # runs (e.g. an unknown keyword argument), __del__ still finds a state
-    # and does nothing (upstream quirk Q17 printed an AttributeError).
+    # and does nothing (upstream printed an AttributeError here, DESIGN.md §6.2 del-state).
     _state = ContextState.CLOSED
 
     def __init__(self, max_requests: int = 32, pool_size: int = 8):

@@ -52,7 +52,7 @@ class _LoopDeliveryContext(_AsyncioBase, NativeAsyncioContextBase):
         # New operations raise RuntimeError from now on. Unlike the kernel
         # backends this one does not wait for the loop to deliver what is in
         # flight: closing the pool blocks until the queued work has finished
-        # (upstream semantics, API.md §7 Q15) and delivers its completions
+        # (upstream semantics, DESIGN.md §6.2 thread-close) and delivers its completions
         # itself, so it is idle right away.
         super()._destroy_context()
         self._release()

@@ -7,7 +7,7 @@ built:
 * ``backend``        raw API, native modules + ``python_aio``
 * ``native_backend`` raw API, native modules only
 * ``async_backend``  asyncio adapters from ``caio.variants_asyncio`` plus the
-                     extra configurations of API.md section 6 ("uring
+                     extra configurations of DESIGN.md §5.8.1, §5.8.2 ("uring
                      sqpoll=True", "uring sqpoll=False deferred=True",
                      "linux_aio deferred=True") when those modules exist.
 

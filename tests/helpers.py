@@ -48,7 +48,7 @@ KEYS = {
     "python_aio": "python",
 }
 
-# Substring of Context.__doc__ identifying each backend (API.md 1.2).
+# Substring of Context.__doc__ identifying each backend (DESIGN.md §2.3).
 CONTEXT_DOC = {
     "linux_uring": "io_uring AIO context",
     "linux_aio": "linux aio context representation",

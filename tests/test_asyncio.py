@@ -1,4 +1,4 @@
-"""The asyncio adapters (API.md 4, edge cases 53-67).
+"""The asyncio adapters (DESIGN.md §5).
 
 Every test runs for each adapter in ``caio.variants_asyncio`` plus the extra
 uring/linux_aio configurations (see conftest.async_backend).  The ``aio``
@@ -42,7 +42,7 @@ def test_adapter_class_wiring(async_backend: AsyncBackend, aio: LoopRunner) -> N
 
 
 def test_default_max_requests(async_backend: AsyncBackend, aio: LoopRunner) -> None:
-    """Edge case 66: None or 0 means 512, for the Context and the semaphore."""
+    """DESIGN.md §5.1: None or 0 means 512, for the Context and the semaphore."""
 
     async def main() -> None:
         for value in (None, 0):
@@ -120,7 +120,7 @@ def test_kwargs_are_forwarded(async_backend: AsyncBackend, aio: LoopRunner) -> N
             finally:
                 ctx.close()
         if async_backend.is_linux_aio:
-            # Q13 (kept): the linux_aio adapter takes no extra kwargs.
+            # DESIGN.md §6.2 aio-kwargs (kept): the linux_aio adapter takes no extra kwargs.
             with pytest.raises(TypeError):
                 async_backend.context(sqpoll=True)
         else:
@@ -145,7 +145,7 @@ def test_uring_default_sqpoll(aio: LoopRunner) -> None:
         finally:
             ctx.close()
         ctx = module.AsyncioContext(max_requests=8, sqpoll=True, deferred=True)
-        try:  # edge case 65
+        try:  # DESIGN.md §5.8.1
             assert ctx.context.sqpoll in (0, 1)
             assert ctx.deferred is True
         finally:
@@ -184,7 +184,7 @@ def test_submit_rejects_foreign_objects(
     aio: LoopRunner,
     tmp_fd: int,
 ) -> None:
-    """Edge case 67."""
+    """DESIGN.md §5.2."""
 
     async def main() -> None:
         ctx = async_backend.context()
@@ -201,11 +201,11 @@ def test_submit_rejects_foreign_objects(
     aio.run(main())
 
 
-# -- I/O (edge cases 53-62) ------------------------------------------------------------
+# -- I/O (DESIGN.md §5.2) ------------------------------------------------------------
 
 
 def test_hello_world(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int) -> None:
-    """Edge case 53."""
+    """DESIGN.md §5.2."""
 
     async def main() -> None:
         async with async_backend.context() as ctx:
@@ -219,7 +219,7 @@ def test_hello_world(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int) 
 
 
 def test_concurrent_small_writes(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int) -> None:
-    """Edge case 54."""
+    """DESIGN.md §5.2, §5.4."""
 
     async def main() -> bytes:
         async with async_backend.context() as ctx:
@@ -231,7 +231,7 @@ def test_concurrent_small_writes(async_backend: AsyncBackend, aio: LoopRunner, t
 
 
 def test_closed_fd_raises(async_backend: AsyncBackend, aio: LoopRunner, closed_fd: int) -> None:
-    """Edge case 55: an error, never a hang."""
+    """DESIGN.md §4.3, §5.2: an error, never a hang."""
 
     async def main() -> None:
         async with async_backend.context() as ctx:
@@ -252,7 +252,7 @@ def test_closed_fd_raises(async_backend: AsyncBackend, aio: LoopRunner, closed_f
 def test_error_types_per_backend(
     async_backend: AsyncBackend, aio: LoopRunner, closed_fd: int
 ) -> None:
-    """API.md 3.6: bad fd -> SystemError (uring/thread; Q4: also OSError),
+    """DESIGN.md §4.3: bad fd -> SystemError (uring/thread; DESIGN.md §6.2 errtype: also OSError),
     ValueError (linux_aio), OSError (python_aio)."""
 
     async def main() -> BaseException:
@@ -273,7 +273,7 @@ def test_error_types_per_backend(
 
 
 def test_zero_length(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int) -> None:
-    """Edge case 56."""
+    """DESIGN.md §5.2, §3.5."""
 
     async def main() -> None:
         async with async_backend.context() as ctx:
@@ -284,7 +284,7 @@ def test_zero_length(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int) 
 
 
 def test_short_read_and_past_eof(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int) -> None:
-    """Edge case 57."""
+    """DESIGN.md §5.2."""
     os.pwrite(tmp_fd, b"12345", 0)
 
     async def main() -> None:
@@ -297,7 +297,7 @@ def test_short_read_and_past_eof(async_backend: AsyncBackend, aio: LoopRunner, t
 
 
 def test_sync_ops_return_none(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int) -> None:
-    """Edge case 58."""
+    """DESIGN.md §5.2."""
 
     async def main() -> None:
         async with async_backend.context() as ctx:
@@ -309,7 +309,7 @@ def test_sync_ops_return_none(async_backend: AsyncBackend, aio: LoopRunner, tmp_
 
 
 def test_four_mib_round_trip(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int) -> None:
-    """Edge case 59."""
+    """DESIGN.md §5.2."""
     payload = os.urandom(4 * 1024 * 1024)
 
     async def main() -> None:
@@ -322,7 +322,7 @@ def test_four_mib_round_trip(async_backend: AsyncBackend, aio: LoopRunner, tmp_f
 
 
 def test_sparse_write(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int) -> None:
-    """Edge case 60."""
+    """DESIGN.md §5.2."""
     size = 4 * 1024 * 1024
 
     async def main() -> None:
@@ -341,7 +341,7 @@ def test_back_pressure_with_tiny_max_requests(
     aio: LoopRunner,
     tmp_fd: int,
 ) -> None:
-    """Edge case 61: max_requests=2, 40 writes then 40 reads, no capacity errors."""
+    """DESIGN.md §5.4: max_requests=2, 40 writes then 40 reads, no capacity errors."""
     chunks = [os.urandom(4096) for _ in range(40)]
 
     async def main() -> list[bytes]:
@@ -356,7 +356,7 @@ def test_back_pressure_with_tiny_max_requests(
 
 
 def test_no_buffer_aliasing(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int) -> None:
-    """Edge case 62."""
+    """DESIGN.md §5.2, §8.4."""
     chunks = [bytes([i]) * 8192 for i in range(32)]
 
     async def main() -> list[bytes]:
@@ -369,7 +369,7 @@ def test_no_buffer_aliasing(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd
     assert aio.run(main()) == chunks
 
 
-# -- cancellation (API.md 4.7, edge cases 63-64) ----------------------------------------------
+# -- cancellation (DESIGN.md §5.5) ----------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["read", "write"])
@@ -379,13 +379,13 @@ def test_cancel_cleanly_loop(
     tmp_fd: int,
     kind: str,
 ) -> None:
-    """Edge case 63: 50 rounds x 16 tasks, cancel whatever is pending."""
+    """DESIGN.md §5.5: 50 rounds x 16 tasks, cancel whatever is pending."""
     os.pwrite(tmp_fd, os.urandom(16 * 4096), 0)
     payload = b"w" * 4096
 
     async def main() -> None:
         # Default max_requests: a cancelled operation gives its semaphore slot
-        # back at once while it may still run in the backend (API.md 4.7), so
+        # back at once while it may still run in the backend (DESIGN.md §5.5), so
         # a tiny max_requests could let the backend itself run out of room.
         async with async_backend.context() as ctx:
             for _ in range(50):
@@ -421,7 +421,7 @@ def test_cancel_cleanly_loop(
 
 
 def test_cancel_after_first_step(async_backend: AsyncBackend, aio: LoopRunner, tmp_fd: int) -> None:
-    """Edge case 64: cancel right after the op was submitted (or batched)."""
+    """DESIGN.md §5.5: cancel right after the op was submitted (or batched)."""
 
     async def main() -> None:
         async with async_backend.context() as ctx:
@@ -502,7 +502,7 @@ def test_close_with_operations_in_flight(
     fast_fd: int,
 ) -> None:
     """Pool backends finish queued work after close(); linux adapters only
-    stop listening (API.md 4.9), so whatever is left pending is cancelled."""
+    stop listening (DESIGN.md §5.6), so whatever is left pending is cancelled."""
 
     async def main() -> None:
         ctx = async_backend.context(64)
@@ -548,7 +548,7 @@ def test_linux_aio_deferred_partial_batch(aio: LoopRunner, tmp_fd: int, closed_f
             )
 
     first, second, third = aio.run(main())
-    # API.md 7 Q12, fixed: the refused op fails alone (with its own error,
+    # DESIGN.md §6.2 batch-fail, fixed: the refused op fails alone (with its own error,
     # an OSError with errno EBADF); the rest of the batch is resubmitted.
     # Upstream failed every op after it with OSError("not submitted").
     assert first == 4

@@ -5,7 +5,7 @@ Upstream returns the slot as soon as the awaiting task is cancelled. The
 operation keeps running in the backend, so with a small ``max_requests`` the
 next operation then meets a full backend: python_aio raised "Maximum
 simultaneous requests have been reached" and thread_aio "Thread pool queue
-full" to a task that did nothing wrong (API.md §4.6: operations never see
+full" to a task that did nothing wrong (DESIGN.md §5.4: operations never see
 capacity errors). Ours hands the slot to the operation's completion.
 """
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from conftest import NATIVE_MODULES, run_python
+from helpers import NATIVE_MODULES, run_python
 
 NULL_ARGS_SCRIPT = textwrap.dedent(
     """

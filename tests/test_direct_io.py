@@ -1,4 +1,4 @@
-"""O_DIRECT through every asyncio adapter (API.md §5).
+"""O_DIRECT through every asyncio adapter (DESIGN.md §10).
 
 Upstream fails every O_DIRECT read with EINVAL: the kernel wants the buffer
 address, the file offset and the length aligned, and a ``bytes`` object is

@@ -1,4 +1,4 @@
-"""Free-threaded CPython (3.13t+) stress tests, edge cases 69-76.
+"""Free-threaded CPython (3.13t+) stress tests, DESIGN.md §9.1.
 
 Collected only when the GIL is disabled (``sys._is_gil_enabled()`` is
 False).  Set ``CAIO_TEST_FREE_THREADING=1`` to run them with the GIL as well
@@ -61,7 +61,7 @@ def _run_threads(count: int, target: Any, *args: Any) -> None:
 )
 @pytest.mark.parametrize("module", ["caio"] + ["caio." + name for name in NATIVE_MODULES])
 def test_import_keeps_gil_disabled(module: str) -> None:
-    """Edge case 69: importing caio, or any native module on its own, in a
+    """DESIGN.md §9.1: importing caio, or any native module on its own, in a
     fresh interpreter (PYTHON_GIL unset, so the default applies) leaves the
     GIL disabled, with the "enabling the GIL" RuntimeWarning made an error."""
     env = subprocess_env(PYTHON_GIL=None)
@@ -90,7 +90,7 @@ def test_import_keeps_gil_disabled(module: str) -> None:
 
 @pytest.mark.parametrize("threads", [2, 8])
 def test_one_op_many_contexts(backend: RawBackend, fast_fd: int, threads: int) -> None:
-    """Edge case 70: racing submits of one op to different Contexts."""
+    """DESIGN.md §9.1: racing submits of one op to different Contexts."""
     iterations = 2000 if threads == 2 else 500
     ops = [backend.Operation.fsync(fast_fd) for _ in range(iterations)]
     callbacks: dict[int, int] = {}
@@ -137,7 +137,7 @@ def test_many_threads_one_context(
     threads: int,
     batch: int,
 ) -> None:
-    """Edge case 71: distinct writes from many threads to one Context."""
+    """DESIGN.md §9.1: distinct writes from many threads to one Context."""
     batches = 8
     total = threads * batches * batch
     ctx = backend.context(8192)
@@ -165,7 +165,7 @@ def test_many_threads_one_context(
 
 @pytest.mark.parametrize("threads", [2, 16])
 def test_concurrent_drainers(linux_backend: RawBackend, fast_fd: int, threads: int) -> None:
-    """Edge case 72: each completion is delivered exactly once."""
+    """DESIGN.md §9.1: each completion is delivered exactly once."""
     ctx = linux_backend.context(2048)
     count = 1000
     hits = [0] * count
@@ -199,7 +199,7 @@ def test_concurrent_drainers(linux_backend: RawBackend, fast_fd: int, threads: i
 
 
 def test_many_readers_of_one_result(backend: RawBackend, fast_fd: int) -> None:
-    """Edge case 73."""
+    """DESIGN.md §9.1."""
     data = os.urandom(4096)
     os.pwrite(fast_fd, data, 0)
     ctx = backend.context()
@@ -215,7 +215,7 @@ def test_many_readers_of_one_result(backend: RawBackend, fast_fd: int) -> None:
 
 
 def test_observers_during_completion(pool_backend: RawBackend, fast_fd: int) -> None:
-    """Edge case 74: only RuntimeError or valid values, never a crash."""
+    """DESIGN.md §9.1: only RuntimeError or valid values, never a crash."""
     payload = b"p" * 512
     ctx = pool_backend.context(4096, pool_size=4)
     ops = [pool_backend.Operation.write(payload, fast_fd, 512 * i) for i in range(400)]
@@ -253,7 +253,7 @@ def test_observers_during_completion(pool_backend: RawBackend, fast_fd: int) -> 
 
 
 def test_concurrent_callback_replacement(backend: RawBackend) -> None:
-    """Edge case 75: every replaced callback is released exactly once."""
+    """DESIGN.md §9.1: every replaced callback is released exactly once."""
     op = backend.Operation.fsync(0)
     refs: list[Any] = []
     lock = threading.Lock()
@@ -280,7 +280,7 @@ def test_concurrent_callback_replacement(backend: RawBackend) -> None:
 
 
 def test_concurrent_uring_cancels(uring: RawBackend) -> None:
-    """Edge case 76."""
+    """DESIGN.md §9.1."""
     ctx = uring.context(256)
     pipes = [os.pipe() for _ in range(64)]
     calls = [Recorder() for _ in pipes]

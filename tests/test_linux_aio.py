@@ -1,4 +1,4 @@
-"""caio.linux_aio, the raw API (API.md §2, §3.1, §3.2, §5, §6, §7).
+"""caio.linux_aio, the raw API (DESIGN.md §3, §4.1, §4.5, §6.2, §10).
 
 Self-contained (own fixtures); skipped where kernel AIO is unavailable.
 """
@@ -139,7 +139,7 @@ def test_context_construction():
     for bad in (-1, 2**32):
         with pytest.raises(OverflowError):
             Context(bad)
-    # Out of the kernel's range: io_setup's own error (API.md §3.2).
+    # Out of the kernel's range: io_setup's own error (DESIGN.md §4.5).
     with pytest.raises(SystemError) as e:
         Context(2**30)
     assert e.value.args[0] == errno.EINVAL
@@ -166,7 +166,7 @@ def test_eagain_names_aio_max_nr():
     assert "/proc/sys/fs/aio-max-nr" in str(e.value)
 
 
-# -- Operation construction and attributes (API.md §2.1, §2.3, §6 #3-5) --------
+# -- Operation construction and attributes (DESIGN.md §3.2, §3.3) --------
 
 
 def test_operation_attributes(fd):
@@ -229,7 +229,7 @@ def test_set_callback(fd):
         op.set_callback("not callable")
 
 
-# -- round trips (API.md §6 #6-10) ----------------------------------------------
+# -- round trips (DESIGN.md §3.5, §4.5) ----------------------------------------------
 
 
 def test_write_read_roundtrip(ctx, fd):
@@ -305,7 +305,7 @@ def test_4000_fsyncs_in_one_submit(fd):
         c.close()
 
 
-# -- process_events / poll (API.md §3.2, §6 #11-15, #19) -------------------------
+# -- process_events / poll (DESIGN.md §4.5) -------------------------
 
 
 def test_process_events_arguments(ctx):
@@ -425,7 +425,7 @@ def test_signal_during_wait_runs_handler(ctx):
         signal.signal(signal.SIGALRM, old)
 
 
-# -- in-flight state and lifetimes (API.md §2.2, §2.7, §6 #16, #25-27, #31-34) -----
+# -- in-flight state and lifetimes (DESIGN.md §3.3, §4.1, §8.1–§8.3) -----
 
 
 def test_in_flight_gating_and_context_attribute(ctx, fd):
@@ -532,7 +532,7 @@ def test_refcounts_after_delivery(ctx, fd):
     assert (sys.getrefcount(op), sys.getrefcount(payload)) == before
 
 
-# -- callbacks (API.md §2.5, §7 Q1) ------------------------------------------------
+# -- callbacks (DESIGN.md §3.6, §6.2 aio-result) ------------------------------------------------
 
 
 def test_callback_result_is_signed(ctx, fd):
@@ -609,7 +609,7 @@ def test_callback_submitting_more_work(ctx, fd):
     assert chain == [1] * 5
 
 
-# -- submission errors (API.md §3.2, §3.6, §6 #20, #31) -------------------------
+# -- submission errors (DESIGN.md §4.1–§4.3, §4.5) -------------------------
 
 
 def test_partial_acceptance_good_bad_good(ctx, fd):
@@ -779,7 +779,7 @@ def test_capacity_exhausted_overflow_error(fd):
         c.close()
 
 
-# -- cancel (API.md §3.2, §6 #21, #24) ----------------------------------------------
+# -- cancel (DESIGN.md §4.5) ----------------------------------------------
 
 
 def test_cancel(fd):
@@ -879,7 +879,7 @@ def test_dealloc_releases_kernel_context():
     assert all(wait_unmapped(a) for a in addresses)
 
 
-# -- O_DIRECT (API.md §5; aligned windows, write policy) -----------------------------
+# -- O_DIRECT (DESIGN.md §10; aligned windows, write policy) -----------------------------
 
 
 @pytest.fixture
@@ -1120,7 +1120,7 @@ def test_threads_submit_and_drain_concurrently(fd):
 
 
 def test_same_op_raced_to_many_contexts(fd):
-    # API.md §2.2 / §6 #70: the claim is atomic; exactly one Context wins.
+    # DESIGN.md §8.1, §9.1: the claim is atomic; exactly one Context wins.
     n_threads, rounds = 4, 200
     contexts = [Context(64) for _ in range(n_threads)]
     barrier = threading.Barrier(n_threads)

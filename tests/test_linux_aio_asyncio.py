@@ -1,4 +1,4 @@
-"""caio.linux_aio_asyncio.AsyncioContext (API.md §4.1, §4.2, §4.6, §4.7, §6 #53-68).
+"""caio.linux_aio_asyncio.AsyncioContext (DESIGN.md §5).
 
 Self-contained (own fixtures); skipped where kernel AIO is unavailable.
 """
@@ -101,7 +101,7 @@ def wait_unmapped(address, timeout=5.0):
     return not ring_mapped(address)
 
 
-# -- API.md §6 #53-62 ----------------------------------------------------------------
+# -- DESIGN.md §5.2 ----------------------------------------------------------------
 
 
 def test_read_write_overwrite(arun, deferred, fd):
@@ -194,7 +194,7 @@ def test_chunks_do_not_alias(arun, deferred, fd):
     arun(main())
 
 
-# -- cancellation (API.md §4.7, §6 #63-64) --------------------------------------------
+# -- cancellation (DESIGN.md §5.5) --------------------------------------------
 
 
 def test_cancel_cleanly_in_loops(arun, deferred, fd):
@@ -236,7 +236,7 @@ def test_cancel_after_first_step(arun, deferred, fd):
     arun(main())
 
 
-# -- construction and submission rules (API.md §4.1, §4.2, §6 #66-67, §7 Q12/Q13) ----
+# -- construction and submission rules (DESIGN.md §5.1, §5.2, §5.8.2, §6.2 batch-fail/aio-kwargs) ----
 
 
 def test_construction(arun):
@@ -823,7 +823,7 @@ def test_10000_operations_with_random_cancellations(arun, deferred, fd):
     arun(main())
 
 
-# -- selection through the package (API.md §1.2; needs the package front-end) -----------
+# -- selection through the package (DESIGN.md §2.3; needs the package front-end) -----------
 
 
 def test_caio_impl_selects_linux_aio():

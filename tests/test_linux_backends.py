@@ -1,4 +1,4 @@
-"""Eventfd-driven backends: linux_uring and linux_aio (API.md 3.2, 3.3).
+"""Eventfd-driven backends: linux_uring and linux_aio (DESIGN.md §4.4, §4.5).
 
 These tests only have parameters when the native modules are importable.
 """
@@ -56,7 +56,7 @@ def test_flush_and_process_events_delivery_counts(
     linux_backend: RawBackend,
     tmp_fd: int,
 ) -> None:
-    """Edge case 10: every completion is counted exactly once by the
+    """DESIGN.md §4.4, §4.5: every completion is counted exactly once by the
     flush()/process_events() calls that deliver it."""
     ctx = linux_backend.context(8)
     Op = linux_backend.Operation
@@ -82,7 +82,7 @@ def test_flush_and_process_events_delivery_counts(
 def test_process_events_argument_checks(linux_backend: RawBackend) -> None:
     ctx = linux_backend.context()
     with pytest.raises(ValueError):
-        ctx.process_events(max_requests=1, min_requests=5)  # edge case 11
+        ctx.process_events(max_requests=1, min_requests=5)  # DESIGN.md §4.4, §4.5
     with pytest.raises(TypeError):
         ctx.process_events(timeout=0.5)
     with pytest.raises(OverflowError):
@@ -91,7 +91,7 @@ def test_process_events_argument_checks(linux_backend: RawBackend) -> None:
     assert ctx.process_events(max_requests=0, min_requests=0, timeout=0) == 0
     if linux_backend.is_linux_aio:
         with pytest.raises(OverflowError):
-            ctx.process_events(max_requests=2**32 - 1)  # edge case 19
+            ctx.process_events(max_requests=2**32 - 1)  # DESIGN.md §4.5
         with pytest.raises(OverflowError):
             ctx.process_events(max_requests=1048577)
     else:
@@ -99,7 +99,7 @@ def test_process_events_argument_checks(linux_backend: RawBackend) -> None:
 
 
 def test_process_events_timeout_releases_gil(linux_backend: RawBackend) -> None:
-    """Edge case 12: nothing submitted, min_requests=1, timeout=1."""
+    """DESIGN.md §4.4, §4.5: nothing submitted, min_requests=1, timeout=1."""
     ctx = linux_backend.context()
     ticks = []
     stop = threading.Event()
@@ -126,7 +126,7 @@ def test_process_events_blocks_until_other_thread_completes(
     linux_backend: RawBackend,
     tmp_fd: int,
 ) -> None:
-    """Edge case 13: timeout=-1 waits for a completion from another thread."""
+    """DESIGN.md §4.4, §4.5: timeout=-1 waits for a completion from another thread."""
     ctx = linux_backend.context()
     calls = Recorder()
     if linux_backend.is_uring:
@@ -162,7 +162,7 @@ def test_process_events_blocks_until_other_thread_completes(
 
 
 def test_poll(linux_backend: RawBackend, tmp_fd: int) -> None:
-    """Edge cases 14 and 15."""
+    """DESIGN.md §4.4, §4.5."""
     ctx = linux_backend.context()
     started = time.monotonic()
     with pytest.raises(BlockingIOError) as e:
@@ -195,7 +195,7 @@ def test_poll_returns_positive_count(linux_backend: RawBackend, tmp_fd: int) -> 
 
 
 def test_in_flight_gate(linux_backend: RawBackend, tmp_fd: int) -> None:
-    """Edge case 16: payload/get_value raise while in flight."""
+    """DESIGN.md §3.3: payload/get_value raise while in flight."""
     os.pwrite(tmp_fd, b"0123456789", 0)
     ctx = linux_backend.context()
     op = linux_backend.Operation.read(4, tmp_fd, 2)
@@ -215,7 +215,7 @@ def test_in_flight_gate(linux_backend: RawBackend, tmp_fd: int) -> None:
 
 
 def test_cancel_submitted_op_never_hangs(linux_backend: RawBackend, tmp_fd: int) -> None:
-    """Edge case 21."""
+    """DESIGN.md §4.3."""
     ctx = linux_backend.context()
     calls = Recorder()
     op = linux_backend.Operation.write(b"abc", tmp_fd, 0)
@@ -241,7 +241,7 @@ def test_cancel_requires_an_operation(linux_backend: RawBackend) -> None:
 
 
 def test_cancel_op_of_another_context(linux_backend: RawBackend, tmp_fd: int) -> None:
-    """Edge case 24."""
+    """DESIGN.md §4.4, §4.5."""
     owner, other = linux_backend.context(), linux_backend.context()
     calls = Recorder()
     op = linux_backend.Operation.write(b"mine", tmp_fd, 0)
@@ -261,7 +261,7 @@ def test_context_lifetime_follows_in_flight_ops(
     linux_backend: RawBackend,
     tmp_fd: int,
 ) -> None:
-    """Edge case 32: with gc disabled, refcounting alone frees the Context."""
+    """DESIGN.md §8.2: with gc disabled, refcounting alone frees the Context."""
     ctx = linux_backend.Context()
     ctx_ref = weakref.ref(ctx)
     calls = Recorder()
@@ -281,7 +281,7 @@ def test_context_lifetime_follows_in_flight_ops(
 
 
 def test_reentrant_process_events(linux_backend: RawBackend, tmp_fd: int) -> None:
-    """Edge case 30: a callback re-entering process_events() gets 0."""
+    """DESIGN.md §4.4 (drain): a callback re-entering process_events() gets 0."""
     ctx = linux_backend.context()
     inner = []
     op = linux_backend.Operation.write(b"re", tmp_fd, 0)
@@ -298,7 +298,7 @@ def test_process_events_max_requests_limits_delivery(
     linux_backend: RawBackend,
     tmp_fd: int,
 ) -> None:
-    """Edge case 42: 5 ready completions, max_requests=1 delivers one."""
+    """DESIGN.md §4.4 (drain): 5 ready completions, max_requests=1 delivers one."""
     ctx = linux_backend.context()
     calls = Recorder()
     if linux_backend.is_uring:
@@ -327,7 +327,7 @@ def test_process_events_max_requests_limits_delivery(
 
 
 def test_teardown_never_runs_callbacks(linux_backend: RawBackend) -> None:
-    """Edge case 44: interpreter exit with an op in flight calls nothing."""
+    """DESIGN.md §8.2, §9.4: interpreter exit with an op in flight calls nothing."""
     script = textwrap.dedent("""
         import os, sys
         from caio import {name} as backend
@@ -394,7 +394,7 @@ def test_uring_bad_fd_callback_result(uring: RawBackend, closed_fd: int) -> None
 
 
 def test_uring_sq_ring_full(uring: RawBackend, fast_fd: int) -> None:
-    """Edge case 29 (and the SQ capacity rule next_pow2(max_requests+1))."""
+    """DESIGN.md §4.2, §4.4 (and the SQ capacity rule next_pow2(max_requests+1))."""
     ctx = uring.context(1)
     calls = Recorder()
     ops = [uring.Operation.fsync(fast_fd) for _ in range(256)]
@@ -425,7 +425,7 @@ def test_uring_full_read_returns_payload_object(uring: RawBackend, tmp_fd: int) 
 
 
 def test_uring_cancel_blocked_pipe_read(uring: RawBackend) -> None:
-    """Edge case 22."""
+    """DESIGN.md §4.4."""
     r, w = _pipe()
     try:
         ctx = uring.context()
@@ -449,7 +449,7 @@ def test_uring_cancel_blocked_pipe_read(uring: RawBackend) -> None:
 
 
 def test_uring_cancel_before_flush(uring: RawBackend) -> None:
-    """Edge case 23."""
+    """DESIGN.md §4.4."""
     r, w = _pipe()
     try:
         ctx = uring.context()
@@ -475,7 +475,7 @@ def test_uring_cancel_never_raises_for_state(uring: RawBackend, tmp_fd: int) -> 
 
 
 def test_uring_closed_fd_then_repaired(uring: RawBackend, tmp_path: object) -> None:
-    """Edge case 28."""
+    """DESIGN.md §4.1, §4.3."""
     path = str(tmp_path / "repair.bin")
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     os.close(fd)
@@ -496,7 +496,7 @@ def test_uring_closed_fd_then_repaired(uring: RawBackend, tmp_path: object) -> N
 
 
 def test_uring_context_kept_alive_by_blocked_op(uring: RawBackend) -> None:
-    """Edge case 33."""
+    """DESIGN.md §8.3."""
     r, w = _pipe()
     try:
         ctx = uring.Context()
@@ -520,7 +520,7 @@ def test_uring_context_kept_alive_by_blocked_op(uring: RawBackend) -> None:
 
 
 def test_uring_cross_thread_use(uring: RawBackend, tmp_fd: int) -> None:
-    """Edge case 43: created on one thread, used from another."""
+    """DESIGN.md §4.4: created on one thread, used from another."""
     ctx = uring.context()
     result = []
 
@@ -602,7 +602,7 @@ def test_linux_aio_nbytes_after_completion(linux_aio: RawBackend, tmp_fd: int) -
     assert sync.nbytes == 0
 
 
-# -- signals and EINTR (quirk Q11) -----------------------------------------------------
+# -- signals and EINTR (DESIGN.md §6.2 eintr) -----------------------------------------------------
 
 
 class _Alarm(Exception):
@@ -610,7 +610,7 @@ class _Alarm(Exception):
 
 
 def test_signal_handler_exception_interrupts_wait(linux_backend: RawBackend) -> None:
-    """Q11: a Python signal handler's exception ends a blocking wait promptly."""
+    """DESIGN.md §6.2 eintr: a Python signal handler's exception ends a blocking wait promptly."""
     import signal
 
     if (
@@ -636,7 +636,7 @@ def test_signal_handler_exception_interrupts_wait(linux_backend: RawBackend) -> 
 
 
 def test_harmless_signal_does_not_break_wait(linux_backend: RawBackend) -> None:
-    """Q11: EINTR without a raising handler keeps waiting (no SystemError)."""
+    """DESIGN.md §6.2 eintr: EINTR without a raising handler keeps waiting (no SystemError)."""
     import signal
 
     if (
@@ -661,7 +661,7 @@ def test_harmless_signal_does_not_break_wait(linux_backend: RawBackend) -> None:
 def test_linux_aio_wait_survives_uring_teardown(uring: RawBackend) -> None:
     """Destroying an io_uring ring queues kernel task work that interrupts the
     thread's next blocking io_getevents() with EINTR; linux_aio must retry
-    instead of raising SystemError(EINTR) (Q11)."""
+    instead of raising SystemError(EINTR) (DESIGN.md §6.2 eintr)."""
     from helpers import MODULES
 
     if "linux_aio" not in MODULES:

@@ -1,4 +1,4 @@
-"""caio.linux_uring, raw API (API.md §2, §3.1, §3.3, §5, §6 edge cases 1–44, §7).
+"""caio.linux_uring, raw API (DESIGN.md §3, §4.1, §4.4, §6.2).
 
 Self-contained: own fixtures, skipped when io_uring is unavailable.
 """
@@ -117,7 +117,7 @@ def test_types_are_final_and_not_instantiable(fd):
             setattr(c, name, 1)
 
 
-# -- edge cases 1–5: construction, repr, fresh attributes --------------------
+# -- DESIGN.md §3.3, §3.7, §4.4: construction, repr, fresh attributes --------------------
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 31, 32218, 32767])
@@ -190,7 +190,7 @@ def test_keyword_constructors(fd):
         Operation.read(1, fd, bogus=1)
 
 
-# -- hostile input (API.md §7 Q3) -------------------------------------------
+# -- hostile input (DESIGN.md §6.2 wrap) -------------------------------------------
 
 
 def test_hostile_integers(fd):
@@ -261,7 +261,7 @@ def test_set_callback(fd):
         op.set_callback(callback=print)  # positional only on uring
 
 
-# -- edge cases 6–10: basic I/O ---------------------------------------------
+# -- DESIGN.md §3.5, §4.4: basic I/O ---------------------------------------------
 
 
 def test_write_read_roundtrip(ctx, fd):
@@ -300,7 +300,7 @@ def test_short_read(ctx, fd):
 
 
 def test_short_read_tail_is_zero(ctx, fd):
-    # Edge case 40: the unfilled part never shows stale heap bytes.
+    # DESIGN.md §8.4: the unfilled part never shows stale heap bytes.
     garbage = [os.urandom(65536) for _ in range(64)]
     del garbage
     os.pwrite(fd, b"x" * 10, 0)
@@ -368,7 +368,7 @@ def test_large_mixed_batch(fd):
         assert op.get_value() == data[(i % 16) * 4096 :][:4096]
 
 
-# -- edge cases 11–16: process_events, poll, in-flight gating ----------------
+# -- DESIGN.md §3.3, §4.4: process_events, poll, in-flight gating ----------------
 
 
 def test_process_events_argument_checks(ctx):
@@ -475,7 +475,7 @@ def test_in_flight_gating(ctx, pipe):
 
 
 def test_max_requests_one_exactly_one_callback(fd):
-    # Edge case 42: 5 ready completions, max_requests=1 delivers one.
+    # DESIGN.md §4.4 (drain): 5 ready completions, max_requests=1 delivers one.
     ctx = Context(8)
     ops = [Operation.write(b"a", fd, i) for i in range(5)]
     got = []
@@ -498,7 +498,7 @@ def ctx_flush_no_drain(ctx):
     # process_events(min_requests=1, timeout=0) enters the kernel with
     # GETEVENTS but does not submit; flush() submits and drains. To submit
     # without draining, use a re-entrant trick: a callback-free cancel of an
-    # op that is in flight elsewhere submits everything staged (Q9).
+    # op that is in flight elsewhere submits everything staged (DESIGN.md §6.2 cancel-submit).
     other = Context(2)
     r, w = os.pipe()
     try:
@@ -513,7 +513,7 @@ def ctx_flush_no_drain(ctx):
         os.close(w)
 
 
-# -- edge cases 20–30: capacity, cancel, one-shot ---------------------------
+# -- DESIGN.md §4.1, §4.2, §4.4: capacity, cancel, one-shot ---------------------------
 
 
 def test_ring_full_raises_and_keeps_earlier(fd):
@@ -581,7 +581,7 @@ def test_cancel_keyword_and_several(ctx, pipe):
 
 
 def test_cancel_before_flush(ctx, pipe):
-    # Edge case 23 and Q9: the cancel submits what is staged.
+    # DESIGN.md §4.4 and §6.2 cancel-submit: the cancel submits what is staged.
     r, _ = pipe
     op = Operation.read(10, r, -1)
     got = []
@@ -618,7 +618,7 @@ def test_cancel_op_of_other_context(pipe):
 
 
 def test_sentinels_do_not_count_toward_min_requests(pipe):
-    # Q10: a cancel CQE must not satisfy min_requests.
+    # DESIGN.md §6.2 cancel-count: a cancel CQE must not satisfy min_requests.
     r, _ = pipe
     a, b = Context(4), Context(4)
     op = Operation.read(1, r, -1)
@@ -717,7 +717,7 @@ def test_submit_type_checks(ctx, fd):
 
 
 def test_flush_with_nothing_staged_does_not_drain(ctx, fd):
-    # Q20: kept; completions stay for process_events.
+    # DESIGN.md §6.2 flush-empty: kept; completions stay for process_events.
     op = Operation.fsync(fd)
     got = []
     op.set_callback(got.append)
@@ -731,7 +731,7 @@ def test_flush_with_nothing_staged_does_not_drain(ctx, fd):
 
 
 def test_reentrant_process_events_in_callback(ctx, fd):
-    # Edge case 30.
+    # DESIGN.md §4.4 (drain).
     op = Operation.fsync(fd)
     inner = []
     op.set_callback(lambda res: inner.append(ctx.process_events()))
@@ -782,7 +782,7 @@ def test_callback_exception_goes_to_unraisablehook(ctx, fd, monkeypatch):
     assert len(seen) == 1 and seen[0].exc_type is ZeroDivisionError
 
 
-# -- edge cases 32–34, 41, 43, 44: lifetime ----------------------------------
+# -- DESIGN.md §8.2, §8.3, §8.4, §4.4: lifetime ----------------------------------
 
 
 def test_op_keeps_context_alive(pipe):
@@ -804,7 +804,7 @@ def test_op_keeps_context_alive(pipe):
 
 
 def test_blocked_write_on_full_pipe_keeps_context(pipe):
-    # Edge case 33.
+    # DESIGN.md §8.3.
     r, w = pipe
     os.set_blocking(w, False)
     try:
@@ -985,7 +985,7 @@ def test_threads_submit_to_one_context(fd):
     assert os.pread(fd, 512, 0) == b"abcd" * 128
 
 
-# -- signals (Q11) -----------------------------------------------------------
+# -- signals (DESIGN.md §6.2 eintr) -----------------------------------------------------------
 
 
 @pytest.mark.skipif(
@@ -1032,7 +1032,7 @@ def test_signal_handler_runs_during_wait_and_wait_continues():
     assert end - t0 >= 0.95
 
 
-# -- Q8: huge writes are partial, never truncated to 32 bits -----------------
+# -- DESIGN.md §6.2 uring-4g: huge writes are partial, never truncated to 32 bits -----------------
 
 
 def test_write_4gib_payload_is_partial_not_truncated(ctx):
@@ -1230,7 +1230,7 @@ def test_process_events_waits_past_a_retried_direct_read(ctx, path):
 
 
 def test_same_op_raced_to_many_contexts(fd):
-    # Edge case 70: exactly one acceptance and one callback per op.
+    # DESIGN.md §9.1: exactly one acceptance and one callback per op.
     ctxs = [Context(64) for _ in range(4)]
     barrier = threading.Barrier(4)
     for _ in range(50):
@@ -1257,7 +1257,7 @@ def test_same_op_raced_to_many_contexts(fd):
 
 
 def test_concurrent_drainers_deliver_each_completion_once(fd):
-    # Edge case 72.
+    # DESIGN.md §9.1.
     ctx = Context(1024)
     ops = [Operation.fsync(fd) for _ in range(600)]
     counts = {}
@@ -1289,7 +1289,7 @@ def test_concurrent_drainers_deliver_each_completion_once(fd):
 
 
 def test_many_threads_read_one_value(ctx, fd):
-    # Edge case 73.
+    # DESIGN.md §9.1.
     data = os.urandom(4096)
     os.pwrite(fd, data, 0)
     op = Operation.read(4096, fd, 0)

@@ -1,4 +1,4 @@
-"""caio.linux_uring_asyncio (API.md §4.1, §4.3, §4.6, §4.7, §6 edge cases 53–67).
+"""caio.linux_uring_asyncio (DESIGN.md §5).
 
 Every test runs for the default AsyncioContext, ``sqpoll=True`` and
 ``deferred=True``, on asyncio's default loop and (when installed) uvloop.
@@ -127,7 +127,7 @@ def test_default_max_requests(loop, n):
 
 
 def test_sqpoll_deferred_constructs(loop):
-    # Edge case 65.
+    # DESIGN.md §5.8.1.
     ctx = AsyncioContext(max_requests=8, loop=loop, sqpoll=True, deferred=True)
     try:
         assert ctx.context.sqpoll in (0, 1)
@@ -165,7 +165,7 @@ def test_get_event_loop_inside_coroutine(loop, run):
     assert run(main())
 
 
-# -- edge cases 53–62: I/O -----------------------------------------------------
+# -- DESIGN.md §5.2: I/O -----------------------------------------------------
 
 
 def test_basic_io(make_ctx, run, fd):
@@ -257,7 +257,7 @@ def test_sparse_write(make_ctx, run, fd):
 
 @pytest.mark.parametrize("max_requests", [1, 2])
 def test_back_pressure(loop, config, run, fd, max_requests):
-    # Edge case 61: more concurrent ops than max_requests, no capacity errors.
+    # DESIGN.md §5.4: more concurrent ops than max_requests, no capacity errors.
     ctx = AsyncioContext(max_requests, loop=loop, **config)
     blocks = [os.urandom(4096) for _ in range(40)]
 
@@ -306,7 +306,7 @@ def test_gate_limits_concurrency(loop, config, run, pipe):
         ctx.close()
 
 
-# -- edge cases 63, 64, §4.7: cancellation -----------------------------------
+# -- DESIGN.md §5.5: cancellation -----------------------------------
 
 
 def test_cancel_clean_loops(make_ctx, run, loop, fd):
@@ -383,7 +383,7 @@ def test_cancel_in_flight_pipe_read_is_a_kernel_cancel(make_ctx, run, loop, pipe
             await asyncio.sleep(0.01)
         assert op.error == errno.ECANCELED
         # The slot comes back once the kernel has really finished the op
-        # (not while it may still be running: API.md 4.6, no capacity errors
+        # (not while it may still be running: DESIGN.md §5.4, §5.5, no capacity errors
         # from piled-up cancelled operations).
         assert ctx._gate_state()[0] == 0
         # the pipe is still usable, nothing consumed the data
@@ -477,7 +477,7 @@ def test_cancel_cold_reads(make_ctx, run, loop, tmp_path):
     assert ctx._gate_state()[0] == 0
 
 
-# -- edge case 67, submit() ------------------------------------------------------
+# -- DESIGN.md §5.2, submit() ------------------------------------------------------
 
 
 def test_submit(make_ctx, run, fd):

@@ -1,4 +1,4 @@
-"""Operation construction, properties and argument handling (API.md 2, 1.6)."""
+"""Operation construction, properties and argument handling (DESIGN.md §3)."""
 
 import copy
 import gc
@@ -51,7 +51,7 @@ def test_offset_default_per_backend(backend: RawBackend) -> None:
         assert Op.read(4, FD).offset == 0
         assert Op.write(b"x", FD).offset == 0
     else:
-        # python_aio: offset is required (API.md 2.1).
+        # python_aio: offset is required (DESIGN.md §3.2).
         with pytest.raises(TypeError):
             Op.read(4, FD)
         with pytest.raises(TypeError):
@@ -151,7 +151,7 @@ def test_write_accepts_bytes_subclass(backend: RawBackend) -> None:
 
 
 def test_rejected_payload_refcount_unchanged(backend: RawBackend) -> None:
-    """Edge case 39: a rejected payload is not leaked."""
+    """DESIGN.md §3.2: a rejected payload is not leaked."""
     payload = ["not", "bytes"]
 
     def attempt() -> None:
@@ -170,7 +170,7 @@ def test_rejected_payload_refcount_unchanged(backend: RawBackend) -> None:
 
 
 def test_failed_constructions_do_not_leak(backend: RawBackend) -> None:
-    """Edge case 38: 500 TypeErrors from a str argument leave nothing behind."""
+    """DESIGN.md §3.2: 500 TypeErrors from a str argument leave nothing behind."""
 
     def attempt() -> None:
         for _ in range(500):
@@ -191,7 +191,7 @@ def test_failed_constructions_do_not_leak(backend: RawBackend) -> None:
     assert sys.getallocatedblocks() - blocks_before < 200
 
 
-# -- fresh operation properties (edge cases 2-5) -----------------------------------
+# -- fresh operation properties (DESIGN.md §3.3, §3.4, §3.7) -----------------------------------
 
 
 def test_fresh_write_properties(backend: RawBackend) -> None:
@@ -247,7 +247,7 @@ def test_value_before_submission(backend: RawBackend) -> None:
     Op = backend.Operation
     read = Op.read(4, FD, 0).get_value()
     assert read == (b"\0" * 4 if backend.native else b"")
-    # linux_aio reports len(payload) for an unsubmitted write (quirk Q16,
+    # linux_aio reports len(payload) for an unsubmitted write (DESIGN.md §6.2 unsent-write,
     # may be harmonised to 0); everyone else reports 0.
     write = Op.write(b"abc", FD, 0).get_value()
     assert write in ((0, 3) if backend.is_linux_aio else (0,))
@@ -256,7 +256,7 @@ def test_value_before_submission(backend: RawBackend) -> None:
 
 
 def test_huge_read_is_rejected_natively(backend: RawBackend) -> None:
-    """Edge case 18: no abort; native backends raise, python_aio accepts."""
+    """DESIGN.md §3.2: no abort; native backends raise, python_aio accepts."""
     if backend.native:
         with pytest.raises((OverflowError, MemoryError, ValueError)):
             backend.Operation.read(2**62, 0, 0)
@@ -264,13 +264,13 @@ def test_huge_read_is_rejected_natively(backend: RawBackend) -> None:
         assert backend.Operation.read(2**62, 0, 0).nbytes == 2**62
 
 
-# -- integer ranges (API.md 2.1, quirk Q3) -------------------------------------------
+# -- integer ranges (DESIGN.md §3.2, §6.2 wrap) -------------------------------------------
 
 
 def test_fd_range(backend: RawBackend) -> None:
     Op = backend.Operation
     if backend.native:
-        # Q3: an fd that would alias another one (2**32 + 5 -> 5) must raise.
+        # DESIGN.md §6.2 wrap: an fd that would alias another one (2**32 + 5 -> 5) must raise.
         with pytest.raises(OverflowError):
             Op.read(4, 2**32 + 5, 0)
         with pytest.raises(OverflowError):
@@ -286,7 +286,7 @@ def test_fd_range(backend: RawBackend) -> None:
 def test_nbytes_range(backend: RawBackend) -> None:
     Op = backend.Operation
     if backend.native:
-        # Q3: 2**64 used to wrap to 0.
+        # DESIGN.md §6.2 wrap: 2**64 used to wrap to 0.
         with pytest.raises(OverflowError):
             Op.read(2**64, FD, 0)
         with pytest.raises(OverflowError):
@@ -303,7 +303,7 @@ def test_offset_range(backend: RawBackend) -> None:
         assert Op.read(4, FD, -1).offset == 2**64 - 1
         assert Op.read(4, FD, 2**64 - 1).offset == 2**64 - 1
         with pytest.raises(OverflowError):
-            Op.read(4, FD, 2**64)  # Q3: would alias 0
+            Op.read(4, FD, 2**64)  # DESIGN.md §6.2 wrap: would alias 0
     elif backend.native:
         # Signed 64-bit with an overflow check; shown as the u64 view.
         assert Op.read(4, FD, -1).offset == 2**64 - 1
@@ -328,7 +328,7 @@ def test_priority_range(backend: RawBackend) -> None:
             Op.fsync(FD, -32769)
     elif backend.native:
         Op.read(4, FD, 0, 65535)
-        # Q3: 2**16 would silently alias priority 0.
+        # DESIGN.md §6.2 wrap: 2**16 would silently alias priority 0.
         with pytest.raises(OverflowError):
             Op.read(4, FD, 0, 2**16)
         with pytest.raises(OverflowError):
@@ -338,11 +338,11 @@ def test_priority_range(backend: RawBackend) -> None:
         Op.fsync(FD, None)
 
 
-# -- set_callback (API.md 2.5) ---------------------------------------------------------
+# -- set_callback (DESIGN.md §3.6) ---------------------------------------------------------
 
 
 def test_set_callback_rejects_non_callable(backend: RawBackend) -> None:
-    """Edge case 49, plus Q2: the message shows the object, not '%r'."""
+    """DESIGN.md §3.6, plus §6.2 msg-format: the message shows the object, not '%r'."""
     op = backend.Operation.fsync(FD)
     with pytest.raises(ValueError) as excinfo:
         op.set_callback("not callable")
@@ -380,7 +380,7 @@ def test_set_callback_keyword(backend: RawBackend) -> None:
         op.set_callback(print, print)
 
 
-# -- type identity (API.md 1.6) ----------------------------------------------------------
+# -- type identity (DESIGN.md §3.1) ----------------------------------------------------------
 
 
 NATIVE_IDENTITY = {

@@ -1,5 +1,5 @@
 """The ``caio`` package itself: names, backend selection, ``python -m caio``
-and the README usage example (API.md 1, edge case 68, section 8)."""
+and the README usage example (DESIGN.md §2, §5.9)."""
 
 import importlib.metadata
 import os
@@ -63,7 +63,7 @@ def test_abstract_classes_exported() -> None:
 
     assert caio.AbstractContext is AbstractContext
     assert caio.AbstractOperation is AbstractOperation
-    # Instantiable, with NotImplementedError members (API.md 1.3).
+    # Instantiable, with NotImplementedError members (DESIGN.md §2.6).
     ctx = AbstractContext()
     with pytest.raises(NotImplementedError):
         _ = ctx.max_requests
@@ -145,7 +145,7 @@ def test_import_errors_are_recorded() -> None:
             assert key not in caio._import_errors
 
 
-# -- selection (API.md 1.2, edge case 68) ---------------------------------------------------
+# -- selection (DESIGN.md §2.3) ---------------------------------------------------
 
 
 PROBE = textwrap.dedent("""

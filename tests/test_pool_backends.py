@@ -1,4 +1,4 @@
-"""Thread-pool backends: thread_aio (native) and python_aio (API.md 3.4, 3.5)."""
+"""Thread-pool backends: thread_aio (native) and python_aio (DESIGN.md §4.6, §4.7)."""
 
 import errno
 import threading
@@ -27,7 +27,7 @@ def test_cancel_of_nothing_queued_returns_0(pool_backend: RawBackend, tmp_fd: in
 
 
 def test_close_twice_then_submit(pool_backend: RawBackend, tmp_fd: int) -> None:
-    """Edge case 50."""
+    """DESIGN.md §4.6, §4.7."""
     ctx = pool_backend.context()
     ctx.close()
     ctx.close()
@@ -43,7 +43,7 @@ def test_dropped_context_still_delivers_queued_work(
     pool_backend: RawBackend,
     fast_fd: int,
 ) -> None:
-    """Edge case 37: 64 queued fsyncs on a pool_size=2 Context, Context dropped."""
+    """DESIGN.md §8.2: 64 queued fsyncs on a pool_size=2 Context, Context dropped."""
     ctx = pool_backend.Context(max_requests=64, pool_size=2)
     calls = Recorder()
     ops = [pool_backend.Operation.fsync(fast_fd) for _ in range(64)]
@@ -113,7 +113,7 @@ def test_thread_aio_constructor_limits(thread_aio: RawBackend) -> None:
 
 
 def test_thread_aio_values_that_would_wrap_are_rejected(thread_aio: RawBackend) -> None:
-    """Q3: 100000 used to become 34464 and 65536 used to become 0 (-> 8)."""
+    """DESIGN.md §6.2 wrap: 100000 used to become 34464 and 65536 used to become 0 (-> 8)."""
     with pytest.raises((OverflowError, ValueError)):
         thread_aio.Context(max_requests=100000)
     with pytest.raises((OverflowError, ValueError)):
@@ -187,7 +187,7 @@ def test_thread_aio_cancel_takes_back_queued_operations(
 
 
 def test_thread_aio_queued_op_is_gated(thread_aio: RawBackend, tmp_fd: int) -> None:
-    """Edge case 17 (and Q7: write payload becomes None after completion)."""
+    """DESIGN.md §3.3, §3.4 (and §6.2 thread-payload: write payload becomes None after completion)."""
     ctx, release = _blocked_worker(thread_aio, tmp_fd)
     try:
         calls = Recorder()
@@ -209,7 +209,7 @@ def test_thread_aio_queued_op_is_gated(thread_aio: RawBackend, tmp_fd: int) -> N
 
 
 def test_thread_aio_queue_overflow_is_retryable(thread_aio: RawBackend, tmp_fd: int) -> None:
-    """Edge case 45."""
+    """DESIGN.md §4.1, §4.2."""
     ctx, release = _blocked_worker(thread_aio, tmp_fd)
     calls = Recorder()
     try:
@@ -241,7 +241,7 @@ def _in_flight(op: object) -> bool:
 
 
 def test_thread_aio_close_from_callback(thread_aio: RawBackend, tmp_fd: int) -> None:
-    """Edge case 52: close() inside a callback does not deadlock."""
+    """DESIGN.md §4.6: close() inside a callback does not deadlock."""
     ctx = thread_aio.Context()
     done = threading.Event()
     op = thread_aio.Operation.write(b"x", tmp_fd, 0)

@@ -1,4 +1,4 @@
-"""python_aio specifics (API.md 3.5, edge cases 46-51, quirk Q17)."""
+"""python_aio specifics (DESIGN.md §4.7, §6.2 del-state)."""
 
 import errno
 import gc
@@ -47,7 +47,7 @@ def test_context_defaults(python_aio: RawBackend) -> None:
 
 
 def test_context_validation(python_aio: RawBackend) -> None:
-    """Edge case 48 and the documented validation order."""
+    """DESIGN.md §4.7 and the documented validation order."""
     for kwargs in ({"pool_size": 0}, {"max_requests": 0}, {"pool_size": 128}, {"max_requests": -1}):
         with pytest.raises(ValueError):
             python_aio.Context(**kwargs)
@@ -66,7 +66,7 @@ def test_context_validation(python_aio: RawBackend) -> None:
 def test_failed_construction_finalizer_is_silent(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Q17: a constructor call that fails before __init__ runs (unknown
+    """DESIGN.md §6.2 del-state: a constructor call that fails before __init__ runs (unknown
     keyword) or inside validation must not report anything from __del__."""
     reports = []
     monkeypatch.setattr(sys, "unraisablehook", reports.append)
@@ -131,7 +131,7 @@ def test_no_in_flight_gate(python_aio: RawBackend, tmp_fd: int) -> None:
 
 
 def test_max_requests_one_rejects_second(python_aio: RawBackend) -> None:
-    """Edge case 47."""
+    """DESIGN.md §4.7."""
     ctx = python_aio.context(max_requests=1, pool_size=1)
     ctx._in_progress = 1
     with pytest.raises(RuntimeError):
@@ -186,7 +186,7 @@ def test_claimed_op_is_skipped_even_on_closed_context(
 
 
 def test_pool_closed_underneath(python_aio: RawBackend, tmp_fd: int) -> None:
-    """Edge case 51: scheduling fails -> claim and counter rolled back."""
+    """DESIGN.md §4.7: scheduling fails -> claim and counter rolled back."""
     ctx = python_aio.context(max_requests=1)
     ctx.pool.close()
     op = python_aio.Operation.fsync(tmp_fd)
@@ -225,7 +225,7 @@ def test_raising_callback_reports_via_excepthook(
     tmp_fd: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Edge case 46: exactly one excepthook call, later ops delivered."""
+    """DESIGN.md §3.6: exactly one excepthook call, later ops delivered."""
     reports = []
     monkeypatch.setattr(threading, "excepthook", reports.append)
     ctx = python_aio.context()

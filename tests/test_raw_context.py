@@ -1,4 +1,4 @@
-"""Raw Context/Operation behaviour shared by every backend (API.md 2-3, 6)."""
+"""Raw Context/Operation behaviour shared by every backend (DESIGN.md §3, §4)."""
 
 import errno
 import gc
@@ -12,7 +12,7 @@ import pytest
 
 from helpers import RawBackend, Recorder, read_file
 
-# -- construction (edge case 1) ---------------------------------------------------
+# -- construction (DESIGN.md §4.4–§4.7) ---------------------------------------------------
 
 
 def _aio_capacity() -> int:
@@ -55,7 +55,7 @@ def test_zero_max_requests_means_default(native_backend: RawBackend) -> None:
     assert native_backend.context(0).max_requests == expected
 
 
-# -- basic I/O (edge cases 6-10) ----------------------------------------------------
+# -- basic I/O (DESIGN.md §3.5, §4.1) ----------------------------------------------------
 
 
 def test_write_then_read(backend: RawBackend, tmp_fd: int) -> None:
@@ -105,7 +105,7 @@ def test_short_read(backend: RawBackend, tmp_fd: int) -> None:
     assert op.get_value() == b"12345"
     if backend.native:
         # The buffer keeps its original size; the tail stays zero, never
-        # leftover heap bytes (edge cases 9 and 40).
+        # leftover heap bytes (DESIGN.md §8.4).
         assert bytes(op.payload) == b"12345" + b"\0" * 95
         assert op.nbytes == 5
     else:
@@ -122,7 +122,7 @@ def test_full_read_nbytes(backend: RawBackend, tmp_fd: int) -> None:
 
 
 def test_batch_of_writes_then_reads(backend: RawBackend, tmp_fd: int) -> None:
-    """Edge case 10 (generic form): 4 writes, then 4 reads, one submit each."""
+    """DESIGN.md §4.1: 4 writes, then 4 reads, one submit each."""
     ctx = backend.context(8)
     Op = backend.Operation
     chunks = [bytes([65 + i]) * 16 for i in range(4)]
@@ -174,7 +174,7 @@ def test_submit_rejects_wrong_types_before_claiming(
     backend: RawBackend,
     tmp_fd: int,
 ) -> None:
-    """Edge case 31 (every backend): nothing from a bad call is claimed."""
+    """DESIGN.md §4.1 (every backend): nothing from a bad call is claimed."""
     ctx = backend.context()
     op = backend.Operation.write(b"abc", tmp_fd, 0)
     expected = ValueError if backend.is_python else TypeError
@@ -202,14 +202,14 @@ def test_submit_rejects_other_backends_operations(
 
 
 def test_submit_message_has_no_literal_format(backend: RawBackend) -> None:
-    """Q2: error messages must not contain an unformatted '%r'."""
+    """DESIGN.md §6.2 msg-format: error messages must not contain an unformatted '%r'."""
     ctx = backend.context()
     with pytest.raises((TypeError, ValueError)) as excinfo:
         ctx.submit(object())
     assert "%r" not in str(excinfo.value)
 
 
-# -- one-shot semantics (edge cases 25-27) ---------------------------------------------
+# -- one-shot semantics (DESIGN.md §4.1) ---------------------------------------------
 
 
 def test_submit_twice_counts_once(backend: RawBackend, tmp_fd: int) -> None:
@@ -266,7 +266,7 @@ def test_completed_op_is_not_resubmitted(backend: RawBackend, tmp_fd: int) -> No
 
 
 def test_handed_out_bytes_never_change(backend: RawBackend, tmp_fd: int) -> None:
-    """Edge case 41 (generic): each completed read owns its buffer."""
+    """DESIGN.md §3.5, §8.4: each completed read owns its buffer."""
     os.pwrite(tmp_fd, b"A" * 64, 0)
     ctx = backend.context()
     first = backend.Operation.read(64, tmp_fd, 0)
@@ -282,7 +282,7 @@ def test_handed_out_bytes_never_change(backend: RawBackend, tmp_fd: int) -> None
     assert second.get_value() is not value
 
 
-# -- errors (API.md 2.4, 3.6, Q4, Q6) ---------------------------------------------------
+# -- errors (DESIGN.md §3.5, §4.3, §6.2 errtype/thread-fields) ---------------------------------------------------
 
 
 def _failing_op(backend: RawBackend, fd: int, ctx: object) -> object:
@@ -321,7 +321,7 @@ def test_native_errors_are_system_and_os_errors(
     completion_error_backend: RawBackend,
     closed_fd: int,
 ) -> None:
-    """Q4: catchable as SystemError (compatibility) and OSError with errno."""
+    """DESIGN.md §6.2 errtype: catchable as SystemError (compatibility) and OSError with errno."""
     native_backend = completion_error_backend
     ctx = native_backend.context()
     op = _failing_op(native_backend, closed_fd, ctx)
@@ -332,7 +332,7 @@ def test_native_errors_are_system_and_os_errors(
     assert isinstance(excinfo.value, SystemError)
     assert excinfo.value.errno == errno.EBADF
     assert excinfo.value.strerror == os.strerror(errno.EBADF)
-    # Q6: a failed read keeps its requested size.
+    # DESIGN.md §6.2 thread-fields: a failed read keeps its requested size.
     assert op.nbytes == 16
     # payload is readable after completion (no in-flight gate).
     _ = op.payload
@@ -414,7 +414,7 @@ def test_negative_offset(backend: RawBackend, tmp_fd: int) -> None:
     assert excinfo.value.errno == errno.EINVAL
 
 
-# -- callbacks (API.md 2.5) ------------------------------------------------------------
+# -- callbacks (DESIGN.md §3.6) ------------------------------------------------------------
 
 
 def test_callback_thread(backend: RawBackend, tmp_fd: int) -> None:
@@ -455,7 +455,7 @@ def test_op_is_done_when_callback_runs(backend: RawBackend, tmp_fd: int) -> None
 
 
 def test_no_callback_is_fine(backend: RawBackend, tmp_fd: int) -> None:
-    """Edge case 46 (generic): an operation without callback completes."""
+    """DESIGN.md §3.6: an operation without callback completes."""
     ctx = backend.context()
     op = backend.Operation.write(b"12345", tmp_fd, 0)
     assert ctx.submit(op) == 1
@@ -516,11 +516,11 @@ def test_raising_callback_is_reported_and_delivery_continues(
     assert len(reports) == 1
 
 
-# -- capacity (edge case 20, back-pressure) ------------------------------------------------
+# -- capacity (DESIGN.md §4.2) ------------------------------------------------
 
 
 def test_flood_beyond_capacity(backend: RawBackend, fast_fd: int) -> None:
-    """Edge case 20: 64 x max_requests ops in one submit()."""
+    """DESIGN.md §4.2: 64 x max_requests ops in one submit()."""
     ctx = backend.context(1, **({"pool_size": 1} if not backend.is_linux else {}))
     calls = Recorder()
     ops = [backend.Operation.fsync(fast_fd) for _ in range(64)]
@@ -545,7 +545,7 @@ def test_flood_beyond_capacity(backend: RawBackend, fast_fd: int) -> None:
 
     backend.wait_for(ctx, settled, what="accepted ops to finish")
     backend.drive(ctx)
-    # DONE is published before the callback runs (API.md §2.5): on a
+    # DONE is published before the callback runs (DESIGN.md §3.6, §8.1): on a
     # free-threaded build the last callbacks may still be running when
     # get_value() already works. Count once the number stops changing.
     count, deadline = -1, time.monotonic() + 10
@@ -568,7 +568,7 @@ def test_flood_beyond_capacity(backend: RawBackend, fast_fd: int) -> None:
 
 
 def test_many_sync_ops_in_one_submit(backend: RawBackend, fast_fd: int) -> None:
-    """Edge case 36: 4000 fsync ops in one submit() (max_requests=8192)."""
+    """DESIGN.md §4.1: 4000 fsync ops in one submit() (max_requests=8192)."""
     if backend.is_linux_aio and _aio_capacity() < 8192:
         pytest.skip("fs.aio-max-nr too small for this host")
     ctx = backend.context(8192)
@@ -579,7 +579,7 @@ def test_many_sync_ops_in_one_submit(backend: RawBackend, fast_fd: int) -> None:
 
 
 def test_sync_results_none_refcount(backend: RawBackend, fast_fd: int) -> None:
-    """Edge case 35: 200 fsyncs returning None do not damage None."""
+    """DESIGN.md §3.5: 200 fsyncs returning None do not damage None."""
     ctx = backend.context(256)
     gc.collect()
     before = sys.getrefcount(None)
@@ -597,7 +597,7 @@ def test_sync_results_none_refcount(backend: RawBackend, fast_fd: int) -> None:
     assert sys.getrefcount(None) >= before - 200
 
 
-# -- lifetime (API.md 2.7) ----------------------------------------------------------------
+# -- lifetime (DESIGN.md §8.2) ----------------------------------------------------------------
 
 
 def test_fire_and_forget_submission(backend: RawBackend, tmp_fd: int) -> None:
@@ -648,7 +648,7 @@ def _self_referencing(op: object, done: threading.Event) -> object:
 
 
 def test_operation_cycle_is_collected(backend: RawBackend, tmp_fd: int) -> None:
-    """Edge case 34: op -> callback -> op cycle, fresh and completed."""
+    """DESIGN.md §8.3: op -> callback -> op cycle, fresh and completed."""
     ctx = backend.context()
     gc.disable()
     try:
@@ -675,7 +675,7 @@ def test_operation_cycle_is_collected(backend: RawBackend, tmp_fd: int) -> None:
 
 
 def test_read_payload_outlives_operation(backend: RawBackend, tmp_fd: int) -> None:
-    """Q5: a read payload view stays valid after the op is gone."""
+    """DESIGN.md §6.2 view-uaf: a read payload view stays valid after the op is gone."""
     data = os.urandom(64 * 1024)
     os.pwrite(tmp_fd, data, 0)
     ctx = backend.context()

@@ -3,7 +3,7 @@
 Each fault is injected into one operation while others are in flight on the
 same AsyncioContext (``asyncio.gather``): the failing operation's awaiter -
 and only it - gets an ``OSError`` with the right ``errno``; on the native
-backends it is also a ``SystemError`` (upstream's type, API.md 7 Q4), on
+backends it is also a ``SystemError`` (upstream's type, DESIGN.md §6.2 errtype), on
 python_aio it is the original ``OSError``. The other operations return
 exactly what they should, the file holds exactly their data, and the context
 keeps working.
@@ -48,7 +48,7 @@ def check_error(backend_name: str, exc: BaseException, expected_errno: int) -> N
     _count(f"{errno.errorcode[expected_errno]} on {backend_name}")
     if backend_name == "linux_aio" and isinstance(exc, ValueError):
         # Refused by io_submit: upstream raised ValueError from submit()
-        # (API.md 3.2); ours is SubmitError(OSError, ValueError).
+        # (DESIGN.md §4.5); ours is SubmitError(OSError, ValueError).
         return
     if backend_name != "python_aio":
         # Also upstream's type: code written for upstream caio catches it.
@@ -334,7 +334,7 @@ def test_einval_unaligned_o_direct_write(
 ) -> None:
     """O_DIRECT writes at an unaligned offset are EINVAL on every backend;
     aligned ones work on uring/linux_aio (aligned bounce buffers), and their
-    unaligned *reads* work too (API.md 5: windows)."""
+    unaligned *reads* work too (DESIGN.md §10)."""
     if not _supports_o_direct(str(tmp_path)):
         pytest.skip("the filesystem of tmp_path does not support O_DIRECT")
     path = str(tmp_path / "direct.bin")
@@ -500,7 +500,7 @@ def _capacity_context(backend: RawBackend) -> Any:
 
 def test_full_ring_or_queue(backend: RawBackend, tmp_fd: int) -> None:
     """Submitting far more than the capacity: the refusal is the contract's
-    type (API.md 3.6), raised to the submitter; the operations accepted
+    type (DESIGN.md §4.2), raised to the submitter; the operations accepted
     before it (a prefix of the batch) complete with the right data; the
     refused one and the rest are untouched and work when submitted again
     (linux_aio: a count instead of a refusal - its workers take the
@@ -544,14 +544,14 @@ def test_full_ring_or_queue(backend: RawBackend, tmp_fd: int) -> None:
 
 def test_full_ring_or_queue_is_also_oserror_eagain(backend: RawBackend, tmp_fd: int) -> None:
     """A capacity refusal of the raw submit() is the module's CapacityError:
-    catchable as API.md 3.6 prescribes (OverflowError: uring SQ ring full,
+    catchable as DESIGN.md §4.2 prescribes (OverflowError: uring SQ ring full,
     linux_aio io_submit EAGAIN; RuntimeError: thread_aio/python_aio queue
-    full) and as an OSError with errno EAGAIN (issue 7 item 2). Its message
+    full) and as an OSError with errno EAGAIN (DESIGN.md §4.2). Its message
     says what is full and the max_requests value. The refused operations are
     untouched: once completions are delivered, submitting them again works.
 
     linux_aio first takes what the kernel ring has room for and returns that
-    short count (API.md 3.6 "or short count"); only a submit() that gets
+    short count (DESIGN.md §4.2); only a submit() that gets
     nothing in at all raises."""
     ctx = _capacity_context(backend)
     n = 4096 if backend.is_linux_aio else 64

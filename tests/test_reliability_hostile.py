@@ -5,7 +5,7 @@ Each call must either work (and then mean exactly what was asked: an fd of
 ``2**32 + 5`` never becomes fd 5, ``nbytes=2**64`` never becomes 0) or raise a
 clear exception (``TypeError``, ``ValueError``, ``OverflowError``,
 ``OSError``, ``RuntimeError``, ``MemoryError``; ``SystemError`` only where
-API.md 3.2/3.3 prescribes it for a failing ``Context(...)``). A crash kills
+DESIGN.md §4.3 prescribes it for a failing ``Context(...)``). A crash kills
 the test process, a hang trips pytest-timeout; memory the library does not
 own would show up as wrong data or a crash (and under the sanitizer runs).
 
@@ -241,7 +241,7 @@ def test_operation_constructors(backend: RawBackend, hostile_fds: tuple[int, lis
         }[method]
         required = {"read": 2, "write": 2, "fsync": 1, "fdsync": 1}[method]
         if backend.is_python and method in ("read", "write"):
-            required = 3  # offset is required there (API.md 2.1)
+            required = 3  # offset is required there (DESIGN.md §3.2)
         values = {
             "nbytes": nbytes,
             "payload_bytes": payload,
@@ -273,7 +273,7 @@ def test_operation_constructors(backend: RawBackend, hostile_fds: tuple[int, lis
         if method == "read":
             n = as_int(given_["nbytes"])
             if backend.is_python and given_["nbytes"] is None:
-                n = 0  # API.md 3.5: None becomes 0
+                n = 0  # DESIGN.md §4.7: None becomes 0
             assert n is not None
             assert op.nbytes == n, ("nbytes aliased", n, op.nbytes)
             if backend.native:
@@ -297,7 +297,7 @@ def test_aliasing_integers_are_refused_or_fail_on_their_own(
     backend: RawBackend,
     hostile_fds: tuple[int, list[Any]],
 ) -> None:
-    """The headline cases of API.md 7 Q3: ``fd = 2**32 + fd`` must not reach
+    """The headline cases of DESIGN.md §6.2 wrap: ``fd = 2**32 + fd`` must not reach
     ``fd``, ``nbytes = 2**64`` must not become a 0-byte read, and an offset of
     ``2**64 + k`` must not become ``k``. python_aio keeps Python ints: the
     operation itself fails (``os.pread`` refuses them)."""
@@ -424,7 +424,7 @@ def test_context_constructor(backend: RawBackend) -> None:
             _count("Context() calls refused")
             return
         except SystemError:
-            # API.md 3.2/3.3: the kernel refused io_setup/io_uring_setup.
+            # DESIGN.md §4.4, §4.5: the kernel refused io_setup/io_uring_setup.
             assert backend.is_linux
             _count("Context() calls refused")
             return
@@ -758,7 +758,7 @@ def test_asyncio_operations_on_a_closed_context(
     tmp_fd: int,
 ) -> None:
     """After close(), every operation fails clearly (RuntimeError) instead of
-    hanging (API.md 7 Q14: upstream's linux adapters could hang here), and
+    hanging (DESIGN.md §6.2 close: upstream's linux adapters could hang here), and
     close() stays idempotent."""
     ctx = async_backend.context(4, loop=aio.loop)
     ctx.close()

@@ -360,7 +360,7 @@ async def quiesce(backend: AsyncBackend, ctx: Any, op: Any, closed: bool) -> Non
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"cancelled operation never finished: {op!r}")
         if closed and backend.is_uring:
-            # API.md 7 Q14: a closed uring adapter no longer watches its
+            # DESIGN.md §6.2 close: a closed uring adapter no longer watches its
             # eventfd; whoever still cares must drain the ring.
             ctx.context.flush()
             ctx.context.process_events()
@@ -646,7 +646,7 @@ def make_raw_machine(backend: RawBackend, directory: str) -> type:
                     _count("raw submits refused after close")
                     return  # nothing was claimed: those ops stay fresh
                 # Only a batch of already claimed ops may be skipped quietly
-                # (python_aio checks the claim first, API.md 3.5).
+                # (python_aio checks the claim first, DESIGN.md §4.7).
                 assert accepted == 0 and not fresh, (accepted, fresh)
                 return
             accepted = self.ctx.submit(*[r.op for r in batch])

@@ -578,14 +578,14 @@ class Workload:
     async def _drain_cancelled(self, timeout: float = SETTLE_TIMEOUT) -> None:
         """Wait until the operations of cancelled tasks have been delivered.
 
-        A cancelled operation may still complete in the background (only
-        io_uring really cancels). The linux adapters see its completion
-        only while they watch the eventfd, i.e. before close() (linux_uring
-        keeps its ring alive for as long as an op is in flight, API.md
-        2.7), and python_aio's late completion is posted to the loop, so
-        an application (this one) lets them finish before closing. The
-        linux ops report it (``op.context is None`` once delivered); the
-        pool backends are waited for through their in-flight counters
+        A cancelled operation may still complete in the background (io_uring
+        and thread_aio's queue really cancel; a running one finishes). The
+        native adapters deliver it and release their backend once idle,
+        also after close() (DESIGN.md §5.6), and python_aio's late
+        completion is posted to the loop; the soak checks that nothing is
+        left in flight before it measures fds and threads. The linux ops
+        report it (``op.context is None`` once delivered); the pool
+        backends are waited for through their in-flight counters
         (thread_aio's close() also waits by itself).
         """
         deadline = time.monotonic() + timeout

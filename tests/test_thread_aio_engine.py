@@ -1,7 +1,7 @@
 """thread_aio's engine: both completion-delivery modes, inline page-cache
 reads, queue-full rollback, close semantics, GIL-free workers, fork, exit.
 
-The generic contract (API.md) is covered by the shared suite; these tests pin
+The generic contract (DESIGN.md) is covered by the shared suite; these tests pin
 down how our native pool behaves.
 """
 
@@ -75,7 +75,7 @@ class TestDirectDelivery:
         ctx.close()
 
     def test_write_payload_is_released_after_completion(self, fd):
-        # API.md §7 Q7 (kept): a completed write's payload becomes None.
+        # DESIGN.md §6.2 thread-payload (kept): a completed write's payload becomes None.
         ctx = Context()
         done = threading.Event()
         op = Operation.write(b"payload", fd, 0)
@@ -89,7 +89,7 @@ class TestDirectDelivery:
         ctx.close()
 
     def test_failed_read_keeps_requested_nbytes(self):
-        # API.md §7 Q6 (fixed): nbytes is not clobbered to -1 on failure.
+        # DESIGN.md §6.2 thread-fields (fixed): nbytes is not clobbered to -1 on failure.
         ctx = Context()
         done = threading.Event()
         op = Operation.read(10, 999_999, 0)

@@ -3,7 +3,7 @@
 //!
 //! Integer arguments follow CPython's rules (anything with `__index__`; `bool`
 //! works; `float`/`str`/`None` raise `TypeError`). Unlike upstream caio, values
-//! are range-checked instead of silently wrapping (API.md §7 Q3): an fd of
+//! are range-checked instead of silently wrapping (DESIGN.md §6.2 wrap): an fd of
 //! `2**32 + 5` must not become fd 5, `nbytes=2**64` must not become 0.
 
 use std::ffi::CStr;

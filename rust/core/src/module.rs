@@ -241,10 +241,10 @@ compatibility with upstream caio, of SystemError."
 }
 
 /// Creates the module's `CapacityError`: raised by a raw `Context.submit()`
-/// refused because the ring/queue is full. API.md §3.6 prescribes the
+/// refused because the ring/queue is full. DESIGN.md §4.2 prescribes the
 /// builtin `base` (`OverflowError` for linux_uring/linux_aio, `RuntimeError`
-/// for thread_aio); issue 7 asks for an `OSError` with `errno == EAGAIN` as
-/// well. As for `OperationError` (API.md §7 Q4), one class deriving from
+/// for thread_aio); DESIGN.md §4.2 asks for an `OSError` with `errno == EAGAIN` as
+/// well. As for `OperationError` (DESIGN.md §6.2 errtype), one class deriving from
 /// both satisfies the two: `except OverflowError` / `except RuntimeError`
 /// keep working, `except OSError` with `e.errno == errno.EAGAIN` works too
 /// (and `str()` reads `[Errno 11] <message>`).

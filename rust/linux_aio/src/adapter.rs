@@ -10,11 +10,11 @@
 //! * `deferred=True`: the engine claims the op and stages it; one flush per
 //!   loop iteration (a `call_soon` callback) submits the whole batch in one
 //!   `io_submit`. An op the kernel refuses fails alone, with its own error;
-//!   the rest of the batch is resubmitted (API.md §7 Q12). An op whose task
+//!   the rest of the batch is resubmitted (DESIGN.md §6.2 batch-fail). An op whose task
 //!   was cancelled before the flush never reaches the kernel.
 //! * Completions (kernel and worker pool) signal the eventfd; the loop's
 //!   reader (`_process_loop_events`) drains them all.
-//! * After the adapter's `close()` (API.md §7 Q14) nothing new is accepted;
+//! * After the adapter's `close()` (DESIGN.md §5.6) nothing new is accepted;
 //!   once no operation is in flight any more (cancelled ones included:
 //!   they keep their admission slot until delivered), the shared fast path
 //!   calls the adapter's `_release()` ("close once idle" in
@@ -320,7 +320,7 @@ unsafe fn to_exception(e: PyErr) -> Option<Owned> {
 }
 
 /// Submits a deferred batch (ops claimed by `submit`, not begun): as many as
-/// the kernel takes, each refused op failing alone (API.md §7 Q12).
+/// the kernel takes, each refused op failing alone (DESIGN.md §6.2 batch-fail).
 ///
 /// # Safety
 /// Attached; `slf` is the Context owning `c`; `staged` holds Operations of

@@ -89,7 +89,7 @@ static FLAVOR: Flavor = Flavor {
     priority_min: i16::MIN as i128,
     priority_max: i16::MAX as i128,
     payload_type_msg: "payload_bytes argument must be bytes",
-    // API.md §7 Q1, fixed: callbacks get the signed kernel result (bytes
+    // DESIGN.md §6.2 aio-result, fixed: callbacks get the signed kernel result (bytes
     // moved, or -errno), not its unsigned 64-bit reinterpretation.
     failure_as_minus_one: false,
     callback_keyword: true,

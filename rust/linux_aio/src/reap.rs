@@ -340,7 +340,7 @@ impl AioContext {
                 }
                 Wait::Timeout => {}
                 Wait::Interrupted => {
-                    // API.md §7 Q11: run signal handlers; an exception from
+                    // DESIGN.md §6.2 eintr: run signal handlers; an exception from
                     // one propagates, otherwise keep waiting.
                     // SAFETY: attached (our contract).
                     if unsafe { PyErr_CheckSignals() } != 0 {

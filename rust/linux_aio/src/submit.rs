@@ -88,7 +88,7 @@ unsafe fn submit_error_type(slf: *mut PyObject) -> Exc {
     Exc::ValueError
 }
 
-/// Exception for an op that `io_submit` refused with `e` (API.md §3.2;
+/// Exception for an op that `io_submit` refused with `e` (DESIGN.md §4.5;
 /// messages extended to name the actual cause). Where upstream raises
 /// `ValueError`, `refused` is `SubmitError`: still a `ValueError`, and also
 /// an `OSError` carrying the errno (like `io.UnsupportedOperation`).
@@ -104,8 +104,8 @@ unsafe fn refusal_error(
 ) -> PyErr {
     let fd = o.fd_i32();
     match e {
-        // `caio.linux_aio.CapacityError`: upstream's OverflowError (API.md
-        // §3.6), also an OSError with errno EAGAIN (see
+        // `caio.linux_aio.CapacityError`: upstream's OverflowError (DESIGN.md
+        // §4.2), also an OSError with errno EAGAIN (see
         // caio_core::module::init_capacity_error).
         // SAFETY: attached and `slf` is a linux_aio Context (the caller's
         // contract).

@@ -13,7 +13,7 @@
 //!   switches back to eager when its whole batch completed inline. Batching
 //!   matters when completions are asynchronous anyway (cold page cache,
 //!   O_DIRECT): fewer enters, block plugs and device notifications;
-//! * `deferred=True` (API.md §4.3): every SQE of a loop iteration in one
+//! * `deferred=True` (DESIGN.md §5.8.1): every SQE of a loop iteration in one
 //!   `io_uring_enter`.
 //!
 //! SQPOLL rings: stage, wake the SQ thread if it sleeps, drain.

@@ -42,10 +42,10 @@ static FLAVOR: Flavor = Flavor {
     read_payload: ReadPayload::Bytes,
     drop_write_payload: false,
     nbytes_tracks_write: false,
-    // API.md: a read larger than 2**32-1 bytes cannot be expressed in an SQE.
+    // DESIGN.md §3.2: a read larger than 2**32-1 bytes cannot be expressed in an SQE.
     max_read: u32::MAX as u64,
     max_read_msg: "nbytes exceeds the io_uring read limit",
-    // Q3: -1 (= 2**64-1, "current file position" for pipes) stays accepted;
+    // DESIGN.md §6.2 wrap: -1 (= 2**64-1, "current file position" for pipes) stays accepted;
     // other negative values would alias huge offsets and are refused.
     offset_min: -1,
     offset_max: u64::MAX as i128,
@@ -154,7 +154,7 @@ its io_uring instance belongs to the parent and cannot be used here. Create a ne
     /// Attached (callbacks run here).
     pub(crate) unsafe fn flush(&self) -> PyResult<usize> {
         if !self.ring.sqpoll && self.ring.staged() == 0 {
-            // API.md §7 Q20: nothing staged, nothing looked at.
+            // DESIGN.md §6.2 flush-empty: nothing staged, nothing looked at.
             return Ok(0);
         }
         self.submit_staged()?;
@@ -290,7 +290,7 @@ unsafe extern "C" fn ctx_dealloc(slf: *mut PyObject) {
     })
 }
 
-/// Type-checks every argument before anything is claimed (API.md §3.1).
+/// Type-checks every argument before anything is claimed (DESIGN.md §4.1).
 ///
 /// # Safety
 /// Attached; `slf` is a Context; `args` are live objects.
@@ -465,7 +465,7 @@ unsafe extern "C" fn ctx_process_events(
         // SAFETY: the vectorcall arguments as CPython passed them.
         let a = unsafe { EVENTS_PARAMS.parse::<3>(args, nargsf, kwnames) }?;
         // Upstream takes -1 as "2**32-1" (everything); other negative values
-        // would alias and raise (Q3).
+        // would alias and raise (DESIGN.md §6.2 wrap).
         let mut max = match a.get(0) {
             Some(o) => match int_param(o, "max_requests", -1, i64::from(u32::MAX))? {
                 -1 => u32::MAX,
@@ -514,7 +514,7 @@ unsafe extern "C" fn ctx_process_events(
                     u64::from(min),
                     deadline,
                     &mut || {
-                        // API.md §7 Q11: run Python signal handlers; an
+                        // DESIGN.md §6.2 eintr: run Python signal handlers; an
                         // exception from one ends the wait, otherwise keep
                         // waiting.
                         // SAFETY: `wait` calls this attached.
@@ -629,7 +629,7 @@ unsafe extern "C" fn get_fileno(slf: *mut PyObject, _: *mut c_void) -> *mut PyOb
     trampoline(|| py_int(i64::from(unsafe { ctx(slf) }.ring.eventfd())))
 }
 
-/// `Context.sqpoll`: API.md §7 Q18, an int (what was negotiated), not a
+/// `Context.sqpoll`: DESIGN.md §6.2 sqpoll-int, an int (what was negotiated), not a
 /// bool.
 ///
 /// # Safety

@@ -111,7 +111,7 @@ hands them to the kernel, then submit the rest again",
 }
 
 /// The SQ ring has no free slot: `caio.linux_uring.CapacityError`, an
-/// `OverflowError` (API.md §3.6) that is also an `OSError` with errno EAGAIN
+/// `OverflowError` (DESIGN.md §4.2) that is also an `OSError` with errno EAGAIN
 /// (see `caio_core::module::init_capacity_error`).
 ///
 /// # Safety
@@ -414,7 +414,7 @@ impl Ring {
     // -- cancellation -------------------------------------------------------
 
     /// Stages an `ASYNC_CANCEL` for `target` and submits everything staged
-    /// (API.md §7 Q9: not only the oldest SQE; SQPOLL gets its wake-up).
+    /// (DESIGN.md §6.2 cancel-submit: not only the oldest SQE; SQPOLL gets its wake-up).
     /// Errors from entering the kernel are ignored; a ring that stays full
     /// gives `Err(())`.
     pub fn cancel(&self, target: &Operation) -> Result<(), ()> {
@@ -818,7 +818,7 @@ unsafe fn prepare(o: &Operation, direct: &DirectCache) -> PyResult<squeue::Entry
         OpKind::Read | OpKind::Write => {
             // SAFETY: the engine owns `o` (contract above).
             let io = unsafe { o.io() };
-            // API.md §7 Q8: never more than the kernel's single-transfer cap;
+            // DESIGN.md §6.2 uring-4g: never more than the kernel's single-transfer cap;
             // the partial count is reported and callers loop.
             let len = io.len.min(MAX_TRANSFER) as u32;
             if o.kind == OpKind::Read {

@@ -40,7 +40,7 @@ static FLAVOR: Flavor = Flavor {
     max_read_msg: "nbytes does not fit in Py_ssize_t",
     offset_min: i64::MIN as i128,
     offset_max: i64::MAX as i128,
-    // Q3: accept every value that fits 16 bits signed or unsigned, reject the
+    // DESIGN.md §6.2 wrap: accept every value that fits 16 bits signed or unsigned, reject the
     // rest instead of wrapping. The priority is not used by a thread pool.
     priority_min: i16::MIN as i128,
     priority_max: u16::MAX as i128,
@@ -161,7 +161,7 @@ static NEW_PARAMS: Params = Params {
 
 /// A u16 parameter: 0 selects the default, values above `limit` are refused
 /// with upstream's `ValueError`, values that do not fit 16 bits raise
-/// `OverflowError` instead of wrapping around (API.md §7 Q3).
+/// `OverflowError` instead of wrapping around (DESIGN.md §6.2 wrap).
 fn u16_param(obj: Option<Borrowed<'_>>, name: &str, default: u16, max_ok: u16) -> PyResult<u16> {
     let Some(obj) = obj else { return Ok(default) };
     let v = int_in(obj, name, 0, i128::from(u16::MAX))?;
@@ -341,8 +341,8 @@ pub(crate) unsafe fn submit_one(
             // SAFETY: begun above, and the pool handed the job back.
             unsafe { op::abort(o) };
             Err(match why {
-                // `caio.thread_aio.CapacityError`: the RuntimeError of API.md
-                // §3.6, also an OSError with errno EAGAIN (see
+                // `caio.thread_aio.CapacityError`: the RuntimeError of DESIGN.md
+                // §4.2, also an OSError with errno EAGAIN (see
                 // caio_core::module::init_capacity_error).
                 // SAFETY: attached; `slf` is an instance of this module's
                 // Context type.

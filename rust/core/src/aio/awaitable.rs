@@ -350,7 +350,7 @@ fn abandon(w: &Awaitable) {
             // The op may still be running in the backend: its slot is
             // returned when the backend really finishes it, not now, or
             // cancelled-but-running ops would pile up beyond max_requests
-            // (API.md 4.6: no capacity errors however many are cancelled).
+            // (DESIGN.md §5.4, §5.5: no capacity errors however many are cancelled).
             if w.has_slot.get() && hand_slot_to_op(w) {
                 w.has_slot.set(false);
             }

@@ -1,5 +1,5 @@
 //! Admission control: at most `max_requests` operations of an adapter
-//! between submission and completion (API.md §4.6); later ones wait in FIFO
+//! between submission and completion (DESIGN.md §5.4); later ones wait in FIFO
 //! order on a future. A cancelled operation keeps its slot until the
 //! backend has really finished it (see `awaitable::hand_slot_to_op`).
 

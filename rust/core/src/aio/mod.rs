@@ -12,7 +12,7 @@
 //! and, once its Context exists, calls `self._bind(context, loop,
 //! max_requests, deferred, engine_obj)` (once). From then on `read`,
 //! `write`, `fsync`, `fdsync` and `submit` are native: they build the
-//! Operation (so argument errors raise at call time, API.md §4.1) and return
+//! Operation (so argument errors raise at call time, DESIGN.md §5.2) and return
 //! an [`awaitable`] that takes an admission slot ([`gate`]), hands the op to
 //! the engine and completes inline when it can.
 //!

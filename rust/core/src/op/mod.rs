@@ -95,11 +95,11 @@ pub enum ReadPayload {
     /// The `bytes` object itself (linux_uring).
     Bytes,
     /// A read-only `memoryview` over it (linux_aio, thread_aio). The view keeps
-    /// the bytes alive, so it can never outlive its memory (API.md §7 Q5).
+    /// the bytes alive, so it can never outlive its memory (DESIGN.md §6.2 view-uaf).
     MemoryView,
 }
 
-/// Per-backend differences of the Operation type (API.md §1.6, §2).
+/// Per-backend differences of the Operation type (DESIGN.md §3.1–§3.4).
 pub struct Flavor {
     /// `tp_name`, e.g. `"aio.AIOOperation"`.
     pub type_name: &'static CStr,

@@ -311,7 +311,7 @@ pub fn set_error_message_hook(hook: ErrorMessageHook) {
 
 /// The error raised by `get_value()` for a failed op: the module's
 /// `OperationError`, a subclass of both `OSError` and `SystemError`
-/// (API.md §7 Q4: still catchable as upstream's `SystemError`, now also with
+/// (DESIGN.md §6.2 errtype: still catchable as upstream's `SystemError`, now also with
 /// `errno`/`strerror`).
 ///
 /// # Safety
