@@ -604,8 +604,18 @@ def test_async_with_waits_for_operations_in_flight(lib: Lib, engine: str, fast_f
 
 
 def _proc_threads() -> int:
+    """The process's threads, native ones included, except io_uring's own
+    kernel workers (``iou-wrk-*``, ``iou-sqp-*``): the kernel starts and
+    stops those by itself (e.g. for buffered writes it punts to io-wq)."""
     try:
-        return len(os.listdir("/proc/self/task"))
+        names = []
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    names.append(f.read().strip())
+            except OSError:
+                pass  # exited meanwhile
+        return sum(1 for n in names if not n.startswith("iou-"))
     except OSError:
         return threading.active_count()
 
