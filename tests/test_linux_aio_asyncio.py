@@ -236,7 +236,7 @@ def test_cancel_after_first_step(arun, deferred, fd):
     arun(main())
 
 
-# -- construction and submission rules (DESIGN.md §5.1, §5.2, §5.8.2, §6.2 batch-fail/aio-kwargs) ----
+# -- construction and submission (DESIGN.md §5.1, §5.2, §5.8.2, §6.2 batch-fail/aio-kwargs) --
 
 
 def test_construction(arun):
@@ -498,7 +498,7 @@ def test_loop_closed_before_flush_frees_ops_and_context(loop_kind, deferred, fd)
         assert context.closed and context.fileno == -1  # the loop-gone release
         for task in tasks:
             task._log_destroy_pending = False  # abandoned on purpose
-        del ctx, context, tasks, task, makers, one
+        ctx = context = tasks = task = makers = one = None  # type: ignore[assignment]
         gc.collect()
         alive = [r() for r in refs if r() is not None]
         assert alive == [], alive

@@ -729,7 +729,7 @@ def test_loop_closed_before_flush_frees_ops_and_context(loop_kind, config, fd, p
         assert ctx._released()
         for task in tasks:
             task._log_destroy_pending = False  # abandoned on purpose
-        del ctx, context, tasks, task, makers, one
+        ctx = context = tasks = task = makers = one = None  # type: ignore[assignment]
         gc.collect()
         alive = [r() for r in refs if r() is not None]
         assert alive == [], alive

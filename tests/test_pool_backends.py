@@ -187,7 +187,8 @@ def test_thread_aio_cancel_takes_back_queued_operations(
 
 
 def test_thread_aio_queued_op_is_gated(thread_aio: RawBackend, tmp_fd: int) -> None:
-    """DESIGN.md §3.3, §3.4 (and §6.2 thread-payload: write payload becomes None after completion)."""
+    """DESIGN.md §3.3, §3.4 (and §6.2 thread-payload: a write payload becomes None
+    after completion)."""
     ctx, release = _blocked_worker(thread_aio, tmp_fd)
     try:
         calls = Recorder()

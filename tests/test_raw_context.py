@@ -282,7 +282,7 @@ def test_handed_out_bytes_never_change(backend: RawBackend, tmp_fd: int) -> None
     assert second.get_value() is not value
 
 
-# -- errors (DESIGN.md §3.5, §4.3, §6.2 errtype/thread-fields) ---------------------------------------------------
+# -- errors (DESIGN.md §3.5, §4.3, §6.2 errtype/thread-fields) ------------------------------
 
 
 def _failing_op(backend: RawBackend, fd: int, ctx: object) -> object:
