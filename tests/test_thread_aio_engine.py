@@ -116,6 +116,31 @@ class TestDirectDelivery:
             ctx.submit(Operation.fsync(fd))
 
 
+    def test_zero_length_read_calls_back_on_a_worker(self, fd):
+        """Inline reads off (a raw Context): even a zero-length read runs and
+        calls back on a worker, never inside submit() on the caller's thread,
+        so a caller holding a lock its callback takes cannot deadlock."""
+        ctx = Context(4)
+        lock = threading.Lock()
+        threads = []
+        done = threading.Event()
+
+        def callback(result):
+            with lock:
+                threads.append(threading.get_ident())
+            done.set()
+
+        op = Operation.read(0, fd, 0)
+        op.set_callback(callback)
+        with lock:  # the callback takes it: it must not run in here
+            assert ctx.submit(op) == 1
+            assert not threads
+        assert done.wait(5)
+        assert threads != [threading.get_ident()]
+        assert op.get_value() == b""
+        ctx.close()
+
+
 class TestQueueFull:
     def test_rejected_op_is_rolled_back_and_retryable(self, fd):
         # One worker kept busy by a blocking callback, a queue of one.

@@ -323,7 +323,11 @@ pub(crate) unsafe fn submit_one(
     }
     // SAFETY: attached, and `o` was claimed just now by this call.
     unsafe { op::begin(o, slf) };
-    if o.nbytes as usize <= c.inline_read_max.load(Ordering::Relaxed) {
+    let inline_max = c.inline_read_max.load(Ordering::Relaxed);
+    // `inline_max == 0`: inline reads are off (a raw Context, or the adapter
+    // asked for none); then every op, a zero-length read included, runs and
+    // calls back on a worker, never inside submit() on the caller's thread.
+    if inline_max > 0 && o.nbytes as usize <= inline_max {
         // Page-cache hit: done right here, no thread hop. RWF_NOWAIT never
         // waits for the disk and the size is bounded, so this does not stall
         // the event loop.
