@@ -337,6 +337,77 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+#: Where wake-ups can go through a file descriptor of our own (an eventfd on
+#: Linux, a pipe elsewhere): every POSIX system. Not on Windows.
+WAKEUP_FDS = os.name == "posix"
+
+# One eventfd increment (eventfd I/O is always 8 bytes); any byte would do
+# for a pipe.
+_WAKEUP_SIGNAL = (1).to_bytes(8, sys.byteorder)
+
+
+class _WakeupFd:
+    """A non-blocking wake-up channel: an eventfd (Linux) or a pipe.
+
+    ``signal()`` may be called from any thread; ``drain()`` consumes every
+    pending signal; after ``close()`` (idempotent; also run when the object
+    is collected) ``signal()`` does nothing and returns False. The three
+    are serialised by a lock, so a signal never reaches a closed (or
+    reused) fd number. In a process forked from the creator ``signal()``
+    does nothing: the fds are shared with the creator, whose waiters the
+    child must not wake.
+    """
+
+    __slots__ = ("_generation", "_lock", "_read_fd", "_write_fd")
+
+    def __init__(self) -> None:
+        self._read_fd = self._write_fd = -1
+        self._lock = Lock()
+        self._generation = _fork_generation
+        if hasattr(os, "eventfd"):
+            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._read_fd = self._write_fd = fd
+        else:
+            read_fd, write_fd = os.pipe()  # non-inheritable (PEP 446)
+            os.set_blocking(read_fd, False)
+            os.set_blocking(write_fd, False)
+            self._read_fd, self._write_fd = read_fd, write_fd
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def signal(self) -> bool:
+        with self._lock:
+            if self._write_fd < 0 or self._generation != _fork_generation:
+                return False
+            try:
+                os.write(self._write_fd, _WAKEUP_SIGNAL)
+            except BlockingIOError:
+                pass  # a full pipe is readable already
+            return True
+
+    def drain(self) -> None:
+        with self._lock:
+            while self._read_fd >= 0:
+                try:
+                    if not os.read(self._read_fd, 4096):
+                        return
+                except OSError:  # BlockingIOError: nothing (more) pending
+                    return
+
+    def close(self) -> None:
+        with self._lock:
+            read_fd, write_fd = self._read_fd, self._write_fd
+            self._read_fd = self._write_fd = -1
+        for fd in {read_fd, write_fd}:
+            if fd >= 0:
+                os.close(fd)
+
+    def __del__(self) -> None:
+        if self._read_fd >= 0:
+            self.close()
+
+
 # Contexts still open, closed by an atexit hook. multiprocessing's own exit
 # handler (registered when multiprocessing.pool was imported above, so it
 # runs after ours) terminates pools without marking them closed; a pool left

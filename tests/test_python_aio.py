@@ -1,11 +1,14 @@
 """python_aio specifics (API.md 3.5, edge cases 46-51, quirk Q17)."""
 
+import asyncio
 import errno
 import gc
 import importlib.util
 import os
 import sys
 import threading
+import time
+import weakref
 from multiprocessing.pool import ThreadPool
 from typing import Any
 
@@ -15,7 +18,7 @@ import caio
 from caio import python_aio
 from caio.python_aio import ContextState, OpCode
 
-from helpers import RawBackend, Recorder
+from helpers import LoopRunner, RawBackend, Recorder
 
 
 def test_module_level_names() -> None:
@@ -464,3 +467,94 @@ def test_context_starts_no_resource_tracker(method: str) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "None"], (proc.stdout, proc.stderr)
     assert proc.stderr == "", proc.stderr
+
+
+# -- asyncio adapter: wake-ups through the adapter's own fd ---------------------------
+
+
+def _fd_target(fd: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(not python_aio.WAKEUP_FDS, reason="no fd wake-ups on this platform")
+def test_adapter_does_not_depend_on_the_loops_self_pipe(aio: LoopRunner, tmp_fd: int) -> None:
+    """What a forked child's exit does to its parent's asyncio loop
+    (test_reliability_fork.py): the loop's self-pipe is unregistered from
+    its selector, so call_soon_threadsafe() no longer wakes it. Completions
+    still arrive, through the adapter's own fd."""
+    if aio.kind != "asyncio":
+        pytest.skip("reaches into asyncio's selector loop")
+    loop: Any = aio.loop
+    os.pwrite(tmp_fd, b"payload", 0)
+
+    async def main() -> None:
+        ctx = caio.python_aio_asyncio.AsyncioContext(8, loop=loop)
+        try:
+            assert await ctx.read(7, tmp_fd, 0) == b"payload"
+            loop._selector.unregister(loop._ssock.fileno())
+            for _ in range(3):
+                await asyncio.sleep(0.01)  # the loop is asleep when the op ends
+                started = time.monotonic()
+                done, _ = await asyncio.wait(
+                    {asyncio.ensure_future(ctx.read(7, tmp_fd, 0))}, timeout=5
+                )
+                # Not merely done: a completion that did not wake the loop is
+                # seen when the wait's own timer does, 5 s later.
+                assert done and time.monotonic() - started < 2.5, "the loop was not woken"
+                assert done.pop().result() == b"payload"
+        finally:
+            ctx.close()
+            loop._add_reader(loop._ssock.fileno(), loop._read_from_self)
+
+    aio.run(main())
+
+
+@pytest.mark.skipif(not python_aio.WAKEUP_FDS, reason="no fd wake-ups on this platform")
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_dropped_adapter_is_collected_and_its_fd_unwatched(aio: LoopRunner, tmp_fd: int) -> None:
+    """The loop holds the adapter's reader, which holds the adapter only
+    weakly: an adapter dropped without close() is still collected, and its
+    wake-up fd is taken off the loop and closed."""
+
+    async def use() -> tuple[Any, int, str | None]:
+        ctx = caio.python_aio_asyncio.AsyncioContext(8, loop=aio.loop)
+        await ctx.write(b"x", tmp_fd, 0)
+        fd = ctx._reader_fd
+        assert fd is not None
+        return weakref.ref(ctx), fd, _fd_target(fd)
+
+    ref, fd, target = aio.run(use())
+    assert target is not None
+    gc.collect()
+    assert ref() is None
+    aio.settle()  # the finaliser's call_soon_threadsafe() runs on the loop
+    assert _fd_target(fd) != target
+
+
+class _NoReadersLoop(asyncio.SelectorEventLoop):
+    def add_reader(self, fd: Any, callback: Any, *args: Any) -> None:
+        raise NotImplementedError  # as the proactor loop on Windows
+
+
+def test_loop_without_fd_readers_uses_call_soon_threadsafe(tmp_fd: int) -> None:
+    loop = _NoReadersLoop()
+    try:
+
+        async def main() -> None:
+            ctx = caio.python_aio_asyncio.AsyncioContext(8, loop=loop)
+            assert ctx._wakeup is None
+            assert await ctx.write(b"fallback", tmp_fd, 0) == 8
+            assert (
+                await asyncio.gather(*[ctx.read(8, tmp_fd, 0) for _ in range(20)])
+                == [b"fallback"] * 20
+            )
+            ctx.close()
+            with pytest.raises(RuntimeError):
+                await ctx.read(8, tmp_fd, 0)
+
+        loop.run_until_complete(asyncio.wait_for(main(), 30))
+    finally:
+        loop.close()
