@@ -21,11 +21,15 @@ child (``_remove_loop_reader`` leaves the loop alone in a forked child).
 
 Close once idle
 ---------------
-``close()`` refuses new operations at once; as soon as every operation the
-backend accepted has been delivered (at once if none is in flight), the
-adapter stops watching its fd and closes it (DESIGN.md §5.6). If the loop is
-closed with operations in flight, the first completion that finds it closed
-releases what it can without the loop.
+``close()`` refuses new operations at once and does not wait for those in
+flight; as soon as every operation the backend accepted has been delivered
+(at once if none is in flight), the adapter stops watching its fd, closes it
+and waits for the pool's threads, which have nothing left to do and end
+promptly, taking the pool's notifier fd with them (DESIGN.md §5.6): no OS
+resource is left to the garbage collector, however long the adapter object
+itself is kept. If the loop is closed with operations in flight, the first
+completion that finds it closed releases what it can without the loop (the
+pool then winds down by itself).
 
 The loop holds the fd's reader callback, which references the adapter only
 weakly: an adapter dropped without ``close()`` is still collected, and a
@@ -85,6 +89,11 @@ def _unwatch_dropped(
 class AsyncioContext(AsyncioContextBase):
     OPERATION_CLASS = Operation
     CONTEXT_CLASS = Context
+
+    #: Longest wait (seconds) for the pool's threads when the closed adapter
+    #: is released. They only have to wake up and return (nothing is in
+    #: flight then); the bound covers work put on the pool from outside.
+    RELEASE_TIMEOUT = 5.0
 
     def __init__(self, *args: Any, **kwargs: Any):
         # Set up before the base constructor creates the Context.
@@ -217,19 +226,26 @@ class AsyncioContext(AsyncioContextBase):
         return True
 
     def _destroy_context(self) -> None:
-        # Non-blocking: operations already accepted finish in the background
-        # and are still delivered; the adapter is released once they have.
+        # Does not wait for operations: those already accepted finish in the
+        # background and are still delivered; the adapter is released once
+        # they have.
         self._closing = True
         self.context.close()
-        if self._in_flight <= 0 or self.loop.is_closed():
+        if self._in_flight <= 0:
             self._release()
+        elif self.loop.is_closed():
+            # Nobody can await them any more: let go of what needs no
+            # waiting; the pool winds down by itself once they are done.
+            self._release(join=False)
 
     def _released(self) -> bool:
         """Whether the closed adapter was released (as the native ones)."""
         return self._release_ran
 
-    def _release(self) -> None:
-        """Stop watching the wake-up fd and close it (once)."""
+    def _release(self, join: bool = True) -> None:
+        """Stop watching the wake-up fd and close it, then (``join``) wait
+        for the pool's threads, which end promptly now that nothing is in
+        flight, so that its notifier fd is closed too. Once."""
         if self._release_ran:
             return
         self._release_ran = True
@@ -241,3 +257,5 @@ class AsyncioContext(AsyncioContextBase):
         wakeup = self._wakeup
         if wakeup is not None:
             wakeup.close()
+        if join:
+            self.context._join(self.RELEASE_TIMEOUT)
