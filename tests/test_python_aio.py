@@ -634,3 +634,37 @@ def test_close_releases_fds_once_idle(
     ctx = aio.run(main())
     assert _open_fds() == before
     del ctx
+
+
+@pytest.mark.skipif(not hasattr(os, "eventfd"), reason="the pipe is the only kind here")
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_pipe_wakeups_where_there_is_no_eventfd(
+    tmp_fd: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """macOS and the BSDs have no eventfd: the adapter's wake-up fd and the
+    pool's notifier are pipes there. Same behaviour, same release."""
+    monkeypatch.delattr(os, "eventfd")
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(asyncio.sleep(0))
+        before = _open_fds()
+
+        async def main() -> Any:
+            ctx = caio.python_aio_asyncio.AsyncioContext(8, loop=loop)
+            assert ctx._wakeup is not None and ctx._wakeup._write_fd != ctx._wakeup._read_fd
+            assert len(_open_fds()) == len(before) + 4  # two pipes
+            assert await ctx.write(b"piped", tmp_fd, 0) == 5
+            assert (
+                await asyncio.gather(*[ctx.read(5, tmp_fd, 0) for _ in range(16)])
+                == [b"piped"] * 16
+            )
+            ctx.close()
+            await asyncio.sleep(0)
+            return ctx
+
+        ctx = loop.run_until_complete(asyncio.wait_for(main(), 30))
+        assert ctx._released()
+        assert _open_fds() == before
+    finally:
+        loop.close()
