@@ -10,7 +10,8 @@ Every ``caio.<backend>_asyncio.AsyncioContext`` subclasses
                                       future, return ``op.get_value()``
 
 Pure-Python adapters customise it through small hooks: ``_create_context``,
-``_on_done``, ``_keep_slot_until_done`` and ``_destroy_context``.
+``_on_submitted``, ``_on_done``, ``_keep_slot_until_done`` and
+``_destroy_context``.
 
 The native backends' adapters use :class:`NativeAsyncioContextBase` instead:
 there the per-operation path is the backend's native ``_AsyncioBase`` and
@@ -99,6 +100,10 @@ class AsyncioContextBase(abc.ABC):
             if not self.loop.is_closed():
                 raise
 
+    def _on_submitted(self) -> None:
+        """The backend accepted an operation: its callback will run exactly
+        once (default: nothing to count)."""
+
     def _keep_slot_until_done(self, op: AbstractOperation, future: asyncio.Future[Any]) -> bool:
         """The awaiting task was cancelled while ``op`` may still be running.
 
@@ -150,6 +155,7 @@ class AsyncioContextBase(abc.ABC):
         try:
             if self.context.submit(op) != 1:
                 raise OSError("Operation was not submitted")
+            self._on_submitted()
             try:
                 if future.done():
                     self._sync_streak += 1

@@ -43,6 +43,7 @@ import operator
 import os
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from enum import IntEnum, unique
@@ -295,32 +296,6 @@ class _DrainJob:
         del pool._cache[self]
 
 
-def _notifier_context() -> Any:
-    try:
-        return multiprocessing.get_context("fork")
-    except ValueError:  # pragma: no cover - Windows: semaphores are never tracked there
-        return None
-
-
-class _ThreadPool(ThreadPool):
-    """A ``ThreadPool`` whose internal notifier queue is built with the
-    "fork" multiprocessing context where one exists.
-
-    ThreadPool starts no process, but ``Pool.__init__`` still builds a
-    ``multiprocessing.SimpleQueue`` (a pipe and a named semaphore) from the
-    default context. Since Python 3.14 that default is "forkserver" on Linux
-    ("spawn" on macOS), under which every named semaphore is registered with
-    multiprocessing's resource tracker: the first Context would start a
-    tracker process, hold a pipe to it open for the rest of the program, and
-    a forked child would print "leaked semaphore objects" at exit. Under the
-    "fork" context the semaphore is unlinked at once and never tracked.
-    Nothing here forks; the context only chooses that policy.
-    """
-
-    def __init__(self, processes: int) -> None:
-        Pool.__init__(self, processes, context=_notifier_context())
-
-
 # Bumped in a child process after fork(): a Context remembers the value it
 # was created with. Its ThreadPool's threads exist only in the parent, so in
 # the child an accepted operation would never run and its awaiter would wait
@@ -335,6 +310,201 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+#: Where wake-ups can go through a file descriptor of our own (an eventfd on
+#: Linux, a pipe elsewhere): every POSIX system. Not on Windows.
+WAKEUP_FDS = os.name == "posix"
+
+# One eventfd increment (eventfd I/O is always 8 bytes); any byte would do
+# for a pipe.
+_WAKEUP_SIGNAL = (1).to_bytes(8, sys.byteorder)
+
+
+class _WakeupFd:
+    """A non-blocking wake-up channel: an eventfd (Linux) or a pipe.
+
+    ``signal()`` may be called from any thread; ``drain()`` consumes every
+    pending signal; after ``close()`` (idempotent; also run when the object
+    is collected) ``signal()`` does nothing and returns False. The three
+    are serialised by a lock, so a signal never reaches a closed (or
+    reused) fd number. In a process forked from the creator ``signal()``
+    does nothing: the fds are shared with the creator, whose waiters the
+    child must not wake.
+    """
+
+    __slots__ = ("_generation", "_lock", "_read_fd", "_write_fd")
+
+    def __init__(self) -> None:
+        self._read_fd = self._write_fd = -1
+        self._lock = Lock()
+        self._generation = _fork_generation
+        if hasattr(os, "eventfd"):
+            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._read_fd = self._write_fd = fd
+        else:
+            read_fd, write_fd = os.pipe()  # non-inheritable (PEP 446)
+            os.set_blocking(read_fd, False)
+            os.set_blocking(write_fd, False)
+            self._read_fd, self._write_fd = read_fd, write_fd
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def signal(self) -> bool:
+        with self._lock:
+            if self._write_fd < 0 or self._generation != _fork_generation:
+                return False
+            try:
+                os.write(self._write_fd, _WAKEUP_SIGNAL)
+            except BlockingIOError:
+                pass  # a full pipe is readable already
+            return True
+
+    def drain(self) -> None:
+        with self._lock:
+            while self._read_fd >= 0:
+                try:
+                    if not os.read(self._read_fd, 4096):
+                        return
+                except OSError:  # BlockingIOError: nothing (more) pending
+                    return
+
+    def close(self) -> None:
+        with self._lock:
+            read_fd, write_fd = self._read_fd, self._write_fd
+            self._read_fd = self._write_fd = -1
+        for fd in {read_fd, write_fd}:
+            if fd >= 0:
+                os.close(fd)
+
+    def __del__(self) -> None:
+        if self._read_fd >= 0:
+            self.close()
+
+
+def _notifier_context() -> Any:
+    try:
+        return multiprocessing.get_context("fork")
+    except ValueError:  # pragma: no cover - Windows: semaphores are never tracked there
+        return None
+
+
+class _PoolNotifier(_WakeupFd):
+    """Stands in for the ``multiprocessing.SimpleQueue`` that ``ThreadPool``
+    uses as its change notifier (``Pool._change_notifier``).
+
+    The pool only ever puts ``None`` into it, to wake its worker-handler
+    thread, which waits on ``_reader`` and then empties it with
+    ``empty()``/``get()``; a wake-up fd does all of that, without the
+    SimpleQueue's pickling, its two locks (named semaphores, which
+    multiprocessing's resource tracker would register under a "spawn" or
+    "forkserver" start method) and its two fds. Unlike the SimpleQueue it
+    can be closed while the pool object is still referenced: ``put()``
+    after ``close()`` does nothing, so the pool's finaliser and ``__del__``
+    stay harmless. It is closed once the worker-handler thread has ended
+    (see ``_ThreadPool._setup_queues``). A forked child never writes to it
+    (``_WakeupFd.signal``): the child's exit runs the inherited pool's
+    finaliser, which would wake the parent's worker handler.
+    """
+
+    __slots__ = ("reader_thread",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: The pool's worker-handler thread: the one thread that waits on
+        #: this notifier (set once the pool has started it).
+        self.reader_thread: threading.Thread | None = None
+
+    @property
+    def _reader(self) -> "_PoolNotifier":
+        # multiprocessing.connection.wait() only needs fileno().
+        return self
+
+    def put(self, obj: Any) -> None:
+        self.signal()
+
+    def empty(self) -> bool:
+        self.drain()
+        return True
+
+    def get(self) -> None:
+        self.drain()
+
+    def close_after_reader(self) -> None:
+        """Close once the worker-handler thread has ended (it is about to:
+        called after it asked the task handler to stop)."""
+        reader = self.reader_thread
+        if reader is not None and reader is not threading.current_thread():
+            reader.join()
+        self.close()
+
+
+class _NotifierContext:
+    """The ``context`` handed to ``Pool.__init__``: ``ThreadPool`` uses its
+    ``SimpleQueue()`` for the change notifier and nothing else (its worker
+    "processes" are threads); any other attribute is the "fork" context's."""
+
+    def __init__(self, notifier: _PoolNotifier) -> None:
+        self._notifier = notifier
+
+    def SimpleQueue(self) -> _PoolNotifier:  # multiprocessing's name
+        return self._notifier
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_notifier_context(), name)
+
+
+class _ThreadPool(ThreadPool):
+    """A ``ThreadPool`` whose change notifier is a ``_PoolNotifier``, closed
+    as soon as the pool has wound down (POSIX), instead of a
+    ``multiprocessing.SimpleQueue`` whose pipe stays open until the pool
+    object is collected.
+
+    Where there are no wake-up fds (Windows), the stdlib notifier is built
+    under the "fork" multiprocessing context where one exists: ThreadPool
+    starts no process, but under a "forkserver"/"spawn" default (Python
+    3.14's on Linux, macOS's) the notifier's named semaphore would be
+    registered with multiprocessing's resource tracker (a tracker process
+    started by the first Context, a pipe to it held for good, "leaked
+    semaphore objects" from forked children). Nothing here forks.
+    """
+
+    _notifier: _PoolNotifier | None = None
+
+    def __init__(self, processes: int) -> None:
+        if not WAKEUP_FDS:
+            Pool.__init__(self, processes, context=_notifier_context())
+            return
+        notifier = self._notifier = _PoolNotifier()
+        try:
+            Pool.__init__(self, processes, context=_NotifierContext(notifier))
+        except BaseException:
+            notifier.close()
+            raise
+        notifier.reader_thread = getattr(self, "_worker_handler", None)
+
+    def _setup_queues(self) -> None:
+        super()._setup_queues()  # type: ignore[misc]
+        notifier = self._notifier
+        if notifier is None:
+            return
+        put = self._inqueue.put  # type: ignore[attr-defined]
+
+        def quick_put(task: Any) -> None:
+            # Pool._handle_tasks sends the workers their stop sentinels
+            # (None) only after the worker handler has left its loop and
+            # asked it to stop: the notifier's one reader is done with it.
+            if task is None:
+                notifier.close_after_reader()
+            put(task)
+
+        self._quick_put = quick_put
+
+
+# The pool's own threads, worker handler first: it is the one that lets the
+# others stop (Context._join).
+_POOL_THREADS = ("_worker_handler", "_task_handler", "_result_handler")
 
 
 # Contexts still open, closed by an atexit hook. multiprocessing's own exit
@@ -591,6 +761,8 @@ class Context(AbstractContext):
         """Stop accepting operations; already scheduled ones still finish.
 
         Does not wait for them (their callbacks still fire).  Idempotent.
+        Once they are done the pool's threads end and its notifier fd is
+        closed (``_join`` waits for that).
         """
         if self._state != ContextState.OPEN:
             return
@@ -614,6 +786,33 @@ class Context(AbstractContext):
                 self.pool.close()
             finally:
                 self._state = ContextState.CLOSED
+
+    def _join(self, timeout: float) -> bool:
+        """Wait, at most ``timeout`` seconds, for the pool of this closed
+        Context to stop its threads (it does once no operation is left);
+        by then the pool's notifier fd is closed too. Returns True if it did.
+
+        Waits for nothing while the Context is open, in a forked child (the
+        threads are the parent's) or on one of the pool's own threads.
+        """
+        if self._state != ContextState.CLOSED or self._fork_generation != _fork_generation:
+            return False
+        pool: Any = self.pool
+        threads = [getattr(pool, name, None) for name in _POOL_THREADS]
+        threads.extend(getattr(pool, "_pool", ()))
+        if threading.current_thread() in threads:
+            return False
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            if not isinstance(thread, threading.Thread) or thread.ident is None:
+                continue  # never started
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                return False
+        notifier = getattr(pool, "_notifier", None)
+        if notifier is not None:
+            notifier.close()
+        return True
 
     def __del__(self, _open: ContextState = ContextState.OPEN) -> None:
         # ``_open`` is bound at definition time: at interpreter shutdown this

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from helpers import MODULES, run_python
+from helpers import MODULES, async_params, run_python
 
 STATS: dict[str, int] = {}
 
@@ -385,4 +385,109 @@ print(json.dumps(report))
     )
     report = _run(script, "linux_aio", str(tmp_path / "unused"))
     assert report == {"closed": 30, "child_exit": 0}, report
+    _count("fork scenarios passed")
+
+
+# The child ends with SystemExit while the frame that created the context is
+# still alive (the traceback holds it): interpreter shutdown then finalises
+# the parent's event loop in the child. BaseEventLoop.__del__ closes it, and
+# close() unregisters the loop's self-pipe from the epoll instance the two
+# processes share, so call_soon_threadsafe() no longer wakes the parent's
+# loop. python_aio used to deliver completions through call_soon_threadsafe()
+# alone: the parent's next read never completed (on 3.12+ at once; on
+# 3.10/3.11 the first read usually won a race against the loop going to
+# sleep, the second one below did not).
+INHERITED_EXIT = (
+    COMMON
+    + r"""
+kwargs = json.loads(sys.argv[3])
+adapter = importlib.import_module("caio." + name + "_asyncio")
+fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+os.pwrite(fd, b"0123456789", 0)
+
+def scenario():
+    loop = asyncio.new_event_loop()
+    ctx = adapter.AsyncioContext(8, loop=loop, **kwargs)
+    first = loop.run_until_complete(asyncio.wait_for(ctx.read(10, fd, 0), 10))
+    assert first == b"0123456789", first
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        def body(out):
+            async def use_inherited():
+                try:
+                    await asyncio.wait_for(ctx.read(10, fd, 0), 5)
+                    return "worked (!)"
+                except RuntimeError as exc:
+                    return "RuntimeError" + (" (mentions fork)" if "fork" in str(exc) else "")
+                except asyncio.TimeoutError:
+                    return "HANG"
+            child_loop = asyncio.new_event_loop()
+            out["inherited"] = child_loop.run_until_complete(use_inherited())
+        child_report(r, w, body)
+        # A normal exit while this frame (ctx, loop) is still referenced.
+        raise SystemExit(0)
+    os.close(w)
+    report.update(read_report(r))
+    status, seconds = wait_child(pid)
+    report["child_exit"] = status
+
+    async def read_again():
+        # Right after the child is gone, then once the loop has been idle
+        # (asleep in epoll_wait) when the completion arrives.
+        outcomes = []
+        for pause in (0, 0.05):
+            await asyncio.sleep(pause)
+            started = time.monotonic()
+            task = asyncio.ensure_future(ctx.read(10, fd, 0))
+            done, _ = await asyncio.wait({task}, timeout=10)
+            seconds = time.monotonic() - started
+            report.setdefault("read_seconds", []).append(round(seconds, 3))
+            if not done:
+                task.cancel()
+                outcomes.append("HANG")
+            elif seconds > 5:
+                # Delivered only when a timer happened to wake the loop (on
+                # 3.10/3.11 the wait's own timeout): a healthy read takes
+                # milliseconds.
+                outcomes.append("STALLED")
+            else:
+                outcomes.append(task.result().decode())
+        return outcomes
+
+    report["parent_reads"] = loop.run_until_complete(read_again())
+    ctx.close()
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+
+scenario()
+print(json.dumps(report))
+"""
+)
+
+
+def _async_backend_configs() -> list[Any]:
+    """Every asyncio configuration the suite has (helpers.async_params)."""
+    configs = []
+    for param in async_params():
+        name, _adapter, kwargs = param.values[0]
+        configs.append(pytest.param(name, kwargs, id=param.id))
+    return configs
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name,kwargs", _async_backend_configs())
+def test_child_exit_with_inherited_context_leaves_parent_working(
+    name: str,
+    kwargs: dict[str, Any],
+    tmp_path: Any,
+) -> None:
+    """A child that used an inherited AsyncioContext and exits normally
+    (``raise SystemExit``) while the creating frame still references it must
+    not stop the parent's next operations from completing."""
+    report = _run(INHERITED_EXIT, name, str(tmp_path / "data"), json.dumps(kwargs), timeout=90)
+    assert "child_error" not in report, report
+    assert report["inherited"] == "RuntimeError (mentions fork)", report
+    assert report["child_exit"] == 0, report
+    assert report["parent_reads"] == ["0123456789", "0123456789"], report
     _count("fork scenarios passed")
