@@ -115,7 +115,6 @@ class TestDirectDelivery:
         with pytest.raises(RuntimeError):
             ctx.submit(Operation.fsync(fd))
 
-
     def test_zero_length_read_calls_back_on_a_worker(self, fd):
         """Inline reads off (a raw Context): even a zero-length read runs and
         calls back on a worker, never inside submit() on the caller's thread,
