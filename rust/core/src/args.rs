@@ -268,6 +268,17 @@ pub fn int_in(obj: Borrowed<'_>, name: &str, min: i128, max: i128) -> PyResult<i
     Ok(v)
 }
 
+/// [`int_in`] with the bounds and the result typed: an integer argument of
+/// type `T` in `min..=max` (`OverflowError` outside).
+pub fn int_as<T>(obj: Borrowed<'_>, name: &str, min: T, max: T) -> PyResult<T>
+where
+    T: Copy + Into<i128> + TryFrom<i128>,
+{
+    let v = int_in(obj, name, min.into(), max.into())?;
+    // In range by `int_in`, so the conversion cannot fail.
+    T::try_from(v).map_err(|_| PyErr::overflow(format!("{} is out of range: {}", name, v)))
+}
+
 /// A file descriptor: any value of the C `int`/`unsigned int` range. Values
 /// that would alias another descriptor (≥ 2³² or < −2³¹) raise
 /// `OverflowError`; negative ones (−1) are accepted and fail later with EBADF,

@@ -7,12 +7,12 @@ use std::ffi::{c_void, CStr};
 use std::ptr;
 use std::sync::atomic::Ordering;
 
-use caio_core::args::{int_in, Params};
+use caio_core::args::{int_as, positional, Params};
 use caio_core::module::{ContextType, ModState};
 use caio_core::op::{self, as_op};
 use caio_core::py::{
-    none, py_bool, py_int, py_str, py_uint, trampoline, trampoline_void, Borrowed, Exc, Owned,
-    PyErr, PyResult,
+    none, py_bool, py_int, py_str, py_uint, py_usize, trampoline, trampoline_void, Borrowed, Exc,
+    Owned, PyErr, PyResult,
 };
 use caio_core::pyo3_ffi::*;
 use caio_core::sys;
@@ -60,21 +60,7 @@ fn u32_arg(arg: Option<Borrowed<'_>>, name: &str) -> PyResult<u32> {
     let Some(o) = arg else {
         return Ok(0);
     };
-    let v = int_in(o, name, 0, i128::from(u32::MAX))?;
-    u32::try_from(v).map_err(|_| PyErr::overflow(format!("{name} does not fit in 32 bits")))
-}
-
-/// The positional-argument count of a vectorcall (`nargsf` may carry
-/// `PY_VECTORCALL_ARGUMENTS_OFFSET`, its sign bit).
-fn vectorcall_nargs(nargsf: Py_ssize_t) -> usize {
-    // SAFETY: a pure bit operation on the raw flag word (no pointer).
-    let n = unsafe { PyVectorcall_NARGS(usize::from_ne_bytes(nargsf.to_ne_bytes())) };
-    usize::try_from(n).unwrap_or(0)
-}
-
-/// A Python int for a count.
-fn py_count(n: usize) -> PyResult<Owned> {
-    py_uint(n as u64)
+    int_as(o, name, 0, u32::MAX)
 }
 
 static NEW_PARAMS: Params = Params {
@@ -203,16 +189,11 @@ unsafe extern "C" fn ctx_submit(
     trampoline(|| {
         // SAFETY: the slot contract: `slf` a live Context, `args` holds
         // `nargs` valid objects for the call.
-        let (c, args) = unsafe {
-            (
-                ctx(slf),
-                std::slice::from_raw_parts(args, vectorcall_nargs(nargsf)),
-            )
-        };
+        let (c, args) = unsafe { (ctx(slf), positional(args.cast_const(), nargsf)) };
         // SAFETY: attached, `slf` our Context, `args` valid.
         unsafe { check_types(slf, args) }?;
         if args.is_empty() {
-            return py_count(0);
+            return py_usize(0);
         }
         // SAFETY: attached, `c` is `slf`'s engine, every argument is an
         // Operation (checked above).
@@ -220,7 +201,7 @@ unsafe extern "C" fn ctx_submit(
         match failure {
             // Like io_submit: an error only when nothing was accepted.
             Some((_, e)) if n == 0 => Err(e),
-            _ => py_count(n),
+            _ => py_usize(n),
         }
     })
 }
@@ -277,10 +258,10 @@ unsafe extern "C" fn ctx_submit_each(
     nargsf: Py_ssize_t,
 ) -> *mut PyObject {
     trampoline(|| {
-        let nargs = vectorcall_nargs(nargsf);
         // SAFETY: the slot contract: `slf` a live Context, `args` holds
         // `nargs` valid objects for the call.
-        let (c, args) = unsafe { (ctx(slf), std::slice::from_raw_parts(args, nargs)) };
+        let (c, args) = unsafe { (ctx(slf), positional(args.cast_const(), nargsf)) };
+        let nargs = args.len();
         // SAFETY: attached, `slf` our Context, `args` valid.
         unsafe { check_types(slf, args) }?;
         let mut outcome: Vec<Option<Owned>> = (0..nargs).map(|_| None).collect();
@@ -356,16 +337,13 @@ unsafe extern "C" fn ctx_process_events(
             )));
         }
         let timeout = match a.get(2) {
-            Some(o) => {
-                let v = int_in(o, "timeout", i128::from(i32::MIN), i128::from(i32::MAX))?;
-                i32::try_from(v).map_err(|_| PyErr::overflow("timeout does not fit in 32 bits"))?
-            }
+            Some(o) => int_as(o, "timeout", i32::MIN, i32::MAX)?,
             None => 0,
         };
         c.check_fork()?;
         // SAFETY: attached (the slot contract).
         let n = unsafe { c.wait_and_deliver(max, min, timeout) }?;
-        py_count(n)
+        py_usize(n)
     })
 }
 
@@ -381,7 +359,7 @@ unsafe extern "C" fn ctx_drain(slf: *mut PyObject, _: *mut PyObject) -> *mut PyO
         let c = unsafe { ctx(slf) };
         c.check_fork()?;
         // SAFETY: attached (the slot contract).
-        py_count(unsafe { c.drain() })
+        py_usize(unsafe { c.drain() })
     })
 }
 
@@ -397,7 +375,7 @@ unsafe extern "C" fn ctx_reap(slf: *mut PyObject, _: *mut PyObject) -> *mut PyOb
         let c = unsafe { ctx(slf) };
         c.check_fork()?;
         // SAFETY: attached (the slot contract).
-        py_count(unsafe { c.deliver(DEFAULT_EVENTS) })
+        py_usize(unsafe { c.deliver(DEFAULT_EVENTS) })
     })
 }
 
@@ -594,7 +572,7 @@ unsafe extern "C" fn get_in_flight(slf: *mut PyObject, _: *mut c_void) -> *mut P
     trampoline(|| {
         // SAFETY: the slot contract.
         let c = unsafe { ctx(slf) };
-        py_count(c.in_flight.load(Ordering::Acquire))
+        py_usize(c.in_flight.load(Ordering::Acquire))
     })
 }
 
@@ -606,7 +584,7 @@ unsafe extern "C" fn get_staged(slf: *mut PyObject, _: *mut c_void) -> *mut PyOb
     trampoline(|| {
         // SAFETY: the slot contract.
         let c = unsafe { ctx(slf) };
-        py_count(c.lock_staged().len())
+        py_usize(c.lock_staged().len())
     })
 }
 

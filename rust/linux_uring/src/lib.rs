@@ -19,12 +19,12 @@ use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use caio_core::args::{int_in, truthy, Params};
+use caio_core::args::{int_as, positional, truthy, Params};
 use caio_core::module::{add_object, init_common, ContextType, ModState};
 use caio_core::op::{self, as_op, Delivery, Flavor, ReadPayload};
 use caio_core::py::{
-    allow_threads, py_bool, py_int, py_str, py_uint, trampoline, trampoline_void, Borrowed, Exc,
-    Owned, PyErr, PyResult,
+    allow_threads, py_bool, py_int, py_str, py_uint, py_usize, trampoline, trampoline_void,
+    Borrowed, Exc, Owned, PyErr, PyResult,
 };
 use caio_core::pyo3_ffi::*;
 use caio_core::{backend_module, sys};
@@ -175,39 +175,6 @@ pub(crate) unsafe fn ctx<'a>(p: *mut PyObject) -> &'a Context {
     unsafe { &*p.cast::<Context>() }
 }
 
-/// The positional arguments of a `METH_FASTCALL` call.
-///
-/// # Safety
-/// `args` and `nargsf` exactly as CPython passed them; the slice must not
-/// outlive the call.
-unsafe fn fastcall_args<'a>(args: *const *mut PyObject, nargsf: Py_ssize_t) -> &'a [*mut PyObject] {
-    // `PyVectorcall_NARGS`: the count without PY_VECTORCALL_ARGUMENTS_OFFSET,
-    // which is the sign bit.
-    let n = (nargsf & Py_ssize_t::MAX).unsigned_abs();
-    if n == 0 {
-        return &[];
-    }
-    // SAFETY: CPython passes `n` valid pointers at `args` for the call.
-    unsafe { std::slice::from_raw_parts(args, n) }
-}
-
-/// A count as a Python int.
-fn py_count(n: usize) -> PyResult<Owned> {
-    // usize is at most 64 bits wide on every target we build for.
-    py_uint(n as u64)
-}
-
-/// An integer argument in `min..=max` of type `T` (OverflowError outside,
-/// as `int_in` says).
-fn int_param<T>(obj: Borrowed<'_>, name: &str, min: T, max: T) -> PyResult<T>
-where
-    T: Copy + Into<i128> + TryFrom<i128>,
-{
-    let v = int_in(obj, name, min.into(), max.into())?;
-    // In range by int_in: the fallback is never taken.
-    Ok(T::try_from(v).unwrap_or(max))
-}
-
 static NEW_PARAMS: Params = Params {
     fname: "Context",
     names: &["max_requests", "sqpoll"],
@@ -229,7 +196,7 @@ unsafe extern "C" fn ctx_new(
         // SAFETY: `args` and `kwargs` as CPython passes them to `tp_new`.
         let a = unsafe { NEW_PARAMS.parse_tuple::<2>(args, kwargs) }?;
         let mut max_requests = match a.get(0) {
-            Some(o) => int_param(o, "max_requests", 0, u32::MAX)?,
+            Some(o) => int_as(o, "max_requests", 0, u32::MAX)?,
             None => DEFAULT_MAX_REQUESTS,
         };
         if max_requests == 0 {
@@ -325,7 +292,7 @@ unsafe extern "C" fn ctx_submit(
 ) -> *mut PyObject {
     trampoline(|| {
         // SAFETY: the METH_FASTCALL contract above.
-        let (c, args) = unsafe { (ctx(slf), fastcall_args(args.cast_const(), nargsf)) };
+        let (c, args) = unsafe { (ctx(slf), positional(args.cast_const(), nargsf)) };
         // SAFETY: attached; `slf` is a Context, `args` live objects.
         unsafe { check_ops(slf, args) }?;
         c.check_fork()?;
@@ -335,7 +302,7 @@ unsafe extern "C" fn ctx_submit(
         match err {
             // SAFETY: attached; `slf` is a Context.
             Some(e) => Err(unsafe { e.into_pyerr(slf) }),
-            None => py_count(accepted),
+            None => py_usize(accepted),
         }
     })
 }
@@ -357,7 +324,7 @@ unsafe extern "C" fn ctx_cancel(
         let (c, posargs, has_kw) = unsafe {
             (
                 ctx(slf),
-                fastcall_args(args, nargsf),
+                positional(args, nargsf),
                 !kwnames.is_null() && PyTuple_GET_SIZE(kwnames) > 0,
             )
         };
@@ -439,7 +406,7 @@ unsafe extern "C" fn ctx_flush(slf: *mut PyObject, _: *mut PyObject) -> *mut PyO
         let c = unsafe { ctx(slf) };
         c.check_fork()?;
         // SAFETY: attached (contract above).
-        py_count(unsafe { c.flush() }?)
+        py_usize(unsafe { c.flush() }?)
     })
 }
 
@@ -467,7 +434,7 @@ unsafe extern "C" fn ctx_process_events(
         // Upstream takes -1 as "2**32-1" (everything); other negative values
         // would alias and raise (DESIGN.md §6.2 wrap).
         let mut max = match a.get(0) {
-            Some(o) => match int_param(o, "max_requests", -1, i64::from(u32::MAX))? {
+            Some(o) => match int_as(o, "max_requests", -1, i64::from(u32::MAX))? {
                 -1 => u32::MAX,
                 v => u32::try_from(v).unwrap_or(u32::MAX),
             },
@@ -477,11 +444,11 @@ unsafe extern "C" fn ctx_process_events(
             max = DEFAULT_EVENTS;
         }
         let min = match a.get(1) {
-            Some(o) => int_param(o, "min_requests", 0, u32::MAX)?,
+            Some(o) => int_as(o, "min_requests", 0, u32::MAX)?,
             None => 0,
         };
         let timeout = match a.get(2) {
-            Some(o) => int_param(o, "timeout", i32::MIN, i32::MAX)?,
+            Some(o) => int_as(o, "timeout", i32::MIN, i32::MAX)?,
             None => 0,
         };
         if min > max {
@@ -534,7 +501,7 @@ unsafe extern "C" fn ctx_process_events(
         }
         // SAFETY: attached (contract above).
         let n = unsafe { c.deliver(max.saturating_sub(delivered)) };
-        py_count(delivered + n)
+        py_usize(delivered + n)
     })
 }
 
@@ -572,7 +539,7 @@ unsafe extern "C" fn ctx_deferred_flush(slf: *mut PyObject, _: *mut PyObject) ->
         c.flush_scheduled.store(false, Ordering::Release);
         c.check_fork()?;
         // SAFETY: attached (contract above).
-        py_count(unsafe { c.flush_batch() }?)
+        py_usize(unsafe { c.flush_batch() }?)
     })
 }
 
@@ -588,7 +555,7 @@ unsafe extern "C" fn ctx_loop_events(slf: *mut PyObject, _: *mut PyObject) -> *m
         c.check_fork()?;
         c.ring.consume_eventfd();
         // SAFETY: attached (contract above).
-        py_count(unsafe { c.deliver(usize::MAX) })
+        py_usize(unsafe { c.deliver(usize::MAX) })
     })
 }
 

@@ -17,12 +17,12 @@ use std::ptr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use caio_core::args::{int_in, Params};
+use caio_core::args::{int_as, int_in, positional, Params};
 use caio_core::module::{init_common, ContextType, ModState};
 use caio_core::op::{self, as_op, Flavor, ReadPayload};
 use caio_core::pool::{self, CompletionQueue, Job, Pool, SubmitError};
 use caio_core::py::{
-    allow_threads, none, py_int, py_str, py_uint, trampoline, trampoline_void, Borrowed, Exc,
+    allow_threads, none, py_int, py_str, py_usize, trampoline, trampoline_void, Borrowed, Exc,
     Owned, PyErr, PyResult,
 };
 use caio_core::pyo3_ffi::*;
@@ -130,28 +130,6 @@ pub(crate) unsafe fn ctx<'a>(p: *mut PyObject) -> &'a Context {
     unsafe { &*p.cast::<Context>() }
 }
 
-/// The positional arguments of a `METH_FASTCALL` call.
-///
-/// # Safety
-/// `args` and `nargsf` exactly as CPython passed them; the slice must not
-/// outlive the call.
-unsafe fn fastcall_args<'a>(args: *const *mut PyObject, nargsf: Py_ssize_t) -> &'a [*mut PyObject] {
-    // `PyVectorcall_NARGS`: the count without PY_VECTORCALL_ARGUMENTS_OFFSET,
-    // which is the sign bit.
-    let n = (nargsf & Py_ssize_t::MAX).unsigned_abs();
-    if n == 0 {
-        return &[];
-    }
-    // SAFETY: CPython passes `n` valid pointers at `args` for the call.
-    unsafe { std::slice::from_raw_parts(args, n) }
-}
-
-/// A count as a Python int.
-fn py_count(n: usize) -> PyResult<Owned> {
-    // usize is at most 64 bits wide on every target we build for.
-    py_uint(n as u64)
-}
-
 static NEW_PARAMS: Params = Params {
     fname: "Context",
     names: &["max_requests", "pool_size"],
@@ -164,13 +142,10 @@ static NEW_PARAMS: Params = Params {
 /// `OverflowError` instead of wrapping around (DESIGN.md §6.2 wrap).
 fn u16_param(obj: Option<Borrowed<'_>>, name: &str, default: u16, max_ok: u16) -> PyResult<u16> {
     let Some(obj) = obj else { return Ok(default) };
-    let v = int_in(obj, name, 0, i128::from(u16::MAX))?;
-    if v == 0 {
-        return Ok(default);
-    }
-    match u16::try_from(v) {
-        Ok(v) if v <= max_ok => Ok(v),
-        _ => Err(PyErr::value_error(format!(
+    match int_as(obj, name, 0, u16::MAX)? {
+        0 => Ok(default),
+        v if v <= max_ok => Ok(v),
+        v => Err(PyErr::value_error(format!(
             "{} too large: must be at most {}, got {}",
             name, max_ok, v
         ))),
@@ -287,7 +262,7 @@ unsafe extern "C" fn ctx_submit(
 ) -> *mut PyObject {
     trampoline(|| {
         // SAFETY: the METH_FASTCALL contract above.
-        let (c, args) = unsafe { (ctx(slf), fastcall_args(args.cast_const(), nargsf)) };
+        let (c, args) = unsafe { (ctx(slf), positional(args.cast_const(), nargsf)) };
         // SAFETY: attached; `slf` is a Context, `args` live objects.
         unsafe { check_ops(slf, args) }?;
         c.check_fork()?;
@@ -299,7 +274,7 @@ unsafe extern "C" fn ctx_submit(
                 accepted += 1;
             }
         }
-        py_count(accepted)
+        py_usize(accepted)
     })
 }
 
@@ -380,13 +355,13 @@ unsafe extern "C" fn ctx_cancel(
 ) -> *mut PyObject {
     trampoline(|| {
         // SAFETY: the METH_FASTCALL contract above.
-        let (c, args) = unsafe { (ctx(slf), fastcall_args(args.cast_const(), nargsf)) };
+        let (c, args) = unsafe { (ctx(slf), positional(args.cast_const(), nargsf)) };
         c.check_fork()?;
         // SAFETY: `slf` is an instance of this module's Context type, so its
         // module state holds this module's Operation type.
         let op_type = unsafe { (*ModState::of(slf)).op_type };
         let Some(pool) = c.pool_slot().clone() else {
-            return py_count(0);
+            return py_usize(0);
         };
         let mut cancelled = 0usize;
         for &a in args {
@@ -401,7 +376,7 @@ unsafe extern "C" fn ctx_cancel(
                 cancelled += 1;
             }
         }
-        py_count(cancelled)
+        py_usize(cancelled)
     })
 }
 
@@ -497,7 +472,7 @@ unsafe extern "C" fn ctx_process_completions(
             Some(q) => unsafe { q.deliver_all() },
             None => 0,
         };
-        py_count(n)
+        py_usize(n)
     })
 }
 
