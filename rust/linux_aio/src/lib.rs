@@ -216,6 +216,8 @@ policy (seccomp, LSM) forbidding it. Kernel {}.",
 /// Called by CPython's multi-phase init (through `backend_module!`),
 /// attached, with the new module.
 unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
+    caio_core::fork::register(&destroyer::FORK_HANDLERS)
+        .map_err(|_| PyErr::new(Exc::ImportError, "too many fork handlers registered"))?;
     check_available()?;
     // SAFETY: an exec slot, attached (our contract).
     unsafe {

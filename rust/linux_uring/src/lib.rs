@@ -20,6 +20,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use caio_core::args::{int_as, positional, truthy, Params};
+use caio_core::backend_module;
+use caio_core::fork::Stamp;
 use caio_core::module::{add_object, init_common, ContextType, ModState};
 use caio_core::op::{self, as_op, Delivery, Flavor, ReadPayload};
 use caio_core::py::{
@@ -27,7 +29,6 @@ use caio_core::py::{
     Borrowed, Exc, Owned, PyErr, PyResult,
 };
 use caio_core::pyo3_ffi::*;
-use caio_core::{backend_module, sys};
 
 mod adapter;
 mod direct;
@@ -69,7 +70,7 @@ pub(crate) struct Context {
     ob_base: PyObject,
     weakreflist: *mut PyObject,
     max_requests: u32,
-    fork_generation: u64,
+    born: Stamp,
     /// A `_deferred_flush` is scheduled on the event loop (asyncio adapter,
     /// `deferred=True`).
     pub(crate) flush_scheduled: AtomicBool,
@@ -81,14 +82,11 @@ pub(crate) struct Context {
 
 impl Context {
     pub(crate) fn check_fork(&self) -> PyResult<()> {
-        if sys::fork_generation() != self.fork_generation {
-            return Err(PyErr::runtime(
-                "this linux_uring Context was created in the parent process before fork(); \
+        self.born.check(
+            "this linux_uring Context was created in the parent process before fork(); \
 its io_uring instance belongs to the parent and cannot be used here. Create a new Context \
 (or AsyncioContext) in the child",
-            ));
-        }
-        Ok(())
+        )
     }
 
     pub(crate) fn ring(&self) -> &Ring {
@@ -219,7 +217,7 @@ unsafe extern "C" fn ctx_new(
             let obj = Owned::from_new(alloc(tp, 0))?;
             let c = obj.as_ptr().cast::<Context>();
             (*c).max_requests = max_requests;
-            (*c).fork_generation = sys::fork_generation();
+            ptr::addr_of_mut!((*c).born).write(Stamp::now());
             ptr::addr_of_mut!((*c).flush_scheduled).write(AtomicBool::new(false));
             ptr::addr_of_mut!((*c).batching).write(AtomicBool::new(false));
             ptr::addr_of_mut!((*c).ring).write(ring);

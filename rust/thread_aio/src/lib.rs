@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use caio_core::args::{int_as, int_in, positional, Params};
+use caio_core::backend_module;
+use caio_core::fork::Stamp;
 use caio_core::module::{init_common, ContextType, ModState};
 use caio_core::op::{self, as_op, Flavor, ReadPayload};
 use caio_core::pool::{self, CompletionQueue, Job, Pool, SubmitError};
@@ -26,7 +28,6 @@ use caio_core::py::{
     Owned, PyErr, PyResult,
 };
 use caio_core::pyo3_ffi::*;
-use caio_core::{backend_module, sys};
 
 mod adapter;
 
@@ -65,7 +66,7 @@ pub(crate) struct Context {
     weakreflist: *mut PyObject,
     max_requests: u16,
     pool_size: u16,
-    fork_generation: u64,
+    born: Stamp,
     /// Reads up to this size are first tried inline from the page cache
     /// (event-loop delivery only; 0 = never).
     inline_read_max: AtomicUsize,
@@ -85,13 +86,10 @@ impl Context {
     }
 
     pub(crate) fn check_fork(&self) -> PyResult<()> {
-        if sys::fork_generation() != self.fork_generation {
-            return Err(PyErr::runtime(
-                "this thread_aio Context was created before fork() and its worker \
+        self.born.check(
+            "this thread_aio Context was created before fork() and its worker \
 threads do not exist in this process; create a new Context in the child",
-            ));
-        }
-        Ok(())
+        )
     }
 
     /// Stops the pool, letting queued and running work finish (callbacks
@@ -188,7 +186,7 @@ unsafe extern "C" fn ctx_new(
             let c = obj.as_ptr().cast::<Context>();
             (*c).max_requests = max_requests;
             (*c).pool_size = pool_size;
-            (*c).fork_generation = sys::fork_generation();
+            ptr::addr_of_mut!((*c).born).write(Stamp::now());
             ptr::addr_of_mut!((*c).inline_read_max).write(AtomicUsize::new(0));
             ptr::addr_of_mut!((*c).pool).write(Mutex::new(Some(Arc::new(pool))));
             Ok(obj)
