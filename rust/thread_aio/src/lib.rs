@@ -296,10 +296,13 @@ pub(crate) unsafe fn submit_one(
     }
     // SAFETY: attached, and `o` was claimed just now by this call.
     unsafe { op::begin(o, slf) };
-    if o.nbytes as usize <= c.inline_read_max.load(Ordering::Relaxed) {
+    if o.nbytes as usize <= c.inline_read_max.load(Ordering::Relaxed)
+        && !pool.knows_direct(o.fd_i32())
+    {
         // Page-cache hit: done right here, no thread hop. RWF_NOWAIT never
         // waits for the disk and the size is bounded, so this does not stall
-        // the event loop.
+        // the event loop. (Not tried on an fd the workers found to be
+        // O_DIRECT: there is no page cache to hit, only an EINVAL.)
         // SAFETY: claimed and begun by this call and not handed to the pool
         // yet, so nobody else finishes it; attached for `finish`.
         if let Some(res) = unsafe { pool::try_read_inline(o) } {
