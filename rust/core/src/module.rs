@@ -232,6 +232,13 @@ compatibility with upstream caio, of SystemError."
         add_object(module, c"Operation", op_type.clone())?;
         add_object(module, c"Context", ctx_type.clone())?;
         add_object(module, c"OperationError", error_type.clone())?;
+        // Whether this build honours the CAIO_TEST_* environment hooks (the
+        // test suite skips what needs them when not).
+        add_object(
+            module,
+            c"_TEST_HOOKS",
+            crate::py::py_bool(crate::test_hooks::ENABLED),
+        )?;
     }
 
     st.op_type = op_type.into_ptr();

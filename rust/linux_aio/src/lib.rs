@@ -72,7 +72,8 @@ use caio_core::module::init_common;
 use caio_core::op::{Flavor, ReadPayload};
 use caio_core::py::{Exc, Owned, PyErr, PyResult};
 use caio_core::pyo3_ffi::*;
-use caio_core::{backend_module, sys};
+use caio_core::sys::{self, kernel};
+use caio_core::{backend_module, test_hooks};
 
 /// The module's Operation type (`caio_core::op`), as linux_aio has it.
 static FLAVOR: Flavor = Flavor {
@@ -100,44 +101,13 @@ static FLAVOR: Flavor = Flavor {
     repr_result: false,
 };
 
-/// The running kernel's release string (`uname -r`), or empty.
-// TODO(core): core gets one kernel-version helper; use it (and its test
-// hook, under the `test-hooks` feature) instead of this copy and
-// `parse_version`.
-fn kernel_release() -> String {
-    // TODO(core): test hook; move behind core's `test-hooks` cargo feature.
-    if let Ok(r) = std::env::var("CAIO_TEST_AIO_KERNEL_RELEASE") {
-        if !r.is_empty() {
-            return r; // test hook: pretend to run on this kernel
-        }
-    }
-    // SAFETY: `utsname` is plain bytes, so all-zero is a valid value.
-    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: uname fills the struct it is given.
-    if unsafe { libc::uname(&raw mut u) } != 0 {
-        return String::new();
-    }
-    // SAFETY: on success `release` holds a NUL-terminated string (and the
-    // zeroed tail guarantees a NUL within the array in any case).
-    unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// `(major, minor)` of a kernel release string such as `6.8.0-45-generic`.
-fn parse_version(release: &str) -> Option<(u32, u32)> {
-    let mut it = release.split(|ch: char| !ch.is_ascii_digit());
-    let major = it.next()?.parse().ok()?;
-    let minor = it.next()?.parse().ok()?;
-    Some((major, minor))
-}
-
 /// Import-time checks: everything that makes kernel AIO unusable becomes an
 /// `ImportError` (caio then falls back to the next backend, and
 /// `python -m caio` shows the reason).
 fn check_available() -> PyResult<()> {
-    let release = kernel_release();
-    match parse_version(&release) {
+    // Test hook: pretend to run on this kernel.
+    let release = test_hooks::env("CAIO_TEST_AIO_KERNEL_RELEASE").unwrap_or_else(kernel::release);
+    match kernel::version_of(&release) {
         Some(v) if v >= (4, 18) => {}
         _ => {
             return Err(PyErr::new(
@@ -150,11 +120,8 @@ needs AIO fsync/fdsync and RWF_NOWAIT.)",
             ))
         }
     }
-    // TODO(core): test hook; move behind core's `test-hooks` cargo feature.
-    let forced = std::env::var("CAIO_TEST_AIO_PROBE_ERRNO")
-        .ok()
-        .and_then(|v| v.trim().parse::<i32>().ok())
-        .filter(|&e| e > 0);
+    // Test hook: pretend io_setup failed with this errno.
+    let forced = test_hooks::env_parse::<i32>("CAIO_TEST_AIO_PROBE_ERRNO").filter(|&e| e > 0);
     let probe = match forced {
         Some(e) => Err(e), // test hook: pretend io_setup failed this way
         None => abi::io_setup(1),
@@ -263,17 +230,3 @@ backend_module!(
     c"Linux AIO c API bindings.",
     exec
 );
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn versions() {
-        assert_eq!(parse_version("6.18.44-fc-v657"), Some((6, 18)));
-        assert_eq!(parse_version("4.18.0-553.el8.x86_64"), Some((4, 18)));
-        assert_eq!(parse_version("4.9"), Some((4, 9)));
-        assert!(parse_version("4.9").unwrap() < (4, 18));
-        assert_eq!(parse_version("garbage"), None);
-    }
-}
