@@ -29,7 +29,7 @@ use caio_core::op::{self, as_op, Operation};
 use caio_core::py::{call_method, none, trampoline, Exc, Interned, Owned, PyErr, PyResult};
 use caio_core::pyo3_ffi::*;
 
-use crate::context::{ctx, exception_object};
+use crate::context::ctx;
 use crate::engine::AioContext;
 use crate::reap::DEFAULT_EVENTS;
 use crate::submit::{submit_claimed, submit_ops};
@@ -307,8 +307,8 @@ unsafe fn fail(fut: Option<&Owned>, e: &Owned) {
 /// # Safety
 /// Attached; no exception set.
 unsafe fn to_exception(e: PyErr) -> Option<Owned> {
-    // SAFETY: our contract.
-    match unsafe { exception_object(e) } {
+    // Attached, no exception set (our contract).
+    match e.into_instance() {
         Ok(x) => Some(x),
         Err(e) => {
             e.restore();

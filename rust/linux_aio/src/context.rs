@@ -206,43 +206,6 @@ unsafe extern "C" fn ctx_submit(
     })
 }
 
-/// Turns an error into an exception instance (for `_submit_each` and the
-/// adapter's deferred flush).
-///
-/// # Safety
-/// Attached; no exception is set (it would be replaced).
-pub(crate) unsafe fn exception_object(e: PyErr) -> PyResult<Owned> {
-    e.restore();
-    #[cfg(Py_3_12)]
-    {
-        // SAFETY: attached; `restore` just set the exception taken here.
-        unsafe { Owned::from_new(PyErr_GetRaisedException()) }
-    }
-    #[cfg(not(Py_3_12))]
-    {
-        let mut t = ptr::null_mut();
-        let mut v = ptr::null_mut();
-        let mut tb = ptr::null_mut();
-        // SAFETY: attached; fetch/normalize hand us the three new references
-        // (or NULLs) of the exception `restore` just set, which we own: the
-        // traceback is moved onto the value, the type dropped.
-        unsafe {
-            PyErr_Fetch(&raw mut t, &raw mut v, &raw mut tb);
-            PyErr_NormalizeException(&raw mut t, &raw mut v, &raw mut tb);
-            if !tb.is_null() {
-                if !v.is_null() {
-                    PyException_SetTraceback(v, tb);
-                }
-                Py_DECREF(tb);
-            }
-            if !t.is_null() {
-                Py_DECREF(t);
-            }
-            Owned::from_new(v)
-        }
-    }
-}
-
 /// `_submit_each(*ops) -> list`: submits as many ops as possible, one
 /// outcome per argument: `True` accepted, `False` not accepted because the op
 /// was already submitted (or listed twice), or the exception that refused
@@ -277,8 +240,8 @@ unsafe extern "C" fn ctx_submit_each(
             }
             match failure {
                 Some((i, e)) => {
-                    // SAFETY: attached, no exception set (`e` is not raised).
-                    outcome[start + i] = Some(unsafe { exception_object(e) }?);
+                    // Attached, no exception set (`e` is not raised).
+                    outcome[start + i] = Some(e.into_instance()?);
                     start += i + 1;
                 }
                 None => break,
