@@ -8,8 +8,10 @@ use std::ptr;
 use std::sync::atomic::Ordering;
 
 use caio_core::args::{int_as, positional, Params};
-use caio_core::module::{ContextType, ModState};
+use caio_core::module::ModState;
 use caio_core::op::{self, as_op};
+use caio_core::py::typespec::{fast, fastcall, noargs, onearg};
+use caio_core::py::TypeSpec;
 use caio_core::py::{
     none, py_bool, py_int, py_str, py_uint, py_usize, trampoline, trampoline_void, Borrowed, Exc,
     Owned, PyErr, PyResult,
@@ -551,153 +553,104 @@ unsafe extern "C" fn get_staged(slf: *mut PyObject, _: *mut c_void) -> *mut PyOb
     })
 }
 
-static mut CTX_METHODS: [PyMethodDef; 10] = [
-    PyMethodDef {
-        ml_name: c"submit".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunctionFast: ctx_submit,
-        },
-        ml_flags: METH_FASTCALL,
-        ml_doc: c"submit(*operations) -> int\n--\n\nSubmit operations in one io_submit call; returns how \
+/// The Context type: core's common shape plus this backend's methods and
+/// properties (`caio_core::module::init_common` creates it).
+pub(crate) fn context_spec() -> TypeSpec {
+    caio_core::module::context_spec(
+        CTX_DOC,
+        std::mem::size_of::<Context>(),
+        std::mem::offset_of!(Context, weakreflist),
+        ctx_new,
+        ctx_dealloc,
+        ctx_repr,
+    )
+    .method(fast(
+        c"submit",
+        ctx_submit,
+        c"submit(*operations) -> int\n--\n\nSubmit operations in one io_submit call; returns how \
 many were accepted (a prefix: the rest are untouched and can be resubmitted). Raises if the first \
-one is refused."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"cancel".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunctionFastWithKeywords: ctx_cancel,
-        },
-        ml_flags: METH_FASTCALL | METH_KEYWORDS,
-        ml_doc: c"cancel(operation) -> int\n--\n\nio_cancel(): returns 0 when the kernel started the \
+one is refused.",
+    ))
+    .method(fastcall(
+        c"cancel",
+        ctx_cancel,
+        0,
+        c"cancel(operation) -> int\n--\n\nio_cancel(): returns 0 when the kernel started the \
 cancellation (the op then completes through process_events()); raises ValueError when it cannot \
-(regular-file I/O never can)."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"process_events".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunctionFastWithKeywords: ctx_process_events,
-        },
-        ml_flags: METH_FASTCALL | METH_KEYWORDS,
-        ml_doc: c"process_events(max_requests=512, min_requests=0, timeout=0) -> int\n--\n\nDeliver up \
+(regular-file I/O never can).",
+    ))
+    .method(fastcall(
+        c"process_events",
+        ctx_process_events,
+        0,
+        c"process_events(max_requests=512, min_requests=0, timeout=0) -> int\n--\n\nDeliver up \
 to max_requests completions (callbacks run here). With min_requests > 0 and timeout != 0, first \
 wait (GIL released) until min_requests are available or timeout seconds pass (timeout < 0: no \
-limit). Returns the number delivered."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"poll".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_poll,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"poll() -> int\n--\n\nRead and reset the eventfd counter (completion notifications \
-since the last read); BlockingIOError if there were none. Never blocks, delivers nothing."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"close".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_close,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"close()\n--\n\nStop accepting operations and release the kernel AIO context (its \
+limit). Returns the number delivered.",
+    ))
+    .method(noargs(
+        c"poll",
+        ctx_poll,
+        c"poll() -> int\n--\n\nRead and reset the eventfd counter (completion notifications \
+since the last read); BlockingIOError if there were none. Never blocks, delivers nothing.",
+    ))
+    .method(noargs(
+        c"close",
+        ctx_close,
+        c"close()\n--\n\nStop accepting operations and release the kernel AIO context (its \
 share of fs.aio-nr), the eventfd and the worker threads: now if nothing is in flight, otherwise \
-as soon as process_events() has delivered the last completion. Idempotent. (Not in upstream caio.)"
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"_drain".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_drain,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"_drain() -> int\n--\n\nReset the eventfd counter and deliver every available \
-completion (what the asyncio adapter's reader callback does)."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"_reap".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_reap,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"_reap() -> int\n--\n\nDeliver the completions available now (up to 512) without \
-reading the eventfd (what the asyncio adapter does right after submitting)."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"_submit_each".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunctionFast: ctx_submit_each,
-        },
-        ml_flags: METH_FASTCALL,
-        ml_doc: c"_submit_each(*operations) -> list\n--\n\nSubmit as many operations as possible; one \
+as soon as process_events() has delivered the last completion. Idempotent. (Not in upstream caio.)",
+    ))
+    .method(noargs(
+        c"_drain",
+        ctx_drain,
+        c"_drain() -> int\n--\n\nReset the eventfd counter and deliver every available \
+completion (what the asyncio adapter's reader callback does).",
+    ))
+    .method(noargs(
+        c"_reap",
+        ctx_reap,
+        c"_reap() -> int\n--\n\nDeliver the completions available now (up to 512) without \
+reading the eventfd (what the asyncio adapter does right after submitting).",
+    ))
+    .method(fast(
+        c"_submit_each",
+        ctx_submit_each,
+        c"_submit_each(*operations) -> list\n--\n\nSubmit as many operations as possible; one \
 outcome per argument: True (accepted), False (already submitted) or the exception that refused \
-it (what the asyncio adapter's deferred=True flush does)."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"_set_nowait".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_set_nowait,
-        },
-        ml_flags: METH_O,
-        ml_doc: c"_set_nowait(flag)\n--\n\nEvent-loop mode: submit buffered reads/writes with \
+it (what the asyncio adapter's deferred=True flush does).",
+    ))
+    .method(onearg(
+        c"_set_nowait",
+        ctx_set_nowait,
+        c"_set_nowait(flag)\n--\n\nEvent-loop mode: submit buffered reads/writes with \
 RWF_NOWAIT so io_submit never waits for the disk; operations the kernel refuses (or only partly \
 does) are finished by worker threads, and still delivered by process_events() on this thread. \
 Off by default (upstream semantics: buffered I/O completes inside submit()). The asyncio adapter \
-turns it on."
-            .as_ptr(),
-    },
-    PyMethodDef::zeroed(),
-];
-
-static mut CTX_GETSET: [PyGetSetDef; 6] = [
-    PyGetSetDef {
-        name: c"max_requests".as_ptr(),
-        get: Some(get_max_requests),
-        set: None,
-        doc: c"the size requested from io_setup".as_ptr(),
-        closure: ptr::null_mut(),
-    },
-    PyGetSetDef {
-        name: c"fileno".as_ptr(),
-        get: Some(get_fileno),
-        set: None,
-        doc: c"the eventfd signalled on completions (-1 once closed)".as_ptr(),
-        closure: ptr::null_mut(),
-    },
-    PyGetSetDef {
-        name: c"closed".as_ptr(),
-        get: Some(get_closed),
-        set: None,
-        doc: c"close() was called".as_ptr(),
-        closure: ptr::null_mut(),
-    },
-    PyGetSetDef {
-        name: c"_in_flight".as_ptr(),
-        get: Some(get_in_flight),
-        set: None,
-        doc: c"operations accepted and not yet delivered".as_ptr(),
-        closure: ptr::null_mut(),
-    },
-    PyGetSetDef {
-        name: c"_staged".as_ptr(),
-        get: Some(get_staged),
-        set: None,
-        doc: c"operations waiting in the asyncio adapter's deferred batch".as_ptr(),
-        closure: ptr::null_mut(),
-    },
-    PyGetSetDef {
-        name: ptr::null(),
-        get: None,
-        set: None,
-        doc: ptr::null(),
-        closure: ptr::null_mut(),
-    },
-];
+turns it on.",
+    ))
+    .getter(
+        c"max_requests",
+        get_max_requests,
+        c"the size requested from io_setup",
+    )
+    .getter(
+        c"fileno",
+        get_fileno,
+        c"the eventfd signalled on completions (-1 once closed)",
+    )
+    .getter(c"closed", get_closed, c"close() was called")
+    .getter(
+        c"_in_flight",
+        get_in_flight,
+        c"operations accepted and not yet delivered",
+    )
+    .getter(
+        c"_staged",
+        get_staged,
+        c"operations waiting in the asyncio adapter's deferred batch",
+    )
+}
 
 /// The Context type's docstring (text signature first).
 const CTX_DOC: &CStr =
@@ -707,17 +660,3 @@ caio: callbacks receive the signed kernel result (bytes moved, or -errno); close
 kernel context deterministically; O_DIRECT works (reads at any offset/length through aligned \
 memory; writes need offset and length aligned to the file's O_DIRECT alignment, else OSError \
 EINVAL); out-of-range integer arguments raise OverflowError instead of wrapping.";
-
-/// What `caio_core::module::init_common` needs to create the type.
-pub(crate) fn context_type() -> ContextType {
-    ContextType {
-        doc: CTX_DOC,
-        basicsize: std::mem::size_of::<Context>(),
-        weaklistoffset: std::mem::offset_of!(Context, weakreflist),
-        new: ctx_new,
-        dealloc: ctx_dealloc,
-        repr: ctx_repr,
-        methods: ptr::addr_of_mut!(CTX_METHODS).cast(),
-        getset: ptr::addr_of_mut!(CTX_GETSET).cast(),
-    }
-}

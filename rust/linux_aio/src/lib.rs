@@ -66,11 +66,9 @@ mod reap;
 mod route;
 mod submit;
 
-use std::ptr;
-
 use caio_core::module::init_common;
 use caio_core::op::{Flavor, ReadPayload};
-use caio_core::py::{Exc, Owned, PyErr, PyResult};
+use caio_core::py::{Exc, PyErr, PyResult};
 use caio_core::pyo3_ffi::*;
 use caio_core::sys::{self, kernel};
 use caio_core::{backend_module, test_hooks};
@@ -191,7 +189,7 @@ unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
         init_common(
             module,
             &FLAVOR,
-            context::context_type(),
+            context::context_spec,
             c"caio.linux_aio.OperationError",
         )
     }?;
@@ -199,19 +197,14 @@ unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
     // (immortal or kept alive by the interpreter), the strings are static
     // and NUL-terminated, and `module` is the module being initialised.
     unsafe {
-        let bases = caio_core::py::py_tuple(vec![
-            Owned::from_borrowed(PyExc_OSError),
-            Owned::from_borrowed(PyExc_ValueError),
-        ])?;
-        let submit_error = Owned::from_new(PyErr_NewExceptionWithDoc(
-            c"caio.linux_aio.SubmitError".as_ptr(),
+        caio_core::module::add_exception(
+            module,
+            c"SubmitError",
+            c"caio.linux_aio.SubmitError",
+            &[PyExc_OSError, PyExc_ValueError],
             c"io_submit refused an operation (bad fd, invalid for the file, ...). A ValueError, \
-as upstream caio raises, and an OSError with the errno."
-                .as_ptr(),
-            bases.as_ptr(),
-            ptr::null_mut(),
-        ))?;
-        caio_core::module::add_object(module, c"SubmitError", submit_error)?;
+as upstream caio raises, and an OSError with the errno.",
+        )?;
         caio_core::module::init_capacity_error(
             module,
             c"caio.linux_aio.CapacityError",

@@ -22,8 +22,10 @@ use std::time::{Duration, Instant};
 use caio_core::args::{int_as, positional, truthy, Params};
 use caio_core::backend_module;
 use caio_core::fork::Stamp;
-use caio_core::module::{add_object, init_common, ContextType, ModState};
+use caio_core::module::{add_object, init_common, ModState};
 use caio_core::op::{self, as_op, Delivery, Flavor, ReadPayload};
+use caio_core::py::typespec::{fast, fastcall, noargs};
+use caio_core::py::TypeSpec;
 use caio_core::py::{
     allow_threads, py_bool, py_int, py_str, py_uint, py_usize, trampoline, trampoline_void,
     Borrowed, Exc, Owned, PyErr, PyResult,
@@ -604,112 +606,69 @@ unsafe extern "C" fn get_sqpoll(slf: *mut PyObject, _: *mut c_void) -> *mut PyOb
     trampoline(|| py_int(i64::from(unsafe { ctx(slf) }.ring.sqpoll)))
 }
 
-static mut CTX_METHODS: [PyMethodDef; 8] = [
-    PyMethodDef {
-        ml_name: c"_deferred_flush".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_deferred_flush,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"_deferred_flush() -> int\n--\n\nasyncio adapter: submit everything staged and deliver.".as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"_process_loop_events".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_loop_events,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"_process_loop_events() -> int\n--\n\nasyncio adapter: reset the eventfd and deliver every \
-available completion.".as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"submit".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunctionFast: ctx_submit,
-        },
-        ml_flags: METH_FASTCALL,
-        ml_doc: c"submit(*operations) -> int\n--\n\nStage operations in the submission ring (no \
+/// The Context type: core's common shape plus this backend's methods and
+/// properties (`caio_core::module::init_common` creates it).
+fn context_spec() -> TypeSpec {
+    caio_core::module::context_spec(
+        CTX_DOC,
+        std::mem::size_of::<Context>(),
+        std::mem::offset_of!(Context, weakreflist),
+        ctx_new,
+        ctx_dealloc,
+        ctx_repr,
+    )
+    .method(noargs(
+        c"_deferred_flush",
+        ctx_deferred_flush,
+        c"_deferred_flush() -> int\n--\n\nasyncio adapter: submit everything staged and deliver.",
+    ))
+    .method(noargs(
+        c"_process_loop_events",
+        ctx_loop_events,
+        c"_process_loop_events() -> int\n--\n\nasyncio adapter: reset the eventfd and deliver every \
+available completion.",
+    ))
+    .method(fast(
+        c"submit",
+        ctx_submit,
+        c"submit(*operations) -> int\n--\n\nStage operations in the submission ring (no \
 system call; flush() hands them to the kernel). Returns how many were newly accepted; raises \
 CapacityError (an OverflowError and an OSError with errno EAGAIN) when the ring is full (the ops \
-staged before stay staged)."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"cancel".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunctionFastWithKeywords: ctx_cancel,
-        },
-        ml_flags: METH_FASTCALL | METH_KEYWORDS,
-        ml_doc: c"cancel(operation, *more) -> 0\n--\n\nAsk the kernel to cancel in-flight \
+staged before stay staged).",
+    ))
+    .method(fastcall(
+        c"cancel",
+        ctx_cancel,
+        0,
+        c"cancel(operation, *more) -> 0\n--\n\nAsk the kernel to cancel in-flight \
 operations (IORING_OP_ASYNC_CANCEL; everything staged is submitted along). A cancelled op \
-completes with -ECANCELED through the normal delivery."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"flush".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_flush,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"flush() -> int\n--\n\nSubmit the staged operations (SQPOLL: wake the kernel \
-thread if needed), then deliver every available completion. Returns the number delivered."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"process_events".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunctionFastWithKeywords: ctx_process_events,
-        },
-        ml_flags: METH_FASTCALL | METH_KEYWORDS,
-        ml_doc: c"process_events(max_requests=512, min_requests=0, timeout=0) -> int\n--\n\n\
+completes with -ECANCELED through the normal delivery.",
+    ))
+    .method(noargs(
+        c"flush",
+        ctx_flush,
+        c"flush() -> int\n--\n\nSubmit the staged operations (SQPOLL: wake the kernel \
+thread if needed), then deliver every available completion. Returns the number delivered.",
+    ))
+    .method(fastcall(
+        c"process_events",
+        ctx_process_events,
+        0,
+        c"process_events(max_requests=512, min_requests=0, timeout=0) -> int\n--\n\n\
 Deliver up to max_requests completions. With min_requests > 0, first wait (GIL released) \
 until that many completions became available since the call started, at most timeout \
-seconds (negative: no limit). Signal handlers run during the wait."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"poll".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_poll,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"poll() -> int\n--\n\nRead and reset the eventfd counter (BlockingIOError when \
-zero). Never blocks and never delivers completions."
-            .as_ptr(),
-    },
-    PyMethodDef::zeroed(),
-];
-
-static mut CTX_GETSET: [PyGetSetDef; 4] = [
-    PyGetSetDef {
-        name: c"max_requests".as_ptr(),
-        get: Some(get_max_requests),
-        set: None,
-        doc: c"max_requests as requested".as_ptr(),
-        closure: ptr::null_mut(),
-    },
-    PyGetSetDef {
-        name: c"fileno".as_ptr(),
-        get: Some(get_fileno),
-        set: None,
-        doc: c"the eventfd signalled for every completion".as_ptr(),
-        closure: ptr::null_mut(),
-    },
-    PyGetSetDef {
-        name: c"sqpoll".as_ptr(),
-        get: Some(get_sqpoll),
-        set: None,
-        doc: c"1 if the ring runs with a kernel SQ polling thread, else 0".as_ptr(),
-        closure: ptr::null_mut(),
-    },
-    PyGetSetDef {
-        name: ptr::null(),
-        get: None,
-        set: None,
-        doc: ptr::null(),
-        closure: ptr::null_mut(),
-    },
-];
+seconds (negative: no limit). Signal handlers run during the wait.",
+    ))
+    .method(noargs(
+        c"poll",
+        ctx_poll,
+        c"poll() -> int\n--\n\nRead and reset the eventfd counter (BlockingIOError when \
+zero). Never blocks and never delivers completions.",
+    ))
+    .getter(c"max_requests", get_max_requests, c"max_requests as requested")
+    .getter(c"fileno", get_fileno, c"the eventfd signalled for every completion")
+    .getter(c"sqpoll", get_sqpoll, c"1 if the ring runs with a kernel SQ polling thread, else 0")
+}
 
 /// The Context type's docstring (text signature first).
 const CTX_DOC: &std::ffi::CStr =
@@ -730,16 +689,7 @@ unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
         init_common(
             module,
             &FLAVOR,
-            ContextType {
-                doc: CTX_DOC,
-                basicsize: std::mem::size_of::<Context>(),
-                weaklistoffset: std::mem::offset_of!(Context, weakreflist),
-                new: ctx_new,
-                dealloc: ctx_dealloc,
-                repr: ctx_repr,
-                methods: ptr::addr_of_mut!(CTX_METHODS).cast(),
-                getset: ptr::addr_of_mut!(CTX_GETSET).cast(),
-            },
+            context_spec,
             c"caio.linux_uring.OperationError",
         )?;
         caio_core::module::init_capacity_error(

@@ -20,9 +20,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use caio_core::args::{int_as, int_in, positional, Params};
 use caio_core::backend_module;
 use caio_core::fork::Stamp;
-use caio_core::module::{init_common, ContextType, ModState};
+use caio_core::module::{init_common, ModState};
 use caio_core::op::{self, as_op, Flavor, ReadPayload};
 use caio_core::pool::{self, CompletionQueue, Job, Pool, SubmitError};
+use caio_core::py::typespec::{fast, fastcall, noargs};
+use caio_core::py::TypeSpec;
 use caio_core::py::{
     allow_threads, none, py_int, py_str, py_usize, trampoline, trampoline_void, Borrowed, Exc,
     Owned, PyErr, PyResult,
@@ -517,85 +519,55 @@ unsafe extern "C" fn get_pool_size(slf: *mut PyObject, _: *mut c_void) -> *mut P
     trampoline(|| py_int(i64::from(unsafe { ctx(slf) }.pool_size)))
 }
 
-static mut CTX_METHODS: [PyMethodDef; 7] = [
-    PyMethodDef {
-        ml_name: c"submit".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunctionFast: ctx_submit,
-        },
-        ml_flags: METH_FASTCALL,
-        ml_doc: c"submit(*operations) -> int\n--\n\nQueue operations; returns how many were newly accepted.".as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"cancel".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunctionFast: ctx_cancel,
-        },
-        ml_flags: METH_FASTCALL,
-        ml_doc: c"cancel(*operations) -> int\n--\n\nCancels the given operations that no worker has started yet (they complete\nwith ECANCELED); a running one completes normally. Returns how many were\ncancelled.".as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"close".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_close,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"close()\n--\n\nStop accepting work, let queued work finish, join the workers.".as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"_completion_fd".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_completion_fd,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"_completion_fd() -> int\n--\n\nThe fd that becomes readable when completions are queued for \
-_process_completions() (see _enable_loop_delivery). Used by the asyncio adapter.".as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"_enable_loop_delivery".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunctionFastWithKeywords: ctx_enable_loop_delivery,
-        },
-        ml_flags: METH_FASTCALL | METH_KEYWORDS,
-        ml_doc: c"_enable_loop_delivery(inline_read_max=0)\n--\n\nFrom now on, workers queue completions instead \
+/// The Context type: core's common shape plus this backend's methods and
+/// properties (`caio_core::module::init_common` creates it).
+fn context_spec() -> TypeSpec {
+    caio_core::module::context_spec(
+        CTX_DOC,
+        std::mem::size_of::<Context>(),
+        std::mem::offset_of!(Context, weakreflist),
+        ctx_new,
+        ctx_dealloc,
+        ctx_repr,
+    )
+    .method(fast(
+        c"submit",
+        ctx_submit,
+        c"submit(*operations) -> int\n--\n\nQueue operations; returns how many were newly accepted.",
+    ))
+    .method(fast(
+        c"cancel",
+        ctx_cancel,
+        c"cancel(*operations) -> int\n--\n\nCancels the given operations that no worker has started yet (they complete\nwith ECANCELED); a running one completes normally. Returns how many were\ncancelled.",
+    ))
+    .method(noargs(
+        c"close",
+        ctx_close,
+        c"close()\n--\n\nStop accepting work, let queued work finish, join the workers.",
+    ))
+    .method(noargs(
+        c"_completion_fd",
+        ctx_completion_fd,
+        c"_completion_fd() -> int\n--\n\nThe fd that becomes readable when completions are queued for \
+_process_completions() (see _enable_loop_delivery). Used by the asyncio adapter.",
+    ))
+    .method(fastcall(
+        c"_enable_loop_delivery",
+        ctx_enable_loop_delivery,
+        0,
+        c"_enable_loop_delivery(inline_read_max=0)\n--\n\nFrom now on, workers queue completions instead \
 of running callbacks; _process_completions() delivers them. Irreversible; watch _completion_fd() first. \
 Reads of at most inline_read_max bytes are first tried from the page cache on the calling thread \
-(preadv2 RWF_NOWAIT, Linux) and complete inside submit() when cached.".as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"_process_completions".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_process_completions,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"_process_completions() -> int\n--\n\nDeliver queued completions (run their callbacks) on this thread.".as_ptr(),
-    },
-    PyMethodDef::zeroed(),
-];
-
-static mut CTX_GETSET: [PyGetSetDef; 3] = [
-    PyGetSetDef {
-        name: c"max_requests".as_ptr(),
-        get: Some(get_max_requests),
-        set: None,
-        doc: c"how many operations may wait in the queue".as_ptr(),
-        closure: ptr::null_mut(),
-    },
-    PyGetSetDef {
-        name: c"pool_size".as_ptr(),
-        get: Some(get_pool_size),
-        set: None,
-        doc: c"number of worker threads".as_ptr(),
-        closure: ptr::null_mut(),
-    },
-    PyGetSetDef {
-        name: ptr::null(),
-        get: None,
-        set: None,
-        doc: ptr::null(),
-        closure: ptr::null_mut(),
-    },
-];
+(preadv2 RWF_NOWAIT, Linux) and complete inside submit() when cached.",
+    ))
+    .method(noargs(
+        c"_process_completions",
+        ctx_process_completions,
+        c"_process_completions() -> int\n--\n\nDeliver queued completions (run their callbacks) on this thread.",
+    ))
+    .getter(c"max_requests", get_max_requests, c"how many operations may wait in the queue")
+    .getter(c"pool_size", get_pool_size, c"number of worker threads")
+}
 
 /// The Context type's docstring (text signature first).
 const CTX_DOC: &std::ffi::CStr =
@@ -614,16 +586,7 @@ unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
         init_common(
             module,
             &FLAVOR,
-            ContextType {
-                doc: CTX_DOC,
-                basicsize: std::mem::size_of::<Context>(),
-                weaklistoffset: std::mem::offset_of!(Context, weakreflist),
-                new: ctx_new,
-                dealloc: ctx_dealloc,
-                repr: ctx_repr,
-                methods: ptr::addr_of_mut!(CTX_METHODS).cast(),
-                getset: ptr::addr_of_mut!(CTX_GETSET).cast(),
-            },
+            context_spec,
             c"caio.thread_aio.OperationError",
         )?;
         caio_core::module::init_capacity_error(
