@@ -567,7 +567,7 @@ pub(crate) fn context_spec() -> TypeSpec {
     .method(fast(
         c"submit",
         ctx_submit,
-        c"submit(*operations) -> int\n--\n\nSubmit operations in one io_submit call; returns how \
+        c"submit($self, *operations)\n--\n\nSubmit operations in one io_submit call; returns how \
 many were accepted (a prefix: the rest are untouched and can be resubmitted). Raises if the first \
 one is refused.",
     ))
@@ -575,7 +575,7 @@ one is refused.",
         c"cancel",
         ctx_cancel,
         0,
-        c"cancel(operation) -> int\n--\n\nio_cancel(): returns 0 when the kernel started the \
+        c"cancel($self, operation)\n--\n\nio_cancel(): returns 0 when the kernel started the \
 cancellation (the op then completes through process_events()); raises ValueError when it cannot \
 (regular-file I/O never can).",
     ))
@@ -583,7 +583,7 @@ cancellation (the op then completes through process_events()); raises ValueError
         c"process_events",
         ctx_process_events,
         0,
-        c"process_events(max_requests=512, min_requests=0, timeout=0) -> int\n--\n\nDeliver up \
+        c"process_events($self, max_requests=512, min_requests=0, timeout=0)\n--\n\nDeliver up \
 to max_requests completions (callbacks run here). With min_requests > 0 and timeout != 0, first \
 wait (GIL released) until min_requests are available or timeout seconds pass (timeout < 0: no \
 limit). Returns the number delivered.",
@@ -591,39 +591,40 @@ limit). Returns the number delivered.",
     .method(noargs(
         c"poll",
         ctx_poll,
-        c"poll() -> int\n--\n\nRead and reset the eventfd counter (completion notifications \
-since the last read); BlockingIOError if there were none. Never blocks, delivers nothing.",
+        c"poll($self)\n--\n\nRead and reset the eventfd counter (completion notifications \
+since the last read) and return it; BlockingIOError if there were none. Never blocks, delivers nothing.",
     ))
     .method(noargs(
         c"close",
         ctx_close,
-        c"close()\n--\n\nStop accepting operations and release the kernel AIO context (its \
+        c"close($self)\n--\n\nStop accepting operations and release the kernel AIO context (its \
 share of fs.aio-nr), the eventfd and the worker threads: now if nothing is in flight, otherwise \
 as soon as process_events() has delivered the last completion. Idempotent. (Not in upstream caio.)",
     ))
     .method(noargs(
         c"_drain",
         ctx_drain,
-        c"_drain() -> int\n--\n\nReset the eventfd counter and deliver every available \
-completion (what the asyncio adapter's reader callback does).",
+        c"_drain($self)\n--\n\nReset the eventfd counter and deliver every available \
+completion (what the asyncio adapter's reader callback does). Returns the number delivered.",
     ))
     .method(noargs(
         c"_reap",
         ctx_reap,
-        c"_reap() -> int\n--\n\nDeliver the completions available now (up to 512) without \
-reading the eventfd (what the asyncio adapter does right after submitting).",
+        c"_reap($self)\n--\n\nDeliver the completions available now (up to 512) without \
+reading the eventfd (what the asyncio adapter does right after submitting). Returns the number \
+delivered.",
     ))
     .method(fast(
         c"_submit_each",
         ctx_submit_each,
-        c"_submit_each(*operations) -> list\n--\n\nSubmit as many operations as possible; one \
-outcome per argument: True (accepted), False (already submitted) or the exception that refused \
+        c"_submit_each($self, *operations)\n--\n\nSubmit as many operations as possible; returns \
+a list of one outcome per argument: True (accepted), False (already submitted) or the exception that refused \
 it (what the asyncio adapter's deferred=True flush does).",
     ))
     .method(onearg(
         c"_set_nowait",
         ctx_set_nowait,
-        c"_set_nowait(flag)\n--\n\nEvent-loop mode: submit buffered reads/writes with \
+        c"_set_nowait($self, flag, /)\n--\n\nEvent-loop mode: submit buffered reads/writes with \
 RWF_NOWAIT so io_submit never waits for the disk; operations the kernel refuses (or only partly \
 does) are finished by worker threads, and still delivered by process_events() on this thread. \
 Off by default (upstream semantics: buffered I/O completes inside submit()). The asyncio adapter \

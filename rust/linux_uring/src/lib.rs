@@ -620,18 +620,19 @@ fn context_spec() -> TypeSpec {
     .method(noargs(
         c"_deferred_flush",
         ctx_deferred_flush,
-        c"_deferred_flush() -> int\n--\n\nasyncio adapter: submit everything staged and deliver.",
+        c"_deferred_flush($self)\n--\n\nasyncio adapter: submit everything staged and deliver. Returns the \
+number delivered.",
     ))
     .method(noargs(
         c"_process_loop_events",
         ctx_loop_events,
-        c"_process_loop_events() -> int\n--\n\nasyncio adapter: reset the eventfd and deliver every \
-available completion.",
+        c"_process_loop_events($self)\n--\n\nasyncio adapter: reset the eventfd and deliver every \
+available completion. Returns the number delivered.",
     ))
     .method(fast(
         c"submit",
         ctx_submit,
-        c"submit(*operations) -> int\n--\n\nStage operations in the submission ring (no \
+        c"submit($self, *operations)\n--\n\nStage operations in the submission ring (no \
 system call; flush() hands them to the kernel). Returns how many were newly accepted; raises \
 CapacityError (an OverflowError and an OSError with errno EAGAIN) when the ring is full (the ops \
 staged before stay staged).",
@@ -640,30 +641,31 @@ staged before stay staged).",
         c"cancel",
         ctx_cancel,
         0,
-        c"cancel(operation, *more) -> 0\n--\n\nAsk the kernel to cancel in-flight \
+        c"cancel($self, operation, *more)\n--\n\nAsk the kernel to cancel in-flight \
 operations (IORING_OP_ASYNC_CANCEL; everything staged is submitted along). A cancelled op \
-completes with -ECANCELED through the normal delivery.",
+completes with -ECANCELED through the normal delivery. Returns 0.",
     ))
     .method(noargs(
         c"flush",
         ctx_flush,
-        c"flush() -> int\n--\n\nSubmit the staged operations (SQPOLL: wake the kernel \
+        c"flush($self)\n--\n\nSubmit the staged operations (SQPOLL: wake the kernel \
 thread if needed), then deliver every available completion. Returns the number delivered.",
     ))
     .method(fastcall(
         c"process_events",
         ctx_process_events,
         0,
-        c"process_events(max_requests=512, min_requests=0, timeout=0) -> int\n--\n\n\
+        c"process_events($self, max_requests=512, min_requests=0, timeout=0)\n--\n\n\
 Deliver up to max_requests completions. With min_requests > 0, first wait (GIL released) \
 until that many completions became available since the call started, at most timeout \
-seconds (negative: no limit). Signal handlers run during the wait.",
+seconds (negative: no limit). Signal handlers run during the wait. Returns the number \
+delivered.",
     ))
     .method(noargs(
         c"poll",
         ctx_poll,
-        c"poll() -> int\n--\n\nRead and reset the eventfd counter (BlockingIOError when \
-zero). Never blocks and never delivers completions.",
+        c"poll($self)\n--\n\nRead and reset the eventfd counter and return it \
+(BlockingIOError when zero). Never blocks and never delivers completions.",
     ))
     .getter(c"max_requests", get_max_requests, c"max_requests as requested")
     .getter(c"fileno", get_fileno, c"the eventfd signalled for every completion")

@@ -533,29 +533,29 @@ fn context_spec() -> TypeSpec {
     .method(fast(
         c"submit",
         ctx_submit,
-        c"submit(*operations) -> int\n--\n\nQueue operations; returns how many were newly accepted.",
+        c"submit($self, *operations)\n--\n\nQueue operations; returns how many were newly accepted.",
     ))
     .method(fast(
         c"cancel",
         ctx_cancel,
-        c"cancel(*operations) -> int\n--\n\nCancels the given operations that no worker has started yet (they complete\nwith ECANCELED); a running one completes normally. Returns how many were\ncancelled.",
+        c"cancel($self, *operations)\n--\n\nCancels the given operations that no worker has started yet (they complete\nwith ECANCELED); a running one completes normally. Returns how many were\ncancelled.",
     ))
     .method(noargs(
         c"close",
         ctx_close,
-        c"close()\n--\n\nStop accepting work, let queued work finish, join the workers.",
+        c"close($self)\n--\n\nStop accepting work, let queued work finish, join the workers.",
     ))
     .method(noargs(
         c"_completion_fd",
         ctx_completion_fd,
-        c"_completion_fd() -> int\n--\n\nThe fd that becomes readable when completions are queued for \
+        c"_completion_fd($self)\n--\n\nThe fd that becomes readable when completions are queued for \
 _process_completions() (see _enable_loop_delivery). Used by the asyncio adapter.",
     ))
     .method(fastcall(
         c"_enable_loop_delivery",
         ctx_enable_loop_delivery,
         0,
-        c"_enable_loop_delivery(inline_read_max=0)\n--\n\nFrom now on, workers queue completions instead \
+        c"_enable_loop_delivery($self, inline_read_max=0)\n--\n\nFrom now on, workers queue completions instead \
 of running callbacks; _process_completions() delivers them. Irreversible; watch _completion_fd() first. \
 Reads of at most inline_read_max bytes are first tried from the page cache on the calling thread \
 (preadv2 RWF_NOWAIT, Linux) and complete inside submit() when cached.",
@@ -563,7 +563,8 @@ Reads of at most inline_read_max bytes are first tried from the page cache on th
     .method(noargs(
         c"_process_completions",
         ctx_process_completions,
-        c"_process_completions() -> int\n--\n\nDeliver queued completions (run their callbacks) on this thread.",
+        c"_process_completions($self)\n--\n\nDeliver queued completions (run their callbacks) on this thread; returns \
+how many.",
     ))
     .getter(c"max_requests", get_max_requests, c"how many operations may wait in the queue")
     .getter(c"pool_size", get_pool_size, c"number of worker threads")
