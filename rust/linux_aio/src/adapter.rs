@@ -25,7 +25,7 @@ use std::ptr;
 use std::sync::atomic::Ordering;
 
 use caio_core::aio::{Adapter, Engine};
-use caio_core::op::{self, as_op, Operation};
+use caio_core::op::{self, as_op, OpState, Operation};
 use caio_core::py::{call_method, none, trampoline, Exc, Interned, Owned, PyErr, PyResult};
 use caio_core::pyo3_ffi::*;
 
@@ -126,7 +126,7 @@ unsafe fn cancel(a: &Adapter, op: *mut PyObject) {
         drop(staged);
         return;
     }
-    if o.state() != op::IN_FLIGHT {
+    if o.state() != OpState::InFlight {
         return;
     }
     // As upstream: io_cancel, and never mind a refusal (regular-file I/O
@@ -430,7 +430,7 @@ unsafe fn flush(slf: *mut PyObject, c: &AioContext, staged: &[Owned]) {
     for i in 0..n {
         // SAFETY: an Operation kept alive by `staged`.
         let o = unsafe { as_op(ops[i]) };
-        if !in_kernel[i] && o.state() == op::NEW {
+        if !in_kernel[i] && o.state() == OpState::New {
             // SAFETY: attached.
             unsafe { op::clear_callback(o) };
         }

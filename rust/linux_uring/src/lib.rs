@@ -380,7 +380,7 @@ unsafe fn cancel_ops(c: &Context, slf: *mut PyObject, ops: &[*mut PyObject]) -> 
         // Only an op in flight can be cancelled; for others (never
         // submitted, done, or on another Context) the kernel would answer
         // ENOENT anyway.
-        if o.state() != op::IN_FLIGHT {
+        if o.state() != op::OpState::InFlight {
             continue;
         }
         if c.ring.cancel(o).is_err() {

@@ -62,13 +62,6 @@ crate::u8_state! {
     }
 }
 
-// compat: backends still use this path
-pub const NEW: OpState = OpState::New;
-// compat: backends still use this path
-pub const IN_FLIGHT: OpState = OpState::InFlight;
-// compat: backends still use this path
-pub const DONE: OpState = OpState::Done;
-
 #[repr(u8)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum OpKind {
