@@ -124,32 +124,6 @@ pub unsafe extern "C" fn state_free(module: *mut c_void) {
     unsafe { state_clear(module.cast()) };
 }
 
-/// The spec name: "builtins." gives `__module__ == "builtins"` like
-/// upstream's static type, without the 3.12+ warning for undotted heap-type
-/// names. Static because 3.10/3.11 keep pointing `tp_name` into it.
-const CONTEXT_SPEC_NAME: &CStr = c"builtins.Context";
-
-/// What every backend's `Context` type starts from: a plain (non-GC) object
-/// with a weak-reference list at `weaklistoffset`, `__new__`, dealloc and
-/// repr, and `doc` (with the `Context(sig)\n--\n\n` text signature). The
-/// backend adds its methods and properties with [`TypeSpec::method`] and
-/// [`TypeSpec::getter`] and hands the result to [`init_common`].
-pub fn context_spec(
-    doc: &'static CStr,
-    basicsize: usize,
-    weaklistoffset: usize,
-    new: newfunc,
-    dealloc: destructor,
-    repr: reprfunc,
-) -> TypeSpec {
-    TypeSpec::new(CONTEXT_SPEC_NAME, basicsize, Py_TPFLAGS_DEFAULT)
-        .doc(doc)
-        .new_fn(new)
-        .dealloc(dealloc)
-        .repr(repr)
-        .weaklist_offset(weaklistoffset)
-}
-
 /// Creates a backend's Context type from its spec (built once per process:
 /// module re-execution reuses it, keyed by `flavor`).
 ///
@@ -170,7 +144,8 @@ unsafe fn create_context_type(
     // SAFETY: `tp` is the heap type just created, not yet visible to any
     // other code; the new name points into a static NUL-terminated string.
     unsafe {
-        (*tp.as_ptr().cast::<PyTypeObject>()).tp_name = CONTEXT_SPEC_NAME.as_ptr().add(prefix);
+        (*tp.as_ptr().cast::<PyTypeObject>()).tp_name =
+            crate::context::SPEC_NAME.as_ptr().add(prefix);
     }
     Ok(tp)
 }
@@ -212,7 +187,7 @@ pub unsafe fn add_exception(
 }
 
 /// Creates the module's Operation type, its Context type (from `ctx_spec`,
-/// see [`context_spec`]) and its `OperationError`, and stores them in the
+/// see [`crate::context::ContextObject::spec`]) and its `OperationError`, and stores them in the
 /// module state and as attributes.
 ///
 /// # Safety

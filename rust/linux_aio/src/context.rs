@@ -4,17 +4,17 @@
 //! `submit`, `reap`); the messages of the errors it raises are here.
 
 use std::ffi::{c_void, CStr};
-use std::ptr;
 use std::sync::atomic::Ordering;
 
 use caio_core::args::{int_as, positional, Params};
+use caio_core::context::{first_non_op, ContextObject, ContextState};
 use caio_core::module::ModState;
 use caio_core::op::{self, as_op};
 use caio_core::py::typespec::{fast, fastcall, noargs, onearg};
 use caio_core::py::TypeSpec;
 use caio_core::py::{
-    none, py_bool, py_int, py_str, py_uint, py_usize, trampoline, trampoline_void, Borrowed, Exc,
-    Owned, PyErr, PyResult,
+    none, py_bool, py_int, py_str, py_uint, py_usize, trampoline, Borrowed, Exc, Owned, PyErr,
+    PyResult,
 };
 use caio_core::pyo3_ffi::*;
 use caio_core::sys;
@@ -29,32 +29,46 @@ const DEFAULT_MAX_REQUESTS: u32 = 32;
 /// The largest `process_events(max_requests=…)`.
 const MAX_EVENTS: usize = 1 << 20;
 
-/// The Python object: a plain (non-GC) object with a weak-reference list and
-/// the engine state.
-#[repr(C)]
-struct Context {
-    ob_base: PyObject,
-    weakreflist: *mut PyObject,
-    /// Written by `__new__` right after allocation, dropped by dealloc.
-    inner: AioContext,
+/// The engine state is the Context's (`caio_core::context::ContextObject`).
+impl ContextState for AioContext {
+    /// Releases what is left. Every in-flight op holds a reference to its
+    /// Context: nothing is in flight here, so the kernel holds no pointer
+    /// into our memory.
+    unsafe fn release(&self) {
+        let released = {
+            let mut h = self.write();
+            (h.queue.is_some() || h.aio != 0).then(|| self.release_locked(&mut h))
+        };
+        if let Some(r) = released {
+            r.finish();
+        }
+        // A deferred batch whose flush never ran (its loop was closed).
+        // SAFETY: attached (the trait's contract).
+        unsafe { adapter::drop_staged(self) };
+    }
+
+    /// Its kernel context goes to the destroyer.
+    fn abandon(self) {
+        AioContext::abandon(self);
+    }
 }
 
 /// The engine state of Context `p`.
 ///
 /// # Safety
 /// `p` is a live linux_aio Context that `__new__` finished initialising,
-/// and the reference is not used after the object's deallocation began.
+/// and the reference is not used after the object's deallocation began
+/// (see `ContextObject::state`).
 pub(crate) unsafe fn ctx<'a>(p: *mut PyObject) -> &'a AioContext {
-    // SAFETY: `p` points to a `Context` (our type's basicsize) whose `inner`
-    // is initialised (the caller's contract).
-    unsafe { &(*p.cast::<Context>()).inner }
+    // SAFETY: forwarded contract.
+    unsafe { ContextObject::<AioContext>::state(p) }
 }
 
 // Every `unsafe extern "C"` function below is a slot or method of the
 // Context type. Their common safety contract, which CPython's calling
 // convention guarantees: the calling thread is attached, `slf` is a live
-// Context (initialised by `ctx_new`; for `ctx_dealloc`, not yet torn
-// down) and the arguments are what the method's METH_* flags promise. Each
+// Context (initialised by `ctx_new`) and the arguments are what the
+// method's METH_* flags promise. Each
 // `# Safety` section below refers to it as "the slot contract".
 
 /// An optional argument in `0..=u32::MAX` (0 when absent).
@@ -91,68 +105,8 @@ unsafe extern "C" fn ctx_new(
         };
         // SAFETY: attached (the slot contract).
         let engine = unsafe { AioContext::open(max_requests) }?;
-        // SAFETY: `tp` is our live heap type (the slot contract); its
-        // tp_alloc returns a new zeroed object of its basicsize or NULL.
-        let obj = match unsafe {
-            let alloc = (*tp).tp_alloc.unwrap_or(PyType_GenericAlloc);
-            Owned::from_new(alloc(tp, 0))
-        } {
-            Ok(o) => o,
-            Err(e) => {
-                engine.abandon();
-                return Err(e);
-            }
-        };
-        let c = obj.as_ptr().cast::<Context>();
-        // SAFETY: `obj` is a fresh allocation of `size_of::<Context>()`
-        // bytes; `inner` is uninitialised (zeroed), so it is written, not
-        // assigned (nothing to drop).
-        unsafe { (&raw mut (*c).inner).write(engine) };
-        Ok(obj)
-    })
-}
-
-/// `tp_dealloc`: releases what is left (nothing is in flight: every
-/// in-flight op holds a reference to its Context), drops the engine state
-/// and frees the object.
-///
-/// # Safety
-/// The slot contract; the object's reference count is zero and it is not
-/// used afterwards.
-unsafe extern "C" fn ctx_dealloc(slf: *mut PyObject) {
-    trampoline_void(|| {
-        let obj = slf.cast::<Context>();
-        // SAFETY: a Context that `__new__` initialised, alive until
-        // `tp_free` below; attached.
-        unsafe {
-            if !(*obj).weakreflist.is_null() {
-                PyObject_ClearWeakRefs(slf);
-            }
-        }
-        // SAFETY: as above; `c` is not used after `drop_in_place`.
-        let c = unsafe { ctx(slf) };
-        // Every in-flight op holds a reference to its Context: nothing is in
-        // flight here, so the kernel holds no pointer into our memory.
-        let released = {
-            let mut h = c.write();
-            (h.queue.is_some() || h.aio != 0).then(|| c.release_locked(&mut h))
-        };
-        if let Some(r) = released {
-            r.finish();
-        }
-        // SAFETY: attached. Then the engine state is dropped exactly once
-        // and the object's memory is handed back to its type's allocator,
-        // dropping the reference every heap-type instance holds on its type.
-        unsafe {
-            // A deferred batch whose flush never ran (its loop was closed).
-            adapter::drop_staged(c);
-            ptr::drop_in_place(&raw mut (*obj).inner);
-            let tp = Py_TYPE(slf);
-            if let Some(free) = (*tp).tp_free {
-                free(slf.cast());
-            }
-            Py_DECREF(tp.cast());
-        }
+        // SAFETY: attached; `tp` is our Context type (the slot contract).
+        unsafe { ContextObject::create(tp, engine) }
     })
 }
 
@@ -162,21 +116,15 @@ unsafe extern "C" fn ctx_dealloc(slf: *mut PyObject) {
 /// Attached; `slf` is a linux_aio Context; every element of `args` is a
 /// valid object.
 unsafe fn check_types(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<()> {
-    // SAFETY: `slf` is an instance of our module's type (our contract), so
-    // its module state is ours.
-    let op_type = unsafe { (*ModState::of(slf)).op_type };
-    for (i, &a) in args.iter().enumerate() {
-        // SAFETY: `a` is a valid object (our contract).
-        if !unsafe { op::is_op(a, op_type) } {
-            return Err(PyErr::type_error(format!(
-                "Wrong type for argument {} -> {}: expected linux_aio.Operation",
-                i,
-                // SAFETY: as above.
-                unsafe { Borrowed::from_ptr(a) }.repr()
-            )));
-        }
+    // SAFETY: forwarded contract.
+    match unsafe { first_non_op(slf, args) } {
+        None => Ok(()),
+        Some((i, a)) => Err(PyErr::type_error(format!(
+            "Wrong type for argument {} -> {}: expected linux_aio.Operation",
+            i,
+            a.repr()
+        ))),
     }
-    Ok(())
 }
 
 /// `Context.submit(*operations) -> int` (METH_FASTCALL).
@@ -556,14 +504,7 @@ unsafe extern "C" fn get_staged(slf: *mut PyObject, _: *mut c_void) -> *mut PyOb
 /// The Context type: core's common shape plus this backend's methods and
 /// properties (`caio_core::module::init_common` creates it).
 pub(crate) fn context_spec() -> TypeSpec {
-    caio_core::module::context_spec(
-        CTX_DOC,
-        std::mem::size_of::<Context>(),
-        std::mem::offset_of!(Context, weakreflist),
-        ctx_new,
-        ctx_dealloc,
-        ctx_repr,
-    )
+    ContextObject::<AioContext>::spec(CTX_DOC, ctx_new, ctx_repr)
     .method(fast(
         c"submit",
         ctx_submit,

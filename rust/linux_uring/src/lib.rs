@@ -15,20 +15,20 @@
 #![cfg(target_os = "linux")]
 
 use std::ffi::c_void;
-use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use caio_core::args::{int_as, positional, truthy, Params};
 use caio_core::backend_module;
+use caio_core::context::{first_non_op, ContextObject, ContextState};
 use caio_core::fork::Stamp;
-use caio_core::module::{add_object, init_common, ModState};
+use caio_core::module::{add_object, init_common};
 use caio_core::op::{self, as_op, Delivery, Flavor, ReadPayload};
 use caio_core::py::typespec::{fast, fastcall, noargs};
 use caio_core::py::TypeSpec;
 use caio_core::py::{
-    allow_threads, py_bool, py_int, py_str, py_uint, py_usize, trampoline, trampoline_void,
-    Borrowed, Exc, Owned, PyErr, PyResult,
+    allow_threads, py_bool, py_int, py_str, py_uint, py_usize, trampoline, Exc, Owned, PyErr,
+    PyResult,
 };
 use caio_core::pyo3_ffi::*;
 
@@ -67,10 +67,8 @@ static FLAVOR: Flavor = Flavor {
 const DEFAULT_MAX_REQUESTS: u32 = 32;
 const DEFAULT_EVENTS: u32 = 512;
 
-#[repr(C)]
+/// The engine state of a Context (`caio_core::context::ContextObject`).
 pub(crate) struct Context {
-    ob_base: PyObject,
-    weakreflist: *mut PyObject,
     max_requests: u32,
     born: Stamp,
     /// A `_deferred_flush` is scheduled on the event loop (asyncio adapter,
@@ -163,16 +161,20 @@ its io_uring instance belongs to the parent and cannot be used here. Create a ne
     }
 }
 
+/// Every in-flight op holds a reference to its Context, so nothing can
+/// still be in flight at deallocation: no callback runs and no memory the
+/// kernel might write is freed when the ring is dropped (which unmaps it and
+/// closes its fds).
+impl ContextState for Context {}
+
 /// The Context behind `p`.
 ///
 /// # Safety
-/// `p` is a live instance of this module's Context type that outlives `'a`:
-/// CPython passes one as `self` to the type's methods and slots, and
-/// `caio_core::aio` checks an adapter's context against the type in `_bind`.
+/// `p` is a live instance of this module's Context type that outlives `'a`
+/// (see `ContextObject::state`).
 pub(crate) unsafe fn ctx<'a>(p: *mut PyObject) -> &'a Context {
-    // SAFETY: `p` points to a Context (contract above); `#[repr(C)]` puts
-    // the object header first, as CPython laid it out.
-    unsafe { &*p.cast::<Context>() }
+    // SAFETY: forwarded contract.
+    unsafe { ContextObject::<Context>::state(p) }
 }
 
 static NEW_PARAMS: Params = Params {
@@ -210,50 +212,15 @@ unsafe extern "C" fn ctx_new(
         // push a full `max_requests` load into "ring full".
         let ring = Ring::new(u64::from(max_requests) + 1, sqpoll)
             .map_err(|SetupError(errno)| PyErr::Errno(Exc::SystemError, errno))?;
-        // SAFETY: attached; `tp` is a live type whose `tp_basicsize` is
-        // `size_of::<Context>()`: its allocator returns a zeroed object of
-        // that size (or NULL with an exception set). Every Rust field is
-        // written in place before the object is handed out.
-        unsafe {
-            let alloc = (*tp).tp_alloc.unwrap_or(PyType_GenericAlloc);
-            let obj = Owned::from_new(alloc(tp, 0))?;
-            let c = obj.as_ptr().cast::<Context>();
-            (*c).max_requests = max_requests;
-            ptr::addr_of_mut!((*c).born).write(Stamp::now());
-            ptr::addr_of_mut!((*c).flush_scheduled).write(AtomicBool::new(false));
-            ptr::addr_of_mut!((*c).batching).write(AtomicBool::new(false));
-            ptr::addr_of_mut!((*c).ring).write(ring);
-            Ok(obj)
-        }
-    })
-}
-
-/// `tp_dealloc`.
-///
-/// # Safety
-/// Called by CPython, attached, when the last reference to `slf` (a
-/// Context made by [`ctx_new`]) is gone.
-unsafe extern "C" fn ctx_dealloc(slf: *mut PyObject) {
-    trampoline_void(|| {
-        let c = slf.cast::<Context>();
-        // SAFETY: `slf` is a Context alive until `tp_free` (contract above);
-        // attached for the weakref callbacks. Every in-flight op holds a
-        // reference to its Context, so nothing can still be in flight here:
-        // no callback runs and no memory the kernel might write is freed when
-        // the ring (written by ctx_new, dropped once, here) goes. Then the
-        // memory goes back to the type's allocator and the heap type loses
-        // the reference its instance held.
-        unsafe {
-            if !(*c).weakreflist.is_null() {
-                PyObject_ClearWeakRefs(slf);
-            }
-            ptr::drop_in_place(ptr::addr_of_mut!((*c).ring));
-            let tp = Py_TYPE(slf);
-            if let Some(free) = (*tp).tp_free {
-                free(slf.cast());
-            }
-            Py_DECREF(tp.cast());
-        }
+        let state = Context {
+            max_requests,
+            born: Stamp::now(),
+            flush_scheduled: AtomicBool::new(false),
+            batching: AtomicBool::new(false),
+            ring,
+        };
+        // SAFETY: attached; `tp` is this module's Context type.
+        unsafe { ContextObject::create(tp, state) }
     })
 }
 
@@ -262,22 +229,15 @@ unsafe extern "C" fn ctx_dealloc(slf: *mut PyObject) {
 /// # Safety
 /// Attached; `slf` is a Context; `args` are live objects.
 unsafe fn check_ops(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<()> {
-    // SAFETY: `slf` is an instance of this module's Context type, so its
-    // type's module state is ours and holds the Operation type; the args
-    // are live objects (contract above).
-    unsafe {
-        let op_type = (*ModState::of(slf)).op_type;
-        for (i, &a) in args.iter().enumerate() {
-            if !op::is_op(a, op_type) {
-                return Err(PyErr::type_error(format!(
-                    "argument {} is not an Operation: expected linux_uring.Operation, got {}",
-                    i + 1,
-                    Borrowed::from_ptr(a).type_name()
-                )));
-            }
-        }
+    // SAFETY: forwarded contract.
+    match unsafe { first_non_op(slf, args) } {
+        None => Ok(()),
+        Some((i, a)) => Err(PyErr::type_error(format!(
+            "argument {} is not an Operation: expected linux_uring.Operation, got {}",
+            i + 1,
+            a.type_name()
+        ))),
     }
-    Ok(())
 }
 
 /// `Context.submit(*operations)` (`METH_FASTCALL`).
@@ -358,20 +318,13 @@ static CANCEL_PARAMS: Params = Params {
 /// # Safety
 /// Attached; `slf` is the Context `c`; `ops` are live objects.
 unsafe fn cancel_ops(c: &Context, slf: *mut PyObject, ops: &[*mut PyObject]) -> PyResult<Owned> {
-    // SAFETY: `slf` is an instance of this module's Context type, so its
-    // type's module state is ours and holds the Operation type; the ops are
-    // live objects (contract above).
-    unsafe {
-        let op_type = (*ModState::of(slf)).op_type;
-        for (i, &a) in ops.iter().enumerate() {
-            if !op::is_op(a, op_type) {
-                return Err(PyErr::type_error(format!(
-                    "argument {} must be linux_uring.Operation, not {}",
-                    i + 1,
-                    Borrowed::from_ptr(a).type_name()
-                )));
-            }
-        }
+    // SAFETY: forwarded contract.
+    if let Some((i, a)) = unsafe { first_non_op(slf, ops) } {
+        return Err(PyErr::type_error(format!(
+            "argument {} must be linux_uring.Operation, not {}",
+            i + 1,
+            a.type_name()
+        )));
     }
     c.check_fork()?;
     for &a in ops {
@@ -609,14 +562,7 @@ unsafe extern "C" fn get_sqpoll(slf: *mut PyObject, _: *mut c_void) -> *mut PyOb
 /// The Context type: core's common shape plus this backend's methods and
 /// properties (`caio_core::module::init_common` creates it).
 fn context_spec() -> TypeSpec {
-    caio_core::module::context_spec(
-        CTX_DOC,
-        std::mem::size_of::<Context>(),
-        std::mem::offset_of!(Context, weakreflist),
-        ctx_new,
-        ctx_dealloc,
-        ctx_repr,
-    )
+    ContextObject::<Context>::spec(CTX_DOC, ctx_new, ctx_repr)
     .method(noargs(
         c"_deferred_flush",
         ctx_deferred_flush,

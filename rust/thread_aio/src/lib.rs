@@ -13,12 +13,12 @@
 //! asyncio fast path.
 
 use std::ffi::c_void;
-use std::ptr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use caio_core::args::{int_as, int_in, positional, Params};
 use caio_core::backend_module;
+use caio_core::context::{first_non_op, ContextObject, ContextState};
 use caio_core::fork::Stamp;
 use caio_core::module::{init_common, ModState};
 use caio_core::op::{self, as_op, Flavor, ReadPayload};
@@ -26,8 +26,7 @@ use caio_core::pool::{self, CompletionQueue, Job, Pool, SubmitError};
 use caio_core::py::typespec::{fast, fastcall, noargs};
 use caio_core::py::TypeSpec;
 use caio_core::py::{
-    allow_threads, none, py_int, py_str, py_usize, trampoline, trampoline_void, Borrowed, Exc,
-    Owned, PyErr, PyResult,
+    allow_threads, none, py_int, py_str, py_usize, trampoline, Borrowed, Exc, PyErr, PyResult,
 };
 use caio_core::pyo3_ffi::*;
 
@@ -62,10 +61,8 @@ const DEFAULT_POOL_SIZE: u16 = 8;
 const MAX_POOL_SIZE: u16 = 128;
 const MAX_REQUESTS_LIMIT: u16 = 65535;
 
-#[repr(C)]
+/// The engine state of a Context (`caio_core::context::ContextObject`).
 pub(crate) struct Context {
-    ob_base: PyObject,
-    weakreflist: *mut PyObject,
     max_requests: u16,
     pool_size: u16,
     born: Stamp,
@@ -118,16 +115,23 @@ threads do not exist in this process; create a new Context in the child",
     }
 }
 
+impl ContextState for Context {
+    /// No op can be in flight here (each one keeps its Context alive), so
+    /// this only stops idle workers.
+    unsafe fn release(&self) {
+        // SAFETY: attached (the trait's contract).
+        unsafe { self.shutdown() };
+    }
+}
+
 /// The Context behind `p`.
 ///
 /// # Safety
-/// `p` is a live instance of this module's Context type that outlives `'a`:
-/// CPython passes one as `self` to the type's methods and slots, and
-/// `caio_core::aio` checks an adapter's context against the type in `_bind`.
+/// `p` is a live instance of this module's Context type that outlives `'a`
+/// (see `ContextObject::state`).
 pub(crate) unsafe fn ctx<'a>(p: *mut PyObject) -> &'a Context {
-    // SAFETY: `p` points to a Context (contract above); `#[repr(C)]` puts
-    // the object header first, as CPython laid it out.
-    unsafe { &*p.cast::<Context>() }
+    // SAFETY: forwarded contract.
+    unsafe { ContextObject::<Context>::state(p) }
 }
 
 static NEW_PARAMS: Params = Params {
@@ -178,52 +182,15 @@ unsafe extern "C" fn ctx_new(
                 pool_size, max_requests, e
             ))
         })?;
-        // SAFETY: attached; `tp` is a live type whose `tp_basicsize` is
-        // `size_of::<Context>()`: its allocator returns a zeroed object of
-        // that size (or NULL with an exception set). Every Rust field is
-        // written in place before the object is handed out.
-        unsafe {
-            let alloc = (*tp).tp_alloc.unwrap_or(PyType_GenericAlloc);
-            let obj = Owned::from_new(alloc(tp, 0))?;
-            let c = obj.as_ptr().cast::<Context>();
-            (*c).max_requests = max_requests;
-            (*c).pool_size = pool_size;
-            ptr::addr_of_mut!((*c).born).write(Stamp::now());
-            ptr::addr_of_mut!((*c).inline_read_max).write(AtomicUsize::new(0));
-            ptr::addr_of_mut!((*c).pool).write(Mutex::new(Some(Arc::new(pool))));
-            Ok(obj)
-        }
-    })
-}
-
-/// `tp_dealloc`.
-///
-/// # Safety
-/// Called by CPython, attached, when the last reference to `slf` (a
-/// Context made by [`ctx_new`]) is gone.
-unsafe extern "C" fn ctx_dealloc(slf: *mut PyObject) {
-    trampoline_void(|| {
-        // SAFETY: `slf` is a Context (contract above).
-        let c = unsafe { ctx(slf) };
-        if !c.weakreflist.is_null() {
-            // SAFETY: attached; `slf` is alive until `tp_free` below.
-            unsafe { PyObject_ClearWeakRefs(slf) };
-        }
-        // No op can be in flight here (each one keeps its Context alive), so
-        // this only stops idle workers.
-        // SAFETY: attached.
-        unsafe { c.shutdown() };
-        // SAFETY: `pool` was written by ctx_new and is dropped once, here;
-        // then the memory goes back to the type's allocator and the heap
-        // type loses the reference its instance held. `c` is not used again.
-        unsafe {
-            ptr::drop_in_place(ptr::addr_of_mut!((*slf.cast::<Context>()).pool));
-            let tp = Py_TYPE(slf);
-            if let Some(free) = (*tp).tp_free {
-                free(slf.cast());
-            }
-            Py_DECREF(tp.cast());
-        }
+        let state = Context {
+            max_requests,
+            pool_size,
+            born: Stamp::now(),
+            inline_read_max: AtomicUsize::new(0),
+            pool: Mutex::new(Some(Arc::new(pool))),
+        };
+        // SAFETY: attached; `tp` is this module's Context type.
+        unsafe { ContextObject::create(tp, state) }
     })
 }
 
@@ -232,22 +199,15 @@ unsafe extern "C" fn ctx_dealloc(slf: *mut PyObject) {
 /// # Safety
 /// Attached; `slf` is a Context; `args` are live objects.
 unsafe fn check_ops(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<()> {
-    // SAFETY: `slf` is an instance of this module's Context type, so its
-    // type's module state is ours and holds the Operation type; the args
-    // are live objects (contract above).
-    unsafe {
-        let op_type = (*ModState::of(slf)).op_type;
-        for (i, &a) in args.iter().enumerate() {
-            if !op::is_op(a, op_type) {
-                return Err(PyErr::type_error(format!(
-                    "Wrong type for argument {}: expected thread_aio.Operation, got {}",
-                    i,
-                    Borrowed::from_ptr(a).repr()
-                )));
-            }
-        }
+    // SAFETY: forwarded contract.
+    match unsafe { first_non_op(slf, args) } {
+        None => Ok(()),
+        Some((i, a)) => Err(PyErr::type_error(format!(
+            "Wrong type for argument {}: expected thread_aio.Operation, got {}",
+            i,
+            a.repr()
+        ))),
     }
-    Ok(())
 }
 
 /// `Context.submit(*operations)` (`METH_FASTCALL`).
@@ -522,14 +482,7 @@ unsafe extern "C" fn get_pool_size(slf: *mut PyObject, _: *mut c_void) -> *mut P
 /// The Context type: core's common shape plus this backend's methods and
 /// properties (`caio_core::module::init_common` creates it).
 fn context_spec() -> TypeSpec {
-    caio_core::module::context_spec(
-        CTX_DOC,
-        std::mem::size_of::<Context>(),
-        std::mem::offset_of!(Context, weakreflist),
-        ctx_new,
-        ctx_dealloc,
-        ctx_repr,
-    )
+    ContextObject::<Context>::spec(CTX_DOC, ctx_new, ctx_repr)
     .method(fast(
         c"submit",
         ctx_submit,
