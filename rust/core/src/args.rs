@@ -23,6 +23,35 @@ pub struct Params {
     pub keywords: bool,
 }
 
+impl Params {
+    /// Parameters `names` of `fname` (for messages), the first `required` of
+    /// them required, passable by keyword too.
+    pub const fn new(
+        fname: &'static str,
+        names: &'static [&'static str],
+        required: usize,
+    ) -> Params {
+        Params {
+            fname,
+            names,
+            required,
+            keywords: true,
+        }
+    }
+
+    /// As [`Params::new`], positional only.
+    pub const fn positional(
+        fname: &'static str,
+        names: &'static [&'static str],
+        required: usize,
+    ) -> Params {
+        Params {
+            keywords: false,
+            ..Params::new(fname, names, required)
+        }
+    }
+}
+
 /// Parsed arguments: `N` slots, `None` for parameters not given.
 pub struct Args<'a, const N: usize>(pub [Option<Borrowed<'a>>; N]);
 

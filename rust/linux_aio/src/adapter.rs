@@ -25,6 +25,7 @@ use std::ptr;
 use std::sync::atomic::Ordering;
 
 use caio_core::aio::{Adapter, Engine};
+use caio_core::context::ContextState;
 use caio_core::op::{self, as_op, OpState, Operation};
 use caio_core::py::{call_method, none, trampoline, Exc, Interned, Owned, PyErr, PyResult};
 use caio_core::pyo3_ffi::*;

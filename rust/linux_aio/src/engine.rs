@@ -67,7 +67,7 @@ pub(crate) struct Reap {
 /// The engine state of one Context (embedded in the Python object).
 pub(crate) struct AioContext {
     pub(crate) max_requests: u32,
-    born: Stamp,
+    pub(crate) born: Stamp,
     /// The context id as created (for repr).
     pub(crate) aio_id: u64,
     /// The eventfd, -1 once released.
@@ -120,13 +120,6 @@ impl AioContext {
     /// This process is a fork() child of the one that created the context.
     pub(crate) fn forked(&self) -> bool {
         !self.born.is_current()
-    }
-
-    pub(crate) fn check_fork(&self) -> PyResult<()> {
-        self.born.check(
-            "this linux_aio Context was created before fork(): its kernel AIO context \
-belongs to the parent process; create a new Context in the child",
-        )
     }
 
     /// The completion queue (and eventfd), unless released.

@@ -67,7 +67,7 @@ mod route;
 mod submit;
 
 use caio_core::module::init_common;
-use caio_core::op::{Flavor, ReadPayload};
+use caio_core::op::Flavor;
 use caio_core::py::{Exc, PyErr, PyResult};
 use caio_core::pyo3_ffi::*;
 use caio_core::sys::{self, kernel};
@@ -75,28 +75,18 @@ use caio_core::{backend_module, test_hooks};
 
 /// The module's Operation type (`caio_core::op`), as linux_aio has it.
 static FLAVOR: Flavor = Flavor {
-    type_name: c"aio.AIOOperation",
     doc: c"linux aio operation representation",
-    read_payload: ReadPayload::MemoryView,
-    drop_write_payload: false,
     nbytes_tracks_write: true,
-    max_read: isize::MAX as u64,
-    max_read_msg: "nbytes does not fit in Py_ssize_t",
-    offset_min: i64::MIN as i128,
-    offset_max: i64::MAX as i128,
     // Sent as the iocb's signed 16-bit aio_reqprio.
-    priority_min: i16::MIN as i128,
     priority_max: i16::MAX as i128,
-    payload_type_msg: "payload_bytes argument must be bytes",
     // DESIGN.md §6.2 aio-result, fixed: callbacks get the signed kernel result (bytes
-    // moved, or -errno), not its unsigned 64-bit reinterpretation.
-    failure_as_minus_one: false,
-    callback_keyword: true,
+    // moved, or -errno), not its unsigned 64-bit reinterpretation (`failure_as_minus_one`
+    // stays false).
     has_result_error: false,
-    has_context: true,
     has_priority: true,
     repr_offset_signed: true,
     repr_result: false,
+    ..Flavor::COMMON
 };
 
 /// Import-time checks: everything that makes kernel AIO unusable becomes an

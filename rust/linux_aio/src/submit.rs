@@ -20,6 +20,7 @@
 use std::ffi::c_int;
 use std::sync::atomic::Ordering;
 
+use caio_core::context::ContextState;
 use caio_core::direct;
 use caio_core::op::{self, as_op, OpKind, Operation};
 use caio_core::pool::{self, Job};
@@ -315,7 +316,7 @@ unsafe fn prepare_direct_write(slf: *mut PyObject, o: &Operation) -> PyResult<()
 ///
 /// # Safety
 /// Attached; `slf` is the linux_aio Context owning `c` and every element of
-/// `args` is an Operation of its module (`check_types`).
+/// `args` is an Operation of its module (`check_ops`).
 pub(crate) unsafe fn submit_ops(
     slf: *mut PyObject,
     c: &AioContext,

@@ -24,6 +24,7 @@
 use std::sync::atomic::Ordering;
 
 use caio_core::aio::{Adapter, Engine};
+use caio_core::context::ContextState;
 use caio_core::op::as_op;
 use caio_core::py::{Exc, PyErr, PyResult};
 use caio_core::pyo3_ffi::*;

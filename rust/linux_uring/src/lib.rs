@@ -14,21 +14,18 @@
 //! --workspace` works everywhere; setup.py builds it on Linux only).
 #![cfg(target_os = "linux")]
 
-use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use caio_core::args::{int_as, positional, truthy, Params};
+use caio_core::args::{int_as, positional, truthy, Args, Params};
 use caio_core::backend_module;
-use caio_core::context::{first_non_op, ContextObject, ContextState};
+use caio_core::context::{check_ops, ContextObject, ContextState};
 use caio_core::fork::Stamp;
 use caio_core::module::{add_object, init_common};
 use caio_core::op::{self, as_op, Delivery, Flavor, ReadPayload};
-use caio_core::py::typespec::{fast, fastcall, noargs};
-use caio_core::py::TypeSpec;
 use caio_core::py::{
-    allow_threads, py_bool, py_int, py_str, py_uint, py_usize, trampoline, Exc, Owned, PyErr,
-    PyResult,
+    allow_threads, py_bool, py_int, py_uint, py_usize, Borrowed, Exc, Owned, PyErr, PyResult,
+    TypeSpec,
 };
 use caio_core::pyo3_ffi::*;
 
@@ -39,12 +36,11 @@ mod ring;
 
 use ring::{Ring, SetupError};
 
+/// The module's Operation type (`caio_core::op`), as linux_uring has it.
 static FLAVOR: Flavor = Flavor {
     type_name: c"linux_uring.Operation",
     doc: c"io_uring AIO operation",
     read_payload: ReadPayload::Bytes,
-    drop_write_payload: false,
-    nbytes_tracks_write: false,
     // DESIGN.md §3.2: a read larger than 2**32-1 bytes cannot be expressed in an SQE.
     max_read: u32::MAX as u64,
     max_read_msg: "nbytes exceeds the io_uring read limit",
@@ -52,16 +48,9 @@ static FLAVOR: Flavor = Flavor {
     // other negative values would alias huge offsets and are refused.
     offset_min: -1,
     offset_max: u64::MAX as i128,
-    priority_min: i16::MIN as i128,
-    priority_max: u16::MAX as i128,
     payload_type_msg: "payload_bytes must be bytes",
-    failure_as_minus_one: false,
     callback_keyword: false,
-    has_result_error: true,
-    has_context: true,
-    has_priority: false,
-    repr_offset_signed: false,
-    repr_result: true,
+    ..Flavor::COMMON
 };
 
 const DEFAULT_MAX_REQUESTS: u32 = 32;
@@ -81,14 +70,6 @@ pub(crate) struct Context {
 }
 
 impl Context {
-    pub(crate) fn check_fork(&self) -> PyResult<()> {
-        self.born.check(
-            "this linux_uring Context was created in the parent process before fork(); \
-its io_uring instance belongs to the parent and cannot be used here. Create a new Context \
-(or AsyncioContext) in the child",
-        )
-    }
-
     pub(crate) fn ring(&self) -> &Ring {
         &self.ring
     }
@@ -165,36 +146,9 @@ its io_uring instance belongs to the parent and cannot be used here. Create a ne
 /// still be in flight at deallocation: no callback runs and no memory the
 /// kernel might write is freed when the ring is dropped (which unmaps it and
 /// closes its fds).
-impl ContextState for Context {}
-
-/// The Context behind `p`.
-///
-/// # Safety
-/// `p` is a live instance of this module's Context type that outlives `'a`
-/// (see `ContextObject::state`).
-pub(crate) unsafe fn ctx<'a>(p: *mut PyObject) -> &'a Context {
-    // SAFETY: forwarded contract.
-    unsafe { ContextObject::<Context>::state(p) }
-}
-
-static NEW_PARAMS: Params = Params {
-    fname: "Context",
-    names: &["max_requests", "sqpoll"],
-    required: 0,
-    keywords: true,
-};
-
-/// `Context(max_requests=32, sqpoll=False)` (`tp_new`).
-///
-/// # Safety
-/// Called by CPython, attached: `tp` is this module's Context type, `args`
-/// a tuple, `kwargs` NULL or a dict.
-unsafe extern "C" fn ctx_new(
-    tp: *mut PyTypeObject,
-    args: *mut PyObject,
-    kwargs: *mut PyObject,
-) -> *mut PyObject {
-    trampoline(|| {
+impl ContextState for Context {
+    /// `Context(max_requests=32, sqpoll=False)`.
+    unsafe fn new(args: *mut PyObject, kwargs: *mut PyObject) -> PyResult<Context> {
         // SAFETY: `args` and `kwargs` as CPython passes them to `tp_new`.
         let a = unsafe { NEW_PARAMS.parse_tuple::<2>(args, kwargs) }?;
         let mut max_requests = match a.get(0) {
@@ -212,106 +166,112 @@ unsafe extern "C" fn ctx_new(
         // push a full `max_requests` load into "ring full".
         let ring = Ring::new(u64::from(max_requests) + 1, sqpoll)
             .map_err(|SetupError(errno)| PyErr::Errno(Exc::SystemError, errno))?;
-        let state = Context {
+        Ok(Context {
             max_requests,
             born: Stamp::now(),
             flush_scheduled: AtomicBool::new(false),
             batching: AtomicBool::new(false),
             ring,
-        };
-        // SAFETY: attached; `tp` is this module's Context type.
-        unsafe { ContextObject::create(tp, state) }
-    })
-}
+        })
+    }
 
-/// Type-checks every argument before anything is claimed (DESIGN.md §4.1).
-///
-/// # Safety
-/// Attached; `slf` is a Context; `args` are live objects.
-unsafe fn check_ops(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<()> {
-    // SAFETY: forwarded contract.
-    match unsafe { first_non_op(slf, args) } {
-        None => Ok(()),
-        Some((i, a)) => Err(PyErr::type_error(format!(
+    const FORKED: &'static str = "this linux_uring Context was created in the parent process \
+before fork(); its io_uring instance belongs to the parent and cannot be used here. Create a new \
+Context (or AsyncioContext) in the child";
+
+    fn born(&self) -> Stamp {
+        self.born
+    }
+
+    /// DESIGN.md §4.1: every argument is checked before anything is claimed.
+    fn not_an_operation(i: usize, arg: Borrowed<'_>) -> String {
+        format!(
             "argument {} is not an Operation: expected linux_uring.Operation, got {}",
             i + 1,
-            a.type_name()
-        ))),
+            arg.type_name()
+        )
+    }
+
+    fn repr(&self, slf: *mut PyObject) -> PyResult<String> {
+        Ok(format!(
+            "<Context as {:p}: max_requests={}, uring_fd={}, eventfd={}, sqpoll={}>",
+            slf,
+            self.max_requests,
+            self.ring.ring_fd(),
+            self.ring.eventfd(),
+            i32::from(self.ring.sqpoll)
+        ))
     }
 }
+
+/// The Context behind `p`.
+///
+/// # Safety
+/// `p` is a live instance of this module's Context type that outlives `'a`
+/// (see `ContextObject::state`).
+pub(crate) unsafe fn ctx<'a>(p: *mut PyObject) -> &'a Context {
+    // SAFETY: forwarded contract.
+    unsafe { ContextObject::<Context>::state(p) }
+}
+
+static NEW_PARAMS: Params = Params::new("Context", &["max_requests", "sqpoll"], 0);
 
 /// `Context.submit(*operations)` (`METH_FASTCALL`).
 ///
 /// # Safety
-/// Called by CPython, attached: `slf` is a Context, `args`/`nargsf` the
-/// call's arguments.
-unsafe extern "C" fn ctx_submit(
-    slf: *mut PyObject,
-    args: *mut *mut PyObject,
-    nargsf: Py_ssize_t,
-) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the METH_FASTCALL contract above.
-        let (c, args) = unsafe { (ctx(slf), positional(args.cast_const(), nargsf)) };
-        // SAFETY: attached; `slf` is a Context, `args` live objects.
-        unsafe { check_ops(slf, args) }?;
-        c.check_fork()?;
-        // SAFETY: attached; every arg is one of this module's Operations
-        // (checked above); `slf` owns this ring.
-        let (accepted, err) = unsafe { c.ring.stage(args, slf) };
-        match err {
-            // SAFETY: attached; `slf` is a Context.
-            Some(e) => Err(unsafe { e.into_pyerr(slf) }),
-            None => py_usize(accepted),
-        }
-    })
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_submit(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<Owned> {
+    // SAFETY: the method's contract.
+    let c = unsafe { ContextObject::<Context>::submitting(slf, args) }?;
+    // SAFETY: attached; every arg is one of this module's Operations
+    // (checked above); `slf` owns this ring.
+    let (accepted, err) = unsafe { c.ring.stage(args, slf) };
+    match err {
+        // SAFETY: attached; `slf` is a Context.
+        Some(e) => Err(unsafe { e.into_pyerr(slf) }),
+        None => py_usize(accepted),
+    }
 }
 
 /// `Context.cancel(operation, *more)` (`METH_FASTCALL | METH_KEYWORDS`).
 ///
 /// # Safety
-/// Called by CPython, attached: `slf` is a Context, the rest the call's
-/// arguments.
-unsafe extern "C" fn ctx_cancel(
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_cancel(
     slf: *mut PyObject,
     args: *const *mut PyObject,
     nargsf: Py_ssize_t,
     kwnames: *mut PyObject,
-) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the METH_FASTCALL contract above; `kwnames` is NULL or a
-        // tuple.
-        let (c, posargs, has_kw) = unsafe {
-            (
-                ctx(slf),
-                positional(args, nargsf),
-                !kwnames.is_null() && PyTuple_GET_SIZE(kwnames) > 0,
-            )
-        };
-        // cancel(operation) as upstream, cancel(op1, op2, ...) as an extension.
-        if has_kw {
-            // SAFETY: the vectorcall arguments as CPython passed them.
-            let a = unsafe { CANCEL_PARAMS.parse::<1>(args, nargsf, kwnames) }?;
-            let op = a.get(0).unwrap().as_ptr();
-            // SAFETY: attached; `slf` is `c`; `op` a live object.
-            return unsafe { cancel_ops(c, slf, &[op]) };
-        }
-        if posargs.is_empty() {
-            return Err(PyErr::type_error(
-                "cancel() missing required argument 'operation' (pos 1)",
-            ));
-        }
-        // SAFETY: attached; `slf` is `c`; the args are live objects.
-        unsafe { cancel_ops(c, slf, posargs) }
-    })
+) -> PyResult<Owned> {
+    // SAFETY: the method's contract; `kwnames` is NULL or a
+    // tuple.
+    let (c, posargs, has_kw) = unsafe {
+        (
+            ctx(slf),
+            positional(args, nargsf),
+            !kwnames.is_null() && PyTuple_GET_SIZE(kwnames) > 0,
+        )
+    };
+    // cancel(operation) as upstream, cancel(op1, op2, ...) as an extension.
+    if has_kw {
+        // SAFETY: the vectorcall arguments as CPython passed them.
+        let a = unsafe { CANCEL_PARAMS.parse::<1>(args, nargsf, kwnames) }?;
+        let op = a.get(0).unwrap().as_ptr();
+        // SAFETY: attached; `slf` is `c`; `op` a live object.
+        return unsafe { cancel_ops(c, slf, &[op]) };
+    }
+    if posargs.is_empty() {
+        return Err(PyErr::type_error(
+            "cancel() missing required argument 'operation' (pos 1)",
+        ));
+    }
+    // SAFETY: attached; `slf` is `c`; the args are live objects.
+    unsafe { cancel_ops(c, slf, posargs) }
 }
 
-static CANCEL_PARAMS: Params = Params {
-    fname: "cancel",
-    names: &["operation"],
-    required: 1,
-    keywords: true,
-};
+static CANCEL_PARAMS: Params = Params::new("cancel", &["operation"], 1);
 
 /// Asks the kernel to cancel those of `ops` that are in flight.
 ///
@@ -319,13 +279,15 @@ static CANCEL_PARAMS: Params = Params {
 /// Attached; `slf` is the Context `c`; `ops` are live objects.
 unsafe fn cancel_ops(c: &Context, slf: *mut PyObject, ops: &[*mut PyObject]) -> PyResult<Owned> {
     // SAFETY: forwarded contract.
-    if let Some((i, a)) = unsafe { first_non_op(slf, ops) } {
-        return Err(PyErr::type_error(format!(
-            "argument {} must be linux_uring.Operation, not {}",
-            i + 1,
-            a.type_name()
-        )));
-    }
+    unsafe {
+        check_ops(slf, ops, |i, a| {
+            format!(
+                "argument {} must be linux_uring.Operation, not {}",
+                i + 1,
+                a.type_name()
+            )
+        })
+    }?;
     c.check_fork()?;
     for &a in ops {
         // SAFETY: `a` is an Operation (checked above).
@@ -352,270 +314,239 @@ unsafe fn cancel_ops(c: &Context, slf: *mut PyObject, ops: &[*mut PyObject]) -> 
 /// `Context.flush()`.
 ///
 /// # Safety
-/// Called by CPython (`METH_NOARGS`), attached, with `slf` a Context.
-unsafe extern "C" fn ctx_flush(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: `slf` is a Context (contract above).
-        let c = unsafe { ctx(slf) };
-        c.check_fork()?;
-        // SAFETY: attached (contract above).
-        py_usize(unsafe { c.flush() }?)
-    })
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_flush(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: `slf` is a Context (contract above).
+    let c = unsafe { ctx(slf) };
+    c.check_fork()?;
+    // SAFETY: attached (contract above).
+    py_usize(unsafe { c.flush() }?)
 }
 
-static EVENTS_PARAMS: Params = Params {
-    fname: "process_events",
-    names: &["max_requests", "min_requests", "timeout"],
-    required: 0,
-    keywords: true,
-};
+static EVENTS_PARAMS: Params = Params::new(
+    "process_events",
+    &["max_requests", "min_requests", "timeout"],
+    0,
+);
 
 /// `Context.process_events(max_requests=512, min_requests=0, timeout=0)`.
 ///
 /// # Safety
-/// Called by CPython (`METH_FASTCALL | METH_KEYWORDS`), attached, with
-/// `slf` a Context and the call's arguments.
-unsafe extern "C" fn ctx_process_events(
-    slf: *mut PyObject,
-    args: *const *mut PyObject,
-    nargsf: Py_ssize_t,
-    kwnames: *mut PyObject,
-) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the vectorcall arguments as CPython passed them.
-        let a = unsafe { EVENTS_PARAMS.parse::<3>(args, nargsf, kwnames) }?;
-        // Upstream takes -1 as "2**32-1" (everything); other negative values
-        // would alias and raise (DESIGN.md §6.2 wrap).
-        let mut max = match a.get(0) {
-            Some(o) => match int_as(o, "max_requests", -1, i64::from(u32::MAX))? {
-                -1 => u32::MAX,
-                v => u32::try_from(v).unwrap_or(u32::MAX),
-            },
-            None => DEFAULT_EVENTS,
-        };
-        if max == 0 {
-            max = DEFAULT_EVENTS;
-        }
-        let min = match a.get(1) {
-            Some(o) => int_as(o, "min_requests", 0, u32::MAX)?,
-            None => 0,
-        };
-        let timeout = match a.get(2) {
-            Some(o) => int_as(o, "timeout", i32::MIN, i32::MAX)?,
-            None => 0,
-        };
-        if min > max {
-            return Err(PyErr::value_error(format!(
-                "min_requests ({}) must be <= max_requests ({})",
-                min, max
-            )));
-        }
-        // SAFETY: `slf` is a Context (contract above).
-        let c = unsafe { ctx(slf) };
-        c.check_fork()?;
-        // u32 fits usize on every target we build for.
-        let max = max as usize;
-        // Delivered during the wait: an O_DIRECT EINVAL in the ring is only
-        // retried by a drain.
-        let mut delivered = 0usize;
-        if min > 0 {
-            if timeout == 0 {
-                allow_threads(|| c.ring.get_events());
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_process_events(slf: *mut PyObject, a: Args<'_, 3>) -> PyResult<Owned> {
+    // Upstream takes -1 as "2**32-1" (everything); other negative values
+    // would alias and raise (DESIGN.md §6.2 wrap).
+    let mut max = match a.get(0) {
+        Some(o) => match int_as(o, "max_requests", -1, i64::from(u32::MAX))? {
+            -1 => u32::MAX,
+            v => u32::try_from(v).unwrap_or(u32::MAX),
+        },
+        None => DEFAULT_EVENTS,
+    };
+    if max == 0 {
+        max = DEFAULT_EVENTS;
+    }
+    let min = match a.get(1) {
+        Some(o) => int_as(o, "min_requests", 0, u32::MAX)?,
+        None => 0,
+    };
+    let timeout = match a.get(2) {
+        Some(o) => int_as(o, "timeout", i32::MIN, i32::MAX)?,
+        None => 0,
+    };
+    if min > max {
+        return Err(PyErr::value_error(format!(
+            "min_requests ({}) must be <= max_requests ({})",
+            min, max
+        )));
+    }
+    // SAFETY: `slf` is a Context (contract above).
+    let c = unsafe { ctx(slf) };
+    c.check_fork()?;
+    // u32 fits usize on every target we build for.
+    let max = max as usize;
+    // Delivered during the wait: an O_DIRECT EINVAL in the ring is only
+    // retried by a drain.
+    let mut delivered = 0usize;
+    if min > 0 {
+        if timeout == 0 {
+            allow_threads(|| c.ring.get_events());
+        } else {
+            let start = c.ring.consumed();
+            let deadline = if timeout > 0 {
+                let secs = u64::from(timeout.unsigned_abs());
+                Some(Instant::now() + Duration::from_secs(secs))
             } else {
-                let start = c.ring.consumed();
-                let deadline = if timeout > 0 {
-                    let secs = u64::from(timeout.unsigned_abs());
-                    Some(Instant::now() + Duration::from_secs(secs))
-                } else {
-                    None
-                };
-                c.ring.wait(
-                    start,
-                    u64::from(min),
-                    deadline,
-                    &mut || {
-                        // DESIGN.md §6.2 eintr: run Python signal handlers; an
-                        // exception from one ends the wait, otherwise keep
-                        // waiting.
-                        // SAFETY: `wait` calls this attached.
-                        if unsafe { PyErr_CheckSignals() } != 0 {
-                            Err(PyErr::Fetched)
-                        } else {
-                            Ok(())
-                        }
-                    },
-                    &mut || {
-                        // SAFETY: `wait` calls this attached.
-                        delivered += unsafe { c.deliver(max.saturating_sub(delivered)) };
+                None
+            };
+            c.ring.wait(
+                start,
+                u64::from(min),
+                deadline,
+                &mut || {
+                    // DESIGN.md §6.2 eintr: run Python signal handlers; an
+                    // exception from one ends the wait, otherwise keep
+                    // waiting.
+                    // SAFETY: `wait` calls this attached.
+                    if unsafe { PyErr_CheckSignals() } != 0 {
+                        Err(PyErr::Fetched)
+                    } else {
                         Ok(())
-                    },
-                )?;
-            }
+                    }
+                },
+                &mut || {
+                    // SAFETY: `wait` calls this attached.
+                    delivered += unsafe { c.deliver(max.saturating_sub(delivered)) };
+                    Ok(())
+                },
+            )?;
         }
-        // SAFETY: attached (contract above).
-        let n = unsafe { c.deliver(max.saturating_sub(delivered)) };
-        py_usize(delivered + n)
-    })
+    }
+    // SAFETY: attached (contract above).
+    let n = unsafe { c.deliver(max.saturating_sub(delivered)) };
+    py_usize(delivered + n)
 }
 
 /// `Context.poll()`.
 ///
 /// # Safety
-/// Called by CPython (`METH_NOARGS`), attached, with `slf` a Context.
-unsafe extern "C" fn ctx_poll(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: `slf` is a Context (contract above).
-        let c = unsafe { ctx(slf) };
-        c.check_fork()?;
-        match c.ring.consume_eventfd() {
-            0 => {
-                // `BlockingIOError()` without arguments, as upstream and
-                // linux_aio raise it (not `BlockingIOError('')`).
-                // SAFETY: attached; a builtin exception class.
-                unsafe { PyErr_SetNone(PyExc_BlockingIOError) };
-                Err(PyErr::Fetched)
-            }
-            n => py_uint(n),
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_poll(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: `slf` is a Context (contract above).
+    let c = unsafe { ctx(slf) };
+    c.check_fork()?;
+    match c.ring.consume_eventfd() {
+        0 => {
+            // `BlockingIOError()` without arguments, as upstream and
+            // linux_aio raise it (not `BlockingIOError('')`).
+            // SAFETY: attached; a builtin exception class.
+            unsafe { PyErr_SetNone(PyExc_BlockingIOError) };
+            Err(PyErr::Fetched)
         }
-    })
+        n => py_uint(n),
+    }
 }
 
 /// The asyncio adapter's deferred flush: one `io_uring_enter` for every
 /// SQE staged during the loop iteration, then delivery.
 ///
 /// # Safety
-/// Called by CPython (`METH_NOARGS`), attached, with `slf` a Context.
-unsafe extern "C" fn ctx_deferred_flush(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: `slf` is a Context (contract above).
-        let c = unsafe { ctx(slf) };
-        c.flush_scheduled.store(false, Ordering::Release);
-        c.check_fork()?;
-        // SAFETY: attached (contract above).
-        py_usize(unsafe { c.flush_batch() }?)
-    })
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_deferred_flush(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: `slf` is a Context (contract above).
+    let c = unsafe { ctx(slf) };
+    c.flush_scheduled.store(false, Ordering::Release);
+    c.check_fork()?;
+    // SAFETY: attached (contract above).
+    py_usize(unsafe { c.flush_batch() }?)
 }
 
 /// The asyncio adapter's eventfd reader: reset the counter (EAGAIN is fine:
 /// draining never depends on it) and deliver the whole batch.
 ///
 /// # Safety
-/// Called by CPython (`METH_NOARGS`), attached, with `slf` a Context.
-unsafe extern "C" fn ctx_loop_events(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: `slf` is a Context (contract above).
-        let c = unsafe { ctx(slf) };
-        c.check_fork()?;
-        c.ring.consume_eventfd();
-        // SAFETY: attached (contract above).
-        py_usize(unsafe { c.deliver(usize::MAX) })
-    })
-}
-
-/// `repr(context)`.
-///
-/// # Safety
-/// Called by CPython (`tp_repr`), attached, with `slf` a Context.
-unsafe extern "C" fn ctx_repr(slf: *mut PyObject) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: `slf` is a Context (contract above).
-        let c = unsafe { ctx(slf) };
-        py_str(&format!(
-            "<Context as {:p}: max_requests={}, uring_fd={}, eventfd={}, sqpoll={}>",
-            slf,
-            c.max_requests,
-            c.ring.ring_fd(),
-            c.ring.eventfd(),
-            i32::from(c.ring.sqpoll)
-        ))
-    })
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_loop_events(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: `slf` is a Context (contract above).
+    let c = unsafe { ctx(slf) };
+    c.check_fork()?;
+    c.ring.consume_eventfd();
+    // SAFETY: attached (contract above).
+    py_usize(unsafe { c.deliver(usize::MAX) })
 }
 
 /// `Context.max_requests`.
 ///
 /// # Safety
-/// Called by CPython (getter), attached, with `slf` a Context.
-unsafe extern "C" fn get_max_requests(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
+/// A Context getter (`caio_core::getter!`): attached, `slf` a live
+/// Context.
+unsafe fn get_max_requests(slf: *mut PyObject) -> PyResult<Owned> {
     // SAFETY: `slf` is a Context (contract above).
-    trampoline(|| py_int(i64::from(unsafe { ctx(slf) }.max_requests)))
+    py_int(i64::from(unsafe { ctx(slf) }.max_requests))
 }
 
 /// `Context.fileno`.
 ///
 /// # Safety
-/// Called by CPython (getter), attached, with `slf` a Context.
-unsafe extern "C" fn get_fileno(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
+/// A Context getter (`caio_core::getter!`): attached, `slf` a live
+/// Context.
+unsafe fn get_fileno(slf: *mut PyObject) -> PyResult<Owned> {
     // SAFETY: `slf` is a Context (contract above).
-    trampoline(|| py_int(i64::from(unsafe { ctx(slf) }.ring.eventfd())))
+    py_int(i64::from(unsafe { ctx(slf) }.ring.eventfd()))
 }
 
 /// `Context.sqpoll`: DESIGN.md §6.2 sqpoll-int, an int (what was negotiated), not a
 /// bool.
 ///
 /// # Safety
-/// Called by CPython (getter), attached, with `slf` a Context.
-unsafe extern "C" fn get_sqpoll(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
+/// A Context getter (`caio_core::getter!`): attached, `slf` a live
+/// Context.
+unsafe fn get_sqpoll(slf: *mut PyObject) -> PyResult<Owned> {
     // SAFETY: `slf` is a Context (contract above).
-    trampoline(|| py_int(i64::from(unsafe { ctx(slf) }.ring.sqpoll)))
+    py_int(i64::from(unsafe { ctx(slf) }.ring.sqpoll))
 }
 
 /// The Context type: core's common shape plus this backend's methods and
 /// properties (`caio_core::module::init_common` creates it).
 fn context_spec() -> TypeSpec {
-    ContextObject::<Context>::spec(CTX_DOC, ctx_new, ctx_repr)
-    .method(noargs(
-        c"_deferred_flush",
+    ContextObject::<Context>::spec(CTX_DOC)
+    .method(caio_core::method!(
+        noargs c"_deferred_flush",
         ctx_deferred_flush,
         c"_deferred_flush($self)\n--\n\nasyncio adapter: submit everything staged and deliver. Returns the \
 number delivered.",
     ))
-    .method(noargs(
-        c"_process_loop_events",
+    .method(caio_core::method!(
+        noargs c"_process_loop_events",
         ctx_loop_events,
         c"_process_loop_events($self)\n--\n\nasyncio adapter: reset the eventfd and deliver every \
 available completion. Returns the number delivered.",
     ))
-    .method(fast(
-        c"submit",
+    .method(caio_core::method!(
+        varargs c"submit",
         ctx_submit,
         c"submit($self, *operations)\n--\n\nStage operations in the submission ring (no \
 system call; flush() hands them to the kernel). Returns how many were newly accepted; raises \
 CapacityError (an OverflowError and an OSError with errno EAGAIN) when the ring is full (the ops \
 staged before stay staged).",
     ))
-    .method(fastcall(
-        c"cancel",
+    .method(caio_core::method!(
+        vectorcall c"cancel",
         ctx_cancel,
-        0,
         c"cancel($self, operation, *more)\n--\n\nAsk the kernel to cancel in-flight \
 operations (IORING_OP_ASYNC_CANCEL; everything staged is submitted along). A cancelled op \
 completes with -ECANCELED through the normal delivery. Returns 0.",
     ))
-    .method(noargs(
-        c"flush",
+    .method(caio_core::method!(
+        noargs c"flush",
         ctx_flush,
         c"flush($self)\n--\n\nSubmit the staged operations (SQPOLL: wake the kernel \
 thread if needed), then deliver every available completion. Returns the number delivered.",
     ))
-    .method(fastcall(
-        c"process_events",
+    .method(caio_core::method!(
+        params c"process_events",
         ctx_process_events,
-        0,
+        EVENTS_PARAMS,
         c"process_events($self, max_requests=512, min_requests=0, timeout=0)\n--\n\n\
 Deliver up to max_requests completions. With min_requests > 0, first wait (GIL released) \
 until that many completions became available since the call started, at most timeout \
 seconds (negative: no limit). Signal handlers run during the wait. Returns the number \
 delivered.",
     ))
-    .method(noargs(
-        c"poll",
+    .method(caio_core::method!(
+        noargs c"poll",
         ctx_poll,
         c"poll($self)\n--\n\nRead and reset the eventfd counter and return it \
 (BlockingIOError when zero). Never blocks and never delivers completions.",
     ))
-    .getter(c"max_requests", get_max_requests, c"max_requests as requested")
-    .getter(c"fileno", get_fileno, c"the eventfd signalled for every completion")
-    .getter(c"sqpoll", get_sqpoll, c"1 if the ring runs with a kernel SQ polling thread, else 0")
+    .getter(c"max_requests", caio_core::getter!(get_max_requests), c"max_requests as requested")
+    .getter(c"fileno", caio_core::getter!(get_fileno), c"the eventfd signalled for every completion")
+    .getter(c"sqpoll", caio_core::getter!(get_sqpoll), c"1 if the ring runs with a kernel SQ polling thread, else 0")
 }
 
 /// The Context type's docstring (text signature first).
