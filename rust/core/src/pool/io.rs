@@ -1,5 +1,5 @@
-//! What a worker does with an op: its positional I/O (with the O_DIRECT
-//! aligned retry), and the non-blocking page-cache read a submitter may try
+//! What a worker does with an op: its positional I/O (O_DIRECT through the
+//! pool's per-fd cache and the aligned retry, `crate::direct`), and the non-blocking page-cache read a submitter may try
 //! on its own thread first.
 
 use std::sync::atomic::{AtomicBool, Ordering};

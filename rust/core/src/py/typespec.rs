@@ -1,4 +1,5 @@
-//! The one way core defines a heap type: a [`TypeSpec`] builder that
+//! The one way caio defines a heap type (core's and the backends' Context
+//! types alike): a [`TypeSpec`] builder that
 //! collects slots, methods, properties and members, then [`TypeSpec::build`]
 //! leaks the tables (CPython keeps pointing into them — and on 3.10/3.11
 //! into the spec's name — for as long as the type exists, which can be the
