@@ -324,19 +324,18 @@ macro_rules! method {
     }};
     (params $name:expr, $f:path, $params:expr, $doc:expr $(,)?) => {{
         /// # Safety
-        /// CPython's `METH_FASTCALL | METH_KEYWORDS` call of a Context
-        /// method.
-        unsafe extern "C" fn entry(
+        /// As for the `vectorcall` form.
+        unsafe fn parsed(
             slf: *mut $crate::pyo3_ffi::PyObject,
             args: *const *mut $crate::pyo3_ffi::PyObject,
             nargsf: $crate::pyo3_ffi::Py_ssize_t,
             kwnames: *mut $crate::pyo3_ffi::PyObject,
-        ) -> *mut $crate::pyo3_ffi::PyObject {
-            // SAFETY: a method call: attached, `slf` a live Context, the
-            // vectorcall arguments CPython's.
-            $crate::py::trampoline(|| unsafe { $f(slf, $params.parse(args, nargsf, kwnames)?) })
+        ) -> $crate::py::PyResult<$crate::py::Owned> {
+            // SAFETY: forwarded contract (CPython's vectorcall arguments;
+            // attached, `slf` a live Context).
+            unsafe { $f(slf, $params.parse(args, nargsf, kwnames)?) }
         }
-        $crate::py::typespec::fastcall($name, entry, 0, $doc)
+        $crate::method!(vectorcall $name, parsed, $doc)
     }};
 }
 
