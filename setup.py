@@ -5,6 +5,10 @@
 * ``CAIO_REQUIRE_RUST=1`` (CI, wheel builds): a failing Rust build is an error
   instead of a silent fallback.
 * Linux-only backends (``linux_aio``, ``linux_uring``) are built on Linux only.
+* ``CAIO_TEST_HOOKS=1`` (``scripts/dev-setup.sh``, so ``make develop``/``make test``):
+  the extensions are built with the ``test-hooks`` cargo feature and honour the
+  ``CAIO_TEST_*`` environment variables the test suite uses to fake a kernel or a
+  failing probe. Release wheels are built without it and never read them.
 """
 
 import os
@@ -40,6 +44,7 @@ def rust_extensions():
         return []
     from setuptools_rust import Binding, RustExtension
 
+    features = ["test-hooks"] if os.environ.get("CAIO_TEST_HOOKS") == "1" else []
     extensions = []
     for name, (crate, platforms) in NATIVE_MODULES.items():
         manifest = os.path.join(crate, "Cargo.toml")
@@ -54,6 +59,7 @@ def rust_extensions():
                 binding=Binding.NoBinding,
                 optional=not required,
                 debug=os.environ.get("CAIO_DEBUG_BUILD") == "1",
+                features=features,
             ),
         )
     return extensions

@@ -8,6 +8,10 @@ from typing_extensions import Self, disjoint_base
 
 from .abstract import AbstractContext, AbstractOperation
 
+# Whether this build honours the CAIO_TEST_* environment hooks (dev builds with
+# CAIO_TEST_HOOKS=1; never release wheels).
+_TEST_HOOKS: bool
+
 # The runtime types do not inherit from the abstract classes; declaring them
 # as subclasses here is a typing convenience only.  Neither can be
 # subclassed at runtime, hence @final.
@@ -52,7 +56,7 @@ class Context(AbstractContext):
     def closed(self) -> bool: ...
     # Event-loop integration (caio.linux_aio_asyncio turns on _set_nowait;
     # its per-operation path is native; _in_flight/_staged: diagnostics).
-    def _set_nowait(self, flag: bool) -> None: ...
+    def _set_nowait(self, flag: bool, /) -> None: ...
     def _drain(self) -> int: ...
     def _reap(self) -> int: ...
     def _submit_each(self, *aio_operations: Operation) -> list[bool | BaseException]: ...

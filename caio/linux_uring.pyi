@@ -8,6 +8,10 @@ from typing_extensions import Self, disjoint_base
 
 from .abstract import AbstractContext, AbstractOperation
 
+# Whether this build honours the CAIO_TEST_* environment hooks (dev builds with
+# CAIO_TEST_HOOKS=1; never release wheels).
+_TEST_HOOKS: bool
+
 # Whether this kernel/process may create SQPOLL rings (probed once at import).
 SQPOLL_ALLOWED: bool
 

@@ -8,6 +8,10 @@ from typing_extensions import Self, disjoint_base
 
 from .abstract import AbstractContext, AbstractOperation
 
+# Whether this build honours the CAIO_TEST_* environment hooks (dev builds with
+# CAIO_TEST_HOOKS=1; never release wheels).
+_TEST_HOOKS: bool
+
 class OperationError(OSError, SystemError):
     """A failed operation: ``errno``/``strerror`` like OSError, and still a
     SystemError for code written against upstream caio."""
@@ -64,7 +68,7 @@ class Operation(AbstractOperation):
     def fdsync(cls, fd: int, priority: int = 0) -> Operation: ...
     def get_value(self) -> bytes | int | None: ...
     # The callback gets the signed result: bytes moved, or -errno.
-    def set_callback(self, callback: Callable[[int], Any], /) -> bool: ...
+    def set_callback(self, callback: Callable[[int], Any]) -> bool: ...
     def _set_future(self, future: asyncio.Future[Any], /) -> None: ...
     @property
     def fileno(self) -> int: ...

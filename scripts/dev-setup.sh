@@ -46,5 +46,7 @@ if ! command -v "${CARGO:-cargo}" >/dev/null 2>&1; then
     echo "dev-setup: cargo not found; install Rust (https://rustup.rs) to build the native backends" >&2
     exit 1
 fi
-# Release build of the native modules, placed next to the Python sources.
-CAIO_REQUIRE_RUST=1 "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
+# Release build of the native modules, placed next to the Python sources, with
+# the test hooks compiled in (CAIO_TEST_HOOKS=0 builds them as wheels have them).
+CAIO_TEST_HOOKS=${CAIO_TEST_HOOKS:-1} CAIO_REQUIRE_RUST=1 \
+    "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e .

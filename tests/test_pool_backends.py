@@ -1,7 +1,11 @@
 """Thread-pool backends: thread_aio (native) and python_aio (DESIGN.md §4.6, §4.7)."""
 
 import errno
+import os
+import pathlib
+import random
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -95,6 +99,72 @@ def test_callback_may_submit_more_work(pool_backend: RawBackend, tmp_fd: int) ->
     assert done.wait(10)
     assert results == [1] * 5
     assert read_file(tmp_fd) == b"xxxxx"
+
+
+def _outcome(backend: RawBackend, ctx: object, op: object) -> tuple[object, ...]:
+    """What an operation ended with: ("ok", value) or ("error", errno)."""
+    backend.run_one(ctx, op)
+    try:
+        return ("ok", op.get_value())  # type: ignore[attr-defined]
+    except OSError as e:
+        return ("error", e.errno)
+
+
+def test_direct_fd_cache_entry_of_reused_fd_number_fails_nothing(
+    pool_backend: RawBackend,
+    tmp_path: pathlib.Path,
+) -> None:
+    """DESIGN.md §10: the pool remembers which fds are O_DIRECT (their
+    operations then use an aligned window from the first attempt). fd numbers
+    are reused: an entry of an fd number that is now a buffered file, a pipe,
+    closed, or O_DIRECT again must make no operation fail or differ from what
+    a fresh Context does (the rule test_linux_uring.py checks for the ring)."""
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    data = random.Random(3).randbytes(1 << 16)
+    direct_path = tmp_path / "direct.bin"
+    plain_path = tmp_path / "plain.bin"
+    direct_path.write_bytes(data)
+    plain_path.write_bytes(data[::-1])
+    try:
+        f = os.open(direct_path, os.O_RDWR | os.O_DIRECT)
+    except OSError as e:
+        pytest.skip(f"O_DIRECT unsupported here: {e}")
+    plain = os.open(plain_path, os.O_RDWR)
+    r, w = os.pipe()
+    again = os.open(direct_path, os.O_RDWR | os.O_DIRECT)
+    Op = pool_backend.Operation
+    ctx = pool_backend.context()
+    fresh = pool_backend.context()  # never given a misaligned O_DIRECT op
+
+    def check(make: Callable[[], object], expected: tuple[object, ...]) -> None:
+        assert _outcome(pool_backend, ctx, make()) == expected
+        assert _outcome(pool_backend, fresh, make()) == expected
+
+    try:
+        # Misaligned reads: EINVAL, retried through a window, remembered.
+        for _ in range(3):
+            assert _outcome(pool_backend, ctx, Op.read(100, f, 3)) == ("ok", data[3:103])
+        os.dup2(plain, f)  # closes the O_DIRECT file, same number: buffered
+        check(lambda: Op.read(100, f, 3), ("ok", data[::-1][3:103]))
+        check(lambda: Op.write(b"hello", f, 7), ("ok", 5))
+        assert os.pread(plain, 5, 7) == b"hello"
+        os.dup2(w, f)  # a pipe
+        check(lambda: Op.write(b"pipe", f, 0), ("error", errno.ESPIPE))
+        os.close(f)  # closed
+        check(lambda: Op.read(10, f, 0), ("error", errno.EBADF))
+        os.dup2(again, f)  # O_DIRECT again, same number
+        for _ in range(3):
+            assert _outcome(pool_backend, ctx, Op.read(5000, f, 4095)) == (
+                "ok",
+                data[4095:9095],
+            )
+    finally:
+        for x in (r, w, plain, again, f):
+            try:
+                os.close(x)
+            except OSError:
+                pass
 
 
 # -- thread_aio -----------------------------------------------------------------------

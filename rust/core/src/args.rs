@@ -23,6 +23,35 @@ pub struct Params {
     pub keywords: bool,
 }
 
+impl Params {
+    /// Parameters `names` of `fname` (for messages), the first `required` of
+    /// them required, passable by keyword too.
+    pub const fn new(
+        fname: &'static str,
+        names: &'static [&'static str],
+        required: usize,
+    ) -> Params {
+        Params {
+            fname,
+            names,
+            required,
+            keywords: true,
+        }
+    }
+
+    /// As [`Params::new`], positional only.
+    pub const fn positional(
+        fname: &'static str,
+        names: &'static [&'static str],
+        required: usize,
+    ) -> Params {
+        Params {
+            keywords: false,
+            ..Params::new(fname, names, required)
+        }
+    }
+}
+
 /// Parsed arguments: `N` slots, `None` for parameters not given.
 pub struct Args<'a, const N: usize>(pub [Option<Borrowed<'a>>; N]);
 
@@ -266,6 +295,17 @@ pub fn int_in(obj: Borrowed<'_>, name: &str, min: i128, max: i128) -> PyResult<i
         )));
     }
     Ok(v)
+}
+
+/// [`int_in`] with the bounds and the result typed: an integer argument of
+/// type `T` in `min..=max` (`OverflowError` outside).
+pub fn int_as<T>(obj: Borrowed<'_>, name: &str, min: T, max: T) -> PyResult<T>
+where
+    T: Copy + Into<i128> + TryFrom<i128>,
+{
+    let v = int_in(obj, name, min.into(), max.into())?;
+    // In range by `int_in`, so the conversion cannot fail.
+    T::try_from(v).map_err(|_| PyErr::overflow(format!("{} is out of range: {}", name, v)))
 }
 
 /// A file descriptor: any value of the C `int`/`unsigned int` range. Values

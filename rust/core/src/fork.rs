@@ -48,6 +48,72 @@ pub fn generation() -> u64 {
     GENERATION.load(Ordering::Relaxed)
 }
 
+/// The fork generation an object was created in: a Context remembers it
+/// and refuses to work in a forked child, where its kernel objects and
+/// worker threads are the parent's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp(u64);
+
+impl Stamp {
+    /// The current generation.
+    #[inline]
+    pub fn now() -> Stamp {
+        Stamp(generation())
+    }
+
+    /// Whether this is still the process the stamp was taken in.
+    #[inline]
+    pub fn is_current(self) -> bool {
+        self.0 == generation()
+    }
+
+    /// `RuntimeError(msg)` in a forked child (`msg` says what to do).
+    pub fn check(self, msg: &'static str) -> PyResult<()> {
+        if self.is_current() {
+            Ok(())
+        } else {
+            Err(PyErr::runtime(msg))
+        }
+    }
+}
+
+/// Declares a `static` [`Handlers`] that holds a `static Mutex` across
+/// `fork()`: the forking thread takes it before, and releases it in the
+/// parent and in the child (which only unlocks: async-signal-safe). Without
+/// it, a thread holding the lock at the moment another thread forks would
+/// leave the child's copy locked forever. Register the result with
+/// [`register`] (core's own are run by this module).
+///
+/// ```ignore
+/// caio_core::hold_across_fork!(static FORK_HANDLERS: Handlers = STATE as State);
+/// ```
+#[macro_export]
+macro_rules! hold_across_fork {
+    ($(#[$meta:meta])* $vis:vis static $name:ident: Handlers = $lock:path as $ty:ty) => {
+        $(#[$meta])*
+        $vis static $name: $crate::fork::Handlers = {
+            ::std::thread_local! {
+                /// The lock, held by the forking thread across `fork()`.
+                static HELD: ::std::cell::RefCell<
+                    ::std::option::Option<::std::sync::MutexGuard<'static, $ty>>,
+                > = const { ::std::cell::RefCell::new(::std::option::Option::None) };
+            }
+            fn take() {
+                let guard = $crate::sync::lock(&$lock);
+                HELD.with(|h| *h.borrow_mut() = ::std::option::Option::Some(guard));
+            }
+            fn release() {
+                HELD.with(|h| ::std::mem::drop(h.borrow_mut().take()));
+            }
+            $crate::fork::Handlers {
+                prepare: ::std::option::Option::Some(take),
+                parent: ::std::option::Option::Some(release),
+                child: ::std::option::Option::Some(release),
+            }
+        };
+    };
+}
+
 fn bump_generation() {
     GENERATION.fetch_add(1, Ordering::Relaxed);
 }

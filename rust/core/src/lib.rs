@@ -9,6 +9,8 @@
 //! * [`op`]: the `Operation` type (constructors, properties, `get_value`,
 //!   `set_callback`, repr, GC, one-shot life cycle, I/O window);
 //! * [`module`]: module state and multi-phase init ([`backend_module!`]);
+//! * [`context`]: the object every backend's `Context` is (header, weak
+//!   references, the engine state), its allocation and deallocation;
 //! * [`pool`]: the worker pool (thread_aio's engine, linux_aio's fallback)
 //!   with direct or event-loop (queued) completion delivery;
 //! * [`aio`]: the native asyncio fast path (awaitable operations, admission
@@ -20,7 +22,8 @@
 //! * [`test_hooks`]: `CAIO_TEST_*` environment hooks (cargo feature
 //!   `test-hooks`).
 //!
-//! A backend crate adds only its engine and its `Context` type.
+//! A backend crate adds only its engine and its `Context` type's state,
+//! constructor and methods.
 //!
 //! Unsafe code: every `unsafe` block states, in the comment above it, which
 //! invariant it relies on; every `unsafe fn` documents its contract under
@@ -31,6 +34,7 @@ pub use pyo3_ffi;
 
 pub mod aio;
 pub mod args;
+pub mod context;
 pub mod direct;
 pub mod fork;
 pub mod module;

@@ -124,76 +124,78 @@ pub unsafe extern "C" fn state_free(module: *mut c_void) {
     unsafe { state_clear(module.cast()) };
 }
 
-/// What a backend's `Context` type consists of; `init_common` turns it into
-/// the heap type. Every backend's Context has the same shape: a plain
-/// (non-GC) object with a weak-reference list, `__new__`, dealloc, repr, and
-/// its own methods and properties.
-pub struct ContextType {
-    /// Type docstring (with the `Name(sig)\n--\n\n` text signature).
-    pub doc: &'static CStr,
-    /// `size_of::<YourContext>()`.
-    pub basicsize: usize,
-    /// `offset_of!(YourContext, weakreflist)`.
-    pub weaklistoffset: usize,
-    pub new: newfunc,
-    pub dealloc: destructor,
-    pub repr: reprfunc,
-    /// NULL-terminated, must live for the process (CPython keeps the pointer).
-    pub methods: *mut PyMethodDef,
-    /// NULL-terminated, must live for the process (CPython keeps the pointer).
-    pub getset: *mut PyGetSetDef,
+/// Creates a backend's Context type from its spec (built once per process:
+/// module re-execution reuses it, keyed by `flavor`).
+///
+/// # Safety
+/// Attached; `module` valid; the spec's functions match their slots.
+unsafe fn create_context_type(
+    module: *mut PyObject,
+    flavor: &'static Flavor,
+    spec: fn() -> TypeSpec,
+) -> PyResult<Owned> {
+    static SPECS: SpecCache = SpecCache::new();
+    let spec = SPECS.get_or_build(std::ptr::from_ref(flavor) as usize, spec);
+    // SAFETY: forwarded contract.
+    let tp = unsafe { spec.create(module)? };
+    // Messages and repr(type) use tp_name, which upstream has as plain
+    // "Context": point it past the "builtins." prefix (a static string).
+    let prefix = b"builtins.".len();
+    // SAFETY: `tp` is the heap type just created, not yet visible to any
+    // other code; the new name points into a static NUL-terminated string.
+    unsafe {
+        (*tp.as_ptr().cast::<PyTypeObject>()).tp_name =
+            crate::context::SPEC_NAME.as_ptr().add(prefix);
+    }
+    Ok(tp)
 }
 
-/// The spec name: "builtins." gives `__module__ == "builtins"` like
-/// upstream's static type, without the 3.12+ warning for undotted heap-type
-/// names. Static because 3.10/3.11 keep pointing `tp_name` into it.
-const CONTEXT_SPEC_NAME: &CStr = c"builtins.Context";
-
-impl ContextType {
-    fn type_spec(&self) -> TypeSpec {
-        TypeSpec::new(CONTEXT_SPEC_NAME, self.basicsize, Py_TPFLAGS_DEFAULT)
-            .doc(self.doc)
-            .new_fn(self.new)
-            .dealloc(self.dealloc)
-            .repr(self.repr)
-            .methods_table(self.methods)
-            .getset_table(self.getset)
-            .weaklist_offset(self.weaklistoffset)
-    }
-
-    /// # Safety
-    /// Attached; `module` valid; the method/getset tables are static and
-    /// NULL-terminated.
-    unsafe fn create(&self, module: *mut PyObject) -> PyResult<Owned> {
-        // One spec per backend (keyed by its method table): module
-        // re-execution reuses it.
-        static SPECS: SpecCache = SpecCache::new();
-        let spec = SPECS.get_or_build(self.methods as usize, || self.type_spec());
-        // SAFETY: forwarded contract; the backend's functions match their
-        // slots.
-        let tp = unsafe { spec.create(module)? };
-        // Messages and repr(type) use tp_name, which upstream has as plain
-        // "Context": point it past the "builtins." prefix (a static string).
-        let prefix = b"builtins.".len();
-        // SAFETY: `tp` is the heap type just created, not yet visible to any
-        // other code; the new name points into a static NUL-terminated
-        // string.
-        unsafe {
-            (*tp.as_ptr().cast::<PyTypeObject>()).tp_name = CONTEXT_SPEC_NAME.as_ptr().add(prefix);
-        }
-        Ok(tp)
-    }
+/// Creates an exception class `name` (dotted: `"caio.backend.Name"`) deriving
+/// from `bases` and adds it to `module` as `attr`. Every exception type of
+/// the backends is made here.
+///
+/// # Safety
+/// Attached; `module` is the module being executed; `bases` are exception
+/// classes.
+pub unsafe fn add_exception(
+    module: *mut PyObject,
+    attr: &CStr,
+    name: &'static CStr,
+    bases: &[*mut PyObject],
+    doc: &'static CStr,
+) -> PyResult<Owned> {
+    // SAFETY: attached; the bases are live classes (caller's contract).
+    let bases = crate::py::py_tuple(
+        bases
+            .iter()
+            .map(|&b| unsafe { Owned::from_borrowed(b) })
+            .collect(),
+    )?;
+    // SAFETY: attached; static NUL-terminated name and doc, a tuple of
+    // exception classes.
+    let cls = unsafe {
+        Owned::from_new(PyErr_NewExceptionWithDoc(
+            name.as_ptr(),
+            doc.as_ptr(),
+            bases.as_ptr(),
+            ptr::null_mut(),
+        ))?
+    };
+    // SAFETY: forwarded contract.
+    unsafe { add_object(module, attr, cls.clone())? };
+    Ok(cls)
 }
 
-/// Creates the module's Operation type, its `OperationError` and stores them
-/// (plus the given Context type) in the module state and as attributes.
+/// Creates the module's Operation type, its Context type (from `ctx_spec`,
+/// see [`crate::context::ContextObject::spec`]) and its `OperationError`, and stores them in the
+/// module state and as attributes.
 ///
 /// # Safety
 /// Called from a module exec slot, attached.
 pub unsafe fn init_common(
     module: *mut PyObject,
     flavor: &'static Flavor,
-    ctx: ContextType,
+    ctx_spec: fn() -> TypeSpec,
     error_name: &'static CStr,
 ) -> PyResult<()> {
     // Fork handlers in place before any context, pool or buffer exists.
@@ -205,33 +207,32 @@ pub unsafe fn init_common(
 
     // SAFETY: attached, `module` valid (caller's contract).
     let op_type = unsafe { crate::op::create_type(module, flavor)? };
-    // SAFETY: as above; the backend's tables are static (ContextType docs).
-    let ctx_type = unsafe { ctx.create(module)? };
-    // SAFETY: attached; the builtin classes are valid objects.
-    let bases = crate::py::py_tuple(unsafe {
-        vec![
-            Owned::from_borrowed(PyExc_OSError),
-            Owned::from_borrowed(PyExc_SystemError),
-        ]
-    })?;
-    // SAFETY: attached; static NUL-terminated name and doc, a tuple of
-    // exception classes.
+    // SAFETY: as above; the backend's functions match their slots.
+    let ctx_type = unsafe { create_context_type(module, flavor, ctx_spec)? };
+    // SAFETY: attached, `module` valid (caller's contract); the builtin
+    // classes are valid objects.
     let error_type = unsafe {
-        Owned::from_new(PyErr_NewExceptionWithDoc(
-            error_name.as_ptr(),
+        add_exception(
+            module,
+            c"OperationError",
+            error_name,
+            &[PyExc_OSError, PyExc_SystemError],
             c"An I/O operation failed. Subclass of OSError (errno, strerror) and, for \
-compatibility with upstream caio, of SystemError."
-                .as_ptr(),
-            bases.as_ptr(),
-            ptr::null_mut(),
-        ))?
+compatibility with upstream caio, of SystemError.",
+        )?
     };
 
     // SAFETY: attached, `module` valid (caller's contract).
     unsafe {
         add_object(module, c"Operation", op_type.clone())?;
         add_object(module, c"Context", ctx_type.clone())?;
-        add_object(module, c"OperationError", error_type.clone())?;
+        // Whether this build honours the CAIO_TEST_* environment hooks (the
+        // test suite skips what needs them when not).
+        add_object(
+            module,
+            c"_TEST_HOOKS",
+            crate::py::py_bool(crate::test_hooks::ENABLED),
+        )?;
     }
 
     st.op_type = op_type.into_ptr();
@@ -258,23 +259,10 @@ pub unsafe fn init_capacity_error(
     base: *mut PyObject,
     doc: &'static CStr,
 ) -> PyResult<()> {
-    // SAFETY: attached; `base` and `OSError` are exception classes (caller's
-    // contract); static NUL-terminated name and doc.
-    let cls = unsafe {
-        let bases = crate::py::py_tuple(vec![
-            Owned::from_borrowed(PyExc_OSError),
-            Owned::from_borrowed(base),
-        ])?;
-        Owned::from_new(PyErr_NewExceptionWithDoc(
-            name.as_ptr(),
-            doc.as_ptr(),
-            bases.as_ptr(),
-            ptr::null_mut(),
-        ))?
-    };
-    // SAFETY: attached; our module being executed (caller's contract).
+    // SAFETY: attached; our module being executed; `base` and `OSError` are
+    // exception classes (caller's contract).
     unsafe {
-        add_object(module, c"CapacityError", cls.clone())?;
+        let cls = add_exception(module, c"CapacityError", name, &[PyExc_OSError, base], doc)?;
         (*ModState::of_module(module)).capacity_type = cls.into_ptr();
     }
     Ok(())

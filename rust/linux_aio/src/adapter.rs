@@ -25,11 +25,12 @@ use std::ptr;
 use std::sync::atomic::Ordering;
 
 use caio_core::aio::{Adapter, Engine};
-use caio_core::op::{self, as_op, Operation};
+use caio_core::context::ContextState;
+use caio_core::op::{self, as_op, OpState, Operation};
 use caio_core::py::{call_method, none, trampoline, Exc, Interned, Owned, PyErr, PyResult};
 use caio_core::pyo3_ffi::*;
 
-use crate::context::{ctx, exception_object};
+use crate::context::ctx;
 use crate::engine::AioContext;
 use crate::reap::DEFAULT_EVENTS;
 use crate::submit::{submit_claimed, submit_ops};
@@ -126,7 +127,7 @@ unsafe fn cancel(a: &Adapter, op: *mut PyObject) {
         drop(staged);
         return;
     }
-    if o.state() != op::IN_FLIGHT {
+    if o.state() != OpState::InFlight {
         return;
     }
     // As upstream: io_cancel, and never mind a refusal (regular-file I/O
@@ -307,8 +308,8 @@ unsafe fn fail(fut: Option<&Owned>, e: &Owned) {
 /// # Safety
 /// Attached; no exception set.
 unsafe fn to_exception(e: PyErr) -> Option<Owned> {
-    // SAFETY: our contract.
-    match unsafe { exception_object(e) } {
+    // Attached, no exception set (our contract).
+    match e.into_instance() {
         Ok(x) => Some(x),
         Err(e) => {
             e.restore();
@@ -430,7 +431,7 @@ unsafe fn flush(slf: *mut PyObject, c: &AioContext, staged: &[Owned]) {
     for i in 0..n {
         // SAFETY: an Operation kept alive by `staged`.
         let o = unsafe { as_op(ops[i]) };
-        if !in_kernel[i] && o.state() == op::NEW {
+        if !in_kernel[i] && o.state() == OpState::New {
             // SAFETY: attached.
             unsafe { op::clear_callback(o) };
         }

@@ -1,18 +1,19 @@
-//! The Python type `caio.linux_aio.Context`: its object layout, `__new__`
-//! and deallocation, the methods, properties and docstrings. Each method
+//! The Python type `caio.linux_aio.Context`: its state's constructor and
+//! release (core's `ContextObject` is the object), the methods, properties
+//! and docstrings. Each method
 //! parses and checks its arguments, then calls the engine (`engine`,
 //! `submit`, `reap`); the messages of the errors it raises are here.
 
-use std::ffi::{c_void, CStr};
-use std::ptr;
+use std::ffi::CStr;
 use std::sync::atomic::Ordering;
 
-use caio_core::args::{int_in, Params};
-use caio_core::module::{ContextType, ModState};
+use caio_core::args::{int_as, Args, Params};
+use caio_core::context::{check_ops, ContextObject, ContextState};
+use caio_core::fork::Stamp;
+use caio_core::module::ModState;
 use caio_core::op::{self, as_op};
 use caio_core::py::{
-    none, py_bool, py_int, py_str, py_uint, trampoline, trampoline_void, Borrowed, Exc, Owned,
-    PyErr, PyResult,
+    none, py_bool, py_int, py_uint, py_usize, Borrowed, Exc, Owned, PyErr, PyResult, TypeSpec,
 };
 use caio_core::pyo3_ffi::*;
 use caio_core::sys;
@@ -27,238 +28,116 @@ const DEFAULT_MAX_REQUESTS: u32 = 32;
 /// The largest `process_events(max_requests=…)`.
 const MAX_EVENTS: usize = 1 << 20;
 
-/// The Python object: a plain (non-GC) object with a weak-reference list and
-/// the engine state.
-#[repr(C)]
-struct Context {
-    ob_base: PyObject,
-    weakreflist: *mut PyObject,
-    /// Written by `__new__` right after allocation, dropped by dealloc.
-    inner: AioContext,
-}
-
-/// The engine state of Context `p`.
-///
-/// # Safety
-/// `p` is a live linux_aio Context that `__new__` finished initialising,
-/// and the reference is not used after the object's deallocation began.
-pub(crate) unsafe fn ctx<'a>(p: *mut PyObject) -> &'a AioContext {
-    // SAFETY: `p` points to a `Context` (our type's basicsize) whose `inner`
-    // is initialised (the caller's contract).
-    unsafe { &(*p.cast::<Context>()).inner }
-}
-
-// Every `unsafe extern "C"` function below is a slot or method of the
-// Context type. Their common safety contract, which CPython's calling
-// convention guarantees: the calling thread is attached, `slf` is a live
-// Context (initialised by `ctx_new`; for `ctx_dealloc`, not yet torn
-// down) and the arguments are what the method's METH_* flags promise. Each
-// `# Safety` section below refers to it as "the slot contract".
-
-/// An optional argument in `0..=u32::MAX` (0 when absent).
-fn u32_arg(arg: Option<Borrowed<'_>>, name: &str) -> PyResult<u32> {
-    let Some(o) = arg else {
-        return Ok(0);
-    };
-    let v = int_in(o, name, 0, i128::from(u32::MAX))?;
-    u32::try_from(v).map_err(|_| PyErr::overflow(format!("{name} does not fit in 32 bits")))
-}
-
-/// The positional-argument count of a vectorcall (`nargsf` may carry
-/// `PY_VECTORCALL_ARGUMENTS_OFFSET`, its sign bit).
-fn vectorcall_nargs(nargsf: Py_ssize_t) -> usize {
-    // SAFETY: a pure bit operation on the raw flag word (no pointer).
-    let n = unsafe { PyVectorcall_NARGS(usize::from_ne_bytes(nargsf.to_ne_bytes())) };
-    usize::try_from(n).unwrap_or(0)
-}
-
-/// A Python int for a count.
-fn py_count(n: usize) -> PyResult<Owned> {
-    py_uint(n as u64)
-}
-
-static NEW_PARAMS: Params = Params {
-    fname: "Context",
-    names: &["max_requests"],
-    required: 0,
-    keywords: true,
-};
-
-/// `Context.__new__(max_requests=32)`.
-///
-/// # Safety
-/// The slot contract (`tp` our type, `args` a tuple, `kwargs` NULL or a
-/// dict).
-unsafe extern "C" fn ctx_new(
-    tp: *mut PyTypeObject,
-    args: *mut PyObject,
-    kwargs: *mut PyObject,
-) -> *mut PyObject {
-    trampoline(|| {
+/// The engine state is the Context's (`caio_core::context::ContextObject`).
+impl ContextState for AioContext {
+    /// `Context(max_requests=32)`.
+    unsafe fn new(args: *mut PyObject, kwargs: *mut PyObject) -> PyResult<AioContext> {
         // SAFETY: CPython passes the argument tuple and keyword dict.
         let a = unsafe { NEW_PARAMS.parse_tuple::<1>(args, kwargs) }?;
         let max_requests = match u32_arg(a.get(0), "max_requests")? {
             0 => DEFAULT_MAX_REQUESTS,
             n => n,
         };
-        // SAFETY: attached (the slot contract).
-        let engine = unsafe { AioContext::open(max_requests) }?;
-        // SAFETY: `tp` is our live heap type (the slot contract); its
-        // tp_alloc returns a new zeroed object of its basicsize or NULL.
-        let obj = match unsafe {
-            let alloc = (*tp).tp_alloc.unwrap_or(PyType_GenericAlloc);
-            Owned::from_new(alloc(tp, 0))
-        } {
-            Ok(o) => o,
-            Err(e) => {
-                engine.abandon();
-                return Err(e);
-            }
-        };
-        let c = obj.as_ptr().cast::<Context>();
-        // SAFETY: `obj` is a fresh allocation of `size_of::<Context>()`
-        // bytes; `inner` is uninitialised (zeroed), so it is written, not
-        // assigned (nothing to drop).
-        unsafe { (&raw mut (*c).inner).write(engine) };
-        Ok(obj)
-    })
-}
+        // SAFETY: attached (the trait's contract).
+        unsafe { AioContext::open(max_requests) }
+    }
 
-/// `tp_dealloc`: releases what is left (nothing is in flight: every
-/// in-flight op holds a reference to its Context), drops the engine state
-/// and frees the object.
-///
-/// # Safety
-/// The slot contract; the object's reference count is zero and it is not
-/// used afterwards.
-unsafe extern "C" fn ctx_dealloc(slf: *mut PyObject) {
-    trampoline_void(|| {
-        let obj = slf.cast::<Context>();
-        // SAFETY: a Context that `__new__` initialised, alive until
-        // `tp_free` below; attached.
-        unsafe {
-            if !(*obj).weakreflist.is_null() {
-                PyObject_ClearWeakRefs(slf);
-            }
-        }
-        // SAFETY: as above; `c` is not used after `drop_in_place`.
-        let c = unsafe { ctx(slf) };
-        // Every in-flight op holds a reference to its Context: nothing is in
-        // flight here, so the kernel holds no pointer into our memory.
+    const FORKED: &'static str = "this linux_aio Context was created before fork(): its kernel \
+AIO context belongs to the parent process; create a new Context in the child";
+
+    fn born(&self) -> Stamp {
+        self.born
+    }
+
+    fn not_an_operation(i: usize, arg: Borrowed<'_>) -> String {
+        format!(
+            "Wrong type for argument {i} -> {}: expected linux_aio.Operation",
+            arg.repr()
+        )
+    }
+
+    fn repr(&self, slf: *mut PyObject) -> PyResult<String> {
+        let aio = self.read().aio;
+        Ok(format!(
+            "<Context as {:#x}: max_requests={}, ctx={}{}>",
+            slf as usize,
+            self.max_requests,
+            self.aio_id,
+            if aio == 0 { ", closed" } else { "" }
+        ))
+    }
+
+    /// Releases what is left. Every in-flight op holds a reference to its
+    /// Context: nothing is in flight here, so the kernel holds no pointer
+    /// into our memory.
+    unsafe fn release(&self) {
         let released = {
-            let mut h = c.write();
-            (h.queue.is_some() || h.aio != 0).then(|| c.release_locked(&mut h))
+            let mut h = self.write();
+            (h.queue.is_some() || h.aio != 0).then(|| self.release_locked(&mut h))
         };
         if let Some(r) = released {
             r.finish();
         }
-        // SAFETY: attached. Then the engine state is dropped exactly once
-        // and the object's memory is handed back to its type's allocator,
-        // dropping the reference every heap-type instance holds on its type.
-        unsafe {
-            // A deferred batch whose flush never ran (its loop was closed).
-            adapter::drop_staged(c);
-            ptr::drop_in_place(&raw mut (*obj).inner);
-            let tp = Py_TYPE(slf);
-            if let Some(free) = (*tp).tp_free {
-                free(slf.cast());
-            }
-            Py_DECREF(tp.cast());
-        }
-    })
+        // A deferred batch whose flush never ran (its loop was closed).
+        // SAFETY: attached (the trait's contract).
+        unsafe { adapter::drop_staged(self) };
+    }
+
+    /// Its kernel context goes to the destroyer.
+    fn abandon(self) {
+        AioContext::abandon(self);
+    }
 }
 
-/// Refuses any argument that is not an Operation of this module.
+/// The engine state of Context `p`.
 ///
 /// # Safety
-/// Attached; `slf` is a linux_aio Context; every element of `args` is a
-/// valid object.
-unsafe fn check_types(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<()> {
-    // SAFETY: `slf` is an instance of our module's type (our contract), so
-    // its module state is ours.
-    let op_type = unsafe { (*ModState::of(slf)).op_type };
-    for (i, &a) in args.iter().enumerate() {
-        // SAFETY: `a` is a valid object (our contract).
-        if !unsafe { op::is_op(a, op_type) } {
-            return Err(PyErr::type_error(format!(
-                "Wrong type for argument {} -> {}: expected linux_aio.Operation",
-                i,
-                // SAFETY: as above.
-                unsafe { Borrowed::from_ptr(a) }.repr()
-            )));
-        }
-    }
-    Ok(())
+/// `p` is a live linux_aio Context that `__new__` finished initialising,
+/// and the reference is not used after the object's deallocation began
+/// (see `ContextObject::state`).
+pub(crate) unsafe fn ctx<'a>(p: *mut PyObject) -> &'a AioContext {
+    // SAFETY: forwarded contract.
+    unsafe { ContextObject::<AioContext>::state(p) }
 }
+
+// Every `ctx_*`/`get_*` function below is a method or getter of the Context
+// type (made one by `caio_core::method!`/`getter!`). Their common safety
+// contract, which CPython's calling convention guarantees: the calling
+// thread is attached, `slf` is a live Context (initialised by `__new__`)
+// and the arguments are what the method's kind promises. The `SAFETY`
+// comments below refer to it as "the slot contract".
+
+/// An optional argument in `0..=u32::MAX` (0 when absent).
+fn u32_arg(arg: Option<Borrowed<'_>>, name: &str) -> PyResult<u32> {
+    let Some(o) = arg else {
+        return Ok(0);
+    };
+    int_as(o, name, 0, u32::MAX)
+}
+
+static NEW_PARAMS: Params = Params::new("Context", &["max_requests"], 0);
 
 /// `Context.submit(*operations) -> int` (METH_FASTCALL).
 ///
 /// # Safety
-/// The slot contract (`args[..nargs]` valid objects).
-unsafe extern "C" fn ctx_submit(
-    slf: *mut PyObject,
-    args: *mut *mut PyObject,
-    nargsf: Py_ssize_t,
-) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the slot contract: `slf` a live Context, `args` holds
-        // `nargs` valid objects for the call.
-        let (c, args) = unsafe {
-            (
-                ctx(slf),
-                std::slice::from_raw_parts(args, vectorcall_nargs(nargsf)),
-            )
-        };
-        // SAFETY: attached, `slf` our Context, `args` valid.
-        unsafe { check_types(slf, args) }?;
-        if args.is_empty() {
-            return py_count(0);
-        }
-        // SAFETY: attached, `c` is `slf`'s engine, every argument is an
-        // Operation (checked above).
-        let (n, failure) = unsafe { submit_ops(slf, c, args, None) }?;
-        match failure {
-            // Like io_submit: an error only when nothing was accepted.
-            Some((_, e)) if n == 0 => Err(e),
-            _ => py_count(n),
-        }
-    })
-}
-
-/// Turns an error into an exception instance (for `_submit_each` and the
-/// adapter's deferred flush).
-///
-/// # Safety
-/// Attached; no exception is set (it would be replaced).
-pub(crate) unsafe fn exception_object(e: PyErr) -> PyResult<Owned> {
-    e.restore();
-    #[cfg(Py_3_12)]
-    {
-        // SAFETY: attached; `restore` just set the exception taken here.
-        unsafe { Owned::from_new(PyErr_GetRaisedException()) }
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_submit(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<Owned> {
+    // SAFETY: the slot contract: `slf` a live Context, `args` holds
+    // `nargs` valid objects for the call.
+    let c = unsafe { ctx(slf) };
+    // SAFETY: attached, `slf` our Context, `args` valid.
+    unsafe { check_ops(slf, args, AioContext::not_an_operation) }?;
+    if args.is_empty() {
+        return py_usize(0);
     }
-    #[cfg(not(Py_3_12))]
-    {
-        let mut t = ptr::null_mut();
-        let mut v = ptr::null_mut();
-        let mut tb = ptr::null_mut();
-        // SAFETY: attached; fetch/normalize hand us the three new references
-        // (or NULLs) of the exception `restore` just set, which we own: the
-        // traceback is moved onto the value, the type dropped.
-        unsafe {
-            PyErr_Fetch(&raw mut t, &raw mut v, &raw mut tb);
-            PyErr_NormalizeException(&raw mut t, &raw mut v, &raw mut tb);
-            if !tb.is_null() {
-                if !v.is_null() {
-                    PyException_SetTraceback(v, tb);
-                }
-                Py_DECREF(tb);
-            }
-            if !t.is_null() {
-                Py_DECREF(t);
-            }
-            Owned::from_new(v)
-        }
+    // SAFETY: attached, `c` is `slf`'s engine, every argument is an
+    // Operation (checked above).
+    let (n, failure) = unsafe { submit_ops(slf, c, args, None) }?;
+    match failure {
+        // Like io_submit: an error only when nothing was accepted.
+        Some((_, e)) if n == 0 => Err(e),
+        _ => py_usize(n),
     }
 }
 
@@ -270,103 +149,86 @@ pub(crate) unsafe fn exception_object(e: PyErr) -> PyResult<Owned> {
 /// natively (`adapter::flush`), for event-loop integrations in Python.
 ///
 /// # Safety
-/// The slot contract (METH_FASTCALL: `args[..nargs]` valid objects).
-unsafe extern "C" fn ctx_submit_each(
-    slf: *mut PyObject,
-    args: *mut *mut PyObject,
-    nargsf: Py_ssize_t,
-) -> *mut PyObject {
-    trampoline(|| {
-        let nargs = vectorcall_nargs(nargsf);
-        // SAFETY: the slot contract: `slf` a live Context, `args` holds
-        // `nargs` valid objects for the call.
-        let (c, args) = unsafe { (ctx(slf), std::slice::from_raw_parts(args, nargs)) };
-        // SAFETY: attached, `slf` our Context, `args` valid.
-        unsafe { check_types(slf, args) }?;
-        let mut outcome: Vec<Option<Owned>> = (0..nargs).map(|_| None).collect();
-        let mut accepted = Vec::new();
-        let mut start = 0;
-        while start < nargs {
-            accepted.clear();
-            // SAFETY: attached, `c` is `slf`'s engine, every argument is an
-            // Operation (checked above).
-            let (_, failure) = unsafe { submit_ops(slf, c, &args[start..], Some(&mut accepted)) }?;
-            for &i in &accepted {
-                outcome[start + i] = Some(py_bool(true));
-            }
-            match failure {
-                Some((i, e)) => {
-                    // SAFETY: attached, no exception set (`e` is not raised).
-                    outcome[start + i] = Some(unsafe { exception_object(e) }?);
-                    start += i + 1;
-                }
-                None => break,
-            }
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_submit_each(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<Owned> {
+    // SAFETY: the slot contract: `slf` a live Context, `args` holds
+    // `nargs` valid objects for the call.
+    let c = unsafe { ctx(slf) };
+    let nargs = args.len();
+    // SAFETY: attached, `slf` our Context, `args` valid.
+    unsafe { check_ops(slf, args, AioContext::not_an_operation) }?;
+    let mut outcome: Vec<Option<Owned>> = (0..nargs).map(|_| None).collect();
+    let mut accepted = Vec::new();
+    let mut start = 0;
+    while start < nargs {
+        accepted.clear();
+        // SAFETY: attached, `c` is `slf`'s engine, every argument is an
+        // Operation (checked above).
+        let (_, failure) = unsafe { submit_ops(slf, c, &args[start..], Some(&mut accepted)) }?;
+        for &i in &accepted {
+            outcome[start + i] = Some(py_bool(true));
         }
-        let len = Py_ssize_t::try_from(nargs).map_err(|_| PyErr::overflow("too many arguments"))?;
-        // SAFETY: attached; a new list of `len` NULL slots.
-        let list = unsafe { Owned::from_new(PyList_New(len)) }?;
-        for (i, o) in (0..len).zip(outcome) {
-            let item = o.unwrap_or_else(|| py_bool(false));
-            // SAFETY: filling slot `i` (< len) of the brand-new list, which
-            // takes over the reference.
-            unsafe { PyList_SET_ITEM(list.as_ptr(), i, item.into_ptr()) };
+        match failure {
+            Some((i, e)) => {
+                // Attached, no exception set (`e` is not raised).
+                outcome[start + i] = Some(e.into_instance()?);
+                start += i + 1;
+            }
+            None => break,
         }
-        Ok(list)
-    })
+    }
+    let len = Py_ssize_t::try_from(nargs).map_err(|_| PyErr::overflow("too many arguments"))?;
+    // SAFETY: attached; a new list of `len` NULL slots.
+    let list = unsafe { Owned::from_new(PyList_New(len)) }?;
+    for (i, o) in (0..len).zip(outcome) {
+        let item = o.unwrap_or_else(|| py_bool(false));
+        // SAFETY: filling slot `i` (< len) of the brand-new list, which
+        // takes over the reference.
+        unsafe { PyList_SET_ITEM(list.as_ptr(), i, item.into_ptr()) };
+    }
+    Ok(list)
 }
 
-static PE_PARAMS: Params = Params {
-    fname: "process_events",
-    names: &["max_requests", "min_requests", "timeout"],
-    required: 0,
-    keywords: true,
-};
+static PE_PARAMS: Params = Params::new(
+    "process_events",
+    &["max_requests", "min_requests", "timeout"],
+    0,
+);
 
 /// `Context.process_events(max_requests=512, min_requests=0, timeout=0)`.
 ///
 /// # Safety
-/// The slot contract (METH_FASTCALL | METH_KEYWORDS).
-unsafe extern "C" fn ctx_process_events(
-    slf: *mut PyObject,
-    args: *const *mut PyObject,
-    nargs: Py_ssize_t,
-    kw: *mut PyObject,
-) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the slot contract: `slf` a live Context; the arguments
-        // come straight from CPython's vectorcall.
-        let (c, a) = unsafe { (ctx(slf), PE_PARAMS.parse::<3>(args, nargs, kw)) };
-        let a = a?;
-        let max = match u32_arg(a.get(0), "max_requests")? as usize {
-            0 => DEFAULT_EVENTS,
-            n => n,
-        };
-        if max > MAX_EVENTS {
-            return Err(PyErr::overflow(format!(
-                "max_requests ({}) exceeds the maximum allowed ({})",
-                max, MAX_EVENTS
-            )));
-        }
-        let min = u32_arg(a.get(1), "min_requests")? as usize;
-        if min > max {
-            return Err(PyErr::value_error(format!(
-                "min_requests ({}) must not exceed max_requests ({})",
-                min, max
-            )));
-        }
-        let timeout = match a.get(2) {
-            Some(o) => {
-                let v = int_in(o, "timeout", i128::from(i32::MIN), i128::from(i32::MAX))?;
-                i32::try_from(v).map_err(|_| PyErr::overflow("timeout does not fit in 32 bits"))?
-            }
-            None => 0,
-        };
-        c.check_fork()?;
-        // SAFETY: attached (the slot contract).
-        let n = unsafe { c.wait_and_deliver(max, min, timeout) }?;
-        py_count(n)
-    })
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_process_events(slf: *mut PyObject, a: Args<'_, 3>) -> PyResult<Owned> {
+    // SAFETY: the method's contract.
+    let c = unsafe { ctx(slf) };
+    let max = match u32_arg(a.get(0), "max_requests")? as usize {
+        0 => DEFAULT_EVENTS,
+        n => n,
+    };
+    if max > MAX_EVENTS {
+        return Err(PyErr::overflow(format!(
+            "max_requests ({}) exceeds the maximum allowed ({})",
+            max, MAX_EVENTS
+        )));
+    }
+    let min = u32_arg(a.get(1), "min_requests")? as usize;
+    if min > max {
+        return Err(PyErr::value_error(format!(
+            "min_requests ({}) must not exceed max_requests ({})",
+            min, max
+        )));
+    }
+    let timeout = match a.get(2) {
+        Some(o) => int_as(o, "timeout", i32::MIN, i32::MAX)?,
+        None => 0,
+    };
+    c.check_fork()?;
+    // SAFETY: attached (the slot contract).
+    let n = unsafe { c.wait_and_deliver(max, min, timeout) }?;
+    py_usize(n)
 }
 
 /// `_drain()`: what the asyncio adapter's reader callback does (natively,
@@ -374,15 +236,14 @@ unsafe extern "C" fn ctx_process_events(
 /// everything available.
 ///
 /// # Safety
-/// The slot contract (METH_NOARGS).
-unsafe extern "C" fn ctx_drain(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the slot contract.
-        let c = unsafe { ctx(slf) };
-        c.check_fork()?;
-        // SAFETY: attached (the slot contract).
-        py_count(unsafe { c.drain() })
-    })
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_drain(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: the slot contract.
+    let c = unsafe { ctx(slf) };
+    c.check_fork()?;
+    // SAFETY: attached (the slot contract).
+    py_usize(unsafe { c.drain() })
 }
 
 /// `_reap()`: deliver what is available now without touching the eventfd
@@ -390,373 +251,278 @@ unsafe extern "C" fn ctx_drain(slf: *mut PyObject, _: *mut PyObject) -> *mut PyO
 /// page-cache hits completed inside io_submit are delivered at once).
 ///
 /// # Safety
-/// The slot contract (METH_NOARGS).
-unsafe extern "C" fn ctx_reap(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the slot contract.
-        let c = unsafe { ctx(slf) };
-        c.check_fork()?;
-        // SAFETY: attached (the slot contract).
-        py_count(unsafe { c.deliver(DEFAULT_EVENTS) })
-    })
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_reap(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: the slot contract.
+    let c = unsafe { ctx(slf) };
+    c.check_fork()?;
+    // SAFETY: attached (the slot contract).
+    py_usize(unsafe { c.deliver(DEFAULT_EVENTS) })
 }
 
 /// `Context.poll()`: read and reset the eventfd counter.
 ///
 /// # Safety
-/// The slot contract (METH_NOARGS).
-unsafe extern "C" fn ctx_poll(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the slot contract.
-        let c = unsafe { ctx(slf) };
-        c.check_fork()?;
-        let h = c.read();
-        let Some(q) = h.queue.as_ref() else {
-            return Err(closed_error());
-        };
-        match read_counter(q.fileno()) {
-            Ok(0) => {
-                // SAFETY: attached; a builtin exception class.
-                unsafe { PyErr_SetNone(PyExc_BlockingIOError) };
-                Err(PyErr::Fetched)
-            }
-            Ok(v) => py_uint(v),
-            Err(e) => Err(PyErr::os(e)),
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_poll(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: the slot contract.
+    let c = unsafe { ctx(slf) };
+    c.check_fork()?;
+    let h = c.read();
+    let Some(q) = h.queue.as_ref() else {
+        return Err(closed_error());
+    };
+    match read_counter(q.fileno()) {
+        Ok(0) => {
+            // SAFETY: attached; a builtin exception class.
+            unsafe { PyErr_SetNone(PyExc_BlockingIOError) };
+            Err(PyErr::Fetched)
         }
-    })
+        Ok(v) => py_uint(v),
+        Err(e) => Err(PyErr::os(e)),
+    }
 }
 
-static CANCEL_PARAMS: Params = Params {
-    fname: "cancel",
-    names: &["operation"],
-    required: 1,
-    keywords: true,
-};
+static CANCEL_PARAMS: Params = Params::new("cancel", &["operation"], 1);
 
 /// `Context.cancel(operation)`: `io_cancel`.
 ///
 /// # Safety
-/// The slot contract (METH_FASTCALL | METH_KEYWORDS).
-unsafe extern "C" fn ctx_cancel(
-    slf: *mut PyObject,
-    args: *const *mut PyObject,
-    nargs: Py_ssize_t,
-    kw: *mut PyObject,
-) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the slot contract: `slf` a live Context; the arguments
-        // come straight from CPython's vectorcall.
-        let (c, a) = unsafe { (ctx(slf), CANCEL_PARAMS.parse::<1>(args, nargs, kw)) };
-        let Some(obj) = a?.get(0) else {
-            // `required: 1`: the parser has already refused a missing one.
-            return Err(PyErr::type_error(
-                "cancel() missing required argument 'operation'",
-            ));
-        };
-        // SAFETY: `slf` is our module's instance, so its module state is
-        // ours; `obj` is a valid object for the call.
-        let op = unsafe {
-            let op_type = (*ModState::of(slf)).op_type;
-            op::is_op(obj.as_ptr(), op_type).then(|| as_op(obj.as_ptr()))
-        };
-        let Some(op) = op else {
-            return Err(PyErr::type_error(format!(
-                "cancel() argument must be linux_aio.Operation, not {}",
-                obj.type_name()
-            )));
-        };
-        c.check_fork()?;
-        let Some(outcome) = c.cancel(op) else {
-            // Released only once nothing was in flight: the op cannot be.
-            return Err(PyErr::value_error(
-                "The operation is not in flight on this Context: it is closed [EINVAL]",
-            ));
-        };
-        match outcome {
-            // Started (EINPROGRESS on current kernels): the op completes
-            // (-ECANCELED) through process_events().
-            Ok(()) => py_int(0),
-            Err(libc::EINPROGRESS) => py_int(0),
-            Err(libc::EAGAIN) => Err(PyErr::ErrnoMsg(
-                Exc::SystemError,
-                libc::EAGAIN,
-                "Specified operation was not canceled [EAGAIN]".to_owned(),
-            )),
-            Err(libc::EFAULT) => Err(PyErr::runtime(
-                "One of the data structures points to invalid data [EFAULT]",
-            )),
-            Err(libc::EINVAL) => Err(PyErr::value_error(
-                "The operation cannot be canceled [EINVAL]: it is not in flight in the kernel \
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_cancel(slf: *mut PyObject, a: Args<'_, 1>) -> PyResult<Owned> {
+    // SAFETY: the method's contract.
+    let c = unsafe { ctx(slf) };
+    let Some(obj) = a.get(0) else {
+        // `required: 1`: the parser has already refused a missing one.
+        return Err(PyErr::type_error(
+            "cancel() missing required argument 'operation'",
+        ));
+    };
+    // SAFETY: `slf` is our module's instance, so its module state is
+    // ours; `obj` is a valid object for the call.
+    let op = unsafe {
+        let op_type = (*ModState::of(slf)).op_type;
+        op::is_op(obj.as_ptr(), op_type).then(|| as_op(obj.as_ptr()))
+    };
+    let Some(op) = op else {
+        return Err(PyErr::type_error(format!(
+            "cancel() argument must be linux_aio.Operation, not {}",
+            obj.type_name()
+        )));
+    };
+    c.check_fork()?;
+    let Some(outcome) = c.cancel(op) else {
+        // Released only once nothing was in flight: the op cannot be.
+        return Err(PyErr::value_error(
+            "The operation is not in flight on this Context: it is closed [EINVAL]",
+        ));
+    };
+    match outcome {
+        // Started (EINPROGRESS on current kernels): the op completes
+        // (-ECANCELED) through process_events().
+        Ok(()) => py_int(0),
+        Err(libc::EINPROGRESS) => py_int(0),
+        Err(libc::EAGAIN) => Err(PyErr::ErrnoMsg(
+            Exc::SystemError,
+            libc::EAGAIN,
+            "Specified operation was not canceled [EAGAIN]".to_owned(),
+        )),
+        Err(libc::EFAULT) => Err(PyErr::runtime(
+            "One of the data structures points to invalid data [EFAULT]",
+        )),
+        Err(libc::EINVAL) => Err(PyErr::value_error(
+            "The operation cannot be canceled [EINVAL]: it is not in flight in the kernel \
 on this Context (never submitted, already completed, handled by a worker thread or submitted \
 to another Context), or it is regular-file I/O, which the kernel cannot cancel",
-            )),
-            Err(libc::ENOSYS) => Err(PyErr::new(
-                Exc::NotImplementedError,
-                "io_cancel is not implemented by this kernel [ENOSYS]",
-            )),
-            Err(e) => Err(PyErr::ErrnoMsg(
-                Exc::SystemError,
-                e,
-                format!("io_cancel failed: {}", sys::strerror(e)),
-            )),
-        }
-    })
+        )),
+        Err(libc::ENOSYS) => Err(PyErr::new(
+            Exc::NotImplementedError,
+            "io_cancel is not implemented by this kernel [ENOSYS]",
+        )),
+        Err(e) => Err(PyErr::ErrnoMsg(
+            Exc::SystemError,
+            e,
+            format!("io_cancel failed: {}", sys::strerror(e)),
+        )),
+    }
 }
 
 /// `_set_nowait(flag)`: event-loop mode on/off (see the module docs).
 ///
 /// # Safety
-/// The slot contract (METH_O: `flag` a valid object).
-unsafe extern "C" fn ctx_set_nowait(slf: *mut PyObject, flag: *mut PyObject) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the slot contract: `slf` a live Context, `flag` valid.
-        let (c, flag) = unsafe { (ctx(slf), Borrowed::from_ptr(flag)) };
-        let on = caio_core::args::truthy(flag)?;
-        c.nowait.store(on, Ordering::Relaxed);
-        Ok(none())
-    })
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_set_nowait(slf: *mut PyObject, flag: Borrowed<'_>) -> PyResult<Owned> {
+    // SAFETY: the slot contract: `slf` a live Context, `flag` valid.
+    let c = unsafe { ctx(slf) };
+    let on = caio_core::args::truthy(flag)?;
+    c.nowait.store(on, Ordering::Relaxed);
+    Ok(none())
 }
 
 /// `Context.close()`.
 ///
 /// # Safety
-/// The slot contract (METH_NOARGS).
-unsafe extern "C" fn ctx_close(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the slot contract.
-        let c = unsafe { ctx(slf) };
-        c.closing.store(true, Ordering::Release);
-        c.release_if_idle();
-        Ok(none())
-    })
-}
-
-/// `repr(Context)`.
-///
-/// # Safety
-/// The slot contract.
-unsafe extern "C" fn ctx_repr(slf: *mut PyObject) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the slot contract.
-        let c = unsafe { ctx(slf) };
-        let aio = c.read().aio;
-        py_str(&format!(
-            "<Context as {:#x}: max_requests={}, ctx={}{}>",
-            slf as usize,
-            c.max_requests,
-            c.aio_id,
-            if aio == 0 { ", closed" } else { "" }
-        ))
-    })
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_close(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: the slot contract.
+    let c = unsafe { ctx(slf) };
+    c.closing.store(true, Ordering::Release);
+    c.release_if_idle();
+    Ok(none())
 }
 
 /// Getter of `Context.max_requests`.
 ///
 /// # Safety
-/// The slot contract.
-unsafe extern "C" fn get_max_requests(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the slot contract.
-        let c = unsafe { ctx(slf) };
-        py_uint(u64::from(c.max_requests))
-    })
+/// A Context getter (`caio_core::getter!`): attached, `slf` a live
+/// Context.
+unsafe fn get_max_requests(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: the slot contract.
+    let c = unsafe { ctx(slf) };
+    py_uint(u64::from(c.max_requests))
 }
 
 /// Getter of `Context.fileno`.
 ///
 /// # Safety
-/// The slot contract.
-unsafe extern "C" fn get_fileno(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the slot contract.
-        let c = unsafe { ctx(slf) };
-        py_int(i64::from(c.fileno.load(Ordering::Relaxed)))
-    })
+/// A Context getter (`caio_core::getter!`): attached, `slf` a live
+/// Context.
+unsafe fn get_fileno(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: the slot contract.
+    let c = unsafe { ctx(slf) };
+    py_int(i64::from(c.fileno.load(Ordering::Relaxed)))
 }
 
 /// Getter of `Context.closed`.
 ///
 /// # Safety
-/// The slot contract.
-unsafe extern "C" fn get_closed(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the slot contract.
-        let c = unsafe { ctx(slf) };
-        Ok(py_bool(c.closing.load(Ordering::Acquire)))
-    })
+/// A Context getter (`caio_core::getter!`): attached, `slf` a live
+/// Context.
+unsafe fn get_closed(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: the slot contract.
+    let c = unsafe { ctx(slf) };
+    Ok(py_bool(c.closing.load(Ordering::Acquire)))
 }
 
 /// Getter of `Context._in_flight`.
 ///
 /// # Safety
-/// The slot contract.
-unsafe extern "C" fn get_in_flight(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the slot contract.
-        let c = unsafe { ctx(slf) };
-        py_count(c.in_flight.load(Ordering::Acquire))
-    })
+/// A Context getter (`caio_core::getter!`): attached, `slf` a live
+/// Context.
+unsafe fn get_in_flight(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: the slot contract.
+    let c = unsafe { ctx(slf) };
+    py_usize(c.in_flight.load(Ordering::Acquire))
 }
 
 /// Getter of `Context._staged`.
 ///
 /// # Safety
-/// The slot contract.
-unsafe extern "C" fn get_staged(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the slot contract.
-        let c = unsafe { ctx(slf) };
-        py_count(c.lock_staged().len())
-    })
+/// A Context getter (`caio_core::getter!`): attached, `slf` a live
+/// Context.
+unsafe fn get_staged(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: the slot contract.
+    let c = unsafe { ctx(slf) };
+    py_usize(c.lock_staged().len())
 }
 
-static mut CTX_METHODS: [PyMethodDef; 10] = [
-    PyMethodDef {
-        ml_name: c"submit".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunctionFast: ctx_submit,
-        },
-        ml_flags: METH_FASTCALL,
-        ml_doc: c"submit(*operations) -> int\n--\n\nSubmit operations in one io_submit call; returns how \
+/// The Context type: core's common shape plus this backend's methods and
+/// properties (`caio_core::module::init_common` creates it).
+pub(crate) fn context_spec() -> TypeSpec {
+    ContextObject::<AioContext>::spec(CTX_DOC)
+    .method(caio_core::method!(
+        varargs c"submit",
+        ctx_submit,
+        c"submit($self, *operations)\n--\n\nSubmit operations in one io_submit call; returns how \
 many were accepted (a prefix: the rest are untouched and can be resubmitted). Raises if the first \
-one is refused."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"cancel".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunctionFastWithKeywords: ctx_cancel,
-        },
-        ml_flags: METH_FASTCALL | METH_KEYWORDS,
-        ml_doc: c"cancel(operation) -> int\n--\n\nio_cancel(): returns 0 when the kernel started the \
+one is refused.",
+    ))
+    .method(caio_core::method!(
+        params c"cancel",
+        ctx_cancel,
+        CANCEL_PARAMS,
+        c"cancel($self, operation)\n--\n\nio_cancel(): returns 0 when the kernel started the \
 cancellation (the op then completes through process_events()); raises ValueError when it cannot \
-(regular-file I/O never can)."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"process_events".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunctionFastWithKeywords: ctx_process_events,
-        },
-        ml_flags: METH_FASTCALL | METH_KEYWORDS,
-        ml_doc: c"process_events(max_requests=512, min_requests=0, timeout=0) -> int\n--\n\nDeliver up \
+(regular-file I/O never can).",
+    ))
+    .method(caio_core::method!(
+        params c"process_events",
+        ctx_process_events,
+        PE_PARAMS,
+        c"process_events($self, max_requests=512, min_requests=0, timeout=0)\n--\n\nDeliver up \
 to max_requests completions (callbacks run here). With min_requests > 0 and timeout != 0, first \
 wait (GIL released) until min_requests are available or timeout seconds pass (timeout < 0: no \
-limit). Returns the number delivered."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"poll".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_poll,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"poll() -> int\n--\n\nRead and reset the eventfd counter (completion notifications \
-since the last read); BlockingIOError if there were none. Never blocks, delivers nothing."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"close".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_close,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"close()\n--\n\nStop accepting operations and release the kernel AIO context (its \
+limit). Returns the number delivered.",
+    ))
+    .method(caio_core::method!(
+        noargs c"poll",
+        ctx_poll,
+        c"poll($self)\n--\n\nRead and reset the eventfd counter (completion notifications \
+since the last read) and return it; BlockingIOError if there were none. Never blocks, delivers nothing.",
+    ))
+    .method(caio_core::method!(
+        noargs c"close",
+        ctx_close,
+        c"close($self)\n--\n\nStop accepting operations and release the kernel AIO context (its \
 share of fs.aio-nr), the eventfd and the worker threads: now if nothing is in flight, otherwise \
-as soon as process_events() has delivered the last completion. Idempotent. (Not in upstream caio.)"
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"_drain".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_drain,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"_drain() -> int\n--\n\nReset the eventfd counter and deliver every available \
-completion (what the asyncio adapter's reader callback does)."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"_reap".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_reap,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"_reap() -> int\n--\n\nDeliver the completions available now (up to 512) without \
-reading the eventfd (what the asyncio adapter does right after submitting)."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"_submit_each".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunctionFast: ctx_submit_each,
-        },
-        ml_flags: METH_FASTCALL,
-        ml_doc: c"_submit_each(*operations) -> list\n--\n\nSubmit as many operations as possible; one \
-outcome per argument: True (accepted), False (already submitted) or the exception that refused \
-it (what the asyncio adapter's deferred=True flush does)."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"_set_nowait".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_set_nowait,
-        },
-        ml_flags: METH_O,
-        ml_doc: c"_set_nowait(flag)\n--\n\nEvent-loop mode: submit buffered reads/writes with \
+as soon as process_events() has delivered the last completion. Idempotent. (Not in upstream caio.)",
+    ))
+    .method(caio_core::method!(
+        noargs c"_drain",
+        ctx_drain,
+        c"_drain($self)\n--\n\nReset the eventfd counter and deliver every available \
+completion (what the asyncio adapter's reader callback does). Returns the number delivered.",
+    ))
+    .method(caio_core::method!(
+        noargs c"_reap",
+        ctx_reap,
+        c"_reap($self)\n--\n\nDeliver the completions available now (up to 512) without \
+reading the eventfd (what the asyncio adapter does right after submitting). Returns the number \
+delivered.",
+    ))
+    .method(caio_core::method!(
+        varargs c"_submit_each",
+        ctx_submit_each,
+        c"_submit_each($self, *operations)\n--\n\nSubmit as many operations as possible; returns \
+a list of one outcome per argument: True (accepted), False (already submitted) or the exception that refused \
+it (what the asyncio adapter's deferred=True flush does).",
+    ))
+    .method(caio_core::method!(
+        onearg c"_set_nowait",
+        ctx_set_nowait,
+        c"_set_nowait($self, flag, /)\n--\n\nEvent-loop mode: submit buffered reads/writes with \
 RWF_NOWAIT so io_submit never waits for the disk; operations the kernel refuses (or only partly \
 does) are finished by worker threads, and still delivered by process_events() on this thread. \
 Off by default (upstream semantics: buffered I/O completes inside submit()). The asyncio adapter \
-turns it on."
-            .as_ptr(),
-    },
-    PyMethodDef::zeroed(),
-];
-
-static mut CTX_GETSET: [PyGetSetDef; 6] = [
-    PyGetSetDef {
-        name: c"max_requests".as_ptr(),
-        get: Some(get_max_requests),
-        set: None,
-        doc: c"the size requested from io_setup".as_ptr(),
-        closure: ptr::null_mut(),
-    },
-    PyGetSetDef {
-        name: c"fileno".as_ptr(),
-        get: Some(get_fileno),
-        set: None,
-        doc: c"the eventfd signalled on completions (-1 once closed)".as_ptr(),
-        closure: ptr::null_mut(),
-    },
-    PyGetSetDef {
-        name: c"closed".as_ptr(),
-        get: Some(get_closed),
-        set: None,
-        doc: c"close() was called".as_ptr(),
-        closure: ptr::null_mut(),
-    },
-    PyGetSetDef {
-        name: c"_in_flight".as_ptr(),
-        get: Some(get_in_flight),
-        set: None,
-        doc: c"operations accepted and not yet delivered".as_ptr(),
-        closure: ptr::null_mut(),
-    },
-    PyGetSetDef {
-        name: c"_staged".as_ptr(),
-        get: Some(get_staged),
-        set: None,
-        doc: c"operations waiting in the asyncio adapter's deferred batch".as_ptr(),
-        closure: ptr::null_mut(),
-    },
-    PyGetSetDef {
-        name: ptr::null(),
-        get: None,
-        set: None,
-        doc: ptr::null(),
-        closure: ptr::null_mut(),
-    },
-];
+turns it on.",
+    ))
+    .getter(
+        c"max_requests",
+        caio_core::getter!(get_max_requests),
+        c"the size requested from io_setup",
+    )
+    .getter(
+        c"fileno",
+        caio_core::getter!(get_fileno),
+        c"the eventfd signalled on completions (-1 once closed)",
+    )
+    .getter(c"closed", caio_core::getter!(get_closed), c"close() was called")
+    .getter(
+        c"_in_flight",
+        caio_core::getter!(get_in_flight),
+        c"operations accepted and not yet delivered",
+    )
+    .getter(
+        c"_staged",
+        caio_core::getter!(get_staged),
+        c"operations waiting in the asyncio adapter's deferred batch",
+    )
+}
 
 /// The Context type's docstring (text signature first).
 const CTX_DOC: &CStr =
@@ -766,17 +532,3 @@ caio: callbacks receive the signed kernel result (bytes moved, or -errno); close
 kernel context deterministically; O_DIRECT works (reads at any offset/length through aligned \
 memory; writes need offset and length aligned to the file's O_DIRECT alignment, else OSError \
 EINVAL); out-of-range integer arguments raise OverflowError instead of wrapping.";
-
-/// What `caio_core::module::init_common` needs to create the type.
-pub(crate) fn context_type() -> ContextType {
-    ContextType {
-        doc: CTX_DOC,
-        basicsize: std::mem::size_of::<Context>(),
-        weaklistoffset: std::mem::offset_of!(Context, weakreflist),
-        new: ctx_new,
-        dealloc: ctx_dealloc,
-        repr: ctx_repr,
-        methods: ptr::addr_of_mut!(CTX_METHODS).cast(),
-        getset: ptr::addr_of_mut!(CTX_GETSET).cast(),
-    }
-}

@@ -14,9 +14,11 @@
 //! [`MAX_BACKLOG`] of them waits ([`wait_backlog`]): a tight create/close
 //! loop is throttled instead of exhausting the system-wide limit.
 
-use std::cell::RefCell;
-use std::sync::{Condvar, Mutex, MutexGuard, Once};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
+
+use caio_core::fork::Stamp;
+use caio_core::sync::lock;
 
 const MAX_THREADS: usize = 128;
 const MAX_BACKLOG: usize = 8;
@@ -29,8 +31,9 @@ struct State {
     idle: usize,
     /// Contexts handed over whose `io_destroy` has not returned yet.
     pending: usize,
-    /// The fork generation these counters belong to (see [`state`]).
-    generation: u64,
+    /// The fork generation these counters belong to (see [`state`]);
+    /// `None` until first used.
+    born: Option<Stamp>,
 }
 
 static STATE: Mutex<State> = Mutex::new(State {
@@ -38,7 +41,7 @@ static STATE: Mutex<State> = Mutex::new(State {
     live: 0,
     idle: 0,
     pending: 0,
-    generation: 0,
+    born: None,
 });
 /// Helpers wait here for work.
 static WORK: Condvar = Condvar::new();
@@ -46,9 +49,8 @@ static WORK: Condvar = Condvar::new();
 static TAKEN: Condvar = Condvar::new();
 
 fn state() -> MutexGuard<'static, State> {
-    let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
-    let generation = caio_core::sys::fork_generation();
-    if st.generation != generation {
+    let mut st = lock(&STATE);
+    if !st.born.is_some_and(Stamp::is_current) {
         // A child forked from a process that had helpers: they do not exist
         // here, and neither do the contexts queued for them (the kernel does
         // not copy AIO contexts into a child). Counting the parent's helpers
@@ -59,49 +61,25 @@ fn state() -> MutexGuard<'static, State> {
         st.live = 0;
         st.idle = 0;
         st.pending = 0;
-        st.generation = generation;
+        st.born = Some(Stamp::now());
     }
     st
 }
 
-thread_local! {
-    /// The `STATE` lock held across `fork()` by the forking thread.
-    static FORK_GUARD: RefCell<Option<MutexGuard<'static, State>>> = const { RefCell::new(None) };
-}
-
-extern "C" fn before_fork() {
-    let guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
-    FORK_GUARD.with(|g| *g.borrow_mut() = Some(guard));
-}
-
-extern "C" fn after_fork() {
-    FORK_GUARD.with(|g| drop(g.borrow_mut().take()));
-}
-
-/// A helper holding `STATE` at the moment another thread forks would leave
-/// the child's copy locked forever (nobody there to unlock it): the child's
-/// first `close()` would hang. So the forking thread takes the lock before
-/// `fork()` and releases it on both sides afterwards (`pthread_atfork`); the
-/// child then resets the counters (see [`state`]).
-// TODO(core): core gets one `fork.rs` for at-fork handlers; register these
-// two there instead of calling pthread_atfork here.
-fn register_fork_handlers() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: the handlers are `extern "C"` functions that live as long
-        // as the process (this library is never unloaded: CPython does not
-        // unload extension modules) and only lock/unlock a std Mutex.
-        unsafe {
-            libc::pthread_atfork(Some(before_fork), Some(after_fork), Some(after_fork));
-        }
-    });
-}
+caio_core::hold_across_fork!(
+    /// A helper holding `STATE` at the moment another thread forks would
+    /// leave the child's copy locked forever (nobody there to unlock it):
+    /// the child's first `close()` would hang. So the forking thread takes
+    /// the lock before `fork()` and releases it on both sides afterwards; the
+    /// child then resets the counters (see [`state`]). Registered by the
+    /// module's exec slot.
+    pub(crate) static FORK_HANDLERS: Handlers = STATE as State
+);
 
 /// Destroys `ctx` on a helper thread (or, if no thread can be started, on
 /// the calling thread). Never touches Python; may be called with or without
 /// the GIL.
 pub fn destroy(ctx: u64) {
-    register_fork_handlers();
     let mut st = state();
     st.queue.push(ctx);
     st.pending += 1;

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
+use caio_core::fork::Stamp;
 use caio_core::op::Operation;
 use caio_core::pool::{CompletionQueue, Job, Pool};
 use caio_core::py::{allow_threads, Exc, PyErr, PyResult};
@@ -66,7 +67,7 @@ pub(crate) struct Reap {
 /// The engine state of one Context (embedded in the Python object).
 pub(crate) struct AioContext {
     pub(crate) max_requests: u32,
-    fork_generation: u64,
+    pub(crate) born: Stamp,
     /// The context id as created (for repr).
     pub(crate) aio_id: u64,
     /// The eventfd, -1 once released.
@@ -118,17 +119,7 @@ impl AioContext {
 
     /// This process is a fork() child of the one that created the context.
     pub(crate) fn forked(&self) -> bool {
-        sys::fork_generation() != self.fork_generation
-    }
-
-    pub(crate) fn check_fork(&self) -> PyResult<()> {
-        if self.forked() {
-            return Err(PyErr::runtime(
-                "this linux_aio Context was created before fork(): its kernel AIO context \
-belongs to the parent process; create a new Context in the child",
-            ));
-        }
-        Ok(())
+        !self.born.is_current()
     }
 
     /// The completion queue (and eventfd), unless released.
@@ -312,7 +303,7 @@ impl AioContext {
         let fd = queue.fileno();
         Ok(AioContext {
             max_requests,
-            fork_generation: sys::fork_generation(),
+            born: Stamp::now(),
             aio_id: aio,
             fileno: AtomicI32::new(fd),
             closing: AtomicBool::new(false),

@@ -66,78 +66,36 @@ mod reap;
 mod route;
 mod submit;
 
-use std::ptr;
-
 use caio_core::module::init_common;
-use caio_core::op::{Flavor, ReadPayload};
-use caio_core::py::{Exc, Owned, PyErr, PyResult};
+use caio_core::op::Flavor;
+use caio_core::py::{Exc, PyErr, PyResult};
 use caio_core::pyo3_ffi::*;
-use caio_core::{backend_module, sys};
+use caio_core::sys::{self, kernel};
+use caio_core::{backend_module, test_hooks};
 
 /// The module's Operation type (`caio_core::op`), as linux_aio has it.
 static FLAVOR: Flavor = Flavor {
-    type_name: c"aio.AIOOperation",
     doc: c"linux aio operation representation",
-    read_payload: ReadPayload::MemoryView,
-    drop_write_payload: false,
     nbytes_tracks_write: true,
-    max_read: isize::MAX as u64,
-    max_read_msg: "nbytes does not fit in Py_ssize_t",
-    offset_min: i64::MIN as i128,
-    offset_max: i64::MAX as i128,
     // Sent as the iocb's signed 16-bit aio_reqprio.
-    priority_min: i16::MIN as i128,
     priority_max: i16::MAX as i128,
-    payload_type_msg: "payload_bytes argument must be bytes",
     // DESIGN.md §6.2 aio-result, fixed: callbacks get the signed kernel result (bytes
-    // moved, or -errno), not its unsigned 64-bit reinterpretation.
-    failure_as_minus_one: false,
-    callback_keyword: true,
+    // moved, or -errno), not its unsigned 64-bit reinterpretation (`failure_as_minus_one`
+    // stays false).
     has_result_error: false,
-    has_context: true,
     has_priority: true,
     repr_offset_signed: true,
     repr_result: false,
+    ..Flavor::COMMON
 };
-
-/// The running kernel's release string (`uname -r`), or empty.
-// TODO(core): core gets one kernel-version helper; use it (and its test
-// hook, under the `test-hooks` feature) instead of this copy and
-// `parse_version`.
-fn kernel_release() -> String {
-    // TODO(core): test hook; move behind core's `test-hooks` cargo feature.
-    if let Ok(r) = std::env::var("CAIO_TEST_AIO_KERNEL_RELEASE") {
-        if !r.is_empty() {
-            return r; // test hook: pretend to run on this kernel
-        }
-    }
-    // SAFETY: `utsname` is plain bytes, so all-zero is a valid value.
-    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: uname fills the struct it is given.
-    if unsafe { libc::uname(&raw mut u) } != 0 {
-        return String::new();
-    }
-    // SAFETY: on success `release` holds a NUL-terminated string (and the
-    // zeroed tail guarantees a NUL within the array in any case).
-    unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// `(major, minor)` of a kernel release string such as `6.8.0-45-generic`.
-fn parse_version(release: &str) -> Option<(u32, u32)> {
-    let mut it = release.split(|ch: char| !ch.is_ascii_digit());
-    let major = it.next()?.parse().ok()?;
-    let minor = it.next()?.parse().ok()?;
-    Some((major, minor))
-}
 
 /// Import-time checks: everything that makes kernel AIO unusable becomes an
 /// `ImportError` (caio then falls back to the next backend, and
 /// `python -m caio` shows the reason).
 fn check_available() -> PyResult<()> {
-    let release = kernel_release();
-    match parse_version(&release) {
+    // Test hook: pretend to run on this kernel.
+    let release = test_hooks::env("CAIO_TEST_AIO_KERNEL_RELEASE").unwrap_or_else(kernel::release);
+    match kernel::version_of(&release) {
         Some(v) if v >= (4, 18) => {}
         _ => {
             return Err(PyErr::new(
@@ -150,11 +108,8 @@ needs AIO fsync/fdsync and RWF_NOWAIT.)",
             ))
         }
     }
-    // TODO(core): test hook; move behind core's `test-hooks` cargo feature.
-    let forced = std::env::var("CAIO_TEST_AIO_PROBE_ERRNO")
-        .ok()
-        .and_then(|v| v.trim().parse::<i32>().ok())
-        .filter(|&e| e > 0);
+    // Test hook: pretend io_setup failed with this errno.
+    let forced = test_hooks::env_parse::<i32>("CAIO_TEST_AIO_PROBE_ERRNO").filter(|&e| e > 0);
     let probe = match forced {
         Some(e) => Err(e), // test hook: pretend io_setup failed this way
         None => abi::io_setup(1),
@@ -216,13 +171,15 @@ policy (seccomp, LSM) forbidding it. Kernel {}.",
 /// Called by CPython's multi-phase init (through `backend_module!`),
 /// attached, with the new module.
 unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
+    caio_core::fork::register(&destroyer::FORK_HANDLERS)
+        .map_err(|_| PyErr::new(Exc::ImportError, "too many fork handlers registered"))?;
     check_available()?;
     // SAFETY: an exec slot, attached (our contract).
     unsafe {
         init_common(
             module,
             &FLAVOR,
-            context::context_type(),
+            context::context_spec,
             c"caio.linux_aio.OperationError",
         )
     }?;
@@ -230,19 +187,14 @@ unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
     // (immortal or kept alive by the interpreter), the strings are static
     // and NUL-terminated, and `module` is the module being initialised.
     unsafe {
-        let bases = caio_core::py::py_tuple(vec![
-            Owned::from_borrowed(PyExc_OSError),
-            Owned::from_borrowed(PyExc_ValueError),
-        ])?;
-        let submit_error = Owned::from_new(PyErr_NewExceptionWithDoc(
-            c"caio.linux_aio.SubmitError".as_ptr(),
+        caio_core::module::add_exception(
+            module,
+            c"SubmitError",
+            c"caio.linux_aio.SubmitError",
+            &[PyExc_OSError, PyExc_ValueError],
             c"io_submit refused an operation (bad fd, invalid for the file, ...). A ValueError, \
-as upstream caio raises, and an OSError with the errno."
-                .as_ptr(),
-            bases.as_ptr(),
-            ptr::null_mut(),
-        ))?;
-        caio_core::module::add_object(module, c"SubmitError", submit_error)?;
+as upstream caio raises, and an OSError with the errno.",
+        )?;
         caio_core::module::init_capacity_error(
             module,
             c"caio.linux_aio.CapacityError",
@@ -261,17 +213,3 @@ backend_module!(
     c"Linux AIO c API bindings.",
     exec
 );
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn versions() {
-        assert_eq!(parse_version("6.18.44-fc-v657"), Some((6, 18)));
-        assert_eq!(parse_version("4.18.0-553.el8.x86_64"), Some((4, 18)));
-        assert_eq!(parse_version("4.9"), Some((4, 9)));
-        assert!(parse_version("4.9").unwrap() < (4, 18));
-        assert_eq!(parse_version("garbage"), None);
-    }
-}

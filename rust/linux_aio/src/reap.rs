@@ -127,7 +127,7 @@ impl AioContext {
                 }
                 // No worker thread could be started: do it here.
                 // SAFETY: still ours alone (no worker took it).
-                res = combine(done, unsafe { pool::execute(o) });
+                res = combine(done, unsafe { pool::execute(o, None) });
             }
         }
         // SAFETY: attached; the op is in flight and finished exactly once,

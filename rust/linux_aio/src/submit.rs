@@ -20,6 +20,8 @@
 use std::ffi::c_int;
 use std::sync::atomic::Ordering;
 
+use caio_core::context::ContextState;
+use caio_core::direct;
 use caio_core::op::{self, as_op, OpKind, Operation};
 use caio_core::pool::{self, Job};
 use caio_core::py::{Exc, PyErr, PyResult};
@@ -33,12 +35,6 @@ use crate::engine::{closed_error, signal_fd, AioContext};
 /// outcome feeds [`Route`](crate::route::Route)). Operation pointers are
 /// 8-byte aligned, so the low bit is free.
 pub(crate) const TAG_BUFFERED: u64 = 1;
-
-/// Memory alignment (and read window granularity) for O_DIRECT: covers every
-/// logical block size up to a page.
-// TODO(core): core gets one O_DIRECT policy (`direct.rs`); use its alignment
-// (and `prepare_direct_write`'s checks below) instead of this copy.
-const DIO_ALIGN: usize = 4096;
 
 /// The iocb of `o`: its engine area, which is exactly one [`Iocb`] (size
 /// and alignment checked in `abi`).
@@ -191,17 +187,17 @@ fn aio_cannot_do(cb: &Iocb) -> bool {
             .is_some()
 }
 
-/// `fcntl(F_GETFL)`, remembered for the last fd of a batch.
-fn fd_flags(fd: c_int, cache: &mut Option<(c_int, c_int)>) -> c_int {
-    if let Some((f, flags)) = *cache {
-        if f == fd {
-            return flags;
+/// Whether `fd` is open with O_DIRECT ([`direct::is_direct`]), remembered
+/// for the last fd of a batch.
+fn is_direct(fd: c_int, cache: &mut Option<(c_int, bool)>) -> bool {
+    match *cache {
+        Some((f, direct)) if f == fd => direct,
+        _ => {
+            let direct = direct::is_direct(fd);
+            *cache = Some((fd, direct));
+            direct
         }
     }
-    // SAFETY: F_GETFL takes no pointer; a bad fd only fails (-1, EBADF).
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    *cache = Some((fd, flags));
-    flags
 }
 
 /// Fills the op's iocb (in its engine area). O_DIRECT reads/writes get
@@ -218,7 +214,7 @@ unsafe fn prepare(
     o: &Operation,
     resfd: u32,
     nowait: bool,
-    cache: &mut Option<(c_int, c_int)>,
+    cache: &mut Option<(c_int, bool)>,
 ) -> Result<(*mut Iocb, bool), PyErr> {
     let mut to_workers = false;
     let mut iocb = Iocb {
@@ -233,8 +229,7 @@ unsafe fn prepare(
         OpKind::Fsync => iocb.opcode = abi::IOCB_CMD_FSYNC,
         OpKind::Fdsync => iocb.opcode = abi::IOCB_CMD_FDSYNC,
         OpKind::Read | OpKind::Write => {
-            let flags = fd_flags(o.fd_i32(), cache);
-            let direct = flags >= 0 && flags & libc::O_DIRECT != 0;
+            let direct = is_direct(o.fd_i32(), cache);
             if direct {
                 if o.kind == OpKind::Write {
                     // SAFETY: the caller's contract (attached, `o` claimed
@@ -243,7 +238,7 @@ unsafe fn prepare(
                 } else {
                     // SAFETY: `o` is between claim and dispatch (the
                     // caller's contract).
-                    unsafe { o.use_aligned_window(DIO_ALIGN) }?;
+                    unsafe { o.use_aligned_window(direct::DEFAULT_ALIGN) }?;
                 }
             }
             if nowait {
@@ -284,8 +279,9 @@ unsafe fn prepare(
 
 /// O_DIRECT write policy: the payload is always copied into aligned memory
 /// (a `bytes` object never is); offset and length must be multiples of the
-/// file's O_DIRECT offset alignment, otherwise `SubmitError` (an `OSError`
-/// with errno EINVAL, and a `ValueError`) naming it.
+/// file's O_DIRECT offset alignment ([`direct::check_write`]), otherwise
+/// `SubmitError` (an `OSError` with errno EINVAL, and a `ValueError`) naming
+/// it.
 ///
 /// # Safety
 /// As [`prepare`]: attached, `o` between claim and dispatch, `slf` a
@@ -294,15 +290,7 @@ unsafe fn prepare_direct_write(slf: *mut PyObject, o: &Operation) -> PyResult<()
     if o.nbytes == 0 {
         return Ok(()); // nothing is transferred; no alignment needed
     }
-    let (mem_align, off_align) = if (o.offset | o.nbytes) % DIO_ALIGN as u64 == 0 {
-        (DIO_ALIGN, DIO_ALIGN as u64)
-    } else {
-        match caio_core::sys::dio_alignment(o.fd_i32()) {
-            Some((m, off)) => ((m as usize).max(DIO_ALIGN), u64::from(off)),
-            None => (DIO_ALIGN, 512),
-        }
-    };
-    if o.offset % off_align != 0 || o.nbytes % off_align != 0 {
+    if let Err(granularity) = direct::check_write(o) {
         return Err(PyErr::ErrnoMsg(
             // SAFETY: attached, `slf` a linux_aio Context (our contract).
             unsafe { submit_error_type(slf) },
@@ -311,7 +299,7 @@ unsafe fn prepare_direct_write(slf: *mut PyObject, o: &Operation) -> PyResult<()
                 "O_DIRECT write to fd {} must have offset and length aligned to {} bytes \
 (got offset={}, length={}); pad the data or open the file without O_DIRECT",
                 o.fd_i32(),
-                off_align,
+                granularity,
                 o.offset_i64(),
                 o.nbytes
             ),
@@ -319,7 +307,7 @@ unsafe fn prepare_direct_write(slf: *mut PyObject, o: &Operation) -> PyResult<()
     }
     // SAFETY: `o` is between claim and dispatch (our contract); offset and
     // length were checked against the alignment above.
-    unsafe { o.use_aligned_window(mem_align.next_power_of_two()) }
+    unsafe { o.use_aligned_window(direct::DEFAULT_ALIGN) }
 }
 
 /// Claims and submits `args` (all known to be Operations), see
@@ -328,7 +316,7 @@ unsafe fn prepare_direct_write(slf: *mut PyObject, o: &Operation) -> PyResult<()
 ///
 /// # Safety
 /// Attached; `slf` is the linux_aio Context owning `c` and every element of
-/// `args` is an Operation of its module (`check_types`).
+/// `args` is an Operation of its module (`check_ops`).
 pub(crate) unsafe fn submit_ops(
     slf: *mut PyObject,
     c: &AioContext,
@@ -487,7 +475,7 @@ pub(crate) unsafe fn submit_claimed(
                 // No worker thread could be started: do it here; the
                 // result is delivered by process_events() like any other.
                 // SAFETY: as above; this engine owns `p` until delivery.
-                let r = unsafe { pool::execute(&*p) };
+                let r = unsafe { pool::execute(&*p, None) };
                 reap.backlog.push_back((Job(p), r));
                 signal_fd(queue.fileno());
             }

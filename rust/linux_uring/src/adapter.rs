@@ -24,6 +24,7 @@
 use std::sync::atomic::Ordering;
 
 use caio_core::aio::{Adapter, Engine};
+use caio_core::context::ContextState;
 use caio_core::op::as_op;
 use caio_core::py::{Exc, PyErr, PyResult};
 use caio_core::pyo3_ffi::*;
@@ -95,7 +96,7 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     // SAFETY: attached (hook contract).
     unsafe { c.deliver(usize::MAX) };
     // SAFETY: `op` is an Operation (hook contract).
-    if unsafe { as_op(op) }.state() != caio_core::op::DONE && !c.ring().sqpoll {
+    if unsafe { as_op(op) }.state() != caio_core::op::OpState::Done && !c.ring().sqpoll {
         // Not a page-cache hit: completions are coming through the event
         // loop now, batch the next submissions.
         c.batching.store(true, Ordering::Relaxed);

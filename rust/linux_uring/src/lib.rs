@@ -14,20 +14,20 @@
 //! --workspace` works everywhere; setup.py builds it on Linux only).
 #![cfg(target_os = "linux")]
 
-use std::ffi::c_void;
-use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use caio_core::args::{int_in, truthy, Params};
-use caio_core::module::{add_object, init_common, ContextType, ModState};
+use caio_core::args::{int_as, positional, truthy, Args, Params};
+use caio_core::backend_module;
+use caio_core::context::{check_ops, ContextObject, ContextState};
+use caio_core::fork::Stamp;
+use caio_core::module::{add_object, init_common};
 use caio_core::op::{self, as_op, Delivery, Flavor, ReadPayload};
 use caio_core::py::{
-    allow_threads, py_bool, py_int, py_str, py_uint, trampoline, trampoline_void, Borrowed, Exc,
-    Owned, PyErr, PyResult,
+    allow_threads, py_bool, py_int, py_uint, py_usize, Borrowed, Exc, Owned, PyErr, PyResult,
+    TypeSpec,
 };
 use caio_core::pyo3_ffi::*;
-use caio_core::{backend_module, sys};
 
 mod adapter;
 mod direct;
@@ -36,12 +36,11 @@ mod ring;
 
 use ring::{Ring, SetupError};
 
+/// The module's Operation type (`caio_core::op`), as linux_uring has it.
 static FLAVOR: Flavor = Flavor {
     type_name: c"linux_uring.Operation",
     doc: c"io_uring AIO operation",
     read_payload: ReadPayload::Bytes,
-    drop_write_payload: false,
-    nbytes_tracks_write: false,
     // DESIGN.md §3.2: a read larger than 2**32-1 bytes cannot be expressed in an SQE.
     max_read: u32::MAX as u64,
     max_read_msg: "nbytes exceeds the io_uring read limit",
@@ -49,27 +48,18 @@ static FLAVOR: Flavor = Flavor {
     // other negative values would alias huge offsets and are refused.
     offset_min: -1,
     offset_max: u64::MAX as i128,
-    priority_min: i16::MIN as i128,
-    priority_max: u16::MAX as i128,
     payload_type_msg: "payload_bytes must be bytes",
-    failure_as_minus_one: false,
     callback_keyword: false,
-    has_result_error: true,
-    has_context: true,
-    has_priority: false,
-    repr_offset_signed: false,
-    repr_result: true,
+    ..Flavor::COMMON
 };
 
 const DEFAULT_MAX_REQUESTS: u32 = 32;
 const DEFAULT_EVENTS: u32 = 512;
 
-#[repr(C)]
+/// The engine state of a Context (`caio_core::context::ContextObject`).
 pub(crate) struct Context {
-    ob_base: PyObject,
-    weakreflist: *mut PyObject,
     max_requests: u32,
-    fork_generation: u64,
+    born: Stamp,
     /// A `_deferred_flush` is scheduled on the event loop (asyncio adapter,
     /// `deferred=True`).
     pub(crate) flush_scheduled: AtomicBool,
@@ -80,17 +70,6 @@ pub(crate) struct Context {
 }
 
 impl Context {
-    pub(crate) fn check_fork(&self) -> PyResult<()> {
-        if sys::fork_generation() != self.fork_generation {
-            return Err(PyErr::runtime(
-                "this linux_uring Context was created in the parent process before fork(); \
-its io_uring instance belongs to the parent and cannot be used here. Create a new Context \
-(or AsyncioContext) in the child",
-            ));
-        }
-        Ok(())
-    }
-
     pub(crate) fn ring(&self) -> &Ring {
         &self.ring
     }
@@ -163,73 +142,17 @@ its io_uring instance belongs to the parent and cannot be used here. Create a ne
     }
 }
 
-/// The Context behind `p`.
-///
-/// # Safety
-/// `p` is a live instance of this module's Context type that outlives `'a`:
-/// CPython passes one as `self` to the type's methods and slots, and
-/// `caio_core::aio` checks an adapter's context against the type in `_bind`.
-pub(crate) unsafe fn ctx<'a>(p: *mut PyObject) -> &'a Context {
-    // SAFETY: `p` points to a Context (contract above); `#[repr(C)]` puts
-    // the object header first, as CPython laid it out.
-    unsafe { &*p.cast::<Context>() }
-}
-
-/// The positional arguments of a `METH_FASTCALL` call.
-///
-/// # Safety
-/// `args` and `nargsf` exactly as CPython passed them; the slice must not
-/// outlive the call.
-unsafe fn fastcall_args<'a>(args: *const *mut PyObject, nargsf: Py_ssize_t) -> &'a [*mut PyObject] {
-    // `PyVectorcall_NARGS`: the count without PY_VECTORCALL_ARGUMENTS_OFFSET,
-    // which is the sign bit.
-    let n = (nargsf & Py_ssize_t::MAX).unsigned_abs();
-    if n == 0 {
-        return &[];
-    }
-    // SAFETY: CPython passes `n` valid pointers at `args` for the call.
-    unsafe { std::slice::from_raw_parts(args, n) }
-}
-
-/// A count as a Python int.
-fn py_count(n: usize) -> PyResult<Owned> {
-    // usize is at most 64 bits wide on every target we build for.
-    py_uint(n as u64)
-}
-
-/// An integer argument in `min..=max` of type `T` (OverflowError outside,
-/// as `int_in` says).
-fn int_param<T>(obj: Borrowed<'_>, name: &str, min: T, max: T) -> PyResult<T>
-where
-    T: Copy + Into<i128> + TryFrom<i128>,
-{
-    let v = int_in(obj, name, min.into(), max.into())?;
-    // In range by int_in: the fallback is never taken.
-    Ok(T::try_from(v).unwrap_or(max))
-}
-
-static NEW_PARAMS: Params = Params {
-    fname: "Context",
-    names: &["max_requests", "sqpoll"],
-    required: 0,
-    keywords: true,
-};
-
-/// `Context(max_requests=32, sqpoll=False)` (`tp_new`).
-///
-/// # Safety
-/// Called by CPython, attached: `tp` is this module's Context type, `args`
-/// a tuple, `kwargs` NULL or a dict.
-unsafe extern "C" fn ctx_new(
-    tp: *mut PyTypeObject,
-    args: *mut PyObject,
-    kwargs: *mut PyObject,
-) -> *mut PyObject {
-    trampoline(|| {
+/// Every in-flight op holds a reference to its Context, so nothing can
+/// still be in flight at deallocation: no callback runs and no memory the
+/// kernel might write is freed when the ring is dropped (which unmaps it and
+/// closes its fds).
+impl ContextState for Context {
+    /// `Context(max_requests=32, sqpoll=False)`.
+    unsafe fn new(args: *mut PyObject, kwargs: *mut PyObject) -> PyResult<Context> {
         // SAFETY: `args` and `kwargs` as CPython passes them to `tp_new`.
         let a = unsafe { NEW_PARAMS.parse_tuple::<2>(args, kwargs) }?;
         let mut max_requests = match a.get(0) {
-            Some(o) => int_param(o, "max_requests", 0, u32::MAX)?,
+            Some(o) => int_as(o, "max_requests", 0, u32::MAX)?,
             None => DEFAULT_MAX_REQUESTS,
         };
         if max_requests == 0 {
@@ -243,169 +166,128 @@ unsafe extern "C" fn ctx_new(
         // push a full `max_requests` load into "ring full".
         let ring = Ring::new(u64::from(max_requests) + 1, sqpoll)
             .map_err(|SetupError(errno)| PyErr::Errno(Exc::SystemError, errno))?;
-        // SAFETY: attached; `tp` is a live type whose `tp_basicsize` is
-        // `size_of::<Context>()`: its allocator returns a zeroed object of
-        // that size (or NULL with an exception set). Every Rust field is
-        // written in place before the object is handed out.
-        unsafe {
-            let alloc = (*tp).tp_alloc.unwrap_or(PyType_GenericAlloc);
-            let obj = Owned::from_new(alloc(tp, 0))?;
-            let c = obj.as_ptr().cast::<Context>();
-            (*c).max_requests = max_requests;
-            (*c).fork_generation = sys::fork_generation();
-            ptr::addr_of_mut!((*c).flush_scheduled).write(AtomicBool::new(false));
-            ptr::addr_of_mut!((*c).batching).write(AtomicBool::new(false));
-            ptr::addr_of_mut!((*c).ring).write(ring);
-            Ok(obj)
-        }
-    })
-}
-
-/// `tp_dealloc`.
-///
-/// # Safety
-/// Called by CPython, attached, when the last reference to `slf` (a
-/// Context made by [`ctx_new`]) is gone.
-unsafe extern "C" fn ctx_dealloc(slf: *mut PyObject) {
-    trampoline_void(|| {
-        let c = slf.cast::<Context>();
-        // SAFETY: `slf` is a Context alive until `tp_free` (contract above);
-        // attached for the weakref callbacks. Every in-flight op holds a
-        // reference to its Context, so nothing can still be in flight here:
-        // no callback runs and no memory the kernel might write is freed when
-        // the ring (written by ctx_new, dropped once, here) goes. Then the
-        // memory goes back to the type's allocator and the heap type loses
-        // the reference its instance held.
-        unsafe {
-            if !(*c).weakreflist.is_null() {
-                PyObject_ClearWeakRefs(slf);
-            }
-            ptr::drop_in_place(ptr::addr_of_mut!((*c).ring));
-            let tp = Py_TYPE(slf);
-            if let Some(free) = (*tp).tp_free {
-                free(slf.cast());
-            }
-            Py_DECREF(tp.cast());
-        }
-    })
-}
-
-/// Type-checks every argument before anything is claimed (DESIGN.md §4.1).
-///
-/// # Safety
-/// Attached; `slf` is a Context; `args` are live objects.
-unsafe fn check_ops(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<()> {
-    // SAFETY: `slf` is an instance of this module's Context type, so its
-    // type's module state is ours and holds the Operation type; the args
-    // are live objects (contract above).
-    unsafe {
-        let op_type = (*ModState::of(slf)).op_type;
-        for (i, &a) in args.iter().enumerate() {
-            if !op::is_op(a, op_type) {
-                return Err(PyErr::type_error(format!(
-                    "argument {} is not an Operation: expected linux_uring.Operation, got {}",
-                    i + 1,
-                    Borrowed::from_ptr(a).type_name()
-                )));
-            }
-        }
+        Ok(Context {
+            max_requests,
+            born: Stamp::now(),
+            flush_scheduled: AtomicBool::new(false),
+            batching: AtomicBool::new(false),
+            ring,
+        })
     }
-    Ok(())
+
+    const FORKED: &'static str = "this linux_uring Context was created in the parent process \
+before fork(); its io_uring instance belongs to the parent and cannot be used here. Create a new \
+Context (or AsyncioContext) in the child";
+
+    fn born(&self) -> Stamp {
+        self.born
+    }
+
+    /// DESIGN.md §4.1: every argument is checked before anything is claimed.
+    fn not_an_operation(i: usize, arg: Borrowed<'_>) -> String {
+        format!(
+            "argument {} is not an Operation: expected linux_uring.Operation, got {}",
+            i + 1,
+            arg.type_name()
+        )
+    }
+
+    fn repr(&self, slf: *mut PyObject) -> PyResult<String> {
+        Ok(format!(
+            "<Context as {:p}: max_requests={}, uring_fd={}, eventfd={}, sqpoll={}>",
+            slf,
+            self.max_requests,
+            self.ring.ring_fd(),
+            self.ring.eventfd(),
+            i32::from(self.ring.sqpoll)
+        ))
+    }
 }
+
+/// The Context behind `p`.
+///
+/// # Safety
+/// `p` is a live instance of this module's Context type that outlives `'a`
+/// (see `ContextObject::state`).
+pub(crate) unsafe fn ctx<'a>(p: *mut PyObject) -> &'a Context {
+    // SAFETY: forwarded contract.
+    unsafe { ContextObject::<Context>::state(p) }
+}
+
+static NEW_PARAMS: Params = Params::new("Context", &["max_requests", "sqpoll"], 0);
 
 /// `Context.submit(*operations)` (`METH_FASTCALL`).
 ///
 /// # Safety
-/// Called by CPython, attached: `slf` is a Context, `args`/`nargsf` the
-/// call's arguments.
-unsafe extern "C" fn ctx_submit(
-    slf: *mut PyObject,
-    args: *mut *mut PyObject,
-    nargsf: Py_ssize_t,
-) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the METH_FASTCALL contract above.
-        let (c, args) = unsafe { (ctx(slf), fastcall_args(args.cast_const(), nargsf)) };
-        // SAFETY: attached; `slf` is a Context, `args` live objects.
-        unsafe { check_ops(slf, args) }?;
-        c.check_fork()?;
-        // SAFETY: attached; every arg is one of this module's Operations
-        // (checked above); `slf` owns this ring.
-        let (accepted, err) = unsafe { c.ring.stage(args, slf) };
-        match err {
-            // SAFETY: attached; `slf` is a Context.
-            Some(e) => Err(unsafe { e.into_pyerr(slf) }),
-            None => py_count(accepted),
-        }
-    })
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_submit(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<Owned> {
+    // SAFETY: the method's contract.
+    let c = unsafe { ContextObject::<Context>::submitting(slf, args) }?;
+    // SAFETY: attached; every arg is one of this module's Operations
+    // (checked above); `slf` owns this ring.
+    let (accepted, err) = unsafe { c.ring.stage(args, slf) };
+    match err {
+        // SAFETY: attached; `slf` is a Context.
+        Some(e) => Err(unsafe { e.into_pyerr(slf) }),
+        None => py_usize(accepted),
+    }
 }
 
 /// `Context.cancel(operation, *more)` (`METH_FASTCALL | METH_KEYWORDS`).
 ///
 /// # Safety
-/// Called by CPython, attached: `slf` is a Context, the rest the call's
-/// arguments.
-unsafe extern "C" fn ctx_cancel(
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_cancel(
     slf: *mut PyObject,
     args: *const *mut PyObject,
     nargsf: Py_ssize_t,
     kwnames: *mut PyObject,
-) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the METH_FASTCALL contract above; `kwnames` is NULL or a
-        // tuple.
-        let (c, posargs, has_kw) = unsafe {
-            (
-                ctx(slf),
-                fastcall_args(args, nargsf),
-                !kwnames.is_null() && PyTuple_GET_SIZE(kwnames) > 0,
-            )
-        };
-        // cancel(operation) as upstream, cancel(op1, op2, ...) as an extension.
-        if has_kw {
-            // SAFETY: the vectorcall arguments as CPython passed them.
-            let a = unsafe { CANCEL_PARAMS.parse::<1>(args, nargsf, kwnames) }?;
-            let op = a.get(0).unwrap().as_ptr();
-            // SAFETY: attached; `slf` is `c`; `op` a live object.
-            return unsafe { cancel_ops(c, slf, &[op]) };
-        }
-        if posargs.is_empty() {
-            return Err(PyErr::type_error(
-                "cancel() missing required argument 'operation' (pos 1)",
-            ));
-        }
-        // SAFETY: attached; `slf` is `c`; the args are live objects.
-        unsafe { cancel_ops(c, slf, posargs) }
-    })
+) -> PyResult<Owned> {
+    // SAFETY: the method's contract; `kwnames` is NULL or a
+    // tuple.
+    let (c, posargs, has_kw) = unsafe {
+        (
+            ctx(slf),
+            positional(args, nargsf),
+            !kwnames.is_null() && PyTuple_GET_SIZE(kwnames) > 0,
+        )
+    };
+    // cancel(operation) as upstream, cancel(op1, op2, ...) as an extension.
+    if has_kw {
+        // SAFETY: the vectorcall arguments as CPython passed them.
+        let a = unsafe { CANCEL_PARAMS.parse::<1>(args, nargsf, kwnames) }?;
+        let op = a.get(0).unwrap().as_ptr();
+        // SAFETY: attached; `slf` is `c`; `op` a live object.
+        return unsafe { cancel_ops(c, slf, &[op]) };
+    }
+    if posargs.is_empty() {
+        return Err(PyErr::type_error(
+            "cancel() missing required argument 'operation' (pos 1)",
+        ));
+    }
+    // SAFETY: attached; `slf` is `c`; the args are live objects.
+    unsafe { cancel_ops(c, slf, posargs) }
 }
 
-static CANCEL_PARAMS: Params = Params {
-    fname: "cancel",
-    names: &["operation"],
-    required: 1,
-    keywords: true,
-};
+static CANCEL_PARAMS: Params = Params::new("cancel", &["operation"], 1);
 
 /// Asks the kernel to cancel those of `ops` that are in flight.
 ///
 /// # Safety
 /// Attached; `slf` is the Context `c`; `ops` are live objects.
 unsafe fn cancel_ops(c: &Context, slf: *mut PyObject, ops: &[*mut PyObject]) -> PyResult<Owned> {
-    // SAFETY: `slf` is an instance of this module's Context type, so its
-    // type's module state is ours and holds the Operation type; the ops are
-    // live objects (contract above).
+    // SAFETY: forwarded contract.
     unsafe {
-        let op_type = (*ModState::of(slf)).op_type;
-        for (i, &a) in ops.iter().enumerate() {
-            if !op::is_op(a, op_type) {
-                return Err(PyErr::type_error(format!(
-                    "argument {} must be linux_uring.Operation, not {}",
-                    i + 1,
-                    Borrowed::from_ptr(a).type_name()
-                )));
-            }
-        }
-    }
+        check_ops(slf, ops, |i, a| {
+            format!(
+                "argument {} must be linux_uring.Operation, not {}",
+                i + 1,
+                a.type_name()
+            )
+        })
+    }?;
     c.check_fork()?;
     for &a in ops {
         // SAFETY: `a` is an Operation (checked above).
@@ -413,7 +295,7 @@ unsafe fn cancel_ops(c: &Context, slf: *mut PyObject, ops: &[*mut PyObject]) -> 
         // Only an op in flight can be cancelled; for others (never
         // submitted, done, or on another Context) the kernel would answer
         // ENOENT anyway.
-        if o.state() != op::IN_FLIGHT {
+        if o.state() != op::OpState::InFlight {
             continue;
         }
         if c.ring.cancel(o).is_err() {
@@ -432,319 +314,240 @@ unsafe fn cancel_ops(c: &Context, slf: *mut PyObject, ops: &[*mut PyObject]) -> 
 /// `Context.flush()`.
 ///
 /// # Safety
-/// Called by CPython (`METH_NOARGS`), attached, with `slf` a Context.
-unsafe extern "C" fn ctx_flush(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: `slf` is a Context (contract above).
-        let c = unsafe { ctx(slf) };
-        c.check_fork()?;
-        // SAFETY: attached (contract above).
-        py_count(unsafe { c.flush() }?)
-    })
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_flush(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: `slf` is a Context (contract above).
+    let c = unsafe { ctx(slf) };
+    c.check_fork()?;
+    // SAFETY: attached (contract above).
+    py_usize(unsafe { c.flush() }?)
 }
 
-static EVENTS_PARAMS: Params = Params {
-    fname: "process_events",
-    names: &["max_requests", "min_requests", "timeout"],
-    required: 0,
-    keywords: true,
-};
+static EVENTS_PARAMS: Params = Params::new(
+    "process_events",
+    &["max_requests", "min_requests", "timeout"],
+    0,
+);
 
 /// `Context.process_events(max_requests=512, min_requests=0, timeout=0)`.
 ///
 /// # Safety
-/// Called by CPython (`METH_FASTCALL | METH_KEYWORDS`), attached, with
-/// `slf` a Context and the call's arguments.
-unsafe extern "C" fn ctx_process_events(
-    slf: *mut PyObject,
-    args: *const *mut PyObject,
-    nargsf: Py_ssize_t,
-    kwnames: *mut PyObject,
-) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the vectorcall arguments as CPython passed them.
-        let a = unsafe { EVENTS_PARAMS.parse::<3>(args, nargsf, kwnames) }?;
-        // Upstream takes -1 as "2**32-1" (everything); other negative values
-        // would alias and raise (DESIGN.md §6.2 wrap).
-        let mut max = match a.get(0) {
-            Some(o) => match int_param(o, "max_requests", -1, i64::from(u32::MAX))? {
-                -1 => u32::MAX,
-                v => u32::try_from(v).unwrap_or(u32::MAX),
-            },
-            None => DEFAULT_EVENTS,
-        };
-        if max == 0 {
-            max = DEFAULT_EVENTS;
-        }
-        let min = match a.get(1) {
-            Some(o) => int_param(o, "min_requests", 0, u32::MAX)?,
-            None => 0,
-        };
-        let timeout = match a.get(2) {
-            Some(o) => int_param(o, "timeout", i32::MIN, i32::MAX)?,
-            None => 0,
-        };
-        if min > max {
-            return Err(PyErr::value_error(format!(
-                "min_requests ({}) must be <= max_requests ({})",
-                min, max
-            )));
-        }
-        // SAFETY: `slf` is a Context (contract above).
-        let c = unsafe { ctx(slf) };
-        c.check_fork()?;
-        // u32 fits usize on every target we build for.
-        let max = max as usize;
-        // Delivered during the wait: an O_DIRECT EINVAL in the ring is only
-        // retried by a drain.
-        let mut delivered = 0usize;
-        if min > 0 {
-            if timeout == 0 {
-                allow_threads(|| c.ring.get_events());
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_process_events(slf: *mut PyObject, a: Args<'_, 3>) -> PyResult<Owned> {
+    // Upstream takes -1 as "2**32-1" (everything); other negative values
+    // would alias and raise (DESIGN.md §6.2 wrap).
+    let mut max = match a.get(0) {
+        Some(o) => match int_as(o, "max_requests", -1, i64::from(u32::MAX))? {
+            -1 => u32::MAX,
+            v => u32::try_from(v).unwrap_or(u32::MAX),
+        },
+        None => DEFAULT_EVENTS,
+    };
+    if max == 0 {
+        max = DEFAULT_EVENTS;
+    }
+    let min = match a.get(1) {
+        Some(o) => int_as(o, "min_requests", 0, u32::MAX)?,
+        None => 0,
+    };
+    let timeout = match a.get(2) {
+        Some(o) => int_as(o, "timeout", i32::MIN, i32::MAX)?,
+        None => 0,
+    };
+    if min > max {
+        return Err(PyErr::value_error(format!(
+            "min_requests ({}) must be <= max_requests ({})",
+            min, max
+        )));
+    }
+    // SAFETY: `slf` is a Context (contract above).
+    let c = unsafe { ctx(slf) };
+    c.check_fork()?;
+    // u32 fits usize on every target we build for.
+    let max = max as usize;
+    // Delivered during the wait: an O_DIRECT EINVAL in the ring is only
+    // retried by a drain.
+    let mut delivered = 0usize;
+    if min > 0 {
+        if timeout == 0 {
+            allow_threads(|| c.ring.get_events());
+        } else {
+            let start = c.ring.consumed();
+            let deadline = if timeout > 0 {
+                let secs = u64::from(timeout.unsigned_abs());
+                Some(Instant::now() + Duration::from_secs(secs))
             } else {
-                let start = c.ring.consumed();
-                let deadline = if timeout > 0 {
-                    let secs = u64::from(timeout.unsigned_abs());
-                    Some(Instant::now() + Duration::from_secs(secs))
-                } else {
-                    None
-                };
-                c.ring.wait(
-                    start,
-                    u64::from(min),
-                    deadline,
-                    &mut || {
-                        // DESIGN.md §6.2 eintr: run Python signal handlers; an
-                        // exception from one ends the wait, otherwise keep
-                        // waiting.
-                        // SAFETY: `wait` calls this attached.
-                        if unsafe { PyErr_CheckSignals() } != 0 {
-                            Err(PyErr::Fetched)
-                        } else {
-                            Ok(())
-                        }
-                    },
-                    &mut || {
-                        // SAFETY: `wait` calls this attached.
-                        delivered += unsafe { c.deliver(max.saturating_sub(delivered)) };
+                None
+            };
+            c.ring.wait(
+                start,
+                u64::from(min),
+                deadline,
+                &mut || {
+                    // DESIGN.md §6.2 eintr: run Python signal handlers; an
+                    // exception from one ends the wait, otherwise keep
+                    // waiting.
+                    // SAFETY: `wait` calls this attached.
+                    if unsafe { PyErr_CheckSignals() } != 0 {
+                        Err(PyErr::Fetched)
+                    } else {
                         Ok(())
-                    },
-                )?;
-            }
+                    }
+                },
+                &mut || {
+                    // SAFETY: `wait` calls this attached.
+                    delivered += unsafe { c.deliver(max.saturating_sub(delivered)) };
+                    Ok(())
+                },
+            )?;
         }
-        // SAFETY: attached (contract above).
-        let n = unsafe { c.deliver(max.saturating_sub(delivered)) };
-        py_count(delivered + n)
-    })
+    }
+    // SAFETY: attached (contract above).
+    let n = unsafe { c.deliver(max.saturating_sub(delivered)) };
+    py_usize(delivered + n)
 }
 
 /// `Context.poll()`.
 ///
 /// # Safety
-/// Called by CPython (`METH_NOARGS`), attached, with `slf` a Context.
-unsafe extern "C" fn ctx_poll(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: `slf` is a Context (contract above).
-        let c = unsafe { ctx(slf) };
-        c.check_fork()?;
-        match c.ring.consume_eventfd() {
-            0 => {
-                // `BlockingIOError()` without arguments, as upstream and
-                // linux_aio raise it (not `BlockingIOError('')`).
-                // SAFETY: attached; a builtin exception class.
-                unsafe { PyErr_SetNone(PyExc_BlockingIOError) };
-                Err(PyErr::Fetched)
-            }
-            n => py_uint(n),
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_poll(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: `slf` is a Context (contract above).
+    let c = unsafe { ctx(slf) };
+    c.check_fork()?;
+    match c.ring.consume_eventfd() {
+        0 => {
+            // `BlockingIOError()` without arguments, as upstream and
+            // linux_aio raise it (not `BlockingIOError('')`).
+            // SAFETY: attached; a builtin exception class.
+            unsafe { PyErr_SetNone(PyExc_BlockingIOError) };
+            Err(PyErr::Fetched)
         }
-    })
+        n => py_uint(n),
+    }
 }
 
 /// The asyncio adapter's deferred flush: one `io_uring_enter` for every
 /// SQE staged during the loop iteration, then delivery.
 ///
 /// # Safety
-/// Called by CPython (`METH_NOARGS`), attached, with `slf` a Context.
-unsafe extern "C" fn ctx_deferred_flush(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: `slf` is a Context (contract above).
-        let c = unsafe { ctx(slf) };
-        c.flush_scheduled.store(false, Ordering::Release);
-        c.check_fork()?;
-        // SAFETY: attached (contract above).
-        py_count(unsafe { c.flush_batch() }?)
-    })
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_deferred_flush(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: `slf` is a Context (contract above).
+    let c = unsafe { ctx(slf) };
+    c.flush_scheduled.store(false, Ordering::Release);
+    c.check_fork()?;
+    // SAFETY: attached (contract above).
+    py_usize(unsafe { c.flush_batch() }?)
 }
 
 /// The asyncio adapter's eventfd reader: reset the counter (EAGAIN is fine:
 /// draining never depends on it) and deliver the whole batch.
 ///
 /// # Safety
-/// Called by CPython (`METH_NOARGS`), attached, with `slf` a Context.
-unsafe extern "C" fn ctx_loop_events(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: `slf` is a Context (contract above).
-        let c = unsafe { ctx(slf) };
-        c.check_fork()?;
-        c.ring.consume_eventfd();
-        // SAFETY: attached (contract above).
-        py_count(unsafe { c.deliver(usize::MAX) })
-    })
-}
-
-/// `repr(context)`.
-///
-/// # Safety
-/// Called by CPython (`tp_repr`), attached, with `slf` a Context.
-unsafe extern "C" fn ctx_repr(slf: *mut PyObject) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: `slf` is a Context (contract above).
-        let c = unsafe { ctx(slf) };
-        py_str(&format!(
-            "<Context as {:p}: max_requests={}, uring_fd={}, eventfd={}, sqpoll={}>",
-            slf,
-            c.max_requests,
-            c.ring.ring_fd(),
-            c.ring.eventfd(),
-            i32::from(c.ring.sqpoll)
-        ))
-    })
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_loop_events(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: `slf` is a Context (contract above).
+    let c = unsafe { ctx(slf) };
+    c.check_fork()?;
+    c.ring.consume_eventfd();
+    // SAFETY: attached (contract above).
+    py_usize(unsafe { c.deliver(usize::MAX) })
 }
 
 /// `Context.max_requests`.
 ///
 /// # Safety
-/// Called by CPython (getter), attached, with `slf` a Context.
-unsafe extern "C" fn get_max_requests(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
+/// A Context getter (`caio_core::getter!`): attached, `slf` a live
+/// Context.
+unsafe fn get_max_requests(slf: *mut PyObject) -> PyResult<Owned> {
     // SAFETY: `slf` is a Context (contract above).
-    trampoline(|| py_int(i64::from(unsafe { ctx(slf) }.max_requests)))
+    py_int(i64::from(unsafe { ctx(slf) }.max_requests))
 }
 
 /// `Context.fileno`.
 ///
 /// # Safety
-/// Called by CPython (getter), attached, with `slf` a Context.
-unsafe extern "C" fn get_fileno(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
+/// A Context getter (`caio_core::getter!`): attached, `slf` a live
+/// Context.
+unsafe fn get_fileno(slf: *mut PyObject) -> PyResult<Owned> {
     // SAFETY: `slf` is a Context (contract above).
-    trampoline(|| py_int(i64::from(unsafe { ctx(slf) }.ring.eventfd())))
+    py_int(i64::from(unsafe { ctx(slf) }.ring.eventfd()))
 }
 
 /// `Context.sqpoll`: DESIGN.md §6.2 sqpoll-int, an int (what was negotiated), not a
 /// bool.
 ///
 /// # Safety
-/// Called by CPython (getter), attached, with `slf` a Context.
-unsafe extern "C" fn get_sqpoll(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
+/// A Context getter (`caio_core::getter!`): attached, `slf` a live
+/// Context.
+unsafe fn get_sqpoll(slf: *mut PyObject) -> PyResult<Owned> {
     // SAFETY: `slf` is a Context (contract above).
-    trampoline(|| py_int(i64::from(unsafe { ctx(slf) }.ring.sqpoll)))
+    py_int(i64::from(unsafe { ctx(slf) }.ring.sqpoll))
 }
 
-static mut CTX_METHODS: [PyMethodDef; 8] = [
-    PyMethodDef {
-        ml_name: c"_deferred_flush".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_deferred_flush,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"_deferred_flush() -> int\n--\n\nasyncio adapter: submit everything staged and deliver.".as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"_process_loop_events".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_loop_events,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"_process_loop_events() -> int\n--\n\nasyncio adapter: reset the eventfd and deliver every \
-available completion.".as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"submit".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunctionFast: ctx_submit,
-        },
-        ml_flags: METH_FASTCALL,
-        ml_doc: c"submit(*operations) -> int\n--\n\nStage operations in the submission ring (no \
+/// The Context type: core's common shape plus this backend's methods and
+/// properties (`caio_core::module::init_common` creates it).
+fn context_spec() -> TypeSpec {
+    ContextObject::<Context>::spec(CTX_DOC)
+    .method(caio_core::method!(
+        noargs c"_deferred_flush",
+        ctx_deferred_flush,
+        c"_deferred_flush($self)\n--\n\nasyncio adapter: submit everything staged and deliver. Returns the \
+number delivered.",
+    ))
+    .method(caio_core::method!(
+        noargs c"_process_loop_events",
+        ctx_loop_events,
+        c"_process_loop_events($self)\n--\n\nasyncio adapter: reset the eventfd and deliver every \
+available completion. Returns the number delivered.",
+    ))
+    .method(caio_core::method!(
+        varargs c"submit",
+        ctx_submit,
+        c"submit($self, *operations)\n--\n\nStage operations in the submission ring (no \
 system call; flush() hands them to the kernel). Returns how many were newly accepted; raises \
 CapacityError (an OverflowError and an OSError with errno EAGAIN) when the ring is full (the ops \
-staged before stay staged)."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"cancel".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunctionFastWithKeywords: ctx_cancel,
-        },
-        ml_flags: METH_FASTCALL | METH_KEYWORDS,
-        ml_doc: c"cancel(operation, *more) -> 0\n--\n\nAsk the kernel to cancel in-flight \
+staged before stay staged).",
+    ))
+    .method(caio_core::method!(
+        vectorcall c"cancel",
+        ctx_cancel,
+        c"cancel($self, operation, *more)\n--\n\nAsk the kernel to cancel in-flight \
 operations (IORING_OP_ASYNC_CANCEL; everything staged is submitted along). A cancelled op \
-completes with -ECANCELED through the normal delivery."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"flush".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_flush,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"flush() -> int\n--\n\nSubmit the staged operations (SQPOLL: wake the kernel \
-thread if needed), then deliver every available completion. Returns the number delivered."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"process_events".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunctionFastWithKeywords: ctx_process_events,
-        },
-        ml_flags: METH_FASTCALL | METH_KEYWORDS,
-        ml_doc: c"process_events(max_requests=512, min_requests=0, timeout=0) -> int\n--\n\n\
+completes with -ECANCELED through the normal delivery. Returns 0.",
+    ))
+    .method(caio_core::method!(
+        noargs c"flush",
+        ctx_flush,
+        c"flush($self)\n--\n\nSubmit the staged operations (SQPOLL: wake the kernel \
+thread if needed), then deliver every available completion. Returns the number delivered.",
+    ))
+    .method(caio_core::method!(
+        params c"process_events",
+        ctx_process_events,
+        EVENTS_PARAMS,
+        c"process_events($self, max_requests=512, min_requests=0, timeout=0)\n--\n\n\
 Deliver up to max_requests completions. With min_requests > 0, first wait (GIL released) \
 until that many completions became available since the call started, at most timeout \
-seconds (negative: no limit). Signal handlers run during the wait."
-            .as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"poll".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_poll,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"poll() -> int\n--\n\nRead and reset the eventfd counter (BlockingIOError when \
-zero). Never blocks and never delivers completions."
-            .as_ptr(),
-    },
-    PyMethodDef::zeroed(),
-];
-
-static mut CTX_GETSET: [PyGetSetDef; 4] = [
-    PyGetSetDef {
-        name: c"max_requests".as_ptr(),
-        get: Some(get_max_requests),
-        set: None,
-        doc: c"max_requests as requested".as_ptr(),
-        closure: ptr::null_mut(),
-    },
-    PyGetSetDef {
-        name: c"fileno".as_ptr(),
-        get: Some(get_fileno),
-        set: None,
-        doc: c"the eventfd signalled for every completion".as_ptr(),
-        closure: ptr::null_mut(),
-    },
-    PyGetSetDef {
-        name: c"sqpoll".as_ptr(),
-        get: Some(get_sqpoll),
-        set: None,
-        doc: c"1 if the ring runs with a kernel SQ polling thread, else 0".as_ptr(),
-        closure: ptr::null_mut(),
-    },
-    PyGetSetDef {
-        name: ptr::null(),
-        get: None,
-        set: None,
-        doc: ptr::null(),
-        closure: ptr::null_mut(),
-    },
-];
+seconds (negative: no limit). Signal handlers run during the wait. Returns the number \
+delivered.",
+    ))
+    .method(caio_core::method!(
+        noargs c"poll",
+        ctx_poll,
+        c"poll($self)\n--\n\nRead and reset the eventfd counter and return it \
+(BlockingIOError when zero). Never blocks and never delivers completions.",
+    ))
+    .getter(c"max_requests", caio_core::getter!(get_max_requests), c"max_requests as requested")
+    .getter(c"fileno", caio_core::getter!(get_fileno), c"the eventfd signalled for every completion")
+    .getter(c"sqpoll", caio_core::getter!(get_sqpoll), c"1 if the ring runs with a kernel SQ polling thread, else 0")
+}
 
 /// The Context type's docstring (text signature first).
 const CTX_DOC: &std::ffi::CStr =
@@ -765,16 +568,7 @@ unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
         init_common(
             module,
             &FLAVOR,
-            ContextType {
-                doc: CTX_DOC,
-                basicsize: std::mem::size_of::<Context>(),
-                weaklistoffset: std::mem::offset_of!(Context, weakreflist),
-                new: ctx_new,
-                dealloc: ctx_dealloc,
-                repr: ctx_repr,
-                methods: ptr::addr_of_mut!(CTX_METHODS).cast(),
-                getset: ptr::addr_of_mut!(CTX_GETSET).cast(),
-            },
+            context_spec,
             c"caio.linux_uring.OperationError",
         )?;
         caio_core::module::init_capacity_error(

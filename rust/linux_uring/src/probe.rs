@@ -4,11 +4,14 @@
 //! package then falls back to the next backend and `python -m caio` shows the
 //! message, so it says what is wrong and what to do about it.
 //!
-//! Test hooks (environment, read once at import):
+//! Test hooks (environment, read once at import; only in builds with the
+//! `test-hooks` cargo feature, see `caio_core::test_hooks`):
 //! * `CAIO_TEST_URING_PROBE_ERRNO=<n>`: behave as if `io_uring_setup()`
 //!   failed with errno `n` (e.g. 38 = ENOSYS, 1 = EPERM).
 //! * `CAIO_TEST_URING_KERNEL=<release>`: pretend to run on that kernel.
 
+use caio_core::sys::kernel;
+use caio_core::test_hooks;
 use io_uring::{opcode, IoUring, Probe};
 
 use crate::ring::SQPOLL_IDLE_MS;
@@ -17,32 +20,14 @@ pub struct ProbeResult {
     pub sqpoll_allowed: bool,
 }
 
-// TODO(core): core is getting one kernel-version helper; switch
-// kernel_release() and version_of() to it.
+/// The running kernel's release, or the test hook's.
 fn kernel_release() -> String {
-    // TODO(core): behind core's `test-hooks` cargo feature.
-    if let Ok(r) = std::env::var("CAIO_TEST_URING_KERNEL") {
-        return r;
+    let release = test_hooks::env("CAIO_TEST_URING_KERNEL").unwrap_or_else(kernel::release);
+    if release.is_empty() {
+        "unknown".to_owned()
+    } else {
+        release
     }
-    // SAFETY: `utsname` is plain C data, valid all zeroes; uname(2) fills
-    // the live struct it is given and NUL-terminates `release`.
-    unsafe {
-        let mut u: libc::utsname = std::mem::zeroed();
-        if libc::uname(&raw mut u) != 0 {
-            return "unknown".to_owned();
-        }
-        std::ffi::CStr::from_ptr(u.release.as_ptr())
-            .to_string_lossy()
-            .into_owned()
-    }
-}
-
-/// `(major, minor)` of a release string such as `6.18.44-fc-v657`.
-fn version_of(release: &str) -> Option<(u32, u32)> {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts.next()?.parse().ok()?;
-    Some((major, minor))
 }
 
 fn sysctl(name: &str) -> Option<String> {
@@ -51,12 +36,9 @@ fn sysctl(name: &str) -> Option<String> {
         .map(|s| s.trim().to_owned())
 }
 
-// TODO(core): behind core's `test-hooks` cargo feature.
+/// Test hook: behave as if `io_uring_setup()` failed with this errno.
 fn test_errno() -> Option<i32> {
-    std::env::var("CAIO_TEST_URING_PROBE_ERRNO")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .filter(|&e: &i32| e > 0)
+    test_hooks::env_parse::<i32>("CAIO_TEST_URING_PROBE_ERRNO").filter(|&e| e > 0)
 }
 
 const FALLBACK: &str = "caio falls back to its next backend (linux_aio, thread_aio, \
@@ -118,7 +100,7 @@ Linux {release}.\n{FALLBACK}"
 /// Runs once from the module's exec slot.
 pub fn run() -> Result<ProbeResult, String> {
     let release = kernel_release();
-    if let Some((major, minor)) = version_of(&release) {
+    if let Some((major, minor)) = kernel::version_of(&release) {
         if (major, minor) < (5, 6) {
             return Err(format!(
                 "linux_uring requires Linux 5.6+ (IORING_OP_READ/WRITE), current kernel is \
@@ -166,13 +148,6 @@ io_uring operations {}.\n{FALLBACK}",
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn versions() {
-        assert_eq!(version_of("6.18.44-fc-v657"), Some((6, 18)));
-        assert_eq!(version_of("5.4.0-150-generic"), Some((5, 4)));
-        assert_eq!(version_of("garbage"), None);
-    }
 
     #[test]
     fn messages_name_the_fix() {

@@ -39,7 +39,9 @@ use caio_core::pyo3_ffi::PyObject;
 use caio_core::sys::MAX_TRANSFER;
 use io_uring::{opcode, squeue, types, EnterFlags, IoUring};
 
-use crate::direct::{self, DirectCache};
+use caio_core::direct::{FdCache, Retry};
+
+use crate::direct;
 
 /// `user_data` of our own cancel SQEs: their CQEs are skipped by drains.
 pub const CANCEL_TAG: u64 = u64::MAX;
@@ -56,8 +58,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 struct SqSide {
-    /// fds found to be open with O_DIRECT.
-    direct: DirectCache,
     /// `user_data` of the ops staged since the kernel last took the SQ
     /// (the asyncio adapter's batch).
     recent: Vec<u64>,
@@ -69,6 +69,8 @@ pub struct Ring {
     pub sqpoll: bool,
     sq: Mutex<SqSide>,
     cq: Mutex<()>,
+    /// fds found to be open with O_DIRECT (core's policy, see `direct`).
+    direct: FdCache,
     /// Bytes of read/write SQEs staged since the last enter (GIL policy).
     staged_bytes: AtomicU64,
     /// Real completions consumed by drains so far (cancel CQEs excluded).
@@ -207,11 +209,9 @@ impl Ring {
             uring: ManuallyDrop::new(uring),
             eventfd: efd,
             sqpoll,
-            sq: Mutex::new(SqSide {
-                direct: DirectCache::default(),
-                recent: Vec::new(),
-            }),
+            sq: Mutex::new(SqSide { recent: Vec::new() }),
             cq: Mutex::new(()),
+            direct: FdCache::new(),
             staged_bytes: AtomicU64::new(0),
             consumed: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
@@ -268,8 +268,10 @@ impl Ring {
             }
             // SAFETY: claimed by this call and not in the kernel yet, so its
             // I/O window and engine area are the engine's.
-            match unsafe { prepare(o, &side.direct) } {
-                Ok(entry) => {
+            match unsafe { direct::prepare(o, &self.direct) } {
+                Ok(()) => {
+                    // SAFETY: claimed by this call, not in the kernel yet.
+                    let entry = unsafe { sqe(o) };
                     // SAFETY: the SQE points into the op's I/O window (its
                     // own buffer, payload or aligned window), which stays
                     // valid until the drain that consumes its CQE finishes
@@ -503,7 +505,7 @@ impl Ring {
         if self.cq_overflow() {
             self.get_events();
         }
-        let mut retries: Vec<*mut Operation> = Vec::new();
+        let mut retries: Vec<(*mut Operation, Retry)> = Vec::new();
         let mut count = 0usize;
         {
             let _g = lock(&self.cq);
@@ -530,10 +532,13 @@ impl Ring {
                 // lock.
                 let op = ud as *mut Operation;
                 let res = cqe.result();
-                // SAFETY: `op` is in flight on this ring (above).
-                if res == -libc::EINVAL && unsafe { direct::wants_retry(&*op) } {
-                    retries.push(op);
-                    continue;
+                if res < 0 {
+                    // SAFETY: `op` is in flight on this ring (above), its
+                    // CQE consumed and not finished.
+                    if let Some(retry) = unsafe { direct::retry(&*op, res, &self.direct) } {
+                        retries.push((op, retry));
+                        continue;
+                    }
                 }
                 // SAFETY: in flight, its CQE consumed just now by this call
                 // alone; attached (contract above).
@@ -552,30 +557,29 @@ impl Ring {
     }
 
     /// Second attempt of ops that failed with EINVAL on an O_DIRECT fd:
-    /// through an aligned window this time. Ops that cannot be resubmitted
-    /// are finished with their original error.
+    /// through an aligned window this time (or, for a stale cache entry,
+    /// without one). Ops that cannot be resubmitted are finished with their
+    /// original error.
     ///
     /// # Safety
     /// Attached; every op is in flight on this ring, its CQE consumed by the
     /// caller and not finished.
-    unsafe fn resubmit_direct(&self, ops: Vec<*mut Operation>, out: &mut Vec<Delivery>) {
+    unsafe fn resubmit_direct(&self, ops: Vec<(*mut Operation, Retry)>, out: &mut Vec<Delivery>) {
         let mut staged = false;
         {
-            let mut side = lock(&self.sq);
+            let _side = lock(&self.sq);
             // SAFETY: under the SQ lock (see the module doc).
             let mut sq = unsafe { self.uring.submission_shared() };
-            for op in ops {
+            for (op, retry) in ops {
                 // SAFETY: in flight, so alive (contract above).
                 let o = unsafe { &*op };
-                side.direct.learn(o.fd_i32());
                 // SAFETY: its CQE is consumed and it is not finished: the
                 // engine owns it again, as between claim and dispatch.
                 let entry = unsafe {
-                    direct::mark_retried(o);
-                    if sq.is_full() {
+                    if sq.is_full() || direct::prepare_retry(o, retry).is_err() {
                         None
                     } else {
-                        prepare(o, &side.direct).ok()
+                        Some(sqe(o))
                     }
                 };
                 match entry {
@@ -612,11 +616,12 @@ impl Ring {
                 continue;
             }
             // A drain resubmits this one instead of delivering it.
-            let retried = cqe.result() == -libc::EINVAL
+            let res = cqe.result();
+            let retried = res < 0
                 // SAFETY: not a cancel CQE, so `ud` is an op in flight on
                 // this ring; it stays alive at least until a drain consumes
                 // its CQE, which cannot happen while we hold the CQ lock.
-                && unsafe { direct::wants_retry(&*(ud as *const Operation)) };
+                && unsafe { direct::would_retry(&*(ud as *const Operation), res) };
             if retried {
                 retry = true;
             } else {
@@ -805,14 +810,13 @@ impl Drop for Ring {
     }
 }
 
-/// Builds the SQE of a claimed op (user_data = the op's address).
+/// Builds the SQE of a claimed op (user_data = the op's address), from its
+/// I/O window as `direct` readied it.
 ///
 /// # Safety
 /// The calling engine owns `o`: claimed (or its CQE consumed for a retry)
 /// and not in the kernel.
-unsafe fn prepare(o: &Operation, direct: &DirectCache) -> PyResult<squeue::Entry> {
-    // SAFETY: the engine owns `o` (contract above).
-    unsafe { direct::prepare(o, direct) }?;
+unsafe fn sqe(o: &Operation) -> squeue::Entry {
     let fd = types::Fd(o.fd_i32());
     let entry = match o.kind {
         OpKind::Read | OpKind::Write => {
@@ -834,5 +838,5 @@ unsafe fn prepare(o: &Operation, direct: &DirectCache) -> PyResult<squeue::Entry
             .flags(types::FsyncFlags::DATASYNC)
             .build(),
     };
-    Ok(entry.user_data(ptr::from_ref(o) as u64))
+    entry.user_data(ptr::from_ref(o) as u64)
 }

@@ -7,6 +7,7 @@
 //! no worker has started yet.
 
 use caio_core::aio::{Adapter, Engine};
+use caio_core::context::ContextState;
 use caio_core::op;
 use caio_core::py::PyResult;
 use caio_core::pyo3_ffi::PyObject;

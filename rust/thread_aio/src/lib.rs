@@ -12,46 +12,31 @@
 //! the Python `Context` type; `adapter` holds the engine hooks of the native
 //! asyncio fast path.
 
-use std::ffi::c_void;
-use std::ptr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use caio_core::args::{int_in, Params};
-use caio_core::module::{init_common, ContextType, ModState};
-use caio_core::op::{self, as_op, Flavor, ReadPayload};
+use caio_core::args::{int_as, int_in, Args, Params};
+use caio_core::backend_module;
+use caio_core::context::{ContextObject, ContextState};
+use caio_core::fork::Stamp;
+use caio_core::module::{init_common, ModState};
+use caio_core::op::{self, as_op, Flavor};
 use caio_core::pool::{self, CompletionQueue, Job, Pool, SubmitError};
 use caio_core::py::{
-    allow_threads, none, py_int, py_str, py_uint, trampoline, trampoline_void, Borrowed, Exc,
-    Owned, PyErr, PyResult,
+    allow_threads, none, py_int, py_usize, Borrowed, Exc, Owned, PyErr, PyResult, TypeSpec,
 };
 use caio_core::pyo3_ffi::*;
-use caio_core::{backend_module, sys};
 
 mod adapter;
 
+/// The module's Operation type (`caio_core::op`), as thread_aio has it. The
+/// priority is not used by a thread pool (but still range-checked).
 static FLAVOR: Flavor = Flavor {
-    type_name: c"aio.AIOOperation",
     doc: c"thread aio operation representation",
-    read_payload: ReadPayload::MemoryView,
     drop_write_payload: true,
-    nbytes_tracks_write: false,
-    max_read: isize::MAX as u64,
-    max_read_msg: "nbytes does not fit in Py_ssize_t",
-    offset_min: i64::MIN as i128,
-    offset_max: i64::MAX as i128,
-    // DESIGN.md §6.2 wrap: accept every value that fits 16 bits signed or unsigned, reject the
-    // rest instead of wrapping. The priority is not used by a thread pool.
-    priority_min: i16::MIN as i128,
-    priority_max: u16::MAX as i128,
-    payload_type_msg: "payload_bytes argument must be bytes",
     failure_as_minus_one: true,
-    callback_keyword: true,
-    has_result_error: true,
     has_context: false,
-    has_priority: false,
-    repr_offset_signed: false,
-    repr_result: true,
+    ..Flavor::COMMON
 };
 
 const DEFAULT_MAX_REQUESTS: u16 = 512;
@@ -59,13 +44,11 @@ const DEFAULT_POOL_SIZE: u16 = 8;
 const MAX_POOL_SIZE: u16 = 128;
 const MAX_REQUESTS_LIMIT: u16 = 65535;
 
-#[repr(C)]
+/// The engine state of a Context (`caio_core::context::ContextObject`).
 pub(crate) struct Context {
-    ob_base: PyObject,
-    weakreflist: *mut PyObject,
     max_requests: u16,
     pool_size: u16,
-    fork_generation: u64,
+    born: Stamp,
     /// Reads up to this size are first tried inline from the page cache
     /// (event-loop delivery only; 0 = never).
     inline_read_max: AtomicUsize,
@@ -82,16 +65,6 @@ impl Context {
         self.pool_slot()
             .clone()
             .ok_or_else(|| PyErr::runtime("Context is closed"))
-    }
-
-    pub(crate) fn check_fork(&self) -> PyResult<()> {
-        if sys::fork_generation() != self.fork_generation {
-            return Err(PyErr::runtime(
-                "this thread_aio Context was created before fork() and its worker \
-threads do not exist in this process; create a new Context in the child",
-            ));
-        }
-        Ok(())
     }
 
     /// Stops the pool, letting queued and running work finish (callbacks
@@ -118,76 +91,9 @@ threads do not exist in this process; create a new Context in the child",
     }
 }
 
-/// The Context behind `p`.
-///
-/// # Safety
-/// `p` is a live instance of this module's Context type that outlives `'a`:
-/// CPython passes one as `self` to the type's methods and slots, and
-/// `caio_core::aio` checks an adapter's context against the type in `_bind`.
-pub(crate) unsafe fn ctx<'a>(p: *mut PyObject) -> &'a Context {
-    // SAFETY: `p` points to a Context (contract above); `#[repr(C)]` puts
-    // the object header first, as CPython laid it out.
-    unsafe { &*p.cast::<Context>() }
-}
-
-/// The positional arguments of a `METH_FASTCALL` call.
-///
-/// # Safety
-/// `args` and `nargsf` exactly as CPython passed them; the slice must not
-/// outlive the call.
-unsafe fn fastcall_args<'a>(args: *const *mut PyObject, nargsf: Py_ssize_t) -> &'a [*mut PyObject] {
-    // `PyVectorcall_NARGS`: the count without PY_VECTORCALL_ARGUMENTS_OFFSET,
-    // which is the sign bit.
-    let n = (nargsf & Py_ssize_t::MAX).unsigned_abs();
-    if n == 0 {
-        return &[];
-    }
-    // SAFETY: CPython passes `n` valid pointers at `args` for the call.
-    unsafe { std::slice::from_raw_parts(args, n) }
-}
-
-/// A count as a Python int.
-fn py_count(n: usize) -> PyResult<Owned> {
-    // usize is at most 64 bits wide on every target we build for.
-    py_uint(n as u64)
-}
-
-static NEW_PARAMS: Params = Params {
-    fname: "Context",
-    names: &["max_requests", "pool_size"],
-    required: 0,
-    keywords: true,
-};
-
-/// A u16 parameter: 0 selects the default, values above `limit` are refused
-/// with upstream's `ValueError`, values that do not fit 16 bits raise
-/// `OverflowError` instead of wrapping around (DESIGN.md §6.2 wrap).
-fn u16_param(obj: Option<Borrowed<'_>>, name: &str, default: u16, max_ok: u16) -> PyResult<u16> {
-    let Some(obj) = obj else { return Ok(default) };
-    let v = int_in(obj, name, 0, i128::from(u16::MAX))?;
-    if v == 0 {
-        return Ok(default);
-    }
-    match u16::try_from(v) {
-        Ok(v) if v <= max_ok => Ok(v),
-        _ => Err(PyErr::value_error(format!(
-            "{} too large: must be at most {}, got {}",
-            name, max_ok, v
-        ))),
-    }
-}
-
-/// `Context(max_requests=512, pool_size=8)` (`tp_new`).
-///
-/// # Safety
-/// Called by CPython, attached: `tp` is this module's Context type, `args`
-/// a tuple, `kwargs` NULL or a dict.
-unsafe extern "C" fn ctx_new(
-    tp: *mut PyTypeObject,
-    args: *mut PyObject,
-    kwargs: *mut PyObject,
-) -> *mut PyObject {
-    trampoline(|| {
+impl ContextState for Context {
+    /// `Context(max_requests=512, pool_size=8)`.
+    unsafe fn new(args: *mut PyObject, kwargs: *mut PyObject) -> PyResult<Context> {
         // SAFETY: `args` and `kwargs` as CPython passes them to `tp_new`.
         let a = unsafe { NEW_PARAMS.parse_tuple::<2>(args, kwargs) }?;
         let max_requests = u16_param(
@@ -203,104 +109,96 @@ unsafe extern "C" fn ctx_new(
                 pool_size, max_requests, e
             ))
         })?;
-        // SAFETY: attached; `tp` is a live type whose `tp_basicsize` is
-        // `size_of::<Context>()`: its allocator returns a zeroed object of
-        // that size (or NULL with an exception set). Every Rust field is
-        // written in place before the object is handed out.
-        unsafe {
-            let alloc = (*tp).tp_alloc.unwrap_or(PyType_GenericAlloc);
-            let obj = Owned::from_new(alloc(tp, 0))?;
-            let c = obj.as_ptr().cast::<Context>();
-            (*c).max_requests = max_requests;
-            (*c).pool_size = pool_size;
-            (*c).fork_generation = sys::fork_generation();
-            ptr::addr_of_mut!((*c).inline_read_max).write(AtomicUsize::new(0));
-            ptr::addr_of_mut!((*c).pool).write(Mutex::new(Some(Arc::new(pool))));
-            Ok(obj)
-        }
-    })
-}
-
-/// `tp_dealloc`.
-///
-/// # Safety
-/// Called by CPython, attached, when the last reference to `slf` (a
-/// Context made by [`ctx_new`]) is gone.
-unsafe extern "C" fn ctx_dealloc(slf: *mut PyObject) {
-    trampoline_void(|| {
-        // SAFETY: `slf` is a Context (contract above).
-        let c = unsafe { ctx(slf) };
-        if !c.weakreflist.is_null() {
-            // SAFETY: attached; `slf` is alive until `tp_free` below.
-            unsafe { PyObject_ClearWeakRefs(slf) };
-        }
-        // No op can be in flight here (each one keeps its Context alive), so
-        // this only stops idle workers.
-        // SAFETY: attached.
-        unsafe { c.shutdown() };
-        // SAFETY: `pool` was written by ctx_new and is dropped once, here;
-        // then the memory goes back to the type's allocator and the heap
-        // type loses the reference its instance held. `c` is not used again.
-        unsafe {
-            ptr::drop_in_place(ptr::addr_of_mut!((*slf.cast::<Context>()).pool));
-            let tp = Py_TYPE(slf);
-            if let Some(free) = (*tp).tp_free {
-                free(slf.cast());
-            }
-            Py_DECREF(tp.cast());
-        }
-    })
-}
-
-/// Type-checks every argument before anything is claimed.
-///
-/// # Safety
-/// Attached; `slf` is a Context; `args` are live objects.
-unsafe fn check_ops(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<()> {
-    // SAFETY: `slf` is an instance of this module's Context type, so its
-    // type's module state is ours and holds the Operation type; the args
-    // are live objects (contract above).
-    unsafe {
-        let op_type = (*ModState::of(slf)).op_type;
-        for (i, &a) in args.iter().enumerate() {
-            if !op::is_op(a, op_type) {
-                return Err(PyErr::type_error(format!(
-                    "Wrong type for argument {}: expected thread_aio.Operation, got {}",
-                    i,
-                    Borrowed::from_ptr(a).repr()
-                )));
-            }
-        }
+        Ok(Context {
+            max_requests,
+            pool_size,
+            born: Stamp::now(),
+            inline_read_max: AtomicUsize::new(0),
+            pool: Mutex::new(Some(Arc::new(pool))),
+        })
     }
-    Ok(())
+
+    const FORKED: &'static str = "this thread_aio Context was created before fork() and its \
+worker threads do not exist in this process; create a new Context in the child";
+
+    fn born(&self) -> Stamp {
+        self.born
+    }
+
+    fn not_an_operation(i: usize, arg: Borrowed<'_>) -> String {
+        format!(
+            "Wrong type for argument {i}: expected thread_aio.Operation, got {}",
+            arg.repr()
+        )
+    }
+
+    /// Raises once closed (as upstream: "Pool not initialized").
+    fn repr(&self, slf: *mut PyObject) -> PyResult<String> {
+        let pool = self
+            .pool_slot()
+            .clone()
+            .ok_or_else(|| PyErr::runtime("Pool not initialized"))?;
+        Ok(format!(
+            "<Context as {:p}: max_requests={}, pool_size={}, ctx={:p}>",
+            slf,
+            self.max_requests,
+            self.pool_size,
+            Arc::as_ptr(&pool)
+        ))
+    }
+
+    /// No op can be in flight here (each one keeps its Context alive), so
+    /// this only stops idle workers.
+    unsafe fn release(&self) {
+        // SAFETY: attached (the trait's contract).
+        unsafe { self.shutdown() };
+    }
+}
+
+/// The Context behind `p`.
+///
+/// # Safety
+/// `p` is a live instance of this module's Context type that outlives `'a`
+/// (see `ContextObject::state`).
+pub(crate) unsafe fn ctx<'a>(p: *mut PyObject) -> &'a Context {
+    // SAFETY: forwarded contract.
+    unsafe { ContextObject::<Context>::state(p) }
+}
+
+static NEW_PARAMS: Params = Params::new("Context", &["max_requests", "pool_size"], 0);
+
+/// A u16 parameter: 0 selects the default, values above `limit` are refused
+/// with upstream's `ValueError`, values that do not fit 16 bits raise
+/// `OverflowError` instead of wrapping around (DESIGN.md §6.2 wrap).
+fn u16_param(obj: Option<Borrowed<'_>>, name: &str, default: u16, max_ok: u16) -> PyResult<u16> {
+    let Some(obj) = obj else { return Ok(default) };
+    match int_as(obj, name, 0, u16::MAX)? {
+        0 => Ok(default),
+        v if v <= max_ok => Ok(v),
+        v => Err(PyErr::value_error(format!(
+            "{} too large: must be at most {}, got {}",
+            name, max_ok, v
+        ))),
+    }
 }
 
 /// `Context.submit(*operations)` (`METH_FASTCALL`).
 ///
 /// # Safety
-/// Called by CPython, attached: `slf` is a Context, `args`/`nargsf` the
-/// call's arguments.
-unsafe extern "C" fn ctx_submit(
-    slf: *mut PyObject,
-    args: *mut *mut PyObject,
-    nargsf: Py_ssize_t,
-) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the METH_FASTCALL contract above.
-        let (c, args) = unsafe { (ctx(slf), fastcall_args(args.cast_const(), nargsf)) };
-        // SAFETY: attached; `slf` is a Context, `args` live objects.
-        unsafe { check_ops(slf, args) }?;
-        c.check_fork()?;
-        let pool = c.pool()?;
-        let mut accepted = 0usize;
-        for &a in args {
-            // SAFETY: attached; `slf` is `c`; `a` is an Operation (checked).
-            if unsafe { submit_one(c, slf, &pool, a) }? {
-                accepted += 1;
-            }
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_submit(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<Owned> {
+    // SAFETY: the method's contract.
+    let c = unsafe { ContextObject::<Context>::submitting(slf, args) }?;
+    let pool = c.pool()?;
+    let mut accepted = 0usize;
+    for &a in args {
+        // SAFETY: attached; `slf` is `c`; `a` is an Operation (checked).
+        if unsafe { submit_one(c, slf, &pool, a) }? {
+            accepted += 1;
         }
-        py_count(accepted)
-    })
+    }
+    py_usize(accepted)
 }
 
 /// Claims `a` and hands it to the pool — or, for a page-cache hit in
@@ -327,10 +225,11 @@ pub(crate) unsafe fn submit_one(
     // `inline_max == 0`: inline reads are off (a raw Context, or the adapter
     // asked for none); then every op, a zero-length read included, runs and
     // calls back on a worker, never inside submit() on the caller's thread.
-    if inline_max > 0 && o.nbytes as usize <= inline_max {
+    if inline_max > 0 && o.nbytes as usize <= inline_max && !pool.knows_direct(o.fd_i32()) {
         // Page-cache hit: done right here, no thread hop. RWF_NOWAIT never
         // waits for the disk and the size is bounded, so this does not stall
-        // the event loop.
+        // the event loop. (Not tried on an fd the workers found to be
+        // O_DIRECT: there is no page cache to hit, only an EINVAL.)
         // SAFETY: claimed and begun by this call and not handed to the pool
         // yet, so nobody else finishes it; attached for `finish`.
         if let Some(res) = unsafe { pool::try_read_inline(o) } {
@@ -376,63 +275,56 @@ this one were accepted; submit the rest again once the workers have taken some",
 /// is left alone (DESIGN.md §4.6).
 ///
 /// # Safety
-/// Called by CPython (`METH_FASTCALL`), attached, with `slf` a Context.
-unsafe extern "C" fn ctx_cancel(
-    slf: *mut PyObject,
-    args: *mut *mut PyObject,
-    nargsf: Py_ssize_t,
-) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the METH_FASTCALL contract above.
-        let (c, args) = unsafe { (ctx(slf), fastcall_args(args.cast_const(), nargsf)) };
-        c.check_fork()?;
-        // SAFETY: `slf` is an instance of this module's Context type, so its
-        // module state holds this module's Operation type.
-        let op_type = unsafe { (*ModState::of(slf)).op_type };
-        let Some(pool) = c.pool_slot().clone() else {
-            return py_count(0);
-        };
-        let mut cancelled = 0usize;
-        for &a in args {
-            // SAFETY: `a` is a live object (a call argument).
-            if !unsafe { op::is_op(a, op_type) } {
-                continue;
-            }
-            if let Some(job) = pool.try_cancel(a.cast()) {
-                // SAFETY: the pool handed the job back: it is in flight and
-                // ours alone; attached (contract above).
-                unsafe { op::finish(job.0, -i64::from(libc::ECANCELED)) }.run();
-                cancelled += 1;
-            }
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_cancel(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<Owned> {
+    // SAFETY: the method's contract.
+    let c = unsafe { ctx(slf) };
+    c.check_fork()?;
+    // SAFETY: `slf` is an instance of this module's Context type, so its
+    // module state holds this module's Operation type.
+    let op_type = unsafe { (*ModState::of(slf)).op_type };
+    let Some(pool) = c.pool_slot().clone() else {
+        return py_usize(0);
+    };
+    let mut cancelled = 0usize;
+    for &a in args {
+        // SAFETY: `a` is a live object (a call argument).
+        if !unsafe { op::is_op(a, op_type) } {
+            continue;
         }
-        py_count(cancelled)
-    })
+        if let Some(job) = pool.try_cancel(a.cast()) {
+            // SAFETY: the pool handed the job back: it is in flight and
+            // ours alone; attached (contract above).
+            unsafe { op::finish(job.0, -i64::from(libc::ECANCELED)) }.run();
+            cancelled += 1;
+        }
+    }
+    py_usize(cancelled)
 }
 
 /// `Context.close()`.
 ///
 /// # Safety
-/// Called by CPython (`METH_NOARGS`), attached, with `slf` a Context.
-unsafe extern "C" fn ctx_close(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: `slf` is a Context and we are attached (contract above).
-        unsafe { ctx(slf).shutdown() };
-        Ok(none())
-    })
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_close(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: `slf` is a Context and we are attached (contract above).
+    unsafe { ctx(slf).shutdown() };
+    Ok(none())
 }
 
 /// `Context._completion_fd()`.
 ///
 /// # Safety
-/// Called by CPython (`METH_NOARGS`), attached, with `slf` a Context.
-unsafe extern "C" fn ctx_completion_fd(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: `slf` is a Context (contract above).
-        let c = unsafe { ctx(slf) };
-        c.check_fork()?;
-        let q: Arc<CompletionQueue> = c.pool()?.completion_queue().map_err(io_error)?;
-        py_int(i64::from(q.fileno()))
-    })
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_completion_fd(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: `slf` is a Context (contract above).
+    let c = unsafe { ctx(slf) };
+    c.check_fork()?;
+    let q: Arc<CompletionQueue> = c.pool()?.completion_queue().map_err(io_error)?;
+    py_int(i64::from(q.fileno()))
 }
 
 /// `Unsupported` (no wake-up fd on this platform) → NotImplementedError, so
@@ -447,183 +339,109 @@ fn io_error(e: std::io::Error) -> PyErr {
     }
 }
 
-static ENABLE_PARAMS: Params = Params {
-    fname: "_enable_loop_delivery",
-    names: &["inline_read_max"],
-    required: 0,
-    keywords: true,
-};
+static ENABLE_PARAMS: Params = Params::new("_enable_loop_delivery", &["inline_read_max"], 0);
 
 /// `Context._enable_loop_delivery(inline_read_max=0)`.
 ///
 /// # Safety
-/// Called by CPython (`METH_FASTCALL | METH_KEYWORDS`), attached, with
-/// `slf` a Context and the call's arguments.
-unsafe extern "C" fn ctx_enable_loop_delivery(
-    slf: *mut PyObject,
-    args: *const *mut PyObject,
-    nargsf: Py_ssize_t,
-    kwnames: *mut PyObject,
-) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: the vectorcall arguments as CPython passed them.
-        let a = unsafe { ENABLE_PARAMS.parse::<1>(args, nargsf, kwnames) }?;
-        let inline_max = match a.get(0) {
-            Some(v) => {
-                let v = int_in(v, "inline_read_max", 0, isize::MAX as i128)?;
-                // Bounded by int_in; saturate where usize is narrower.
-                usize::try_from(v).unwrap_or(usize::MAX)
-            }
-            None => 0,
-        };
-        // SAFETY: `slf` is a Context (contract above).
-        let c = unsafe { ctx(slf) };
-        c.check_fork()?;
-        c.pool()?.enable_queued_delivery().map_err(io_error)?;
-        c.inline_read_max.store(inline_max, Ordering::Relaxed);
-        Ok(none())
-    })
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_enable_loop_delivery(slf: *mut PyObject, a: Args<'_, 1>) -> PyResult<Owned> {
+    let inline_max = match a.get(0) {
+        Some(v) => {
+            let v = int_in(v, "inline_read_max", 0, isize::MAX as i128)?;
+            // Bounded by int_in; saturate where usize is narrower.
+            usize::try_from(v).unwrap_or(usize::MAX)
+        }
+        None => 0,
+    };
+    // SAFETY: `slf` is a Context (contract above).
+    let c = unsafe { ctx(slf) };
+    c.check_fork()?;
+    c.pool()?.enable_queued_delivery().map_err(io_error)?;
+    c.inline_read_max.store(inline_max, Ordering::Relaxed);
+    Ok(none())
 }
 
 /// `Context._process_completions()`.
 ///
 /// # Safety
-/// Called by CPython (`METH_NOARGS`), attached, with `slf` a Context.
-unsafe extern "C" fn ctx_process_completions(
-    slf: *mut PyObject,
-    _: *mut PyObject,
-) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: `slf` is a Context (contract above).
-        let pool = unsafe { ctx(slf) }.pool_slot().clone();
-        let n = match pool.as_ref().and_then(|p| p.queued_delivery()) {
-            // SAFETY: attached (contract above).
-            Some(q) => unsafe { q.deliver_all() },
-            None => 0,
-        };
-        py_count(n)
-    })
-}
-
-/// `repr(context)`.
-///
-/// # Safety
-/// Called by CPython (`tp_repr`), attached, with `slf` a Context.
-unsafe extern "C" fn ctx_repr(slf: *mut PyObject) -> *mut PyObject {
-    trampoline(|| {
-        // SAFETY: `slf` is a Context (contract above).
-        let c = unsafe { ctx(slf) };
-        let pool = c
-            .pool_slot()
-            .clone()
-            .ok_or_else(|| PyErr::runtime("Pool not initialized"))?;
-        py_str(&format!(
-            "<Context as {:p}: max_requests={}, pool_size={}, ctx={:p}>",
-            slf,
-            c.max_requests,
-            c.pool_size,
-            Arc::as_ptr(&pool)
-        ))
-    })
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_process_completions(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: `slf` is a Context (contract above).
+    let pool = unsafe { ctx(slf) }.pool_slot().clone();
+    let n = match pool.as_ref().and_then(|p| p.queued_delivery()) {
+        // SAFETY: attached (contract above).
+        Some(q) => unsafe { q.deliver_all() },
+        None => 0,
+    };
+    py_usize(n)
 }
 
 /// `Context.max_requests`.
 ///
 /// # Safety
-/// Called by CPython (getter), attached, with `slf` a Context.
-unsafe extern "C" fn get_max_requests(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
+/// A Context getter (`caio_core::getter!`): attached, `slf` a live
+/// Context.
+unsafe fn get_max_requests(slf: *mut PyObject) -> PyResult<Owned> {
     // SAFETY: `slf` is a Context (contract above).
-    trampoline(|| py_int(i64::from(unsafe { ctx(slf) }.max_requests)))
+    py_int(i64::from(unsafe { ctx(slf) }.max_requests))
 }
 
 /// `Context.pool_size`.
 ///
 /// # Safety
-/// Called by CPython (getter), attached, with `slf` a Context.
-unsafe extern "C" fn get_pool_size(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
+/// A Context getter (`caio_core::getter!`): attached, `slf` a live
+/// Context.
+unsafe fn get_pool_size(slf: *mut PyObject) -> PyResult<Owned> {
     // SAFETY: `slf` is a Context (contract above).
-    trampoline(|| py_int(i64::from(unsafe { ctx(slf) }.pool_size)))
+    py_int(i64::from(unsafe { ctx(slf) }.pool_size))
 }
 
-static mut CTX_METHODS: [PyMethodDef; 7] = [
-    PyMethodDef {
-        ml_name: c"submit".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunctionFast: ctx_submit,
-        },
-        ml_flags: METH_FASTCALL,
-        ml_doc: c"submit(*operations) -> int\n--\n\nQueue operations; returns how many were newly accepted.".as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"cancel".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunctionFast: ctx_cancel,
-        },
-        ml_flags: METH_FASTCALL,
-        ml_doc: c"cancel(*operations) -> int\n--\n\nCancels the given operations that no worker has started yet (they complete\nwith ECANCELED); a running one completes normally. Returns how many were\ncancelled.".as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"close".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_close,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"close()\n--\n\nStop accepting work, let queued work finish, join the workers.".as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"_completion_fd".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_completion_fd,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"_completion_fd() -> int\n--\n\nThe fd that becomes readable when completions are queued for \
-_process_completions() (see _enable_loop_delivery). Used by the asyncio adapter.".as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"_enable_loop_delivery".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunctionFastWithKeywords: ctx_enable_loop_delivery,
-        },
-        ml_flags: METH_FASTCALL | METH_KEYWORDS,
-        ml_doc: c"_enable_loop_delivery(inline_read_max=0)\n--\n\nFrom now on, workers queue completions instead \
+/// The Context type: core's common shape plus this backend's methods and
+/// properties (`caio_core::module::init_common` creates it).
+fn context_spec() -> TypeSpec {
+    ContextObject::<Context>::spec(CTX_DOC)
+    .method(caio_core::method!(
+        varargs c"submit",
+        ctx_submit,
+        c"submit($self, *operations)\n--\n\nQueue operations; returns how many were newly accepted.",
+    ))
+    .method(caio_core::method!(
+        varargs c"cancel",
+        ctx_cancel,
+        c"cancel($self, *operations)\n--\n\nCancels the given operations that no worker has started yet (they complete\nwith ECANCELED); a running one completes normally. Returns how many were\ncancelled.",
+    ))
+    .method(caio_core::method!(
+        noargs c"close",
+        ctx_close,
+        c"close($self)\n--\n\nStop accepting work, let queued work finish, join the workers.",
+    ))
+    .method(caio_core::method!(
+        noargs c"_completion_fd",
+        ctx_completion_fd,
+        c"_completion_fd($self)\n--\n\nThe fd that becomes readable when completions are queued for \
+_process_completions() (see _enable_loop_delivery). Used by the asyncio adapter.",
+    ))
+    .method(caio_core::method!(
+        params c"_enable_loop_delivery",
+        ctx_enable_loop_delivery,
+        ENABLE_PARAMS,
+        c"_enable_loop_delivery($self, inline_read_max=0)\n--\n\nFrom now on, workers queue completions instead \
 of running callbacks; _process_completions() delivers them. Irreversible; watch _completion_fd() first. \
 Reads of at most inline_read_max bytes are first tried from the page cache on the calling thread \
-(preadv2 RWF_NOWAIT, Linux) and complete inside submit() when cached.".as_ptr(),
-    },
-    PyMethodDef {
-        ml_name: c"_process_completions".as_ptr(),
-        ml_meth: PyMethodDefPointer {
-            PyCFunction: ctx_process_completions,
-        },
-        ml_flags: METH_NOARGS,
-        ml_doc: c"_process_completions() -> int\n--\n\nDeliver queued completions (run their callbacks) on this thread.".as_ptr(),
-    },
-    PyMethodDef::zeroed(),
-];
-
-static mut CTX_GETSET: [PyGetSetDef; 3] = [
-    PyGetSetDef {
-        name: c"max_requests".as_ptr(),
-        get: Some(get_max_requests),
-        set: None,
-        doc: c"how many operations may wait in the queue".as_ptr(),
-        closure: ptr::null_mut(),
-    },
-    PyGetSetDef {
-        name: c"pool_size".as_ptr(),
-        get: Some(get_pool_size),
-        set: None,
-        doc: c"number of worker threads".as_ptr(),
-        closure: ptr::null_mut(),
-    },
-    PyGetSetDef {
-        name: ptr::null(),
-        get: None,
-        set: None,
-        doc: ptr::null(),
-        closure: ptr::null_mut(),
-    },
-];
+(preadv2 RWF_NOWAIT, Linux) and complete inside submit() when cached.",
+    ))
+    .method(caio_core::method!(
+        noargs c"_process_completions",
+        ctx_process_completions,
+        c"_process_completions($self)\n--\n\nDeliver queued completions (run their callbacks) on this thread; returns \
+how many.",
+    ))
+    .getter(c"max_requests", caio_core::getter!(get_max_requests), c"how many operations may wait in the queue")
+    .getter(c"pool_size", caio_core::getter!(get_pool_size), c"number of worker threads")
+}
 
 /// The Context type's docstring (text signature first).
 const CTX_DOC: &std::ffi::CStr =
@@ -642,16 +460,7 @@ unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
         init_common(
             module,
             &FLAVOR,
-            ContextType {
-                doc: CTX_DOC,
-                basicsize: std::mem::size_of::<Context>(),
-                weaklistoffset: std::mem::offset_of!(Context, weakreflist),
-                new: ctx_new,
-                dealloc: ctx_dealloc,
-                repr: ctx_repr,
-                methods: ptr::addr_of_mut!(CTX_METHODS).cast(),
-                getset: ptr::addr_of_mut!(CTX_GETSET).cast(),
-            },
+            context_spec,
             c"caio.thread_aio.OperationError",
         )?;
         caio_core::module::init_capacity_error(

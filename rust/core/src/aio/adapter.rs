@@ -583,65 +583,66 @@ return awaitables that complete inline when the backend can.")
         c"read",
         adapter_read,
         0,
-        c"read(nbytes, fd, offset, priority=0)\n--\n\nAwaitable: the bytes read (fewer at EOF).",
+        c"read($self, nbytes, fd, offset, priority=0)\n--\n\nAwaitable: the bytes read (fewer at EOF).",
     ))
     .method(fastcall(
         c"write",
         adapter_write,
         0,
-        c"write(payload, fd, offset, priority=0)\n--\n\nAwaitable: the number of bytes written (may be partial).",
+        c"write($self, payload, fd, offset, priority=0)\n--\n\nAwaitable: the number of bytes written (may be partial).",
     ))
     .method(fastcall(
         c"fsync",
         adapter_fsync,
         0,
-        c"fsync(fd)\n--\n\nAwaitable: None once the file is synced.",
+        c"fsync($self, fd)\n--\n\nAwaitable: None once the file is synced.",
     ))
     .method(fastcall(
         c"fdsync",
         adapter_fdsync,
         0,
-        c"fdsync(fd)\n--\n\nAwaitable: None once the file data is synced.",
+        c"fdsync($self, fd)\n--\n\nAwaitable: None once the file data is synced.",
     ))
     .method(fastcall(
         c"submit",
         adapter_submit,
         0,
-        c"submit(op)\n--\n\nAwaitable: submit an Operation of this backend, return op.get_value().",
+        c"submit($self, op)\n--\n\nAwaitable: submit an Operation of this backend, return op.get_value().",
     ))
     .method(fastcall(
         c"_bind",
         super::bind::adapter_bind,
         0,
-        c"_bind(context, loop, max_requests, deferred, engine_obj=None)\n--\n\nWire the native fast path (called once, by _create_context).",
+        c"_bind($self, context, loop, max_requests, deferred, engine_obj=None)\n--\n\nWire the native fast path (called once, by _create_context).",
     ))
     .method(noargs(
         c"_process_loop_events",
         adapter_loop_events,
-        c"_process_loop_events() -> int\n--\n\nThe event loop's reader callback: deliver completed operations.",
+        c"_process_loop_events($self)\n--\n\nThe event loop's reader callback: deliver completed operations; returns \
+how many.",
     ))
     .method(noargs(
         c"_loop_reader",
         super::lifecycle::adapter_loop_reader,
-        c"_loop_reader()\n--\n\nThe callback for loop.add_reader (as _process_loop_events); when the loop \
+        c"_loop_reader($self)\n--\n\nThe callback for loop.add_reader (as _process_loop_events); when the loop \
 drops it while closed, operations still in flight are drained without touching the loop and _release() \
 is called.",
     ))
     .method(noargs(
         c"_close_native",
         adapter_close_native,
-        c"_close_native()\n--\n\nRefuse new operations (RuntimeError when awaited); call self._release() \
+        c"_close_native($self)\n--\n\nRefuse new operations (RuntimeError when awaited); call self._release() \
 once no operation is in flight (now, or from a loop callback when the last one is over).",
     ))
     .method(noargs(
         c"_released",
         adapter_released,
-        c"_released() -> bool\n--\n\nWhether _release() has been called (close once idle).",
+        c"_released($self)\n--\n\nWhether _release() has been called (close once idle).",
     ))
     .method(noargs(
         c"_gate_state",
         adapter_gate_state,
-        c"_gate_state() -> (in_use, max, waiting)\n--\n\nAdmission gate counters.",
+        c"_gate_state($self)\n--\n\nAdmission gate counters: (in_use, max, waiting).",
     ))
 }
 

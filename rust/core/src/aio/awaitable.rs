@@ -769,17 +769,17 @@ __await__, send, throw, close.")
     .method(onearg(
         c"send",
         aw_send,
-        c"send(value)\n--\n\nAdvance the operation (coroutine protocol).",
+        c"send($self, value, /)\n--\n\nAdvance the operation (coroutine protocol).",
     ))
     .method(fast(
         c"throw",
         aw_throw,
-        c"throw(typ[, val[, tb]])\n--\n\nAbandon the operation (cancelling it in the kernel) and raise.",
+        c"throw($self, typ, val=None, tb=None, /)\n--\n\nAbandon the operation (cancelling it in the kernel) and raise.",
     ))
     .method(noargs(
         c"close",
         aw_close,
-        c"close()\n--\n\nAbandon the operation (cancelling it in the kernel).",
+        c"close($self)\n--\n\nAbandon the operation (cancelling it in the kernel).",
     ))
     .getter(c"operation", aw_get_op, c"the Operation being awaited")
     .getter(

@@ -8,9 +8,8 @@
 //! first O_DIRECT operation would then hang: `FORK_HANDLERS` take it
 //! around `fork()` (registered by [`crate::fork`]).
 
-use std::cell::RefCell;
 use std::ptr::NonNull;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 use crate::py::{Exc, PyErr, PyResult};
 use crate::sync::lock;
@@ -105,28 +104,10 @@ pub fn free(b: Block) {
     }
 }
 
-thread_local! {
-    /// The free-list lock, held by the forking thread across `fork()`.
-    static HELD_ACROSS_FORK: RefCell<Option<MutexGuard<'static, FreeLists>>> =
-        const { RefCell::new(None) };
-}
-
-fn lock_for_fork() {
-    let g = lock(&FREE);
-    HELD_ACROSS_FORK.with(|h| *h.borrow_mut() = Some(g));
-}
-
-/// In the parent and in the child (where it only unlocks: async-signal-safe).
-fn unlock_after_fork() {
-    HELD_ACROSS_FORK.with(|h| drop(h.borrow_mut().take()));
-}
-
-/// Keeps the free list usable in a forked child (see the module docs).
-pub(crate) static FORK_HANDLERS: crate::fork::Handlers = crate::fork::Handlers {
-    prepare: Some(lock_for_fork),
-    parent: Some(unlock_after_fork),
-    child: Some(unlock_after_fork),
-};
+crate::hold_across_fork!(
+    /// Keeps the free list usable in a forked child (see the module docs).
+    pub(crate) static FORK_HANDLERS: Handlers = FREE as FreeLists
+);
 
 #[cfg(test)]
 mod tests {

@@ -13,22 +13,30 @@
 //!   (the above, else a safe default);
 //! * [`is_direct`] / [`alignment_if_direct`]: whether an fd is open with
 //!   `O_DIRECT`;
-//! * [`needs_aligned_path`]: the up-front predicate "this op needs the
-//!   aligned path" (a read or write on an O_DIRECT fd) and its alignment;
-//! * [`retry_aligned`]: the after-the-fact predicate "this op failed because
-//!   it needs the aligned path" (EINVAL on an untouched read/write of an
-//!   O_DIRECT fd) and the alignment to retry with;
+//! * [`FdCache`]: which fds an engine found to be O_DIRECT, and their
+//!   alignment (so later operations use a window from the start);
+//!   [`use_cached_window`] before an attempt, [`retry_after`] (or
+//!   [`FdCache::after_attempt`]) after it: the aligned retry of an `EINVAL`,
+//!   and the rule that makes a stale entry harmless (see [`cache`]);
 //! * [`write_alignment`] / [`check_write`]: the offset/length granularity an
 //!   O_DIRECT write must respect, for an up-front check with a helpful
 //!   message.
 //!
-//! Engines then call `Operation::use_aligned_window(align)` between claim
-//! and dispatch; [`crate::op::finish`] copies a read's bytes out and frees
-//! the window.
+//! Engines call `Operation::use_aligned_window(align)` between claim and
+//! dispatch; [`crate::op::finish`] copies a read's bytes out and frees the
+//! window.
+//!
+//! Who uses what: linux_uring and the worker pool (thread_aio, linux_aio's
+//! fallback) detect O_DIRECT lazily, from an `EINVAL`, and cache it per fd;
+//! linux_aio checks `fcntl` up front ([`is_direct`]) and refuses an unaligned
+//! write at submission ([`check_write`]).
 
 pub mod bounce;
+pub mod cache;
 
-use crate::op::{OpKind, Operation};
+pub use cache::{prepare_retry, retry_after, use_cached_window, window_fits, FdCache, Retry};
+
+use crate::op::Operation;
 
 /// The alignment used when the kernel does not report one: a multiple of
 /// every common logical block size, and of the page size.
@@ -104,40 +112,6 @@ pub fn is_direct(_fd: i32) -> bool {
 /// ([`alignment`]); `None` for a buffered fd.
 pub fn alignment_if_direct(fd: i32) -> Option<usize> {
     is_direct(fd).then(|| alignment(fd))
-}
-
-/// The up-front predicate: a read or write on an O_DIRECT fd (at a real
-/// offset) needs the aligned path; the result is the alignment to use with
-/// `Operation::use_aligned_window`. `None` for syncs, buffered fds and reads
-/// "at the current position" (offset -1). One `fcntl` per call: cache it
-/// per fd if that matters.
-pub fn needs_aligned_path(op: &Operation) -> Option<usize> {
-    if !matches!(op.kind, OpKind::Read | OpKind::Write) || op.offset_i64() < 0 {
-        return None;
-    }
-    alignment_if_direct(op.fd_i32())
-}
-
-/// The retry predicate: `raw` (bytes moved or `-errno`) is the EINVAL of a
-/// read or write that went straight from the op's own buffer (no aligned
-/// window yet, nothing transferred) at a real offset, on an O_DIRECT fd. The
-/// result is the alignment to retry with through an aligned window;
-/// `None`: the result stands.
-///
-/// # Safety
-/// `op` is in flight and owned by the caller's engine (its I/O window is
-/// read).
-pub unsafe fn retry_aligned(op: &Operation, raw: i64) -> Option<usize> {
-    if raw != -i64::from(libc::EINVAL) || !matches!(op.kind, OpKind::Read | OpKind::Write) {
-        return None;
-    }
-    // Reads "at the current position" (offset -1, pipes) have no offset to
-    // align a window to.
-    // SAFETY: forwarded contract (engine-owned op).
-    if op.offset_i64() < 0 || !unsafe { op.io_is_pristine() } {
-        return None;
-    }
-    alignment_if_direct(op.fd_i32())
 }
 
 /// The offset and length granularity an O_DIRECT write to `fd` must respect

@@ -103,6 +103,21 @@ impl Operation {
         Ok(())
     }
 
+    /// Points the I/O window back at the op's own buffer, dropping an
+    /// aligned window (an engine retrying without it).
+    ///
+    /// # Safety
+    /// Call only between claim and dispatch (or a consumed attempt and the
+    /// next dispatch), by the engine owning the op.
+    pub unsafe fn use_own_buffer(&self) {
+        // SAFETY: forwarded contract; the bounce block goes first, as
+        // `reset_io` requires.
+        unsafe {
+            self.free_bounce();
+            self.reset_io();
+        }
+    }
+
     /// Whether the I/O window is still the op's own buffer, untouched: no
     /// aligned window yet and not advanced by a partial transfer.
     ///

@@ -62,13 +62,6 @@ crate::u8_state! {
     }
 }
 
-// compat: backends still use this path
-pub const NEW: OpState = OpState::New;
-// compat: backends still use this path
-pub const IN_FLIGHT: OpState = OpState::InFlight;
-// compat: backends still use this path
-pub const DONE: OpState = OpState::Done;
-
 #[repr(u8)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum OpKind {
@@ -130,6 +123,36 @@ pub struct Flavor {
     /// `repr` prints the offset signed (linux_aio) and/or the result.
     pub repr_offset_signed: bool,
     pub repr_result: bool,
+}
+
+impl Flavor {
+    /// What the flavors have in common unless they say otherwise: upstream's
+    /// `aio.AIOOperation` (the type linux_aio and thread_aio keep): memoryview
+    /// read payloads, `Py_ssize_t` reads, signed 64-bit offsets, priorities
+    /// that fit 16 bits signed or unsigned (DESIGN.md §6.2 wrap: rejected
+    /// beyond instead of wrapped), `result`/`error`/`context` attributes,
+    /// `-errno` results.
+    pub const COMMON: Flavor = Flavor {
+        type_name: c"aio.AIOOperation",
+        doc: c"",
+        read_payload: ReadPayload::MemoryView,
+        drop_write_payload: false,
+        nbytes_tracks_write: false,
+        max_read: isize::MAX as u64,
+        max_read_msg: "nbytes does not fit in Py_ssize_t",
+        offset_min: i64::MIN as i128,
+        offset_max: i64::MAX as i128,
+        priority_min: i16::MIN as i128,
+        priority_max: u16::MAX as i128,
+        payload_type_msg: "payload_bytes argument must be bytes",
+        failure_as_minus_one: false,
+        callback_keyword: true,
+        has_result_error: true,
+        has_context: true,
+        has_priority: false,
+        repr_offset_signed: false,
+        repr_result: true,
+    };
 }
 
 /// The instance struct of every backend's Operation type. Allocated zeroed

@@ -703,42 +703,46 @@ fn type_spec(fl: &'static Flavor) -> TypeSpec {
         c"read",
         op_read,
         METH_CLASS,
-        c"read(nbytes, fd, offset=0, priority=0)\n--\n\nA read of nbytes at offset.",
+        c"read($type, nbytes, fd, offset=0, priority=0)\n--\n\nA read of nbytes at offset.",
     ))
     .method(fastcall(
         c"write",
         op_write,
         METH_CLASS,
-        c"write(payload_bytes, fd, offset=0, priority=0)\n--\n\nA write of payload_bytes at offset.",
+        c"write($type, payload_bytes, fd, offset=0, priority=0)\n--\n\nA write of payload_bytes at offset.",
     ))
     .method(fastcall(
         c"fsync",
         op_fsync,
         METH_CLASS,
-        c"fsync(fd, priority=0)\n--\n\nAn fsync of fd.",
+        c"fsync($type, fd, priority=0)\n--\n\nAn fsync of fd.",
     ))
     .method(fastcall(
         c"fdsync",
         op_fdsync,
         METH_CLASS,
-        c"fdsync(fd, priority=0)\n--\n\nAn fdatasync of fd (fsync where unavailable).",
+        c"fdsync($type, fd, priority=0)\n--\n\nAn fdatasync of fd (fsync where unavailable).",
     ))
     .method(fastcall(
         c"get_value",
         op_get_value,
         0,
-        c"get_value()\n--\n\nbytes for a read, bytes written for a write, None for syncs; raises the operation's error.",
+        c"get_value($self)\n--\n\nbytes for a read, bytes written for a write, None for syncs; raises the operation's error.",
     ))
     .method(fastcall(
         c"set_callback",
         op_set_callback,
         0,
-        c"set_callback(callback)\n--\n\nCalled once with the result when the completion is delivered.",
+        if fl.callback_keyword {
+            c"set_callback($self, callback)\n--\n\nCalled once with the result when the completion is delivered."
+        } else {
+            c"set_callback($self, callback, /)\n--\n\nCalled once with the result when the completion is delivered."
+        },
     ))
     .method(onearg(
         c"_set_future",
         op_set_future,
-        c"_set_future(future)\n--\n\nResolve future (set_result(True) unless done) on delivery \
+        c"_set_future($self, future, /)\n--\n\nResolve future (set_result(True) unless done) on delivery \
 instead of calling a callback. For asyncio adapters whose completions are delivered on the loop thread.",
     ))
     .getter(c"fileno", get_fileno, c"file descriptor")

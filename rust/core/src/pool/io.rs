@@ -1,5 +1,5 @@
-//! What a worker does with an op: its positional I/O (with the O_DIRECT
-//! aligned retry), and the non-blocking page-cache read a submitter may try
+//! What a worker does with an op: its positional I/O (O_DIRECT through the
+//! pool's per-fd cache and the aligned retry, `crate::direct`), and the non-blocking page-cache read a submitter may try
 //! on its own thread first.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,27 +12,45 @@ use crate::sys::{self, neg};
 /// Runs the op's I/O on the calling thread (no GIL). Returns bytes moved or
 /// `-errno`.
 ///
+/// O_DIRECT needs aligned memory, and a read lands in a `bytes` object
+/// (never aligned) or a write comes from one. With `fds` (the pool's
+/// [`direct::FdCache`]) an fd already known to be O_DIRECT goes through an
+/// aligned bounce window from the start; otherwise, once `EINVAL` says so,
+/// the op is retried through one (a read's window also covers any offset
+/// and length) and the fd remembered. A write's file offset and length
+/// cannot be fixed up: if they are unaligned, the kernel's `EINVAL` comes
+/// back again and stands. [`direct::retry_after`] decides, and keeps a stale
+/// cache entry (a reused fd number) from failing anything.
+///
 /// # Safety
 /// `op` must be in flight and owned by the caller's engine.
-pub unsafe fn execute(op: &Operation) -> i64 {
+pub unsafe fn execute(op: &Operation, fds: Option<&direct::FdCache>) -> i64 {
+    let used = match fds {
+        // SAFETY: forwarded contract (engine-owned op, not dispatched yet).
+        Some(f) => match unsafe { direct::use_cached_window(op, f) } {
+            Ok(used) => used,
+            Err(_) => return neg(libc::ENOMEM),
+        },
+        None => None,
+    };
     // SAFETY: forwarded contract (engine-owned op).
     let r = unsafe { execute_once(op) };
-    // O_DIRECT needs aligned memory, and a read lands in a `bytes` object
-    // (never aligned) or a write comes from one: once EINVAL says so, retry
-    // through an aligned bounce window (a read's window also covers any
-    // offset and length). A write's file offset and length cannot be fixed
-    // up: if they are unaligned, the kernel's EINVAL comes back again and
-    // stands.
     // SAFETY: forwarded contract (engine-owned op).
-    match unsafe { direct::retry_aligned(op, r) } {
-        // SAFETY: forwarded contract: the engine owns the op and has not
-        // dispatched it anywhere else (this thread runs it).
-        Some(align) => match unsafe { op.use_aligned_window(align) } {
-            // SAFETY: as above.
-            Ok(()) => unsafe { execute_once(op) },
-            Err(_) => neg(libc::ENOMEM),
-        },
-        None => r,
+    let retry = unsafe {
+        match fds {
+            Some(f) => f.after_attempt(op, r, used),
+            None => direct::retry_after(op, r, used),
+        }
+    };
+    let Some(retry) = retry else {
+        return r;
+    };
+    // SAFETY: forwarded contract: the engine owns the op and has not
+    // dispatched it anywhere else (this thread runs it).
+    match unsafe { direct::prepare_retry(op, retry) } {
+        // SAFETY: as above.
+        Ok(()) => unsafe { execute_once(op) },
+        Err(_) => neg(libc::ENOMEM),
     }
 }
 

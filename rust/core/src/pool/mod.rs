@@ -62,6 +62,8 @@ struct Shared {
     /// Workers currently polling for work (0 or 1).
     spinning: AtomicUsize,
     closing: AtomicBool,
+    /// fds the workers found to be open with O_DIRECT (see [`execute`]).
+    direct: crate::direct::FdCache,
 }
 
 pub struct Pool {
@@ -148,9 +150,10 @@ fn worker(shared: Arc<Shared>) {
         let op = job.0;
         // SAFETY: a queued job is an in-flight op owned by this pool (its
         // engine), now run by this worker only.
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { execute(&*op) }))
-                .unwrap_or(crate::sys::neg(libc::EIO));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+            execute(&*op, Some(&shared.direct))
+        }))
+        .unwrap_or(crate::sys::neg(libc::EIO));
         match shared.completions.get() {
             Some(q) if shared.queued.load(Ordering::Acquire) => q.push(job, result),
             // SAFETY: the job's in-flight op; workers are never attached.
@@ -175,6 +178,7 @@ impl Pool {
             pending: AtomicUsize::new(0),
             spinning: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
+            direct: crate::direct::FdCache::new(),
         });
         let pool = Pool {
             shared,
@@ -200,6 +204,13 @@ impl Pool {
 
     pub fn size(&self) -> usize {
         self.size
+    }
+
+    /// Whether the workers found `fd` to be open with O_DIRECT (a read on it
+    /// is not worth a non-blocking attempt on the submitting thread: it
+    /// would fail with `EINVAL`).
+    pub fn knows_direct(&self, fd: i32) -> bool {
+        self.shared.direct.contains(fd)
     }
 
     /// The queue (created on first use) whose fd an event loop watches.

@@ -92,6 +92,18 @@ impl PyErr {
         PyErr::os(crate::sys::last_errno())
     }
 
+    /// This error as an exception instance, not raised (e.g. to hand to a
+    /// future's `set_exception`). Caller attached, no exception set (it
+    /// would be replaced).
+    pub fn into_instance(self) -> PyResult<Owned> {
+        self.restore();
+        // SAFETY: attached (crate invariant); `restore` just set the
+        // exception taken here.
+        unsafe { SavedErr::fetch() }
+            .into_value()
+            .ok_or_else(|| PyErr::new(Exc::SystemError, "caio: no exception to take"))
+    }
+
     /// Sets this error as the current Python exception (caller attached).
     pub fn restore(self) {
         match self {
@@ -193,6 +205,39 @@ impl SavedErr {
         #[cfg(not(Py_3_12))]
         unsafe {
             PyErr_Restore(s.0[0], s.0[1], s.0[2]);
+        }
+    }
+
+    /// The saved exception as one object: the exception instance, its
+    /// traceback attached (normalised first before 3.12); `None` when
+    /// nothing was saved.
+    pub fn into_value(self) -> Option<Owned> {
+        let s = std::mem::ManuallyDrop::new(self);
+        #[cfg(Py_3_12)]
+        {
+            // SAFETY: the guard's reference (or NULL), moved out of the
+            // `ManuallyDrop`, which no longer releases it.
+            std::ptr::NonNull::new(s.0).map(|p| unsafe { Owned::from_raw(p.as_ptr()) })
+        }
+        #[cfg(not(Py_3_12))]
+        {
+            let [mut t, mut v, mut tb] = s.0;
+            // SAFETY: attached (the guard's contract); the three references
+            // (or NULLs) are ours: normalising may replace them, then the
+            // traceback moves onto the value and the type is released.
+            unsafe {
+                PyErr_NormalizeException(&raw mut t, &raw mut v, &raw mut tb);
+                if !tb.is_null() {
+                    if !v.is_null() {
+                        PyException_SetTraceback(v, tb);
+                    }
+                    Py_DECREF(tb);
+                }
+                if !t.is_null() {
+                    Py_DECREF(t);
+                }
+                std::ptr::NonNull::new(v).map(|p| Owned::from_raw(p.as_ptr()))
+            }
         }
     }
 

@@ -1,4 +1,5 @@
-//! The one way core defines a heap type: a [`TypeSpec`] builder that
+//! The one way caio defines a heap type (core's and the backends' Context
+//! types alike): a [`TypeSpec`] builder that
 //! collects slots, methods, properties and members, then [`TypeSpec::build`]
 //! leaks the tables (CPython keeps pointing into them — and on 3.10/3.11
 //! into the spec's name — for as long as the type exists, which can be the
@@ -28,10 +29,6 @@ pub struct TypeSpec {
     methods: Vec<PyMethodDef>,
     getset: Vec<PyGetSetDef>,
     members: Vec<PyMemberDef>,
-    /// A NULL-terminated method table owned elsewhere (see
-    /// [`TypeSpec::methods_table`]); excludes `methods`.
-    external_methods: Option<*mut PyMethodDef>,
-    external_getset: Option<*mut PyGetSetDef>,
 }
 
 impl TypeSpec {
@@ -46,8 +43,6 @@ impl TypeSpec {
             methods: Vec::new(),
             getset: Vec::new(),
             members: Vec::new(),
-            external_methods: None,
-            external_getset: None,
         }
     }
 
@@ -97,20 +92,6 @@ impl TypeSpec {
         self
     }
 
-    /// A NULL-terminated method table owned by the caller (it must live for
-    /// the process) instead of [`TypeSpec::method`] entries.
-    pub fn methods_table(mut self, table: *mut PyMethodDef) -> TypeSpec {
-        self.external_methods = Some(table);
-        self
-    }
-
-    /// A NULL-terminated property table owned by the caller (it must live
-    /// for the process) instead of [`TypeSpec::getter`] entries.
-    pub fn getset_table(mut self, table: *mut PyGetSetDef) -> TypeSpec {
-        self.external_getset = Some(table);
-        self
-    }
-
     /// A read-only property.
     pub fn getter(mut self, name: &'static CStr, get: getter, doc: &'static CStr) -> TypeSpec {
         self.getset.push(PyGetSetDef {
@@ -145,34 +126,23 @@ impl TypeSpec {
             Some(Box::leak(v.into_boxed_slice()))
         }
         let mut slots = self.slots;
-        let methods = match self.external_methods {
-            Some(t) => Some(t),
-            None => terminated(self.methods, PyMethodDef::zeroed()).map(|m| m.as_mut_ptr()),
-        };
-        if let Some(m) = methods {
+        if let Some(m) = terminated(self.methods, PyMethodDef::zeroed()) {
             slots.push(PyType_Slot {
                 slot: Py_tp_methods,
-                pfunc: m.cast(),
+                pfunc: m.as_mut_ptr().cast(),
             });
         }
-        let getset = match self.external_getset {
-            Some(t) => Some(t),
-            None => terminated(
-                self.getset,
-                PyGetSetDef {
-                    name: ptr::null(),
-                    get: None,
-                    set: None,
-                    doc: ptr::null(),
-                    closure: ptr::null_mut(),
-                },
-            )
-            .map(|g| g.as_mut_ptr()),
+        let getset_end = PyGetSetDef {
+            name: ptr::null(),
+            get: None,
+            set: None,
+            doc: ptr::null(),
+            closure: ptr::null_mut(),
         };
-        if let Some(g) = getset {
+        if let Some(g) = terminated(self.getset, getset_end) {
             slots.push(PyType_Slot {
                 slot: Py_tp_getset,
-                pfunc: g.cast(),
+                pfunc: g.as_mut_ptr().cast(),
             });
         }
         let members = terminated(

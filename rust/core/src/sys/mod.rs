@@ -11,13 +11,6 @@ pub mod wake;
 pub use pio::{fdatasync, fsync, neg, pread, pread_nowait, pwrite, MAX_TRANSFER};
 pub use wake::WakeFd;
 
-// compat: backends still use this path
-pub use crate::direct::alignment as direct_alignment;
-// compat: backends still use this path
-pub use crate::direct::dio_alignment;
-// compat: backends still use this path
-pub use crate::fork::generation as fork_generation;
-
 /// errno of the last failed libc call on this thread.
 #[inline]
 pub fn last_errno() -> i32 {
