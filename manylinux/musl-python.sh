@@ -129,7 +129,13 @@ fi
 
 # 4. CPython from the tarball interpreters.sh downloaded (Debian's python3.13 orig tarball)
 tars=("$ICACHE"/downloads/python3.13_3.13.*.orig.tar.xz)
-((${#tars[@]})) || die "no python3.13 source tarball in $ICACHE/downloads; run manylinux/interpreters.sh first"
+if ((${#tars[@]} == 0)); then
+    # interpreters.sh downloads it (waiting for a run already under way, which holds its lock)
+    log "no python3.13 source tarball yet: manylinux/interpreters.sh"
+    "$(dirname "${BASH_SOURCE[0]}")/interpreters.sh" >&2
+    tars=("$ICACHE"/downloads/python3.13_3.13.*.orig.tar.xz)
+fi
+((${#tars[@]})) || die "no python3.13 source tarball in $ICACHE/downloads (manylinux/interpreters.sh should have fetched it)"
 TARBALL=$(printf '%s\n' "${tars[@]}" | sort -V | tail -n1)
 W=$(mktemp -d "$D/.build.XXXXXX")
 trap 'rm -rf "$W"' EXIT

@@ -458,15 +458,13 @@ for a in "${ARTIFACTS[@]}"; do
             if [[ $(depth_of "$t") == suite ]]; then add_job $([[ $t == *t ]] && echo 100 || echo 90) test_native_x86_64 "$a"
             else add_job 10 test_native_x86_64 "$a"; fi ;;
         *manylinux*_aarch64.whl) add_job 5 test_aarch64 "$a" ;;
-        *musllinux*.whl) add_job $([[ $b == *cp313-cp313-musllinux*_x86_64.whl ]] && echo 30 || echo 0) test_musl "$a" ;;
+        # last: .ci/run builds the musl CPython in its other lane meanwhile (musl-python.sh
+        # serialises on its lock, so a job that starts early just waits for it)
+        *musllinux*.whl) add_job $([[ $b == *cp313-cp313-musllinux*_x86_64.whl ]] && echo 1 || echo 0) test_musl "$a" ;;
         *) add_job 0 record_unroutable "$a" ;;
     esac
 done
 record_unroutable() { DEPTH=-; record "$(basename "$1")" "-" "FAIL: no test route for this artifact"; }
-# the musl interpreter is provisioned once, before the jobs that share it start
-if printf '%s\n' "${JOBLIST[@]}" | grep -q '^test_musl|.*cp313-cp313-musllinux.*_x86_64'; then
-    "$REPO/manylinux/musl-python.sh" >/dev/null || true
-fi
 
 ORDER=()
 while read -r _ i; do ORDER+=("$i"); done < <(for i in "${!WEIGHT[@]}"; do echo "${WEIGHT[$i]} $i"; done | sort -k1,1nr -k2,2n)
