@@ -92,7 +92,23 @@ class Waiter(abc.ABC):
 
 class StructuredContextBase(abc.ABC):
     """Common base of :class:`caio.trio.TrioContext` and
-    :class:`caio.anyio.AnyioContext` (see the module docstring)."""
+    :class:`caio.anyio.AnyioContext` (see the module docstring).
+
+    ``TrioContext(max_requests=512, *, backend=None, **kwargs)`` (and ``AnyioContext(...)``):
+    ``backend`` is ``"linux_uring"``, ``"linux_aio"``, ``"thread_aio"`` or
+    ``"python_aio"``; by default the one ``from caio import AsyncioContext``
+    uses (best available, ``CAIO_IMPL``, ``default_implementation``).
+    Other keyword arguments go to the backend's Context (``pool_size=``,
+    ``sqpoll=``). At most ``max_requests`` operations are in flight; more
+    wait their turn in FIFO order.
+
+    ``read(nbytes, fd, offset, priority=0)`` → ``bytes``,
+    ``write(payload, fd, offset, priority=0)`` → ``int``, ``fsync(fd)``,
+    ``fdsync(fd)`` → ``None``: argument errors raise at call time, I/O
+    errors from the ``await``. ``close()`` refuses new operations and
+    releases the backend once those already started have ended;
+    ``aclose()`` and ``async with`` also wait for them.
+    """
 
     #: A falsy ``max_requests`` means this many (as ``AsyncioContext``).
     MAX_REQUESTS_DEFAULT = 512

@@ -62,20 +62,8 @@ class _TrioWaiter(Waiter):
 class TrioContext(StructuredContextBase):
     """caio's asynchronous file operations for trio.
 
-    ``TrioContext(max_requests=512, *, backend=None, **kwargs)``:
-    ``backend`` is ``"linux_uring"``, ``"linux_aio"``, ``"thread_aio"`` or
-    ``"python_aio"``; by default the one ``from caio import AsyncioContext``
-    uses (best available, ``CAIO_IMPL``, ``default_implementation``).
-    Other keyword arguments go to the backend's Context (``pool_size=``,
-    ``sqpoll=``). At most ``max_requests`` operations are in flight; more
-    wait their turn in FIFO order.
-
-    ``read(nbytes, fd, offset, priority=0)`` → ``bytes``,
-    ``write(payload, fd, offset, priority=0)`` → ``int``, ``fsync(fd)``,
-    ``fdsync(fd)`` → ``None``: argument errors raise at call time, I/O
-    errors from the ``await``. ``close()`` refuses new operations and
-    releases the backend once those already started have ended;
-    ``aclose()`` and ``async with`` also wait for them.
+    The API is :class:`caio._structured.StructuredContextBase`'s (and
+    ``AsyncioContext``'s); DESIGN.md §5.10 says how it works.
     """
 
     _Waiter = _TrioWaiter
