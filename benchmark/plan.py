@@ -242,7 +242,7 @@ def caio_contenders(family, python, probe_info, log):
             # The explicit sqpoll=False row only when it differs from the
             # default (upstream's default is SQPOLL; ours is the plain ring,
             # so for ours it would measure the same thing twice).
-            if dsq or family != "ours":
+            if dsq or family not in ("ours", "base"):
                 out.append(
                     Contender(
                         "%s.linux_uring.nosqpoll" % family,

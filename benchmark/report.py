@@ -629,6 +629,37 @@ def ratio_md(res):
     return "\n".join(out)
 
 
+def base_md(res):
+    """ours / base (--base-python) for every cell and backend: before/after in one run."""
+    pairs = [
+        (c["id"], "base." + c["id"][len("ours.") :])
+        for c in res.contenders
+        if c["id"].startswith("ours.")
+    ]
+    pairs = [(a, b) for a, b in pairs if res.has(a) and res.has(b)]
+    if not pairs:
+        return ""
+    out = ["| scenario | chunk | c | ours | base | ours / base |", "|---|---|---|---|---|---|"]
+    for scen in res.scenarios:
+        for ch, conc in res.points(scen):
+            for a, b in pairs:
+                sa, sb = res.get(scen, ch, conc, a), res.get(scen, ch, conc, b)
+                if sa is None or sb is None:
+                    continue
+                out.append(
+                    "| %s | %s | %d | %s | %s | %s |"
+                    % (
+                        scen,
+                        fsize(ch),
+                        conc,
+                        res.labels.get(a, a) + ": " + cell_text(sa, "ops_per_s", si, False),
+                        cell_text(sb, "ops_per_s", si, False),
+                        rtext(ratio(sa, sb)),
+                    )
+                )
+    return "\n".join(out)
+
+
 def failures_md(res):
     seen = {}
     for r in res.rows:
@@ -821,6 +852,9 @@ def write_summary(out_dir):
     if b:
         s += ["## Upstream caio and the peers at the target cells", "", b, ""]
     s += ["## Ratios: ours vs upstream and the peers (ops/s)", "", ratio_md(res), ""]
+    bm = base_md(res)
+    if bm:
+        s += ["## Ours vs base (`--base-python`, before/after in one run; ops/s)", "", bm, ""]
     for scen in res.scenarios:
         s += ["## %s" % scen, ""]
         t = sweep_table(res, scen, "ops_per_s", "conc")
@@ -913,6 +947,8 @@ def _style(cid):
         return COLORS.get(cid[5:], "#333"), "-", "o"
     if cid.startswith("upstream."):
         return COLORS.get(cid[9:], "#333"), "--", "x"
+    if cid.startswith("base."):
+        return COLORS.get(cid[5:], "#333"), "-.", "+"
     return COLORS.get(cid, "#333"), ":", "s"
 
 

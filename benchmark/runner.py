@@ -103,6 +103,12 @@ def parse_args(argv):
         default=sys.executable,
         help="interpreter whose importable caio is 'ours' (default: this one)",
     )
+    p.add_argument(
+        "--base-python",
+        default=None,
+        help="a second build of ours to compare with (e.g. main's venv): its backends run as "
+        "'base.*' contenders in the same run, and the summary gets an ours / base table",
+    )
     p.add_argument("--only", default="", help="comma-separated globs of contender ids to keep")
     p.add_argument("--skip", default="", help="comma-separated globs of contender ids to drop")
     p.add_argument(
@@ -617,6 +623,12 @@ def main(argv=None):
                 "is this upstream rather than ours?"
             )
     contenders += plan.caio_contenders("ours", ours_py, ours_probe, log)
+    if args.base_python:
+        base_py = os.path.abspath(args.base_python)
+        probes["base"] = envs.probe(base_py)
+        bi = probes["base"].get("caio") or {}
+        log("base: caio %s from %s" % (bi.get("version"), bi.get("file") or bi.get("path")))
+        contenders += plan.caio_contenders("base", base_py, probes["base"], log)
     if not args.no_upstream:
         try:
             up_py = envs.upstream_venv(ours_py, cache)
