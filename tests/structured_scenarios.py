@@ -328,7 +328,7 @@ def test_argument_errors_match_asyncio(lib: Lib, engine: str, tmp_fd: int) -> No
         lambda ctx: ctx.read(16, 2**40, 0),
         lambda ctx: ctx.read(16, tmp_fd, 0, 2**20),
         lambda ctx: ctx.read(16, tmp_fd, 2**70),
-        lambda ctx: ctx.write(bytearray(b"x"), tmp_fd, 0),
+        lambda ctx: ctx.write(memoryview(bytearray(b"wxyz"))[::2], tmp_fd, 0),
         lambda ctx: ctx.write("text", tmp_fd, 0),
         lambda ctx: ctx.write(b"x", tmp_fd, 0, priority="high"),
         lambda ctx: ctx.fsync("fd"),

@@ -406,6 +406,12 @@ static WRITE_PARAMS: Params = Params {
     required: 3,
     keywords: true,
 };
+static READINTO_PARAMS: Params = Params {
+    fname: "readinto",
+    names: &["buffer", "fd", "offset", "priority"],
+    required: 2,
+    keywords: true,
+};
 static FSYNC_PARAMS: Params = Params {
     fname: "fsync",
     names: &["fd"],
@@ -469,6 +475,36 @@ unsafe extern "C" fn adapter_write(
             let op = op::new_write(
                 a.op_type.as_ptr(),
                 Params::req(p)?,
+                Params::req(fd)?,
+                off,
+                prio,
+            )?;
+            new_awaitable(a, op, None)
+        }
+    })
+}
+
+/// `readinto(buffer, fd, offset=0, priority=0)`: the bytes read into the
+/// caller's buffer. A cancelled awaiter resumes only once the engine is done
+/// with the buffer (`awaitable.rs`, DESIGN.md §5.5).
+///
+/// # Safety
+/// A method of `_AsyncioBase` called by CPython: attached, `slf` one of our
+/// adapters, the arguments CPython's.
+unsafe extern "C" fn adapter_readinto(
+    slf: *mut PyObject,
+    args: *const *mut PyObject,
+    nargsf: Py_ssize_t,
+    kwnames: *mut PyObject,
+) -> *mut PyObject {
+    trampoline(|| {
+        // SAFETY: as for `read`.
+        unsafe {
+            let [b, fd, off, prio] = READINTO_PARAMS.parse::<4>(args, nargsf, kwnames)?.0;
+            let a = adapter(slf);
+            let op = op::new_readinto(
+                a.op_type.as_ptr(),
+                Params::req(b)?,
                 Params::req(fd)?,
                 off,
                 prio,
@@ -589,7 +625,16 @@ return awaitables that complete inline when the backend can.")
         c"write",
         adapter_write,
         0,
-        c"write($self, payload, fd, offset, priority=0)\n--\n\nAwaitable: the number of bytes written (may be partial).",
+        c"write($self, payload, fd, offset, priority=0)\n--\n\nAwaitable: the number of bytes written (may be partial). \
+payload: any C-contiguous buffer, used in place.",
+    ))
+    .method(fastcall(
+        c"readinto",
+        adapter_readinto,
+        0,
+        c"readinto($self, buffer, fd, offset=0, priority=0)\n--\n\nAwaitable: the number of bytes read \
+into buffer (a writable C-contiguous buffer), fewer at EOF. The buffer is the caller's again when the \
+await ends, however it ends: a cancelled read is cancelled in the engine and waited for.",
     ))
     .method(fastcall(
         c"fsync",

@@ -142,6 +142,38 @@ pub unsafe fn abort(op: &Operation) {
     unsafe { Py_DECREF(op.as_ptr()) };
 }
 
+/// Retires an op that borrows the caller's buffer and was never handed to
+/// an engine (its awaiter was cancelled first, or a deferred batch dropped
+/// it): it becomes `Done` with `-ECANCELED` and its buffer export is
+/// released now, not when the op dies — the caller's memory is theirs again
+/// when the await ends. False (nothing done) unless the op is `New`.
+///
+/// # Safety
+/// Caller attached.
+pub unsafe fn retire_unsent(op: &Operation) -> bool {
+    if !op.borrows_buffer || !op.try_claim() {
+        return false;
+    }
+    // Claimed and never begun: the caller owns the window.
+    // SAFETY: no engine has the op (it was `New`).
+    unsafe { op.free_bounce() };
+    op.result
+        .store(-i64::from(libc::ECANCELED), Ordering::Relaxed);
+    let mut view = {
+        let _g = op.lock.lock();
+        // SAFETY: `view` is only accessed under `lock`; the export moves
+        // out, leaving an empty (all-zero) `Py_buffer`.
+        let taken = unsafe { ptr::replace(op.view.get(), std::mem::zeroed()) };
+        op.state.store(OpState::Done, Ordering::Release);
+        taken
+    };
+    if !view.obj.is_null() {
+        // SAFETY: the export taken at construction, released once; attached.
+        unsafe { PyBuffer_Release(&raw mut view) };
+    }
+    true
+}
+
 /// Installs `callback` as what the op's delivery calls; the previous target
 /// is released exactly once even when several threads race.
 ///
@@ -323,9 +355,10 @@ pub unsafe fn finish(op: *mut Operation, raw: i64) -> Delivery {
                     res = len_i64(n);
                 }
             }
-            // Never expose stale heap memory: zero what was not filled.
+            // Never expose stale heap memory: zero what was not filled
+            // (the caller's own buffer is left as it is, as `readinto` does).
             let filled = count_usize(res);
-            if filled < nbytes {
+            if filled < nbytes && !o.is_readinto() {
                 // SAFETY: `data` holds `nbytes` bytes; `filled < nbytes`.
                 unsafe { ptr::write_bytes(data.add(filled), 0, nbytes - filled) };
             }
@@ -341,7 +374,9 @@ pub unsafe fn finish(op: *mut Operation, raw: i64) -> Delivery {
     // SAFETY: the engine is done with the window's memory.
     unsafe { o.free_bounce() };
     o.result.store(res, Ordering::Relaxed);
-    let drop_payload = o.kind == OpKind::Write && o.flavor().drop_write_payload;
+    // The caller's mutable memory is theirs again once the engine is done.
+    let drop_payload =
+        o.borrows_buffer || (o.kind == OpKind::Write && o.flavor().drop_write_payload);
     let (target, context, payload) = {
         let _g = o.lock.lock();
         // SAFETY: the three slots are only accessed under `lock`.

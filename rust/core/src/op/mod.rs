@@ -36,18 +36,19 @@ use pyo3_ffi::*;
 use crate::py::Owned;
 use crate::sync::{AtomicState, SpinLock};
 
+pub mod buffer;
 pub mod io;
 pub mod lifecycle;
 pub mod pytype;
 
 pub use io::IoTarget;
 pub use lifecycle::{
-    abort, begin, clear_callback, finish, future, set_callback, set_callback_if_pending,
-    set_future, Delivery, Discarding,
+    abort, begin, clear_callback, finish, future, retire_unsent, set_callback,
+    set_callback_if_pending, set_future, Delivery, Discarding,
 };
 pub use pytype::{
-    create_type, get_value, is_op, new_read, new_sync, new_write, set_error_message_hook,
-    ErrorMessageHook,
+    create_type, get_value, is_op, new_read, new_readinto, new_sync, new_write,
+    set_error_message_hook, ErrorMessageHook,
 };
 
 crate::u8_state! {
@@ -110,7 +111,6 @@ pub struct Flavor {
     pub offset_max: i128,
     pub priority_min: i128,
     pub priority_max: i128,
-    pub payload_type_msg: &'static str,
     /// thread_aio reports failures as `-1` in `result`/callback (errno in
     /// `error`); the kernel backends pass `-errno`.
     pub failure_as_minus_one: bool,
@@ -144,7 +144,6 @@ impl Flavor {
         offset_max: i64::MAX as i128,
         priority_min: i16::MIN as i128,
         priority_max: u16::MAX as i128,
-        payload_type_msg: "payload_bytes argument must be bytes",
         failure_as_minus_one: false,
         callback_keyword: true,
         has_result_error: true,
@@ -175,10 +174,20 @@ pub struct Operation {
     /// Raw result: bytes moved (≥ 0) or `-errno`. Valid once `Done`.
     result: AtomicI64,
     /// Read: the `bytes` object filled in place (set at construction, then
-    /// immutable until dealloc).
+    /// immutable until dealloc). `None` for a `readinto`.
     read_buf: Option<Owned>,
-    /// Write: the payload export (guarded by `lock`; released on completion
-    /// for `drop_write_payload` flavors).
+    /// The caller's object whose memory the op uses (write payload,
+    /// `readinto` target); set at construction, immutable until dealloc.
+    /// What `payload` shows.
+    caller_obj: Option<Owned>,
+    /// The engine moves data to or from memory the caller may mutate or
+    /// resize afterwards (any payload but `bytes`, every `readinto`): the
+    /// export is released at completion, and an awaiting task that is
+    /// cancelled resumes only once the engine is done (DESIGN.md §5.5).
+    /// Set at construction, never changes.
+    pub borrows_buffer: bool,
+    /// Write / `readinto`: the buffer export (guarded by `lock`; released on
+    /// completion for `drop_write_payload` flavors and borrowed buffers).
     view: UnsafeCell<Py_buffer>,
     lock: SpinLock,
     /// What delivery calls: the callback, or a future to resolve (`lock`).
@@ -299,12 +308,31 @@ impl Operation {
         }
     }
 
-    /// Data pointer of a read's `bytes` (NULL for other kinds).
+    /// Data pointer of a read's `bytes` or a `readinto`'s target (NULL for
+    /// other kinds, and for a target whose export was released).
     fn read_data(&self) -> *mut u8 {
         match &self.read_buf {
             // SAFETY: `read_buf` is a `bytes` object owned by the op.
             Some(b) => unsafe { PyBytes_AS_STRING(b.as_ptr()) }.cast_mut().cast(),
+            // SAFETY: the export's pointer is read by the op's owner (the
+            // constructor, the engine, finish) while the export is held.
+            None if self.kind == OpKind::Read => unsafe { self.payload_ptr() }.cast_mut(),
             None => std::ptr::null_mut(),
+        }
+    }
+
+    /// Whether this is a read into the caller's buffer (`readinto`).
+    #[inline]
+    pub fn is_readinto(&self) -> bool {
+        self.kind == OpKind::Read && self.read_buf.is_none()
+    }
+
+    /// The name shown in reprs and task names: the kind, or `readinto`.
+    pub fn mode(&self) -> &'static str {
+        if self.is_readinto() {
+            "readinto"
+        } else {
+            self.kind.mode()
         }
     }
 }
