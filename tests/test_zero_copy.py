@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import AsyncBackend, RawBackend, read_file
+from helpers import AsyncBackend, RawBackend, read_file
 
 DATA = bytes(range(256)) * 64  # 16 KiB
 

@@ -293,20 +293,26 @@ struct Parts {
 }
 
 impl Parts {
-    /// Drops the references held for the flight (attached).
-    fn release(self) {
-        let Parts {
-            op,
-            target,
-            context,
-            payload,
-            ..
-        } = self;
-        if let Some(mut view) = payload {
+    /// Releases the payload export moved out by `finish` (attached). Done
+    /// before the callback runs or the future is resolved: whoever that
+    /// wakes (possibly on another thread) finds the buffer released.
+    fn release_payload(&mut self) {
+        if let Some(mut view) = self.payload.take() {
             // SAFETY: an export taken by `PyObject_GetBuffer` and moved out
             // of the op by `finish`, released once; attached.
             unsafe { PyBuffer_Release(&raw mut view) };
         }
+    }
+
+    /// Drops the references held for the flight (attached).
+    fn release(mut self) {
+        self.release_payload();
+        let Parts {
+            op,
+            target,
+            context,
+            ..
+        } = self;
         drop(target);
         drop(context);
         drop(op);
@@ -429,9 +435,10 @@ impl Delivery {
     /// attached. Inside a [`Discarding`] scope (on this thread) it discards
     /// instead.
     pub fn run(mut self) {
-        let Some(parts) = self.parts.take() else {
+        let Some(mut parts) = self.parts.take() else {
             return;
         };
+        parts.release_payload();
         if DISCARD.with(|d| d.get()) {
             return parts.release();
         }
