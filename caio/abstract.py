@@ -5,7 +5,7 @@ follow the same interface without inheriting from them (see the ``.pyi`` stubs).
 """
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -59,6 +59,30 @@ class AbstractOperation(abc.ABC):
     ) -> "AbstractOperation":
         """A read into ``buffer`` (a writable C-contiguous buffer);
         ``get_value()`` is the number of bytes read."""
+        raise NotImplementedError
+
+    @classmethod
+    def readv(
+        cls,
+        buffers: "Sequence[Buffer]",
+        fd: int,
+        offset: int,
+        priority: int = 0,
+    ) -> "AbstractOperation":
+        """One vectored read into ``buffers``; ``get_value()`` is the number
+        of bytes read."""
+        raise NotImplementedError
+
+    @classmethod
+    def writev(
+        cls,
+        buffers: "Sequence[Buffer]",
+        fd: int,
+        offset: int,
+        priority: int = 0,
+    ) -> "AbstractOperation":
+        """One vectored write of ``buffers``; ``get_value()`` is the number
+        of bytes written."""
         raise NotImplementedError
 
     @classmethod

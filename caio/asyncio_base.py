@@ -21,7 +21,7 @@ this module only wires it to the event loop.
 import abc
 import asyncio
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
@@ -202,7 +202,12 @@ class AsyncioContextBase(abc.ABC):
                     except ValueError:
                         pass
         if cancelled is not None:
-            raise cancelled
+            try:
+                raise cancelled
+            finally:
+                # The exception's traceback holds this frame: no cycle that
+                # would keep the op (and the caller's buffers) alive.
+                del cancelled
 
     def read(
         self,
@@ -244,6 +249,34 @@ class AsyncioContextBase(abc.ABC):
         return cast(
             "Coroutine[Any, Any, int]",
             self.submit(self.OPERATION_CLASS.readinto(buffer, fd, offset, priority)),
+        )
+
+    def readv(
+        self,
+        buffers: "Sequence[Buffer]",
+        fd: int,
+        offset: int = 0,
+        priority: int = 0,
+    ) -> Coroutine[Any, Any, int]:
+        """One vectored read into ``buffers`` (at most 1024 writable
+        C-contiguous buffers, filled in order); the number of bytes read."""
+        return cast(
+            "Coroutine[Any, Any, int]",
+            self.submit(self.OPERATION_CLASS.readv(buffers, fd, offset, priority)),
+        )
+
+    def writev(
+        self,
+        buffers: "Sequence[Buffer]",
+        fd: int,
+        offset: int = 0,
+        priority: int = 0,
+    ) -> Coroutine[Any, Any, int]:
+        """One vectored write of ``buffers`` (at most 1024 C-contiguous
+        buffers, in order); the number of bytes written."""
+        return cast(
+            "Coroutine[Any, Any, int]",
+            self.submit(self.OPERATION_CLASS.writev(buffers, fd, offset, priority)),
         )
 
     def fsync(self, fd: int) -> Coroutine[Any, Any, None]:

@@ -1,7 +1,7 @@
 """Linux AIO c API bindings."""
 
 import asyncio
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from typing import Any, final
 
 from typing_extensions import Buffer, Self, disjoint_base
@@ -97,6 +97,23 @@ class Operation(AbstractOperation):
         offset: int = 0,
         priority: int = 0,
     ) -> Operation: ...
+    # One vectored transfer of at most 1024 buffers (IOV_MAX).
+    @classmethod
+    def readv(
+        cls,
+        buffers: Sequence[Buffer],
+        fd: int,
+        offset: int = 0,
+        priority: int = 0,
+    ) -> Operation: ...
+    @classmethod
+    def writev(
+        cls,
+        buffers: Sequence[Buffer],
+        fd: int,
+        offset: int = 0,
+        priority: int = 0,
+    ) -> Operation: ...
     @classmethod
     def fsync(cls, fd: int, priority: int = 0) -> Operation: ...
     @classmethod
@@ -151,6 +168,12 @@ class _AsyncioBase:
     ) -> OperationAwaitable: ...
     def readinto(
         self, buffer: Buffer, fd: int, offset: int = 0, priority: int = 0
+    ) -> OperationAwaitable: ...
+    def readv(
+        self, buffers: Sequence[Buffer], fd: int, offset: int = 0, priority: int = 0
+    ) -> OperationAwaitable: ...
+    def writev(
+        self, buffers: Sequence[Buffer], fd: int, offset: int = 0, priority: int = 0
     ) -> OperationAwaitable: ...
     def fsync(self, fd: int) -> OperationAwaitable: ...
     def fdsync(self, fd: int) -> OperationAwaitable: ...

@@ -1,7 +1,7 @@
 """io_uring based AIO backend (Linux 5.6+)."""
 
 import asyncio
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from typing import Any, final
 
 from typing_extensions import Buffer, Self, disjoint_base
@@ -88,6 +88,23 @@ class Operation(AbstractOperation):
         offset: int = 0,
         priority: int = 0,
     ) -> Operation: ...
+    # One vectored transfer of at most 1024 buffers (IOV_MAX).
+    @classmethod
+    def readv(
+        cls,
+        buffers: Sequence[Buffer],
+        fd: int,
+        offset: int = 0,
+        priority: int = 0,
+    ) -> Operation: ...
+    @classmethod
+    def writev(
+        cls,
+        buffers: Sequence[Buffer],
+        fd: int,
+        offset: int = 0,
+        priority: int = 0,
+    ) -> Operation: ...
     @classmethod
     def fsync(cls, fd: int, priority: int = 0) -> Operation: ...
     @classmethod
@@ -147,6 +164,12 @@ class _AsyncioBase:
     ) -> OperationAwaitable: ...
     def readinto(
         self, buffer: Buffer, fd: int, offset: int = 0, priority: int = 0
+    ) -> OperationAwaitable: ...
+    def readv(
+        self, buffers: Sequence[Buffer], fd: int, offset: int = 0, priority: int = 0
+    ) -> OperationAwaitable: ...
+    def writev(
+        self, buffers: Sequence[Buffer], fd: int, offset: int = 0, priority: int = 0
     ) -> OperationAwaitable: ...
     def fsync(self, fd: int) -> OperationAwaitable: ...
     def fdsync(self, fd: int) -> OperationAwaitable: ...

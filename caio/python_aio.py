@@ -75,6 +75,8 @@ class OpCode(IntEnum):
     WRITE = 1
     FSYNC = 2
     FDSYNC = 3
+    READV = 4
+    WRITEV = 5
     NOOP = -1
 
 
@@ -141,14 +143,14 @@ def _lseek_read(fd: int, size: int, offset: int) -> bytes:
         return os.read(fd, size)
 
 
-def _lseek_write(fd: int, data: bytes, offset: int) -> int:
+def _lseek_write(fd: int, data: "Buffer", offset: int) -> int:
     with _fd_lock(fd):
         os.lseek(fd, offset, os.SEEK_SET)
         return os.write(fd, data)
 
 
 _pread: Callable[[int, int, int], bytes] = os.pread if NATIVE_PREAD_PWRITE else _lseek_read
-_pwrite: Callable[[int, bytes, int], int] = os.pwrite if NATIVE_PREAD_PWRITE else _lseek_write
+_pwrite: Callable[[int, "Buffer", int], int] = os.pwrite if NATIVE_PREAD_PWRITE else _lseek_write
 
 
 # O_DIRECT: the kernel wants the buffer address, file offset and length
@@ -219,6 +221,63 @@ def _run_read(op: "Operation") -> int:
     return len(data)
 
 
+#: Most buffers one readv()/writev() takes (Linux's IOV_MAX, as the native
+#: backends): longer sequences are refused with ValueError.
+IOV_MAX = 1024
+
+
+def _export_all(buffers: Any, writable: bool) -> list[memoryview]:
+    """The views of a readv()/writev() sequence (the native backends'
+    errors); every one is released if one is refused."""
+    if isinstance(buffers, (bytes, bytearray, memoryview)):
+        raise TypeError(
+            f"buffers must be a sequence of buffers, not a single {type(buffers).__name__!r}"
+        )
+    try:
+        items = tuple(buffers)
+    except TypeError:
+        raise TypeError(
+            f"buffers must be a sequence of buffers, not {type(buffers).__name__!r}"
+        ) from None
+    if not items:
+        raise ValueError("buffers must not be empty")
+    if len(items) > IOV_MAX:
+        raise ValueError(
+            f"buffers holds {len(items)} buffers; at most IOV_MAX ({IOV_MAX}) per operation"
+        )
+    views: list[memoryview] = []
+    try:
+        for item in items:
+            views.append(_export(item, writable, "buffers"))
+    except BaseException:
+        for v in views:
+            v.release()
+        raise
+    return views
+
+
+def _run_vectored(op: "Operation") -> int:
+    views = op._views
+    fd, offset = op._fileno, op._offset
+    if NATIVE_PREADV:
+        if op.opcode == _READV:
+            return os.preadv(fd, views, offset)
+        return os.pwritev(fd, views, offset)
+    # Windows: the buffers in turn, stopping at a short transfer.
+    total = 0
+    for v in views:
+        if op.opcode == _READV:
+            data = _pread(fd, len(v), offset + total)
+            v[: len(data)] = data
+            n = len(data)
+        else:
+            n = _pwrite(fd, v, offset + total)
+        total += n
+        if n < len(v):
+            break
+    return total
+
+
 def _run_readinto(op: "Operation", target: memoryview) -> int:
     # Into the caller's memory: one preadv() where it exists, else a read
     # copied in (Windows).
@@ -285,6 +344,7 @@ def _run_noop(op: "Operation") -> None:
 # Plain module constants: attribute access on an Enum class is comparatively
 # slow on 3.10/3.11 and these sit on the per-operation path.
 _READ, _WRITE, _FSYNC, _FDSYNC = OpCode.READ, OpCode.WRITE, OpCode.FSYNC, OpCode.FDSYNC
+_READV, _WRITEV = OpCode.READV, OpCode.WRITEV
 _OPEN = ContextState.OPEN
 
 _RUNNERS: dict[int, Callable[["Operation"], int | None]] = {
@@ -293,6 +353,8 @@ _RUNNERS: dict[int, Callable[["Operation"], int | None]] = {
     OpCode.FSYNC: _run_fsync,
     OpCode.FDSYNC: _run_fdsync,
     OpCode.NOOP: _run_noop,
+    OpCode.READV: _run_vectored,
+    OpCode.WRITEV: _run_vectored,
 }
 
 
@@ -906,6 +968,9 @@ class Operation(AbstractOperation):
     python aio operation implementation
     """
 
+    #: readv/writev: the views of the caller's buffers until completion.
+    _views: "list[memoryview] | tuple[()]" = ()
+
     def __init__(
         self,
         fd: int,
@@ -936,6 +1001,10 @@ class Operation(AbstractOperation):
                     raise ValueError("payload_bytes must be a bytes-like object, not 'NoneType'")
                 view = _export(payload, False, "payload_bytes")
                 buffer, caller, nbytes = view, payload, view.nbytes
+        elif opcode == _READV or opcode == _WRITEV:
+            buffer = b""
+            self._views = _export_all(target, opcode == _READV)
+            caller, nbytes = target, sum(v.nbytes for v in self._views)
         else:
             buffer = b""
             if target is not _NO_TARGET:
@@ -950,7 +1019,7 @@ class Operation(AbstractOperation):
         self.buffer: Any = buffer
         self._view = view
         self._caller = caller
-        self._borrows_buffer = view is not None
+        self._borrows_buffer = caller is not None
         self.opcode = opcode
         self.exception: BaseException | None = None
         self.written: int = 0
@@ -1001,8 +1070,24 @@ class Operation(AbstractOperation):
         used in place; ``get_value()`` is the number of bytes read."""
         return cls(fd, None, offset, _READ, priority=priority, target=buffer)
 
+    @classmethod
+    def readv(cls, buffers: Any, fd: int, offset: int, priority: int = 0) -> "Operation":
+        """One vectored read (``os.preadv``) into ``buffers``, a sequence of
+        at most ``IOV_MAX`` writable C-contiguous buffers filled in order;
+        ``get_value()`` is the number of bytes read."""
+        return cls(fd, None, offset, _READV, priority=priority, target=buffers)
+
+    @classmethod
+    def writev(cls, buffers: Any, fd: int, offset: int, priority: int = 0) -> "Operation":
+        """One vectored write (``os.pwritev``) of ``buffers`` in order;
+        ``get_value()`` is the number of bytes written."""
+        return cls(fd, None, offset, _WRITEV, priority=priority, target=buffers)
+
     def _release_view(self) -> None:
         # Completion: the caller's memory is theirs again.
+        views, self._views = self._views, ()
+        for v in views:
+            v.release()
         view = self._view
         if view is not None:
             self._view = None
@@ -1028,7 +1113,7 @@ class Operation(AbstractOperation):
         if self.exception is not None:
             raise self.exception
         opcode = self.opcode
-        if opcode == _WRITE:
+        if opcode == _WRITE or opcode == _READV or opcode == _WRITEV:
             return self.written
         if opcode == _FSYNC or opcode == _FDSYNC:
             return None

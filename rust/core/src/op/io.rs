@@ -78,7 +78,8 @@ impl Operation {
                     .ok_or_else(|| PyErr::overflow("offset + nbytes overflows"))?;
                 (start, end)
             }
-            OpKind::Write | OpKind::Fsync | OpKind::Fdsync => {
+            // (Vectored ops never get a window: `direct::window_fits`.)
+            OpKind::Write | OpKind::Fsync | OpKind::Fdsync | OpKind::ReadV | OpKind::WriteV => {
                 (self.offset, self.offset.saturating_add(self.nbytes))
             }
         };
@@ -159,7 +160,8 @@ impl Operation {
             OpKind::Read => self.read_data(),
             // SAFETY: forwarded ownership: no concurrent completion.
             OpKind::Write => unsafe { self.payload_ptr() }.cast_mut(),
-            OpKind::Fsync | OpKind::Fdsync => ptr::null_mut(),
+            // Vectored ops move `iovecs()`, not the window.
+            OpKind::Fsync | OpKind::Fdsync | OpKind::ReadV | OpKind::WriteV => ptr::null_mut(),
         };
         // SAFETY: forwarded contract.
         let io = unsafe { self.io_mut() };

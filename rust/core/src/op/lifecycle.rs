@@ -159,14 +159,20 @@ pub unsafe fn retire_unsent(op: &Operation) -> bool {
     unsafe { op.free_bounce() };
     op.result
         .store(-i64::from(libc::ECANCELED), Ordering::Relaxed);
-    let mut view = {
+    let (mut view, vectored) = {
         let _g = op.lock.lock();
-        // SAFETY: `view` is only accessed under `lock`; the export moves
-        // out, leaving an empty (all-zero) `Py_buffer`.
-        let taken = unsafe { ptr::replace(op.view.get(), std::mem::zeroed()) };
+        // SAFETY: `view` and `vectored` are only accessed under `lock`; the
+        // export moves out, leaving an empty (all-zero) `Py_buffer`.
+        let taken = unsafe {
+            (
+                ptr::replace(op.view.get(), std::mem::zeroed()),
+                (*op.vectored.get()).take(),
+            )
+        };
         op.state.store(OpState::Done, Ordering::Release);
         taken
     };
+    drop(vectored); // releases its exports (attached)
     if !view.obj.is_null() {
         // SAFETY: the export taken at construction, released once; attached.
         unsafe { PyBuffer_Release(&raw mut view) };
@@ -289,6 +295,8 @@ struct Parts {
     target: Option<Target>,
     context: Option<Owned>,
     payload: Option<Py_buffer>,
+    /// A vectored op's exports (released with `payload`).
+    vectored: Option<Box<super::vectored::Vectored>>,
     arg: i64,
 }
 
@@ -297,6 +305,7 @@ impl Parts {
     /// before the callback runs or the future is resolved: whoever that
     /// wakes (possibly on another thread) finds the buffer released.
     fn release_payload(&mut self) {
+        drop(self.vectored.take());
         if let Some(mut view) = self.payload.take() {
             // SAFETY: an export taken by `PyObject_GetBuffer` and moved out
             // of the op by `finish`, released once; attached.
@@ -369,13 +378,13 @@ pub unsafe fn finish(op: *mut Operation, raw: i64) -> Delivery {
                 unsafe { ptr::write_bytes(data.add(filled), 0, nbytes - filled) };
             }
         }
-        OpKind::Write => {
+        OpKind::Write | OpKind::WriteV => {
             let n = i64::try_from(o.nbytes).unwrap_or(i64::MAX);
             if res > n {
                 res = n;
             }
         }
-        OpKind::Fsync | OpKind::Fdsync => {}
+        OpKind::Fsync | OpKind::Fdsync | OpKind::ReadV => {}
     }
     // SAFETY: the engine is done with the window's memory.
     unsafe { o.free_bounce() };
@@ -383,7 +392,7 @@ pub unsafe fn finish(op: *mut Operation, raw: i64) -> Delivery {
     // The caller's mutable memory is theirs again once the engine is done.
     let drop_payload =
         o.borrows_buffer || (o.kind == OpKind::Write && o.flavor().drop_write_payload);
-    let (target, context, payload) = {
+    let (target, context, payload, vectored) = {
         let _g = o.lock.lock();
         // SAFETY: the three slots are only accessed under `lock`.
         let (target, context, view) = unsafe {
@@ -405,10 +414,12 @@ pub unsafe fn finish(op: *mut Operation, raw: i64) -> Delivery {
         } else {
             None
         };
+        // SAFETY: `vectored` is only accessed under `lock` once shared.
+        let vectored = unsafe { (*o.vectored.get()).take() };
         // Published under the lock: set_callback_if_pending() either runs
         // before (its callback is taken here) or sees Done.
         o.state.store(OpState::Done, Ordering::Release);
-        (target, context, payload)
+        (target, context, payload, vectored)
     };
     Delivery {
         parts: Some(Parts {
@@ -417,6 +428,7 @@ pub unsafe fn finish(op: *mut Operation, raw: i64) -> Delivery {
             target,
             context,
             payload,
+            vectored,
             arg: o.reported_result(res),
         }),
         op,

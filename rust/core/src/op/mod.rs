@@ -40,6 +40,7 @@ pub mod buffer;
 pub mod io;
 pub mod lifecycle;
 pub mod pytype;
+pub mod vectored;
 
 pub use io::IoTarget;
 pub use lifecycle::{
@@ -47,7 +48,7 @@ pub use lifecycle::{
     set_callback_if_pending, set_future, Delivery, Discarding,
 };
 pub use pytype::{
-    create_type, get_value, is_op, new_read, new_readinto, new_sync, new_write,
+    create_type, get_value, is_op, new_read, new_readinto, new_sync, new_vectored, new_write,
     set_error_message_hook, ErrorMessageHook,
 };
 
@@ -70,6 +71,11 @@ pub enum OpKind {
     Write = 1,
     Fsync = 2,
     Fdsync = 3,
+    /// `readv`: one vectored read into the caller's buffers
+    /// ([`vectored::Vectored`]); no I/O window of its own.
+    ReadV = 4,
+    /// `writev`: one vectored write from the caller's buffers.
+    WriteV = 5,
 }
 
 impl OpKind {
@@ -79,7 +85,21 @@ impl OpKind {
             OpKind::Write => "write",
             OpKind::Fsync => "fsync",
             OpKind::Fdsync => "fdsync",
+            OpKind::ReadV => "readv",
+            OpKind::WriteV => "writev",
         }
+    }
+
+    /// `readv`/`writev`: the engine transfers [`Operation::iovecs`].
+    #[inline]
+    pub fn is_vectored(self) -> bool {
+        matches!(self, OpKind::ReadV | OpKind::WriteV)
+    }
+
+    /// Data flows from the file into memory (`read`, `readinto`, `readv`).
+    #[inline]
+    pub fn is_read(self) -> bool {
+        matches!(self, OpKind::Read | OpKind::ReadV)
     }
 }
 
@@ -189,6 +209,9 @@ pub struct Operation {
     /// Write / `readinto`: the buffer export (guarded by `lock`; released on
     /// completion for `drop_write_payload` flavors and borrowed buffers).
     view: UnsafeCell<Py_buffer>,
+    /// `readv`/`writev`: the exports and iovecs (set at construction; taken
+    /// out under `lock` at completion).
+    vectored: UnsafeCell<Option<Box<vectored::Vectored>>>,
     lock: SpinLock,
     /// What delivery calls: the callback, or a future to resolve (`lock`).
     target: UnsafeCell<Option<lifecycle::Target>>,
@@ -318,6 +341,19 @@ impl Operation {
             // constructor, the engine, finish) while the export is held.
             None if self.kind == OpKind::Read => unsafe { self.payload_ptr() }.cast_mut(),
             None => std::ptr::null_mut(),
+        }
+    }
+
+    /// The iovecs of a `readv`/`writev` (NULL, 0 for other kinds).
+    ///
+    /// # Safety
+    /// The op is owned by the caller's engine (in flight, not finished).
+    pub unsafe fn iovecs(&self) -> (*const crate::sys::IoVec, usize) {
+        // SAFETY: only `finish` (the engine, after the transfer) or an
+        // unsent op's retirement take the vector out.
+        match unsafe { &*self.vectored.get() } {
+            Some(v) => v.iovecs(),
+            None => (std::ptr::null(), 0),
         }
     }
 

@@ -304,6 +304,117 @@ unsafe fn new_borrowing(
     Ok(op_obj)
 }
 
+static READV_PARAMS: Params = Params {
+    fname: "readv",
+    names: &["buffers", "fd", "offset", "priority"],
+    required: 2,
+    keywords: true,
+};
+static WRITEV_PARAMS: Params = Params {
+    fname: "writev",
+    names: &["buffers", "fd", "offset", "priority"],
+    required: 2,
+    keywords: true,
+};
+
+/// # Safety
+/// CPython's vectorcall arguments; `cls` one of our Operation types.
+unsafe fn vectored_op(
+    cls: *mut PyObject,
+    kind: OpKind,
+    args: *const *mut PyObject,
+    nargs: Py_ssize_t,
+    kw: *mut PyObject,
+) -> PyResult<Owned> {
+    let params = if kind == OpKind::ReadV {
+        &READV_PARAMS
+    } else {
+        &WRITEV_PARAMS
+    };
+    // SAFETY: forwarded contract.
+    unsafe {
+        let [b, fd, off, prio] = params.parse::<4>(args, nargs, kw)?.0;
+        new_vectored(cls, kind, Params::req(b)?, Params::req(fd)?, off, prio)
+    }
+}
+
+/// # Safety
+/// A class method of an Operation type called by CPython: attached, `cls` one
+/// of our Operation types, the arguments CPython's vectorcall.
+unsafe extern "C" fn op_readv(
+    cls: *mut PyObject,
+    args: *const *mut PyObject,
+    nargs: Py_ssize_t,
+    kw: *mut PyObject,
+) -> *mut PyObject {
+    // SAFETY: called by CPython as a classmethod of our Operation type.
+    trampoline(|| unsafe { vectored_op(cls, OpKind::ReadV, args, nargs, kw) })
+}
+
+/// # Safety
+/// A class method of an Operation type called by CPython: attached, `cls` one
+/// of our Operation types, the arguments CPython's vectorcall.
+unsafe extern "C" fn op_writev(
+    cls: *mut PyObject,
+    args: *const *mut PyObject,
+    nargs: Py_ssize_t,
+    kw: *mut PyObject,
+) -> *mut PyObject {
+    // SAFETY: called by CPython as a classmethod of our Operation type.
+    trampoline(|| unsafe { vectored_op(cls, OpKind::WriteV, args, nargs, kw) })
+}
+
+/// `cls.readv(buffers, fd, offset, priority)` / `cls.writev(...)` for Rust
+/// callers: one vectored transfer of the caller's buffers (a sequence of
+/// C-contiguous buffers, writable for `readv`; at most
+/// [`super::vectored::IOV_MAX`]).
+///
+/// # Safety
+/// Attached; `cls` is an Operation type created by [`create_type`];
+/// `kind` is `ReadV` or `WriteV`.
+pub unsafe fn new_vectored(
+    cls: *mut PyObject,
+    kind: OpKind,
+    buffers: Borrowed<'_>,
+    fd: Borrowed<'_>,
+    offset: Option<Borrowed<'_>>,
+    priority: Option<Borrowed<'_>>,
+) -> PyResult<Owned> {
+    debug_assert!(kind.is_vectored());
+    // SAFETY: forwarded contract.
+    let fl = unsafe { flavor_of_type(cls) };
+    let access = if kind == OpKind::ReadV {
+        buffer::Access::Target
+    } else {
+        buffer::Access::Payload
+    };
+    // SAFETY: attached.
+    let (v, total) = unsafe { super::vectored::Vectored::export(buffers, access, "buffers")? };
+    let limit = if kind == OpKind::ReadV {
+        fl.max_read
+    } else {
+        isize::MAX as u64
+    };
+    if total > limit {
+        return Err(PyErr::overflow(
+            "the buffers' total length exceeds the read limit",
+        ));
+    }
+    let (fd, offset, priority) = common_args(fl, fd, offset, priority)?;
+    // SAFETY: forwarded contract.
+    let obj = unsafe { new_op(cls, kind, fd, offset, priority)? };
+    // SAFETY: a fresh op nobody else references yet.
+    unsafe {
+        let op = &mut *obj.as_ptr().cast::<Operation>();
+        *op.vectored.get() = Some(Box::new(v));
+        op.nbytes = total;
+        op.borrows_buffer = true;
+        op.caller_obj = Some(buffers.to_owned());
+        op.reset_io();
+    }
+    Ok(obj)
+}
+
 /// `cls.fsync(fd)` / `cls.fdsync(fd)` for Rust callers.
 ///
 /// # Safety
@@ -432,8 +543,8 @@ pub unsafe fn get_value(op: &Operation) -> PyResult<Owned> {
         // SAFETY: attached; the op is done.
         return Err(unsafe { op_error(op, op.errno()) });
     }
-    if op.is_readinto() {
-        return py_int(res); // bytes read (0 before it ran)
+    if op.is_readinto() || op.kind.is_vectored() {
+        return py_int(res); // bytes moved (0 before it ran)
     }
     match (op.kind, &op.read_buf) {
         (OpKind::Read, _) if state == OpState::New => zero_bytes(op.nbytes),
@@ -452,7 +563,7 @@ pub unsafe fn get_value(op: &Operation) -> PyResult<Owned> {
             }
         }
         (OpKind::Read, None) => zero_bytes(op.nbytes),
-        (OpKind::Write, _) => py_int(res),
+        (OpKind::Write | OpKind::ReadV | OpKind::WriteV, _) => py_int(res),
         (OpKind::Fsync | OpKind::Fdsync, _) => Ok(none()),
     }
 }
@@ -558,8 +669,8 @@ unsafe extern "C" fn get_offset(slf: *mut PyObject, _: *mut c_void) -> *mut PyOb
 unsafe extern "C" fn get_nbytes(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
     getter_of(slf, |op| {
         let tracks = match op.kind {
-            OpKind::Read => true,
-            OpKind::Write => op.flavor().nbytes_tracks_write,
+            OpKind::Read | OpKind::ReadV => true,
+            OpKind::Write | OpKind::WriteV => op.flavor().nbytes_tracks_write,
             OpKind::Fsync | OpKind::Fdsync => false,
         };
         match u64::try_from(op.raw_result()) {
@@ -578,7 +689,7 @@ unsafe extern "C" fn get_payload(slf: *mut PyObject, _: *mut c_void) -> *mut PyO
         if state == OpState::InFlight {
             return Err(in_flight_error("payload"));
         }
-        if op.is_readinto() {
+        if op.is_readinto() || op.kind.is_vectored() {
             return Ok(op.caller_obj.clone().unwrap_or_else(none));
         }
         match op.kind {
@@ -597,7 +708,9 @@ unsafe extern "C" fn get_payload(slf: *mut PyObject, _: *mut c_void) -> *mut PyO
             }
             // The caller's object (thread_aio: until delivered).
             OpKind::Write if op.flavor().drop_write_payload && state == OpState::Done => Ok(none()),
-            OpKind::Write => Ok(op.caller_obj.clone().unwrap_or_else(none)),
+            OpKind::Write | OpKind::ReadV | OpKind::WriteV => {
+                Ok(op.caller_obj.clone().unwrap_or_else(none))
+            }
             OpKind::Fsync | OpKind::Fdsync => Ok(none()),
         }
     })
@@ -652,6 +765,15 @@ fn repr_buffer(op: &Operation) -> usize {
             // SAFETY: `view` is read under `lock`, which `finish` holds
             // while it releases the export.
             unsafe { op.payload_ptr() as usize }
+        }
+        OpKind::ReadV | OpKind::WriteV => {
+            let _g = op.lock.lock();
+            // SAFETY: `vectored` is read under `lock`, which `finish` holds
+            // while it takes the vector out.
+            match unsafe { &*op.vectored.get() } {
+                Some(v) => v.iovecs().0 as usize,
+                None => 0,
+            }
         }
         OpKind::Fsync | OpKind::Fdsync => 0,
     }
@@ -723,6 +845,14 @@ unsafe extern "C" fn op_traverse(slf: *mut PyObject, visit: visitproc, arg: *mut
         if r != 0 {
             return r;
         }
+        if let Some(v) = &*op.vectored.get() {
+            for exporter in v.exporters() {
+                let r = visit(exporter, arg);
+                if r != 0 {
+                    return r;
+                }
+            }
+        }
         visit(Py_TYPE(slf).cast(), arg)
     }
 }
@@ -761,6 +891,7 @@ unsafe extern "C" fn op_dealloc(slf: *mut PyObject) {
             }
             drop(op.read_buf.take());
             drop(op.caller_obj.take());
+            drop((*op.vectored.get()).take());
             op.free_bounce();
             let tp = Py_TYPE(slf);
             if let Some(free) = (*tp).tp_free {
@@ -806,6 +937,22 @@ C-contiguous buffer, used in place) at offset.",
         c"readinto($type, buffer, fd, offset=0, priority=0)\n--\n\nA read into buffer (a writable \
 C-contiguous buffer: bytearray, memoryview, mmap, array) at offset, without copying. get_value() \
 is the number of bytes read. The buffer export is held until the operation completes.",
+    ))
+    .method(fastcall(
+        c"readv",
+        op_readv,
+        METH_CLASS,
+        c"readv($type, buffers, fd, offset=0, priority=0)\n--\n\nOne vectored read (preadv) into \
+buffers (a sequence of at most 1024 writable C-contiguous buffers, filled in order) at offset. \
+get_value() is the number of bytes read.",
+    ))
+    .method(fastcall(
+        c"writev",
+        op_writev,
+        METH_CLASS,
+        c"writev($type, buffers, fd, offset=0, priority=0)\n--\n\nOne vectored write (pwritev) of \
+buffers (a sequence of at most 1024 C-contiguous buffers, in order) at offset. get_value() is the \
+number of bytes written.",
     ))
     .method(fastcall(
         c"fsync",
