@@ -484,3 +484,67 @@ def test_cancelled_readv_never_writes_the_buffers_afterwards(
         aio.run(main(), timeout=120)
     finally:
         os.close(fd)
+
+
+# -- O_DIRECT with aligned caller memory: no bounce copy ----------------------------------
+
+
+def _direct_fd(tmp_path: Any, size: int) -> int:
+    path = str(tmp_path / "direct.bin")
+    with open(path, "wb") as f:
+        f.write(bytes(range(256)) * (size // 256))
+    try:
+        return os.open(path, os.O_RDWR | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        pytest.skip("no O_DIRECT here")
+
+
+def test_direct_io_with_aligned_buffers_makes_no_bounce_copy(
+    async_backend: AsyncBackend, aio: Any, tmp_path: Any
+) -> None:
+    """DESIGN.md §10: an anonymous mmap is page-aligned, so readinto/write/
+    readv/writev of whole blocks on an O_DIRECT fd use it as it is (the
+    module's test-hook counter of bounce windows does not move); a
+    bytearray is not aligned and still goes through a bounce window."""
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT")
+    fd = _direct_fd(tmp_path, 1 << 20)
+    native = async_backend.name != "python_aio"
+    module = getattr(__import__("caio"), async_backend.name)
+    if native and not module._TEST_HOOKS:
+        pytest.skip("needs a build with test hooks")
+    count = module._bounce_windows if native else (lambda: 0)
+    m = mmap.mmap(-1, 64 << 10)
+    expected = (bytes(range(256)) * 256)[: 64 << 10]
+
+    async def main() -> None:
+        ctx = async_backend.context()
+        try:
+            # Unaligned memory goes through a bounce window (and makes the
+            # backends that detect O_DIRECT lazily remember this fd).
+            start = count()
+            ba = bytearray(4097)
+            odd = memoryview(ba)[1:]  # an odd address: never aligned
+            assert await ctx.readinto(odd, fd, 4096) == 4096
+            assert ba[1:] == expected[:4096]
+            odd.release()
+            if native:
+                assert count() > start
+            before = count()
+            view = memoryview(m)
+            for _ in range(3):
+                assert await ctx.readinto(m, fd, 4096) == 64 << 10
+                assert m[:] == expected
+                assert await ctx.readv([view[:4096], view[4096:8192]], fd, 0) == 8192
+                assert await ctx.write(view[:8192], fd, 8192) == 8192
+                assert await ctx.writev([view[:4096], view[8192:16384]], fd, 0) == 12288
+            assert count() == before  # the caller's memory was the window
+            view.release()
+        finally:
+            ctx.close()
+
+    try:
+        aio.run(main())
+    finally:
+        os.close(fd)
+    m.close()
