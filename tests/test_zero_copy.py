@@ -185,6 +185,18 @@ def test_readinto_export_held_until_done_then_released(
                 ok.extend(b"x")
             assert await pending == 16
             ok.extend(b"x")  # success: released
+            mv = memoryview(bytearray(16))
+            pending = ctx.readinto(mv, tmp_fd, 0)
+            if async_backend.name != "python_aio":
+                # A native export is taken on the memoryview itself, so it
+                # cannot be released meanwhile. python_aio's memoryview of
+                # it shares the underlying export instead (DESIGN.md §3.8):
+                # the memory stays valid either way.
+                with pytest.raises(BufferError):
+                    mv.release()
+            assert await pending == 16
+            del pending
+            mv.release()
             failing = ctx.readinto(bad, closed_fd, 0)
             with pytest.raises(BufferError):
                 bad.extend(b"x")
