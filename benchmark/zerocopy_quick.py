@@ -20,6 +20,9 @@ not the device. Rows (median of ``--repeat`` runs, ``--duration`` s each):
 * ``readv 16x64K``: one task, 1 MiB per step as one ``readv`` of 16 × 64 KiB
   buffers vs 16 ``readinto`` of 64 KiB awaited one after the other (16
   system calls or SQEs instead of 1);
+* ``O_DIRECT 4K c=64`` (linux_uring, linux_aio): random 4 KiB ``readinto``
+  into page-aligned ``mmap`` blocks (no bounce copy) vs ``fio
+  --ioengine=io_uring`` / ``libaio`` at ``--iodepth=64`` on the same file;
 * ``RSS``: peak resident set growth while reading the whole file in 1 MiB
   pieces into one buffer (``ru_maxrss`` before/after; it should stay within a
   few MiB of the buffer).
@@ -31,9 +34,12 @@ Markdown table. Check ``uptime`` first; the machine is shared.
 import argparse
 import asyncio
 import importlib
+import json
+import mmap
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -111,6 +117,65 @@ def measure(
             ctx.close()
 
     return asyncio.run(main())
+
+
+def direct_readinto(backend: str, path: str, conc: int, duration: float) -> float:
+    """O_DIRECT 4 KiB random readinto at ``conc``, each task into its own
+    page-aligned mmap block (no bounce copy): operations per second."""
+    module = importlib.import_module(f"caio.{backend}_asyncio")
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    blocks = os.path.getsize(path) // 4096
+    rnd = random.Random(11)
+
+    async def main() -> float:
+        ctx = module.AsyncioContext(max(conc, 64))
+        blocks_mem = [mmap.mmap(-1, 4096) for _ in range(conc)]
+
+        async def step(i: int) -> int:
+            await ctx.readinto(blocks_mem[i], fd, rnd.randrange(blocks) * 4096)
+            return 1
+
+        try:
+            await run_tasks(conc, min(0.2, duration), step)
+            return await run_tasks(conc, duration, step)
+        finally:
+            ctx.close()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        os.close(fd)
+
+
+def fio_iops(engine: str, path: str, depth: int, duration: float) -> float | None:
+    """``fio --ioengine=<engine> --direct=1 --rw=randread --bs=4k`` IOPS on the
+    same file, or None without fio."""
+    if shutil.which("fio") is None:
+        return None
+    out = subprocess.run(
+        [
+            "fio",
+            "--name=zc",
+            f"--filename={path}",
+            f"--ioengine={engine}",
+            f"--iodepth={depth}",
+            "--direct=1",
+            "--rw=randread",
+            "--bs=4k",
+            "--time_based",
+            f"--runtime={max(1, round(duration))}",
+            "--output-format=json",
+            "--randrepeat=0",
+            "--norandommap",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        return float(json.loads(out.stdout)["jobs"][0]["read"]["iops"])
+    except (ValueError, KeyError, IndexError):
+        return None
 
 
 def sync_preadv(fd: int, blocks: int, size: int, duration: float) -> float:
@@ -222,6 +287,19 @@ def main() -> None:
                 f"{rv / r16:.2f}×",
             )
         )
+        fio_engine = {"linux_uring": "io_uring", "linux_aio": "libaio"}.get(backend)
+        if fio_engine is not None:
+            ours = median(lambda be=backend: direct_readinto(be, args.file, 64, d), r)
+            theirs = fio_iops(fio_engine, args.file, 64, d)
+            rows.append(
+                (
+                    backend,
+                    "O_DIRECT 4K c=64",
+                    f"fio {fio_engine}: " + (f"{theirs / 1000:.0f}k op/s" if theirs else "n/a"),
+                    f"{ours / 1000:.0f}k op/s",
+                    f"{ours / theirs:.2f}× fio" if theirs else "—",
+                )
+            )
         # A fresh process: the peak so far says nothing about this read.
         out = subprocess.run(
             [sys.executable, __file__, "--rss", backend, "--file", args.file],
