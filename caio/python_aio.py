@@ -75,8 +75,6 @@ class OpCode(IntEnum):
     WRITE = 1
     FSYNC = 2
     FDSYNC = 3
-    READV = 4
-    WRITEV = 5
     NOOP = -1
 
 
@@ -344,7 +342,8 @@ def _run_noop(op: "Operation") -> None:
 # Plain module constants: attribute access on an Enum class is comparatively
 # slow on 3.10/3.11 and these sit on the per-operation path.
 _READ, _WRITE, _FSYNC, _FDSYNC = OpCode.READ, OpCode.WRITE, OpCode.FSYNC, OpCode.FDSYNC
-_READV, _WRITEV = OpCode.READV, OpCode.WRITEV
+# readv/writev: not members of OpCode, which stays upstream's enum.
+_READV, _WRITEV = 4, 5
 _OPEN = ContextState.OPEN
 
 _RUNNERS: dict[int, Callable[["Operation"], int | None]] = {
@@ -353,8 +352,8 @@ _RUNNERS: dict[int, Callable[["Operation"], int | None]] = {
     OpCode.FSYNC: _run_fsync,
     OpCode.FDSYNC: _run_fdsync,
     OpCode.NOOP: _run_noop,
-    OpCode.READV: _run_vectored,
-    OpCode.WRITEV: _run_vectored,
+    _READV: _run_vectored,
+    _WRITEV: _run_vectored,
 }
 
 
@@ -976,7 +975,7 @@ class Operation(AbstractOperation):
         fd: int,
         nbytes: int | None,
         offset: int | None,
-        opcode: OpCode,
+        opcode: OpCode | int,
         payload: Any = None,
         priority: int | None = None,
         target: Any = _NO_TARGET,
