@@ -201,6 +201,36 @@ def test_submit_rejects_foreign_objects(
     aio.run(main())
 
 
+def test_submit_replaces_a_user_callback(
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    tmp_fd: int,
+) -> None:
+    """DESIGN.md §5.2: the adapter's completion wiring replaces a callback set
+    on the op, whether the op completes inline (page-cache hit) or not."""
+    os.pwrite(tmp_fd, b"cached data", 0)
+    called: list[Any] = []
+
+    async def main() -> None:
+        async with async_backend.context() as ctx:
+            for _ in range(3):
+                read = ctx.OPERATION_CLASS.read(6, tmp_fd, 0)
+                read.set_callback(called.append)
+                assert await ctx.submit(read) == b"cached"
+                write = ctx.OPERATION_CLASS.write(b"CACHED", tmp_fd, 0)
+                write.set_callback(called.append)
+                assert await ctx.submit(write) == 6
+                sync = ctx.OPERATION_CLASS.fdsync(tmp_fd)
+                sync.set_callback(called.append)
+                assert await ctx.submit(sync) is None
+                os.pwrite(tmp_fd, b"cached", 0)
+            # Let any stray delivery run before looking.
+            await asyncio.sleep(0)
+
+    aio.run(main())
+    assert called == []
+
+
 # -- I/O (DESIGN.md §5.2) ------------------------------------------------------------
 
 

@@ -77,6 +77,13 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     if n == 0 {
         return Ok(false);
     }
+    // The awaitable's future (installed when the op does not complete
+    // inline) is what the delivery resolves, never a callback set on the op
+    // beforehand, whether or not it completes inside the enter below (DESIGN.md
+    // §5.2; as every adapter). Only this thread delivers the adapter's
+    // completions, so the op cannot have been delivered yet.
+    // SAFETY: attached; `op` is an Operation (hook contract).
+    unsafe { caio_core::op::clear_callback(as_op(op)) };
     let batch = a.deferred() || c.batching.load(Ordering::Relaxed);
     if batch && !c.ring().sqpoll {
         // Automatic batches are capped: entering every BATCH_MAX SQEs keeps

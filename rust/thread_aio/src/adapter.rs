@@ -50,7 +50,7 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     c.check_fork()?;
     let pool = c.pool()?;
     // SAFETY: attached; `slf` is `c`; `op` is an Operation (hook contract).
-    unsafe { submit_one(c, slf, &pool, op) }
+    unsafe { submit_one(c, slf, &pool, op, true) }
 }
 
 /// Takes back a job no worker has started yet and completes it as

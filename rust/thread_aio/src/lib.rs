@@ -194,7 +194,7 @@ unsafe fn ctx_submit(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<Own
     let mut accepted = 0usize;
     for &a in args {
         // SAFETY: attached; `slf` is `c`; `a` is an Operation (checked).
-        if unsafe { submit_one(c, slf, &pool, a) }? {
+        if unsafe { submit_one(c, slf, &pool, a, false) }? {
             accepted += 1;
         }
     }
@@ -204,6 +204,9 @@ unsafe fn ctx_submit(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<Own
 /// Claims `a` and hands it to the pool — or, for a page-cache hit in
 /// event-loop mode, completes it right here. `Ok(false)`: already claimed
 /// (in flight or done), silently skipped. On error the claim is rolled back.
+/// `for_adapter`: the asyncio adapter submits; once claimed, a callback set
+/// on the op is dropped (the adapter's future replaces it, DESIGN.md §5.2),
+/// before anything can deliver it.
 ///
 /// # Safety
 /// Attached; `slf` is the Context `c`; `a` is one of this module's
@@ -213,6 +216,7 @@ pub(crate) unsafe fn submit_one(
     slf: *mut PyObject,
     pool: &Pool,
     a: *mut PyObject,
+    for_adapter: bool,
 ) -> PyResult<bool> {
     // SAFETY: `a` is an Operation (contract above).
     let o = unsafe { as_op(a) };
@@ -221,6 +225,10 @@ pub(crate) unsafe fn submit_one(
     }
     // SAFETY: attached, and `o` was claimed just now by this call.
     unsafe { op::begin(o, slf) };
+    if for_adapter {
+        // SAFETY: attached.
+        unsafe { op::clear_callback(o) };
+    }
     let inline_max = c.inline_read_max.load(Ordering::Relaxed);
     // `inline_max == 0`: inline reads are off (a raw Context, or the adapter
     // asked for none); then every op, a zero-length read included, runs and
