@@ -7,6 +7,7 @@ import errno
 import gc
 import os
 import pickle
+import re
 import signal
 import sys
 import threading
@@ -1307,3 +1308,50 @@ def test_many_threads_read_one_value(ctx, fd):
     for t in threads:
         t.join()
     assert not bad
+
+
+def test_private_close_releases_the_ring_and_refuses_later_calls(tmp_fd):
+    """``Context._close()`` (the adapter's close once idle, DESIGN.md §5.6):
+    refused while an operation is in flight, then the ring fd and the eventfd
+    are closed at once and every method raises a clear RuntimeError; a close
+    from a callback running inside a drain is deferred until the drain is over."""
+    ctx = Context()
+    ring_fds = {ctx.fileno, int(re.search(r"uring_fd=(\d+)", repr(ctx)).group(1))}
+    op = Operation.write(b"data", tmp_fd, 0)
+    done = []
+    op.set_callback(done.append)
+    assert ctx.submit(op) == 1
+    assert ctx._close() is False  # staged: its memory is the kernel's to use
+    ctx.flush()
+    while not done:
+        ctx.process_events(min_requests=1, timeout=1)
+    assert ctx._close() is True
+    for fd in ring_fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    with pytest.raises(RuntimeError, match="closed"):
+        ctx.submit(Operation.read(4, tmp_fd, 0))
+    for call in (ctx.flush, ctx.process_events, ctx.poll, lambda: ctx.fileno):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
+    assert "closed" in repr(ctx)
+    assert ctx._close() is True
+
+    # Closed from a callback the drain runs: released once the drain returns.
+    other = Context()
+    efd = other.fileno
+    seen = []
+
+    def close_from_callback(result):
+        seen.append(other._close())
+        os.fstat(efd)  # still open while the drain runs
+
+    read = Operation.read(4, tmp_fd, 0)
+    read.set_callback(close_from_callback)
+    assert other.submit(read) == 1
+    other.flush()
+    while not seen:
+        other.process_events(min_requests=1, timeout=1)
+    assert seen == [True]
+    with pytest.raises(OSError):
+        os.fstat(efd)

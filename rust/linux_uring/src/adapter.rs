@@ -24,7 +24,6 @@
 use std::sync::atomic::Ordering;
 
 use caio_core::aio::{Adapter, Engine};
-use caio_core::context::ContextState;
 use caio_core::op::as_op;
 use caio_core::py::{Exc, PyErr, PyResult};
 use caio_core::pyo3_ffi::*;
@@ -55,7 +54,7 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     let ctx_obj = a.context();
     // SAFETY: `ctx_obj` is a Context (hook contract).
     let c = unsafe { ctx(ctx_obj) };
-    c.check_fork()?;
+    let _u = c.enter()?;
     // SAFETY: attached; `op` is an Operation; `ctx_obj` owns the ring (hook
     // contract).
     let mut staged = unsafe { c.ring().stage(&[op], ctx_obj) };
@@ -144,7 +143,7 @@ unsafe fn schedule_flush(a: &Adapter, c: &crate::Context) -> PyResult<()> {
 unsafe fn loop_events(a: &Adapter) -> PyResult<usize> {
     // SAFETY: `a.context()` is a Context (hook contract).
     let c = unsafe { ctx(a.context()) };
-    c.check_fork()?;
+    let _u = c.enter()?;
     c.ring().consume_eventfd();
     // SAFETY: attached (hook contract).
     let n = unsafe { c.deliver(usize::MAX) };
@@ -163,9 +162,9 @@ unsafe fn loop_events(a: &Adapter) -> PyResult<usize> {
 unsafe fn cancel(a: &Adapter, op: *mut PyObject) {
     // SAFETY: `a.context()` is a Context (hook contract).
     let c = unsafe { ctx(a.context()) };
-    if c.check_fork().is_err() {
+    let Ok(_u) = c.enter() else {
         return;
-    }
+    };
     // SAFETY: `op` is an Operation (hook contract).
     let _ = c.ring().cancel(unsafe { as_op(op) });
 }
@@ -180,12 +179,12 @@ unsafe fn cancel(a: &Adapter, op: *mut PyObject) {
 unsafe fn shutdown(a: &Adapter, deadline: std::time::Instant) -> bool {
     // SAFETY: `a.context()` is a Context (hook contract).
     let c = unsafe { ctx(a.context()) };
-    if c.check_fork().is_err() {
+    let Ok(_u) = c.enter() else {
         // A hook must not raise: leave no exception set.
         // SAFETY: attached (hook contract).
         unsafe { PyErr_Clear() };
         return false;
-    }
+    };
     let ring = c.ring();
     let mut rounds = 0u32;
     loop {
