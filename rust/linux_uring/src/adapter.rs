@@ -98,7 +98,9 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
         unsafe { schedule_flush(a, c) }?;
         return Ok(true);
     }
-    c.submit_staged()?;
+    // (A refusal the kernel may lift leaves the op staged for a retry by
+    // the loop's reader: it completes later, its awaitable waits.)
+    c.submit_or_retry()?;
     // SAFETY: attached (hook contract).
     unsafe { c.deliver(usize::MAX) };
     // SAFETY: `op` is an Operation (hook contract).
@@ -124,7 +126,7 @@ unsafe fn schedule_flush(a: &Adapter, c: &crate::Context) -> PyResult<()> {
             e.restore();
             // SAFETY: attached; drops the exception just restored.
             unsafe { PyErr_Clear() };
-            c.submit_staged()?;
+            c.submit_or_retry()?;
             // SAFETY: attached (contract above).
             unsafe { c.deliver(usize::MAX) };
         }
@@ -147,7 +149,16 @@ unsafe fn loop_events(a: &Adapter) -> PyResult<usize> {
     c.ring().consume_eventfd();
     // SAFETY: attached (hook contract).
     let n = unsafe { c.deliver(usize::MAX) };
-    if n > 0 && !c.ring().sqpoll && (a.deferred() || c.batching.load(Ordering::Relaxed)) {
+    if c.ring().sqpoll {
+        if c.ring().staged() > 0 {
+            // A wake-up of the SQ thread may have been refused: again.
+            c.submit_or_retry()?;
+        }
+    } else if (n > 0 && (a.deferred() || c.batching.load(Ordering::Relaxed)))
+        || c.ring().staged() > 0
+    {
+        // (Staged SQEs here and no flush scheduled: the kernel refused an
+        // enter, see `Context::submit_or_retry`; the flush tries again.)
         // SAFETY: attached; `a` is bound to `c` (hook contract).
         unsafe { schedule_flush(a, c) }?;
     }

@@ -92,13 +92,43 @@ impl Context {
     }
 
     /// Hands staged SQEs to the kernel; big batches with the GIL released.
-    pub(crate) fn submit_staged(&self) -> PyResult<()> {
-        let r = if self.ring().big_enter() {
+    fn enter_staged(&self) -> std::io::Result<()> {
+        if self.ring().big_enter() {
             allow_threads(|| self.ring().submit_staged())
         } else {
             self.ring().submit_staged()
-        };
-        r.map_err(|e| PyErr::Errno(Exc::SystemError, e.raw_os_error().unwrap_or(libc::EIO)))
+        }
+    }
+
+    /// Hands staged SQEs to the kernel (raw API: a refusal raises
+    /// `SystemError(errno)`, the SQEs stay staged for the next enter).
+    pub(crate) fn submit_staged(&self) -> PyResult<()> {
+        self.enter_staged().map_err(enter_error)
+    }
+
+    /// The asyncio adapter's submission. The ops are staged and claimed, so
+    /// they will run with the next enter that succeeds: a refusal must not
+    /// fail their awaitables (they would fail *and* run later). When the
+    /// kernel asks to try again (`EAGAIN`, `EBUSY`: CQ overflow, `ENOMEM`,
+    /// `EINTR`), the SQEs stay staged and the eventfd is made readable: the
+    /// loop's reader sees staged SQEs and schedules the flush, which enters
+    /// again (once per loop iteration until the kernel takes them); their
+    /// awaitables just wait. Any other refusal means the ring itself is
+    /// unusable (nothing staged on it will ever run): it is raised.
+    pub(crate) fn submit_or_retry(&self) -> PyResult<()> {
+        match self.enter_staged() {
+            Ok(()) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EAGAIN | libc::EBUSY | libc::ENOMEM | libc::EINTR)
+                ) =>
+            {
+                self.ring().poke_eventfd();
+                Ok(())
+            }
+            Err(e) => Err(enter_error(e)),
+        }
     }
 
     /// Drains up to `max` completions and runs their callbacks (after the
@@ -125,7 +155,7 @@ impl Context {
     /// Attached (callbacks run here).
     pub(crate) unsafe fn flush_batch(&self) -> PyResult<usize> {
         let mut batch = self.ring().take_recent();
-        self.submit_staged()?;
+        self.submit_or_retry()?;
         let mut out: Vec<Delivery> = Vec::new();
         // SAFETY: attached (this function's contract).
         let n = unsafe { self.ring().drain(usize::MAX, &mut out) };
@@ -157,6 +187,11 @@ impl Context {
         // SAFETY: attached (this function's contract).
         Ok(unsafe { self.deliver(usize::MAX) })
     }
+}
+
+/// `io_uring_enter` refused: `SystemError(errno)`.
+fn enter_error(e: std::io::Error) -> PyErr {
+    PyErr::Errno(Exc::SystemError, e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// Every in-flight op holds a reference to its Context, so nothing can

@@ -356,6 +356,11 @@ impl Ring {
             if staged == 0 {
                 return Ok(());
             }
+            // Test hook: the kernel refuses to take the SQEs (they stay staged).
+            if let Some(e) = caio_core::test_hooks::env_parse::<i32>("CAIO_TEST_URING_ENTER_ERRNO")
+            {
+                return Err(io::Error::from_raw_os_error(e));
+            }
             match self.enter(staged, 0, 0) {
                 Ok(0) => return Ok(()), // nothing consumed: do not spin
                 Ok(_) => continue,
@@ -384,6 +389,14 @@ impl Ring {
             }
         }
         Ok(())
+    }
+
+    /// Makes the eventfd readable, so the event loop's reader runs (and
+    /// retries a refused submission, see `Context::submit_or_retry`).
+    pub fn poke_eventfd(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live local to our eventfd.
+        unsafe { libc::write(self.eventfd, (&raw const one).cast(), 8) };
     }
 
     /// `io_uring_enter(2)` without a signal mask.
