@@ -161,6 +161,7 @@ fn worker(shared: Arc<Shared>) {
         }
         OUTSTANDING.fetch_sub(1, Ordering::SeqCst);
     }
+    delivery::worker_exit();
 }
 
 impl Pool {
