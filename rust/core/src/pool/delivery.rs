@@ -99,12 +99,31 @@ pub fn after_fork() {
 pub fn interpreter_exiting() {
     crate::py::allow_threads(|| {
         let step = Duration::from_millis(1);
-        wait_while(Some(Duration::from_secs(5)), step, || {
+        wait_while(Some(exit_wait()), step, || {
             OUTSTANDING.load(Ordering::SeqCst) > 0
         });
         STOPPING.store(true, Ordering::SeqCst);
         wait_while(None, step, || ATTACHING.load(Ordering::SeqCst) > 0);
     });
+}
+
+/// How long the interpreter's exit waits for pool work (the `atexit` hook,
+/// a pool closed while the interpreter exits): 5 s (test hook
+/// `CAIO_TEST_SHUTDOWN_WAIT_MS`).
+pub fn exit_wait() -> Duration {
+    crate::test_hooks::env_parse::<u64>("CAIO_TEST_SHUTDOWN_WAIT_MS")
+        .map_or(Duration::from_secs(5), Duration::from_millis)
+}
+
+/// While the interpreter exits (the `atexit` hook ran, or finalisation
+/// started): the deadline for joining a pool's workers, so a stuck worker
+/// cannot hang the exit. `None` otherwise (joins wait as long as it takes).
+pub fn exit_deadline() -> Option<std::time::Instant> {
+    if STOPPING.load(Ordering::SeqCst) || crate::py::is_finalizing() {
+        Some(std::time::Instant::now() + exit_wait())
+    } else {
+        None
+    }
 }
 
 /// Sleeps in `step`s while `busy()` holds, at most `limit` (if given). For

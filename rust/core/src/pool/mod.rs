@@ -24,7 +24,7 @@ pub mod delivery;
 pub mod io;
 
 pub use completion::CompletionQueue;
-pub use delivery::{after_fork, before_fork, interpreter_exiting};
+pub use delivery::{after_fork, before_fork, exit_deadline, exit_wait, interpreter_exiting};
 pub(crate) use delivery::{register_atexit, FORK_HANDLERS};
 pub use io::{execute, try_read_inline};
 
@@ -148,6 +148,7 @@ impl Shared {
 fn worker(shared: Arc<Shared>) {
     while let Some(job) = shared.next_job() {
         let op = job.0;
+        stall_for_test(op);
         // SAFETY: a queued job is an in-flight op owned by this pool (its
         // engine), now run by this worker only.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
@@ -162,6 +163,22 @@ fn worker(shared: Arc<Shared>) {
         OUTSTANDING.fetch_sub(1, Ordering::SeqCst);
     }
     delivery::worker_exit();
+}
+
+/// Test hook `CAIO_TEST_POOL_STALL_MS`: a worker sleeps that long before
+/// running a write (a stuck worker, or a write an fsync could overtake).
+/// Nothing in builds without the test hooks.
+fn stall_for_test(op: *mut Operation) {
+    if !crate::test_hooks::ENABLED {
+        return;
+    }
+    // SAFETY: a live in-flight op (the job's reference); `kind` is immutable.
+    if unsafe { (*op).kind } != crate::op::OpKind::Write {
+        return;
+    }
+    if let Some(ms) = crate::test_hooks::env_parse::<u64>("CAIO_TEST_POOL_STALL_MS") {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
 }
 
 impl Pool {
@@ -289,16 +306,43 @@ impl Pool {
     /// detached instead). Must be called WITHOUT the GIL when `join` is set,
     /// because direct-delivery workers need it to finish.
     pub fn shutdown(&self, join: bool) {
+        if join {
+            self.shutdown_until(None);
+            return;
+        }
+        lock(&self.shared.state).closed = true;
+        self.shared.closing.store(true, Ordering::Relaxed);
+        self.shared.work.notify_all();
+        drop(std::mem::take(&mut *lock(&self.threads)));
+    }
+
+    /// [`Pool::shutdown`] with joining, bounded by `deadline` (if given):
+    /// a worker still busy then (stuck in a read of an idle pipe...) is
+    /// detached with its job, which completes whenever it does. True when
+    /// every worker ended. Same GIL rule as `shutdown`.
+    pub fn shutdown_until(&self, deadline: Option<std::time::Instant>) -> bool {
         lock(&self.shared.state).closed = true;
         self.shared.closing.store(true, Ordering::Relaxed);
         self.shared.work.notify_all();
         let me = std::thread::current().id();
         let threads = std::mem::take(&mut *lock(&self.threads));
+        let mut all = true;
         for (id, h) in threads {
-            if join && id != me {
-                let _ = h.join();
+            if id == me {
+                continue;
             }
+            if let Some(d) = deadline {
+                while !h.is_finished() && std::time::Instant::now() < d {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                if !h.is_finished() {
+                    all = false;
+                    continue; // detached
+                }
+            }
+            let _ = h.join();
         }
+        all
     }
 }
 
