@@ -1355,3 +1355,48 @@ def test_private_close_releases_the_ring_and_refuses_later_calls(tmp_fd):
     assert seen == [True]
     with pytest.raises(OSError):
         os.fstat(efd)
+
+
+@pytest.mark.parametrize("kind", ["fsync", "fdsync"])
+def test_sync_is_held_until_the_writes_before_it_are_done(kind):
+    """DESIGN.md §6.4: a sync staged after a write to the same fd does not
+    reach the kernel before that write has completed (io_uring would run them
+    in any order). A write into a full pipe waits for a reader; the sync of
+    the pipe (which the kernel answers with EINVAL at once) must wait for it,
+    while a read on another fd is not held back."""
+    r, w = os.pipe()
+    other_r, other_w = os.pipe()
+    ctx = Context()
+    try:
+        os.set_blocking(w, False)
+        try:
+            while True:
+                os.write(w, b"f" * 65536)
+        except BlockingIOError:
+            pass
+        os.write(other_w, b"o")
+        done = []
+        write = Operation.write(b"x", w, -1)
+        sync = getattr(Operation, kind)(w)
+        unrelated = Operation.read(1, other_r, -1)
+        write.set_callback(lambda res: done.append("write"))
+        sync.set_callback(lambda res: done.append("sync"))
+        unrelated.set_callback(lambda res: done.append("unrelated"))
+        assert ctx.submit(write, sync, unrelated) == 3
+        ctx.flush()
+        while "unrelated" not in done:
+            ctx.process_events(min_requests=1, timeout=1)
+        # The write cannot complete while the pipe is full, so neither can
+        # the sync (an unordered one would have failed with EINVAL by now).
+        assert ctx.process_events(min_requests=1, timeout=1) == 0
+        assert done == ["unrelated"]
+        os.read(r, 65536)  # room for the write
+        while len(done) < 3:
+            ctx.process_events(min_requests=1, timeout=1)
+        assert done == ["unrelated", "write", "sync"]
+        assert write.get_value() == 1
+        with pytest.raises(OSError):
+            sync.get_value()
+    finally:
+        for f in (r, w, other_r, other_w):
+            os.close(f)
