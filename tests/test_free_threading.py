@@ -252,6 +252,39 @@ def test_observers_during_completion(pool_backend: RawBackend, fast_fd: int) -> 
     assert len(calls) == len(ops)
 
 
+def test_repr_during_completion(thread_aio: RawBackend, fast_fd: int) -> None:
+    """DESIGN.md §9.1, §3.7: ``repr(op)`` reads a write's buffer address under
+    the op's lock, while a worker's completion releases the payload export
+    (``finish`` moves it out under the same lock): observers on other threads
+    see the address or ``0x(nil)``, never freed memory or a crash."""
+    payload = b"r" * 512
+    ctx = thread_aio.context(4096, pool_size=4)
+    ops = [thread_aio.Operation.write(payload, fast_fd, 512 * i) for i in range(400)]
+    calls = Recorder()
+    for op in ops:
+        op.set_callback(calls)
+    stop = threading.Event()
+
+    def observer(index: int) -> None:
+        while not stop.is_set():
+            for op in ops[index::4]:
+                text = repr(op)
+                assert 'mode="write"' in text and "buffer=0x" in text, text
+
+    def submitter(index: int) -> None:
+        if index == 0:
+            try:
+                assert ctx.submit(*ops) == len(ops)
+                thread_aio.wait_for(None, lambda: len(calls) == len(ops), timeout=30)
+            finally:
+                stop.set()
+        else:
+            observer(index)
+
+    _run_threads(5, submitter)
+    assert len(calls) == len(ops)
+
+
 def test_concurrent_callback_replacement(backend: RawBackend) -> None:
     """DESIGN.md §9.1: every replaced callback is released exactly once."""
     op = backend.Operation.fsync(0)
