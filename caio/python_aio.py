@@ -260,8 +260,10 @@ class _WriteOrder:
     Per fd: the number of writes submitted so far and the numbers of those
     not finished; a sync waits (on its worker) only for writes numbered below
     the count at its submission, so unrelated fds never wait for each other
-    and later writes cannot hold it back. It cannot deadlock: the writes it
-    waits for were queued before it, so workers have already taken them.
+    and later writes cannot hold it back. It cannot deadlock: numbers are
+    given and jobs queued under one lock (``Context._schedule_ordered``), so
+    the writes a sync waits for were queued before it and workers have
+    already taken them.
     """
 
     __slots__ = ("_cond", "_fds")
@@ -632,6 +634,7 @@ class Context(AbstractContext):
         # most pool_size drains are queued or running at any time.
         self._queue: deque[tuple[Any, Any, Operation]] = deque()
         self._order = _WriteOrder()
+        self._order_lock = Lock()
         self._drains = 0
         self._busy = 0
         self._pool_size = pool_size
@@ -664,24 +667,41 @@ class Context(AbstractContext):
             assert isinstance(operation, Operation)  # checked above
             runner = _RUNNERS[operation.opcode]
             if self._claim(operation):
-                number = None
                 opcode = operation.opcode
-                if opcode == _WRITE:
-                    number = self._order.write_submitted(operation._fileno)
-                    runner = functools.partial(_ordered_write, self._order, number)
-                elif opcode == _FSYNC or opcode == _FDSYNC:
-                    before = self._order.sync_submitted(operation._fileno)
-                    if before is not None:
-                        runner = functools.partial(_ordered_sync, self._order, before, runner)
                 try:
-                    self._schedule(runner, operation)
+                    if opcode == _WRITE or opcode == _FSYNC or opcode == _FDSYNC:
+                        self._schedule_ordered(runner, operation)
+                    else:
+                        self._schedule(runner, operation)
                 except BaseException:
-                    if number is not None:
-                        self._order.write_finished(operation._fileno, number)
                     self._unclaim(operation)
                     raise
                 count += 1
         return count
+
+    def _schedule_ordered(
+        self,
+        runner: Callable[["Operation"], Any],
+        operation: "Operation",
+    ) -> None:
+        """A write or a sync: numbered and queued under one lock, so a sync
+        waits only for writes queued before it (workers take them first: a
+        waiting sync never holds up the writes it waits for)."""
+        order = self._order
+        fd = operation._fileno
+        with self._order_lock:
+            if operation.opcode == _WRITE:
+                number = order.write_submitted(fd)
+                try:
+                    self._schedule(functools.partial(_ordered_write, order, number), operation)
+                except BaseException:
+                    order.write_finished(fd, number)
+                    raise
+                return
+            before = order.sync_submitted(fd)
+            if before is not None:
+                runner = functools.partial(_ordered_sync, order, before, runner)
+            self._schedule(runner, operation)
 
     def _claim(self, operation: "Operation") -> bool:
         # The operation's own lock makes the claim atomic across Contexts
