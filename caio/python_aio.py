@@ -251,7 +251,7 @@ _RUNNERS: dict[int, Callable[["Operation"], int | None]] = {
 
 
 class _WriteOrder:
-    """fsync after the writes before it (DESIGN.md §6.4): a sync submitted on
+    """fsync after the writes before it (DESIGN.md §4.1): a sync submitted on
     a Context does not start before every write to the same fd submitted
     before it on that Context has finished. The pool's threads run operations
     in parallel, so an fsync could otherwise run (and report the data

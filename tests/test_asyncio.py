@@ -632,7 +632,7 @@ def test_fsync_covers_the_writes_submitted_before_it(
     sync: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """DESIGN.md §6.4: an fsync/fdsync submitted on a context covers every write
+    """DESIGN.md §4.1: an fsync/fdsync submitted on a context covers every write
     to the same fd submitted before it on that context: it does not start
     before they are done, so its completion comes after theirs. The pool
     workers' writes are slowed down (CAIO_TEST_POOL_STALL_MS, a test-hooks

@@ -1359,7 +1359,7 @@ def test_private_close_releases_the_ring_and_refuses_later_calls(tmp_fd):
 
 @pytest.mark.parametrize("kind", ["fsync", "fdsync"])
 def test_sync_is_held_until_the_writes_before_it_are_done(kind):
-    """DESIGN.md §6.4: a sync staged after a write to the same fd does not
+    """DESIGN.md §4.1: a sync staged after a write to the same fd does not
     reach the kernel before that write has completed (io_uring would run them
     in any order). A write into a full pipe waits for a reader; the sync of
     the pipe (which the kernel answers with EINVAL at once) must wait for it,

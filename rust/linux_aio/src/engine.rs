@@ -95,7 +95,7 @@ pub(crate) struct AioContext {
     /// A flush of `staged` is scheduled on the event loop.
     pub(crate) flush_scheduled: AtomicBool,
     /// Writes not finished yet and the syncs held back behind them
-    /// (DESIGN.md §6.4: an fsync covers the writes submitted before it; the
+    /// (DESIGN.md §4.1: an fsync covers the writes submitted before it; the
     /// kernel and the workers would otherwise run them in any order). A
     /// released sync goes to the worker pool.
     pub(crate) order: Order,

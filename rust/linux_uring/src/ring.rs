@@ -83,7 +83,7 @@ pub struct Ring {
     finished: AtomicU64,
     /// Private wake-up eventfds of threads blocked in [`Ring::wait`].
     waiters: Mutex<Vec<i32>>,
-    /// fsync after the writes before it (DESIGN.md §6.4): writes not
+    /// fsync after the writes before it (DESIGN.md §4.1): writes not
     /// finished yet per fd, and the syncs staged behind them — held out of
     /// the SQ until those writes are drained (the kernel would otherwise run
     /// them in any order). Unrelated fds never wait for each other.

@@ -1,4 +1,4 @@
-//! fsync after the writes before it (DESIGN.md §6.4): an `fsync`/`fdsync`
+//! fsync after the writes before it (DESIGN.md §4.1): an `fsync`/`fdsync`
 //! handed to a pool does not start before every write to the same fd handed
 //! to the same pool before it has finished. Workers run jobs in parallel, so
 //! without this an fsync could run — and report the data durable — while an
