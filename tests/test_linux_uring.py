@@ -804,15 +804,20 @@ def test_op_keeps_context_alive(pipe):
     assert op.get_value() == b"x"
 
 
-def test_blocked_write_on_full_pipe_keeps_context(pipe):
-    # DESIGN.md §8.3.
-    r, w = pipe
+def _fill_pipe(w):
+    """Fills the pipe behind `w` (which stays non-blocking): a write waits."""
     os.set_blocking(w, False)
     try:
         while True:
             os.write(w, b"\0" * 65536)
     except BlockingIOError:
         pass
+
+
+def test_blocked_write_on_full_pipe_keeps_context(pipe):
+    # DESIGN.md §8.3.
+    r, w = pipe
+    _fill_pipe(w)
     ctx = Context(4)
     ref = weakref.ref(ctx)
     op = Operation.write(b"tail", w, -1)
@@ -1368,12 +1373,7 @@ def test_sync_is_held_until_the_writes_before_it_are_done(kind):
     other_r, other_w = os.pipe()
     ctx = Context()
     try:
-        os.set_blocking(w, False)
-        try:
-            while True:
-                os.write(w, b"f" * 65536)
-        except BlockingIOError:
-            pass
+        _fill_pipe(w)
         os.write(other_w, b"o")
         done = []
         write = Operation.write(b"x", w, -1)
