@@ -12,8 +12,9 @@ and submits them with a single ``io_uring_enter``. ``sqpoll=True`` asks for a
 kernel submission thread (see ``DEFAULT_SQPOLL`` for why it is off by
 default).
 
-Construction, ``close()`` ("close once idle") and the loop-gone drain are
-shared with the other native adapters (``NativeAsyncioContextBase``).
+Construction, ``close()`` ("close once idle": the ring and its eventfd are
+released as soon as nothing is in flight) and the loop-gone drain are shared
+with the other native adapters (``NativeAsyncioContextBase``).
 """
 
 from typing import Any
@@ -43,11 +44,9 @@ class AsyncioContext(_AsyncioBase, NativeAsyncioContextBase):
         return context._deferred_flush
 
     def _close_backend(self, context: Any) -> None:
-        # Nothing to do: the ring and the eventfd are released with the
-        # Context (as upstream: at garbage collection; once the adapter is
-        # released nothing in flight holds it any more). Until then, new
-        # operations raise RuntimeError after close() (instead of hanging,
-        # DESIGN.md §5.6), and the eventfd stays watched until the operations
-        # already in flight, cancelled ones included, have been delivered:
-        # an undelivered completion would keep op and Context alive forever.
-        pass
+        # Close once idle (DESIGN.md §5.6): the ring and its eventfd go now,
+        # not when the garbage collector frees the Context (never, while a
+        # traceback or a closure still references the adapter). Called once
+        # nothing admitted is in flight; an operation still in the ring (the
+        # loop-gone drain gave up) keeps it: ``_close()`` then does nothing.
+        context._close()

@@ -38,6 +38,7 @@ both).
 
 import atexit
 import errno
+import functools
 import multiprocessing
 import operator
 import os
@@ -357,6 +358,80 @@ _RUNNERS: dict[int, Callable[["Operation"], int | None]] = {
 }
 
 
+class _WriteOrder:
+    """fsync after the writes before it (DESIGN.md §4.1): a sync submitted on
+    a Context does not start before every write to the same fd submitted
+    before it on that Context has finished. The pool's threads run operations
+    in parallel, so an fsync could otherwise run (and report the data
+    durable) while an earlier write to its file is still running.
+
+    Per fd: the number of writes submitted so far and the numbers of those
+    not finished; a sync waits (on its worker) only for writes numbered below
+    the count at its submission, so unrelated fds never wait for each other
+    and later writes cannot hold it back. It cannot deadlock: numbers are
+    given and jobs queued under one lock (``Context._schedule_ordered``), so
+    the writes a sync waits for were queued before it and workers have
+    already taken them.
+    """
+
+    __slots__ = ("_cond", "_fds")
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(Lock())
+        # fd -> [writes submitted, set of unfinished write numbers]
+        self._fds: dict[int, list[Any]] = {}
+
+    def write_submitted(self, fd: int) -> int:
+        with self._cond:
+            state = self._fds.get(fd)
+            if state is None:
+                state = self._fds[fd] = [0, set()]
+            number: int = state[0]
+            state[0] = number + 1
+            state[1].add(number)
+        return number
+
+    def write_finished(self, fd: int, number: int) -> None:
+        with self._cond:
+            state = self._fds.get(fd)
+            if state is not None:
+                state[1].discard(number)
+                if not state[1]:
+                    del self._fds[fd]
+                self._cond.notify_all()
+
+    def sync_submitted(self, fd: int) -> int | None:
+        """The writes a sync must wait for (``None``: nothing unfinished)."""
+        with self._cond:
+            state = self._fds.get(fd)
+            return state[0] if state is not None else None
+
+    def wait_for_writes(self, fd: int, before: int) -> None:
+        with self._cond:
+            while True:
+                state = self._fds.get(fd)
+                if state is None or min(state[1]) >= before:
+                    return
+                self._cond.wait()
+
+
+def _ordered_write(order: _WriteOrder, number: int, operation: "Operation") -> Any:
+    try:
+        return _run_write(operation)
+    finally:
+        order.write_finished(operation._fileno, number)
+
+
+def _ordered_sync(
+    order: _WriteOrder,
+    before: int,
+    runner: Callable[["Operation"], Any],
+    operation: "Operation",
+) -> Any:
+    order.wait_for_writes(operation._fileno, before)
+    return runner(operation)
+
+
 class _Job:
     """One submitted operation, as seen by the pool's result handler.
 
@@ -666,6 +741,8 @@ class Context(AbstractContext):
         # Direct path: claimed operations wait here for a "drain" task; at
         # most pool_size drains are queued or running at any time.
         self._queue: deque[tuple[Any, Any, Operation]] = deque()
+        self._order = _WriteOrder()
+        self._order_lock = Lock()
         self._drains = 0
         self._busy = 0
         self._pool_size = pool_size
@@ -698,13 +775,41 @@ class Context(AbstractContext):
             assert isinstance(operation, Operation)  # checked above
             runner = _RUNNERS[operation.opcode]
             if self._claim(operation):
+                opcode = operation.opcode
                 try:
-                    self._schedule(runner, operation)
+                    if opcode == _WRITE or opcode == _FSYNC or opcode == _FDSYNC:
+                        self._schedule_ordered(runner, operation)
+                    else:
+                        self._schedule(runner, operation)
                 except BaseException:
                     self._unclaim(operation)
                     raise
                 count += 1
         return count
+
+    def _schedule_ordered(
+        self,
+        runner: Callable[["Operation"], Any],
+        operation: "Operation",
+    ) -> None:
+        """A write or a sync: numbered and queued under one lock, so a sync
+        waits only for writes queued before it (workers take them first: a
+        waiting sync never holds up the writes it waits for)."""
+        order = self._order
+        fd = operation._fileno
+        with self._order_lock:
+            if operation.opcode == _WRITE:
+                number = order.write_submitted(fd)
+                try:
+                    self._schedule(functools.partial(_ordered_write, order, number), operation)
+                except BaseException:
+                    order.write_finished(fd, number)
+                    raise
+                return
+            before = order.sync_submitted(fd)
+            if before is not None:
+                runner = functools.partial(_ordered_sync, order, before, runner)
+            self._schedule(runner, operation)
 
     def _claim(self, operation: "Operation") -> bool:
         # The operation's own lock makes the claim atomic across Contexts

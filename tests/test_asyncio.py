@@ -13,6 +13,7 @@ import errno
 import gc
 import hashlib
 import os
+import time
 from typing import Any
 
 import pytest
@@ -199,6 +200,36 @@ def test_submit_rejects_foreign_objects(
             ctx.close()
 
     aio.run(main())
+
+
+def test_submit_replaces_a_user_callback(
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    tmp_fd: int,
+) -> None:
+    """DESIGN.md §5.2: the adapter's completion wiring replaces a callback set
+    on the op, whether the op completes inline (page-cache hit) or not."""
+    os.pwrite(tmp_fd, b"cached data", 0)
+    called: list[Any] = []
+
+    async def main() -> None:
+        async with async_backend.context() as ctx:
+            for _ in range(3):
+                read = ctx.OPERATION_CLASS.read(6, tmp_fd, 0)
+                read.set_callback(called.append)
+                assert await ctx.submit(read) == b"cached"
+                write = ctx.OPERATION_CLASS.write(b"CACHED", tmp_fd, 0)
+                write.set_callback(called.append)
+                assert await ctx.submit(write) == 6
+                sync = ctx.OPERATION_CLASS.fdsync(tmp_fd)
+                sync.set_callback(called.append)
+                assert await ctx.submit(sync) is None
+                os.pwrite(tmp_fd, b"cached", 0)
+            # Let any stray delivery run before looking.
+            await asyncio.sleep(0)
+
+    aio.run(main())
+    assert called == []
 
 
 # -- I/O (DESIGN.md §5.2) ------------------------------------------------------------
@@ -591,3 +622,60 @@ def test_ten_thousand_operations_do_not_grow_rss(
 
     growth = aio.run(main(), timeout=120)
     assert growth < 4 * 1024 * 1024, growth
+
+
+@pytest.mark.parametrize("sync", ["fsync", "fdsync"])
+def test_fsync_covers_the_writes_submitted_before_it(
+    async_backend: AsyncBackend,
+    aio: LoopRunner,
+    tmp_path: Any,
+    sync: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DESIGN.md §4.1: an fsync/fdsync submitted on a context covers every write
+    to the same fd submitted before it on that context: it does not start
+    before they are done, so its completion comes after theirs. The pool
+    workers' writes are slowed down (CAIO_TEST_POOL_STALL_MS, a test-hooks
+    build; python_aio: a slow pwrite) so that an unordered fsync, run by
+    another worker or by the kernel, would finish first. A write to another fd
+    does not hold the fsync back."""
+    monkeypatch.setenv("CAIO_TEST_POOL_STALL_MS", "150")
+    if async_backend.name == "python_aio":
+        from caio import python_aio
+
+        real_pwrite = python_aio._pwrite
+
+        def slow_pwrite(fd: int, data: Any, offset: int) -> int:
+            time.sleep(0.15)
+            return real_pwrite(fd, data, offset)
+
+        monkeypatch.setattr(python_aio, "_pwrite", slow_pwrite)
+    # A new file on a disk filesystem: a buffered write that must allocate
+    # blocks is refused by RWF_NOWAIT, so linux_aio hands it to a worker.
+    fd = os.open(str(tmp_path / "ordered.bin"), os.O_RDWR | os.O_CREAT, 0o600)
+    other = os.open(str(tmp_path / "other.bin"), os.O_RDWR | os.O_CREAT, 0o600)
+    done: list[str] = []
+
+    async def track(name: str, aw: Any) -> Any:
+        result = await aw
+        done.append(name)
+        return result
+
+    async def main() -> None:
+        async with async_backend.context(16) as ctx:
+            for round_ in range(3):
+                done.clear()
+                base = round_ << 20
+                results = await asyncio.gather(
+                    track("write1", ctx.write(b"a" * 8192, fd, base)),
+                    track("write2", ctx.write(b"b" * 8192, fd, base + (512 << 10))),
+                    track("sync", getattr(ctx, sync)(fd)),
+                )
+                assert results == [8192, 8192, None]
+                assert done.index("sync") == 2, done
+
+    try:
+        aio.run(main())
+    finally:
+        os.close(fd)
+        os.close(other)

@@ -214,42 +214,67 @@ def test_many_readers_of_one_result(backend: RawBackend, fast_fd: int) -> None:
     _run_threads(8, reader)
 
 
-def test_observers_during_completion(pool_backend: RawBackend, fast_fd: int) -> None:
-    """DESIGN.md §9.1: only RuntimeError or valid values, never a crash."""
-    payload = b"p" * 512
-    ctx = pool_backend.context(4096, pool_size=4)
-    ops = [pool_backend.Operation.write(payload, fast_fd, 512 * i) for i in range(400)]
+def _observe_while_completing(
+    backend: RawBackend,
+    fd: int,
+    payload: bytes,
+    observe: Any,
+) -> None:
+    """400 writes of ``payload`` completed by 4 workers while 4 threads call
+    ``observe(op)`` on them until every callback has run."""
+    ctx = backend.context(4096, pool_size=4)
+    ops = [backend.Operation.write(payload, fd, len(payload) * i) for i in range(400)]
     calls = Recorder()
     for op in ops:
         op.set_callback(calls)
     stop = threading.Event()
 
-    def observer(index: int) -> None:
-        while not stop.is_set():
-            for op in ops[index::4]:
-                try:
-                    value = op.get_value()
-                    assert value in (0, 512)
-                except RuntimeError:
-                    pass
-                try:
-                    view = op.payload
-                    assert view is None or bytes(view) == payload
-                except RuntimeError:
-                    pass
-
-    def submitter(index: int) -> None:
+    def worker(index: int) -> None:
         if index == 0:
             try:
                 assert ctx.submit(*ops) == len(ops)
-                pool_backend.wait_for(None, lambda: len(calls) == len(ops), timeout=30)
+                backend.wait_for(None, lambda: len(calls) == len(ops), timeout=30)
             finally:
                 stop.set()
-        else:
-            observer(index)
+            return
+        while not stop.is_set():
+            for op in ops[index::4]:
+                observe(op)
 
-    _run_threads(5, submitter)
+    _run_threads(5, worker)
     assert len(calls) == len(ops)
+
+
+def test_observers_during_completion(pool_backend: RawBackend, fast_fd: int) -> None:
+    """DESIGN.md §9.1: only RuntimeError or valid values, never a crash."""
+    payload = b"p" * 512
+
+    def observe(op: Any) -> None:
+        try:
+            value = op.get_value()
+            assert value in (0, 512)
+        except RuntimeError:
+            pass
+        try:
+            view = op.payload
+            assert view is None or bytes(view) == payload
+        except RuntimeError:
+            pass
+
+    _observe_while_completing(pool_backend, fast_fd, payload, observe)
+
+
+def test_repr_during_completion(thread_aio: RawBackend, fast_fd: int) -> None:
+    """DESIGN.md §9.1, §3.7: ``repr(op)`` reads a write's buffer address under
+    the op's lock, while a worker's completion releases the payload export
+    (``finish`` moves it out under the same lock): observers on other threads
+    see the address or ``0x(nil)``, never freed memory or a crash."""
+
+    def observe(op: Any) -> None:
+        text = repr(op)
+        assert 'mode="write"' in text and "buffer=0x" in text, text
+
+    _observe_while_completing(thread_aio, fast_fd, b"r" * 512, observe)
 
 
 def test_concurrent_callback_replacement(backend: RawBackend) -> None:

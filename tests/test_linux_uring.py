@@ -7,6 +7,7 @@ import errno
 import gc
 import os
 import pickle
+import re
 import signal
 import sys
 import threading
@@ -803,15 +804,20 @@ def test_op_keeps_context_alive(pipe):
     assert op.get_value() == b"x"
 
 
-def test_blocked_write_on_full_pipe_keeps_context(pipe):
-    # DESIGN.md §8.3.
-    r, w = pipe
+def _fill_pipe(w):
+    """Fills the pipe behind `w` (which stays non-blocking): a write waits."""
     os.set_blocking(w, False)
     try:
         while True:
             os.write(w, b"\0" * 65536)
     except BlockingIOError:
         pass
+
+
+def test_blocked_write_on_full_pipe_keeps_context(pipe):
+    # DESIGN.md §8.3.
+    r, w = pipe
+    _fill_pipe(w)
     ctx = Context(4)
     ref = weakref.ref(ctx)
     op = Operation.write(b"tail", w, -1)
@@ -1307,3 +1313,90 @@ def test_many_threads_read_one_value(ctx, fd):
     for t in threads:
         t.join()
     assert not bad
+
+
+def test_private_close_releases_the_ring_and_refuses_later_calls(tmp_fd):
+    """``Context._close()`` (the adapter's close once idle, DESIGN.md §5.6):
+    refused while an operation is in flight, then the ring fd and the eventfd
+    are closed at once and every method raises a clear RuntimeError; a close
+    from a callback running inside a drain is deferred until the drain is over."""
+    ctx = Context()
+    ring_fds = {ctx.fileno, int(re.search(r"uring_fd=(\d+)", repr(ctx)).group(1))}
+    op = Operation.write(b"data", tmp_fd, 0)
+    done = []
+    op.set_callback(done.append)
+    assert ctx.submit(op) == 1
+    assert ctx._close() is False  # staged: its memory is the kernel's to use
+    ctx.flush()
+    while not done:
+        ctx.process_events(min_requests=1, timeout=1)
+    assert ctx._close() is True
+    for fd in ring_fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    with pytest.raises(RuntimeError, match="closed"):
+        ctx.submit(Operation.read(4, tmp_fd, 0))
+    for call in (ctx.flush, ctx.process_events, ctx.poll, lambda: ctx.fileno):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
+    assert "closed" in repr(ctx)
+    assert ctx._close() is True
+
+    # Closed from a callback the drain runs: released once the drain returns.
+    other = Context()
+    efd = other.fileno
+    seen = []
+
+    def close_from_callback(result):
+        seen.append(other._close())
+        os.fstat(efd)  # still open while the drain runs
+
+    read = Operation.read(4, tmp_fd, 0)
+    read.set_callback(close_from_callback)
+    assert other.submit(read) == 1
+    other.flush()
+    while not seen:
+        other.process_events(min_requests=1, timeout=1)
+    assert seen == [True]
+    with pytest.raises(OSError):
+        os.fstat(efd)
+
+
+@pytest.mark.parametrize("kind", ["fsync", "fdsync"])
+def test_sync_is_held_until_the_writes_before_it_are_done(kind):
+    """DESIGN.md §4.1: a sync staged after a write to the same fd does not
+    reach the kernel before that write has completed (io_uring would run them
+    in any order). A write into a full pipe waits for a reader; the sync of
+    the pipe (which the kernel answers with EINVAL at once) must wait for it,
+    while a read on another fd is not held back."""
+    r, w = os.pipe()
+    other_r, other_w = os.pipe()
+    ctx = Context()
+    try:
+        _fill_pipe(w)
+        os.write(other_w, b"o")
+        done = []
+        write = Operation.write(b"x", w, -1)
+        sync = getattr(Operation, kind)(w)
+        unrelated = Operation.read(1, other_r, -1)
+        write.set_callback(lambda res: done.append("write"))
+        sync.set_callback(lambda res: done.append("sync"))
+        unrelated.set_callback(lambda res: done.append("unrelated"))
+        assert ctx.submit(write, sync, unrelated) == 3
+        ctx.flush()
+        while "unrelated" not in done:
+            ctx.process_events(min_requests=1, timeout=1)
+        # The write cannot complete while the pipe is full, so neither can
+        # the sync (an unordered one would have failed with EINVAL by now).
+        assert ctx.process_events(min_requests=1, timeout=1) == 0
+        assert done == ["unrelated"]
+        os.read(r, 65536)  # room for the write
+        while len(done) < 3:
+            ctx.process_events(min_requests=1, timeout=1)
+        assert done == ["unrelated", "write", "sync"]
+        assert write.get_value() == 1
+        with pytest.raises(OSError):
+            sync.get_value()
+    finally:
+        for f in (r, w, other_r, other_w):
+            os.close(f)

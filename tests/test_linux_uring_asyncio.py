@@ -910,3 +910,33 @@ def test_garbage_collection_with_ops_in_flight(pipe, loop_name):
         del ctx, tasks, lp
         gc.collect()
     gc.collect()
+
+
+@pytest.mark.skipif(not linux_uring._TEST_HOOKS, reason="needs a build with the test hooks")
+@pytest.mark.parametrize("deferred", [False, True], ids=["eager", "deferred"])
+def test_refused_enter_fails_no_awaitable(loop, run, fd, deferred, monkeypatch):
+    """DESIGN.md §5.8.1: when io_uring_enter refuses the SQEs (EAGAIN, EBUSY...)
+    they stay staged and run with the next enter: their awaitables wait and get
+    the result, none fails (it used to raise SystemError although the op ran
+    later). The hook makes every enter refuse until it is removed."""
+    os.pwrite(fd, b"0123456789", 0)
+
+    async def main():
+        ctx = AsyncioContext(8, sqpoll=False, deferred=deferred)
+        try:
+            monkeypatch.setenv("CAIO_TEST_URING_ENTER_ERRNO", str(errno.EAGAIN))
+            tasks = [
+                asyncio.ensure_future(ctx.read(4, fd, 0)),
+                asyncio.ensure_future(ctx.write(b"abcd", fd, 4)),
+            ]
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert not any(t.done() for t in tasks)  # staged, retried, waiting
+            monkeypatch.delenv("CAIO_TEST_URING_ENTER_ERRNO")
+            assert await asyncio.gather(*tasks) == [b"0123", 4]
+            assert await ctx.read(10, fd, 0) == b"0123abcd89"
+        finally:
+            ctx.close()
+
+    run(main())
+    assert loop.handler_calls == []

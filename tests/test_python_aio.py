@@ -608,17 +608,12 @@ def test_close_releases_fds_once_idle(
     async_backend: AsyncBackend,
     aio: LoopRunner,
     tmp_fd: int,
-    request: pytest.FixtureRequest,
 ) -> None:
     """After every operation was awaited, close() plus one loop iteration
     gives back every fd the adapter opened, although the adapter itself is
     still referenced (a traceback, a closure...): a service that makes a
     context per request must not depend on the garbage collector for them
     (DESIGN.md 5.6, close once idle)."""
-    if async_backend.is_uring:
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason="fixed in rust/core close-once-idle (pending)"),
-        )
     aio.run(asyncio.sleep(0))  # the loop's own lazily made fds (uvloop)
     before = _open_fds()
 

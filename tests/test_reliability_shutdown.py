@@ -348,3 +348,47 @@ def test_loop_close_drains_and_releases_in_process(
             loop.close()
         for f in (fd, pipe_r, pipe_w):
             os.close(f)
+
+
+STUCK_WORKER = r"""
+import asyncio, os, sys
+from caio import thread_aio
+from caio.thread_aio_asyncio import AsyncioContext
+assert thread_aio._TEST_HOOKS
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+
+async def main():
+    ctx = AsyncioContext(4)
+    # The write's worker sleeps 60 s first (CAIO_TEST_POOL_STALL_MS): stuck.
+    task = asyncio.ensure_future(ctx.write(b"stuck", fd, 0))
+    await asyncio.sleep(0.05)
+    print("leaving with the write in flight", flush=True)
+
+asyncio.run(main())  # cancels the task and closes the loop: "loop gone"
+print("asyncio.run returned", flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_stuck_thread_aio_worker_does_not_hang_loop_gone_or_exit(tmp_path: Any) -> None:
+    """DESIGN.md §5.7, §9.4: thread_aio's loop-gone drain and the interpreter's
+    exit wait for the pool's workers only up to their bounds: a worker stuck in
+    its I/O is left behind with its operation (and its memory) instead of
+    hanging the process. The bounds are shortened by CAIO_TEST_SHUTDOWN_WAIT_MS;
+    the write stalls for 60 s, the subprocess gets 30."""
+    import caio.thread_aio
+
+    if not caio.thread_aio._TEST_HOOKS:
+        pytest.skip("needs a build with the test hooks")
+    proc = run_python(
+        ["-c", STUCK_WORKER, str(tmp_path / "data.bin")],
+        env=subprocess_env(CAIO_TEST_POOL_STALL_MS="60000", CAIO_TEST_SHUTDOWN_WAIT_MS="200"),
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "leaving with the write in flight",
+        "asyncio.run returned",
+    ]
+    check_stderr(proc.stderr, "run_returns")
+    assert (tmp_path / "data.bin").stat().st_size == 0  # the write was really stuck

@@ -15,6 +15,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -489,3 +490,38 @@ def test_cancelled_running_operation_keeps_its_slot(fd, aio):
         ctx.close()
 
     aio.run(main())
+
+
+def test_a_worker_keeps_one_thread_state(fd):
+    """DESIGN.md §11.2: direct delivery attaches each worker with one thread
+    state for its whole life (made by its first delivery, detached between
+    deliveries, deleted when the worker ends), not a new one per operation.
+    ``threading.local`` data lives in the thread state, so a callback sees
+    what the previous one stored on the same worker; closing the Context ends
+    the workers, which delete their states (the data is released)."""
+    os.pwrite(fd, b"x" * 16, 0)
+    local = threading.local()
+    fresh = []
+    released = []
+
+    class Marker:
+        pass
+
+    def callback(result):
+        if not hasattr(local, "marker"):
+            local.marker = Marker()
+            weakref.finalize(local.marker, released.append, 1)
+            fresh.append(threading.get_ident())
+
+    ctx = Context(max_requests=64, pool_size=1)
+    done = threading.Event()
+    for _ in range(20):
+        op = Operation.read(4, fd, 0)
+        op.set_callback(lambda result, f=callback: (f(result), done.set()))
+        done.clear()
+        assert ctx.submit(op) == 1
+        assert done.wait(10)
+    assert len(fresh) == 1  # one thread state for the 20 deliveries
+    ctx.close()  # joins the worker, which deletes its thread state
+    gc.collect()
+    assert released == [1]

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use caio_core::fork::Stamp;
 use caio_core::op::Operation;
+use caio_core::pool::order::Order;
 use caio_core::pool::{CompletionQueue, Job, Pool};
 use caio_core::py::{allow_threads, Exc, PyErr, PyResult};
 use caio_core::pyo3_ffi::PyErr_CheckSignals;
@@ -93,6 +94,11 @@ pub(crate) struct AioContext {
     pub(crate) staged: Mutex<Vec<usize>>,
     /// A flush of `staged` is scheduled on the event loop.
     pub(crate) flush_scheduled: AtomicBool,
+    /// Writes not finished yet and the syncs held back behind them
+    /// (DESIGN.md §4.1: an fsync covers the writes submitted before it; the
+    /// kernel and the workers would otherwise run them in any order). A
+    /// released sync goes to the worker pool.
+    pub(crate) order: Order,
 }
 
 /// What an operation on a closed Context raises.
@@ -324,6 +330,7 @@ impl AioContext {
             routes: Routes::new(),
             staged: Mutex::new(Vec::new()),
             flush_scheduled: AtomicBool::new(false),
+            order: Order::default(),
         })
     }
 
@@ -366,6 +373,30 @@ impl AioContext {
         match &reap.pool {
             Some(p) => p.submit(Job(op)).is_ok(),
             None => false,
+        }
+    }
+
+    /// Starts syncs released by `order` (the last write before them just
+    /// finished or was rolled back): on the worker pool, or right here if no
+    /// worker can be started (the result is delivered like a worker's).
+    ///
+    /// # Safety
+    /// As [`AioContext::to_pool`], for every job (held syncs: claimed, begun,
+    /// counted in flight, never dispatched).
+    pub(crate) unsafe fn start_released(
+        &self,
+        reap: &mut Reap,
+        queue: &Arc<CompletionQueue>,
+        jobs: Vec<Job>,
+    ) {
+        for job in jobs {
+            // SAFETY: the caller's contract.
+            if !unsafe { self.to_pool(reap, queue, job.0) } {
+                // SAFETY: as above; this engine owns the op until delivery.
+                let r = unsafe { caio_core::pool::execute(&*job.0, None) };
+                reap.backlog.push_back((job, r));
+                signal_fd(queue.fileno());
+            }
         }
     }
 }

@@ -133,6 +133,13 @@ impl AioContext {
                 res = combine(done, unsafe { pool::execute(o, None) });
             }
         }
+        // A sync waiting for this write may start now.
+        // SAFETY: the live in-flight op (see above); released syncs are
+        // held, begun and counted ops of this context (`submit_claimed`).
+        unsafe {
+            let released = self.order.finished(op);
+            self.start_released(reap, queue, released);
+        }
         // SAFETY: attached; the op is in flight and finished exactly once,
         // here (the kernel reports each request once).
         out.push(unsafe { op::finish(op, res) });
@@ -162,7 +169,10 @@ impl AioContext {
             // SAFETY: a worker result of an op this engine handed over: in
             // flight, alive, and ours again (the worker is done with it);
             // each result is queued once, so it is finished once. Attached.
+            // A sync waiting for it (a write) may start now.
             let d = unsafe {
+                let released = self.order.finished(job.0);
+                self.start_released(reap, queue, released);
                 let done = (*submit::iocb_of(&*job.0)).reserved2;
                 op::finish(job.0, combine(done, r))
             };

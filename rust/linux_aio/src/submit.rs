@@ -428,7 +428,23 @@ pub(crate) unsafe fn submit_claimed(
         // SAFETY: attached; `p` is claimed and begun, not dispatched, and
         // alive (our contract).
         match unsafe { prepare(slf, c, &*p, resfd, nowait, &mut cache) } {
-            Ok((cb, to_workers)) => {
+            Ok((cb, mut to_workers)) => {
+                // SAFETY: `p` is claimed and begun: a live in-flight op.
+                let o = unsafe { &*p };
+                match o.kind {
+                    // Recorded before the kernel or a worker can finish it.
+                    OpKind::Write => {
+                        // SAFETY: as above.
+                        let _ = unsafe { c.order.submitted(Job(p)) };
+                    }
+                    // Behind unfinished writes to its fd: not for the kernel
+                    // (it would run it at once); held, then run by a worker
+                    // once those writes are done (see the hand-over below).
+                    OpKind::Fsync | OpKind::Fdsync if c.order.writes_pending(o.fd_i32()) => {
+                        to_workers = true;
+                    }
+                    _ => {}
+                }
                 if !to_workers {
                     iocbs.push(cb);
                     iocb_entry.push(entries.len());
@@ -490,9 +506,31 @@ pub(crate) unsafe fn submit_claimed(
     // iocbs among them); the worker-bound ones among them are handed over
     // now, the rest is rolled back.
     let cut = refused.map_or(entries.len(), |(k, _)| iocb_entry[k]);
-    if entries[..cut].iter().any(|e| e.2) {
+    // Rolled-back writes hold nothing back any more (a sync can only wait
+    // for writes submitted before it, so none is released here; started
+    // anyway if one were).
+    let mut released = Vec::new();
+    for &(_, p, _) in &entries[cut..] {
+        // SAFETY: claimed and begun: a live op.
+        released.extend(unsafe { c.order.finished(p) });
+    }
+    if !released.is_empty() || entries[..cut].iter().any(|e| e.2) {
         let mut reap = c.lock_reap();
+        // SAFETY: released syncs are claimed, begun, counted and never
+        // dispatched; `reap`/`queue` are this context's.
+        unsafe { c.start_released(&mut reap, queue, released) };
         for &(_, p, to_workers) in &entries[..cut] {
+            // SAFETY: claimed and begun: a live in-flight op.
+            let sync = matches!(unsafe { (*p).kind }, OpKind::Fsync | OpKind::Fdsync);
+            if to_workers && sync {
+                // SAFETY: claimed and begun: a live in-flight op, not
+                // dispatched. Held while writes before it are unfinished
+                // (they may all have finished since `prepare`: then now).
+                match unsafe { c.order.submitted(Job(p)) } {
+                    pool::order::Admit::Held => continue,
+                    pool::order::Admit::Run(_) => {}
+                }
+            }
             // SAFETY: `p` is claimed, begun and prepared, and not in the
             // kernel (no iocb was submitted for it): ours to hand over.
             if to_workers && !unsafe { c.to_pool(&mut reap, queue, p) } {

@@ -24,7 +24,6 @@
 use std::sync::atomic::Ordering;
 
 use caio_core::aio::{Adapter, Engine};
-use caio_core::context::ContextState;
 use caio_core::op::as_op;
 use caio_core::py::{Exc, PyErr, PyResult};
 use caio_core::pyo3_ffi::*;
@@ -55,7 +54,7 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     let ctx_obj = a.context();
     // SAFETY: `ctx_obj` is a Context (hook contract).
     let c = unsafe { ctx(ctx_obj) };
-    c.check_fork()?;
+    let _u = c.enter()?;
     // SAFETY: attached; `op` is an Operation; `ctx_obj` owns the ring (hook
     // contract).
     let mut staged = unsafe { c.ring().stage(&[op], ctx_obj) };
@@ -77,6 +76,13 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     if n == 0 {
         return Ok(false);
     }
+    // The awaitable's future (installed when the op does not complete
+    // inline) is what the delivery resolves, never a callback set on the op
+    // beforehand, whether or not it completes inside the enter below (DESIGN.md
+    // §5.2; as every adapter). Only this thread delivers the adapter's
+    // completions, so the op cannot have been delivered yet.
+    // SAFETY: attached; `op` is an Operation (hook contract).
+    unsafe { caio_core::op::clear_callback(as_op(op)) };
     let batch = a.deferred() || c.batching.load(Ordering::Relaxed);
     if batch && !c.ring().sqpoll {
         // Automatic batches are capped: entering every BATCH_MAX SQEs keeps
@@ -92,7 +98,9 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
         unsafe { schedule_flush(a, c) }?;
         return Ok(true);
     }
-    c.submit_staged()?;
+    // (A refusal the kernel may lift leaves the op staged for a retry by
+    // the loop's reader: it completes later, its awaitable waits.)
+    c.submit_or_retry()?;
     // SAFETY: attached (hook contract).
     unsafe { c.deliver(usize::MAX) };
     // SAFETY: `op` is an Operation (hook contract).
@@ -118,7 +126,7 @@ unsafe fn schedule_flush(a: &Adapter, c: &crate::Context) -> PyResult<()> {
             e.restore();
             // SAFETY: attached; drops the exception just restored.
             unsafe { PyErr_Clear() };
-            c.submit_staged()?;
+            c.submit_or_retry()?;
             // SAFETY: attached (contract above).
             unsafe { c.deliver(usize::MAX) };
         }
@@ -137,11 +145,20 @@ unsafe fn schedule_flush(a: &Adapter, c: &crate::Context) -> PyResult<()> {
 unsafe fn loop_events(a: &Adapter) -> PyResult<usize> {
     // SAFETY: `a.context()` is a Context (hook contract).
     let c = unsafe { ctx(a.context()) };
-    c.check_fork()?;
+    let _u = c.enter()?;
     c.ring().consume_eventfd();
     // SAFETY: attached (hook contract).
     let n = unsafe { c.deliver(usize::MAX) };
-    if n > 0 && !c.ring().sqpoll && (a.deferred() || c.batching.load(Ordering::Relaxed)) {
+    if c.ring().sqpoll {
+        if c.ring().staged() > 0 {
+            // A wake-up of the SQ thread may have been refused: again.
+            c.submit_or_retry()?;
+        }
+    } else if (n > 0 && (a.deferred() || c.batching.load(Ordering::Relaxed)))
+        || c.ring().staged() > 0
+    {
+        // (Staged SQEs here and no flush scheduled: the kernel refused an
+        // enter, see `Context::submit_or_retry`; the flush tries again.)
         // SAFETY: attached; `a` is bound to `c` (hook contract).
         unsafe { schedule_flush(a, c) }?;
     }
@@ -156,9 +173,9 @@ unsafe fn loop_events(a: &Adapter) -> PyResult<usize> {
 unsafe fn cancel(a: &Adapter, op: *mut PyObject) {
     // SAFETY: `a.context()` is a Context (hook contract).
     let c = unsafe { ctx(a.context()) };
-    if c.check_fork().is_err() {
+    let Ok(_u) = c.enter() else {
         return;
-    }
+    };
     // SAFETY: `op` is an Operation (hook contract).
     let _ = c.ring().cancel(unsafe { as_op(op) });
 }
@@ -173,12 +190,12 @@ unsafe fn cancel(a: &Adapter, op: *mut PyObject) {
 unsafe fn shutdown(a: &Adapter, deadline: std::time::Instant) -> bool {
     // SAFETY: `a.context()` is a Context (hook contract).
     let c = unsafe { ctx(a.context()) };
-    if c.check_fork().is_err() {
+    let Ok(_u) = c.enter() else {
         // A hook must not raise: leave no exception set.
         // SAFETY: attached (hook contract).
         unsafe { PyErr_Clear() };
         return false;
-    }
+    };
     let ring = c.ring();
     let mut rounds = 0u32;
     loop {

@@ -30,10 +30,12 @@ use caio_core::py::{
 use caio_core::pyo3_ffi::*;
 
 mod adapter;
+mod close;
 mod direct;
 mod probe;
 mod ring;
 
+use close::{RingSlot, RingUse};
 use ring::{Ring, SetupError};
 
 /// The module's Operation type (`caio_core::op`), as linux_uring has it.
@@ -65,22 +67,67 @@ pub(crate) struct Context {
     /// asyncio adapter (plain ring): the last submissions did not complete
     /// inline, so new ones are batched per loop iteration (one enter).
     pub(crate) batching: AtomicBool,
-    ring: Ring,
+    /// Closable before the Context goes (`_close()`, see `close`).
+    ring: RingSlot,
 }
 
+const CLOSED_MSG: &str = "this linux_uring Context is closed (its io_uring instance and eventfd \
+were released): create a new one";
+
 impl Context {
+    /// Starts a use of the ring (every method and engine hook, on entry):
+    /// `RuntimeError` in a forked child or once the Context is closed.
+    pub(crate) fn enter(&self) -> PyResult<RingUse<'_>> {
+        self.check_fork()?;
+        self.ring.enter().ok_or_else(|| PyErr::runtime(CLOSED_MSG))
+    }
+
+    /// The ring. Only called inside a use taken by [`Context::enter`] (every
+    /// method and engine hook takes one on entry), which keeps it from being
+    /// released.
     pub(crate) fn ring(&self) -> &Ring {
-        &self.ring
+        // SAFETY: see above: a use is alive.
+        unsafe { self.ring.get_unchecked() }
     }
 
     /// Hands staged SQEs to the kernel; big batches with the GIL released.
-    pub(crate) fn submit_staged(&self) -> PyResult<()> {
-        let r = if self.ring.big_enter() {
-            allow_threads(|| self.ring.submit_staged())
+    fn enter_staged(&self) -> std::io::Result<()> {
+        if self.ring().big_enter() {
+            allow_threads(|| self.ring().submit_staged())
         } else {
-            self.ring.submit_staged()
-        };
-        r.map_err(|e| PyErr::Errno(Exc::SystemError, e.raw_os_error().unwrap_or(libc::EIO)))
+            self.ring().submit_staged()
+        }
+    }
+
+    /// Hands staged SQEs to the kernel (raw API: a refusal raises
+    /// `SystemError(errno)`, the SQEs stay staged for the next enter).
+    pub(crate) fn submit_staged(&self) -> PyResult<()> {
+        self.enter_staged().map_err(enter_error)
+    }
+
+    /// The asyncio adapter's submission. The ops are staged and claimed, so
+    /// they will run with the next enter that succeeds: a refusal must not
+    /// fail their awaitables (they would fail *and* run later). When the
+    /// kernel asks to try again (`EAGAIN`, `EBUSY`: CQ overflow, `ENOMEM`,
+    /// `EINTR`), the SQEs stay staged and the eventfd is made readable: the
+    /// loop's reader sees staged SQEs and schedules the flush, which enters
+    /// again (once per loop iteration until the kernel takes them); their
+    /// awaitables just wait. Any other refusal means the ring itself is
+    /// unusable (nothing staged on it will ever run): it is raised.
+    pub(crate) fn submit_or_retry(&self) -> PyResult<()> {
+        match self.enter_staged() {
+            Ok(()) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EAGAIN | libc::EBUSY | libc::ENOMEM | libc::EINTR)
+                ) =>
+            {
+                self.ring().poke_eventfd();
+                Ok(())
+            }
+            Err(e) => Err(enter_error(e)),
+        }
     }
 
     /// Drains up to `max` completions and runs their callbacks (after the
@@ -91,7 +138,7 @@ impl Context {
     pub(crate) unsafe fn deliver(&self, max: usize) -> usize {
         let mut out: Vec<Delivery> = Vec::new();
         // SAFETY: attached (this function's contract).
-        let n = unsafe { self.ring.drain(max, &mut out) };
+        let n = unsafe { self.ring().drain(max, &mut out) };
         for d in out {
             d.run();
         }
@@ -106,11 +153,11 @@ impl Context {
     /// # Safety
     /// Attached (callbacks run here).
     pub(crate) unsafe fn flush_batch(&self) -> PyResult<usize> {
-        let mut batch = self.ring.take_recent();
-        self.submit_staged()?;
+        let mut batch = self.ring().take_recent();
+        self.submit_or_retry()?;
         let mut out: Vec<Delivery> = Vec::new();
         // SAFETY: attached (this function's contract).
-        let n = unsafe { self.ring.drain(usize::MAX, &mut out) };
+        let n = unsafe { self.ring().drain(usize::MAX, &mut out) };
         if !batch.is_empty() {
             batch.sort_unstable();
             let inline = out
@@ -131,7 +178,7 @@ impl Context {
     /// # Safety
     /// Attached (callbacks run here).
     pub(crate) unsafe fn flush(&self) -> PyResult<usize> {
-        if !self.ring.sqpoll && self.ring.staged() == 0 {
+        if !self.ring().sqpoll && self.ring().staged() == 0 {
             // DESIGN.md §6.2 flush-empty: nothing staged, nothing looked at.
             return Ok(0);
         }
@@ -139,6 +186,11 @@ impl Context {
         // SAFETY: attached (this function's contract).
         Ok(unsafe { self.deliver(usize::MAX) })
     }
+}
+
+/// `io_uring_enter` refused: `SystemError(errno)`.
+fn enter_error(e: std::io::Error) -> PyErr {
+    PyErr::Errno(Exc::SystemError, e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// Every in-flight op holds a reference to its Context, so nothing can
@@ -170,7 +222,7 @@ impl ContextState for Context {
             born: Stamp::now(),
             flush_scheduled: AtomicBool::new(false),
             batching: AtomicBool::new(false),
-            ring,
+            ring: RingSlot::new(ring),
         })
     }
 
@@ -192,13 +244,19 @@ Context (or AsyncioContext) in the child";
     }
 
     fn repr(&self, slf: *mut PyObject) -> PyResult<String> {
+        let Some(_u) = self.ring.enter() else {
+            return Ok(format!(
+                "<Context as {:p}: max_requests={}, closed>",
+                slf, self.max_requests
+            ));
+        };
         Ok(format!(
             "<Context as {:p}: max_requests={}, uring_fd={}, eventfd={}, sqpoll={}>",
             slf,
             self.max_requests,
-            self.ring.ring_fd(),
-            self.ring.eventfd(),
-            i32::from(self.ring.sqpoll)
+            self.ring().ring_fd(),
+            self.ring().eventfd(),
+            i32::from(self.ring().sqpoll)
         ))
     }
 }
@@ -223,9 +281,10 @@ static NEW_PARAMS: Params = Params::new("Context", &["max_requests", "sqpoll"], 
 unsafe fn ctx_submit(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<Owned> {
     // SAFETY: the method's contract.
     let c = unsafe { ContextObject::<Context>::submitting(slf, args) }?;
+    let _u = c.enter()?;
     // SAFETY: attached; every arg is one of this module's Operations
     // (checked above); `slf` owns this ring.
-    let (accepted, err) = unsafe { c.ring.stage(args, slf) };
+    let (accepted, err) = unsafe { c.ring().stage(args, slf) };
     match err {
         // SAFETY: attached; `slf` is a Context.
         Some(e) => Err(unsafe { e.into_pyerr(slf) }),
@@ -287,7 +346,7 @@ unsafe fn cancel_ops(c: &Context, slf: *mut PyObject, ops: &[*mut PyObject]) -> 
             )
         })
     }?;
-    c.check_fork()?;
+    let _u = c.enter()?;
     for &a in ops {
         // SAFETY: `a` is an Operation (checked above).
         let o = unsafe { as_op(a) };
@@ -297,7 +356,7 @@ unsafe fn cancel_ops(c: &Context, slf: *mut PyObject, ops: &[*mut PyObject]) -> 
         if o.state() != op::OpState::InFlight {
             continue;
         }
-        if c.ring.cancel(o).is_err() {
+        if c.ring().cancel(o).is_err() {
             // SAFETY: attached; `slf` is a Context.
             return Err(unsafe {
                 ring::ring_full_error(
@@ -318,7 +377,7 @@ unsafe fn cancel_ops(c: &Context, slf: *mut PyObject, ops: &[*mut PyObject]) -> 
 unsafe fn ctx_flush(slf: *mut PyObject) -> PyResult<Owned> {
     // SAFETY: `slf` is a Context (contract above).
     let c = unsafe { ctx(slf) };
-    c.check_fork()?;
+    let _u = c.enter()?;
     // SAFETY: attached (contract above).
     py_usize(unsafe { c.flush() }?)
 }
@@ -363,7 +422,7 @@ unsafe fn ctx_process_events(slf: *mut PyObject, a: Args<'_, 3>) -> PyResult<Own
     }
     // SAFETY: `slf` is a Context (contract above).
     let c = unsafe { ctx(slf) };
-    c.check_fork()?;
+    let _u = c.enter()?;
     // u32 fits usize on every target we build for.
     let max = max as usize;
     // Delivered during the wait: an O_DIRECT EINVAL in the ring is only
@@ -371,16 +430,16 @@ unsafe fn ctx_process_events(slf: *mut PyObject, a: Args<'_, 3>) -> PyResult<Own
     let mut delivered = 0usize;
     if min > 0 {
         if timeout == 0 {
-            allow_threads(|| c.ring.get_events());
+            allow_threads(|| c.ring().get_events());
         } else {
-            let start = c.ring.consumed();
+            let start = c.ring().consumed();
             let deadline = if timeout > 0 {
                 let secs = u64::from(timeout.unsigned_abs());
                 Some(Instant::now() + Duration::from_secs(secs))
             } else {
                 None
             };
-            c.ring.wait(
+            c.ring().wait(
                 start,
                 u64::from(min),
                 deadline,
@@ -416,8 +475,8 @@ unsafe fn ctx_process_events(slf: *mut PyObject, a: Args<'_, 3>) -> PyResult<Own
 unsafe fn ctx_poll(slf: *mut PyObject) -> PyResult<Owned> {
     // SAFETY: `slf` is a Context (contract above).
     let c = unsafe { ctx(slf) };
-    c.check_fork()?;
-    match c.ring.consume_eventfd() {
+    let _u = c.enter()?;
+    match c.ring().consume_eventfd() {
         0 => {
             // `BlockingIOError()` without arguments, as upstream and
             // linux_aio raise it (not `BlockingIOError('')`).
@@ -440,6 +499,11 @@ unsafe fn ctx_deferred_flush(slf: *mut PyObject) -> PyResult<Owned> {
     let c = unsafe { ctx(slf) };
     c.flush_scheduled.store(false, Ordering::Release);
     c.check_fork()?;
+    let Some(_u) = c.ring.enter() else {
+        // Scheduled before the adapter closed once idle: nothing is staged
+        // on a closed ring (`_close` refuses while anything is).
+        return py_usize(0);
+    };
     // SAFETY: attached (contract above).
     py_usize(unsafe { c.flush_batch() }?)
 }
@@ -453,10 +517,40 @@ unsafe fn ctx_deferred_flush(slf: *mut PyObject) -> PyResult<Owned> {
 unsafe fn ctx_loop_events(slf: *mut PyObject) -> PyResult<Owned> {
     // SAFETY: `slf` is a Context (contract above).
     let c = unsafe { ctx(slf) };
-    c.check_fork()?;
-    c.ring.consume_eventfd();
+    let _u = c.enter()?;
+    c.ring().consume_eventfd();
     // SAFETY: attached (contract above).
     py_usize(unsafe { c.deliver(usize::MAX) })
+}
+
+/// `Context._close()` (the asyncio adapter's close once idle, DESIGN.md §5.6):
+/// releases the io_uring instance and its eventfd now — or, when called
+/// while a method of this Context runs (a drain's callback, another
+/// thread), as soon as that method returns. Refused (`False`, nothing done)
+/// while operations are staged or in flight: the kernel may still use their
+/// memory and their completions must still be delivered. Afterwards every
+/// method raises `RuntimeError`. True once closed (also when it already was).
+///
+/// # Safety
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_close(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: `slf` is a Context (contract above).
+    let c = unsafe { ctx(slf) };
+    let Some(u) = c.ring.enter() else {
+        return Ok(py_bool(true));
+    };
+    if c.check_fork().is_err() {
+        // An inherited Context: the parent's ring; the child's copy goes
+        // with the object.
+        return Ok(py_bool(false));
+    }
+    if u.in_flight() > 0 {
+        return Ok(py_bool(false));
+    }
+    c.ring.close();
+    drop(u); // the ring is released here unless another use is running
+    Ok(py_bool(true))
 }
 
 /// `Context.max_requests`.
@@ -476,7 +570,9 @@ unsafe fn get_max_requests(slf: *mut PyObject) -> PyResult<Owned> {
 /// Context.
 unsafe fn get_fileno(slf: *mut PyObject) -> PyResult<Owned> {
     // SAFETY: `slf` is a Context (contract above).
-    py_int(i64::from(unsafe { ctx(slf) }.ring.eventfd()))
+    let c = unsafe { ctx(slf) };
+    let u = c.enter()?;
+    py_int(i64::from(u.eventfd()))
 }
 
 /// `Context.sqpoll`: DESIGN.md §6.2 sqpoll-int, an int (what was negotiated), not a
@@ -487,7 +583,9 @@ unsafe fn get_fileno(slf: *mut PyObject) -> PyResult<Owned> {
 /// Context.
 unsafe fn get_sqpoll(slf: *mut PyObject) -> PyResult<Owned> {
     // SAFETY: `slf` is a Context (contract above).
-    py_int(i64::from(unsafe { ctx(slf) }.ring.sqpoll))
+    let c = unsafe { ctx(slf) };
+    let u = c.enter()?;
+    py_int(i64::from(u.sqpoll))
 }
 
 /// The Context type: core's common shape plus this backend's methods and
@@ -499,6 +597,13 @@ fn context_spec() -> TypeSpec {
         ctx_deferred_flush,
         c"_deferred_flush($self)\n--\n\nasyncio adapter: submit everything staged and deliver. Returns the \
 number delivered.",
+    ))
+    .method(caio_core::method!(
+        noargs c"_close",
+        ctx_close,
+        c"_close($self)\n--\n\nasyncio adapter: release the ring and the eventfd now (or when the \
+method running meanwhile returns) unless operations are in flight (then False, nothing done). \
+Afterwards every method raises RuntimeError.",
     ))
     .method(caio_core::method!(
         noargs c"_process_loop_events",

@@ -34,6 +34,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use caio_core::op::{self, as_op, Delivery, OpKind, Operation};
+use caio_core::pool::order::{Admit, Order};
+use caio_core::pool::Job;
 use caio_core::py::{Exc, PyErr, PyResult};
 use caio_core::pyo3_ffi::PyObject;
 use caio_core::sys::MAX_TRANSFER;
@@ -81,6 +83,14 @@ pub struct Ring {
     finished: AtomicU64,
     /// Private wake-up eventfds of threads blocked in [`Ring::wait`].
     waiters: Mutex<Vec<i32>>,
+    /// fsync after the writes before it (DESIGN.md §4.1): writes not
+    /// finished yet per fd, and the syncs staged behind them — held out of
+    /// the SQ until those writes are drained (the kernel would otherwise run
+    /// them in any order). Unrelated fds never wait for each other.
+    order: Order,
+    /// Syncs released by `order` that found the SQ full (staged by a later
+    /// drain).
+    released: Mutex<Vec<Job>>,
     nwaiters: AtomicUsize,
 }
 
@@ -218,6 +228,8 @@ impl Ring {
             finished: AtomicU64::new(0),
             waiters: Mutex::new(Vec::new()),
             nwaiters: AtomicUsize::new(0),
+            order: Order::default(),
+            released: Mutex::new(Vec::new()),
         })
     }
 
@@ -270,6 +282,15 @@ impl Ring {
             // I/O window and engine area are the engine's.
             match unsafe { direct::prepare(o, &self.direct) } {
                 Ok(()) => {
+                    // SAFETY: claimed and begun just now: a live in-flight
+                    // op. A write is recorded; a sync behind unfinished
+                    // writes to its fd is accepted but held (a drain stages
+                    // it once they are done).
+                    let admit = unsafe { self.order.submitted(Job(p.cast())) };
+                    if matches!(admit, Admit::Held) {
+                        accepted += 1;
+                        continue;
+                    }
                     // SAFETY: claimed by this call, not in the kernel yet.
                     let entry = unsafe { sqe(o) };
                     // SAFETY: the SQE points into the op's I/O window (its
@@ -356,6 +377,11 @@ impl Ring {
             if staged == 0 {
                 return Ok(());
             }
+            // Test hook: the kernel refuses to take the SQEs (they stay staged).
+            if let Some(e) = caio_core::test_hooks::env_parse::<i32>("CAIO_TEST_URING_ENTER_ERRNO")
+            {
+                return Err(io::Error::from_raw_os_error(e));
+            }
             match self.enter(staged, 0, 0) {
                 Ok(0) => return Ok(()), // nothing consumed: do not spin
                 Ok(_) => continue,
@@ -384,6 +410,14 @@ impl Ring {
             }
         }
         Ok(())
+    }
+
+    /// Makes the eventfd readable, so the event loop's reader runs (and
+    /// retries a refused submission, see `Context::submit_or_retry`).
+    pub fn poke_eventfd(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live local to our eventfd.
+        unsafe { libc::write(self.eventfd, (&raw const one).cast(), 8) };
     }
 
     /// `io_uring_enter(2)` without a signal mask.
@@ -475,7 +509,43 @@ impl Ring {
         let count = unsafe { self.drain_inner(max, out) };
         self.finished
             .fetch_add((out.len() - before) as u64, Ordering::AcqRel);
+        // Finished writes may release syncs held behind them.
+        let mut released = Vec::new();
+        for d in &out[before..] {
+            // SAFETY: the delivery holds the op's reference: alive.
+            released.extend(unsafe { self.order.finished(d.op_ptr()) });
+        }
+        if self.stage_released(released) {
+            // Like an O_DIRECT retry: entered from the drain, so a thread
+            // waiting in process_events() gets the sync's completion.
+            let _ = self.submit_staged();
+        }
         count
+    }
+
+    /// Stages the syncs `order` released (and those a full SQ kept back
+    /// before). True if any was staged.
+    fn stage_released(&self, jobs: Vec<Job>) -> bool {
+        let mut pending = lock(&self.released);
+        pending.extend(jobs);
+        if pending.is_empty() {
+            return false;
+        }
+        let _side = lock(&self.sq);
+        // SAFETY: under the SQ lock (see the module doc).
+        let mut sq = unsafe { self.uring.submission_shared() };
+        let mut staged = false;
+        while !pending.is_empty() && !sq.is_full() {
+            let job = pending.remove(0);
+            // SAFETY: a held sync: claimed, begun and accepted by `stage`,
+            // never in the kernel, so the engine's (its SQE carries no
+            // buffer).
+            let entry = unsafe { sqe(&*job.0) };
+            // SAFETY: as in `Ring::stage`; room checked, under the lock.
+            let _ = unsafe { sq.push(&entry) };
+            staged = true;
+        }
+        staged
     }
 
     /// Operations accepted and not finished yet (staged, in the kernel, or

@@ -28,15 +28,15 @@ pub(crate) static ENGINE: Engine = Engine {
 /// The loop is closed ("loop gone" in `caio_core::aio`): stop the pool,
 /// letting queued and running work finish, and deliver the completions
 /// (they only drop their references here: `op::Discarding`, set by the
-/// caller). Like `close()`, this waits for the workers.
+/// caller). Waits for the workers until `deadline`: a worker stuck in its
+/// I/O then keeps its op (false: the backend is not released).
 ///
 /// # Safety
 /// An `Engine` hook (see above).
-unsafe fn shutdown(a: &Adapter, _deadline: std::time::Instant) -> bool {
+unsafe fn shutdown(a: &Adapter, deadline: std::time::Instant) -> bool {
     // SAFETY: `a.context()` is a Context and we are attached (hook
     // contract).
-    unsafe { ctx(a.context()).shutdown() };
-    true
+    unsafe { ctx(a.context()).shutdown(Some(deadline)) }
 }
 
 /// Claims `op` and hands it to the pool, as `Context.submit` does.
@@ -50,7 +50,7 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     c.check_fork()?;
     let pool = c.pool()?;
     // SAFETY: attached; `slf` is `c`; `op` is an Operation (hook contract).
-    unsafe { submit_one(c, slf, &pool, op) }
+    unsafe { submit_one(c, slf, &pool, op, true) }
 }
 
 /// Takes back a job no worker has started yet and completes it as

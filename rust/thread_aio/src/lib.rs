@@ -69,25 +69,32 @@ impl Context {
 
     /// Stops the pool, letting queued and running work finish (callbacks
     /// included) — with the GIL released, as direct-delivery workers need it.
+    /// The wait is bounded by `deadline` (the loop-gone drain) and, while
+    /// the interpreter exits, by the exit bound (`pool::exit_deadline`): a
+    /// worker stuck in its I/O then keeps its op (and its memory) and is
+    /// left behind. True when every worker ended.
     ///
     /// # Safety
     /// Attached (queued completions are delivered here).
-    pub(crate) unsafe fn shutdown(&self) {
+    pub(crate) unsafe fn shutdown(&self, deadline: Option<std::time::Instant>) -> bool {
         let pool = self.pool_slot().take();
-        if let Some(pool) = pool {
-            if self.check_fork().is_err() {
-                // A forked child has none of the parent's workers: leave the
-                // copied bookkeeping alone rather than join threads that do
-                // not exist here.
-                std::mem::forget(pool);
-                return;
-            }
-            allow_threads(|| pool.shutdown(true));
-            if let Some(q) = pool.queued_delivery() {
-                // SAFETY: attached (this function's contract).
-                unsafe { q.deliver_all() };
-            }
+        let Some(pool) = pool else {
+            return true;
+        };
+        if self.check_fork().is_err() {
+            // A forked child has none of the parent's workers: leave the
+            // copied bookkeeping alone rather than join threads that do
+            // not exist here.
+            std::mem::forget(pool);
+            return true;
         }
+        let deadline = deadline.or_else(caio_core::pool::exit_deadline);
+        let all = allow_threads(|| pool.shutdown_until(deadline));
+        if let Some(q) = pool.queued_delivery() {
+            // SAFETY: attached (this function's contract).
+            unsafe { q.deliver_all() };
+        }
+        all
     }
 }
 
@@ -151,7 +158,7 @@ worker threads do not exist in this process; create a new Context in the child";
     /// this only stops idle workers.
     unsafe fn release(&self) {
         // SAFETY: attached (the trait's contract).
-        unsafe { self.shutdown() };
+        unsafe { self.shutdown(None) };
     }
 }
 
@@ -194,7 +201,7 @@ unsafe fn ctx_submit(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<Own
     let mut accepted = 0usize;
     for &a in args {
         // SAFETY: attached; `slf` is `c`; `a` is an Operation (checked).
-        if unsafe { submit_one(c, slf, &pool, a) }? {
+        if unsafe { submit_one(c, slf, &pool, a, false) }? {
             accepted += 1;
         }
     }
@@ -204,6 +211,9 @@ unsafe fn ctx_submit(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<Own
 /// Claims `a` and hands it to the pool — or, for a page-cache hit in
 /// event-loop mode, completes it right here. `Ok(false)`: already claimed
 /// (in flight or done), silently skipped. On error the claim is rolled back.
+/// `for_adapter`: the asyncio adapter submits; once claimed, a callback set
+/// on the op is dropped (the adapter's future replaces it, DESIGN.md §5.2),
+/// before anything can deliver it.
 ///
 /// # Safety
 /// Attached; `slf` is the Context `c`; `a` is one of this module's
@@ -213,6 +223,7 @@ pub(crate) unsafe fn submit_one(
     slf: *mut PyObject,
     pool: &Pool,
     a: *mut PyObject,
+    for_adapter: bool,
 ) -> PyResult<bool> {
     // SAFETY: `a` is an Operation (contract above).
     let o = unsafe { as_op(a) };
@@ -221,6 +232,10 @@ pub(crate) unsafe fn submit_one(
     }
     // SAFETY: attached, and `o` was claimed just now by this call.
     unsafe { op::begin(o, slf) };
+    if for_adapter {
+        // SAFETY: attached.
+        unsafe { op::clear_callback(o) };
+    }
     let inline_max = c.inline_read_max.load(Ordering::Relaxed);
     // `inline_max == 0`: inline reads are off (a raw Context, or the adapter
     // asked for none); then every op, a zero-length read included, runs and
@@ -310,7 +325,7 @@ unsafe fn ctx_cancel(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<Own
 /// Context.
 unsafe fn ctx_close(slf: *mut PyObject) -> PyResult<Owned> {
     // SAFETY: `slf` is a Context and we are attached (contract above).
-    unsafe { ctx(slf).shutdown() };
+    unsafe { ctx(slf).shutdown(None) };
     Ok(none())
 }
 

@@ -236,7 +236,7 @@ unsafe extern "C" fn adapter_traverse(
         }
         // Waiting futures (the lock is never held across a GC point).
         if let Ok(g) = a.gate.try_lock() {
-            for f in &g.waiters {
+            for (_, f) in &g.waiters {
                 let r = visit(f.as_ptr(), arg);
                 if r != 0 {
                     return r;

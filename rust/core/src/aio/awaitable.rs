@@ -24,10 +24,12 @@ use std::cell::Cell;
 use std::ffi::{c_int, c_void};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use pyo3_ffi::*;
 
 use super::adapter::{adapter, Adapter};
+use super::gate::Ticket;
 use crate::op::{self, as_op, OpState};
 use crate::py::typespec::{fast, noargs, onearg};
 use crate::py::{
@@ -83,6 +85,9 @@ pub struct Awaitable {
     value: Cell<Option<Owned>>,
     state: AtomicState<AwState>,
     has_slot: Cell<bool>,
+    /// While waiting for admission: the gate's ticket, which says whether a
+    /// slot was handed over (never the future's `done()`).
+    ticket: Cell<Option<Arc<Ticket>>>,
     /// Guards against two threads stepping it at once.
     running: AtomicBool,
 }
@@ -169,7 +174,6 @@ enum Step {
 
 static DONE: Interned = Interned::new(c"done");
 static CANCELLED: Interned = Interned::new(c"cancelled");
-static CANCEL: Interned = Interned::new(c"cancel");
 static RESULT: Interned = Interned::new(c"result");
 static BLOCKING: Interned = Interned::new(c"_asyncio_future_blocking");
 
@@ -183,15 +187,16 @@ fn method_true(fut: Borrowed<'_>, name: &Interned) -> PyResult<bool> {
 const CLOSED_MSG: &str = "AsyncioContext is closed: create a new one to submit operations";
 
 /// Marks `fut` as awaited by a task (what `Future.__await__` does) and
-/// yields it.
+/// yields it. The state is set first, so that a failure here leaves the
+/// awaitable in a state [`abandon`] knows how to unwind (see `send_step`).
 fn yield_future(w: &Awaitable, fut: Owned, state: AwState) -> PyResult<Step> {
+    w.fut.set(Some(fut.clone()));
+    w.set_state(state);
     // SAFETY: attached (crate invariant); `fut` is a live object, the name
     // interned, `True` static.
     if unsafe { PyObject_SetAttr(fut.as_ptr(), BLOCKING.get()?.as_ptr(), Py_True()) } != 0 {
         return Err(PyErr::Fetched);
     }
-    w.fut.set(Some(fut.clone()));
-    w.set_state(state);
     Ok(Step::Yield(fut))
 }
 
@@ -271,7 +276,37 @@ fn wait_for_op(w: &Awaitable) -> PyResult<Step> {
     }
 }
 
+/// One step of the coroutine protocol. A step that fails before the
+/// awaitable is finished gives up what it waits for (a queued admission, a
+/// granted slot, an in-flight op), so no admission slot can leak however a
+/// Python call in between fails (`yield_future`, a future's `done()`).
 fn send_step(w: &Awaitable) -> PyResult<Step> {
+    let r = send_step_inner(w);
+    if r.is_err() && w.state() != AwState::Finished {
+        // SAFETY: attached; the exception is put back right after.
+        let saved = unsafe { SavedErr::fetch() };
+        abandon(w);
+        saved.restore();
+    }
+    r
+}
+
+/// The granted-or-not decision for a waiter resumed in `SlotWait`.
+fn take_granted_slot(w: &Awaitable) -> bool {
+    let t = w.ticket.take();
+    match &t {
+        Some(t) if t.take() => {
+            w.has_slot.set(true);
+            true
+        }
+        _ => {
+            w.ticket.set(t);
+            false
+        }
+    }
+}
+
+fn send_step_inner(w: &Awaitable) -> PyResult<Step> {
     let a = w.adapter();
     match w.state() {
         AwState::Init => {
@@ -290,24 +325,31 @@ fn send_step(w: &Awaitable) -> PyResult<Step> {
                 return submit_op(w);
             }
             let fut = a.new_future()?;
-            a.gate_wait(&fut);
+            w.ticket.set(Some(a.gate_wait(&fut)));
             yield_future(w, fut, AwState::SlotWait)
         }
         AwState::SlotWait => {
             let Some(fut) = w.fut.take() else {
                 return Err(PyErr::runtime("admission future missing"));
             };
-            if !method_true(fut.borrow(), &DONE)? {
-                // Resumed without the future being done: keep waiting.
-                return yield_future(w, fut, AwState::SlotWait);
+            // Whether a slot was handed over is the ticket's to say (set by
+            // gate_release before it resolves the future).
+            if !take_granted_slot(w) {
+                w.fut.set(Some(fut.clone()));
+                if !method_true(fut.borrow(), &DONE)? {
+                    // Resumed without the future being done: keep waiting.
+                    return yield_future(w, fut, AwState::SlotWait);
+                }
+                if method_true(fut.borrow(), &CANCELLED)? {
+                    abandon(w);
+                    // Raises CancelledError.
+                    call_method(fut.borrow(), RESULT.get()?, &[])?;
+                    return Err(PyErr::runtime("admission future cancelled"));
+                }
+                return Err(PyErr::runtime("admission future resolved without a slot"));
             }
-            if method_true(fut.borrow(), &CANCELLED)? {
-                w.set_state(AwState::Finished);
-                // Raises CancelledError.
-                call_method(fut.borrow(), RESULT.get()?, &[])?;
-                return Err(PyErr::runtime("admission future cancelled"));
-            }
-            w.has_slot.set(true); // handed over by gate_release
+            drop(w.ticket.take());
+            drop(fut);
             if a.is_closed() || !a.is_bound() {
                 release_slot(w);
                 w.set_state(AwState::Finished);
@@ -415,16 +457,13 @@ fn abandon(w: &Awaitable) {
     let a = w.adapter();
     match w.state() {
         AwState::SlotWait => {
-            if let Some(fut) = w.fut.take() {
-                let granted = method_true(fut.borrow(), &DONE).unwrap_or(false)
-                    && !method_true(fut.borrow(), &CANCELLED).unwrap_or(true);
-                if granted {
+            drop(w.fut.take());
+            if let Some(t) = w.ticket.take() {
+                // A slot already handed over is ours to give back; otherwise
+                // the gate forgets the waiter.
+                if a.gate_withdraw(&t) {
                     w.has_slot.set(true);
-                } else if let Ok(name) = CANCEL.get() {
-                    // The gate skips cancelled futures.
-                    let _ = call_method(fut.borrow(), name, &[]);
                 }
-                clear_error();
             }
             release_slot(w);
         }
@@ -755,6 +794,7 @@ unsafe extern "C" fn aw_clear(slf: *mut PyObject) -> c_int {
     // `adapter` and `op` stay until dealloc (abandon() may still need them
     // if finalisation runs after clear); they cannot close a cycle alone.
     let dropped = (w.fut.take(), w.error.take(), w.value.take());
+    // (The ticket holds no Python object; it stays for `abandon`.)
     drop(dropped);
     0
 }
@@ -776,6 +816,7 @@ unsafe extern "C" fn aw_dealloc(slf: *mut PyObject) {
             ptr::drop_in_place(ptr::addr_of_mut!((*w).fut));
             ptr::drop_in_place(ptr::addr_of_mut!((*w).error));
             ptr::drop_in_place(ptr::addr_of_mut!((*w).value));
+            ptr::drop_in_place(ptr::addr_of_mut!((*w).ticket));
             ptr::drop_in_place(ptr::addr_of_mut!((*w).op));
             ptr::drop_in_place(ptr::addr_of_mut!((*w).adapter));
             let tp = Py_TYPE(slf);

@@ -150,7 +150,9 @@ impl Adapter {
             return; // released once idle already: nothing in flight
         }
         let _discard = op::Discarding::new();
-        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        let wait = crate::test_hooks::env_parse::<u64>("CAIO_TEST_SHUTDOWN_WAIT_MS")
+            .map_or(SHUTDOWN_WAIT, std::time::Duration::from_millis);
+        let deadline = Instant::now() + wait;
         // SAFETY: the engine's contract: called attached with its adapter.
         let drained = unsafe { (self.engine().shutdown)(self, deadline) };
         clear_error();

@@ -7,6 +7,18 @@
 //! * [`interpreter_exiting`]: the `atexit` hook lets queued work finish for a
 //!   bounded time, then stops workers from ever attaching again;
 //! * `FORK_HANDLERS`: resets the counters in a forked child.
+//!
+//! A worker keeps **one thread state** for its whole life instead of
+//! creating and destroying one per operation (`PyGILState_Ensure`/`Release`
+//! take CPython's runtime locks and allocate): made by its first direct
+//! delivery, attached (`PyEval_RestoreThread`) for each delivery and
+//! detached (`PyEval_SaveThread`) right after, so the worker never holds the
+//! GIL while it waits or runs I/O. It is deleted when the worker ends
+//! ([`worker_exit`]), while the interpreter is alive; once the interpreter
+//! is exiting (`STOPPING`, `Py_IsFinalizing`) it is never touched again —
+//! like a daemon thread's, finalisation owns it. A forked child deletes the
+//! parent's worker thread states itself (`PyOS_AfterFork_Child`); its copy
+//! of the pool has no workers.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -36,6 +48,10 @@ static FORKING: AtomicBool = AtomicBool::new(false);
 thread_local! {
     /// This thread is running a direct delivery (a callback may fork).
     static DELIVERING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// This worker's own thread state (made by its first direct delivery,
+    /// detached between deliveries), or NULL.
+    static WORKER_TSTATE: std::cell::Cell<*mut PyThreadState> =
+        const { std::cell::Cell::new(std::ptr::null_mut()) };
 }
 
 /// In a child process after `fork()` (async-signal-safe): the parent's
@@ -83,12 +99,31 @@ pub fn after_fork() {
 pub fn interpreter_exiting() {
     crate::py::allow_threads(|| {
         let step = Duration::from_millis(1);
-        wait_while(Some(Duration::from_secs(5)), step, || {
+        wait_while(Some(exit_wait()), step, || {
             OUTSTANDING.load(Ordering::SeqCst) > 0
         });
         STOPPING.store(true, Ordering::SeqCst);
         wait_while(None, step, || ATTACHING.load(Ordering::SeqCst) > 0);
     });
+}
+
+/// How long the interpreter's exit waits for pool work (the `atexit` hook,
+/// a pool closed while the interpreter exits): 5 s (test hook
+/// `CAIO_TEST_SHUTDOWN_WAIT_MS`).
+pub fn exit_wait() -> Duration {
+    crate::test_hooks::env_parse::<u64>("CAIO_TEST_SHUTDOWN_WAIT_MS")
+        .map_or(Duration::from_secs(5), Duration::from_millis)
+}
+
+/// While the interpreter exits (the `atexit` hook ran, or finalisation
+/// started): the deadline for joining a pool's workers, so a stuck worker
+/// cannot hang the exit. `None` otherwise (joins wait as long as it takes).
+pub fn exit_deadline() -> Option<std::time::Instant> {
+    if STOPPING.load(Ordering::SeqCst) || crate::py::is_finalizing() {
+        Some(std::time::Instant::now() + exit_wait())
+    } else {
+        None
+    }
 }
 
 /// Sleeps in `step`s while `busy()` holds, at most `limit` (if given). For
@@ -109,6 +144,42 @@ fn wait_while(limit: Option<Duration>, step: Duration, busy: impl Fn() -> bool) 
 /// `job` is an in-flight op whose engine reference the job carries, and the
 /// calling thread is not attached.
 pub(super) unsafe fn deliver_direct(job: Job, result: i64) {
+    if !enter_attaching() {
+        return;
+    }
+    let ts = WORKER_TSTATE.with(std::cell::Cell::get);
+    if ts.is_null() {
+        // First delivery of this worker: make its thread state. The
+        // GILState counter stays at 1 until `worker_exit`, so it lives on
+        // while detached.
+        // SAFETY: a detached thread without a thread state may attach with
+        // `PyGILState_Ensure` while the interpreter is alive (checked by
+        // `enter_attaching`; the atexit hook waits for `ATTACHING` before
+        // finalisation proceeds).
+        unsafe { PyGILState_Ensure() };
+        // SAFETY: attached now, so there is a current thread state.
+        WORKER_TSTATE.with(|t| t.set(unsafe { PyThreadState_Get() }));
+    } else {
+        // SAFETY: this thread's own thread state, detached by the previous
+        // delivery; the interpreter is alive (as above).
+        unsafe { PyEval_RestoreThread(ts) };
+    }
+    // SAFETY: attached now; the job's in-flight op is finished only here.
+    let d = unsafe { finish(job.0, result) };
+    DELIVERING.with(|f| f.set(true));
+    d.run();
+    DELIVERING.with(|f| f.set(false));
+    // SAFETY: attached with this thread's state (a callback that switched
+    // thread states has switched back before returning); detaching keeps
+    // it for the next delivery.
+    unsafe { PyEval_SaveThread() };
+    ATTACHING.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Counts the calling worker into `ATTACHING`, after any fork in progress.
+/// False (not counted) once the interpreter is exiting: then it must not
+/// attach any more.
+fn enter_attaching() -> bool {
     // Count ourselves in, then look at FORKING (both SeqCst): either the
     // forking thread sees us in ATTACHING and waits, or we see its flag and
     // step back until the fork is done.
@@ -124,19 +195,27 @@ pub(super) unsafe fn deliver_direct(job: Job, result: i64) {
     }
     if STOPPING.load(Ordering::SeqCst) || crate::py::is_finalizing() {
         ATTACHING.fetch_sub(1, Ordering::SeqCst);
+        return false;
+    }
+    true
+}
+
+/// A worker ends (not attached): deletes the thread state its deliveries
+/// used, while the interpreter is alive. Once it is exiting the state is
+/// left alone (finalisation deletes it; touching it could hang or end the
+/// thread).
+pub(super) fn worker_exit() {
+    let ts = WORKER_TSTATE.with(|t| t.replace(std::ptr::null_mut()));
+    if ts.is_null() || !enter_attaching() {
         return;
     }
-    // SAFETY: a detached thread may attach with `PyGILState_Ensure` while
-    // the interpreter is alive (checked just above; the atexit hook waits
-    // for `ATTACHING` before finalisation proceeds).
-    let g = unsafe { PyGILState_Ensure() };
-    // SAFETY: attached now; the job's in-flight op is finished only here.
-    let d = unsafe { finish(job.0, result) };
-    DELIVERING.with(|f| f.set(true));
-    d.run();
-    DELIVERING.with(|f| f.set(false));
-    // SAFETY: pairs with the `PyGILState_Ensure` above.
-    unsafe { PyGILState_Release(g) };
+    // SAFETY: this thread's own detached thread state; the interpreter is
+    // alive (checked by `enter_attaching`). Releasing the GILState count
+    // taken by the first delivery (to 0) clears and deletes it and detaches.
+    unsafe {
+        PyEval_RestoreThread(ts);
+        PyGILState_Release(PyGILState_STATE::PyGILState_UNLOCKED);
+    }
     ATTACHING.fetch_sub(1, Ordering::SeqCst);
 }
 

@@ -22,9 +22,10 @@ use crate::sync::lock;
 pub mod completion;
 pub mod delivery;
 pub mod io;
+pub mod order;
 
 pub use completion::CompletionQueue;
-pub use delivery::{after_fork, before_fork, interpreter_exiting};
+pub use delivery::{after_fork, before_fork, exit_deadline, exit_wait, interpreter_exiting};
 pub(crate) use delivery::{register_atexit, FORK_HANDLERS};
 pub use io::{execute, try_read_inline};
 
@@ -64,6 +65,8 @@ struct Shared {
     closing: AtomicBool,
     /// fds the workers found to be open with O_DIRECT (see [`execute`]).
     direct: crate::direct::FdCache,
+    /// Syncs held back until the writes before them are done (`order`).
+    order: order::Order,
 }
 
 pub struct Pool {
@@ -78,6 +81,21 @@ pub struct Pool {
 const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 
 impl Shared {
+    /// Queues syncs released by [`order::Order::finished`] (ahead of newer
+    /// work: they have waited already).
+    fn requeue(&self, ready: Vec<Job>) {
+        if ready.is_empty() {
+            return;
+        }
+        let mut st = lock(&self.state);
+        for job in ready.into_iter().rev() {
+            st.queue.push_front(job);
+        }
+        self.pending.store(st.queue.len(), Ordering::Relaxed);
+        drop(st);
+        self.work.notify_all();
+    }
+
     /// Pops a job, or returns `None` once the pool is closed and drained.
     fn next_job(&self) -> Option<Job> {
         loop {
@@ -148,18 +166,40 @@ impl Shared {
 fn worker(shared: Arc<Shared>) {
     while let Some(job) = shared.next_job() {
         let op = job.0;
+        stall_for_test(op);
         // SAFETY: a queued job is an in-flight op owned by this pool (its
         // engine), now run by this worker only.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
             execute(&*op, Some(&shared.direct))
         }))
         .unwrap_or(crate::sys::neg(libc::EIO));
+        // A sync waiting for this write may run now (before this write's
+        // completion is even delivered).
+        // SAFETY: the job's live in-flight op.
+        shared.requeue(unsafe { shared.order.finished(op) });
         match shared.completions.get() {
             Some(q) if shared.queued.load(Ordering::Acquire) => q.push(job, result),
             // SAFETY: the job's in-flight op; workers are never attached.
             _ => unsafe { deliver_direct(job, result) },
         }
         OUTSTANDING.fetch_sub(1, Ordering::SeqCst);
+    }
+    delivery::worker_exit();
+}
+
+/// Test hook `CAIO_TEST_POOL_STALL_MS`: a worker sleeps that long before
+/// running a write (a stuck worker, or a write an fsync could overtake).
+/// Nothing in builds without the test hooks.
+fn stall_for_test(op: *mut Operation) {
+    if !crate::test_hooks::ENABLED {
+        return;
+    }
+    // SAFETY: a live in-flight op (the job's reference); `kind` is immutable.
+    if unsafe { (*op).kind } != crate::op::OpKind::Write {
+        return;
+    }
+    if let Some(ms) = crate::test_hooks::env_parse::<u64>("CAIO_TEST_POOL_STALL_MS") {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
 
@@ -179,6 +219,7 @@ impl Pool {
             spinning: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
             direct: crate::direct::FdCache::new(),
+            order: order::Order::default(),
         });
         let pool = Pool {
             shared,
@@ -255,9 +296,14 @@ impl Pool {
         if st.queue.len() >= self.shared.max_queued {
             return Err((job, SubmitError::Full));
         }
-        st.queue.push_back(job);
-        self.shared.pending.store(st.queue.len(), Ordering::Relaxed);
         OUTSTANDING.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: a queued job is a live in-flight op (its reference).
+        match unsafe { self.shared.order.submitted(job) } {
+            order::Admit::Run(job) => st.queue.push_back(job),
+            // Held back until the writes to its fd before it are done.
+            order::Admit::Held => return Ok(()),
+        }
+        self.shared.pending.store(st.queue.len(), Ordering::Relaxed);
         // A spinning worker will pick it up; otherwise wake a sleeper.
         let wake = st.idle > 0 && self.shared.spinning.load(Ordering::Relaxed) == 0;
         drop(st);
@@ -272,9 +318,22 @@ impl Pool {
     /// is running or already done.
     pub fn try_cancel(&self, op: *mut Operation) -> Option<Job> {
         let mut st = lock(&self.shared.state);
-        let pos = st.queue.iter().position(|j| j.0 == op)?;
-        let job = st.queue.remove(pos)?;
+        let job = match st.queue.iter().position(|j| j.0 == op) {
+            Some(pos) => st.queue.remove(pos)?,
+            // A sync held back behind writes has not started either.
+            None => self.shared.order.take_held(op)?,
+        };
+        // A cancelled write no longer holds back the syncs after it.
+        // SAFETY: the job taken back carries the op's reference.
+        for ready in unsafe { self.shared.order.finished(job.0) }
+            .into_iter()
+            .rev()
+        {
+            st.queue.push_front(ready);
+        }
         self.shared.pending.store(st.queue.len(), Ordering::Relaxed);
+        drop(st);
+        self.shared.work.notify_all();
         OUTSTANDING.fetch_sub(1, Ordering::SeqCst);
         Some(job)
     }
@@ -288,16 +347,43 @@ impl Pool {
     /// detached instead). Must be called WITHOUT the GIL when `join` is set,
     /// because direct-delivery workers need it to finish.
     pub fn shutdown(&self, join: bool) {
+        if join {
+            self.shutdown_until(None);
+            return;
+        }
+        lock(&self.shared.state).closed = true;
+        self.shared.closing.store(true, Ordering::Relaxed);
+        self.shared.work.notify_all();
+        drop(std::mem::take(&mut *lock(&self.threads)));
+    }
+
+    /// [`Pool::shutdown`] with joining, bounded by `deadline` (if given):
+    /// a worker still busy then (stuck in a read of an idle pipe...) is
+    /// detached with its job, which completes whenever it does. True when
+    /// every worker ended. Same GIL rule as `shutdown`.
+    pub fn shutdown_until(&self, deadline: Option<std::time::Instant>) -> bool {
         lock(&self.shared.state).closed = true;
         self.shared.closing.store(true, Ordering::Relaxed);
         self.shared.work.notify_all();
         let me = std::thread::current().id();
         let threads = std::mem::take(&mut *lock(&self.threads));
+        let mut all = true;
         for (id, h) in threads {
-            if join && id != me {
-                let _ = h.join();
+            if id == me {
+                continue;
             }
+            if let Some(d) = deadline {
+                while !h.is_finished() && std::time::Instant::now() < d {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                if !h.is_finished() {
+                    all = false;
+                    continue; // detached
+                }
+            }
+            let _ = h.join();
         }
+        all
     }
 }
 
