@@ -415,9 +415,14 @@ class _WriteOrder:
                 self._cond.wait()
 
 
-def _ordered_write(order: _WriteOrder, number: int, operation: "Operation") -> Any:
+def _ordered_write(
+    order: _WriteOrder,
+    number: int,
+    runner: Callable[["Operation"], Any],
+    operation: "Operation",
+) -> Any:
     try:
-        return _run_write(operation)
+        return runner(operation)
     finally:
         order.write_finished(operation._fileno, number)
 
@@ -777,7 +782,12 @@ class Context(AbstractContext):
             if self._claim(operation):
                 opcode = operation.opcode
                 try:
-                    if opcode == _WRITE or opcode == _FSYNC or opcode == _FDSYNC:
+                    if (
+                        opcode == _WRITE
+                        or opcode == _WRITEV
+                        or opcode == _FSYNC
+                        or opcode == _FDSYNC
+                    ):
                         self._schedule_ordered(runner, operation)
                     else:
                         self._schedule(runner, operation)
@@ -798,10 +808,12 @@ class Context(AbstractContext):
         order = self._order
         fd = operation._fileno
         with self._order_lock:
-            if operation.opcode == _WRITE:
+            if operation.opcode == _WRITE or operation.opcode == _WRITEV:
                 number = order.write_submitted(fd)
                 try:
-                    self._schedule(functools.partial(_ordered_write, order, number), operation)
+                    self._schedule(
+                        functools.partial(_ordered_write, order, number, runner), operation
+                    )
                 except BaseException:
                     order.write_finished(fd, number)
                     raise

@@ -433,7 +433,7 @@ pub(crate) unsafe fn submit_claimed(
                 let o = unsafe { &*p };
                 match o.kind {
                     // Recorded before the kernel or a worker can finish it.
-                    OpKind::Write => {
+                    OpKind::Write | OpKind::WriteV => {
                         // SAFETY: as above.
                         let _ = unsafe { c.order.submitted(Job(p)) };
                     }

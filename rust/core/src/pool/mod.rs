@@ -195,7 +195,10 @@ fn stall_for_test(op: *mut Operation) {
         return;
     }
     // SAFETY: a live in-flight op (the job's reference); `kind` is immutable.
-    if unsafe { (*op).kind } != crate::op::OpKind::Write {
+    if !matches!(
+        unsafe { (*op).kind },
+        crate::op::OpKind::Write | crate::op::OpKind::WriteV
+    ) {
         return;
     }
     if let Some(ms) = crate::test_hooks::env_parse::<u64>("CAIO_TEST_POOL_STALL_MS") {

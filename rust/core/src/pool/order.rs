@@ -78,8 +78,8 @@ impl Order {
         // SAFETY: caller's contract.
         let (kind, fd) = unsafe { kind_fd(job.0) };
         match kind {
-            OpKind::Read => Admit::Run(job),
-            OpKind::Write => {
+            OpKind::Read | OpKind::ReadV => Admit::Run(job),
+            OpKind::Write | OpKind::WriteV => {
                 let mut g = lock(&self.inner);
                 let w = g.fds.entry(fd).or_default();
                 let n = w.next;
@@ -109,7 +109,7 @@ impl Order {
     /// `op` is a live op.
     pub unsafe fn finished(&self, op: *mut Operation) -> Vec<Job> {
         // SAFETY: caller's contract.
-        if unsafe { kind_fd(op) }.0 != OpKind::Write {
+        if !matches!(unsafe { kind_fd(op) }.0, OpKind::Write | OpKind::WriteV) {
             return Vec::new();
         }
         let mut g = lock(&self.inner);
