@@ -24,12 +24,16 @@ import os
 from typing import Any
 
 from .asyncio_base import AsyncioContextBase, NativeAsyncioContextBase
+from . import thread_aio as _thread_aio_module
 from .thread_aio import Context, Operation, _AsyncioBase
 
 __all__ = ("AsyncioContext",)
 
 
 class _LoopDeliveryContext(_AsyncioBase, NativeAsyncioContextBase):
+    # Path operations (DESIGN.md §14) on the native runner.
+    _PATH_OPS_TYPE = getattr(_thread_aio_module, "_PathOps", None)
+
     MAX_REQUESTS_DEFAULT = 512
     OPERATION_CLASS = Operation
     CONTEXT_CLASS = Context

@@ -1,0 +1,430 @@
+"""Path operations and whole files (DESIGN.md §14).
+
+``open``, ``close_fd``, ``stat``, ``fallocate``, ``ftruncate``, ``fadvise``,
+``unlink``, ``rename``, ``mkdir``, ``read_file`` and ``write_file`` on every
+context. :class:`PathOpsAPI` holds the public methods once: each checks and
+converts its arguments at call time (so argument errors raise before any
+``await``) into a *job* tuple and hands it to ``self._path_job(job)``, which
+the context type supplies:
+
+* ``AsyncioContextBase`` (:class:`AsyncioPathOps`): a runner per adapter,
+  created on first use — the native one (``_PathOps`` of the backend's
+  module, ``rust/core/src/pathop/``) when the adapter class names it, else
+  :class:`_ThreadRunner` (the same ``os`` calls on a ``ThreadPoolExecutor``
+  of the adapter's own);
+* ``StructuredContextBase`` (trio/anyio): :func:`run_job` on the library's
+  ``to_thread.run_sync``.
+
+A job is ``(code, name1, path1, name2, path2, fd1, fd2, a, b, c, data)``:
+``name1``/``name2`` are the objects ``os`` would report as ``filename``/
+``filename2`` (the arguments as given), ``path1``/``path2`` their encoded
+``bytes``, ``fd1``/``fd2`` fds or ``dir_fd``s (``None``: the current
+directory), ``a``/``b``/``c`` integers and ``data`` the ``bytes`` of
+``write_file``. The native runner reads the same tuple.
+"""
+
+import asyncio
+import concurrent.futures
+import operator
+import os
+import sys
+from collections.abc import Awaitable
+from functools import partial
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+
+__all__ = ("AsyncioPathOps", "PathOpsAPI", "run_job")
+
+# Job codes (the native runner uses the same numbers).
+OPEN = 1
+CLOSE = 2
+STAT = 3
+FALLOCATE = 4
+FTRUNCATE = 5
+FADVISE = 6
+UNLINK = 7
+RENAME = 8
+MKDIR = 9
+READ_FILE = 10
+WRITE_FILE = 11
+
+Job = tuple[int, Any, bytes | None, Any, bytes | None, int | None, int | None, int, int, int, Any]
+
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_BINARY = getattr(os, "O_BINARY", 0)
+
+
+def _encode(path: Any, fname: str, argname: str = "path") -> bytes:
+    """``os``'s path conversion: ``str``, ``bytes`` or ``os.PathLike``."""
+    try:
+        p = os.fspath(path)
+    except TypeError:
+        raise TypeError(
+            f"{fname}: {argname} should be string, bytes or os.PathLike, not {type(path).__name__}"
+        ) from None
+    b = os.fsencode(p)
+    if b"\0" in b:
+        raise ValueError("embedded null byte")
+    return b
+
+
+def _dir_fd(dir_fd: Any) -> int | None:
+    return None if dir_fd is None else operator.index(dir_fd)
+
+
+# -- the blocking implementation (Python runner, trio/anyio) -------------------
+
+
+def _named(e: OSError, name: Any) -> OSError:
+    """``e`` reported for ``name`` (as ``open()`` reports any step's error)."""
+    if e.filename is not None or e.errno is None:
+        return e
+    return OSError(e.errno, e.strerror, name)
+
+
+def _read_file(name: Any) -> bytes:
+    try:
+        fd = os.open(name, os.O_RDONLY | _O_CLOEXEC | _O_BINARY)
+    except OSError as e:
+        raise _named(e, name) from None
+    try:
+        size = os.fstat(fd).st_size
+        chunks = []
+        want = max(size, 0) + 1  # one more byte: end of file seen in one read
+        while True:
+            chunk = os.read(fd, want)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            want = max(want, 64 * 1024)
+        return b"".join(chunks)
+    except OSError as e:
+        raise _named(e, name) from None
+    finally:
+        os.close(fd)
+
+
+def _write_file(name: Any, data: bytes, mode: int, sync: int) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_CLOEXEC | _O_BINARY
+    try:
+        fd = os.open(name, flags, mode)
+    except OSError as e:
+        raise _named(e, name) from None
+    try:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+        if sync:
+            os.fsync(fd)
+        return done
+    except OSError as e:
+        raise _named(e, name) from None
+    finally:
+        os.close(fd)
+
+
+def _fallocate(fd: int, offset: int, length: int, mode: int) -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        f = libc.fallocate64
+        f.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+        f.restype = ctypes.c_int
+        if f(fd, mode, offset, length) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        return
+    if mode:
+        import errno
+
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+    os.posix_fallocate(fd, offset, length)
+
+
+def run_job(job: Job) -> Any:
+    """Run one job with ``os`` calls on the calling thread."""
+    code, name1, _, name2, _, fd1, fd2, a, b, c, data = job
+    if code == READ_FILE:
+        return _read_file(name1)
+    if code == OPEN:
+        return os.open(name1, a, b, dir_fd=fd1)
+    if code == STAT:
+        if name1 is None:
+            return os.stat(cast(int, fd1))
+        return os.stat(name1, dir_fd=fd1, follow_symlinks=bool(a))
+    if code == CLOSE:
+        os.close(cast(int, fd1))
+        return None
+    if code == WRITE_FILE:
+        return _write_file(name1, data, a, b)
+    if code == FTRUNCATE:
+        os.ftruncate(cast(int, fd1), a)
+        return None
+    if code == FALLOCATE:
+        _fallocate(cast(int, fd1), a, b, c)
+        return None
+    if code == FADVISE:
+        os.posix_fadvise(cast(int, fd1), a, b, c)
+        return None
+    if code == UNLINK:
+        os.unlink(name1, dir_fd=fd1)
+        return None
+    if code == RENAME:
+        os.rename(name1, name2, src_dir_fd=fd1, dst_dir_fd=fd2)
+        return None
+    if code == MKDIR:
+        os.mkdir(name1, a, dir_fd=fd1)
+        return None
+    raise ValueError(f"unknown path job {code}")
+
+
+# -- the public methods, shared by every context type ---------------------------
+
+
+class PathOpsAPI:
+    """``os``-like path and fd calls, awaitable (DESIGN.md §14)."""
+
+    def _path_job(self, job: Job) -> Awaitable[Any]:
+        raise NotImplementedError
+
+    def open(
+        self, path: Any, flags: int = os.O_RDONLY, mode: int = 0o777, *, dir_fd: int | None = None
+    ) -> Awaitable[int]:
+        """``os.open`` (the fd is non-inheritable, as ``os.open`` makes it)."""
+        flags = operator.index(flags) | _O_CLOEXEC
+        job = (OPEN, path, _encode(path, "open"), None, None, _dir_fd(dir_fd), None, flags,
+               operator.index(mode), 0, None)  # fmt: skip
+        return cast("Awaitable[int]", self._path_job(job))
+
+    def close_fd(self, fd: int) -> Awaitable[None]:
+        """``os.close``."""
+        job = (CLOSE, None, None, None, None, operator.index(fd), None, 0, 0, 0, None)
+        return cast("Awaitable[None]", self._path_job(job))
+
+    def stat(
+        self, path: Any, *, dir_fd: int | None = None, follow_symlinks: bool = True
+    ) -> Awaitable[os.stat_result]:
+        """``os.stat`` of a path or an fd."""
+        if isinstance(path, int):
+            if dir_fd is not None or not follow_symlinks:
+                raise ValueError(
+                    "stat: cannot use fd and dir_fd or follow_symlinks=False together"
+                )
+            job: Job = (STAT, None, None, None, None, operator.index(path), None, 1, 0, 0, None)
+        else:
+            job = (STAT, path, _encode(path, "stat"), None, None, _dir_fd(dir_fd), None,
+                   int(bool(follow_symlinks)), 0, 0, None)  # fmt: skip
+        return cast("Awaitable[os.stat_result]", self._path_job(job))
+
+    def fallocate(self, fd: int, offset: int, length: int, mode: int = 0) -> Awaitable[None]:
+        """``fallocate(2)``: allocate (``mode`` 0) or punch/zero a range."""
+        job = (FALLOCATE, None, None, None, None, operator.index(fd), None,
+               operator.index(offset), operator.index(length), operator.index(mode), None)  # fmt: skip
+        return cast("Awaitable[None]", self._path_job(job))
+
+    def ftruncate(self, fd: int, length: int) -> Awaitable[None]:
+        """``os.ftruncate``."""
+        job = (FTRUNCATE, None, None, None, None, operator.index(fd), None,
+               operator.index(length), 0, 0, None)  # fmt: skip
+        return cast("Awaitable[None]", self._path_job(job))
+
+    def fadvise(self, fd: int, offset: int, length: int, advice: int) -> Awaitable[None]:
+        """``os.posix_fadvise``."""
+        job = (FADVISE, None, None, None, None, operator.index(fd), None,
+               operator.index(offset), operator.index(length), operator.index(advice), None)  # fmt: skip
+        return cast("Awaitable[None]", self._path_job(job))
+
+    def unlink(self, path: Any, *, dir_fd: int | None = None) -> Awaitable[None]:
+        """``os.unlink``."""
+        job = (UNLINK, path, _encode(path, "unlink"), None, None, _dir_fd(dir_fd), None,
+               0, 0, 0, None)  # fmt: skip
+        return cast("Awaitable[None]", self._path_job(job))
+
+    def rename(
+        self,
+        src: Any,
+        dst: Any,
+        *,
+        src_dir_fd: int | None = None,
+        dst_dir_fd: int | None = None,
+    ) -> Awaitable[None]:
+        """``os.rename``."""
+        job = (RENAME, src, _encode(src, "rename", "src"), dst, _encode(dst, "rename", "dst"),
+               _dir_fd(src_dir_fd), _dir_fd(dst_dir_fd), 0, 0, 0, None)  # fmt: skip
+        return cast("Awaitable[None]", self._path_job(job))
+
+    def mkdir(self, path: Any, mode: int = 0o777, *, dir_fd: int | None = None) -> Awaitable[None]:
+        """``os.mkdir``."""
+        job = (MKDIR, path, _encode(path, "mkdir"), None, None, _dir_fd(dir_fd), None,
+               operator.index(mode), 0, 0, None)  # fmt: skip
+        return cast("Awaitable[None]", self._path_job(job))
+
+    def read_file(self, path: Any) -> Awaitable[bytes]:
+        """The whole file's contents, like ``Path.read_bytes``."""
+        job = (READ_FILE, path, _encode(path, "read_file"), None, None, None, None,
+               0, 0, 0, None)  # fmt: skip
+        return cast("Awaitable[bytes]", self._path_job(job))
+
+    def write_file(
+        self, path: Any, data: Any, *, mode: int = 0o666, fsync: bool = False
+    ) -> Awaitable[int]:
+        """Create or truncate ``path`` and write ``data`` (bytes-like), like
+        ``Path.write_bytes``; with ``fsync``, sync it before closing."""
+        if not isinstance(data, bytes):
+            data = bytes(memoryview(data))
+        job = (WRITE_FILE, path, _encode(path, "write_file"), None, None, None, None,
+               operator.index(mode), int(bool(fsync)), 0, data)  # fmt: skip
+        return cast("Awaitable[int]", self._path_job(job))
+
+
+# -- runners for asyncio ----------------------------------------------------------
+
+
+def _close_quietly(fd: Any) -> None:
+    if isinstance(fd, int):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class _ThreadRunner:
+    """The ``os`` calls on a thread pool of the adapter's own; results are
+    handed to the loop with ``call_soon_threadsafe``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, workers: int) -> None:
+        self.loop = loop
+        self.pid = os.getpid()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="caio-pathop"
+        )
+
+    def run(self, job: Job) -> "asyncio.Future[Any]":
+        future = self.loop.create_future()
+        cf = self._executor.submit(run_job, job)
+        cf.add_done_callback(partial(self._done, future, job[0]))
+        return future
+
+    def _done(self, future: "asyncio.Future[Any]", code: int, cf: Any) -> None:
+        # Worker thread.
+        try:
+            self.loop.call_soon_threadsafe(self._transfer, future, code, cf)
+        except RuntimeError:  # the loop is closed: nobody awaits the result
+            if code == OPEN and not cf.cancelled() and cf.exception() is None:
+                _close_quietly(cf.result())
+
+    @staticmethod
+    def _transfer(future: "asyncio.Future[Any]", code: int, cf: Any) -> None:
+        # Loop thread.
+        exc = cf.exception()
+        if future.cancelled():
+            if code == OPEN and exc is None:
+                _close_quietly(cf.result())  # nobody will ever see this fd
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(cf.result())
+
+    def close(self) -> None:
+        # Queued jobs still run and are delivered; the threads end after.
+        self._executor.shutdown(wait=False)
+
+
+class _NativeRunner:
+    """The backend module's ``_PathOps``: native workers, results built and
+    futures resolved by one drain per wake-up of the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, ops_type: Any, workers: int) -> None:
+        self.loop = loop
+        self.pid = os.getpid()
+        ops = ops_type(workers)
+        self._ops = ops
+        self._submit = ops.submit
+        self._closing = False
+        self._fd: int | None = None
+        try:
+            fd = ops.fileno()
+            loop.add_reader(fd, self._on_readable)
+        except BaseException:
+            ops.close()
+            raise
+        self._fd = fd
+
+    def run(self, job: Job) -> "asyncio.Future[Any]":
+        future = self.loop.create_future()
+        self._submit(future, *job)
+        return future
+
+    def _on_readable(self) -> None:
+        if self._ops.drain() == 0 and self._closing:
+            self._release()
+
+    def close(self) -> None:
+        self._closing = True
+        if self._ops.in_flight() == 0:
+            self._release()
+
+    def _release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None and os.getpid() == self.pid:
+            try:
+                self.loop.remove_reader(fd)
+            except (RuntimeError, ValueError, OSError):
+                pass
+        self._ops.close()
+
+
+class AsyncioPathOps(PathOpsAPI):
+    """Path operations of an ``AsyncioContext`` (a base of
+    ``AsyncioContextBase``)."""
+
+    #: The native runner type (``backend._PathOps``); None: the thread runner.
+    _PATH_OPS_TYPE: ClassVar[Any] = None
+    #: Worker threads of the runner.
+    PATH_OPS_WORKERS: ClassVar[int] = 8
+
+    _path_runner: Any = None
+    _path_ops_closed = False
+
+    if TYPE_CHECKING:  # provided by AsyncioContextBase
+        loop: asyncio.AbstractEventLoop
+
+    def _path_job(self, job: Job) -> "asyncio.Future[Any]":
+        runner = self._path_runner
+        if runner is None or runner.pid != os.getpid():
+            runner = self._new_path_runner()
+        return cast("asyncio.Future[Any]", runner.run(job))
+
+    def _new_path_runner(self) -> Any:
+        if self._path_ops_closed:
+            raise RuntimeError("AsyncioContext is closed: create a new one to submit operations")
+        if self._path_runner is not None:
+            raise RuntimeError(
+                "this AsyncioContext was created before fork(); create a new one in the child"
+            )
+        ops_type = self._PATH_OPS_TYPE
+        runner: Any
+        if ops_type is not None:
+            runner = _NativeRunner(self.loop, ops_type, self.PATH_OPS_WORKERS)
+        else:
+            runner = _ThreadRunner(self.loop, self.PATH_OPS_WORKERS)
+        self._path_runner = runner
+        return runner
+
+    def _close_path_ops(self) -> None:
+        if self._path_ops_closed:
+            return
+        self._path_ops_closed = True
+        runner = self._path_runner
+        if runner is not None and runner.pid == os.getpid():
+            runner.close()
+        # New path operations now fail in _new_path_runner.
+        self._path_runner = _Closed()
+
+
+class _Closed:
+    """Stands for the runner of a closed context."""
+
+    pid = -1
