@@ -53,8 +53,10 @@ _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_BINARY = getattr(os, "O_BINARY", 0)
 
 
-def _encode(path: Any, fname: str, argname: str = "path") -> bytes:
-    """``os``'s path conversion: ``str``, ``bytes`` or ``os.PathLike``."""
+def _encode(path: Any, fname: str, argname: str = "path") -> tuple[str | bytes, bytes]:
+    """``os``'s path conversion: ``str``, ``bytes`` or ``os.PathLike``.
+    Returns the name ``os`` reports in errors (``os.fspath(path)``) and the
+    encoded path."""
     try:
         p = os.fspath(path)
     except TypeError:
@@ -64,7 +66,7 @@ def _encode(path: Any, fname: str, argname: str = "path") -> bytes:
     b = os.fsencode(p)
     if b"\0" in b:
         raise ValueError("embedded null byte")
-    return b
+    return p, b
 
 
 def _dir_fd(dir_fd: Any) -> int | None:
@@ -150,7 +152,7 @@ def run_job(job: Job) -> Any:
     if code == OPEN:
         return os.open(name1, a, b, dir_fd=fd1)
     if code == STAT:
-        if name1 is None:
+        if job[2] is None:
             return os.stat(cast(int, fd1))
         return os.stat(name1, dir_fd=fd1, follow_symlinks=bool(a))
     if code == CLOSE:
@@ -193,8 +195,18 @@ class PathOpsAPI:
     ) -> Awaitable[int]:
         """``os.open`` (the fd is non-inheritable, as ``os.open`` makes it)."""
         flags = operator.index(flags) | _O_CLOEXEC
-        job = (OPEN, path, _encode(path, "open"), None, None, _dir_fd(dir_fd), None, flags,
-               operator.index(mode), 0, None)  # fmt: skip
+        job = (
+            OPEN,
+            *_encode(path, "open"),
+            None,
+            None,
+            _dir_fd(dir_fd),
+            None,
+            flags,
+            operator.index(mode),
+            0,
+            None,
+        )
         return cast("Awaitable[int]", self._path_job(job))
 
     def close_fd(self, fd: int) -> Awaitable[None]:
@@ -208,37 +220,79 @@ class PathOpsAPI:
         """``os.stat`` of a path or an fd."""
         if isinstance(path, int):
             if dir_fd is not None or not follow_symlinks:
-                raise ValueError(
-                    "stat: cannot use fd and dir_fd or follow_symlinks=False together"
-                )
-            job: Job = (STAT, None, None, None, None, operator.index(path), None, 1, 0, 0, None)
+                raise ValueError("stat: cannot use fd and dir_fd or follow_symlinks=False together")
+            fd = operator.index(path)
+            # os.stat(fd) reports the fd as the error's filename.
+            job: Job = (STAT, fd, None, None, None, fd, None, 1, 0, 0, None)
         else:
-            job = (STAT, path, _encode(path, "stat"), None, None, _dir_fd(dir_fd), None,
-                   int(bool(follow_symlinks)), 0, 0, None)  # fmt: skip
+            job = (
+                STAT,
+                *_encode(path, "stat"),
+                None,
+                None,
+                _dir_fd(dir_fd),
+                None,
+                int(bool(follow_symlinks)),
+                0,
+                0,
+                None,
+            )
         return cast("Awaitable[os.stat_result]", self._path_job(job))
 
     def fallocate(self, fd: int, offset: int, length: int, mode: int = 0) -> Awaitable[None]:
         """``fallocate(2)``: allocate (``mode`` 0) or punch/zero a range."""
-        job = (FALLOCATE, None, None, None, None, operator.index(fd), None,
-               operator.index(offset), operator.index(length), operator.index(mode), None)  # fmt: skip
+        job = (
+            FALLOCATE,
+            None,
+            None,
+            None,
+            None,
+            operator.index(fd),
+            None,
+            operator.index(offset),
+            operator.index(length),
+            operator.index(mode),
+            None,
+        )
         return cast("Awaitable[None]", self._path_job(job))
 
     def ftruncate(self, fd: int, length: int) -> Awaitable[None]:
         """``os.ftruncate``."""
-        job = (FTRUNCATE, None, None, None, None, operator.index(fd), None,
-               operator.index(length), 0, 0, None)  # fmt: skip
+        job = (
+            FTRUNCATE,
+            None,
+            None,
+            None,
+            None,
+            operator.index(fd),
+            None,
+            operator.index(length),
+            0,
+            0,
+            None,
+        )
         return cast("Awaitable[None]", self._path_job(job))
 
     def fadvise(self, fd: int, offset: int, length: int, advice: int) -> Awaitable[None]:
         """``os.posix_fadvise``."""
-        job = (FADVISE, None, None, None, None, operator.index(fd), None,
-               operator.index(offset), operator.index(length), operator.index(advice), None)  # fmt: skip
+        job = (
+            FADVISE,
+            None,
+            None,
+            None,
+            None,
+            operator.index(fd),
+            None,
+            operator.index(offset),
+            operator.index(length),
+            operator.index(advice),
+            None,
+        )
         return cast("Awaitable[None]", self._path_job(job))
 
     def unlink(self, path: Any, *, dir_fd: int | None = None) -> Awaitable[None]:
         """``os.unlink``."""
-        job = (UNLINK, path, _encode(path, "unlink"), None, None, _dir_fd(dir_fd), None,
-               0, 0, 0, None)  # fmt: skip
+        job = (UNLINK, *_encode(path, "unlink"), None, None, _dir_fd(dir_fd), None, 0, 0, 0, None)
         return cast("Awaitable[None]", self._path_job(job))
 
     def rename(
@@ -250,20 +304,38 @@ class PathOpsAPI:
         dst_dir_fd: int | None = None,
     ) -> Awaitable[None]:
         """``os.rename``."""
-        job = (RENAME, src, _encode(src, "rename", "src"), dst, _encode(dst, "rename", "dst"),
-               _dir_fd(src_dir_fd), _dir_fd(dst_dir_fd), 0, 0, 0, None)  # fmt: skip
+        job = (
+            RENAME,
+            *_encode(src, "rename", "src"),
+            *_encode(dst, "rename", "dst"),
+            _dir_fd(src_dir_fd),
+            _dir_fd(dst_dir_fd),
+            0,
+            0,
+            0,
+            None,
+        )
         return cast("Awaitable[None]", self._path_job(job))
 
     def mkdir(self, path: Any, mode: int = 0o777, *, dir_fd: int | None = None) -> Awaitable[None]:
         """``os.mkdir``."""
-        job = (MKDIR, path, _encode(path, "mkdir"), None, None, _dir_fd(dir_fd), None,
-               operator.index(mode), 0, 0, None)  # fmt: skip
+        job = (
+            MKDIR,
+            *_encode(path, "mkdir"),
+            None,
+            None,
+            _dir_fd(dir_fd),
+            None,
+            operator.index(mode),
+            0,
+            0,
+            None,
+        )
         return cast("Awaitable[None]", self._path_job(job))
 
     def read_file(self, path: Any) -> Awaitable[bytes]:
         """The whole file's contents, like ``Path.read_bytes``."""
-        job = (READ_FILE, path, _encode(path, "read_file"), None, None, None, None,
-               0, 0, 0, None)  # fmt: skip
+        job = (READ_FILE, *_encode(path, "read_file"), None, None, None, None, 0, 0, 0, None)
         return cast("Awaitable[bytes]", self._path_job(job))
 
     def write_file(
@@ -273,8 +345,18 @@ class PathOpsAPI:
         ``Path.write_bytes``; with ``fsync``, sync it before closing."""
         if not isinstance(data, bytes):
             data = bytes(memoryview(data))
-        job = (WRITE_FILE, path, _encode(path, "write_file"), None, None, None, None,
-               operator.index(mode), int(bool(fsync)), 0, data)  # fmt: skip
+        job = (
+            WRITE_FILE,
+            *_encode(path, "write_file"),
+            None,
+            None,
+            None,
+            None,
+            operator.index(mode),
+            int(bool(fsync)),
+            0,
+            data,
+        )
         return cast("Awaitable[int]", self._path_job(job))
 
 
@@ -287,6 +369,18 @@ def _close_quietly(fd: Any) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+async def _claim_fd(future: "asyncio.Future[int]") -> int:
+    # The runner closes the fd of an open whose future was cancelled; this
+    # closes it when the future got its result but the awaiting task was
+    # cancelled before it could resume.
+    try:
+        return await future
+    except asyncio.CancelledError:
+        if future.done() and not future.cancelled() and future.exception() is None:
+            _close_quietly(future.result())
+        raise
 
 
 class _ThreadRunner:
@@ -391,11 +485,14 @@ class AsyncioPathOps(PathOpsAPI):
     if TYPE_CHECKING:  # provided by AsyncioContextBase
         loop: asyncio.AbstractEventLoop
 
-    def _path_job(self, job: Job) -> "asyncio.Future[Any]":
+    def _path_job(self, job: Job) -> Awaitable[Any]:
         runner = self._path_runner
         if runner is None or runner.pid != os.getpid():
             runner = self._new_path_runner()
-        return cast("asyncio.Future[Any]", runner.run(job))
+        future = runner.run(job)
+        if job[0] == OPEN:
+            return _claim_fd(future)
+        return cast("asyncio.Future[Any]", future)
 
     def _new_path_runner(self) -> Any:
         if self._path_ops_closed:

@@ -47,6 +47,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from ._drivers import open_driver
+from ._pathops import Job, PathOpsAPI, run_job
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs Python 3.11
@@ -90,7 +91,7 @@ class Waiter(abc.ABC):
         """Suspend until ``wake()``; cancellable."""
 
 
-class StructuredContextBase(abc.ABC):
+class StructuredContextBase(PathOpsAPI, abc.ABC):
     """Common base of :class:`caio.trio.TrioContext` and
     :class:`caio.anyio.AnyioContext` (see the module docstring).
 
@@ -126,6 +127,9 @@ class StructuredContextBase(abc.ABC):
     _wait_readable: Callable[[int], Awaitable[Any]]
     _checkpoint_if_cancelled: Callable[[], Awaitable[Any]]
     _cancel_shielded_checkpoint: Callable[[], Awaitable[Any]]
+    #: Runs a blocking function on a worker thread (not abandoned when
+    #: cancelled: the call runs to its end, so an fd it opens is returned).
+    _to_thread: Callable[..., Awaitable[Any]]
 
     @abc.abstractmethod
     def _shield(self) -> AbstractContextManager[Any]:
@@ -332,6 +336,32 @@ class StructuredContextBase(abc.ABC):
                 return op.get_value()
             finally:
                 self._release_slot()
+        finally:
+            self._active -= 1
+            if not self._active:
+                self._on_idle()
+
+    # -- path operations (DESIGN.md §14) ------------------------------------------
+
+    def _path_job(self, job: Job) -> Coroutine[Any, Any, Any]:
+        return self._run_path_job(job)
+
+    async def _run_path_job(self, job: Job) -> Any:
+        # The os calls on the library's worker threads; they count as
+        # operations in flight for close()/aclose(), but take no slot.
+        await self._checkpoint_if_cancelled()
+        if self._generation != _fork_generation[0]:
+            raise RuntimeError(
+                f"this {type(self).__name__} was created before fork(); create a new one "
+                "in the child"
+            )
+        if self._closed:
+            raise RuntimeError(
+                f"{type(self).__name__} is closed: create a new one to submit operations"
+            )
+        self._active += 1
+        try:
+            return await self._to_thread(run_job, job)
         finally:
             self._active -= 1
             if not self._active:

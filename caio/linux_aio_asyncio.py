@@ -28,8 +28,8 @@ Differences from upstream caio (all compatible):
 
 from typing import Any
 
-from .asyncio_base import NativeAsyncioContextBase
 from . import linux_aio as _linux_aio_module
+from .asyncio_base import NativeAsyncioContextBase
 from .linux_aio import Context, Operation, _AsyncioBase
 
 __all__ = ("AsyncioContext",)

@@ -18,8 +18,8 @@ shared with the other native adapters (``NativeAsyncioContextBase``).
 
 from typing import Any
 
-from .asyncio_base import NativeAsyncioContextBase
 from . import linux_uring as _linux_uring_module
+from .asyncio_base import NativeAsyncioContextBase
 from .linux_uring import SQPOLL_ALLOWED, Context, Operation, _AsyncioBase
 
 __all__ = ("AsyncioContext",)

@@ -23,8 +23,8 @@ classic path is used: the worker runs the callback, which wakes the loop with
 import os
 from typing import Any
 
-from .asyncio_base import AsyncioContextBase, NativeAsyncioContextBase
 from . import thread_aio as _thread_aio_module
+from .asyncio_base import AsyncioContextBase, NativeAsyncioContextBase
 from .thread_aio import Context, Operation, _AsyncioBase
 
 __all__ = ("AsyncioContext",)

@@ -133,7 +133,12 @@ pub fn run(job: &mut Job) {
             let p = cpath(job.path1.as_ref());
             // SAFETY: a NUL-terminated path owned by the job; no memory out.
             match retry(|| unsafe {
-                libc::openat(job.fd1, p, as_int(job.a), libc::c_uint::from(as_mode(job.b)))
+                libc::openat(
+                    job.fd1,
+                    p,
+                    as_int(job.a),
+                    libc::c_uint::from(as_mode(job.b)),
+                )
             }) {
                 Ok(fd) => Outcome::Int(i64::from(fd)),
                 Err(e) => Outcome::Failed(e),
@@ -141,7 +146,11 @@ pub fn run(job: &mut Job) {
         }
         Code::Close => {
             // SAFETY: closes the caller's fd, as os.close would.
-            unit(if unsafe { libc::close(job.fd1) } == 0 { Ok(0) } else { Err(errno()) })
+            unit(if unsafe { libc::close(job.fd1) } == 0 {
+                Ok(0)
+            } else {
+                Err(errno())
+            })
         }
         Code::Stat => stat(job),
         Code::Fallocate => fallocate(job.fd1, job.a, job.b, job.c),
@@ -158,12 +167,16 @@ pub fn run(job: &mut Job) {
         Code::Rename => {
             let (p1, p2) = (cpath(job.path1.as_ref()), cpath(job.path2.as_ref()));
             // SAFETY: NUL-terminated paths owned by the job.
-            unit(retry(|| unsafe { libc::renameat(job.fd1, p1, job.fd2, p2) }))
+            unit(retry(|| unsafe {
+                libc::renameat(job.fd1, p1, job.fd2, p2)
+            }))
         }
         Code::Mkdir => {
             let p = cpath(job.path1.as_ref());
             // SAFETY: a NUL-terminated path owned by the job.
-            unit(retry(|| unsafe { libc::mkdirat(job.fd1, p, as_mode(job.a)) }))
+            unit(retry(|| unsafe {
+                libc::mkdirat(job.fd1, p, as_mode(job.a))
+            }))
         }
         Code::ReadFile => read_file(job),
         Code::WriteFile => write_file(job),
@@ -178,7 +191,11 @@ fn stat(job: &Job) -> Outcome {
         // SAFETY: `out` points to a live `stat` the call fills.
         None => retry(|| unsafe { libc::fstat(job.fd1, out) }),
         Some(p) => {
-            let flags = if job.a == 0 { libc::AT_SYMLINK_NOFOLLOW } else { 0 };
+            let flags = if job.a == 0 {
+                libc::AT_SYMLINK_NOFOLLOW
+            } else {
+                0
+            };
             // SAFETY: a NUL-terminated path owned by the job; `out` as above.
             retry(|| unsafe { libc::fstatat(job.fd1, p.as_ptr(), out, flags) })
         }
@@ -192,7 +209,9 @@ fn stat(job: &Job) -> Outcome {
 #[cfg(target_os = "linux")]
 fn fallocate(fd: c_int, offset: i64, length: i64, mode: i64) -> Outcome {
     // SAFETY: no memory arguments.
-    unit(retry(|| unsafe { libc::fallocate(fd, as_int(mode), offset, length) }))
+    unit(retry(|| unsafe {
+        libc::fallocate(fd, as_int(mode), offset, length)
+    }))
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -264,9 +283,7 @@ fn read_all(fd: c_int) -> Result<Vec<u8>, i32> {
         let room = (buf.capacity() - buf.len()).min(crate::sys::MAX_TRANSFER);
         // SAFETY: writes at most `room` bytes into the vector's spare
         // capacity, then the length covers exactly the bytes read.
-        let n = retry(|| unsafe {
-            libc::read(fd, buf.as_mut_ptr().add(buf.len()).cast(), room)
-        })?;
+        let n = retry(|| unsafe { libc::read(fd, buf.as_mut_ptr().add(buf.len()).cast(), room) })?;
         let n = usize::try_from(n).unwrap_or(0);
         if n == 0 {
             return Ok(buf);
@@ -309,7 +326,11 @@ fn write_file(job: &Job) -> Outcome {
     }
     // SAFETY: the fd this job opened; its close error counts (data may be
     // lost), as a Python `close()` would report it.
-    let c = if unsafe { libc::close(fd) } == 0 { Ok(()) } else { Err(errno()) };
+    let c = if unsafe { libc::close(fd) } == 0 {
+        Ok(())
+    } else {
+        Err(errno())
+    };
     match r.and(c) {
         Ok(()) => Outcome::Int(i64::try_from(done).unwrap_or(i64::MAX)),
         Err(e) => Outcome::Failed(e),

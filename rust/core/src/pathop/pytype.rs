@@ -77,7 +77,7 @@ unsafe extern "C" fn ops_new(
 ///
 /// # Safety
 /// Attached; the job's references are still owned by it.
-unsafe fn release(job: Box<Job>) {
+unsafe fn release(job: Job) {
     if let (Code::Open, Outcome::Int(fd)) = (job.code, &job.outcome) {
         // SAFETY: the fd this job opened, which nobody will ever see.
         unsafe { libc::close(c_int::try_from(*fd).unwrap_or(-1)) };
@@ -97,12 +97,14 @@ unsafe extern "C" fn ops_dealloc(slf: *mut PyObject) {
         // jobs they hold; a job still running keeps its references), the
         // finished and queued jobs are released here.
         unsafe {
-            let r = (*slf.cast::<PathOps>()).runner.swap(ptr::null_mut(), Ordering::AcqRel);
+            let r = (*slf.cast::<PathOps>())
+                .runner
+                .swap(ptr::null_mut(), Ordering::AcqRel);
             if !r.is_null() {
                 let r = Box::from_raw(r);
                 r.stop(false);
                 for job in r.take_queued().into_iter().chain(r.take_done()) {
-                    release(job);
+                    release(*job);
                 }
             }
             let tp = Py_TYPE(slf);
@@ -207,7 +209,7 @@ unsafe extern "C" fn ops_submit(
             Ok(()) => Ok(none()),
             Err(job) => {
                 // SAFETY: attached; the job's references are its own.
-                unsafe { release(job) };
+                unsafe { release(*job) };
                 Err(PyErr::runtime(
                     "AsyncioContext is closed: create a new one to submit operations",
                 ))
@@ -308,24 +310,26 @@ fn os_error(errno: i32, name1: *mut PyObject, name2: *mut PyObject) -> PyResult<
 }
 
 fn value_of(job: &mut Job) -> PyResult<Result<Owned, Owned>> {
-    Ok(match std::mem::replace(&mut job.outcome, Outcome::Pending) {
-        Outcome::Failed(e) => Err(os_error(e, job.py.name1, job.py.name2)?),
-        Outcome::Unit | Outcome::Pending => Ok(none()),
-        Outcome::Int(n) => {
-            job.outcome = Outcome::Int(n); // kept: an unclaimed fd is closed
-            Ok(py_int(n)?)
-        }
-        Outcome::Bytes(v) => {
-            // SAFETY: attached; copies `v.len()` initialised bytes.
-            Ok(unsafe {
-                Owned::from_new(PyBytes_FromStringAndSize(
-                    v.as_ptr().cast(),
-                    crate::py::ssize(v.len()),
-                ))?
-            })
-        }
-        Outcome::Stat(st) => Ok(stat_result(&st)?),
-    })
+    Ok(
+        match std::mem::replace(&mut job.outcome, Outcome::Pending) {
+            Outcome::Failed(e) => Err(os_error(e, job.py.name1, job.py.name2)?),
+            Outcome::Unit | Outcome::Pending => Ok(none()),
+            Outcome::Int(n) => {
+                job.outcome = Outcome::Int(n); // kept: an unclaimed fd is closed
+                Ok(py_int(n)?)
+            }
+            Outcome::Bytes(v) => {
+                // SAFETY: attached; copies `v.len()` initialised bytes.
+                Ok(unsafe {
+                    Owned::from_new(PyBytes_FromStringAndSize(
+                        v.as_ptr().cast(),
+                        crate::py::ssize(v.len()),
+                    ))?
+                })
+            }
+            Outcome::Stat(st) => Ok(stat_result(&st)?),
+        },
+    )
 }
 
 static DONE: Interned = Interned::new(c"done");
@@ -353,7 +357,7 @@ unsafe fn resolve(mut job: Box<Job>) {
         Err(_) => crate::py::clear_error(),
     }
     // SAFETY: attached; the job's own references.
-    unsafe { release(job) };
+    unsafe { release(*job) };
 }
 
 fn set_exception_unless_done(fut: Borrowed<'_>, exc: &Owned) -> PyResult<bool> {
@@ -411,9 +415,25 @@ pub(super) fn type_spec() -> TypeSpec {
     .doc(c"The native runner of path operations (DESIGN.md \xc2\xa714).")
     .new_fn(ops_new)
     .dealloc(ops_dealloc)
-    .method(fast(c"submit", ops_submit, c"submit(future, code, name1, path1, name2, path2, fd1, fd2, a, b, c, data)"))
-    .method(noargs(c"drain", ops_drain, c"drain() -> jobs still in flight"))
+    .method(fast(
+        c"submit",
+        ops_submit,
+        c"submit(future, code, name1, path1, name2, path2, fd1, fd2, a, b, c, data)",
+    ))
+    .method(noargs(
+        c"drain",
+        ops_drain,
+        c"drain() -> jobs still in flight",
+    ))
     .method(noargs(c"fileno", ops_fileno, c"fileno() -> the wake-up fd"))
-    .method(noargs(c"in_flight", ops_in_flight, c"in_flight() -> jobs not drained yet"))
-    .method(noargs(c"close", ops_close, c"close(): refuse new jobs, end the workers"))
+    .method(noargs(
+        c"in_flight",
+        ops_in_flight,
+        c"in_flight() -> jobs not drained yet",
+    ))
+    .method(noargs(
+        c"close",
+        ops_close,
+        c"close(): refuse new jobs, end the workers",
+    ))
 }

@@ -20,6 +20,8 @@ struct Queue {
 struct Shared {
     queue: Mutex<Queue>,
     work: Condvar,
+    // Boxed: a job moves queue → worker → list → drain without copying.
+    #[allow(clippy::vec_box)]
     done: Mutex<Vec<Box<Job>>>,
     wake: WakeFd,
     /// Submitted and not yet taken by a drain.
@@ -48,8 +50,7 @@ fn worker(shared: &Shared) {
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
             }
         };
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job::run(&mut job))).is_err()
-        {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job::run(&mut job))).is_err() {
             job.outcome = job::Outcome::Failed(libc::EIO);
         }
         let was_empty = {
@@ -121,18 +122,24 @@ impl Runner {
 
     /// Takes the finished jobs (the wake-up fd is reset first, so a job
     /// finished after the swap signals again).
+    #[allow(clippy::vec_box)]
     pub fn take_done(&self) -> Vec<Box<Job>> {
         let _ = self.shared.wake.drain();
         let done = std::mem::take(&mut *lock(&self.shared.done));
-        self.shared.in_flight.fetch_sub(done.len(), Ordering::AcqRel);
+        self.shared
+            .in_flight
+            .fetch_sub(done.len(), Ordering::AcqRel);
         done
     }
 
     /// Jobs no worker started (for the caller to release, attached).
+    #[allow(clippy::vec_box)]
     pub fn take_queued(&self) -> Vec<Box<Job>> {
         let mut q = lock(&self.shared.queue);
         let jobs: Vec<_> = q.jobs.drain(..).collect();
-        self.shared.in_flight.fetch_sub(jobs.len(), Ordering::AcqRel);
+        self.shared
+            .in_flight
+            .fetch_sub(jobs.len(), Ordering::AcqRel);
         jobs
     }
 
