@@ -430,10 +430,12 @@ class _NativeRunner:
     """The backend module's ``_PathOps``: native workers, results built and
     futures resolved by one drain per wake-up of the loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, ops_type: Any, workers: int) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, ops_type: Any, workers: int, inline: bool
+    ) -> None:
         self.loop = loop
         self.pid = os.getpid()
-        ops = ops_type(workers)
+        ops = ops_type(workers, inline)
         self._ops = ops
         self._submit = ops.submit
         self._closing = False
@@ -478,6 +480,11 @@ class AsyncioPathOps(PathOpsAPI):
     _PATH_OPS_TYPE: ClassVar[Any] = None
     #: Worker threads of the runner.
     PATH_OPS_WORKERS: ClassVar[int] = 8
+    #: Native runner: ``read_file`` is first tried on the loop thread from
+    #: the dentry and page caches only (``openat2(RESOLVE_CACHED)``,
+    #: ``preadv2(RWF_NOWAIT)``: it never waits for the disk); a miss goes to
+    #: a worker. False: every job goes to a worker.
+    PATH_OPS_INLINE: ClassVar[bool] = True
 
     _path_runner: Any = None
     _path_ops_closed = False
@@ -504,7 +511,9 @@ class AsyncioPathOps(PathOpsAPI):
         ops_type = self._PATH_OPS_TYPE
         runner: Any
         if ops_type is not None:
-            runner = _NativeRunner(self.loop, ops_type, self.PATH_OPS_WORKERS)
+            runner = _NativeRunner(
+                self.loop, ops_type, self.PATH_OPS_WORKERS, self.PATH_OPS_INLINE
+            )
         else:
             runner = _ThreadRunner(self.loop, self.PATH_OPS_WORKERS)
         self._path_runner = runner

@@ -34,6 +34,60 @@ def test_every_case_matches_os(async_backend: AsyncBackend, aio: LoopRunner, tmp
     assert aio.run(main(), timeout=120) > 200
 
 
+def test_every_case_matches_os_without_inline_attempts(
+    async_backend: AsyncBackend, aio: LoopRunner, tmp_path: Any
+) -> None:
+    """The native runner with its loop-thread attempt switched off (every
+    job on a worker): the same results as os."""
+    if async_backend.module.AsyncioContext._PATH_OPS_TYPE is None:
+        pytest.skip("no native runner on this adapter")
+
+    class NoInline(async_backend.module.AsyncioContext):  # type: ignore[name-defined,misc]
+        PATH_OPS_INLINE = False
+
+    async def main() -> int:
+        ctx = NoInline(**async_backend.kwargs)
+        try:
+            return await compare_all(ctx, str(tmp_path))
+        finally:
+            ctx.close()
+
+    assert aio.run(main(), timeout=120) > 200
+
+
+def test_cached_read_file_completes_inline(
+    async_backend: AsyncBackend, aio: LoopRunner, tmp_path: Any
+) -> None:
+    """Native runner: a cached file is read on the loop thread (the future
+    is done when returned), except one in MAX_STREAK, which goes to a worker
+    so a task never monopolises the loop; a file bigger than the inline
+    limit always goes to a worker."""
+    if async_backend.module.AsyncioContext._PATH_OPS_TYPE is None:
+        pytest.skip("no native runner on this adapter")
+    p = tmp_path / "f"
+    p.write_bytes(DATA)
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(300 * 1024))
+
+    async def main() -> None:
+        ctx = async_backend.context()
+        try:
+            await ctx.read_file(p)  # cached now, and the runner exists
+            done = []
+            for _ in range(64):
+                fut = ctx.read_file(p)
+                done.append(fut.done())
+                assert await fut == DATA
+            assert done.count(False) in (1, 2, 3), done
+            fut = ctx.read_file(big)
+            assert not fut.done()
+            assert await fut == big.read_bytes()
+        finally:
+            ctx.close()
+
+    aio.run(main())
+
+
 def test_native_adapters_use_the_native_runner(async_backend: AsyncBackend) -> None:
     native = getattr(caio, async_backend.name)
     ops_type = async_backend.module.AsyncioContext._PATH_OPS_TYPE

@@ -46,14 +46,20 @@ unsafe extern "C" fn ops_new(
 ) -> *mut PyObject {
     trampoline(|| {
         // SAFETY: CPython calls tp_new attached, `args` a tuple.
-        let workers = unsafe {
-            if PyTuple_Size(args) != 1 {
-                return Err(PyErr::type_error("_PathOps(workers) takes one argument"));
+        let (workers, inline) = unsafe {
+            if PyTuple_Size(args) != 2 {
+                return Err(PyErr::type_error(
+                    "_PathOps(workers, inline) takes two arguments",
+                ));
             }
-            let a = Borrowed::from_ptr(PyTuple_GetItem(args, 0));
-            crate::args::int_in(a, "workers", 1, 1024)?
+            let w = Borrowed::from_ptr(PyTuple_GetItem(args, 0));
+            let i = Borrowed::from_ptr(PyTuple_GetItem(args, 1));
+            (
+                crate::args::int_in(w, "workers", 1, 1024)?,
+                crate::args::truthy(i)?,
+            )
         };
-        let runner = Runner::new(usize::try_from(workers).unwrap_or(1))
+        let runner = Runner::new(usize::try_from(workers).unwrap_or(1), inline)
             .map_err(|e| PyErr::os(e.raw_os_error().unwrap_or(libc::EAGAIN)))?;
         // SAFETY: `tp` is our type: `tp_alloc` returns a zeroed instance big
         // enough for `PathOps`, referenced by nothing else yet.
@@ -205,6 +211,15 @@ unsafe extern "C" fn ops_submit(
             },
             outcome: Outcome::Pending,
         });
+        let mut job = job;
+        if code == Code::ReadFile && r.inline_allowed() && super::inline::try_read_file(&mut job) {
+            // Completed from the caches on this thread: the future is
+            // resolved before the caller sees it (awaiting it never
+            // suspends).
+            // SAFETY: attached; the job's own references.
+            unsafe { resolve(*job) };
+            return Ok(none());
+        }
         match r.submit(job) {
             Ok(()) => Ok(none()),
             Err(job) => {
@@ -340,7 +355,7 @@ static SET_EXCEPTION: Interned = Interned::new(c"set_exception");
 ///
 /// # Safety
 /// Attached; the job came out of the runner.
-unsafe fn resolve(mut job: Box<Job>) {
+unsafe fn resolve(mut job: Job) {
     // SAFETY: the job's future reference is live.
     let fut = unsafe { Borrowed::from_ptr(job.py.future) };
     let claimed = match value_of(&mut job) {
@@ -357,7 +372,7 @@ unsafe fn resolve(mut job: Box<Job>) {
         Err(_) => crate::py::clear_error(),
     }
     // SAFETY: attached; the job's own references.
-    unsafe { release(*job) };
+    unsafe { release(job) };
 }
 
 fn set_exception_unless_done(fut: Borrowed<'_>, exc: &Owned) -> PyResult<bool> {
@@ -375,7 +390,7 @@ unsafe extern "C" fn ops_drain(slf: *mut PyObject, _: *mut PyObject) -> *mut PyO
         let r = unsafe { runner(slf)? };
         for job in r.take_done() {
             // SAFETY: attached; a finished job of this runner.
-            unsafe { resolve(job) };
+            unsafe { resolve(*job) };
         }
         py_usize(r.in_flight())
     })
@@ -400,7 +415,7 @@ unsafe extern "C" fn ops_close(slf: *mut PyObject, _: *mut PyObject) -> *mut PyO
         crate::py::allow_threads(|| r.stop(true));
         for job in r.take_queued().into_iter().chain(r.take_done()) {
             // SAFETY: attached; jobs of this runner.
-            unsafe { resolve(job) };
+            unsafe { resolve(*job) };
         }
         Ok(none())
     })
@@ -412,28 +427,32 @@ pub(super) fn type_spec() -> TypeSpec {
         std::mem::size_of::<PathOps>(),
         Py_TPFLAGS_DEFAULT,
     )
-    .doc(c"The native runner of path operations (DESIGN.md \xc2\xa714).")
+    .doc(c"_PathOps(workers, inline, /)\n--\n\nThe native runner of path operations (DESIGN.md \xc2\xa714).")
     .new_fn(ops_new)
     .dealloc(ops_dealloc)
     .method(fast(
         c"submit",
         ops_submit,
-        c"submit(future, code, name1, path1, name2, path2, fd1, fd2, a, b, c, data)",
+        c"submit($self, future, code, name1, path1, name2, path2, fd1, fd2, a, b, c, data, /)\n--\n\nQueue one job (the tuple of caio/_pathops.py).",
     ))
     .method(noargs(
         c"drain",
         ops_drain,
-        c"drain() -> jobs still in flight",
+        c"drain($self, /)\n--\n\nResolve the futures of the finished jobs; return how many are still in flight.",
     ))
-    .method(noargs(c"fileno", ops_fileno, c"fileno() -> the wake-up fd"))
+    .method(noargs(
+        c"fileno",
+        ops_fileno,
+        c"fileno($self, /)\n--\n\nThe wake-up fd the loop watches.",
+    ))
     .method(noargs(
         c"in_flight",
         ops_in_flight,
-        c"in_flight() -> jobs not drained yet",
+        c"in_flight($self, /)\n--\n\nJobs submitted and not drained yet.",
     ))
     .method(noargs(
         c"close",
         ops_close,
-        c"close(): refuse new jobs, end the workers",
+        c"close($self, /)\n--\n\nRefuse new jobs; the workers finish theirs and end.",
     ))
 }

@@ -26,7 +26,15 @@ struct Shared {
     wake: WakeFd,
     /// Submitted and not yet taken by a drain.
     in_flight: AtomicUsize,
+    /// Consecutive jobs completed on the submitting thread (see
+    /// [`Runner::inline_allowed`]).
+    streak: AtomicUsize,
+    /// Whether jobs may be tried on the submitting thread at all.
+    inline: bool,
 }
+
+/// See [`Runner::inline_allowed`] (`MAX_SYNC_STREAK` of DESIGN.md §5.3).
+pub const MAX_STREAK: usize = 32;
 
 pub struct Runner {
     shared: Arc<Shared>,
@@ -66,8 +74,9 @@ fn worker(shared: &Shared) {
 }
 
 impl Runner {
-    /// Starts `workers` threads (at least one).
-    pub fn new(workers: usize) -> std::io::Result<Runner> {
+    /// Starts `workers` threads (at least one); `inline`: see
+    /// [`Runner::inline_allowed`].
+    pub fn new(workers: usize, inline: bool) -> std::io::Result<Runner> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),
@@ -77,6 +86,8 @@ impl Runner {
             done: Mutex::new(Vec::new()),
             wake: WakeFd::new()?,
             in_flight: AtomicUsize::new(0),
+            streak: AtomicUsize::new(0),
+            inline,
         });
         let runner = Runner {
             shared,
@@ -105,6 +116,21 @@ impl Runner {
 
     pub fn in_flight(&self) -> usize {
         self.shared.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Whether the next job may be tried on the submitting thread: after
+    /// [`MAX_STREAK`] such jobs in a row one goes to a worker, so a task
+    /// whose files are all cached still yields to the loop now and then.
+    pub fn inline_allowed(&self) -> bool {
+        if !self.shared.inline {
+            return false;
+        }
+        let n = self.shared.streak.fetch_add(1, Ordering::Relaxed);
+        if n + 1 >= MAX_STREAK {
+            self.shared.streak.store(0, Ordering::Relaxed);
+            return false;
+        }
+        true
     }
 
     /// Queues a job; hands it back when the runner is stopped.
