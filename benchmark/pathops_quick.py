@@ -244,7 +244,9 @@ def main() -> int:
     ap.add_argument("--json", default="", help="write the raw results here")
     args = ap.parse_args()
     os.makedirs(args.data_dir, exist_ok=True)
-    print(f"# python {args.python}; load {os.getloadavg()}; files {args.files}, c={args.concurrency}")
+    print(
+        f"# python {args.python}; load {os.getloadavg()}; files {args.files}, c={args.concurrency}"
+    )
     results: dict[tuple[str, str], list[dict]] = {}
     for scenario in args.scenarios.split(","):
         kind = scenario.split("-")[0]

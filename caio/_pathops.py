@@ -511,9 +511,7 @@ class AsyncioPathOps(PathOpsAPI):
         ops_type = self._PATH_OPS_TYPE
         runner: Any
         if ops_type is not None:
-            runner = _NativeRunner(
-                self.loop, ops_type, self.PATH_OPS_WORKERS, self.PATH_OPS_INLINE
-            )
+            runner = _NativeRunner(self.loop, ops_type, self.PATH_OPS_WORKERS, self.PATH_OPS_INLINE)
         else:
             runner = _ThreadRunner(self.loop, self.PATH_OPS_WORKERS)
         self._path_runner = runner

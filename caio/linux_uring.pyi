@@ -148,7 +148,6 @@ class _AsyncioBase:
     def _gate_state(self) -> tuple[int, int, int]: ...
     def _released(self) -> bool: ...
 
-
 @disjoint_base
 class _PathOps:
     """The native runner of path operations (DESIGN.md §14), driven by

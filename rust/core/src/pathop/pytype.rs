@@ -388,6 +388,7 @@ unsafe extern "C" fn ops_drain(slf: *mut PyObject, _: *mut PyObject) -> *mut PyO
     trampoline(|| {
         // SAFETY: a method of our type, called attached.
         let r = unsafe { runner(slf)? };
+        r.refill();
         for job in r.take_done() {
             // SAFETY: attached; a finished job of this runner.
             unsafe { resolve(*job) };

@@ -26,15 +26,15 @@ struct Shared {
     wake: WakeFd,
     /// Submitted and not yet taken by a drain.
     in_flight: AtomicUsize,
-    /// Consecutive jobs completed on the submitting thread (see
-    /// [`Runner::inline_allowed`]).
-    streak: AtomicUsize,
+    /// Jobs that may still complete on the submitting thread before the
+    /// next drain (see [`Runner::inline_allowed`]).
+    budget: AtomicUsize,
     /// Whether jobs may be tried on the submitting thread at all.
     inline: bool,
 }
 
-/// See [`Runner::inline_allowed`] (`MAX_SYNC_STREAK` of DESIGN.md §5.3).
-pub const MAX_STREAK: usize = 32;
+/// See [`Runner::inline_allowed`].
+pub const INLINE_BUDGET: usize = 64;
 
 pub struct Runner {
     shared: Arc<Shared>,
@@ -86,7 +86,7 @@ impl Runner {
             done: Mutex::new(Vec::new()),
             wake: WakeFd::new()?,
             in_flight: AtomicUsize::new(0),
-            streak: AtomicUsize::new(0),
+            budget: AtomicUsize::new(INLINE_BUDGET),
             inline,
         });
         let runner = Runner {
@@ -118,19 +118,25 @@ impl Runner {
         self.shared.in_flight.load(Ordering::Acquire)
     }
 
-    /// Whether the next job may be tried on the submitting thread: after
-    /// [`MAX_STREAK`] such jobs in a row one goes to a worker, so a task
-    /// whose files are all cached still yields to the loop now and then.
+    /// Whether the next job may be tried on the submitting thread. At most
+    /// [`INLINE_BUDGET`] jobs between two drains: the next one goes to a
+    /// worker, whose completion makes the loop drain (in a later iteration),
+    /// which refills the budget. So the inline work of one loop iteration is
+    /// bounded however many tasks share the runner, and a task whose files
+    /// are all cached still yields to the loop now and then (the role of
+    /// `SYNC_BUDGET`, DESIGN.md §5.3).
     pub fn inline_allowed(&self) -> bool {
-        if !self.shared.inline {
-            return false;
-        }
-        let n = self.shared.streak.fetch_add(1, Ordering::Relaxed);
-        if n + 1 >= MAX_STREAK {
-            self.shared.streak.store(0, Ordering::Relaxed);
-            return false;
-        }
-        true
+        self.shared.inline
+            && self
+                .shared
+                .budget
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
+                .is_ok()
+    }
+
+    /// A drain ran: the loop went through an iteration.
+    pub fn refill(&self) {
+        self.shared.budget.store(INLINE_BUDGET, Ordering::Relaxed);
     }
 
     /// Queues a job; hands it back when the runner is stopped.
