@@ -159,7 +159,8 @@ async def main():
         stall[0] = max(stall[0], elapsed)
     if ctx is not None:
         ctx.close()
-    print(json.dumps({"elapsed": elapsed, "files": len(names), "stall": stall[0], "units": total[0]}))
+    out = {"elapsed": elapsed, "files": len(names), "stall": stall[0], "units": total[0]}
+    print(json.dumps(out))
 
 
 asyncio.run(main())

@@ -148,12 +148,12 @@ class _AsyncioBase:
     def _gate_state(self) -> tuple[int, int, int]: ...
     def _released(self) -> bool: ...
 
-@disjoint_base
+@final
 class _PathOps:
     """The native runner of path operations (DESIGN.md §14), driven by
     ``caio._pathops``."""
 
-    def __new__(cls, workers: int, inline: bool, /) -> "_PathOps": ...
+    def __new__(cls, workers: int, inline: bool, /) -> Self: ...
     def submit(
         self,
         future: asyncio.Future[Any],
