@@ -25,6 +25,7 @@ directory), ``a``/``b``/``c`` integers and ``data`` the ``bytes`` of
 
 import asyncio
 import concurrent.futures
+import errno
 import operator
 import os
 import sys
@@ -137,11 +138,10 @@ def _fallocate(fd: int, offset: int, length: int, mode: int) -> None:
             e = ctypes.get_errno()
             raise OSError(e, os.strerror(e))
         return
-    if mode:
-        import errno
-
+    fallocate = getattr(os, "posix_fallocate", None)
+    if mode or fallocate is None:
         raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
-    os.posix_fallocate(fd, offset, length)
+    fallocate(fd, offset, length)
 
 
 def run_job(job: Job) -> Any:
@@ -167,7 +167,10 @@ def run_job(job: Job) -> Any:
         _fallocate(cast(int, fd1), a, b, c)
         return None
     if code == FADVISE:
-        os.posix_fadvise(cast(int, fd1), a, b, c)
+        fadvise = getattr(os, "posix_fadvise", None)
+        if fadvise is None:  # not on this platform (macOS, Windows)
+            raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+        fadvise(cast(int, fd1), a, b, c)
         return None
     if code == UNLINK:
         os.unlink(name1, dir_fd=fd1)
