@@ -29,7 +29,7 @@ import errno
 import operator
 import os
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Generator
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -374,16 +374,41 @@ def _close_quietly(fd: Any) -> None:
             pass
 
 
-async def _claim_fd(future: "asyncio.Future[int]") -> int:
-    # The runner closes the fd of an open whose future was cancelled; this
-    # closes it when the future got its result but the awaiting task was
-    # cancelled before it could resume.
-    try:
-        return await future
-    except asyncio.CancelledError:
-        if future.done() and not future.cancelled() and future.exception() is None:
+class _OpenAwaitable:
+    """What ``open`` returns on asyncio: awaits the runner's future and hands
+    the fd to the awaiter. An fd nobody will receive is closed: the runner
+    closes it when the future was cancelled before the job finished; this
+    closes it when the future got its result but the awaiting task was
+    cancelled before it resumed, and — when the awaitable is dropped without
+    ever being awaited to the end (e.g. a task cancelled before its first
+    step) — cancels the future or closes the fd it already holds."""
+
+    __slots__ = ("_claimed", "_future")
+
+    def __init__(self, future: "asyncio.Future[int]") -> None:
+        self._future = future
+        self._claimed = False
+
+    def __await__(self) -> Generator[Any, None, int]:
+        try:
+            fd = yield from self._future.__await__()
+        except BaseException:
+            self._abandon()
+            raise
+        self._claimed = True
+        return fd
+
+    def _abandon(self) -> None:
+        self._claimed = True
+        future = self._future
+        if not future.done():
+            future.cancel()  # the runner closes the fd when the job ends
+        elif not future.cancelled() and future.exception() is None:
             _close_quietly(future.result())
-        raise
+
+    def __del__(self) -> None:
+        if not self._claimed:
+            self._abandon()
 
 
 class _ThreadRunner:
@@ -396,12 +421,18 @@ class _ThreadRunner:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="caio-pathop"
         )
+        self._in_flight = 0  # loop thread only
 
     def run(self, job: Job) -> "asyncio.Future[Any]":
         future = self.loop.create_future()
         cf = self._executor.submit(run_job, job)
+        self._in_flight += 1
         cf.add_done_callback(partial(self._done, future, job[0]))
         return future
+
+    def in_flight(self) -> int:
+        """Jobs whose result the loop has not received yet."""
+        return self._in_flight
 
     def _done(self, future: "asyncio.Future[Any]", code: int, cf: Any) -> None:
         # Worker thread.
@@ -411,9 +442,9 @@ class _ThreadRunner:
             if code == OPEN and not cf.cancelled() and cf.exception() is None:
                 _close_quietly(cf.result())
 
-    @staticmethod
-    def _transfer(future: "asyncio.Future[Any]", code: int, cf: Any) -> None:
+    def _transfer(self, future: "asyncio.Future[Any]", code: int, cf: Any) -> None:
         # Loop thread.
+        self._in_flight -= 1
         exc = cf.exception()
         if future.cancelled():
             if code == OPEN and exc is None:
@@ -455,6 +486,11 @@ class _NativeRunner:
         future = self.loop.create_future()
         self._submit(future, *job)
         return future
+
+    def in_flight(self) -> int:
+        """Jobs whose result the loop has not received yet."""
+        n: int = self._ops.in_flight()
+        return n
 
     def _on_readable(self) -> None:
         if self._ops.drain() == 0 and self._closing:
@@ -501,7 +537,7 @@ class AsyncioPathOps(PathOpsAPI):
             runner = self._new_path_runner()
         future = runner.run(job)
         if job[0] == OPEN:
-            return _claim_fd(future)
+            return _OpenAwaitable(future)
         return cast("asyncio.Future[Any]", future)
 
     def _new_path_runner(self) -> Any:

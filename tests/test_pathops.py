@@ -2,6 +2,7 @@
 compared with ``os`` on the same inputs (``pathops_cases.py``)."""
 
 import asyncio
+import gc
 import os
 import subprocess
 import sys
@@ -208,22 +209,30 @@ def test_cancelled_opens_do_not_leak_fds(
         ctx = async_backend.context()
         await ctx.stat(p)  # the runner exists: its own fds are counted
         before = _fd_count()
-        for _ in range(5):
+        for round_ in range(6):
             tasks = [asyncio.ensure_future(ctx.open(p)) for _ in range(200)]
-            await asyncio.sleep(0)
-            await asyncio.sleep(0)
+            # Odd rounds: cancelled before their first step (the open was
+            # submitted at call time, its awaitable is never awaited).
+            for _ in range(round_ % 2 * 2):
+                await asyncio.sleep(0)
             for t in tasks:
                 t.cancel()
             results = await asyncio.gather(*tasks, return_exceptions=True)
             for r in results:
                 if isinstance(r, int):
                     os.close(r)
-        # Wait (bounded) for the workers to finish the cancelled jobs: each
-        # is delivered, and its fd closed, by the loop.
-        for _ in range(2000):
-            if _fd_count() <= before:
+            # (An open whose task was cancelled before its first step is
+            # never awaited: dropping it closes its fd.)
+            del tasks, results
+        # Wait (bounded) until the runner has delivered every job (a
+        # cancelled open's fd is closed then).
+        runner = ctx._path_runner
+        for _ in range(4000):
+            gc.collect()
+            if runner.in_flight() == 0:
                 break
             await asyncio.sleep(0.005)
+        assert runner.in_flight() == 0
         assert _fd_count() == before
         ctx.close()
 

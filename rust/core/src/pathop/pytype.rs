@@ -99,16 +99,18 @@ unsafe fn release(job: Job) {
 unsafe extern "C" fn ops_dealloc(slf: *mut PyObject) {
     trampoline_void(|| {
         // SAFETY: CPython deallocates one of our objects: nothing else
-        // references it. The runner is stopped (its workers end after the
-        // jobs they hold; a job still running keeps its references), the
-        // finished and queued jobs are released here.
+        // references it. The runner is stopped and its workers joined (GIL
+        // released; they only finish the system calls they are in — e.g.
+        // the event loop was closed with jobs in flight, so no drain will
+        // come), then every job left is released: an fd opened for nobody
+        // is closed.
         unsafe {
             let r = (*slf.cast::<PathOps>())
                 .runner
                 .swap(ptr::null_mut(), Ordering::AcqRel);
             if !r.is_null() {
                 let r = Box::from_raw(r);
-                r.stop(false);
+                crate::py::allow_threads(|| r.stop(true));
                 for job in r.take_queued().into_iter().chain(r.take_done()) {
                     release(*job);
                 }
