@@ -62,7 +62,8 @@ def test_cached_read_file_completes_inline(
     """Native runner: a cached file is read on the loop thread (the future
     is done when returned), at most INLINE_BUDGET (64) between two drains:
     then one goes to a worker, so a task never monopolises the loop; a file
-    bigger than the inline limit always goes to a worker."""
+    bigger than the inline limit always goes to a worker. The same for
+    stat."""
     if async_backend.module.AsyncioContext._PATH_OPS_TYPE is None:
         pytest.skip("no native runner on this adapter")
     p = tmp_path / "f"
@@ -83,6 +84,18 @@ def test_cached_read_file_completes_inline(
             fut = ctx.read_file(big)
             assert not fut.done()
             assert await fut == big.read_bytes()
+            # stat of a cached path (and of a symlink itself) too; following
+            # a symlink is refused by RESOLVE_CACHED: a worker does it.
+            os.symlink("f", tmp_path / "l")
+            await asyncio.sleep(0)
+            for path, follow, inline in (
+                (p, True, True),
+                (tmp_path / "l", False, True),
+                (tmp_path / "l", True, False),
+            ):
+                fut = ctx.stat(path, follow_symlinks=follow)
+                assert fut.done() is inline
+                assert await fut == os.stat(path, follow_symlinks=follow)
         finally:
             ctx.close()
 

@@ -1,5 +1,5 @@
-//! `read_file` on the submitting (event-loop) thread when it cannot wait for
-//! the disk — the path-operation counterpart of the inline page-cache reads
+//! `read_file` and `stat` on the submitting (event-loop) thread when they
+//! cannot wait for the disk — the path-operation counterpart of the inline page-cache reads
 //! of DESIGN.md §11.3: `openat2(RESOLVE_CACHED)` resolves the path from the
 //! dentry cache only (`EAGAIN` otherwise, Linux ≥ 5.12), `preadv2(RWF_NOWAIT)`
 //! reads from the page cache only. Anything short of a complete answer —
@@ -20,17 +20,17 @@ static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
 /// should not copy megabytes).
 pub const INLINE_MAX: usize = 256 * 1024;
 
-fn open_cached(path: &std::ffi::CStr) -> Option<c_int> {
+fn open_cached(dir_fd: c_int, path: &std::ffi::CStr, flags: c_int) -> Option<c_int> {
     // SAFETY: plain old data; all-zero is valid (and the kernel wants any
     // padding zeroed).
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = u64::try_from(libc::O_RDONLY | libc::O_CLOEXEC).unwrap_or(0);
+    how.flags = u64::try_from(flags | libc::O_CLOEXEC).unwrap_or(0);
     how.resolve = libc::RESOLVE_CACHED;
     // SAFETY: a NUL-terminated path and a live `open_how` of the size passed.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_openat2,
-            libc::AT_FDCWD,
+            dir_fd,
             path.as_ptr(),
             &raw const how,
             std::mem::size_of::<libc::open_how>(),
@@ -54,7 +54,7 @@ pub fn try_read_file(job: &mut Job) -> bool {
     let Some(path) = job.path1.as_deref() else {
         return false;
     };
-    let Some(fd) = open_cached(path) else {
+    let Some(fd) = open_cached(libc::AT_FDCWD, path, libc::O_RDONLY) else {
         return false;
     };
     let data = read_cached(fd);
@@ -67,6 +67,34 @@ pub fn try_read_file(job: &mut Job) -> bool {
         }
         None => false,
     }
+}
+
+/// Tries to complete a `stat` of a path here: `openat2(O_PATH,
+/// RESOLVE_CACHED)` (no I/O for the lookup; with `O_NOFOLLOW` for
+/// `follow_symlinks=False`, the link itself), then `fstatat(fd, "",
+/// AT_EMPTY_PATH)` of the in-memory inode. `true` when its outcome is set.
+pub fn try_stat(job: &mut Job) -> bool {
+    if UNSUPPORTED.load(Ordering::Relaxed) {
+        return false;
+    }
+    let Some(path) = job.path1.as_deref() else {
+        return false;
+    };
+    let nofollow = if job.a == 0 { libc::O_NOFOLLOW } else { 0 };
+    let Some(fd) = open_cached(job.fd1, path, libc::O_PATH | nofollow) else {
+        return false;
+    };
+    // SAFETY: plain old data; all-zero is valid.
+    let mut st: Box<libc::stat> = Box::new(unsafe { std::mem::zeroed() });
+    // SAFETY: the fd opened above; an empty NUL-terminated path; `st` live.
+    let r = unsafe { libc::fstatat(fd, c"".as_ptr(), &raw mut *st, libc::AT_EMPTY_PATH) };
+    // SAFETY: the fd opened above, known to nobody else.
+    unsafe { libc::close(fd) };
+    if r != 0 {
+        return false;
+    }
+    job.outcome = Outcome::Stat(st);
+    true
 }
 
 fn read_cached(fd: c_int) -> Option<Vec<u8>> {

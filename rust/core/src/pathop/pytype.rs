@@ -214,7 +214,12 @@ unsafe extern "C" fn ops_submit(
             outcome: Outcome::Pending,
         });
         let mut job = job;
-        if code == Code::ReadFile && r.inline_allowed() && super::inline::try_read_file(&mut job) {
+        let inline = match code {
+            Code::ReadFile => r.inline_allowed() && super::inline::try_read_file(&mut job),
+            Code::Stat => r.inline_allowed() && super::inline::try_stat(&mut job),
+            _ => false,
+        };
+        if inline {
             // Completed from the caches on this thread: the future is
             // resolved before the caller sees it (awaiting it never
             // suspends).
