@@ -465,11 +465,11 @@ class _NativeRunner:
     futures resolved by one drain per wake-up of the loop."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, ops_type: Any, workers: int, inline: bool
+        self, loop: asyncio.AbstractEventLoop, ops_type: Any, workers: int, slice_ns: int
     ) -> None:
         self.loop = loop
         self.pid = os.getpid()
-        ops = ops_type(workers, inline)
+        ops = ops_type(workers, slice_ns)
         self._ops = ops
         self._submit = ops.submit
         self._closing = False
@@ -519,11 +519,14 @@ class AsyncioPathOps(PathOpsAPI):
     _PATH_OPS_TYPE: ClassVar[Any] = None
     #: Worker threads of the runner.
     PATH_OPS_WORKERS: ClassVar[int] = 8
-    #: Native runner: ``read_file`` is first tried on the loop thread from
-    #: the dentry and page caches only (``openat2(RESOLVE_CACHED)``,
-    #: ``preadv2(RWF_NOWAIT)``: it never waits for the disk); a miss goes to
+    #: Native runner: ``read_file`` and ``stat`` are first tried on the loop
+    #: thread from the dentry and page caches only (``openat2(RESOLVE_CACHED)``,
+    #: ``preadv2(RWF_NOWAIT)``: they never wait for the disk); a miss goes to
     #: a worker. False: every job goes to a worker.
     PATH_OPS_INLINE: ClassVar[bool] = True
+    #: The longest burst (seconds) of such inline work before a job goes to
+    #: a worker, which lets the loop run (DESIGN.md §14).
+    PATH_OPS_INLINE_SLICE: ClassVar[float] = 0.001
 
     _path_runner: Any = None
     _path_ops_closed = False
@@ -550,7 +553,8 @@ class AsyncioPathOps(PathOpsAPI):
         ops_type = self._PATH_OPS_TYPE
         runner: Any
         if ops_type is not None:
-            runner = _NativeRunner(self.loop, ops_type, self.PATH_OPS_WORKERS, self.PATH_OPS_INLINE)
+            slice_ns = int(self.PATH_OPS_INLINE_SLICE * 1e9) if self.PATH_OPS_INLINE else 0
+            runner = _NativeRunner(self.loop, ops_type, self.PATH_OPS_WORKERS, slice_ns)
         else:
             runner = _ThreadRunner(self.loop, self.PATH_OPS_WORKERS)
         self._path_runner = runner

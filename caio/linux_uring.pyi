@@ -153,7 +153,7 @@ class _PathOps:
     """The native runner of path operations (DESIGN.md §14), driven by
     ``caio._pathops``."""
 
-    def __new__(cls, workers: int, inline: bool, /) -> Self: ...
+    def __new__(cls, workers: int, inline_slice_ns: int, /) -> Self: ...
     def submit(
         self,
         future: asyncio.Future[Any],

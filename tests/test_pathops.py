@@ -56,38 +56,35 @@ def test_every_case_matches_os_without_inline_attempts(
     assert aio.run(main(), timeout=120) > 200
 
 
-def test_cached_read_file_completes_inline(
+def test_cached_read_file_and_stat_complete_inline(
     async_backend: AsyncBackend, aio: LoopRunner, tmp_path: Any
 ) -> None:
-    """Native runner: a cached file is read on the loop thread (the future
-    is done when returned), at most INLINE_BUDGET (64) between two drains:
-    then one goes to a worker, so a task never monopolises the loop; a file
-    bigger than the inline limit always goes to a worker. The same for
-    stat."""
+    """Native runner: a cached file is read, and a cached path stat'ed, on the
+    loop thread (the future is done when returned); a file bigger than the
+    inline limit, or a stat that follows a symlink (RESOLVE_CACHED refuses
+    to), goes to a worker. (A slice of 10 s: nothing here is cut short.)"""
     if async_backend.module.AsyncioContext._PATH_OPS_TYPE is None:
         pytest.skip("no native runner on this adapter")
     p = tmp_path / "f"
     p.write_bytes(DATA)
     big = tmp_path / "big"
     big.write_bytes(os.urandom(300 * 1024))
+    os.symlink("f", tmp_path / "l")
+
+    class LongSlice(async_backend.module.AsyncioContext):  # type: ignore[name-defined,misc]
+        PATH_OPS_INLINE_SLICE = 10.0
 
     async def main() -> None:
-        ctx = async_backend.context()
+        ctx = LongSlice(**async_backend.kwargs)
         try:
             await ctx.read_file(p)  # cached now, and the runner exists
-            done = []
             for _ in range(64):
                 fut = ctx.read_file(p)
-                done.append(fut.done())
+                assert fut.done()
                 assert await fut == DATA
-            assert done.count(False) == 1, done
             fut = ctx.read_file(big)
             assert not fut.done()
             assert await fut == big.read_bytes()
-            # stat of a cached path (and of a symlink itself) too; following
-            # a symlink is refused by RESOLVE_CACHED: a worker does it.
-            os.symlink("f", tmp_path / "l")
-            await asyncio.sleep(0)
             for path, follow, inline in (
                 (p, True, True),
                 (tmp_path / "l", False, True),
@@ -96,6 +93,39 @@ def test_cached_read_file_completes_inline(
                 fut = ctx.stat(path, follow_symlinks=follow)
                 assert fut.done() is inline
                 assert await fut == os.stat(path, follow_symlinks=follow)
+        finally:
+            ctx.close()
+
+    aio.run(main())
+
+
+def test_inline_bursts_are_bounded(
+    async_backend: AsyncBackend, aio: LoopRunner, tmp_path: Any
+) -> None:
+    """With a slice of 1 ns, a burst is one job: back-to-back cached reads
+    alternate between the loop thread and a worker (whose completion lets
+    the loop run), so a task reading cached files still yields."""
+    if async_backend.module.AsyncioContext._PATH_OPS_TYPE is None:
+        pytest.skip("no native runner on this adapter")
+    p = tmp_path / "f"
+    p.write_bytes(DATA)
+
+    class TinySlice(async_backend.module.AsyncioContext):  # type: ignore[name-defined,misc]
+        PATH_OPS_INLINE_SLICE = 1e-9
+
+    async def main() -> None:
+        ctx = TinySlice(**async_backend.kwargs)
+        try:
+            await ctx.read_file(p)
+            done = []
+            for _ in range(200):
+                fut = ctx.read_file(p)
+                done.append(fut.done())
+                assert await fut == DATA
+            # (A job more than 1 ms after the previous one starts a new
+            # burst, so a preempted run may see more inline ones.)
+            assert done.count(False) >= 20, done
+            assert done.count(True) >= 20, done
         finally:
             ctx.close()
 

@@ -46,20 +46,20 @@ unsafe extern "C" fn ops_new(
 ) -> *mut PyObject {
     trampoline(|| {
         // SAFETY: CPython calls tp_new attached, `args` a tuple.
-        let (workers, inline) = unsafe {
+        let (workers, slice_ns) = unsafe {
             if PyTuple_Size(args) != 2 {
                 return Err(PyErr::type_error(
-                    "_PathOps(workers, inline) takes two arguments",
+                    "_PathOps(workers, inline_slice_ns) takes two arguments",
                 ));
             }
             let w = Borrowed::from_ptr(PyTuple_GetItem(args, 0));
             let i = Borrowed::from_ptr(PyTuple_GetItem(args, 1));
             (
                 crate::args::int_in(w, "workers", 1, 1024)?,
-                crate::args::truthy(i)?,
+                crate::args::int_as(i, "inline_slice_ns", 0u64, u64::MAX)?,
             )
         };
-        let runner = Runner::new(usize::try_from(workers).unwrap_or(1), inline)
+        let runner = Runner::new(usize::try_from(workers).unwrap_or(1), slice_ns)
             .map_err(|e| PyErr::os(e.raw_os_error().unwrap_or(libc::EAGAIN)))?;
         // SAFETY: `tp` is our type: `tp_alloc` returns a zeroed instance big
         // enough for `PathOps`, referenced by nothing else yet.
@@ -435,7 +435,7 @@ pub(super) fn type_spec() -> TypeSpec {
         std::mem::size_of::<PathOps>(),
         Py_TPFLAGS_DEFAULT,
     )
-    .doc(c"_PathOps(workers, inline, /)\n--\n\nThe native runner of path operations (DESIGN.md \xc2\xa714).")
+    .doc(c"_PathOps(workers, inline_slice_ns, /)\n--\n\nThe native runner of path operations (DESIGN.md \xc2\xa714).")
     .new_fn(ops_new)
     .dealloc(ops_dealloc)
     .method(fast(

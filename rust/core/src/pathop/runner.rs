@@ -4,9 +4,10 @@
 //! drains, attached.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use super::job::{self, Job};
 use crate::sync::lock;
@@ -26,15 +27,27 @@ struct Shared {
     wake: WakeFd,
     /// Submitted and not yet taken by a drain.
     in_flight: AtomicUsize,
-    /// Jobs that may still complete on the submitting thread before the
-    /// next drain (see [`Runner::inline_allowed`]).
-    budget: AtomicUsize,
-    /// Whether jobs may be tried on the submitting thread at all.
-    inline: bool,
+    /// The current burst of jobs completed on the submitting thread (see
+    /// [`Runner::inline_allowed`]): when it started and when its last job
+    /// was tried, in nanoseconds since [`epoch`]; 0: no burst.
+    burst_start: AtomicU64,
+    burst_last: AtomicU64,
+    /// The longest burst of inline work (ns); 0: jobs are never tried on
+    /// the submitting thread.
+    slice_ns: u64,
 }
 
-/// See [`Runner::inline_allowed`].
-pub const INLINE_BUDGET: usize = 64;
+/// See [`Runner::inline_allowed`]: a job this long after the previous one
+/// starts a new burst.
+pub const INLINE_GAP_NS: u64 = 1_000_000;
+
+fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let e = *EPOCH.get_or_init(Instant::now);
+    u64::try_from(e.elapsed().as_nanos())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
 
 pub struct Runner {
     shared: Arc<Shared>,
@@ -74,9 +87,9 @@ fn worker(shared: &Shared) {
 }
 
 impl Runner {
-    /// Starts `workers` threads (at least one); `inline`: see
-    /// [`Runner::inline_allowed`].
-    pub fn new(workers: usize, inline: bool) -> std::io::Result<Runner> {
+    /// Starts `workers` threads (at least one); `slice_ns`: see
+    /// [`Runner::inline_allowed`] (0: no inline attempts).
+    pub fn new(workers: usize, slice_ns: u64) -> std::io::Result<Runner> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),
@@ -86,8 +99,9 @@ impl Runner {
             done: Mutex::new(Vec::new()),
             wake: WakeFd::new()?,
             in_flight: AtomicUsize::new(0),
-            budget: AtomicUsize::new(INLINE_BUDGET),
-            inline,
+            burst_start: AtomicU64::new(0),
+            burst_last: AtomicU64::new(0),
+            slice_ns,
         });
         let runner = Runner {
             shared,
@@ -118,25 +132,35 @@ impl Runner {
         self.shared.in_flight.load(Ordering::Acquire)
     }
 
-    /// Whether the next job may be tried on the submitting thread. At most
-    /// [`INLINE_BUDGET`] jobs between two drains: the next one goes to a
-    /// worker, whose completion makes the loop drain (in a later iteration),
-    /// which refills the budget. So the inline work of one loop iteration is
-    /// bounded however many tasks share the runner, and a task whose files
-    /// are all cached still yields to the loop now and then (the role of
-    /// `SYNC_BUDGET`, DESIGN.md §5.3).
+    /// Whether the next job may be tried on the submitting thread. Inline
+    /// jobs come in bursts of at most the runner's slice of wall-clock time
+    /// (the loop thread's Python work between them included): the first job
+    /// after that goes to a worker, whose completion makes the loop drain in
+    /// a later iteration, which ends the burst. So the inline work of one
+    /// loop iteration is bounded however many tasks share the runner, and a
+    /// task whose files are all cached still yields to the loop now and then
+    /// (the role of `SYNC_BUDGET`, DESIGN.md §5.3). A job coming more than
+    /// [`INLINE_GAP_NS`] after the previous one starts a new burst (the loop
+    /// thread was not busy with ours meanwhile).
     pub fn inline_allowed(&self) -> bool {
-        self.shared.inline
-            && self
-                .shared
-                .budget
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
-                .is_ok()
+        let slice = self.shared.slice_ns;
+        if slice == 0 {
+            return false;
+        }
+        let now = now_ns();
+        let sh = &self.shared;
+        let last = sh.burst_last.swap(now, Ordering::Relaxed);
+        let start = sh.burst_start.load(Ordering::Relaxed);
+        if start == 0 || now.saturating_sub(last) > INLINE_GAP_NS {
+            sh.burst_start.store(now, Ordering::Relaxed);
+            return true;
+        }
+        now.saturating_sub(start) <= slice
     }
 
-    /// A drain ran: the loop went through an iteration.
+    /// A drain ran: the loop went through an iteration; the burst is over.
     pub fn refill(&self) {
-        self.shared.budget.store(INLINE_BUDGET, Ordering::Relaxed);
+        self.shared.burst_start.store(0, Ordering::Relaxed);
     }
 
     /// Queues a job; hands it back when the runner is stopped.
