@@ -198,24 +198,12 @@ class PathOpsAPI:
     ) -> Awaitable[int]:
         """``os.open`` (the fd is non-inheritable, as ``os.open`` makes it)."""
         flags = operator.index(flags) | _O_CLOEXEC
-        job = (
-            OPEN,
-            *_encode(path, "open"),
-            None,
-            None,
-            _dir_fd(dir_fd),
-            None,
-            flags,
-            operator.index(mode),
-            0,
-            None,
-        )
+        job = _path_job(OPEN, path, "open", dir_fd, flags, operator.index(mode))
         return cast("Awaitable[int]", self._path_job(job))
 
     def close_fd(self, fd: int) -> Awaitable[None]:
         """``os.close``."""
-        job = (CLOSE, None, None, None, None, operator.index(fd), None, 0, 0, 0, None)
-        return cast("Awaitable[None]", self._path_job(job))
+        return cast("Awaitable[None]", self._path_job(_fd_job(CLOSE, fd)))
 
     def stat(
         self, path: Any, *, dir_fd: int | None = None, follow_symlinks: bool = True
@@ -228,75 +216,26 @@ class PathOpsAPI:
             # os.stat(fd) reports the fd as the error's filename.
             job: Job = (STAT, fd, None, None, None, fd, None, 1, 0, 0, None)
         else:
-            job = (
-                STAT,
-                *_encode(path, "stat"),
-                None,
-                None,
-                _dir_fd(dir_fd),
-                None,
-                int(bool(follow_symlinks)),
-                0,
-                0,
-                None,
-            )
+            job = _path_job(STAT, path, "stat", dir_fd, int(bool(follow_symlinks)))
         return cast("Awaitable[os.stat_result]", self._path_job(job))
 
     def fallocate(self, fd: int, offset: int, length: int, mode: int = 0) -> Awaitable[None]:
         """``fallocate(2)``: allocate (``mode`` 0) or punch/zero a range."""
-        job = (
-            FALLOCATE,
-            None,
-            None,
-            None,
-            None,
-            operator.index(fd),
-            None,
-            operator.index(offset),
-            operator.index(length),
-            operator.index(mode),
-            None,
-        )
+        job = _fd_job(FALLOCATE, fd, offset, length, mode)
         return cast("Awaitable[None]", self._path_job(job))
 
     def ftruncate(self, fd: int, length: int) -> Awaitable[None]:
         """``os.ftruncate``."""
-        job = (
-            FTRUNCATE,
-            None,
-            None,
-            None,
-            None,
-            operator.index(fd),
-            None,
-            operator.index(length),
-            0,
-            0,
-            None,
-        )
-        return cast("Awaitable[None]", self._path_job(job))
+        return cast("Awaitable[None]", self._path_job(_fd_job(FTRUNCATE, fd, length)))
 
     def fadvise(self, fd: int, offset: int, length: int, advice: int) -> Awaitable[None]:
         """``os.posix_fadvise``."""
-        job = (
-            FADVISE,
-            None,
-            None,
-            None,
-            None,
-            operator.index(fd),
-            None,
-            operator.index(offset),
-            operator.index(length),
-            operator.index(advice),
-            None,
-        )
+        job = _fd_job(FADVISE, fd, offset, length, advice)
         return cast("Awaitable[None]", self._path_job(job))
 
     def unlink(self, path: Any, *, dir_fd: int | None = None) -> Awaitable[None]:
         """``os.unlink``."""
-        job = (UNLINK, *_encode(path, "unlink"), None, None, _dir_fd(dir_fd), None, 0, 0, 0, None)
-        return cast("Awaitable[None]", self._path_job(job))
+        return cast("Awaitable[None]", self._path_job(_path_job(UNLINK, path, "unlink", dir_fd)))
 
     def rename(
         self,
@@ -307,39 +246,20 @@ class PathOpsAPI:
         dst_dir_fd: int | None = None,
     ) -> Awaitable[None]:
         """``os.rename``."""
-        job = (
-            RENAME,
-            *_encode(src, "rename", "src"),
-            *_encode(dst, "rename", "dst"),
-            _dir_fd(src_dir_fd),
-            _dir_fd(dst_dir_fd),
-            0,
-            0,
-            0,
-            None,
-        )
+        name1, path1 = _encode(src, "rename", "src")
+        name2, path2 = _encode(dst, "rename", "dst")
+        fd1, fd2 = _dir_fd(src_dir_fd), _dir_fd(dst_dir_fd)
+        job = (RENAME, name1, path1, name2, path2, fd1, fd2, 0, 0, 0, None)
         return cast("Awaitable[None]", self._path_job(job))
 
     def mkdir(self, path: Any, mode: int = 0o777, *, dir_fd: int | None = None) -> Awaitable[None]:
         """``os.mkdir``."""
-        job = (
-            MKDIR,
-            *_encode(path, "mkdir"),
-            None,
-            None,
-            _dir_fd(dir_fd),
-            None,
-            operator.index(mode),
-            0,
-            0,
-            None,
-        )
+        job = _path_job(MKDIR, path, "mkdir", dir_fd, operator.index(mode))
         return cast("Awaitable[None]", self._path_job(job))
 
     def read_file(self, path: Any) -> Awaitable[bytes]:
         """The whole file's contents, like ``Path.read_bytes``."""
-        job = (READ_FILE, *_encode(path, "read_file"), None, None, None, None, 0, 0, 0, None)
-        return cast("Awaitable[bytes]", self._path_job(job))
+        return cast("Awaitable[bytes]", self._path_job(_path_job(READ_FILE, path, "read_file")))
 
     def write_file(
         self, path: Any, data: Any, *, mode: int = 0o666, fsync: bool = False
@@ -348,19 +268,23 @@ class PathOpsAPI:
         ``Path.write_bytes``; with ``fsync``, sync it before closing."""
         if not isinstance(data, bytes):
             data = bytes(memoryview(data))
-        job = (
-            WRITE_FILE,
-            *_encode(path, "write_file"),
-            None,
-            None,
-            None,
-            None,
-            operator.index(mode),
-            int(bool(fsync)),
-            0,
-            data,
-        )
+        mode = operator.index(mode)
+        job = _path_job(WRITE_FILE, path, "write_file", None, mode, int(bool(fsync)), data)
         return cast("Awaitable[int]", self._path_job(job))
+
+
+def _path_job(
+    code: int, path: Any, fname: str, dir_fd: Any = None, a: int = 0, b: int = 0, data: Any = None
+) -> Job:
+    """The job of a call on one path (relative to ``dir_fd``)."""
+    name, encoded = _encode(path, fname)
+    return (code, name, encoded, None, None, _dir_fd(dir_fd), None, a, b, 0, data)
+
+
+def _fd_job(code: int, fd: Any, a: Any = 0, b: Any = 0, c: Any = 0) -> Job:
+    """The job of a call on an fd."""
+    ints = operator.index(a), operator.index(b), operator.index(c)
+    return (code, None, None, None, None, operator.index(fd), None, *ints, None)
 
 
 # -- runners for asyncio ----------------------------------------------------------

@@ -286,8 +286,7 @@ class StructuredContextBase(PathOpsAPI, abc.ABC):
 
     # -- the per-operation path ---------------------------------------------------
 
-    async def _execute(self, op: Any) -> Any:
-        await self._checkpoint_if_cancelled()
+    def _check_usable(self) -> None:
         if self._generation != _fork_generation[0]:
             raise RuntimeError(
                 f"this {type(self).__name__} was created before fork(); its engine belongs "
@@ -297,6 +296,10 @@ class StructuredContextBase(PathOpsAPI, abc.ABC):
             raise RuntimeError(
                 f"{type(self).__name__} is closed: create a new one to submit operations"
             )
+
+    async def _execute(self, op: Any) -> Any:
+        await self._checkpoint_if_cancelled()
+        self._check_usable()
         self._active += 1
         try:
             if self._in_use < self.max_requests and not self._slot_waiters:
@@ -350,15 +353,7 @@ class StructuredContextBase(PathOpsAPI, abc.ABC):
         # The os calls on the library's worker threads; they count as
         # operations in flight for close()/aclose(), but take no slot.
         await self._checkpoint_if_cancelled()
-        if self._generation != _fork_generation[0]:
-            raise RuntimeError(
-                f"this {type(self).__name__} was created before fork(); create a new one "
-                "in the child"
-            )
-        if self._closed:
-            raise RuntimeError(
-                f"{type(self).__name__} is closed: create a new one to submit operations"
-            )
+        self._check_usable()
         self._active += 1
         try:
             return await self._to_thread(run_job, job)
