@@ -47,6 +47,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from ._drivers import open_driver
+from ._pathops import Job, PathOpsAPI, run_job
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer, Self  # typing.Self needs Python 3.11
@@ -90,7 +91,7 @@ class Waiter(abc.ABC):
         """Suspend until ``wake()``; cancellable."""
 
 
-class StructuredContextBase(abc.ABC):
+class StructuredContextBase(PathOpsAPI, abc.ABC):
     """Common base of :class:`caio.trio.TrioContext` and
     :class:`caio.anyio.AnyioContext` (see the module docstring).
 
@@ -128,6 +129,9 @@ class StructuredContextBase(abc.ABC):
     _wait_readable: Callable[[int], Awaitable[Any]]
     _checkpoint_if_cancelled: Callable[[], Awaitable[Any]]
     _cancel_shielded_checkpoint: Callable[[], Awaitable[Any]]
+    #: Runs a blocking function on a worker thread (not abandoned when
+    #: cancelled: the call runs to its end, so an fd it opens is returned).
+    _to_thread: Callable[..., Awaitable[Any]]
 
     @abc.abstractmethod
     def _shield(self) -> AbstractContextManager[Any]:
@@ -325,8 +329,7 @@ class StructuredContextBase(abc.ABC):
 
     # -- the per-operation path ---------------------------------------------------
 
-    async def _execute(self, op: Any) -> Any:
-        await self._checkpoint_if_cancelled()
+    def _check_usable(self) -> None:
         if self._generation != _fork_generation[0]:
             raise RuntimeError(
                 f"this {type(self).__name__} was created before fork(); its engine belongs "
@@ -336,6 +339,10 @@ class StructuredContextBase(abc.ABC):
             raise RuntimeError(
                 f"{type(self).__name__} is closed: create a new one to submit operations"
             )
+
+    async def _execute(self, op: Any) -> Any:
+        await self._checkpoint_if_cancelled()
+        self._check_usable()
         self._active += 1
         try:
             if self._in_use < self.max_requests and not self._slot_waiters:
@@ -375,6 +382,24 @@ class StructuredContextBase(abc.ABC):
                 return op.get_value()
             finally:
                 self._release_slot()
+        finally:
+            self._active -= 1
+            if not self._active:
+                self._on_idle()
+
+    # -- path operations (DESIGN.md §14) ------------------------------------------
+
+    def _path_job(self, job: Job) -> Coroutine[Any, Any, Any]:
+        return self._run_path_job(job)
+
+    async def _run_path_job(self, job: Job) -> Any:
+        # The os calls on the library's worker threads; they count as
+        # operations in flight for close()/aclose(), but take no slot.
+        await self._checkpoint_if_cancelled()
+        self._check_usable()
+        self._active += 1
+        try:
+            return await self._to_thread(run_job, job)
         finally:
             self._active -= 1
             if not self._active:

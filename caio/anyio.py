@@ -72,6 +72,7 @@ class AnyioContext(StructuredContextBase):
     _wait_readable = staticmethod(anyio.wait_readable)
     _checkpoint_if_cancelled = staticmethod(anyio.lowlevel.checkpoint_if_cancelled)
     _cancel_shielded_checkpoint = staticmethod(anyio.lowlevel.cancel_shielded_checkpoint)
+    _to_thread = staticmethod(anyio.to_thread.run_sync)
 
     def _shield(self) -> AbstractContextManager[Any]:
         return anyio.CancelScope(shield=True)

@@ -26,6 +26,7 @@ from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 
+from ._pathops import AsyncioPathOps
 from .abstract import AbstractContext, AbstractOperation
 
 ContextType = type[AbstractContext]
@@ -41,7 +42,7 @@ def _resolve(future: asyncio.Future[Any]) -> None:
         future.set_result(True)
 
 
-class AsyncioContextBase(abc.ABC):
+class AsyncioContextBase(AsyncioPathOps, abc.ABC):
     MAX_REQUESTS_DEFAULT = 512
 
     CONTEXT_CLASS: ContextType
@@ -117,6 +118,7 @@ class AsyncioContextBase(abc.ABC):
     # -- public API --------------------------------------------------------
 
     def close(self) -> None:
+        self._close_path_ops()
         self._destroy_context()
 
     async def __aenter__(self) -> "Self":

@@ -193,3 +193,30 @@ class _AsyncioBase:
     def _close_native(self) -> None: ...
     def _gate_state(self) -> tuple[int, int, int]: ...
     def _released(self) -> bool: ...
+
+@final
+class _PathOps:
+    """The native runner of path operations (DESIGN.md §14), driven by
+    ``caio._pathops``."""
+
+    def __new__(cls, workers: int, inline_slice_ns: int, /) -> Self: ...
+    def submit(
+        self,
+        future: asyncio.Future[Any],
+        code: int,
+        name1: Any,
+        path1: bytes | None,
+        name2: Any,
+        path2: bytes | None,
+        fd1: int | None,
+        fd2: int | None,
+        a: int,
+        b: int,
+        c: int,
+        data: bytes | None,
+        /,
+    ) -> None: ...
+    def drain(self) -> int: ...
+    def fileno(self) -> int: ...
+    def in_flight(self) -> int: ...
+    def close(self) -> None: ...

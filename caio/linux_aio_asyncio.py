@@ -28,6 +28,7 @@ Differences from upstream caio (all compatible):
 
 from typing import Any
 
+from . import linux_aio as _linux_aio_module
 from .asyncio_base import NativeAsyncioContextBase
 from .linux_aio import Context, Operation, _AsyncioBase
 
@@ -35,6 +36,9 @@ __all__ = ("AsyncioContext",)
 
 
 class AsyncioContext(_AsyncioBase, NativeAsyncioContextBase):
+    # Path operations (DESIGN.md §14) on the native runner.
+    _PATH_OPS_TYPE = getattr(_linux_aio_module, "_PathOps", None)
+
     OPERATION_CLASS = Operation
     CONTEXT_CLASS = Context
 

@@ -19,6 +19,7 @@ with the other native adapters (``NativeAsyncioContextBase``).
 
 from typing import Any
 
+from . import linux_uring as _linux_uring_module
 from .asyncio_base import NativeAsyncioContextBase
 from .linux_uring import SQPOLL_ALLOWED, Context, Operation, _AsyncioBase
 
@@ -31,6 +32,9 @@ DEFAULT_SQPOLL = False
 
 
 class AsyncioContext(_AsyncioBase, NativeAsyncioContextBase):
+    # Path operations (DESIGN.md §14) on the native runner.
+    _PATH_OPS_TYPE = getattr(_linux_uring_module, "_PathOps", None)
+
     OPERATION_CLASS = Operation
     CONTEXT_CLASS = Context
 

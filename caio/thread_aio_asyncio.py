@@ -23,6 +23,7 @@ classic path is used: the worker runs the callback, which wakes the loop with
 import os
 from typing import Any
 
+from . import thread_aio as _thread_aio_module
 from .asyncio_base import AsyncioContextBase, NativeAsyncioContextBase
 from .thread_aio import Context, Operation, _AsyncioBase
 
@@ -30,6 +31,9 @@ __all__ = ("AsyncioContext",)
 
 
 class _LoopDeliveryContext(_AsyncioBase, NativeAsyncioContextBase):
+    # Path operations (DESIGN.md §14) on the native runner.
+    _PATH_OPS_TYPE = getattr(_thread_aio_module, "_PathOps", None)
+
     MAX_REQUESTS_DEFAULT = 512
     OPERATION_CLASS = Operation
     CONTEXT_CLASS = Context

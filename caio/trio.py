@@ -70,6 +70,7 @@ class TrioContext(StructuredContextBase):
     _wait_readable = staticmethod(trio.lowlevel.wait_readable)
     _checkpoint_if_cancelled = staticmethod(trio.lowlevel.checkpoint_if_cancelled)
     _cancel_shielded_checkpoint = staticmethod(trio.lowlevel.cancel_shielded_checkpoint)
+    _to_thread = staticmethod(trio.to_thread.run_sync)
 
     def _shield(self) -> AbstractContextManager[Any]:
         return trio.CancelScope(shield=True)

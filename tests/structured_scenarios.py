@@ -52,6 +52,7 @@ __all__ = (
     "test_fork_inherited_context_raises_in_child",
     "test_hello_world",
     "test_no_thread_per_operation",
+    "test_path_ops_match_os",
     "test_short_read_eof_and_zero_length",
     "test_submit_rejects_foreign_and_reused_operations",
     "test_sync_ops_return_none",
@@ -898,3 +899,19 @@ def test_fork_inherited_context_raises_in_child(lib: Lib, engine: str, tmp_path:
     assert child["inherited"] == "RuntimeError (mentions fork)", child
     assert child["fresh"] == "works", child
     assert parent["parent"] == "works" and parent["child_status"] == 0, parent
+
+
+def test_path_ops_match_os(lib: Lib, engine: str, tmp_path: Any) -> None:
+    """open/stat/read_file/... (DESIGN.md §14) give what ``os`` gives on the
+    same inputs, errors included (the cases of ``pathops_cases.py``); a
+    context closed with aclose() refuses them."""
+    from pathops_cases import compare_all
+
+    async def main() -> int:
+        async with lib.context(engine) as ctx:
+            n = await compare_all(ctx, str(tmp_path))
+        with pytest.raises(RuntimeError, match="closed"):
+            await ctx.stat(str(tmp_path))
+        return n
+
+    assert lib.run(main) > 200

@@ -40,6 +40,8 @@ pub mod fork;
 pub mod module;
 pub mod num;
 pub mod op;
+#[cfg(target_os = "linux")]
+pub mod pathop;
 pub mod pool;
 pub mod py;
 pub mod sync;

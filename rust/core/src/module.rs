@@ -245,6 +245,12 @@ compatibility with upstream caio, of SystemError.",
     st.op_type = op_type.into_ptr();
     st.ctx_type = ctx_type.into_ptr();
     st.error_type = error_type.into_ptr();
+    // Path operations (DESIGN.md §14): `_PathOps`, the native runner.
+    // SAFETY: attached, a module being executed (caller's contract).
+    #[cfg(target_os = "linux")]
+    unsafe {
+        crate::pathop::init(module)?;
+    }
     Ok(())
 }
 
