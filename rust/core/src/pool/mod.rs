@@ -195,10 +195,8 @@ fn stall_for_test(op: *mut Operation) {
         return;
     }
     // SAFETY: a live in-flight op (the job's reference); `kind` is immutable.
-    if !matches!(
-        unsafe { (*op).kind },
-        crate::op::OpKind::Write | crate::op::OpKind::WriteV
-    ) {
+    let kind = unsafe { (*op).kind };
+    if !matches!(kind, crate::op::OpKind::Write | crate::op::OpKind::WriteV) {
         return;
     }
     if let Some(ms) = crate::test_hooks::env_parse::<u64>("CAIO_TEST_POOL_STALL_MS") {
