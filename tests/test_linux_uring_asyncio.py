@@ -577,6 +577,45 @@ def test_inline_completion_spends_no_loop_iteration(loop, run, fd):
         ctx.close()
 
 
+@pytest.mark.parametrize("kw", [{}, {"sqpoll": True}])
+def test_page_cache_hit_never_touches_the_ring(loop, run, fd, kw):
+    # DESIGN.md §7.2: a cached read of at most 64 KiB is served by
+    # preadv2(RWF_NOWAIT) on the loop thread - no SQE, no enter, no CQE, so
+    # the ring's eventfd (signalled by every CQE) stays quiet. Data and short
+    # reads are still right; an uncached or larger read still uses the ring.
+    import select
+
+    data = os.urandom(3 * 65536 + 100)
+    os.pwrite(fd, data, 0)
+    os.fsync(fd)
+    ctx = AsyncioContext(8, loop=loop, **kw)
+    efd = ctx.context.fileno
+
+    def signalled():
+        return bool(select.select([efd], [], [], 0)[0])
+
+    async def main():
+        assert not signalled()
+        got = []
+        for i in range(10):  # fewer than MAX_SYNC_STREAK: no loop turn
+            got.append(await ctx.read(4096, fd, i * 4096))
+        got.append(await ctx.read(65536, fd, 65536))
+        got.append(await ctx.read(4096, fd, 3 * 65536))  # short: end of file
+        quiet = not signalled()
+        big = await ctx.read(3 * 65536, fd, 0)  # above the inline limit
+        return got, quiet, big
+
+    try:
+        got, quiet, big = run(main())
+        assert quiet
+        assert got[:10] == [data[i * 4096 : (i + 1) * 4096] for i in range(10)]
+        assert got[10] == data[65536:131072]
+        assert got[11] == data[3 * 65536 :]
+        assert big == data[: 3 * 65536]
+    finally:
+        ctx.close()
+
+
 def test_back_to_inline_after_asynchronous_completions(loop, run, fd, pipe):
     # An op that does not complete inline switches submission to batches
     # (one enter per loop iteration); a batch that completes inline switches

@@ -25,7 +25,8 @@ use std::sync::atomic::Ordering;
 
 use caio_core::aio::{Adapter, Engine};
 use caio_core::context::ContextState;
-use caio_core::op::as_op;
+use caio_core::op::{self, as_op, OpKind, Operation};
+use caio_core::pool;
 use caio_core::py::{Exc, PyErr, PyResult};
 use caio_core::pyo3_ffi::*;
 
@@ -34,6 +35,26 @@ use crate::ring::StageError;
 
 /// Largest automatic batch (SQEs per `io_uring_enter`), see `submit`.
 const BATCH_MAX: usize = 4;
+
+/// Reads of at most this many bytes are first tried from the page cache on
+/// the loop thread (`preadv2(RWF_NOWAIT)`, core's `pool::try_read_inline`),
+/// as thread_aio's adapter does (`INLINE_READ_MAX`).
+const INLINE_READ_MAX: u64 = 64 * 1024;
+
+/// Whether `submit` first tries `o` as a non-blocking page-cache read: a
+/// read of at most [`INLINE_READ_MAX`] bytes, unless `deferred=True` asked
+/// for every operation of an iteration to go to the ring in one enter,
+/// while submissions are not batched (the last ones were not page-cache
+/// hits: a cold file, where the attempt would only be refused) and on an fd
+/// the ring does not know to be `O_DIRECT` (no page cache to hit, only an
+/// `EINVAL`).
+fn tries_inline(a: &Adapter, c: &crate::Context, o: &Operation) -> bool {
+    o.kind == OpKind::Read
+        && o.nbytes <= INLINE_READ_MAX
+        && !a.deferred()
+        && !c.batching.load(Ordering::Relaxed)
+        && !c.ring().knows_direct(o.fd_i32())
+}
 
 pub(crate) static ENGINE: Engine = Engine {
     submit,
@@ -56,9 +77,33 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     // SAFETY: `ctx_obj` is a Context (hook contract).
     let c = unsafe { ctx(ctx_obj) };
     c.check_fork()?;
-    // SAFETY: attached; `op` is an Operation; `ctx_obj` owns the ring (hook
-    // contract).
-    let mut staged = unsafe { c.ring().stage(&[op], ctx_obj) };
+    // SAFETY: `op` is an Operation (hook contract).
+    let o = unsafe { as_op(op) };
+    let mut staged = if tries_inline(a, c, o) {
+        if !o.try_claim() {
+            return Ok(false);
+        }
+        // SAFETY: attached, and `o` was claimed just now by this call.
+        unsafe { op::begin(o, ctx_obj) };
+        // Page-cache hit: done right here, without SQE, enter or CQE.
+        // SAFETY: claimed and begun by this call and not handed to the ring
+        // yet, so nobody else finishes it; attached for `finish`.
+        if let Some(res) = unsafe { pool::try_read_inline(o) } {
+            // SAFETY: as above: in flight, ours alone, attached.
+            unsafe { op::finish(op.cast(), res) }.run();
+            return Ok(true);
+        }
+        // SAFETY: attached; claimed and begun above for this ring's
+        // Context, not handed to any engine.
+        match unsafe { c.ring().stage_claimed(op) } {
+            None => (1, None),
+            err => (0, err),
+        }
+    } else {
+        // SAFETY: attached; `op` is an Operation; `ctx_obj` owns the ring
+        // (hook contract).
+        unsafe { c.ring().stage(&[op], ctx_obj) }
+    };
     if let (_, Some(StageError::Full)) = staged {
         // The admission gate keeps in-flight ops below the ring size, but
         // SQEs of cancelled ops (and cancel SQEs) may still sit in a batch
@@ -95,8 +140,7 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     c.submit_staged()?;
     // SAFETY: attached (hook contract).
     unsafe { c.deliver(usize::MAX) };
-    // SAFETY: `op` is an Operation (hook contract).
-    if unsafe { as_op(op) }.state() != caio_core::op::OpState::Done && !c.ring().sqpoll {
+    if o.state() != caio_core::op::OpState::Done && !c.ring().sqpoll {
         // Not a page-cache hit: completions are coming through the event
         // loop now, batch the next submissions.
         c.batching.store(true, Ordering::Relaxed);

@@ -245,6 +245,43 @@ impl Ring {
         ops: &[*mut PyObject],
         ctx: *mut PyObject,
     ) -> (usize, Option<StageError>) {
+        let take = |o: &Operation| {
+            if !o.try_claim() {
+                return false; // in flight elsewhere, listed twice, or done
+            }
+            // SAFETY: attached; `o` was claimed just now by this call.
+            unsafe { op::begin(o, ctx) };
+            true
+        };
+        // SAFETY: forwarded contract; `take` claims and begins.
+        unsafe { self.stage_with(ops, take) }
+    }
+
+    /// Stages one op the caller has already claimed and begun
+    /// (`op::begin`), e.g. after a non-blocking page-cache read did not
+    /// finish it. On a full ring or a failure the op is rolled back
+    /// (`op::abort`: `New` again) and the error returned.
+    ///
+    /// # Safety
+    /// Attached; `p` is one of this module's Operations, claimed and begun
+    /// by the caller for the Context owning this ring, and not handed to any
+    /// engine.
+    pub unsafe fn stage_claimed(&self, p: *mut PyObject) -> Option<StageError> {
+        // SAFETY: forwarded contract: the op is already claimed and begun.
+        unsafe { self.stage_with(&[p], |_| true) }.1
+    }
+
+    /// [`Ring::stage`]'s loop; `take` claims and begins an op (false: skip
+    /// it).
+    ///
+    /// # Safety
+    /// As for [`Ring::stage`]; after `take` returned true the op is claimed
+    /// and begun.
+    unsafe fn stage_with(
+        &self,
+        ops: &[*mut PyObject],
+        mut take: impl FnMut(&Operation) -> bool,
+    ) -> (usize, Option<StageError>) {
         let mut side = lock(&self.sq);
         // SAFETY: under the SQ lock (see the module doc).
         let mut sq = unsafe { self.uring.submission_shared() };
@@ -255,11 +292,9 @@ impl Ring {
             // SAFETY: every pointer is one of this module's Operations
             // (contract above).
             let o = unsafe { as_op(p) };
-            if !o.try_claim() {
-                continue; // in flight elsewhere, listed twice, or done
+            if !take(o) {
+                continue;
             }
-            // SAFETY: attached; `o` was claimed just now by this call.
-            unsafe { op::begin(o, ctx) };
             if sq.is_full() {
                 // SAFETY: begun above, never handed to the kernel.
                 unsafe { op::abort(o) };
@@ -300,6 +335,12 @@ impl Ring {
             self.staged_bytes.fetch_add(bytes, Ordering::Relaxed);
         }
         (accepted, err)
+    }
+
+    /// Whether this ring found `fd` to be open with O_DIRECT (no page cache
+    /// to read from without waiting: only an `EINVAL`).
+    pub fn knows_direct(&self, fd: i32) -> bool {
+        self.direct.contains(fd)
     }
 
     /// The ops staged since the kernel last took the SQ (see `recent`).
