@@ -646,6 +646,58 @@ def test_back_to_inline_after_asynchronous_completions(loop, run, fd, pipe):
         ctx.close()
 
 
+def _caio_workers():
+    """Threads of caio's native worker pools (kernel ``comm`` names)."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass
+    return names.count("caio-worker")
+
+
+def test_buffered_writes_and_fsyncs_run_on_workers(loop, run, fd, pipe):
+    # DESIGN.md §7.2: buffered writes (io_uring punts them to io-wq on ext4)
+    # and the fsyncs that must cover them go to core's worker pool, started
+    # on first use and stopped with the Context; reads stay inline/on the
+    # ring, and a pipe write at the current position (-1) stays on the ring.
+    before = _caio_workers()
+    ctx = AsyncioContext(16, loop=loop)
+    r, w = pipe
+
+    async def main():
+        assert await ctx.read(10, fd, 0) == b""
+        started = _caio_workers()
+        data = [os.urandom(4096) for _ in range(32)]
+        got = await asyncio.gather(
+            *(ctx.write(d, fd, i * 4096) for i, d in enumerate(data)),
+            ctx.fsync(fd),
+            ctx.fdsync(fd),
+        )
+        assert await ctx.write(b"pipe", w, -1) == 4
+        return started, got, data
+
+    try:
+        started, got, data = run(main())
+        assert started == before
+        assert _caio_workers() > before
+        assert got == [4096] * 32 + [None, None]
+        assert os.pread(fd, 32 * 4096, 0) == b"".join(data)
+        assert os.read(r, 10) == b"pipe"
+    finally:
+        ctx.close()
+    context = ctx.context
+    ctx = None
+    del context
+    deadline = time.monotonic() + 5
+    while _caio_workers() > before and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.02)
+    assert _caio_workers() == before
+
+
 def test_loop_with_own_create_future(run, fd, pipe):
     made = []
 

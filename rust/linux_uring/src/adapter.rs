@@ -79,6 +79,21 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     c.check_fork()?;
     // SAFETY: `op` is an Operation (hook contract).
     let o = unsafe { as_op(op) };
+    if !a.deferred() && c.workers.takes(o, |fd| c.ring().knows_direct(fd)) {
+        // A buffered write (or an fsync behind such writes): the pool
+        // (`workers`).
+        if !o.try_claim() {
+            return Ok(false);
+        }
+        // SAFETY: attached, and `o` was claimed just now by this call.
+        unsafe { op::begin(o, ctx_obj) };
+        if let Err(e) = c.workers.submit(op.cast()) {
+            // SAFETY: begun above; the pool did not take it.
+            unsafe { op::abort(o) };
+            return Err(e);
+        }
+        return Ok(true);
+    }
     let mut staged = if tries_inline(a, c, o) {
         if !o.try_claim() {
             return Ok(false);
@@ -184,7 +199,7 @@ unsafe fn loop_events(a: &Adapter) -> PyResult<usize> {
     c.check_fork()?;
     c.ring().consume_eventfd();
     // SAFETY: attached (hook contract).
-    let n = unsafe { c.deliver(usize::MAX) };
+    let n = unsafe { c.deliver(usize::MAX) + c.workers.deliver() };
     if n > 0 && !c.ring().sqpoll && (a.deferred() || c.batching.load(Ordering::Relaxed)) {
         // SAFETY: attached; `a` is bound to `c` (hook contract).
         unsafe { schedule_flush(a, c) }?;
@@ -201,6 +216,10 @@ unsafe fn cancel(a: &Adapter, op: *mut PyObject) {
     // SAFETY: `a.context()` is a Context (hook contract).
     let c = unsafe { ctx(a.context()) };
     if c.check_fork().is_err() {
+        return;
+    }
+    // SAFETY: attached (hook contract).
+    if unsafe { c.workers.cancel(op.cast()) } {
         return;
     }
     // SAFETY: `op` is an Operation (hook contract).
@@ -234,8 +253,11 @@ unsafe fn shutdown(a: &Adapter, deadline: std::time::Instant) -> bool {
         rounds += 1;
         ring.consume_eventfd();
         // SAFETY: attached (hook contract).
-        unsafe { c.deliver(usize::MAX) };
-        if ring.in_flight() == 0 {
+        unsafe {
+            c.deliver(usize::MAX);
+            c.workers.deliver();
+        }
+        if ring.in_flight() == 0 && c.workers.in_flight() == 0 {
             return true;
         }
         if !caio_core::aio::wait_readable_until(ring.eventfd(), deadline, 20) {

@@ -33,8 +33,10 @@ mod adapter;
 mod direct;
 mod probe;
 mod ring;
+mod workers;
 
 use ring::{Ring, SetupError};
+use workers::Workers;
 
 /// The module's Operation type (`caio_core::op`), as linux_uring has it.
 static FLAVOR: Flavor = Flavor {
@@ -67,6 +69,9 @@ pub(crate) struct Context {
     /// inline, so new ones are batched per loop iteration (one enter).
     pub(crate) batching: AtomicBool,
     ring: Ring,
+    /// The asyncio adapter's worker pool and the eventfd it shares with the
+    /// ring (declared after `ring`: dropped after it).
+    pub(crate) workers: Workers,
 }
 
 impl Context {
@@ -164,7 +169,9 @@ impl ContextState for Context {
         };
         // One spare entry: SQPOLL's lag and the cancel SQE of an op never
         // push a full `max_requests` load into "ring full".
-        let ring = Ring::new(u64::from(max_requests) + 1, sqpoll)
+        let workers = Workers::new()
+            .map_err(|e| PyErr::Errno(Exc::SystemError, e.raw_os_error().unwrap_or(libc::EIO)))?;
+        let ring = Ring::new(u64::from(max_requests) + 1, sqpoll, workers.eventfd())
             .map_err(|SetupError(errno)| PyErr::Errno(Exc::SystemError, errno))?;
         Ok(Context {
             max_requests,
@@ -172,6 +179,7 @@ impl ContextState for Context {
             flush_scheduled: AtomicBool::new(false),
             batching: AtomicBool::new(false),
             ring,
+            workers,
         })
     }
 
@@ -181,6 +189,11 @@ Context (or AsyncioContext) in the child";
 
     fn born(&self) -> Stamp {
         self.born
+    }
+
+    /// Stops the adapter's worker threads, if it started any.
+    unsafe fn release(&self) {
+        self.workers.release(!self.born.is_current());
     }
 
     /// DESIGN.md §4.1: every argument is checked before anything is claimed.

@@ -157,7 +157,11 @@ impl Ring {
     /// `entries` SQ slots requested (the kernel rounds up to a power of two).
     /// Setup flags are tried in order; EINVAL/EPERM/EACCES move on to the
     /// next set (older kernels, SQPOLL not permitted), anything else fails.
-    pub fn new(entries: u64, sqpoll: bool) -> Result<Ring, SetupError> {
+    /// `eventfd` (a non-blocking eventfd) is registered to signal every
+    /// posted CQE; it stays the caller's (it must outlive the ring and is
+    /// not closed by it), so it can be shared with another completion
+    /// source (`workers`).
+    pub fn new(entries: u64, sqpoll: bool, eventfd: i32) -> Result<Ring, SetupError> {
         let Ok(entries) = u32::try_from(entries) else {
             return Err(SetupError(libc::EINVAL));
         };
@@ -193,16 +197,10 @@ impl Ring {
         let Some((uring, sqpoll)) = built else {
             return Err(SetupError(last));
         };
-        // SAFETY: eventfd(2) takes no pointer.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(SetupError(caio_core::sys::last_errno()));
-        }
+        let efd = eventfd;
         raise_bounded_workers(&uring, entries);
         // The plain variant: every posted CQE (inline ones included) signals.
         if let Err(e) = uring.submitter().register_eventfd(efd) {
-            // SAFETY: `efd` is ours and shared with nobody yet.
-            unsafe { libc::close(efd) };
             return Err(SetupError(errno_of(&e)));
         }
         Ok(Ring {
@@ -841,13 +839,10 @@ impl Drop for Ring {
     fn drop(&mut self) {
         // Unmaps the rings and closes the ring fd (the kernel cancels
         // whatever might still run). Also fine in a forked child: the
-        // mappings and fds dropped there are the child's own copies.
-        // SAFETY: dropped once, here, and never used again; the eventfd is
-        // ours.
-        unsafe {
-            ManuallyDrop::drop(&mut self.uring);
-            libc::close(self.eventfd);
-        }
+        // mappings and fds dropped there are the child's own copies. The
+        // eventfd is the owner's (see `Ring::new`), closed after this.
+        // SAFETY: dropped once, here, and never used again.
+        unsafe { ManuallyDrop::drop(&mut self.uring) };
     }
 }
 
