@@ -698,6 +698,36 @@ def test_buffered_writes_and_fsyncs_run_on_workers(loop, run, fd, pipe):
     assert _caio_workers() == before
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the copy rule needs 2 CPUs")
+def test_mid_size_reads_are_copied_by_workers(loop, run, fd):
+    # DESIGN.md §7.2, the copy rule: reads above 64 KiB and up to 1 MiB are
+    # copied by a worker on another core; 64 KiB and less, and more than
+    # 1 MiB, on the loop thread (inline page-cache read / the ring).
+    data = os.urandom(3 << 20)
+    os.pwrite(fd, data, 0)
+    before = _caio_workers()
+    ctx = AsyncioContext(8, loop=loop)
+
+    async def main():
+        small = await ctx.read(65536, fd, 4096)
+        big = await ctx.read(2 << 20, fd, 8192)
+        after_loop_sized = _caio_workers()
+        mid = await asyncio.gather(*(ctx.read(256 << 10, fd, i << 18) for i in range(8)))
+        one_mib = await ctx.read(1 << 20, fd, (2 << 20) + 100)
+        return small, big, after_loop_sized, mid, one_mib
+
+    try:
+        small, big, after_loop_sized, mid, one_mib = run(main())
+        assert after_loop_sized == before
+        assert _caio_workers() > before
+        assert small == data[4096 : 4096 + 65536]
+        assert big == data[8192 : 8192 + (2 << 20)]
+        assert mid == [data[i << 18 : (i + 1) << 18] for i in range(8)]
+        assert one_mib == data[(2 << 20) + 100 :]  # short: end of file
+    finally:
+        ctx.close()
+
+
 def test_loop_with_own_create_future(run, fd, pipe):
     made = []
 

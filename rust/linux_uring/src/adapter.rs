@@ -39,7 +39,7 @@ const BATCH_MAX: usize = 4;
 /// Reads of at most this many bytes are first tried from the page cache on
 /// the loop thread (`preadv2(RWF_NOWAIT)`, core's `pool::try_read_inline`),
 /// as thread_aio's adapter does (`INLINE_READ_MAX`).
-const INLINE_READ_MAX: u64 = 64 * 1024;
+const INLINE_READ_MAX: u64 = crate::workers::COPY_ON_LOOP_MAX;
 
 /// Whether `submit` first tries `o` as a non-blocking page-cache read: a
 /// read of at most [`INLINE_READ_MAX`] bytes, unless `deferred=True` asked
@@ -79,9 +79,12 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     c.check_fork()?;
     // SAFETY: `op` is an Operation (hook contract).
     let o = unsafe { as_op(op) };
-    if !a.deferred() && c.workers.takes(o, |fd| c.ring().knows_direct(fd)) {
-        // A buffered write (or an fsync behind such writes): the pool
-        // (`workers`).
+    if !a.deferred()
+        && c.workers
+            .takes(o, c.ring().sqpoll, |fd| c.ring().knows_direct(fd))
+    {
+        // A buffered write (or an fsync behind such writes), or a mid-size
+        // read: the pool (`workers`).
         if !o.try_claim() {
             return Ok(false);
         }

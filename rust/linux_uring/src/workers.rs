@@ -10,7 +10,10 @@
 //! fsync behind the writes it must cover, fsyncs and fdatasyncs — of fds
 //! not known to be `O_DIRECT` to the pool. `O_DIRECT` I/O (truly
 //! asynchronous in the ring) and everything of a raw Context stay on the
-//! ring.
+//! ring. Mid-size reads (above 64 KiB, up to 1 MiB) go there too on a
+//! machine with more than one CPU: a worker copies them on another core
+//! instead of the loop thread inside `io_uring_enter` (the copy rule,
+//! DESIGN.md §7.2).
 //!
 //! Completions come back through a [`CompletionQueue`] whose wake-up fd
 //! **is** the ring's registered eventfd (`CompletionQueue::new_shared`): one
@@ -27,6 +30,25 @@ use caio_core::py::{PyErr, PyResult};
 
 /// Worker threads of the pool (thread_aio's default `pool_size`).
 const POOL_SIZE: usize = 8;
+
+/// The copy rule for reads (DESIGN.md §7.2): up to this size a read is
+/// copied on the loop thread (a page-cache hit is served inline, else the
+/// ring); the hand-off to another core costs more than the copy.
+pub(crate) const COPY_ON_LOOP_MAX: u64 = 64 * 1024;
+
+/// Above [`COPY_ON_LOOP_MAX`] and up to this size a read is copied by a
+/// worker when the process has more than one CPU. Larger reads stay on the
+/// ring (entered with the GIL released): a fresh multi-megabyte `bytes`
+/// object filled by several worker threads pays page faults and unmap TLB
+/// shootdowns across them (4 MiB: 0.3k op/s on the pool against 1.3k on the
+/// ring in the full run of issue 16).
+const COPY_ON_WORKER_MAX: u64 = 1024 * 1024;
+
+/// Whether the process may run on more than one CPU.
+fn multi_cpu() -> bool {
+    static MULTI: OnceLock<bool> = OnceLock::new();
+    *MULTI.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() > 1))
+}
 
 pub(crate) struct Workers {
     /// Shares its fd with the ring (the ring's eventfd, owned here).
@@ -57,13 +79,26 @@ impl Workers {
     /// Whether the adapter sends `o` to the pool rather than the ring: a
     /// write at an explicit offset (offset −1, a pipe's "current position",
     /// stays on the ring, which waits for a pipe without a thread), an
-    /// fsync or an fdatasync, on an fd neither the ring nor the pool found
-    /// to be `O_DIRECT`.
-    pub(crate) fn takes(&self, o: &Operation, ring_knows_direct: impl Fn(i32) -> bool) -> bool {
+    /// fsync or an fdatasync, or — on a plain ring of a process with more
+    /// than one CPU — a read of more than [`COPY_ON_LOOP_MAX`] and at most
+    /// [`COPY_ON_WORKER_MAX`] bytes at an explicit offset; always on an fd
+    /// neither the ring nor the pool found to be `O_DIRECT`.
+    pub(crate) fn takes(
+        &self,
+        o: &Operation,
+        sqpoll: bool,
+        ring_knows_direct: impl Fn(i32) -> bool,
+    ) -> bool {
         let routed = match o.kind {
             OpKind::Write => o.offset_i64() >= 0,
             OpKind::Fsync | OpKind::Fdsync => true,
-            OpKind::Read => false,
+            OpKind::Read => {
+                o.offset_i64() >= 0
+                    && o.nbytes > COPY_ON_LOOP_MAX
+                    && o.nbytes <= COPY_ON_WORKER_MAX
+                    && !sqpoll
+                    && multi_cpu()
+            }
         };
         if !routed {
             return false;
