@@ -662,7 +662,7 @@ def test_buffered_writes_and_fsyncs_run_on_workers(loop, run, fd, pipe):
     # DESIGN.md §7.2: buffered writes (io_uring punts them to io-wq on ext4)
     # and the fsyncs that must cover them go to core's worker pool, started
     # on first use and stopped with the Context; reads stay inline/on the
-    # ring, and a pipe write at the current position (-1) stays on the ring.
+    # ring, and so do writes to a pipe (not a regular file).
     before = _caio_workers()
     ctx = AsyncioContext(16, loop=loop)
     r, w = pipe
@@ -677,6 +677,9 @@ def test_buffered_writes_and_fsyncs_run_on_workers(loop, run, fd, pipe):
             ctx.fdsync(fd),
         )
         assert await ctx.write(b"pipe", w, -1) == 4
+        # Not a regular file: the ring (stream semantics), never a pwrite's
+        # ESPIPE from a worker.
+        assert await ctx.write(b"+0", w, 0) == 2
         return started, got, data
 
     try:
@@ -685,7 +688,7 @@ def test_buffered_writes_and_fsyncs_run_on_workers(loop, run, fd, pipe):
         assert _caio_workers() > before
         assert got == [4096] * 32 + [None, None]
         assert os.pread(fd, 32 * 4096, 0) == b"".join(data)
-        assert os.read(r, 10) == b"pipe"
+        assert os.read(r, 10) == b"pipe+0"
     finally:
         ctx.close()
     context = ctx.context

@@ -106,10 +106,15 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
         // Page-cache hit: done right here, without SQE, enter or CQE.
         // SAFETY: claimed and begun by this call and not handed to the ring
         // yet, so nobody else finishes it; attached for `finish`.
-        if let Some(res) = unsafe { pool::try_read_inline(o) } {
-            // SAFETY: as above: in flight, ours alone, attached.
-            unsafe { op::finish(op.cast(), res) }.run();
-            return Ok(true);
+        match unsafe { pool::try_read_inline(o) } {
+            // ESPIPE: a pipe, socket or FIFO (positional reads do not
+            // apply), which the ring reads as a stream.
+            Some(res) if res != -i64::from(libc::ESPIPE) => {
+                // SAFETY: as above: in flight, ours alone, attached.
+                unsafe { op::finish(op.cast(), res) }.run();
+                return Ok(true);
+            }
+            _ => {}
         }
         // SAFETY: attached; claimed and begun above for this ring's
         // Context, not handed to any engine.

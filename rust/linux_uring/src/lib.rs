@@ -469,8 +469,9 @@ unsafe fn ctx_loop_events(slf: *mut PyObject) -> PyResult<Owned> {
     let c = unsafe { ctx(slf) };
     c.check_fork()?;
     c.ring.consume_eventfd();
-    // SAFETY: attached (contract above).
-    py_usize(unsafe { c.deliver(usize::MAX) })
+    // SAFETY: attached (contract above). The worker results of the asyncio
+    // adapter's pool share the eventfd just consumed (`workers`).
+    py_usize(unsafe { c.deliver(usize::MAX) + c.workers.deliver() })
 }
 
 /// `Context.max_requests`.

@@ -44,6 +44,19 @@ pub(crate) const COPY_ON_LOOP_MAX: u64 = 64 * 1024;
 /// ring in the full run of issue 16).
 const COPY_ON_WORKER_MAX: u64 = 1024 * 1024;
 
+/// Whether `fd` is a regular file (one `fstat`, about half a microsecond:
+/// fd numbers are reused, so the answer is not cached). Only regular files
+/// go to the pool: `pread`/`pwrite` on a pipe, socket or FIFO fail with
+/// `ESPIPE` where the ring reads and writes the stream, and an fsync must
+/// run where the writes it covers ran (block devices stay on the ring).
+fn is_regular_file(fd: i32) -> bool {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes at most one `struct stat` into `st`.
+    let r = unsafe { libc::fstat(fd, st.as_mut_ptr()) };
+    // SAFETY: initialised by a successful fstat.
+    r == 0 && (unsafe { st.assume_init() }.st_mode & libc::S_IFMT) == libc::S_IFREG
+}
+
 /// Whether the process may run on more than one CPU.
 fn multi_cpu() -> bool {
     static MULTI: OnceLock<bool> = OnceLock::new();
@@ -77,12 +90,12 @@ impl Workers {
     }
 
     /// Whether the adapter sends `o` to the pool rather than the ring: a
-    /// write at an explicit offset (offset −1, a pipe's "current position",
-    /// stays on the ring, which waits for a pipe without a thread), an
-    /// fsync or an fdatasync, or — on a plain ring of a process with more
-    /// than one CPU — a read of more than [`COPY_ON_LOOP_MAX`] and at most
-    /// [`COPY_ON_WORKER_MAX`] bytes at an explicit offset; always on an fd
-    /// neither the ring nor the pool found to be `O_DIRECT`.
+    /// write at an explicit offset (offset −1, "the current position",
+    /// stays on the ring), an fsync or an fdatasync, or — on a plain ring
+    /// of a process with more than one CPU — a read of more than
+    /// [`COPY_ON_LOOP_MAX`] and at most [`COPY_ON_WORKER_MAX`] bytes at an
+    /// explicit offset; always on a regular file neither the ring nor the
+    /// pool found to be `O_DIRECT`.
     pub(crate) fn takes(
         &self,
         o: &Operation,
@@ -104,7 +117,9 @@ impl Workers {
             return false;
         }
         let fd = o.fd_i32();
-        !ring_knows_direct(fd) && !self.pool().is_some_and(|p| p.knows_direct(fd))
+        !ring_knows_direct(fd)
+            && !self.pool().is_some_and(|p| p.knows_direct(fd))
+            && is_regular_file(fd)
     }
 
     /// Hands a claimed and begun op to the pool (started on first use).
