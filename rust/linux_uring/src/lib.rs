@@ -33,6 +33,7 @@ mod adapter;
 mod direct;
 mod probe;
 mod ring;
+mod spare;
 mod workers;
 
 use ring::{Ring, SetupError};

@@ -10,8 +10,8 @@
 //! fsync behind the writes it must cover, fsyncs and fdatasyncs — of fds
 //! not known to be `O_DIRECT` to the pool. `O_DIRECT` I/O (truly
 //! asynchronous in the ring) and everything of a raw Context stay on the
-//! ring. Mid-size reads (above 64 KiB, up to 1 MiB) go there too on a
-//! machine with more than one CPU: a worker copies them on another core
+//! ring. Mid-size reads (above 64 KiB, up to 1 MiB) go there too while a
+//! second core is available (`spare`): a worker copies them on another core
 //! instead of the loop thread inside `io_uring_enter` (the copy rule,
 //! DESIGN.md §7.2).
 //!
@@ -37,7 +37,8 @@ const POOL_SIZE: usize = 8;
 pub(crate) const COPY_ON_LOOP_MAX: u64 = 64 * 1024;
 
 /// Above [`COPY_ON_LOOP_MAX`] and up to this size a read is copied by a
-/// worker when the process has more than one CPU. Larger reads stay on the
+/// worker while a second core is available to the process
+/// (`spare::spare_cpu`). Larger reads stay on the
 /// ring (entered with the GIL released): a fresh multi-megabyte `bytes`
 /// object filled by several worker threads pays page faults and unmap TLB
 /// shootdowns across them (4 MiB: 0.3k op/s on the pool against 1.3k on the
@@ -55,12 +56,6 @@ fn is_regular_file(fd: i32) -> bool {
     let r = unsafe { libc::fstat(fd, st.as_mut_ptr()) };
     // SAFETY: initialised by a successful fstat.
     r == 0 && (unsafe { st.assume_init() }.st_mode & libc::S_IFMT) == libc::S_IFREG
-}
-
-/// Whether the process may run on more than one CPU.
-fn multi_cpu() -> bool {
-    static MULTI: OnceLock<bool> = OnceLock::new();
-    *MULTI.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() > 1))
 }
 
 pub(crate) struct Workers {
@@ -92,7 +87,7 @@ impl Workers {
     /// Whether the adapter sends `o` to the pool rather than the ring: a
     /// write at an explicit offset (offset −1, "the current position",
     /// stays on the ring), an fsync or an fdatasync, or — on a plain ring
-    /// of a process with more than one CPU — a read of more than
+    /// while a second core is available — a read of more than
     /// [`COPY_ON_LOOP_MAX`] and at most [`COPY_ON_WORKER_MAX`] bytes at an
     /// explicit offset; always on a regular file neither the ring nor the
     /// pool found to be `O_DIRECT`.
@@ -110,7 +105,7 @@ impl Workers {
                     && o.nbytes > COPY_ON_LOOP_MAX
                     && o.nbytes <= COPY_ON_WORKER_MAX
                     && !sqpoll
-                    && multi_cpu()
+                    && crate::spare::spare_cpu()
             }
         };
         if !routed {
