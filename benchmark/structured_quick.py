@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Quick benchmark: caio's TrioContext / AnyioContext against trio's and
-anyio's own file I/O (worker threads), 4 KiB random reads of a page-cached
-file at concurrency 1 and 64.
+anyio's own file I/O (worker threads) and against caio's own AsyncioContext,
+random reads of a page-cached file: 4 KiB at concurrency 1 and 64, 1 MiB at 64.
 
 Contenders, per library (trio; anyio on its asyncio backend; anyio on its
 trio backend):
@@ -18,10 +18,17 @@ trio backend):
                  ``await to_thread.run_sync(os.pread, fd, 4096, off)`` (one
                  hop; anyio's default limiter allows 40 threads).
 
+and, as the reference for "trio users do not pay for choosing trio", ``asyncio``
+(the library) with ``caio`` = ``AsyncioContext`` on the same backend.
+
+Per cell: operations per second, the p99 latency of one read (µs) and the
+scheduler's longest stall (ms: a task that sleeps 1 ms in a loop records how
+late it woke up; the worst lateness while measuring).
+
 Every cell runs in its own subprocess (``--measure`` seconds after
 ``--warmup``), the cells of a repetition in one order, ``--repeat`` times;
-the table shows the median operations per second and caio's ratio to each
-thread-based contender. The machine may be shared: ``uptime`` is printed.
+the table shows medians, caio's ratio to each thread-based contender and
+to caio's asyncio figure at the same point. The machine may be shared: ``uptime`` is printed.
 
     .venv/bin/python benchmark/structured_quick.py
     .venv/bin/python benchmark/structured_quick.py --repeat 7 --libs trio
@@ -36,9 +43,9 @@ import subprocess
 import sys
 import time
 
-BLOCK = 4096
 FILE_SIZE = 64 * 1024 * 1024
 LIBS = ("trio", "anyio-asyncio", "anyio-trio")
+POINTS = "4096@1,4096@64,1048576@64"  # read size @ concurrency
 
 
 # ---------------------------------------------------------------------------
@@ -46,12 +53,18 @@ LIBS = ("trio", "anyio-asyncio", "anyio-trio")
 
 
 def child(
-    lib: str, method: str, concurrency: int, path: str, warmup: float, measure: float
+    lib: str,
+    method: str,
+    concurrency: int,
+    size: int,
+    path: str,
+    warmup: float,
+    measure: float,
 ) -> None:
     fd = os.open(path, os.O_RDONLY)
-    blocks = os.fstat(fd).st_size // BLOCK
+    blocks = os.fstat(fd).st_size // size
     rnd = random.Random(1)
-    offsets = [rnd.randrange(blocks) * BLOCK for _ in range(1 << 16)]
+    offsets = [rnd.randrange(blocks) * size for _ in range(1 << 16)]
     backend = None
     streak = 0
     if method == "caio-checkpoint":
@@ -59,7 +72,27 @@ def child(
     if method.startswith("caio:"):
         method, backend = method.split(":", 1)
 
-    if lib == "trio":
+    if lib == "asyncio":
+        import asyncio
+
+        sleep = asyncio.sleep
+        to_thread = asyncio.to_thread
+        open_file = None
+        group = asyncio.TaskGroup if sys.version_info >= (3, 11) else None
+
+        def make_ctx() -> object:
+            from caio import AsyncioContext
+
+            if backend is None:
+                return AsyncioContext(max_requests=concurrency)
+            import importlib
+
+            mod = importlib.import_module(f"caio.{backend}_asyncio")
+            return mod.AsyncioContext(max_requests=concurrency)
+
+        def run(fn: object) -> None:
+            asyncio.run(fn())  # type: ignore[operator]
+    elif lib == "trio":
         import trio
 
         sleep = trio.sleep
@@ -91,50 +124,103 @@ def child(
         def run(fn: object) -> None:
             anyio.run(fn, backend=lib.split("-", 1)[1])  # type: ignore[arg-type]
 
-    state = {"count": 0, "stop": False, "measuring": False}
+    state = {"count": 0, "stop": False, "measuring": False, "stall": 0.0}
+    lat: list[float] = []  # seconds per read while measuring
+    clock = time.perf_counter
 
     async def worker(k: int, ctx: object) -> None:
         i = k * 997
         n = len(offsets)
+        data = b""
         if method == "caio":
             read = ctx.read  # type: ignore[attr-defined]
-            while not state["stop"]:
-                data = await read(BLOCK, fd, offsets[i % n])
-                i += 1
-                state["count"] += 1
+
+            async def op(off: int) -> bytes:
+                return await read(size, fd, off)  # type: ignore[no-any-return]
         elif method == "to_thread":
             pread = os.pread
+
+            async def op(off: int) -> bytes:
+                return await to_thread(pread, fd, size, off)  # type: ignore[no-any-return]
+        else:
+            f = await open_file(path, "rb", buffering=0)  # type: ignore[misc]
+
+            async def op(off: int) -> bytes:
+                await f.seek(off)
+                return await f.read(size)  # type: ignore[no-any-return]
+
+        try:
             while not state["stop"]:
-                data = await to_thread(pread, fd, BLOCK, offsets[i % n])
+                t = clock()
+                data = await op(offsets[i % n])
+                if state["measuring"]:
+                    lat.append(clock() - t)
                 i += 1
                 state["count"] += 1
-        else:
-            f = await open_file(path, "rb", buffering=0)
-            try:
-                while not state["stop"]:
-                    await f.seek(offsets[i % n])
-                    data = await f.read(BLOCK)
-                    i += 1
-                    state["count"] += 1
-            finally:
+        finally:
+            if method == "open_file":
                 await f.aclose()
-        assert len(data) == BLOCK
+        assert len(data) == size
+
+    async def ticker() -> None:  # the scheduler's longest stall
+        while not state["stop"]:
+            t = clock()
+            await sleep(0.001)
+            late = clock() - t - 0.001
+            if state["measuring"] and late > state["stall"]:
+                state["stall"] = late
+
+    async def body(spawn: object, ctx: object) -> tuple[int, float, float]:
+        for k in range(concurrency):
+            spawn(worker, k, ctx)  # type: ignore[operator]
+        spawn(ticker)  # type: ignore[operator]
+        await sleep(warmup)
+        state["measuring"] = True
+        start_count, t0 = state["count"], clock()
+        await sleep(measure)
+        done, t1 = state["count"] - start_count, clock()
+        state["measuring"] = False
+        state["stop"] = True
+        return done, t0, t1
 
     async def main() -> None:
         ctx = make_ctx() if method == "caio" else None
         if streak:
             ctx.MAX_SYNC_STREAK = streak  # type: ignore[union-attr]
-        async with group() as tg:
-            for k in range(concurrency):
-                tg.start_soon(worker, k, ctx)
-            await sleep(warmup)
-            start_count, t0 = state["count"], time.perf_counter()
-            await sleep(measure)
-            done, t1 = state["count"] - start_count, time.perf_counter()
-            state["stop"] = True
+        if lib == "asyncio":
+            import asyncio
+
+            tasks: list[asyncio.Task[None]] = []
+
+            def spawn(fn: object, *a: object) -> None:
+                tasks.append(asyncio.ensure_future(fn(*a)))  # type: ignore[operator]
+
+            done, t0, t1 = await body(spawn, ctx)
+            await asyncio.gather(*tasks)
+        else:
+            async with group() as tg:  # type: ignore[misc]
+                done, t0, t1 = await body(tg.start_soon, ctx)
         if ctx is not None:
-            await ctx.aclose()  # type: ignore[attr-defined]
-        print(json.dumps({"ops": done / (t1 - t0), "backend": getattr(ctx, "backend", None)}))
+            close = getattr(ctx, "aclose", None)
+            if close is not None:
+                await close()
+            else:
+                ctx.close()  # type: ignore[attr-defined]
+        lat.sort()
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else 0.0
+        backend_name = getattr(ctx, "backend", None)
+        if lib == "asyncio" and ctx is not None:
+            backend_name = type(ctx).__module__.split(".")[-1].removesuffix("_asyncio")
+        print(
+            json.dumps(
+                {
+                    "ops": done / (t1 - t0),
+                    "p99_us": p99 * 1e6,
+                    "stall_ms": state["stall"] * 1e3,
+                    "backend": backend_name,
+                }
+            )
+        )
 
     run(main)
 
@@ -156,35 +242,37 @@ def ensure_file(path: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--child", nargs=4, metavar=("LIB", "METHOD", "CONC", "PATH"))
+    parser.add_argument("--child", nargs=5, metavar=("LIB", "METHOD", "CONC", "SIZE", "PATH"))
     parser.add_argument("--libs", default=",".join(LIBS))
     parser.add_argument("--backends", default="", help="extra caio backends, comma-separated")
-    parser.add_argument("--concurrency", default="1,64")
+    parser.add_argument("--points", default=POINTS, help="read size@concurrency, comma-separated")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--warmup", type=float, default=0.2)
     parser.add_argument("--measure", type=float, default=1.0)
     parser.add_argument("--file", default="/var/tmp/caio-structured-bench/read.bin")
     args = parser.parse_args()
     if args.child:
-        lib, method, conc, path = args.child
-        child(lib, method, int(conc), path, args.warmup, args.measure)
+        lib, method, conc, size, path = args.child
+        child(lib, method, int(conc), int(size), path, args.warmup, args.measure)
         return 0
 
     ensure_file(args.file)
-    methods = ["caio", "caio-checkpoint", "open_file", "to_thread"]
-    methods += ["caio:" + b for b in args.backends.split(",") if b]
+    extra = ["caio:" + b for b in args.backends.split(",") if b]
+    methods = ["caio", "caio-checkpoint", "open_file", "to_thread", *extra]
+    points = [tuple(int(x) for x in p.split("@")) for p in args.points.split(",")]
+    libs = args.libs.split(",")
     cells = [
-        (lib, method, int(conc))
-        for lib in args.libs.split(",")
-        for conc in args.concurrency.split(",")
-        for method in methods
+        (lib, method, conc, size)
+        for lib in ["asyncio", *libs]
+        for size, conc in points
+        for method in (["caio", *extra] if lib == "asyncio" else methods)
     ]
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
-    results: dict[tuple[str, str, int], list[float]] = {cell: [] for cell in cells}
-    backends: dict[tuple[str, str, int], str] = {}
+    results: dict[tuple[str, str, int, int], list[dict[str, float]]] = {c: [] for c in cells}
+    backends: dict[tuple[str, str, int, int], str] = {}
     for rep in range(args.repeat):
         for cell in cells:
-            lib, method, conc = cell
+            lib, method, conc, size = cell
             proc = subprocess.run(
                 [
                     sys.executable,
@@ -197,6 +285,7 @@ def main() -> int:
                     lib,
                     method,
                     str(conc),
+                    str(size),
                     args.file,
                 ],
                 capture_output=True,
@@ -207,24 +296,43 @@ def main() -> int:
                 print(f"{cell}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
                 return 1
             out = json.loads(proc.stdout.strip().splitlines()[-1])
-            results[cell].append(out["ops"])
+            results[cell].append(out)
             if out["backend"]:
                 backends[cell] = out["backend"]
         print(f"repetition {rep + 1}/{args.repeat} done", file=sys.stderr)
 
-    print(f"\nmedian of {args.repeat} runs, 4 KiB cached random reads, operations/s\n")
-    header = f"{'library':<14} {'c':>3}  {'contender':<30} {'ops/s':>9}   {'caio ÷':>7}"
+    def med(cell: tuple[str, str, int, int], key: str) -> float:
+        return statistics.median(r[key] for r in results[cell])
+
+    print(f"\nmedians of {args.repeat} runs, cached random reads")
+    print("ratios: caio ÷ that contender; 'vs asyncio': caio here ÷ AsyncioContext\n")
+    header = (
+        f"{'library':<14} {'size':>5} {'c':>3}  {'contender':<32} {'ops/s':>9} "
+        f"{'p99 µs':>8} {'stall ms':>8}   {'caio ÷':>7}"
+    )
     print(header)
     print("-" * len(header))
-    for lib in args.libs.split(","):
-        for conc in args.concurrency.split(","):
-            med = {m: statistics.median(results[(lib, m, int(conc))]) for m in methods}
-            for m in methods:
+    for lib in ["asyncio", *libs]:
+        for size, conc in points:
+            kb = f"{size // 1024}K" if size < 1 << 20 else f"{size >> 20}M"
+            ms = ["caio", *extra] if lib == "asyncio" else methods
+            caio_ops = med((lib, "caio", conc, size), "ops")
+            for m in ms:
+                cell = (lib, m, conc, size)
                 label = m
                 if m.startswith("caio"):
-                    label = f"{m} ({backends.get((lib, m, int(conc)))})"
-                ratio = "" if m.startswith("caio") else f"{med['caio'] / med[m]:6.1f}x"
-                print(f"{lib:<14} {conc:>3}  {label:<30} {med[m]:9.0f}   {ratio:>7}")
+                    label = f"{m} ({backends.get(cell)})"
+                if m.startswith("caio") and lib != "asyncio":
+                    ref = med(("asyncio", m if m in extra else "caio", conc, size), "ops")
+                    ratio = f"{med(cell, 'ops') / ref:5.2f}x vs asyncio"
+                elif m.startswith("caio"):
+                    ratio = ""
+                else:
+                    ratio = f"{caio_ops / med(cell, 'ops'):6.1f}x"
+                print(
+                    f"{lib:<14} {kb:>5} {conc:>3}  {label:<32} {med(cell, 'ops'):9.0f} "
+                    f"{med(cell, 'p99_us'):8.0f} {med(cell, 'stall_ms'):8.2f}   {ratio}"
+                )
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     return 0
 

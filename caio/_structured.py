@@ -40,7 +40,7 @@ import abc
 import operator
 import os
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AbstractContextManager
 from functools import partial
 from types import TracebackType
@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 from ._drivers import open_driver
 
 if TYPE_CHECKING:
-    from typing_extensions import Self  # typing.Self needs Python 3.11
+    from typing_extensions import Buffer, Self  # typing.Self needs Python 3.11
 
 
 # Bumped in a forked child: a context created before fork() refuses to
@@ -103,6 +103,8 @@ class StructuredContextBase(abc.ABC):
     wait their turn in FIFO order.
 
     ``read(nbytes, fd, offset, priority=0)`` → ``bytes``,
+    ``readinto(buffer, fd, offset=0, priority=0)`` → ``int``,
+    ``readv(buffers, fd, offset=0, priority=0)`` / ``writev(...)`` → ``int``,
     ``write(payload, fd, offset, priority=0)`` → ``int``, ``fsync(fd)``,
     ``fdsync(fd)`` → ``None``: argument errors raise at call time, I/O
     errors from the ``await``. ``close()`` refuses new operations and
@@ -207,13 +209,54 @@ class StructuredContextBase(abc.ABC):
 
     def write(
         self,
-        payload: bytes,
+        payload: "Buffer",
         fd: int,
         offset: int,
         priority: int = 0,
     ) -> Coroutine[Any, Any, int]:
-        """Write ``payload`` at ``offset``; returns the bytes written."""
+        """Write ``payload`` (any C-contiguous buffer, used in place) at
+        ``offset``; returns the bytes written."""
         op = self.OPERATION_CLASS.write(payload, fd, offset, priority)
+        return cast("Coroutine[Any, Any, int]", self._execute(op))
+
+    # -- zero-copy operations (issue 13) ---------------------------------------
+
+    def readinto(
+        self,
+        buffer: "Buffer",
+        fd: int,
+        offset: int = 0,
+        priority: int = 0,
+    ) -> Coroutine[Any, Any, int]:
+        """Read into ``buffer`` (a writable C-contiguous buffer) at
+        ``offset``; returns the bytes read (fewer at end of file). A
+        cancelled read is waited for, so the buffer is the caller's again
+        when the await ends."""
+        op = self.OPERATION_CLASS.readinto(buffer, fd, offset, priority)
+        return cast("Coroutine[Any, Any, int]", self._execute(op))
+
+    def readv(
+        self,
+        buffers: "Sequence[Buffer]",
+        fd: int,
+        offset: int = 0,
+        priority: int = 0,
+    ) -> Coroutine[Any, Any, int]:
+        """One vectored read into ``buffers`` (at most 1024 writable
+        C-contiguous buffers, filled in order); returns the bytes read."""
+        op = self.OPERATION_CLASS.readv(buffers, fd, offset, priority)
+        return cast("Coroutine[Any, Any, int]", self._execute(op))
+
+    def writev(
+        self,
+        buffers: "Sequence[Buffer]",
+        fd: int,
+        offset: int = 0,
+        priority: int = 0,
+    ) -> Coroutine[Any, Any, int]:
+        """One vectored write of ``buffers`` (at most 1024 C-contiguous
+        buffers, in order); returns the bytes written."""
+        op = self.OPERATION_CLASS.writev(buffers, fd, offset, priority)
         return cast("Coroutine[Any, Any, int]", self._execute(op))
 
     def fsync(self, fd: int) -> Coroutine[Any, Any, None]:

@@ -5,8 +5,11 @@ follow the same interface without inheriting from them (see the ``.pyi`` stubs).
 """
 
 import abc
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 
 class AbstractContext(abc.ABC):
@@ -37,11 +40,49 @@ class AbstractOperation(abc.ABC):
     @abc.abstractmethod
     def write(
         cls,
-        payload_bytes: bytes,
+        payload_bytes: "Buffer",
         fd: int,
         offset: int,
         priority: int = 0,
     ) -> "AbstractOperation":
+        raise NotImplementedError
+
+    # -- zero-copy (not abstract: a subclass written before it keeps working)
+
+    @classmethod
+    def readinto(
+        cls,
+        buffer: "Buffer",
+        fd: int,
+        offset: int,
+        priority: int = 0,
+    ) -> "AbstractOperation":
+        """A read into ``buffer`` (a writable C-contiguous buffer);
+        ``get_value()`` is the number of bytes read."""
+        raise NotImplementedError
+
+    @classmethod
+    def readv(
+        cls,
+        buffers: "Sequence[Buffer]",
+        fd: int,
+        offset: int,
+        priority: int = 0,
+    ) -> "AbstractOperation":
+        """One vectored read into ``buffers``; ``get_value()`` is the number
+        of bytes read."""
+        raise NotImplementedError
+
+    @classmethod
+    def writev(
+        cls,
+        buffers: "Sequence[Buffer]",
+        fd: int,
+        offset: int,
+        priority: int = 0,
+    ) -> "AbstractOperation":
+        """One vectored write of ``buffers``; ``get_value()`` is the number
+        of bytes written."""
         raise NotImplementedError
 
     @classmethod
@@ -70,7 +111,7 @@ class AbstractOperation(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def payload(self) -> bytes | memoryview | None:
+    def payload(self) -> "Buffer | None":
         raise NotImplementedError
 
     @property

@@ -21,7 +21,7 @@ this module only wires it to the event loop.
 import abc
 import asyncio
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
@@ -32,7 +32,7 @@ ContextType = type[AbstractContext]
 OperationType = type[AbstractOperation]
 
 if TYPE_CHECKING:
-    from typing_extensions import Self  # typing.Self needs Python 3.11
+    from typing_extensions import Buffer, Self  # typing.Self needs Python 3.11
 
 
 def _resolve(future: asyncio.Future[Any]) -> None:
@@ -164,7 +164,10 @@ class AsyncioContextBase(abc.ABC):
                         await asyncio.sleep(0)
                 else:
                     self._sync_streak = 0
-                    await future
+                    if getattr(op, "_borrows_buffer", False):
+                        await self._await_borrowing(op, future)
+                    else:
+                        await future
             except asyncio.CancelledError:
                 try:
                     self.context.cancel(op)
@@ -177,6 +180,34 @@ class AsyncioContextBase(abc.ABC):
         finally:
             if release:
                 semaphore.release()
+
+    async def _await_borrowing(self, op: AbstractOperation, future: asyncio.Future[Any]) -> None:
+        """Await the completion of an op that uses the caller's memory
+        (``readinto``, a write from a mutable buffer): a cancellation is
+        passed to the backend, but raised only once the backend is done with
+        the buffer, so it is the caller's again when the await ends however
+        it ends (DESIGN.md §5.5). The completion future is shielded so that
+        the task's cancellation does not cancel it."""
+        cancelled: asyncio.CancelledError | None = None
+        while not future.done():
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError as e:
+                if future.done():
+                    break
+                if cancelled is None:
+                    cancelled = e
+                    try:
+                        self.context.cancel(op)
+                    except ValueError:
+                        pass
+        if cancelled is not None:
+            try:
+                raise cancelled
+            finally:
+                # The exception's traceback holds this frame: no cycle that
+                # would keep the op (and the caller's buffers) alive.
+                del cancelled
 
     def read(
         self,
@@ -194,7 +225,7 @@ class AsyncioContextBase(abc.ABC):
 
     def write(
         self,
-        payload: bytes,
+        payload: "Buffer",
         fd: int,
         offset: int,
         priority: int = 0,
@@ -202,6 +233,50 @@ class AsyncioContextBase(abc.ABC):
         return cast(
             "Coroutine[Any, Any, int]",
             self.submit(self.OPERATION_CLASS.write(payload, fd, offset, priority)),
+        )
+
+    # -- zero-copy operations (issue 13) -------------------------------------
+
+    def readinto(
+        self,
+        buffer: "Buffer",
+        fd: int,
+        offset: int = 0,
+        priority: int = 0,
+    ) -> Coroutine[Any, Any, int]:
+        """Read into ``buffer`` (a writable C-contiguous buffer) in place;
+        the number of bytes read (fewer at end of file)."""
+        return cast(
+            "Coroutine[Any, Any, int]",
+            self.submit(self.OPERATION_CLASS.readinto(buffer, fd, offset, priority)),
+        )
+
+    def readv(
+        self,
+        buffers: "Sequence[Buffer]",
+        fd: int,
+        offset: int = 0,
+        priority: int = 0,
+    ) -> Coroutine[Any, Any, int]:
+        """One vectored read into ``buffers`` (at most 1024 writable
+        C-contiguous buffers, filled in order); the number of bytes read."""
+        return cast(
+            "Coroutine[Any, Any, int]",
+            self.submit(self.OPERATION_CLASS.readv(buffers, fd, offset, priority)),
+        )
+
+    def writev(
+        self,
+        buffers: "Sequence[Buffer]",
+        fd: int,
+        offset: int = 0,
+        priority: int = 0,
+    ) -> Coroutine[Any, Any, int]:
+        """One vectored write of ``buffers`` (at most 1024 C-contiguous
+        buffers, in order); the number of bytes written."""
+        return cast(
+            "Coroutine[Any, Any, int]",
+            self.submit(self.OPERATION_CLASS.writev(buffers, fd, offset, priority)),
         )
 
     def fsync(self, fd: int) -> Coroutine[Any, Any, None]:

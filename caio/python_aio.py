@@ -51,10 +51,13 @@ from multiprocessing.pool import CLOSE as _POOL_CLOSE
 from multiprocessing.pool import RUN as _POOL_RUN
 from multiprocessing.pool import Pool, ThreadPool
 from threading import Lock, RLock
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from weakref import WeakSet, WeakValueDictionary
 
 from .abstract import AbstractContext, AbstractOperation
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 if hasattr(os, "fdatasync"):
     fdsync = os.fdatasync
@@ -63,6 +66,7 @@ else:
     fdsync = os.fsync
 
 NATIVE_PREAD_PWRITE = hasattr(os, "pread") and hasattr(os, "pwrite")
+NATIVE_PREADV = hasattr(os, "preadv")
 
 
 @unique
@@ -137,14 +141,14 @@ def _lseek_read(fd: int, size: int, offset: int) -> bytes:
         return os.read(fd, size)
 
 
-def _lseek_write(fd: int, data: bytes, offset: int) -> int:
+def _lseek_write(fd: int, data: "Buffer", offset: int) -> int:
     with _fd_lock(fd):
         os.lseek(fd, offset, os.SEEK_SET)
         return os.write(fd, data)
 
 
 _pread: Callable[[int, int, int], bytes] = os.pread if NATIVE_PREAD_PWRITE else _lseek_read
-_pwrite: Callable[[int, bytes, int], int] = os.pwrite if NATIVE_PREAD_PWRITE else _lseek_write
+_pwrite: Callable[[int, "Buffer", int], int] = os.pwrite if NATIVE_PREAD_PWRITE else _lseek_write
 
 
 # O_DIRECT: the kernel wants the buffer address, file offset and length
@@ -202,6 +206,9 @@ def _needs_aligned_retry(e: OSError, op: "Operation") -> bool:
 
 
 def _run_read(op: "Operation") -> int:
+    target = op._view
+    if target is not None:
+        return _run_readinto(op, target)
     try:
         data = _pread(op._fileno, op._nbytes, op._offset)
     except OSError as e:
@@ -210,6 +217,103 @@ def _run_read(op: "Operation") -> int:
         data = _direct_read(op._fileno, op._nbytes, op._offset)
     op.buffer = data
     return len(data)
+
+
+#: Most buffers one readv()/writev() takes (Linux's IOV_MAX, as the native
+#: backends): longer sequences are refused with ValueError.
+IOV_MAX = 1024
+
+
+def _export_all(buffers: Any, writable: bool) -> list[memoryview]:
+    """The views of a readv()/writev() sequence (the native backends'
+    errors); every one is released if one is refused."""
+    if isinstance(buffers, (bytes, bytearray, memoryview)):
+        raise TypeError(
+            f"buffers must be a sequence of buffers, not a single {type(buffers).__name__!r}"
+        )
+    try:
+        items = tuple(buffers)
+    except TypeError:
+        raise TypeError(
+            f"buffers must be a sequence of buffers, not {type(buffers).__name__!r}"
+        ) from None
+    if not items:
+        raise ValueError("buffers must not be empty")
+    if len(items) > IOV_MAX:
+        raise ValueError(
+            f"buffers holds {len(items)} buffers; at most IOV_MAX ({IOV_MAX}) per operation"
+        )
+    views: list[memoryview] = []
+    try:
+        for item in items:
+            views.append(_export(item, writable, "buffers"))
+    except BaseException:
+        for v in views:
+            v.release()
+        raise
+    return views
+
+
+def _run_vectored(op: "Operation") -> int:
+    views = op._views
+    fd, offset = op._fileno, op._offset
+    if NATIVE_PREADV:
+        if op.opcode == _READV:
+            return os.preadv(fd, views, offset)
+        return os.pwritev(fd, views, offset)
+    # Windows: the buffers in turn, stopping at a short transfer.
+    total = 0
+    for v in views:
+        if op.opcode == _READV:
+            data = _pread(fd, len(v), offset + total)
+            v[: len(data)] = data
+            n = len(data)
+        else:
+            n = _pwrite(fd, v, offset + total)
+        total += n
+        if n < len(v):
+            break
+    return total
+
+
+def _run_readinto(op: "Operation", target: memoryview) -> int:
+    # Into the caller's memory: one preadv() where it exists, else a read
+    # copied in (Windows).
+    try:
+        if NATIVE_PREADV:
+            return os.preadv(op._fileno, [target], op._offset)
+        data = _pread(op._fileno, op._nbytes, op._offset)
+    except OSError as e:
+        if not _needs_aligned_retry(e, op):
+            raise
+        data = _direct_read(op._fileno, op._nbytes, op._offset)
+    target[: len(data)] = data
+    return len(data)
+
+
+def _export(obj: Any, writable: bool, what: str) -> memoryview:
+    """A flat byte view of the caller's C-contiguous buffer (the same errors
+    as the native constructors: DESIGN.md §3.4). Holding it pins the memory:
+    a bytearray cannot be resized until it is released."""
+    try:
+        view = memoryview(obj)
+    except TypeError:
+        kind = type(obj).__name__
+        msg = f"{what} must be a bytes-like object (a C-contiguous buffer), not {kind!r}"
+        if writable:
+            raise TypeError(msg) from None
+        raise ValueError(msg) from None
+    if not view.c_contiguous:
+        view.release()
+        raise ValueError(f"{what} must be a C-contiguous buffer ({type(obj).__name__!r} is not)")
+    if writable and view.readonly:
+        view.release()
+        raise TypeError(f"{what} must be a writable buffer, not read-only {type(obj).__name__!r}")
+    if view.format == "B" and view.ndim == 1:
+        return view
+    flat = view.cast("B")
+    view.release()
+    return flat
 
 
 def _run_write(op: "Operation") -> int:
@@ -238,6 +342,8 @@ def _run_noop(op: "Operation") -> None:
 # Plain module constants: attribute access on an Enum class is comparatively
 # slow on 3.10/3.11 and these sit on the per-operation path.
 _READ, _WRITE, _FSYNC, _FDSYNC = OpCode.READ, OpCode.WRITE, OpCode.FSYNC, OpCode.FDSYNC
+# readv/writev: not members of OpCode, which stays upstream's enum.
+_READV, _WRITEV = 4, 5
 _OPEN = ContextState.OPEN
 
 _RUNNERS: dict[int, Callable[["Operation"], int | None]] = {
@@ -246,6 +352,8 @@ _RUNNERS: dict[int, Callable[["Operation"], int | None]] = {
     OpCode.FSYNC: _run_fsync,
     OpCode.FDSYNC: _run_fdsync,
     OpCode.NOOP: _run_noop,
+    _READV: _run_vectored,
+    _WRITEV: _run_vectored,
 }
 
 
@@ -730,6 +838,7 @@ class Context(AbstractContext):
 
     def _complete(self, operation: "Operation", result: Any) -> None:
         operation.written = result
+        operation._release_view()
         with self._lock:
             self._in_progress -= 1
         callback = operation.callback
@@ -742,6 +851,7 @@ class Context(AbstractContext):
     def _fail(self, operation: "Operation", exc: BaseException) -> None:
         operation.exception = exc
         operation.written = 0
+        operation._release_view()
         with self._lock:
             self._in_progress -= 1
         callback = operation.callback
@@ -849,19 +959,26 @@ def _pool_supports_direct_jobs(pool: ThreadPool) -> bool:
     )
 
 
+_NO_TARGET: Any = object()  # Operation(): not a readinto
+
+
 class Operation(AbstractOperation):
     """
     python aio operation implementation
     """
+
+    #: readv/writev: the views of the caller's buffers until completion.
+    _views: "list[memoryview] | tuple[()]" = ()
 
     def __init__(
         self,
         fd: int,
         nbytes: int | None,
         offset: int | None,
-        opcode: OpCode,
-        payload: bytes | None = None,
+        opcode: OpCode | int,
+        payload: Any = None,
         priority: int | None = None,
+        target: Any = _NO_TARGET,
     ):
         # Same acceptance rule as the native argument parsers: anything with
         # __index__ (int, bool, numpy integers), nothing else.
@@ -870,21 +987,38 @@ class Operation(AbstractOperation):
         offset = 0 if offset is None else operator.index(offset)
         priority = 0 if priority is None else operator.index(priority)
 
+        # The caller's memory, used in place: a write's payload that is not
+        # `bytes` (immutable, so nothing to pin) or a readinto's target. The
+        # export is released when the operation completes.
+        view: memoryview | None = None
+        caller: Any = None
         if opcode == _WRITE:
-            if not isinstance(payload, bytes):
-                raise ValueError(
-                    f"payload_bytes must be bytes, got {type(payload)!r}",
-                )
-            buffer = payload
+            if isinstance(payload, bytes):
+                buffer: Any = payload
+            else:
+                if payload is None:
+                    raise ValueError("payload_bytes must be a bytes-like object, not 'NoneType'")
+                view = _export(payload, False, "payload_bytes")
+                buffer, caller, nbytes = view, payload, view.nbytes
+        elif opcode == _READV or opcode == _WRITEV:
+            buffer = b""
+            self._views = _export_all(target, opcode == _READV)
+            caller, nbytes = target, sum(v.nbytes for v in self._views)
         else:
             buffer = b""
+            if target is not _NO_TARGET:
+                view = _export(target, True, "buffer")
+                caller, nbytes = target, view.nbytes
 
         self.callback: Callback | None = None
         self.in_progress = False
         self._lock = Lock()
         # Write: the caller's payload (no copy).  Read: replaced by the bytes
         # pread() returns.  Otherwise empty.
-        self.buffer: bytes = buffer
+        self.buffer: Any = buffer
+        self._view = view
+        self._caller = caller
+        self._borrows_buffer = caller is not None
         self.opcode = opcode
         self.exception: BaseException | None = None
         self.written: int = 0
@@ -908,7 +1042,7 @@ class Operation(AbstractOperation):
     @classmethod
     def write(
         cls,
-        payload_bytes: bytes,
+        payload_bytes: "Buffer",
         fd: int,
         offset: int,
         priority: int = 0,
@@ -916,12 +1050,49 @@ class Operation(AbstractOperation):
         """Create a write operation."""
         return cls(
             fd,
-            len(payload_bytes),
+            len(payload_bytes),  # type: ignore[arg-type]  # its TypeError is the contract's
             offset,
             _WRITE,
             payload=payload_bytes,
             priority=priority,
         )
+
+    @classmethod
+    def readinto(
+        cls,
+        buffer: "Buffer",
+        fd: int,
+        offset: int,
+        priority: int = 0,
+    ) -> "Operation":
+        """Create a read into ``buffer`` (a writable C-contiguous buffer),
+        used in place; ``get_value()`` is the number of bytes read."""
+        return cls(fd, None, offset, _READ, priority=priority, target=buffer)
+
+    @classmethod
+    def readv(cls, buffers: Any, fd: int, offset: int, priority: int = 0) -> "Operation":
+        """One vectored read (``os.preadv``) into ``buffers``, a sequence of
+        at most ``IOV_MAX`` writable C-contiguous buffers filled in order;
+        ``get_value()`` is the number of bytes read."""
+        return cls(fd, None, offset, _READV, priority=priority, target=buffers)
+
+    @classmethod
+    def writev(cls, buffers: Any, fd: int, offset: int, priority: int = 0) -> "Operation":
+        """One vectored write (``os.pwritev``) of ``buffers`` in order;
+        ``get_value()`` is the number of bytes written."""
+        return cls(fd, None, offset, _WRITEV, priority=priority, target=buffers)
+
+    def _release_view(self) -> None:
+        # Completion: the caller's memory is theirs again.
+        views, self._views = self._views, ()
+        for v in views:
+            v.release()
+        view = self._view
+        if view is not None:
+            self._view = None
+            if self.opcode == _WRITE:
+                self.buffer = b""
+            view.release()
 
     @classmethod
     def fsync(cls, fd: int, priority: int = 0) -> "Operation":
@@ -941,11 +1112,14 @@ class Operation(AbstractOperation):
         if self.exception is not None:
             raise self.exception
         opcode = self.opcode
-        if opcode == _WRITE:
+        if opcode == _WRITE or opcode == _READV or opcode == _WRITEV:
             return self.written
         if opcode == _FSYNC or opcode == _FDSYNC:
             return None
-        return self.buffer
+        if self._caller is not None:
+            return self.written  # readinto: the bytes read
+        data: bytes = self.buffer
+        return data
 
     @property
     def fileno(self) -> int:
@@ -956,7 +1130,9 @@ class Operation(AbstractOperation):
         return self._offset
 
     @property
-    def payload(self) -> memoryview:
+    def payload(self) -> Any:
+        if self._caller is not None:
+            return self._caller
         return memoryview(self.buffer)
 
     @property

@@ -1,10 +1,10 @@
 """Native thread-pool AIO backend (every OS)."""
 
 import asyncio
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from typing import Any, final
 
-from typing_extensions import Self, disjoint_base
+from typing_extensions import Buffer, Self, disjoint_base
 
 from .abstract import AbstractContext, AbstractOperation
 
@@ -54,10 +54,39 @@ class Operation(AbstractOperation):
         offset: int = 0,
         priority: int = 0,
     ) -> Operation: ...
+    # Any C-contiguous buffer, used in place (bytes, bytearray, memoryview,
+    # mmap, array.array, ...).
     @classmethod
     def write(
         cls,
-        payload_bytes: bytes,
+        payload_bytes: Buffer,
+        fd: int,
+        offset: int = 0,
+        priority: int = 0,
+    ) -> Operation: ...
+    # A read into the caller's writable C-contiguous buffer; get_value() is
+    # the number of bytes read.
+    @classmethod
+    def readinto(
+        cls,
+        buffer: Buffer,
+        fd: int,
+        offset: int = 0,
+        priority: int = 0,
+    ) -> Operation: ...
+    # One vectored transfer of at most 1024 buffers (IOV_MAX).
+    @classmethod
+    def readv(
+        cls,
+        buffers: Sequence[Buffer],
+        fd: int,
+        offset: int = 0,
+        priority: int = 0,
+    ) -> Operation: ...
+    @classmethod
+    def writev(
+        cls,
+        buffers: Sequence[Buffer],
         fd: int,
         offset: int = 0,
         priority: int = 0,
@@ -77,9 +106,13 @@ class Operation(AbstractOperation):
     # read: memoryview of the bytes read; write: the caller's bytes;
     # fsync/fdsync: None.
     @property
-    def payload(self) -> bytes | memoryview | None: ...
+    def payload(self) -> Buffer | None: ...
     @property
     def nbytes(self) -> int: ...
+    # Whether the operation uses memory the caller may change (readinto, a
+    # write from a mutable buffer).
+    @property
+    def _borrows_buffer(self) -> bool: ...
     # Raw result: bytes moved, 0, or a negative errno.
     @property
     def result(self) -> int: ...
@@ -111,7 +144,16 @@ class _AsyncioBase:
 
     def read(self, nbytes: int, fd: int, offset: int, priority: int = 0) -> OperationAwaitable: ...
     def write(
-        self, payload: bytes, fd: int, offset: int, priority: int = 0
+        self, payload: Buffer, fd: int, offset: int, priority: int = 0
+    ) -> OperationAwaitable: ...
+    def readinto(
+        self, buffer: Buffer, fd: int, offset: int = 0, priority: int = 0
+    ) -> OperationAwaitable: ...
+    def readv(
+        self, buffers: Sequence[Buffer], fd: int, offset: int = 0, priority: int = 0
+    ) -> OperationAwaitable: ...
+    def writev(
+        self, buffers: Sequence[Buffer], fd: int, offset: int = 0, priority: int = 0
     ) -> OperationAwaitable: ...
     def fsync(self, fd: int) -> OperationAwaitable: ...
     def fdsync(self, fd: int) -> OperationAwaitable: ...

@@ -57,6 +57,8 @@ __all__ = (
     "test_sync_ops_return_none",
     "test_uring_many_pipe_readers_hand_off_polling",
     "test_uring_timeout_cancels_in_kernel_without_polling_loop",
+    "test_readinto_and_writes_from_any_buffer",
+    "test_cancelled_readinto_leaves_the_buffer_alone",
 )
 
 #: Every test scenario runs inside this bound (seconds).
@@ -328,7 +330,7 @@ def test_argument_errors_match_asyncio(lib: Lib, engine: str, tmp_fd: int) -> No
         lambda ctx: ctx.read(16, 2**40, 0),
         lambda ctx: ctx.read(16, tmp_fd, 0, 2**20),
         lambda ctx: ctx.read(16, tmp_fd, 2**70),
-        lambda ctx: ctx.write(bytearray(b"x"), tmp_fd, 0),
+        lambda ctx: ctx.write(memoryview(bytearray(b"wxyz"))[::2], tmp_fd, 0),
         lambda ctx: ctx.write("text", tmp_fd, 0),
         lambda ctx: ctx.write(b"x", tmp_fd, 0, priority="high"),
         lambda ctx: ctx.fsync("fd"),
@@ -536,6 +538,53 @@ def test_cancelled_slow_reads_are_done_in_the_engine_when_the_scope_exits(
         os.close(slow)
         os.close(plain)
     assert len(state["cancelled"]) == 3
+
+
+# -- zero-copy (issue 13) -------------------------------------------------------------
+
+
+def test_readinto_and_writes_from_any_buffer(lib: Lib, engine: str, tmp_fd: int) -> None:
+    async def main() -> None:
+        async with lib.context(engine) as ctx:
+            assert await ctx.write(bytearray(b"hello"), tmp_fd, 0) == 5
+            assert await ctx.write(memoryview(b"--world")[2:], tmp_fd, 5) == 5
+            buf = bytearray(16)
+            assert await ctx.readinto(buf, tmp_fd, 0) == 10
+            assert buf == b"helloworld" + bytes(6)
+            buf.extend(b"!")  # the export was released
+            with pytest.raises(TypeError):
+                ctx.readinto(b"read-only", tmp_fd, 0)
+
+    lib.run(main)
+
+
+def test_cancelled_readinto_leaves_the_buffer_alone(lib: Lib, engine: str, tmp_path: Any) -> None:
+    """64 readintos of a slow source into one buffer, cancelled: once the
+    scope has exited, a sentinel written into the buffer stays intact."""
+    plain, slow = _direct_file(tmp_path, 64 * 4)
+    buf = bytearray(64 * 4 * 4096)
+
+    async def main() -> None:
+        async with lib.context(engine, 64) as ctx:
+            view = memoryview(buf)
+            with lib.cancel_scope() as scope:
+                async with lib.task_group() as tg:
+                    for i in range(64):
+                        part = view[i * 16384 : (i + 1) * 16384]
+                        tg.start_soon(ctx.readinto, part, slow, i * 16384)
+                    await lib.sleep(0)
+                    scope.cancel()
+            buf[:] = b"\x5a" * len(buf)
+            while ctx._in_use:
+                await lib.sleep(0.001)
+            await lib.sleep(0.01)
+            assert buf.count(b"\x5a") == len(buf)
+
+    try:
+        lib.run(main)
+    finally:
+        os.close(slow)
+        os.close(plain)
 
 
 # -- close -------------------------------------------------------------------------------

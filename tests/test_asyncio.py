@@ -167,7 +167,7 @@ def test_argument_errors_are_raised_at_call_time(
             with pytest.raises(TypeError):
                 ctx.fsync("fd")
             with pytest.raises(ValueError):
-                ctx.write(bytearray(b"x"), tmp_fd, 0)
+                ctx.write("x", tmp_fd, 0)
             with pytest.raises(TypeError):
                 ctx.read(32, tmp_fd)  # offset is required
             coro = ctx.fdsync(tmp_fd)

@@ -391,3 +391,42 @@ def test_submit_and_cancel_hammer(
             continue  # taken back from the queue by cancel() (DESIGN.md §4.6)
         assert result == len(payload), (backend.name, result)
         assert data[offset : offset + len(payload)] == payload
+
+
+@pytest.mark.parametrize("threads", [4, 16])
+def test_concurrent_readinto_distinct_slices_of_one_buffer(
+    backend: RawBackend, fast_fd: int, threads: int
+) -> None:
+    """Issue 13: raw readinto ops from many threads, on one Context, into
+    distinct slices of one bytearray: every slice gets exactly its own bytes,
+    and every export is released (the bytearray can be resized afterwards)."""
+    chunk, rounds = 4096, 16
+    data = bytes(random.Random(13).randbytes(chunk * threads))
+    os.pwrite(fast_fd, data, 0)
+    buf = bytearray(chunk * threads)
+    ctx = backend.context(1024)
+    seen = Recorder()
+
+    def worker(index: int) -> None:
+        view = memoryview(buf)[index * chunk : (index + 1) * chunk]
+        for r in range(rounds):
+            # Alternate the offset so each round changes the slice's content.
+            offset = index * chunk if r % 2 == 0 else ((index + 1) % threads) * chunk
+            op = backend.Operation.readinto(view, fast_fd, offset)
+            done = threading.Event()
+            op.set_callback(lambda _result, done=done: done.set())
+            assert ctx.submit(op) == 1
+            backend.wait_for(ctx, done.is_set, timeout=30)
+            assert op.get_value() == chunk
+            assert view == data[offset : offset + chunk]
+            seen(index)
+            del op
+        view.release()
+
+    _run_threads(threads, worker)
+    assert len(seen) == threads * rounds
+    # Each thread's last round (odd) read its neighbour's chunk.
+    for index in range(threads):
+        nxt = ((index + 1) % threads) * chunk
+        assert buf[index * chunk : (index + 1) * chunk] == data[nxt : nxt + chunk]
+    buf.extend(b"x")  # no export left

@@ -100,7 +100,7 @@ def test_write_requires_bytes_payload_directly() -> None:
     with pytest.raises(ValueError):
         python_aio.Operation(0, 1, 0, OpCode.WRITE, payload=None)
     with pytest.raises(ValueError):
-        python_aio.Operation(0, 1, 0, OpCode.WRITE, payload=bytearray(b"x"))
+        python_aio.Operation(0, 1, 0, OpCode.WRITE, payload="x")
 
 
 def test_payload_is_a_new_memoryview_each_time(

@@ -233,6 +233,13 @@ compatibility with upstream caio, of SystemError.",
             c"_TEST_HOOKS",
             crate::py::py_bool(crate::test_hooks::ENABLED),
         )?;
+        if crate::test_hooks::ENABLED {
+            add_object(
+                module,
+                c"_bounce_windows",
+                BOUNCE_WINDOWS_DEF.new_function(module)?,
+            )?;
+        }
     }
 
     st.op_type = op_type.into_ptr();
@@ -240,6 +247,18 @@ compatibility with upstream caio, of SystemError.",
     st.error_type = error_type.into_ptr();
     Ok(())
 }
+
+/// `_bounce_windows()` (test-hook builds): O_DIRECT bounce windows this
+/// module has allocated (DESIGN.md §10: an aligned caller buffer needs none).
+///
+/// # Safety
+/// A builtin function called by CPython, attached.
+unsafe extern "C" fn bounce_windows(_module: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
+    crate::py::trampoline(|| crate::py::py_uint(crate::direct::bounce::windows_allocated()))
+}
+
+static BOUNCE_WINDOWS_DEF: crate::py::MethodDef =
+    crate::py::MethodDef::noargs(c"_bounce_windows", bounce_windows);
 
 /// Creates the module's `CapacityError`: raised by a raw `Context.submit()`
 /// refused because the ring/queue is full. DESIGN.md §4.2 prescribes the

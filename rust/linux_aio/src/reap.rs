@@ -105,7 +105,10 @@ impl AioContext {
             let moved = u64::try_from(res).unwrap_or(0);
             // A short non-blocking read stopped at an uncached page unless it
             // reached the end of the file.
+            // (A vectored op's `nbytes` counts iovecs, and its short
+            // transfer is final: it is never continued.)
             let partial = moved > 0
+                && !o.kind.is_vectored()
                 && moved < cb.nbytes
                 // SAFETY: this engine owns `o` (see above).
                 && !(o.kind == OpKind::Read && unsafe { at_eof(o, moved) });

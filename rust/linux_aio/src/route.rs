@@ -106,7 +106,7 @@ impl Routes {
     /// The route of a buffered read (`OpKind::Read`) or write (any other
     /// kind; only reads and writes are routed).
     pub(crate) fn of(&self, kind: OpKind) -> &Route {
-        if kind == OpKind::Read {
+        if kind.is_read() {
             &self.reads
         } else {
             &self.writes

@@ -124,8 +124,8 @@ completions with process_events() and retry"
 not open{}",
                 fd,
                 match o.kind {
-                    OpKind::Read => " for reading",
-                    OpKind::Write => " for writing",
+                    OpKind::Read | OpKind::ReadV => " for reading",
+                    OpKind::Write | OpKind::WriteV => " for writing",
                     OpKind::Fsync | OpKind::Fdsync => "",
                 }
             ),
@@ -139,7 +139,7 @@ not open{}",
             refused,
             e,
             match o.kind {
-                OpKind::Read | OpKind::Write => format!(
+                OpKind::Read | OpKind::Write | OpKind::ReadV | OpKind::WriteV => format!(
                     "The kernel refused the {} on fd {} [EINVAL]: invalid offset {} (it must not \
 be negative: kernel AIO has no current position; and offset + length must fit in a signed \
 64-bit file position)",
@@ -228,6 +228,30 @@ unsafe fn prepare(
     match o.kind {
         OpKind::Fsync => iocb.opcode = abi::IOCB_CMD_FSYNC,
         OpKind::Fdsync => iocb.opcode = abi::IOCB_CMD_FDSYNC,
+        OpKind::ReadV | OpKind::WriteV => {
+            // The caller's buffers as they are: no aligned window for a
+            // vectored op (O_DIRECT: the kernel's answer stands). In
+            // event-loop mode the same non-blocking attempt and routing as
+            // a read or write; a refusal goes to a worker (preadv/pwritev).
+            if nowait && !is_direct(o.fd_i32(), cache) {
+                if c.routes.of(o.kind).straight_to_workers() {
+                    to_workers = true;
+                } else {
+                    iocb.rw_flags = RWF_NOWAIT;
+                    iocb.data |= TAG_BUFFERED;
+                }
+            }
+            // SAFETY: this engine owns the claimed op's iovecs.
+            let (iov, count) = unsafe { o.iovecs() };
+            iocb.opcode = if o.kind == OpKind::ReadV {
+                abi::IOCB_CMD_PREADV
+            } else {
+                abi::IOCB_CMD_PWRITEV
+            };
+            iocb.buf = iov as u64;
+            iocb.nbytes = count as u64;
+            iocb.offset = signed64(o.offset);
+        }
         OpKind::Read | OpKind::Write => {
             let direct = is_direct(o.fd_i32(), cache);
             if direct {

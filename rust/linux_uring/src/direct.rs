@@ -146,6 +146,6 @@ window (offset {}, length {})",
             align, o.offset, o.nbytes
         ),
         // Never given a window (see `caio_core::direct::window_fits`).
-        OpKind::Fsync | OpKind::Fdsync => return None,
+        OpKind::Fsync | OpKind::Fdsync | OpKind::ReadV | OpKind::WriteV => return None,
     })
 }

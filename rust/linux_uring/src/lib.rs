@@ -51,7 +51,6 @@ static FLAVOR: Flavor = Flavor {
     // other negative values would alias huge offsets and are refused.
     offset_min: -1,
     offset_max: u64::MAX as i128,
-    payload_type_msg: "payload_bytes must be bytes",
     callback_keyword: false,
     ..Flavor::COMMON
 };

@@ -869,6 +869,22 @@ unsafe fn sqe(o: &Operation) -> squeue::Entry {
                     .build()
             }
         }
+        OpKind::ReadV | OpKind::WriteV => {
+            // SAFETY: the engine owns `o` (contract above): its iovecs and
+            // the buffers they describe stay valid until its completion.
+            let (iov, count) = unsafe { o.iovecs() };
+            // At most IOV_MAX (1024) entries: fits u32.
+            let count = count as u32;
+            if o.kind == OpKind::ReadV {
+                opcode::Readv::new(fd, iov.cast::<libc::iovec>(), count)
+                    .offset(o.offset)
+                    .build()
+            } else {
+                opcode::Writev::new(fd, iov.cast::<libc::iovec>(), count)
+                    .offset(o.offset)
+                    .build()
+            }
+        }
         OpKind::Fsync => opcode::Fsync::new(fd).build(),
         OpKind::Fdsync => opcode::Fsync::new(fd)
             .flags(types::FsyncFlags::DATASYNC)

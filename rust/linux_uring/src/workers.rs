@@ -85,7 +85,7 @@ impl Workers {
     }
 
     /// Whether the adapter sends `o` to the pool rather than the ring: a
-    /// write at an explicit offset (offset −1, "the current position",
+    /// write or writev at an explicit offset (offset −1, "the current position",
     /// stays on the ring), an fsync or an fdatasync, or — on a plain ring
     /// while a second core is available — a read of more than
     /// [`COPY_ON_LOOP_MAX`] and at most [`COPY_ON_WORKER_MAX`] bytes at an
@@ -98,7 +98,9 @@ impl Workers {
         ring_knows_direct: impl Fn(i32) -> bool,
     ) -> bool {
         let routed = match o.kind {
-            OpKind::Write => o.offset_i64() >= 0,
+            OpKind::Write | OpKind::WriteV => o.offset_i64() >= 0,
+            // One vectored read: left to the ring.
+            OpKind::ReadV => false,
             OpKind::Fsync | OpKind::Fdsync => true,
             OpKind::Read => {
                 o.offset_i64() >= 0

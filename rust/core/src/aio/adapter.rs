@@ -406,6 +406,24 @@ static WRITE_PARAMS: Params = Params {
     required: 3,
     keywords: true,
 };
+static READINTO_PARAMS: Params = Params {
+    fname: "readinto",
+    names: &["buffer", "fd", "offset", "priority"],
+    required: 2,
+    keywords: true,
+};
+static READV_PARAMS: Params = Params {
+    fname: "readv",
+    names: &["buffers", "fd", "offset", "priority"],
+    required: 2,
+    keywords: true,
+};
+static WRITEV_PARAMS: Params = Params {
+    fname: "writev",
+    names: &["buffers", "fd", "offset", "priority"],
+    required: 2,
+    keywords: true,
+};
 static FSYNC_PARAMS: Params = Params {
     fname: "fsync",
     names: &["fd"],
@@ -476,6 +494,95 @@ unsafe extern "C" fn adapter_write(
             new_awaitable(a, op, None)
         }
     })
+}
+
+/// `readinto(buffer, fd, offset=0, priority=0)`: the bytes read into the
+/// caller's buffer. A cancelled awaiter resumes only once the engine is done
+/// with the buffer (`awaitable.rs`, DESIGN.md §5.5).
+///
+/// # Safety
+/// A method of `_AsyncioBase` called by CPython: attached, `slf` one of our
+/// adapters, the arguments CPython's.
+unsafe extern "C" fn adapter_readinto(
+    slf: *mut PyObject,
+    args: *const *mut PyObject,
+    nargsf: Py_ssize_t,
+    kwnames: *mut PyObject,
+) -> *mut PyObject {
+    trampoline(|| {
+        // SAFETY: as for `read`.
+        unsafe {
+            let [b, fd, off, prio] = READINTO_PARAMS.parse::<4>(args, nargsf, kwnames)?.0;
+            let a = adapter(slf);
+            let op = op::new_readinto(
+                a.op_type.as_ptr(),
+                Params::req(b)?,
+                Params::req(fd)?,
+                off,
+                prio,
+            )?;
+            new_awaitable(a, op, None)
+        }
+    })
+}
+
+/// `readv(buffers, ...)` / `writev(buffers, ...)`: one vectored transfer;
+/// cancellation waits for the engine as for `readinto`.
+///
+/// # Safety
+/// A method of our adapter type with CPython's vectorcall arguments.
+unsafe fn vectored_method(
+    slf: *mut PyObject,
+    kind: OpKind,
+    args: *const *mut PyObject,
+    nargsf: Py_ssize_t,
+    kwnames: *mut PyObject,
+) -> PyResult<Owned> {
+    let params = if kind == OpKind::ReadV {
+        &READV_PARAMS
+    } else {
+        &WRITEV_PARAMS
+    };
+    // SAFETY: forwarded contract; `op_type` is the module's Operation type.
+    unsafe {
+        let [b, fd, off, prio] = params.parse::<4>(args, nargsf, kwnames)?.0;
+        let a = adapter(slf);
+        let op = op::new_vectored(
+            a.op_type.as_ptr(),
+            kind,
+            Params::req(b)?,
+            Params::req(fd)?,
+            off,
+            prio,
+        )?;
+        new_awaitable(a, op, None)
+    }
+}
+
+/// # Safety
+/// A method of `_AsyncioBase` called by CPython: attached, `slf` one of our
+/// adapters, the arguments CPython's.
+unsafe extern "C" fn adapter_readv(
+    slf: *mut PyObject,
+    args: *const *mut PyObject,
+    nargsf: Py_ssize_t,
+    kwnames: *mut PyObject,
+) -> *mut PyObject {
+    // SAFETY: called by CPython as a method of our adapter type.
+    trampoline(|| unsafe { vectored_method(slf, OpKind::ReadV, args, nargsf, kwnames) })
+}
+
+/// # Safety
+/// A method of `_AsyncioBase` called by CPython: attached, `slf` one of our
+/// adapters, the arguments CPython's.
+unsafe extern "C" fn adapter_writev(
+    slf: *mut PyObject,
+    args: *const *mut PyObject,
+    nargsf: Py_ssize_t,
+    kwnames: *mut PyObject,
+) -> *mut PyObject {
+    // SAFETY: called by CPython as a method of our adapter type.
+    trampoline(|| unsafe { vectored_method(slf, OpKind::WriteV, args, nargsf, kwnames) })
 }
 
 /// `fsync(fd)` / `fdsync(fd)`.
@@ -589,7 +696,32 @@ return awaitables that complete inline when the backend can.")
         c"write",
         adapter_write,
         0,
-        c"write($self, payload, fd, offset, priority=0)\n--\n\nAwaitable: the number of bytes written (may be partial).",
+        c"write($self, payload, fd, offset, priority=0)\n--\n\nAwaitable: the number of bytes written (may be partial). \
+payload: any C-contiguous buffer, used in place.",
+    ))
+    .method(fastcall(
+        c"readinto",
+        adapter_readinto,
+        0,
+        c"readinto($self, buffer, fd, offset=0, priority=0)\n--\n\nAwaitable: the number of bytes read \
+into buffer (a writable C-contiguous buffer), fewer at EOF. The buffer is the caller's again when the \
+await ends, however it ends: a cancelled read is cancelled in the engine and waited for.",
+    ))
+    .method(fastcall(
+        c"readv",
+        adapter_readv,
+        0,
+        c"readv($self, buffers, fd, offset=0, priority=0)\n--\n\nAwaitable: the number of bytes read \
+into buffers (a sequence of at most 1024 writable C-contiguous buffers, filled in order) by one \
+vectored read. Cancellation waits for the engine, as for readinto.",
+    ))
+    .method(fastcall(
+        c"writev",
+        adapter_writev,
+        0,
+        c"writev($self, buffers, fd, offset=0, priority=0)\n--\n\nAwaitable: the number of bytes \
+written from buffers (a sequence of at most 1024 C-contiguous buffers, in order) by one vectored \
+write.",
     ))
     .method(fastcall(
         c"fsync",

@@ -13,6 +13,12 @@
 //!
 //! An op that completed inline may still yield once to the loop before its
 //! value is returned ([`super::fairness`]).
+//!
+//! An op that borrows the caller's memory (`readinto`, a write from a
+//! mutable buffer: `Operation::borrows_buffer`) is different when thrown
+//! into: the engine is asked to cancel it, but the exception is raised only
+//! once the engine is done with the buffer (`CancelWait`, [`settle`]), so the
+//! buffer is the caller's again when the await ends, however it ends.
 
 use std::cell::Cell;
 use std::ffi::{c_int, c_void};
@@ -44,6 +50,11 @@ crate::u8_state! {
         /// Completed synchronously but yielded once to the loop (fairness);
         /// the value is returned by the next step.
         Yielded = 4,
+        /// Thrown into (cancelled) while its op uses the caller's buffer:
+        /// the op was cancelled in the engine and the awaitable waits for
+        /// the engine to be done with the buffer (a fresh future is
+        /// yielded); then it raises the exception held in `error`.
+        CancelWait = 5,
     }
 }
 
@@ -65,7 +76,8 @@ pub struct Awaitable {
     op: Option<Owned>,
     /// The future yielded to the task (admission or completion).
     fut: Cell<Option<Owned>>,
-    /// An exception instance raised by the first step.
+    /// An exception instance raised by the first step, or (`CancelWait`) by
+    /// the step that sees the cancelled op finished.
     error: Cell<Option<Owned>>,
     /// The value held back while `Yielded`.
     value: Cell<Option<Owned>>,
@@ -312,7 +324,86 @@ fn send_step(w: &Awaitable) -> PyResult<Step> {
             w.set_state(AwState::Finished);
             Ok(Step::Return(w.value.take().unwrap_or_else(none)))
         }
+        AwState::CancelWait => settle(w),
         AwState::Finished => Err(PyErr::runtime("cannot reuse already awaited coroutine")),
+    }
+}
+
+/// Raises the exception held in `error` (the one thrown in), releasing the
+/// slot: the op is finished.
+fn raise_held(w: &Awaitable) -> PyResult<Step> {
+    // SAFETY: attached; an Operation (see `settle`).
+    unsafe { op::retire_unsent(w.operation()) };
+    release_slot(w);
+    drop(w.fut.take());
+    w.set_state(AwState::Finished);
+    match w.error.take() {
+        Some(e) => {
+            // SAFETY: attached; `e` is an exception instance.
+            unsafe { PyErr_SetObject(Py_TYPE(e.as_ptr()).cast(), e.as_ptr()) };
+            Err(PyErr::Fetched)
+        }
+        None => Err(PyErr::runtime("cancelled operation lost its exception")),
+    }
+}
+
+/// `CancelWait`: raise the held exception once the engine is done with the
+/// op's buffer, else yield a fresh future its delivery resolves (the one the
+/// task was waiting on was cancelled with it).
+fn settle(w: &Awaitable) -> PyResult<Step> {
+    // SAFETY: no `error` past `Init` (the held exception came later).
+    let o = unsafe { w.operation() };
+    if o.state() != OpState::InFlight {
+        return raise_held(w); // done, or rolled back before reaching the engine
+    }
+    let fut = match w.adapter().new_future() {
+        Ok(f) => f,
+        Err(e) => {
+            // No future to wait with: give up as a plain cancel would (the
+            // op keeps its buffer export until the engine is done).
+            drop(w.error.take());
+            abandon(w);
+            return Err(e);
+        }
+    };
+    // SAFETY: attached; `fut` is an asyncio future.
+    unsafe { op::set_future(o, fut.as_ptr()) };
+    if o.state() == OpState::Done {
+        return raise_held(w); // delivered between the check and the install
+    }
+    yield_future(w, fut, AwState::CancelWait)
+}
+
+/// Thrown into (the exception is set) while `OpWait` or `CancelWait` with
+/// an op that borrows the caller's buffer: cancel it in the engine (once),
+/// keep the first exception and wait for the engine ([`settle`]).
+fn cancel_and_settle(w: &Awaitable) -> PyResult<Step> {
+    // SAFETY: attached; the thrown exception is the current one.
+    let exc = unsafe { SavedErr::fetch() }.into_value();
+    if w.state() == AwState::OpWait {
+        drop(w.fut.take());
+        w.error.set(exc);
+        let a = w.adapter();
+        // SAFETY: no `error` past `Init` (just set, after the check).
+        let o = unsafe { w.operation() };
+        if o.state() == OpState::InFlight && a.is_bound() {
+            // SAFETY: the engine's contract: attached, its op.
+            unsafe { (a.engine().cancel)(a, o.as_ptr()) };
+            clear_error();
+        }
+    } else {
+        drop(exc); // cancelled again while waiting: keep waiting
+    }
+    settle(w)
+}
+
+/// Whether a throw must wait for the engine (see [`cancel_and_settle`]).
+fn waits_on_throw(w: &Awaitable) -> bool {
+    match w.state() {
+        // SAFETY: no `error` past `Init`.
+        AwState::OpWait => unsafe { w.operation() }.borrows_buffer,
+        AwState::CancelWait => true,
+        AwState::Init | AwState::SlotWait | AwState::Yielded | AwState::Finished => false,
     }
 }
 
@@ -337,8 +428,9 @@ fn abandon(w: &Awaitable) {
             }
             release_slot(w);
         }
-        AwState::OpWait => {
+        AwState::OpWait | AwState::CancelWait => {
             drop(w.fut.take());
+            drop(w.error.take());
             // SAFETY: no `error` past `Init`.
             let o = unsafe { w.operation() };
             // (The adapter may already have been cleared by the GC.)
@@ -358,6 +450,12 @@ fn abandon(w: &Awaitable) {
         }
         AwState::Yielded => drop(w.value.take()),
         AwState::Init | AwState::Finished => {}
+    }
+    if !w.op_obj().is_none() {
+        // Never handed to the engine (or rolled back): the caller's buffer
+        // is released now.
+        // SAFETY: attached; not None, so an Operation.
+        unsafe { op::retire_unsent(w.operation()) };
     }
     w.set_state(AwState::Finished);
 }
@@ -558,7 +656,10 @@ unsafe extern "C" fn aw_throw(
                     typ.type_name()
                 )));
             }
-            abandon(w);
+            let wait = waits_on_throw(w);
+            if !wait {
+                abandon(w);
+            }
             // SAFETY: attached; `typ` an exception instance or class, `val`
             // a live object.
             unsafe {
@@ -569,6 +670,9 @@ unsafe extern "C" fn aw_throw(
                     None => PyErr_SetNone(typ.as_ptr()),
                     Some(v) => PyErr_SetObject(typ.as_ptr(), v.as_ptr()),
                 }
+            }
+            if wait {
+                return cancel_and_settle(w);
             }
             Err(PyErr::Fetched)
         };
@@ -608,7 +712,7 @@ unsafe extern "C" fn aw_finalize(slf: *mut PyObject) {
     // SAFETY: CPython finalises one of our awaitables: no step runs.
     let w = unsafe { aw(slf) };
     match w.state() {
-        AwState::SlotWait | AwState::OpWait => {}
+        AwState::SlotWait | AwState::OpWait | AwState::CancelWait => {}
         AwState::Init | AwState::Finished | AwState::Yielded => return,
     }
     // SAFETY: attached (finalisers run attached); restored below.
@@ -696,6 +800,7 @@ unsafe extern "C" fn aw_repr(slf: *mut PyObject) -> *mut PyObject {
             AwState::SlotWait => "waiting for a slot",
             AwState::OpWait => "in flight",
             AwState::Yielded => "done, yielding once",
+            AwState::CancelWait => "cancelled, waiting for the engine",
             AwState::Finished => "finished",
         };
         py_str(&format!(
@@ -718,7 +823,7 @@ fn aw_name(w: &Awaitable) -> &'static str {
         "submit"
     } else {
         // SAFETY: not None, so an Operation (see above).
-        unsafe { w.operation() }.kind.mode()
+        unsafe { w.operation() }.mode()
     }
 }
 

@@ -9,6 +9,7 @@
 //! around `fork()` (registered by [`crate::fork`]).
 
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::py::{Exc, PyErr, PyResult};
@@ -55,8 +56,19 @@ fn class_of(size: usize, align: usize) -> Option<usize> {
     Some((rounded.trailing_zeros() - MIN.trailing_zeros()) as usize)
 }
 
+/// Windows handed out by [`alloc`] since the module was loaded: the test
+/// suite's proof that an aligned caller buffer makes no bounce copy
+/// (`_bounce_windows()` in builds with test hooks).
+static WINDOWS: AtomicU64 = AtomicU64::new(0);
+
+/// How many bounce windows [`alloc`] has handed out.
+pub fn windows_allocated() -> u64 {
+    WINDOWS.load(Ordering::Relaxed)
+}
+
 /// At least `size` bytes aligned to `align` (a power of two).
 pub fn alloc(size: usize, align: usize) -> PyResult<Block> {
+    WINDOWS.fetch_add(1, Ordering::Relaxed);
     let (size, align) = match class_of(size, align) {
         Some(c) => {
             if let Some(p) = lock(&FREE)[c].pop() {

@@ -67,6 +67,18 @@ impl Operation {
     pub unsafe fn use_aligned_window(&self, align: usize) -> PyResult<()> {
         debug_assert!(align.is_power_of_two());
         let a = len_u64(align);
+        // The caller's own memory (a `readinto` target, a write payload:
+        // e.g. an anonymous mmap, page-aligned) may already satisfy the
+        // alignment: then it is the window, with no bounce copy.
+        // SAFETY: forwarded contract (engine-owned op).
+        if unsafe { self.own_buffer_aligned(a) } {
+            // SAFETY: forwarded contract; the bounce block goes first.
+            unsafe {
+                self.free_bounce();
+                self.reset_io();
+            }
+            return Ok(());
+        }
         let (start, end) = match self.kind {
             OpKind::Read => {
                 let start = self.offset & !(a - 1);
@@ -78,7 +90,8 @@ impl Operation {
                     .ok_or_else(|| PyErr::overflow("offset + nbytes overflows"))?;
                 (start, end)
             }
-            OpKind::Write | OpKind::Fsync | OpKind::Fdsync => {
+            // (Vectored ops never get a window: `direct::window_fits`.)
+            OpKind::Write | OpKind::Fsync | OpKind::Fdsync | OpKind::ReadV | OpKind::WriteV => {
                 (self.offset, self.offset.saturating_add(self.nbytes))
             }
         };
@@ -101,6 +114,25 @@ impl Operation {
         io.len = len;
         io.offset = start;
         Ok(())
+    }
+
+    /// Whether the op's own buffer, offset and length are all multiples of
+    /// `a` (a read into a `bytes` object never is: its data sits after the
+    /// object header).
+    ///
+    /// # Safety
+    /// The op is owned by the caller's engine.
+    unsafe fn own_buffer_aligned(&self, a: u64) -> bool {
+        let own = match self.kind {
+            OpKind::Read => self.read_data().cast_const(),
+            // SAFETY: forwarded contract (no concurrent release).
+            OpKind::Write => unsafe { self.payload_ptr() },
+            _ => return false,
+        };
+        !own.is_null()
+            && (own as usize as u64) % a == 0
+            && self.offset % a == 0
+            && self.nbytes % a == 0
     }
 
     /// Points the I/O window back at the op's own buffer, dropping an
@@ -159,7 +191,8 @@ impl Operation {
             OpKind::Read => self.read_data(),
             // SAFETY: forwarded ownership: no concurrent completion.
             OpKind::Write => unsafe { self.payload_ptr() }.cast_mut(),
-            OpKind::Fsync | OpKind::Fdsync => ptr::null_mut(),
+            // Vectored ops move `iovecs()`, not the window.
+            OpKind::Fsync | OpKind::Fdsync | OpKind::ReadV | OpKind::WriteV => ptr::null_mut(),
         };
         // SAFETY: forwarded contract.
         let io = unsafe { self.io_mut() };

@@ -142,6 +142,44 @@ pub unsafe fn abort(op: &Operation) {
     unsafe { Py_DECREF(op.as_ptr()) };
 }
 
+/// Retires an op that borrows the caller's buffer and was never handed to
+/// an engine (its awaiter was cancelled first, or a deferred batch dropped
+/// it): it becomes `Done` with `-ECANCELED` and its buffer export is
+/// released now, not when the op dies — the caller's memory is theirs again
+/// when the await ends. False (nothing done) unless the op is `New`.
+///
+/// # Safety
+/// Caller attached.
+pub unsafe fn retire_unsent(op: &Operation) -> bool {
+    if !op.borrows_buffer || !op.try_claim() {
+        return false;
+    }
+    // Claimed and never begun: the caller owns the window.
+    // SAFETY: no engine has the op (it was `New`).
+    unsafe { op.free_bounce() };
+    op.result
+        .store(-i64::from(libc::ECANCELED), Ordering::Relaxed);
+    let (mut view, vectored) = {
+        let _g = op.lock.lock();
+        // SAFETY: `view` and `vectored` are only accessed under `lock`; the
+        // export moves out, leaving an empty (all-zero) `Py_buffer`.
+        let taken = unsafe {
+            (
+                ptr::replace(op.view.get(), std::mem::zeroed()),
+                (*op.vectored.get()).take(),
+            )
+        };
+        op.state.store(OpState::Done, Ordering::Release);
+        taken
+    };
+    drop(vectored); // releases its exports (attached)
+    if !view.obj.is_null() {
+        // SAFETY: the export taken at construction, released once; attached.
+        unsafe { PyBuffer_Release(&raw mut view) };
+    }
+    true
+}
+
 /// Installs `callback` as what the op's delivery calls; the previous target
 /// is released exactly once even when several threads race.
 ///
@@ -257,24 +295,33 @@ struct Parts {
     target: Option<Target>,
     context: Option<Owned>,
     payload: Option<Py_buffer>,
+    /// A vectored op's exports (released with `payload`).
+    vectored: Option<Box<super::vectored::Vectored>>,
     arg: i64,
 }
 
 impl Parts {
-    /// Drops the references held for the flight (attached).
-    fn release(self) {
-        let Parts {
-            op,
-            target,
-            context,
-            payload,
-            ..
-        } = self;
-        if let Some(mut view) = payload {
+    /// Releases the payload export moved out by `finish` (attached). Done
+    /// before the callback runs or the future is resolved: whoever that
+    /// wakes (possibly on another thread) finds the buffer released.
+    fn release_payload(&mut self) {
+        drop(self.vectored.take());
+        if let Some(mut view) = self.payload.take() {
             // SAFETY: an export taken by `PyObject_GetBuffer` and moved out
             // of the op by `finish`, released once; attached.
             unsafe { PyBuffer_Release(&raw mut view) };
         }
+    }
+
+    /// Drops the references held for the flight (attached).
+    fn release(mut self) {
+        self.release_payload();
+        let Parts {
+            op,
+            target,
+            context,
+            ..
+        } = self;
         drop(target);
         drop(context);
         drop(op);
@@ -323,26 +370,29 @@ pub unsafe fn finish(op: *mut Operation, raw: i64) -> Delivery {
                     res = len_i64(n);
                 }
             }
-            // Never expose stale heap memory: zero what was not filled.
+            // Never expose stale heap memory: zero what was not filled
+            // (the caller's own buffer is left as it is, as `readinto` does).
             let filled = count_usize(res);
-            if filled < nbytes {
+            if filled < nbytes && !o.is_readinto() {
                 // SAFETY: `data` holds `nbytes` bytes; `filled < nbytes`.
                 unsafe { ptr::write_bytes(data.add(filled), 0, nbytes - filled) };
             }
         }
-        OpKind::Write => {
+        OpKind::Write | OpKind::WriteV => {
             let n = i64::try_from(o.nbytes).unwrap_or(i64::MAX);
             if res > n {
                 res = n;
             }
         }
-        OpKind::Fsync | OpKind::Fdsync => {}
+        OpKind::Fsync | OpKind::Fdsync | OpKind::ReadV => {}
     }
     // SAFETY: the engine is done with the window's memory.
     unsafe { o.free_bounce() };
     o.result.store(res, Ordering::Relaxed);
-    let drop_payload = o.kind == OpKind::Write && o.flavor().drop_write_payload;
-    let (target, context, payload) = {
+    // The caller's mutable memory is theirs again once the engine is done.
+    let drop_payload =
+        o.borrows_buffer || (o.kind == OpKind::Write && o.flavor().drop_write_payload);
+    let (target, context, payload, vectored) = {
         let _g = o.lock.lock();
         // SAFETY: the three slots are only accessed under `lock`.
         let (target, context, view) = unsafe {
@@ -364,10 +414,12 @@ pub unsafe fn finish(op: *mut Operation, raw: i64) -> Delivery {
         } else {
             None
         };
+        // SAFETY: `vectored` is only accessed under `lock` once shared.
+        let vectored = unsafe { (*o.vectored.get()).take() };
         // Published under the lock: set_callback_if_pending() either runs
         // before (its callback is taken here) or sees Done.
         o.state.store(OpState::Done, Ordering::Release);
-        (target, context, payload)
+        (target, context, payload, vectored)
     };
     Delivery {
         parts: Some(Parts {
@@ -376,6 +428,7 @@ pub unsafe fn finish(op: *mut Operation, raw: i64) -> Delivery {
             target,
             context,
             payload,
+            vectored,
             arg: o.reported_result(res),
         }),
         op,
@@ -394,9 +447,10 @@ impl Delivery {
     /// attached. Inside a [`Discarding`] scope (on this thread) it discards
     /// instead.
     pub fn run(mut self) {
-        let Some(parts) = self.parts.take() else {
+        let Some(mut parts) = self.parts.take() else {
             return;
         };
+        parts.release_payload();
         if DISCARD.with(|d| d.get()) {
             return parts.release();
         }

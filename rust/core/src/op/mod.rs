@@ -36,18 +36,20 @@ use pyo3_ffi::*;
 use crate::py::Owned;
 use crate::sync::{AtomicState, SpinLock};
 
+pub mod buffer;
 pub mod io;
 pub mod lifecycle;
 pub mod pytype;
+pub mod vectored;
 
 pub use io::IoTarget;
 pub use lifecycle::{
-    abort, begin, clear_callback, finish, future, set_callback, set_callback_if_pending,
-    set_future, Delivery, Discarding,
+    abort, begin, clear_callback, finish, future, retire_unsent, set_callback,
+    set_callback_if_pending, set_future, Delivery, Discarding,
 };
 pub use pytype::{
-    create_type, get_value, is_op, new_read, new_sync, new_write, set_error_message_hook,
-    ErrorMessageHook,
+    create_type, get_value, is_op, new_read, new_readinto, new_sync, new_vectored, new_write,
+    set_error_message_hook, ErrorMessageHook,
 };
 
 crate::u8_state! {
@@ -69,6 +71,11 @@ pub enum OpKind {
     Write = 1,
     Fsync = 2,
     Fdsync = 3,
+    /// `readv`: one vectored read into the caller's buffers
+    /// ([`vectored::Vectored`]); no I/O window of its own.
+    ReadV = 4,
+    /// `writev`: one vectored write from the caller's buffers.
+    WriteV = 5,
 }
 
 impl OpKind {
@@ -78,7 +85,21 @@ impl OpKind {
             OpKind::Write => "write",
             OpKind::Fsync => "fsync",
             OpKind::Fdsync => "fdsync",
+            OpKind::ReadV => "readv",
+            OpKind::WriteV => "writev",
         }
+    }
+
+    /// `readv`/`writev`: the engine transfers [`Operation::iovecs`].
+    #[inline]
+    pub fn is_vectored(self) -> bool {
+        matches!(self, OpKind::ReadV | OpKind::WriteV)
+    }
+
+    /// Data flows from the file into memory (`read`, `readinto`, `readv`).
+    #[inline]
+    pub fn is_read(self) -> bool {
+        matches!(self, OpKind::Read | OpKind::ReadV)
     }
 }
 
@@ -110,7 +131,6 @@ pub struct Flavor {
     pub offset_max: i128,
     pub priority_min: i128,
     pub priority_max: i128,
-    pub payload_type_msg: &'static str,
     /// thread_aio reports failures as `-1` in `result`/callback (errno in
     /// `error`); the kernel backends pass `-errno`.
     pub failure_as_minus_one: bool,
@@ -144,7 +164,6 @@ impl Flavor {
         offset_max: i64::MAX as i128,
         priority_min: i16::MIN as i128,
         priority_max: u16::MAX as i128,
-        payload_type_msg: "payload_bytes argument must be bytes",
         failure_as_minus_one: false,
         callback_keyword: true,
         has_result_error: true,
@@ -175,11 +194,24 @@ pub struct Operation {
     /// Raw result: bytes moved (≥ 0) or `-errno`. Valid once `Done`.
     result: AtomicI64,
     /// Read: the `bytes` object filled in place (set at construction, then
-    /// immutable until dealloc).
+    /// immutable until dealloc). `None` for a `readinto`.
     read_buf: Option<Owned>,
-    /// Write: the payload export (guarded by `lock`; released on completion
-    /// for `drop_write_payload` flavors).
+    /// The caller's object whose memory the op uses (write payload,
+    /// `readinto` target); set at construction, immutable until dealloc.
+    /// What `payload` shows.
+    caller_obj: Option<Owned>,
+    /// The engine moves data to or from memory the caller may mutate or
+    /// resize afterwards (any payload but `bytes`, every `readinto`): the
+    /// export is released at completion, and an awaiting task that is
+    /// cancelled resumes only once the engine is done (DESIGN.md §5.5).
+    /// Set at construction, never changes.
+    pub borrows_buffer: bool,
+    /// Write / `readinto`: the buffer export (guarded by `lock`; released on
+    /// completion for `drop_write_payload` flavors and borrowed buffers).
     view: UnsafeCell<Py_buffer>,
+    /// `readv`/`writev`: the exports and iovecs (set at construction; taken
+    /// out under `lock` at completion).
+    vectored: UnsafeCell<Option<Box<vectored::Vectored>>>,
     lock: SpinLock,
     /// What delivery calls: the callback, or a future to resolve (`lock`).
     target: UnsafeCell<Option<lifecycle::Target>>,
@@ -299,12 +331,44 @@ impl Operation {
         }
     }
 
-    /// Data pointer of a read's `bytes` (NULL for other kinds).
+    /// Data pointer of a read's `bytes` or a `readinto`'s target (NULL for
+    /// other kinds, and for a target whose export was released).
     fn read_data(&self) -> *mut u8 {
         match &self.read_buf {
             // SAFETY: `read_buf` is a `bytes` object owned by the op.
             Some(b) => unsafe { PyBytes_AS_STRING(b.as_ptr()) }.cast_mut().cast(),
+            // SAFETY: the export's pointer is read by the op's owner (the
+            // constructor, the engine, finish) while the export is held.
+            None if self.kind == OpKind::Read => unsafe { self.payload_ptr() }.cast_mut(),
             None => std::ptr::null_mut(),
+        }
+    }
+
+    /// The iovecs of a `readv`/`writev` (NULL, 0 for other kinds).
+    ///
+    /// # Safety
+    /// The op is owned by the caller's engine (in flight, not finished).
+    pub unsafe fn iovecs(&self) -> (*const crate::sys::IoVec, usize) {
+        // SAFETY: only `finish` (the engine, after the transfer) or an
+        // unsent op's retirement take the vector out.
+        match unsafe { &*self.vectored.get() } {
+            Some(v) => v.iovecs(),
+            None => (std::ptr::null(), 0),
+        }
+    }
+
+    /// Whether this is a read into the caller's buffer (`readinto`).
+    #[inline]
+    pub fn is_readinto(&self) -> bool {
+        self.kind == OpKind::Read && self.read_buf.is_none()
+    }
+
+    /// The name shown in reprs and task names: the kind, or `readinto`.
+    pub fn mode(&self) -> &'static str {
+        if self.is_readinto() {
+            "readinto"
+        } else {
+            self.kind.mode()
         }
     }
 }

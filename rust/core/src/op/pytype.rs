@@ -8,7 +8,7 @@ use std::ptr;
 use pyo3_ffi::*;
 
 use super::lifecycle::{set_callback, set_future};
-use super::{as_op, Flavor, OpKind, OpState, Operation, ReadPayload};
+use super::{as_op, buffer, Flavor, OpKind, OpState, Operation, ReadPayload};
 use crate::args::{fd_arg, int_in, Params};
 use crate::module::ModState;
 use crate::num::{low_u16, low_u64, usize_sat};
@@ -188,7 +188,34 @@ unsafe extern "C" fn op_write(
     })
 }
 
+static READINTO_PARAMS: Params = Params {
+    fname: "readinto",
+    names: &["buffer", "fd", "offset", "priority"],
+    required: 2,
+    keywords: true,
+};
+
+/// # Safety
+/// A class method of an Operation type called by CPython: attached, `cls` one
+/// of our Operation types, the arguments CPython's vectorcall.
+unsafe extern "C" fn op_readinto(
+    cls: *mut PyObject,
+    args: *const *mut PyObject,
+    nargs: Py_ssize_t,
+    kw: *mut PyObject,
+) -> *mut PyObject {
+    trampoline(|| {
+        // SAFETY: CPython's vectorcall arguments; `cls` is one of our
+        // Operation types.
+        unsafe {
+            let [b, fd, off, prio] = READINTO_PARAMS.parse::<4>(args, nargs, kw)?.0;
+            new_readinto(cls, Params::req(b)?, Params::req(fd)?, off, prio)
+        }
+    })
+}
+
 /// `cls.write(payload_bytes, fd, offset, priority)` for Rust callers.
+/// The payload is any C-contiguous buffer (DESIGN.md §3.4), used in place.
 ///
 /// # Safety
 /// Attached; `cls` is an Operation type created by [`create_type`].
@@ -200,26 +227,189 @@ pub unsafe fn new_write(
     priority: Option<Borrowed<'_>>,
 ) -> PyResult<Owned> {
     // SAFETY: forwarded contract.
+    unsafe { new_borrowing(cls, OpKind::Write, payload, fd, offset, priority) }
+}
+
+/// `cls.readinto(buffer, fd, offset, priority)` for Rust callers: a read
+/// into the caller's writable C-contiguous buffer.
+///
+/// # Safety
+/// Attached; `cls` is an Operation type created by [`create_type`].
+pub unsafe fn new_readinto(
+    cls: *mut PyObject,
+    buffer: Borrowed<'_>,
+    fd: Borrowed<'_>,
+    offset: Option<Borrowed<'_>>,
+    priority: Option<Borrowed<'_>>,
+) -> PyResult<Owned> {
+    // SAFETY: forwarded contract.
+    unsafe { new_borrowing(cls, OpKind::Read, buffer, fd, offset, priority) }
+}
+
+/// A write from, or a read into, the caller's object `obj`: its buffer
+/// export is held from here until completion (or the op's death).
+///
+/// # Safety
+/// Attached; `cls` is an Operation type created by [`create_type`].
+unsafe fn new_borrowing(
+    cls: *mut PyObject,
+    kind: OpKind,
+    obj: Borrowed<'_>,
+    fd: Borrowed<'_>,
+    offset: Option<Borrowed<'_>>,
+    priority: Option<Borrowed<'_>>,
+) -> PyResult<Owned> {
+    // SAFETY: forwarded contract.
     let fl = unsafe { flavor_of_type(cls) };
-    // The contract accepts `bytes` (and subclasses) only.
-    // SAFETY: attached; a live object.
-    if unsafe { PyBytes_Check(payload.as_ptr()) } == 0 {
-        return Err(PyErr::value_error(fl.payload_type_msg));
+    let (access, what) = match kind {
+        OpKind::Write => (buffer::Access::Payload, "payload_bytes"),
+        _ => (buffer::Access::Target, "buffer"),
+    };
+    // The buffer first: upstream checked the payload before the integers.
+    // SAFETY: all-zero is a valid (empty) `Py_buffer`, a plain C struct.
+    let mut view: Py_buffer = unsafe { std::mem::zeroed() };
+    // SAFETY: attached; `view` is a local empty `Py_buffer`.
+    unsafe { buffer::export(obj, &raw mut view, access, what)? };
+    let len = u64::try_from(view.len).unwrap_or(0);
+    let checked = common_args(fl, fd, offset, priority).and_then(|a| {
+        if kind == OpKind::Read && len > fl.max_read {
+            return Err(PyErr::overflow(fl.max_read_msg));
+        }
+        Ok(a)
+    });
+    // SAFETY: forwarded contract.
+    let made = checked
+        .and_then(|(fd, offset, priority)| unsafe { new_op(cls, kind, fd, offset, priority) });
+    let obj_ref = obj.to_owned();
+    let op_obj = match made {
+        Ok(o) => o,
+        Err(e) => {
+            // SAFETY: the export taken above, released once.
+            unsafe { PyBuffer_Release(&raw mut view) };
+            return Err(e);
+        }
+    };
+    // SAFETY: a fresh op nobody else references yet; its `view` is empty
+    // and takes over the export.
+    unsafe {
+        let op = &mut *op_obj.as_ptr().cast::<Operation>();
+        *op.view.get() = view;
+        op.nbytes = len;
+        // `bytes` (and subclasses) cannot change under the engine; anything
+        // else is the caller's mutable memory.
+        op.borrows_buffer = kind == OpKind::Read || PyBytes_Check(obj.as_ptr()) == 0;
+        op.caller_obj = Some(obj_ref);
+        op.reset_io();
+    }
+    Ok(op_obj)
+}
+
+static READV_PARAMS: Params = Params {
+    fname: "readv",
+    names: &["buffers", "fd", "offset", "priority"],
+    required: 2,
+    keywords: true,
+};
+static WRITEV_PARAMS: Params = Params {
+    fname: "writev",
+    names: &["buffers", "fd", "offset", "priority"],
+    required: 2,
+    keywords: true,
+};
+
+/// # Safety
+/// CPython's vectorcall arguments; `cls` one of our Operation types.
+unsafe fn vectored_op(
+    cls: *mut PyObject,
+    kind: OpKind,
+    args: *const *mut PyObject,
+    nargs: Py_ssize_t,
+    kw: *mut PyObject,
+) -> PyResult<Owned> {
+    let params = if kind == OpKind::ReadV {
+        &READV_PARAMS
+    } else {
+        &WRITEV_PARAMS
+    };
+    // SAFETY: forwarded contract.
+    unsafe {
+        let [b, fd, off, prio] = params.parse::<4>(args, nargs, kw)?.0;
+        new_vectored(cls, kind, Params::req(b)?, Params::req(fd)?, off, prio)
+    }
+}
+
+/// # Safety
+/// A class method of an Operation type called by CPython: attached, `cls` one
+/// of our Operation types, the arguments CPython's vectorcall.
+unsafe extern "C" fn op_readv(
+    cls: *mut PyObject,
+    args: *const *mut PyObject,
+    nargs: Py_ssize_t,
+    kw: *mut PyObject,
+) -> *mut PyObject {
+    // SAFETY: called by CPython as a classmethod of our Operation type.
+    trampoline(|| unsafe { vectored_op(cls, OpKind::ReadV, args, nargs, kw) })
+}
+
+/// # Safety
+/// A class method of an Operation type called by CPython: attached, `cls` one
+/// of our Operation types, the arguments CPython's vectorcall.
+unsafe extern "C" fn op_writev(
+    cls: *mut PyObject,
+    args: *const *mut PyObject,
+    nargs: Py_ssize_t,
+    kw: *mut PyObject,
+) -> *mut PyObject {
+    // SAFETY: called by CPython as a classmethod of our Operation type.
+    trampoline(|| unsafe { vectored_op(cls, OpKind::WriteV, args, nargs, kw) })
+}
+
+/// `cls.readv(buffers, fd, offset, priority)` / `cls.writev(...)` for Rust
+/// callers: one vectored transfer of the caller's buffers (a sequence of
+/// C-contiguous buffers, writable for `readv`; at most
+/// [`super::vectored::IOV_MAX`]).
+///
+/// # Safety
+/// Attached; `cls` is an Operation type created by [`create_type`];
+/// `kind` is `ReadV` or `WriteV`.
+pub unsafe fn new_vectored(
+    cls: *mut PyObject,
+    kind: OpKind,
+    buffers: Borrowed<'_>,
+    fd: Borrowed<'_>,
+    offset: Option<Borrowed<'_>>,
+    priority: Option<Borrowed<'_>>,
+) -> PyResult<Owned> {
+    debug_assert!(kind.is_vectored());
+    // SAFETY: forwarded contract.
+    let fl = unsafe { flavor_of_type(cls) };
+    let access = if kind == OpKind::ReadV {
+        buffer::Access::Target
+    } else {
+        buffer::Access::Payload
+    };
+    // SAFETY: attached.
+    let (v, total) = unsafe { super::vectored::Vectored::export(buffers, access, "buffers")? };
+    let limit = if kind == OpKind::ReadV {
+        fl.max_read
+    } else {
+        isize::MAX as u64
+    };
+    if total > limit {
+        return Err(PyErr::overflow(
+            "the buffers' total length exceeds the read limit",
+        ));
     }
     let (fd, offset, priority) = common_args(fl, fd, offset, priority)?;
     // SAFETY: forwarded contract.
-    let obj = unsafe { new_op(cls, OpKind::Write, fd, offset, priority)? };
-    // SAFETY: a fresh op nobody else references yet; its `view` is an empty
-    // (zeroed) `Py_buffer` that `PyObject_GetBuffer` fills (or leaves
-    // zeroed on failure, which we make sure of).
+    let obj = unsafe { new_op(cls, kind, fd, offset, priority)? };
+    // SAFETY: a fresh op nobody else references yet.
     unsafe {
         let op = &mut *obj.as_ptr().cast::<Operation>();
-        // A buffer export pins the payload's memory until completion.
-        if PyObject_GetBuffer(payload.as_ptr(), op.view.get(), PyBUF_SIMPLE) != 0 {
-            *op.view.get() = std::mem::zeroed();
-            return Err(PyErr::Fetched);
-        }
-        op.nbytes = u64::try_from((*op.view.get()).len).unwrap_or(0);
+        *op.vectored.get() = Some(Box::new(v));
+        op.nbytes = total;
+        op.borrows_buffer = true;
+        op.caller_obj = Some(buffers.to_owned());
         op.reset_io();
     }
     Ok(obj)
@@ -353,6 +543,9 @@ pub unsafe fn get_value(op: &Operation) -> PyResult<Owned> {
         // SAFETY: attached; the op is done.
         return Err(unsafe { op_error(op, op.errno()) });
     }
+    if op.is_readinto() || op.kind.is_vectored() {
+        return py_int(res); // bytes moved (0 before it ran)
+    }
     match (op.kind, &op.read_buf) {
         (OpKind::Read, _) if state == OpState::New => zero_bytes(op.nbytes),
         (OpKind::Read, Some(buf)) => {
@@ -370,7 +563,7 @@ pub unsafe fn get_value(op: &Operation) -> PyResult<Owned> {
             }
         }
         (OpKind::Read, None) => zero_bytes(op.nbytes),
-        (OpKind::Write, _) => py_int(res),
+        (OpKind::Write | OpKind::ReadV | OpKind::WriteV, _) => py_int(res),
         (OpKind::Fsync | OpKind::Fdsync, _) => Ok(none()),
     }
 }
@@ -476,8 +669,8 @@ unsafe extern "C" fn get_offset(slf: *mut PyObject, _: *mut c_void) -> *mut PyOb
 unsafe extern "C" fn get_nbytes(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
     getter_of(slf, |op| {
         let tracks = match op.kind {
-            OpKind::Read => true,
-            OpKind::Write => op.flavor().nbytes_tracks_write,
+            OpKind::Read | OpKind::ReadV => true,
+            OpKind::Write | OpKind::WriteV => op.flavor().nbytes_tracks_write,
             OpKind::Fsync | OpKind::Fdsync => false,
         };
         match u64::try_from(op.raw_result()) {
@@ -496,6 +689,9 @@ unsafe extern "C" fn get_payload(slf: *mut PyObject, _: *mut c_void) -> *mut PyO
         if state == OpState::InFlight {
             return Err(in_flight_error("payload"));
         }
+        if op.is_readinto() || op.kind.is_vectored() {
+            return Ok(op.caller_obj.clone().unwrap_or_else(none));
+        }
         match op.kind {
             OpKind::Read => {
                 let bytes = match (&op.read_buf, state) {
@@ -510,22 +706,21 @@ unsafe extern "C" fn get_payload(slf: *mut PyObject, _: *mut c_void) -> *mut PyO
                     },
                 }
             }
-            OpKind::Write => {
-                let obj = {
-                    let _g = op.lock.lock();
-                    // SAFETY: `view` is accessed under `lock`; `obj` is NULL
-                    // or the exporter, kept alive by the export; the incref
-                    // needs no Python call.
-                    unsafe {
-                        let p = (*op.view.get()).obj;
-                        (!p.is_null()).then(|| Owned::from_borrowed(p))
-                    }
-                };
-                Ok(obj.unwrap_or_else(none))
+            // The caller's object (thread_aio: until delivered).
+            OpKind::Write if op.flavor().drop_write_payload && state == OpState::Done => Ok(none()),
+            OpKind::Write | OpKind::ReadV | OpKind::WriteV => {
+                Ok(op.caller_obj.clone().unwrap_or_else(none))
             }
             OpKind::Fsync | OpKind::Fdsync => Ok(none()),
         }
     })
+}
+
+/// # Safety
+/// A method, property or slot of an Operation type called by CPython: attached,
+/// `slf` one of our Operations, the arguments CPython's.
+unsafe extern "C" fn get_borrows_buffer(slf: *mut PyObject, _: *mut c_void) -> *mut PyObject {
+    getter_of(slf, |op| Ok(py_bool(op.borrows_buffer)))
 }
 
 /// # Safety
@@ -564,12 +759,21 @@ unsafe extern "C" fn get_priority(slf: *mut PyObject, _: *mut c_void) -> *mut Py
 /// release the export at any time on free-threaded builds).
 fn repr_buffer(op: &Operation) -> usize {
     match op.kind {
-        OpKind::Read => op.read_data() as usize,
-        OpKind::Write => {
+        OpKind::Read if !op.is_readinto() => op.read_data() as usize,
+        OpKind::Read | OpKind::Write => {
             let _g = op.lock.lock();
             // SAFETY: `view` is read under `lock`, which `finish` holds
             // while it releases the export.
             unsafe { op.payload_ptr() as usize }
+        }
+        OpKind::ReadV | OpKind::WriteV => {
+            let _g = op.lock.lock();
+            // SAFETY: `vectored` is read under `lock`, which `finish` holds
+            // while it takes the vector out.
+            match unsafe { &*op.vectored.get() } {
+                Some(v) => v.iovecs().0 as usize,
+                None => 0,
+            }
         }
         OpKind::Fsync | OpKind::Fdsync => 0,
     }
@@ -601,7 +805,7 @@ unsafe extern "C" fn op_repr(slf: *mut PyObject) -> *mut PyObject {
             "<{} at {:#x}: mode=\"{}\", fd={}, offset={}{}, buffer={}>",
             name,
             slf as usize,
-            op.kind.mode(),
+            op.mode(),
             op.fd,
             offset,
             result,
@@ -635,6 +839,18 @@ unsafe extern "C" fn op_traverse(slf: *mut PyObject, visit: visitproc, arg: *mut
             let r = visit(exporter, arg);
             if r != 0 {
                 return r;
+            }
+        }
+        let r = visit_opt(&op.caller_obj, visit, arg);
+        if r != 0 {
+            return r;
+        }
+        if let Some(v) = &*op.vectored.get() {
+            for exporter in v.exporters() {
+                let r = visit(exporter, arg);
+                if r != 0 {
+                    return r;
+                }
             }
         }
         visit(Py_TYPE(slf).cast(), arg)
@@ -674,6 +890,8 @@ unsafe extern "C" fn op_dealloc(slf: *mut PyObject) {
                 PyBuffer_Release(op.view.get());
             }
             drop(op.read_buf.take());
+            drop(op.caller_obj.take());
+            drop((*op.vectored.get()).take());
             op.free_bounce();
             let tp = Py_TYPE(slf);
             if let Some(free) = (*tp).tp_free {
@@ -709,7 +927,32 @@ fn type_spec(fl: &'static Flavor) -> TypeSpec {
         c"write",
         op_write,
         METH_CLASS,
-        c"write($type, payload_bytes, fd, offset=0, priority=0)\n--\n\nA write of payload_bytes at offset.",
+        c"write($type, payload_bytes, fd, offset=0, priority=0)\n--\n\nA write of payload_bytes (any \
+C-contiguous buffer, used in place) at offset.",
+    ))
+    .method(fastcall(
+        c"readinto",
+        op_readinto,
+        METH_CLASS,
+        c"readinto($type, buffer, fd, offset=0, priority=0)\n--\n\nA read into buffer (a writable \
+C-contiguous buffer: bytearray, memoryview, mmap, array) at offset, without copying. get_value() \
+is the number of bytes read. The buffer export is held until the operation completes.",
+    ))
+    .method(fastcall(
+        c"readv",
+        op_readv,
+        METH_CLASS,
+        c"readv($type, buffers, fd, offset=0, priority=0)\n--\n\nOne vectored read (preadv) into \
+buffers (a sequence of at most 1024 writable C-contiguous buffers, filled in order) at offset. \
+get_value() is the number of bytes read.",
+    ))
+    .method(fastcall(
+        c"writev",
+        op_writev,
+        METH_CLASS,
+        c"writev($type, buffers, fd, offset=0, priority=0)\n--\n\nOne vectored write (pwritev) of \
+buffers (a sequence of at most 1024 C-contiguous buffers, in order) at offset. get_value() is the \
+number of bytes written.",
     ))
     .method(fastcall(
         c"fsync",
@@ -752,7 +995,12 @@ instead of calling a callback. For asyncio adapters whose completions are delive
         get_nbytes,
         c"requested (or, once done, transferred) byte count",
     )
-    .getter(c"payload", get_payload, c"read buffer or write payload");
+    .getter(c"payload", get_payload, c"read buffer or write payload")
+    .getter(
+        c"_borrows_buffer",
+        get_borrows_buffer,
+        c"whether the engine uses memory the caller may change (the Python awaiting path waits for the engine on cancel)",
+    );
     if fl.has_result_error {
         t = t
             .getter(c"result", get_result, c"raw result once done")

@@ -68,6 +68,10 @@ unsafe fn execute_once(op: &Operation) -> i64 {
             OpKind::Write => sys::pwrite(fd, io.ptr, io.len, offset),
             OpKind::Fsync => sys::fsync(fd),
             OpKind::Fdsync => sys::fdatasync(fd),
+            OpKind::ReadV | OpKind::WriteV => {
+                let (iov, count) = op.iovecs();
+                sys::prwv(fd, iov, count, offset, op.kind == OpKind::WriteV)
+            }
         }
     }
 }

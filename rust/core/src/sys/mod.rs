@@ -8,7 +8,7 @@ pub mod kernel;
 pub mod pio;
 pub mod wake;
 
-pub use pio::{fdatasync, fsync, neg, pread, pread_nowait, pwrite, MAX_TRANSFER};
+pub use pio::{fdatasync, fsync, neg, pread, pread_nowait, prwv, pwrite, IoVec, MAX_TRANSFER};
 pub use wake::WakeFd;
 
 /// errno of the last failed libc call on this thread.

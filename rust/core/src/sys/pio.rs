@@ -14,7 +14,7 @@ pub fn neg(errno: i32) -> i64 {
 
 #[cfg(unix)]
 mod imp {
-    use super::{neg, MAX_TRANSFER};
+    use super::{neg, IoVec, MAX_TRANSFER};
     use crate::sys::last_errno;
 
     /// A successful `ssize_t` result (never negative here) as `i64`.
@@ -54,6 +54,34 @@ mod imp {
             // contract).
             let r = unsafe {
                 libc::pwrite(fd, buf.cast(), len.min(MAX_TRANSFER), offset as libc::off_t)
+            };
+            if r >= 0 {
+                return count(r);
+            }
+            let e = last_errno();
+            if e != libc::EINTR {
+                return neg(e);
+            }
+        }
+    }
+
+    /// `preadv` (`write == false`) or `pwritev` of `count` iovecs at
+    /// `offset`; bytes moved or `-errno`.
+    ///
+    /// # Safety
+    /// `iov` points to `count` iovecs, each valid for its length (writes
+    /// for a read, reads for a write).
+    pub unsafe fn prwv(fd: i32, iov: *const IoVec, iovcnt: usize, offset: i64, write: bool) -> i64 {
+        let n = libc::c_int::try_from(iovcnt).unwrap_or(libc::c_int::MAX);
+        loop {
+            // SAFETY: `IoVec` has `struct iovec`'s layout; the vector and
+            // its buffers are valid (caller's contract).
+            let r = unsafe {
+                if write {
+                    libc::pwritev(fd, iov.cast(), n, offset as libc::off_t)
+                } else {
+                    libc::preadv(fd, iov.cast(), n, offset as libc::off_t)
+                }
             };
             if r >= 0 {
                 return count(r);
@@ -285,9 +313,52 @@ mod imp {
     pub fn fdatasync(fd: i32) -> i64 {
         fsync(fd)
     }
+
+    /// No vectored positional I/O on Windows: the buffers in turn, stopping
+    /// at a short transfer (not atomic, unlike `preadv`/`pwritev`).
+    ///
+    /// # Safety
+    /// As for the Unix version.
+    pub unsafe fn prwv(
+        fd: i32,
+        iov: *const super::IoVec,
+        count: usize,
+        offset: i64,
+        write: bool,
+    ) -> i64 {
+        let mut total: i64 = 0;
+        for i in 0..count {
+            // SAFETY: `i < count` (caller's contract: `count` iovecs).
+            let v = unsafe { &*iov.add(i) };
+            // SAFETY: each buffer is valid for its length (caller's contract).
+            let r = unsafe {
+                if write {
+                    pwrite(fd, v.base, v.len, offset + total)
+                } else {
+                    pread(fd, v.base, v.len, offset + total)
+                }
+            };
+            if r < 0 {
+                return if total > 0 { total } else { r };
+            }
+            total += r;
+            if usize::try_from(r).unwrap_or(0) < v.len {
+                break;
+            }
+        }
+        total
+    }
 }
 
-pub use imp::{fdatasync, fsync, pread, pwrite};
+/// One buffer of a vectored transfer, laid out as the C `struct iovec`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IoVec {
+    pub base: *mut u8,
+    pub len: usize,
+}
+
+pub use imp::{fdatasync, fsync, pread, prwv, pwrite};
 
 /// `preadv2(fd, [buf, len], offset, RWF_NOWAIT)`: reads only what the page
 /// cache can give without blocking. Returns bytes read (possibly short), or
