@@ -2,10 +2,14 @@
 
 The per-operation path is native (``caio.linux_uring._AsyncioBase``):
 ``read``/``write``/``fsync``/``fdsync``/``submit`` build the Operation at call
-time and return an awaitable that stages the SQE and enters the kernel. A
-page-cache hit completes inside that ``io_uring_enter`` and the awaitable
-returns its value without suspending the task; anything else waits on a
-future that the eventfd reader resolves straight from the completion ring.
+time and return an awaitable that hands it to the engine. A read of at most
+64 KiB is first tried from the page cache with ``preadv2(RWF_NOWAIT)``: a hit
+returns its value without suspending the task and without touching the ring.
+Buffered writes, fsyncs and reads above 64 KiB up to 1 MiB (on a machine with
+more than one CPU) run on a native worker pool; everything else stages an SQE
+and enters the kernel. Anything that did not complete at once waits on a
+future that the eventfd reader resolves (ring and pool share the eventfd).
+DESIGN.md §7.2 has the rules and the measurements behind them.
 
 ``deferred=True`` (plain ring) instead stages the SQEs of one loop iteration
 and submits them with a single ``io_uring_enter``. ``sqpoll=True`` asks for a

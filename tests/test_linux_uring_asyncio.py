@@ -577,6 +577,45 @@ def test_inline_completion_spends_no_loop_iteration(loop, run, fd):
         ctx.close()
 
 
+@pytest.mark.parametrize("kw", [{}, {"sqpoll": True}])
+def test_page_cache_hit_never_touches_the_ring(loop, run, fd, kw):
+    # DESIGN.md §7.2: a cached read of at most 64 KiB is served by
+    # preadv2(RWF_NOWAIT) on the loop thread - no SQE, no enter, no CQE, so
+    # the ring's eventfd (signalled by every CQE) stays quiet. Data and short
+    # reads are still right; an uncached or larger read still uses the ring.
+    import select
+
+    data = os.urandom(3 * 65536 + 100)
+    os.pwrite(fd, data, 0)
+    os.fsync(fd)
+    ctx = AsyncioContext(8, loop=loop, **kw)
+    efd = ctx.context.fileno
+
+    def signalled():
+        return bool(select.select([efd], [], [], 0)[0])
+
+    async def main():
+        assert not signalled()
+        got = []
+        for i in range(10):  # fewer than MAX_SYNC_STREAK: no loop turn
+            got.append(await ctx.read(4096, fd, i * 4096))
+        got.append(await ctx.read(65536, fd, 65536))
+        got.append(await ctx.read(4096, fd, 3 * 65536))  # short: end of file
+        quiet = not signalled()
+        big = await ctx.read(3 * 65536, fd, 0)  # above the inline limit
+        return got, quiet, big
+
+    try:
+        got, quiet, big = run(main())
+        assert quiet
+        assert got[:10] == [data[i * 4096 : (i + 1) * 4096] for i in range(10)]
+        assert got[10] == data[65536:131072]
+        assert got[11] == data[3 * 65536 :]
+        assert big == data[: 3 * 65536]
+    finally:
+        ctx.close()
+
+
 def test_back_to_inline_after_asynchronous_completions(loop, run, fd, pipe):
     # An op that does not complete inline switches submission to batches
     # (one enter per loop iteration); a batch that completes inline switches
@@ -605,6 +644,123 @@ def test_back_to_inline_after_asynchronous_completions(loop, run, fd, pipe):
         assert run(main()) == []
     finally:
         ctx.close()
+
+
+def _caio_workers():
+    """Threads of caio's native worker pools (kernel ``comm`` names)."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass
+    return names.count("caio-worker")
+
+
+def test_buffered_writes_and_fsyncs_run_on_workers(loop, run, fd, pipe):
+    # DESIGN.md §7.2: buffered writes (io_uring punts them to io-wq on ext4)
+    # and the fsyncs that must cover them go to core's worker pool, started
+    # on first use and stopped with the Context; reads stay inline/on the
+    # ring, and so do writes to a pipe (not a regular file).
+    before = _caio_workers()
+    ctx = AsyncioContext(16, loop=loop)
+    r, w = pipe
+
+    async def main():
+        assert await ctx.read(10, fd, 0) == b""
+        started = _caio_workers()
+        data = [os.urandom(4096) for _ in range(32)]
+        got = await asyncio.gather(
+            *(ctx.write(d, fd, i * 4096) for i, d in enumerate(data)),
+            ctx.fsync(fd),
+            ctx.fdsync(fd),
+        )
+        assert await ctx.write(b"pipe", w, -1) == 4
+        # Not a regular file: the ring (stream semantics), never a pwrite's
+        # ESPIPE from a worker.
+        assert await ctx.write(b"+0", w, 0) == 2
+        return started, got, data
+
+    try:
+        started, got, data = run(main())
+        assert started == before
+        assert _caio_workers() > before
+        assert got == [4096] * 32 + [None, None]
+        assert os.pread(fd, 32 * 4096, 0) == b"".join(data)
+        assert os.read(r, 10) == b"pipe+0"
+    finally:
+        ctx.close()
+    context = ctx.context
+    ctx = None
+    del context
+    deadline = time.monotonic() + 5
+    while _caio_workers() > before and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.02)
+    assert _caio_workers() == before
+
+
+_COPY_RULE_SCRIPT = r"""
+import asyncio, os, sys
+from caio import linux_uring_asyncio
+
+def workers():
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass
+    return names.count("caio-worker")
+
+fd = os.open(sys.argv[1], os.O_RDONLY)
+data = os.pread(fd, 3 << 20, 0)
+
+async def main():
+    ctx = linux_uring_asyncio.AsyncioContext(8)
+    try:
+        assert await ctx.read(65536, fd, 4096) == data[4096 : 4096 + 65536]
+        assert await ctx.read(2 << 20, fd, 8192) == data[8192 : 8192 + (2 << 20)]
+        loop_sized = workers()
+        mid = await asyncio.gather(*(ctx.read(256 << 10, fd, i << 18) for i in range(8)))
+        assert mid == [data[i << 18 : (i + 1) << 18] for i in range(8)]
+        assert await ctx.read(1 << 20, fd, (2 << 20) + 100) == data[(2 << 20) + 100 :]
+        print(loop_sized, workers())
+    finally:
+        ctx.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("cpus", ["2", "1"])
+def test_mid_size_reads_are_copied_by_workers_when_a_core_is_free(path, cpus):
+    # DESIGN.md §7.2, the copy rule: reads above 64 KiB and up to 1 MiB are
+    # copied by a worker on another core while one is available to the
+    # process (measured; here forced through the test hook), else on the
+    # loop thread; 64 KiB and less, and more than 1 MiB, always on the loop
+    # thread (inline page-cache read / the ring).
+    import subprocess
+    import sys
+
+    if not linux_uring._TEST_HOOKS:
+        pytest.skip("needs a build with the test hooks")
+    with open(path, "wb") as f:
+        f.write(os.urandom(3 << 20))
+    env = dict(os.environ, CAIO_TEST_URING_SPARE_CPUS=cpus)
+    out = subprocess.run(
+        [sys.executable, "-c", _COPY_RULE_SCRIPT, path],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    loop_sized, after = map(int, out.stdout.split())
+    assert loop_sized == 0
+    assert (after > 0) == (cpus == "2")
 
 
 def test_loop_with_own_create_future(run, fd, pipe):

@@ -24,7 +24,8 @@
 use std::sync::atomic::Ordering;
 
 use caio_core::aio::{Adapter, Engine};
-use caio_core::op::as_op;
+use caio_core::op::{self, as_op, OpKind, Operation};
+use caio_core::pool;
 use caio_core::py::{Exc, PyErr, PyResult};
 use caio_core::pyo3_ffi::*;
 
@@ -33,6 +34,26 @@ use crate::ring::StageError;
 
 /// Largest automatic batch (SQEs per `io_uring_enter`), see `submit`.
 const BATCH_MAX: usize = 4;
+
+/// Reads of at most this many bytes are first tried from the page cache on
+/// the loop thread (`preadv2(RWF_NOWAIT)`, core's `pool::try_read_inline`),
+/// as thread_aio's adapter does (`INLINE_READ_MAX`).
+const INLINE_READ_MAX: u64 = crate::workers::COPY_ON_LOOP_MAX;
+
+/// Whether `submit` first tries `o` as a non-blocking page-cache read: a
+/// read of at most [`INLINE_READ_MAX`] bytes, unless `deferred=True` asked
+/// for every operation of an iteration to go to the ring in one enter,
+/// while submissions are not batched (the last ones were not page-cache
+/// hits: a cold file, where the attempt would only be refused) and on an fd
+/// the ring does not know to be `O_DIRECT` (no page cache to hit, only an
+/// `EINVAL`).
+fn tries_inline(a: &Adapter, c: &crate::Context, o: &Operation) -> bool {
+    o.kind == OpKind::Read
+        && o.nbytes <= INLINE_READ_MAX
+        && !a.deferred()
+        && !c.batching.load(Ordering::Relaxed)
+        && !c.ring().knows_direct(o.fd_i32())
+}
 
 pub(crate) static ENGINE: Engine = Engine {
     submit,
@@ -55,9 +76,56 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     // SAFETY: `ctx_obj` is a Context (hook contract).
     let c = unsafe { ctx(ctx_obj) };
     let _u = c.enter()?;
-    // SAFETY: attached; `op` is an Operation; `ctx_obj` owns the ring (hook
-    // contract).
-    let mut staged = unsafe { c.ring().stage(&[op], ctx_obj) };
+    // SAFETY: `op` is an Operation (hook contract).
+    let o = unsafe { as_op(op) };
+    if !a.deferred()
+        && c.workers()
+            .takes(o, c.ring().sqpoll, |fd| c.ring().knows_direct(fd))
+    {
+        // A buffered write (or an fsync behind such writes), or a mid-size
+        // read: the pool (`workers`).
+        if !o.try_claim() {
+            return Ok(false);
+        }
+        // SAFETY: attached, and `o` was claimed just now by this call.
+        unsafe { op::begin(o, ctx_obj) };
+        if let Err(e) = c.workers().submit(op.cast()) {
+            // SAFETY: begun above; the pool did not take it.
+            unsafe { op::abort(o) };
+            return Err(e);
+        }
+        return Ok(true);
+    }
+    let mut staged = if tries_inline(a, c, o) {
+        if !o.try_claim() {
+            return Ok(false);
+        }
+        // SAFETY: attached, and `o` was claimed just now by this call.
+        unsafe { op::begin(o, ctx_obj) };
+        // Page-cache hit: done right here, without SQE, enter or CQE.
+        // SAFETY: claimed and begun by this call and not handed to the ring
+        // yet, so nobody else finishes it; attached for `finish`.
+        match unsafe { pool::try_read_inline(o) } {
+            // ESPIPE: a pipe, socket or FIFO (positional reads do not
+            // apply), which the ring reads as a stream.
+            Some(res) if res != -i64::from(libc::ESPIPE) => {
+                // SAFETY: as above: in flight, ours alone, attached.
+                unsafe { op::finish(op.cast(), res) }.run();
+                return Ok(true);
+            }
+            _ => {}
+        }
+        // SAFETY: attached; claimed and begun above for this ring's
+        // Context, not handed to any engine.
+        match unsafe { c.ring().stage_claimed(op) } {
+            None => (1, None),
+            err => (0, err),
+        }
+    } else {
+        // SAFETY: attached; `op` is an Operation; `ctx_obj` owns the ring
+        // (hook contract).
+        unsafe { c.ring().stage(&[op], ctx_obj) }
+    };
     if let (_, Some(StageError::Full)) = staged {
         // The admission gate keeps in-flight ops below the ring size, but
         // SQEs of cancelled ops (and cancel SQEs) may still sit in a batch
@@ -103,8 +171,7 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     c.submit_or_retry()?;
     // SAFETY: attached (hook contract).
     unsafe { c.deliver(usize::MAX) };
-    // SAFETY: `op` is an Operation (hook contract).
-    if unsafe { as_op(op) }.state() != caio_core::op::OpState::Done && !c.ring().sqpoll {
+    if o.state() != caio_core::op::OpState::Done && !c.ring().sqpoll {
         // Not a page-cache hit: completions are coming through the event
         // loop now, batch the next submissions.
         c.batching.store(true, Ordering::Relaxed);
@@ -148,7 +215,7 @@ unsafe fn loop_events(a: &Adapter) -> PyResult<usize> {
     let _u = c.enter()?;
     c.ring().consume_eventfd();
     // SAFETY: attached (hook contract).
-    let n = unsafe { c.deliver(usize::MAX) };
+    let n = unsafe { c.deliver(usize::MAX) + c.workers().deliver() };
     if c.ring().sqpoll {
         if c.ring().staged() > 0 {
             // A wake-up of the SQ thread may have been refused: again.
@@ -176,6 +243,10 @@ unsafe fn cancel(a: &Adapter, op: *mut PyObject) {
     let Ok(_u) = c.enter() else {
         return;
     };
+    // SAFETY: attached (hook contract).
+    if unsafe { c.workers().cancel(op.cast()) } {
+        return;
+    }
     // SAFETY: `op` is an Operation (hook contract).
     let _ = c.ring().cancel(unsafe { as_op(op) });
 }
@@ -207,8 +278,11 @@ unsafe fn shutdown(a: &Adapter, deadline: std::time::Instant) -> bool {
         rounds += 1;
         ring.consume_eventfd();
         // SAFETY: attached (hook contract).
-        unsafe { c.deliver(usize::MAX) };
-        if ring.in_flight() == 0 {
+        unsafe {
+            c.deliver(usize::MAX);
+            c.workers().deliver();
+        }
+        if ring.in_flight() == 0 && c.workers().in_flight() == 0 {
             return true;
         }
         if !caio_core::aio::wait_readable_until(ring.eventfd(), deadline, 20) {

@@ -1,8 +1,9 @@
 //! Closing a Context's ring before the Context object goes: the asyncio
-//! adapter's close once idle (DESIGN.md §5.6) gives the io_uring instance and
-//! its eventfd back at once (`Context._close()`), instead of when the garbage
-//! collector frees the Context — never, while a traceback or a closure still
-//! references the adapter.
+//! adapter's close once idle (DESIGN.md §5.6) gives the io_uring instance, the
+//! adapter's worker pool and the eventfd they share back at once
+//! (`Context._close()`), instead of when the garbage collector frees the
+//! Context — never, while a traceback or a closure still references the
+//! adapter.
 //!
 //! Every use of the ring happens inside a [`RingUse`] (taken by each method
 //! and engine hook on entry). Closing marks the slot closed; the ring is
@@ -18,13 +19,22 @@ use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::ring::Ring;
+use crate::workers::Workers;
+
+/// What a Context closes as one: the ring and the adapter's worker pool,
+/// which owns the eventfd the ring signals (dropped in this order: the ring
+/// lets go of the eventfd before the pool's completion queue closes it).
+pub(crate) struct Engines {
+    pub(crate) ring: Ring,
+    pub(crate) workers: Workers,
+}
 
 /// `uses`: closed flag (top bit) plus the number of live [`RingUse`]s.
 const CLOSED: u64 = 1 << 63;
 
 /// The ring of a Context, closable while the Context lives on.
 pub(crate) struct RingSlot {
-    ring: UnsafeCell<ManuallyDrop<Ring>>,
+    ring: UnsafeCell<ManuallyDrop<Engines>>,
     uses: AtomicU64,
     released: AtomicBool,
 }
@@ -35,9 +45,9 @@ pub(crate) struct RingSlot {
 unsafe impl Sync for RingSlot {}
 
 impl RingSlot {
-    pub(crate) fn new(ring: Ring) -> RingSlot {
+    pub(crate) fn new(engines: Engines) -> RingSlot {
         RingSlot {
-            ring: UnsafeCell::new(ManuallyDrop::new(ring)),
+            ring: UnsafeCell::new(ManuallyDrop::new(engines)),
             uses: AtomicU64::new(0),
             released: AtomicBool::new(false),
         }
@@ -66,7 +76,7 @@ impl RingSlot {
     ///
     /// # Safety
     /// A [`RingUse`] of this slot is alive while the result is used.
-    pub(crate) unsafe fn get_unchecked(&self) -> &Ring {
+    pub(crate) unsafe fn get_unchecked(&self) -> &Engines {
         // SAFETY: a live use keeps the ring from being released (contract
         // above); nothing else ever mutates the cell.
         unsafe { &*self.ring.get() }
@@ -77,7 +87,9 @@ impl RingSlot {
             // SAFETY: closed and no use alive (callers: `close` saw none,
             // or the last use just ended), so nobody borrows the ring and
             // nobody can any more; `released` makes this the only drop.
-            // Dropping unmaps the rings and closes the ring fd and eventfd.
+            // Dropping unmaps the rings and closes the ring fd, then the
+            // pool's completion queue closes the eventfd (its threads were
+            // stopped by `Context._close()` or `ContextState::release`).
             unsafe { ManuallyDrop::drop(&mut *self.ring.get()) };
         }
     }
@@ -103,7 +115,15 @@ impl Deref for RingUse<'_> {
 
     fn deref(&self) -> &Ring {
         // SAFETY: this use is alive.
-        unsafe { self.0.get_unchecked() }
+        unsafe { &self.0.get_unchecked().ring }
+    }
+}
+
+impl RingUse<'_> {
+    /// The adapter's worker pool, alive as long as this use.
+    pub(crate) fn workers(&self) -> &Workers {
+        // SAFETY: this use is alive.
+        unsafe { &self.0.get_unchecked().workers }
     }
 }
 

@@ -34,9 +34,12 @@ mod close;
 mod direct;
 mod probe;
 mod ring;
+mod spare;
+mod workers;
 
-use close::{RingSlot, RingUse};
+use close::{Engines, RingSlot, RingUse};
 use ring::{Ring, SetupError};
+use workers::Workers;
 
 /// The module's Operation type (`caio_core::op`), as linux_uring has it.
 static FLAVOR: Flavor = Flavor {
@@ -67,7 +70,9 @@ pub(crate) struct Context {
     /// asyncio adapter (plain ring): the last submissions did not complete
     /// inline, so new ones are batched per loop iteration (one enter).
     pub(crate) batching: AtomicBool,
-    /// Closable before the Context goes (`_close()`, see `close`).
+    /// The ring and the asyncio adapter's worker pool (which owns the
+    /// eventfd they share), closable before the Context goes (`_close()`,
+    /// see `close`).
     ring: RingSlot,
 }
 
@@ -87,7 +92,14 @@ impl Context {
     /// released.
     pub(crate) fn ring(&self) -> &Ring {
         // SAFETY: see above: a use is alive.
-        unsafe { self.ring.get_unchecked() }
+        unsafe { &self.ring.get_unchecked().ring }
+    }
+
+    /// The asyncio adapter's worker pool (`workers`); the same rule as
+    /// [`Context::ring`].
+    pub(crate) fn workers(&self) -> &Workers {
+        // SAFETY: see `ring`: a use is alive.
+        unsafe { &self.ring.get_unchecked().workers }
     }
 
     /// Hands staged SQEs to the kernel; big batches with the GIL released.
@@ -215,14 +227,16 @@ impl ContextState for Context {
         };
         // One spare entry: SQPOLL's lag and the cancel SQE of an op never
         // push a full `max_requests` load into "ring full".
-        let ring = Ring::new(u64::from(max_requests) + 1, sqpoll)
+        let workers = Workers::new()
+            .map_err(|e| PyErr::Errno(Exc::SystemError, e.raw_os_error().unwrap_or(libc::EIO)))?;
+        let ring = Ring::new(u64::from(max_requests) + 1, sqpoll, workers.eventfd())
             .map_err(|SetupError(errno)| PyErr::Errno(Exc::SystemError, errno))?;
         Ok(Context {
             max_requests,
             born: Stamp::now(),
             flush_scheduled: AtomicBool::new(false),
             batching: AtomicBool::new(false),
-            ring: RingSlot::new(ring),
+            ring: RingSlot::new(Engines { ring, workers }),
         })
     }
 
@@ -232,6 +246,14 @@ Context (or AsyncioContext) in the child";
 
     fn born(&self) -> Stamp {
         self.born
+    }
+
+    /// Stops the adapter's worker threads, if it started any (and the ring
+    /// is still open: `_close()` stopped them otherwise).
+    unsafe fn release(&self) {
+        if let Some(u) = self.ring.enter() {
+            u.workers().release(!self.born.is_current());
+        }
     }
 
     /// DESIGN.md §4.1: every argument is checked before anything is claimed.
@@ -519,8 +541,9 @@ unsafe fn ctx_loop_events(slf: *mut PyObject) -> PyResult<Owned> {
     let c = unsafe { ctx(slf) };
     let _u = c.enter()?;
     c.ring().consume_eventfd();
-    // SAFETY: attached (contract above).
-    py_usize(unsafe { c.deliver(usize::MAX) })
+    // SAFETY: attached (contract above). The worker results of the asyncio
+    // adapter's pool share the eventfd just consumed (`workers`).
+    py_usize(unsafe { c.deliver(usize::MAX) + c.workers().deliver() })
 }
 
 /// `Context._close()` (the asyncio adapter's close once idle, DESIGN.md §5.6):
@@ -545,9 +568,12 @@ unsafe fn ctx_close(slf: *mut PyObject) -> PyResult<Owned> {
         // with the object.
         return Ok(py_bool(false));
     }
-    if u.in_flight() > 0 {
+    if u.in_flight() > 0 || u.workers().in_flight() > 0 {
         return Ok(py_bool(false));
     }
+    // Idle: the pool's threads (if it started any) end now; the eventfd goes
+    // with the slot.
+    u.workers().release(false);
     c.ring.close();
     drop(u); // the ring is released here unless another use is running
     Ok(py_bool(true))

@@ -167,7 +167,11 @@ impl Ring {
     /// `entries` SQ slots requested (the kernel rounds up to a power of two).
     /// Setup flags are tried in order; EINVAL/EPERM/EACCES move on to the
     /// next set (older kernels, SQPOLL not permitted), anything else fails.
-    pub fn new(entries: u64, sqpoll: bool) -> Result<Ring, SetupError> {
+    /// `eventfd` (a non-blocking eventfd) is registered to signal every
+    /// posted CQE; it stays the caller's (it must outlive the ring and is
+    /// not closed by it), so it can be shared with another completion
+    /// source (`workers`).
+    pub fn new(entries: u64, sqpoll: bool, eventfd: i32) -> Result<Ring, SetupError> {
         let Ok(entries) = u32::try_from(entries) else {
             return Err(SetupError(libc::EINVAL));
         };
@@ -203,16 +207,10 @@ impl Ring {
         let Some((uring, sqpoll)) = built else {
             return Err(SetupError(last));
         };
-        // SAFETY: eventfd(2) takes no pointer.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(SetupError(caio_core::sys::last_errno()));
-        }
+        let efd = eventfd;
         raise_bounded_workers(&uring, entries);
         // The plain variant: every posted CQE (inline ones included) signals.
         if let Err(e) = uring.submitter().register_eventfd(efd) {
-            // SAFETY: `efd` is ours and shared with nobody yet.
-            unsafe { libc::close(efd) };
             return Err(SetupError(errno_of(&e)));
         }
         Ok(Ring {
@@ -257,6 +255,43 @@ impl Ring {
         ops: &[*mut PyObject],
         ctx: *mut PyObject,
     ) -> (usize, Option<StageError>) {
+        let take = |o: &Operation| {
+            if !o.try_claim() {
+                return false; // in flight elsewhere, listed twice, or done
+            }
+            // SAFETY: attached; `o` was claimed just now by this call.
+            unsafe { op::begin(o, ctx) };
+            true
+        };
+        // SAFETY: forwarded contract; `take` claims and begins.
+        unsafe { self.stage_with(ops, take) }
+    }
+
+    /// Stages one op the caller has already claimed and begun
+    /// (`op::begin`), e.g. after a non-blocking page-cache read did not
+    /// finish it. On a full ring or a failure the op is rolled back
+    /// (`op::abort`: `New` again) and the error returned.
+    ///
+    /// # Safety
+    /// Attached; `p` is one of this module's Operations, claimed and begun
+    /// by the caller for the Context owning this ring, and not handed to any
+    /// engine.
+    pub unsafe fn stage_claimed(&self, p: *mut PyObject) -> Option<StageError> {
+        // SAFETY: forwarded contract: the op is already claimed and begun.
+        unsafe { self.stage_with(&[p], |_| true) }.1
+    }
+
+    /// [`Ring::stage`]'s loop; `take` claims and begins an op (false: skip
+    /// it).
+    ///
+    /// # Safety
+    /// As for [`Ring::stage`]; after `take` returned true the op is claimed
+    /// and begun.
+    unsafe fn stage_with(
+        &self,
+        ops: &[*mut PyObject],
+        mut take: impl FnMut(&Operation) -> bool,
+    ) -> (usize, Option<StageError>) {
         let mut side = lock(&self.sq);
         // SAFETY: under the SQ lock (see the module doc).
         let mut sq = unsafe { self.uring.submission_shared() };
@@ -267,11 +302,9 @@ impl Ring {
             // SAFETY: every pointer is one of this module's Operations
             // (contract above).
             let o = unsafe { as_op(p) };
-            if !o.try_claim() {
-                continue; // in flight elsewhere, listed twice, or done
+            if !take(o) {
+                continue;
             }
-            // SAFETY: attached; `o` was claimed just now by this call.
-            unsafe { op::begin(o, ctx) };
             if sq.is_full() {
                 // SAFETY: begun above, never handed to the kernel.
                 unsafe { op::abort(o) };
@@ -321,6 +354,12 @@ impl Ring {
             self.staged_bytes.fetch_add(bytes, Ordering::Relaxed);
         }
         (accepted, err)
+    }
+
+    /// Whether this ring found `fd` to be open with O_DIRECT (no page cache
+    /// to read from without waiting: only an `EINVAL`).
+    pub fn knows_direct(&self, fd: i32) -> bool {
+        self.direct.contains(fd)
     }
 
     /// The ops staged since the kernel last took the SQ (see `recent`).
@@ -870,13 +909,10 @@ impl Drop for Ring {
     fn drop(&mut self) {
         // Unmaps the rings and closes the ring fd (the kernel cancels
         // whatever might still run). Also fine in a forked child: the
-        // mappings and fds dropped there are the child's own copies.
-        // SAFETY: dropped once, here, and never used again; the eventfd is
-        // ours.
-        unsafe {
-            ManuallyDrop::drop(&mut self.uring);
-            libc::close(self.eventfd);
-        }
+        // mappings and fds dropped there are the child's own copies. The
+        // eventfd is the owner's (see `Ring::new`), closed after this.
+        // SAFETY: dropped once, here, and never used again.
+        unsafe { ManuallyDrop::drop(&mut self.uring) };
     }
 }
 
