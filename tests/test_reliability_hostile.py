@@ -279,8 +279,11 @@ def test_operation_constructors(backend: RawBackend, hostile_fds: tuple[int, lis
             if backend.native:
                 assert 0 <= n < 2**63
         if method == "write":
-            assert isinstance(given_["payload_bytes"], bytes)
-            assert op.nbytes == len(given_["payload_bytes"])
+            # DESIGN.md §3.4: any C-contiguous buffer (bytes, bytearray,
+            # memoryview, ...); nbytes counts its bytes.
+            with memoryview(given_["payload_bytes"]) as view:
+                assert view.c_contiguous
+                assert op.nbytes == view.nbytes
         if "offset" in given_ and backend.native:
             o = as_int(given_["offset"])
             assert o is not None and -(2**63) <= o < 2**64, ("offset accepted", o)

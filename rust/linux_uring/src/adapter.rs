@@ -66,6 +66,24 @@ pub(crate) static ENGINE: Engine = Engine {
 // with `a` bound (in `_bind`) to a Context of this module, and `op` one of
 // this module's Operations. That is their `# Safety` contract.
 
+/// Claims and begins `o` for this adapter outside the ring's own staging
+/// (the inline read, the worker route); false if it was claimed already. A
+/// callback set on the op beforehand is dropped: the awaitable's future
+/// replaces it (DESIGN.md §5.2), before anything can deliver the op.
+///
+/// # Safety
+/// Attached; `o` is one of this module's Operations; `ctx_obj` its Context.
+unsafe fn claim(o: &Operation, ctx_obj: *mut PyObject) -> bool {
+    if !o.try_claim() {
+        return false;
+    }
+    // SAFETY: attached, and `o` was claimed just now by this call.
+    unsafe { op::begin(o, ctx_obj) };
+    // SAFETY: attached; claimed and begun, delivered by nobody yet.
+    unsafe { op::clear_callback(o) };
+    true
+}
+
 /// Stages `op` and, depending on the policy (module doc), enters the ring
 /// now or schedules a batch flush.
 ///
@@ -84,11 +102,10 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     {
         // A buffered write (or an fsync behind such writes), or a mid-size
         // read: the pool (`workers`).
-        if !o.try_claim() {
+        // SAFETY: attached; `o` is this module's Operation (hook contract).
+        if !unsafe { claim(o, ctx_obj) } {
             return Ok(false);
         }
-        // SAFETY: attached, and `o` was claimed just now by this call.
-        unsafe { op::begin(o, ctx_obj) };
         if let Err(e) = c.workers().submit(op.cast()) {
             // SAFETY: begun above; the pool did not take it.
             unsafe { op::abort(o) };
@@ -97,11 +114,10 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
         return Ok(true);
     }
     let mut staged = if tries_inline(a, c, o) {
-        if !o.try_claim() {
+        // SAFETY: attached; `o` is this module's Operation (hook contract).
+        if !unsafe { claim(o, ctx_obj) } {
             return Ok(false);
         }
-        // SAFETY: attached, and `o` was claimed just now by this call.
-        unsafe { op::begin(o, ctx_obj) };
         // Page-cache hit: done right here, without SQE, enter or CQE.
         // SAFETY: claimed and begun by this call and not handed to the ring
         // yet, so nobody else finishes it; attached for `finish`.
