@@ -37,20 +37,19 @@ use crate::py::Owned;
 use crate::sync::{AtomicState, SpinLock};
 
 pub mod buffer;
+mod construct;
 pub mod io;
 pub mod lifecycle;
 pub mod pytype;
 pub mod vectored;
 
+pub use construct::{new_read, new_readinto, new_sync, new_vectored, new_write};
 pub use io::IoTarget;
 pub use lifecycle::{
     abort, begin, clear_callback, finish, future, retire_unsent, set_callback,
     set_callback_if_pending, set_future, Delivery, Discarding,
 };
-pub use pytype::{
-    create_type, get_value, is_op, new_read, new_readinto, new_sync, new_vectored, new_write,
-    set_error_message_hook, ErrorMessageHook,
-};
+pub use pytype::{create_type, get_value, is_op, set_error_message_hook, ErrorMessageHook};
 
 crate::u8_state! {
     /// Where an operation is in its one-shot life.
