@@ -173,15 +173,19 @@ fn worker(shared: Arc<Shared>) {
             execute(&*op, Some(&shared.direct))
         }))
         .unwrap_or(crate::sys::neg(libc::EIO));
-        // A sync waiting for this write may run now (before this write's
-        // completion is even delivered).
+        // The syncs this write was the last to hold back (taken while the
+        // op is certainly alive: delivery may free it).
         // SAFETY: the job's live in-flight op.
-        shared.requeue(unsafe { shared.order.finished(op) });
+        let ready = unsafe { shared.order.finished(op) };
         match shared.completions.get() {
             Some(q) if shared.queued.load(Ordering::Acquire) => q.push(job, result),
             // SAFETY: the job's in-flight op; workers are never attached.
             _ => unsafe { deliver_direct(job, result) },
         }
+        // Only now may they run: the write's completion is queued (or
+        // delivered) first, so a sync is never seen to finish before a write
+        // it covers — also when another worker takes it at once.
+        shared.requeue(ready);
         OUTSTANDING.fetch_sub(1, Ordering::SeqCst);
     }
     delivery::worker_exit();
