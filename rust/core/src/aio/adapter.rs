@@ -443,6 +443,45 @@ static SUBMIT_PARAMS: Params = Params {
     keywords: true,
 };
 
+/// `op::new_read`, `new_write` or `new_readinto`: `(cls, object, fd, offset,
+/// priority)`.
+type OneBufferCtor = unsafe fn(
+    *mut PyObject,
+    Borrowed<'_>,
+    Borrowed<'_>,
+    Option<Borrowed<'_>>,
+    Option<Borrowed<'_>>,
+) -> PyResult<Owned>;
+
+/// The constructor of `read`, `write` or `readinto`: `(object, fd,
+/// offset=…, priority=…)` parsed with `params`, the op built by `ctor` on the
+/// module's Operation type, and its awaitable.
+///
+/// # Safety
+/// A method of our adapter type with CPython's vectorcall arguments.
+unsafe fn one_buffer_op(
+    slf: *mut PyObject,
+    params: &Params,
+    ctor: OneBufferCtor,
+    args: *const *mut PyObject,
+    nargsf: Py_ssize_t,
+    kwnames: *mut PyObject,
+) -> PyResult<Owned> {
+    // SAFETY: forwarded contract; `op_type` is the module's Operation type.
+    unsafe {
+        let [obj, fd, off, prio] = params.parse::<4>(args, nargsf, kwnames)?.0;
+        let a = adapter(slf);
+        let op = ctor(
+            a.op_type.as_ptr(),
+            Params::req(obj)?,
+            Params::req(fd)?,
+            off,
+            prio,
+        )?;
+        new_awaitable(a, op, None)
+    }
+}
+
 /// # Safety
 /// A method of `_AsyncioBase` called by CPython: attached, `slf` one of our
 /// adapters, the arguments CPython's.
@@ -454,19 +493,8 @@ unsafe extern "C" fn adapter_read(
 ) -> *mut PyObject {
     trampoline(|| {
         // SAFETY: a method of our adapter type with CPython's vectorcall
-        // arguments; `op_type` is the module's Operation type.
-        unsafe {
-            let [n, fd, off, prio] = READ_PARAMS.parse::<4>(args, nargsf, kwnames)?.0;
-            let a = adapter(slf);
-            let op = op::new_read(
-                a.op_type.as_ptr(),
-                Params::req(n)?,
-                Params::req(fd)?,
-                off,
-                prio,
-            )?;
-            new_awaitable(a, op, None)
-        }
+        // arguments.
+        unsafe { one_buffer_op(slf, &READ_PARAMS, op::new_read, args, nargsf, kwnames) }
     })
 }
 
@@ -481,18 +509,7 @@ unsafe extern "C" fn adapter_write(
 ) -> *mut PyObject {
     trampoline(|| {
         // SAFETY: as for `read`.
-        unsafe {
-            let [p, fd, off, prio] = WRITE_PARAMS.parse::<4>(args, nargsf, kwnames)?.0;
-            let a = adapter(slf);
-            let op = op::new_write(
-                a.op_type.as_ptr(),
-                Params::req(p)?,
-                Params::req(fd)?,
-                off,
-                prio,
-            )?;
-            new_awaitable(a, op, None)
-        }
+        unsafe { one_buffer_op(slf, &WRITE_PARAMS, op::new_write, args, nargsf, kwnames) }
     })
 }
 
@@ -512,16 +529,14 @@ unsafe extern "C" fn adapter_readinto(
     trampoline(|| {
         // SAFETY: as for `read`.
         unsafe {
-            let [b, fd, off, prio] = READINTO_PARAMS.parse::<4>(args, nargsf, kwnames)?.0;
-            let a = adapter(slf);
-            let op = op::new_readinto(
-                a.op_type.as_ptr(),
-                Params::req(b)?,
-                Params::req(fd)?,
-                off,
-                prio,
-            )?;
-            new_awaitable(a, op, None)
+            one_buffer_op(
+                slf,
+                &READINTO_PARAMS,
+                op::new_readinto,
+                args,
+                nargsf,
+                kwnames,
+            )
         }
     })
 }
