@@ -443,16 +443,6 @@ static SUBMIT_PARAMS: Params = Params {
     keywords: true,
 };
 
-/// `op::new_read`, `new_write` or `new_readinto`: `(cls, object, fd, offset,
-/// priority)`.
-type OneBufferCtor = unsafe fn(
-    *mut PyObject,
-    Borrowed<'_>,
-    Borrowed<'_>,
-    Option<Borrowed<'_>>,
-    Option<Borrowed<'_>>,
-) -> PyResult<Owned>;
-
 /// The constructor of `read`, `write` or `readinto`: `(object, fd,
 /// offset=…, priority=…)` parsed with `params`, the op built by `ctor` on the
 /// module's Operation type, and its awaitable.
@@ -462,22 +452,15 @@ type OneBufferCtor = unsafe fn(
 unsafe fn one_buffer_op(
     slf: *mut PyObject,
     params: &Params,
-    ctor: OneBufferCtor,
+    ctor: op::OneBufferCtor,
     args: *const *mut PyObject,
     nargsf: Py_ssize_t,
     kwnames: *mut PyObject,
 ) -> PyResult<Owned> {
     // SAFETY: forwarded contract; `op_type` is the module's Operation type.
     unsafe {
-        let [obj, fd, off, prio] = params.parse::<4>(args, nargsf, kwnames)?.0;
         let a = adapter(slf);
-        let op = ctor(
-            a.op_type.as_ptr(),
-            Params::req(obj)?,
-            Params::req(fd)?,
-            off,
-            prio,
-        )?;
+        let op = op::one_buffer(a.op_type.as_ptr(), params, ctor, args, nargsf, kwnames)?;
         new_awaitable(a, op, None)
     }
 }

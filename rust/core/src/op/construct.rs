@@ -102,6 +102,38 @@ static FDSYNC_PARAMS: Params = Params {
     keywords: true,
 };
 
+/// [`new_read`], [`new_write`] or [`new_readinto`]: `(cls, object, fd,
+/// offset, priority)`.
+pub type OneBufferCtor = unsafe fn(
+    *mut PyObject,
+    Borrowed<'_>,
+    Borrowed<'_>,
+    Option<Borrowed<'_>>,
+    Option<Borrowed<'_>>,
+) -> PyResult<Owned>;
+
+/// `read`, `write` or `readinto` from CPython's vectorcall arguments:
+/// `(object, fd, offset, priority)` parsed with `params` (the class method's
+/// or an adapter method's), the op built by `ctor` on `cls`.
+///
+/// # Safety
+/// Attached; `cls` is an Operation type created by
+/// [`create_type`](super::create_type); the arguments are CPython's vectorcall.
+pub unsafe fn one_buffer(
+    cls: *mut PyObject,
+    params: &Params,
+    ctor: OneBufferCtor,
+    args: *const *mut PyObject,
+    nargs: Py_ssize_t,
+    kw: *mut PyObject,
+) -> PyResult<Owned> {
+    // SAFETY: forwarded contract.
+    unsafe {
+        let [obj, fd, off, prio] = params.parse::<4>(args, nargs, kw)?.0;
+        ctor(cls, Params::req(obj)?, Params::req(fd)?, off, prio)
+    }
+}
+
 /// # Safety
 /// A class method of an Operation type called by CPython: attached, `cls` one
 /// of our Operation types, the arguments CPython's vectorcall.
@@ -114,10 +146,7 @@ pub(super) unsafe extern "C" fn op_read(
     trampoline(|| {
         // SAFETY: CPython's vectorcall arguments; `cls` is the class the
         // classmethod is bound to (one of our Operation types).
-        unsafe {
-            let [n, fd, off, prio] = READ_PARAMS.parse::<4>(args, nargs, kw)?.0;
-            new_read(cls, Params::req(n)?, Params::req(fd)?, off, prio)
-        }
+        unsafe { one_buffer(cls, &READ_PARAMS, new_read, args, nargs, kw) }
     })
 }
 
@@ -175,10 +204,7 @@ pub(super) unsafe extern "C" fn op_write(
     trampoline(|| {
         // SAFETY: CPython's vectorcall arguments; `cls` is one of our
         // Operation types.
-        unsafe {
-            let [p, fd, off, prio] = WRITE_PARAMS.parse::<4>(args, nargs, kw)?.0;
-            new_write(cls, Params::req(p)?, Params::req(fd)?, off, prio)
-        }
+        unsafe { one_buffer(cls, &WRITE_PARAMS, new_write, args, nargs, kw) }
     })
 }
 
@@ -201,10 +227,7 @@ pub(super) unsafe extern "C" fn op_readinto(
     trampoline(|| {
         // SAFETY: CPython's vectorcall arguments; `cls` is one of our
         // Operation types.
-        unsafe {
-            let [b, fd, off, prio] = READINTO_PARAMS.parse::<4>(args, nargs, kw)?.0;
-            new_readinto(cls, Params::req(b)?, Params::req(fd)?, off, prio)
-        }
+        unsafe { one_buffer(cls, &READINTO_PARAMS, new_readinto, args, nargs, kw) }
     })
 }
 

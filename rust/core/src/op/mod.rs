@@ -43,7 +43,9 @@ pub mod lifecycle;
 pub mod pytype;
 pub mod vectored;
 
-pub use construct::{new_read, new_readinto, new_sync, new_vectored, new_write};
+pub use construct::{
+    new_read, new_readinto, new_sync, new_vectored, new_write, one_buffer, OneBufferCtor,
+};
 pub use io::IoTarget;
 pub use lifecycle::{
     abort, begin, clear_callback, finish, future, retire_unsent, set_callback,
