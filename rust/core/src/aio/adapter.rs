@@ -498,7 +498,7 @@ unsafe extern "C" fn adapter_write(
 
 /// `readinto(buffer, fd, offset=0, priority=0)`: the bytes read into the
 /// caller's buffer. A cancelled awaiter resumes only once the engine is done
-/// with the buffer (`awaitable.rs`, DESIGN.md §5.5).
+/// with the buffer (`awaitable/cancel.rs`, DESIGN.md §5.5).
 ///
 /// # Safety
 /// A method of `_AsyncioBase` called by CPython: attached, `slf` one of our
