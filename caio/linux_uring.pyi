@@ -1,11 +1,12 @@
 """io_uring based AIO backend (Linux 5.6+)."""
 
 import asyncio
-from collections.abc import Callable, Coroutine, Generator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, final
 
 from typing_extensions import Buffer, Self, disjoint_base
 
+from . import _native
 from .abstract import AbstractContext, AbstractOperation
 
 # Whether this build honours the CAIO_TEST_* environment hooks (dev builds with
@@ -138,82 +139,13 @@ class Operation(AbstractOperation):
     def context(self) -> Context | None: ...
 
 @final
-class OperationAwaitable(Coroutine[Any, Any, Any]):
+class OperationAwaitable(_native.OperationAwaitableAPI[Operation]):
     """An operation in progress, as returned by the asyncio adapter's
     read/write/fsync/fdsync/submit: await it or wrap it in a task."""
 
-    @property
-    def operation(self) -> Operation: ...
-    # The operation kind and "AsyncioContext.<kind>", shown in task reprs.
-    @property
-    def __name__(self) -> str: ...
-    @property
-    def __qualname__(self) -> str: ...
-    def __await__(self) -> Generator[Any, None, Any]: ...
-    def send(self, value: Any, /) -> Any: ...
-    def throw(self, typ: Any, val: Any = ..., tb: Any = ..., /) -> Any: ...
-    def close(self) -> None: ...
-
 @disjoint_base
-class _AsyncioBase:
+class _AsyncioBase(_native.AsyncioBaseAPI[Context, OperationAwaitable]):
     """Native base of linux_uring_asyncio.AsyncioContext (the per-operation
     fast path)."""
 
-    def read(self, nbytes: int, fd: int, offset: int, priority: int = 0) -> OperationAwaitable: ...
-    def write(
-        self, payload: Buffer, fd: int, offset: int, priority: int = 0
-    ) -> OperationAwaitable: ...
-    def readinto(
-        self, buffer: Buffer, fd: int, offset: int = 0, priority: int = 0
-    ) -> OperationAwaitable: ...
-    def readv(
-        self, buffers: Sequence[Buffer], fd: int, offset: int = 0, priority: int = 0
-    ) -> OperationAwaitable: ...
-    def writev(
-        self, buffers: Sequence[Buffer], fd: int, offset: int = 0, priority: int = 0
-    ) -> OperationAwaitable: ...
-    def fsync(self, fd: int) -> OperationAwaitable: ...
-    def fdsync(self, fd: int) -> OperationAwaitable: ...
-    # As AsyncioContextBase.submit: anything but this backend's Operation
-    # raises ValueError when awaited.
-    def submit(self, op: AbstractOperation) -> OperationAwaitable: ...
-    def _bind(
-        self,
-        context: Context,
-        loop: asyncio.AbstractEventLoop,
-        max_requests: int,
-        deferred: bool,
-        engine_obj: Any = ...,
-    ) -> None: ...
-    def _process_loop_events(self) -> int: ...
-    def _loop_reader(self) -> Callable[[], int]: ...
-    def _close_native(self) -> None: ...
-    def _gate_state(self) -> tuple[int, int, int]: ...
-    def _released(self) -> bool: ...
-
-@final
-class _PathOps:
-    """The native runner of path operations (DESIGN.md §14), driven by
-    ``caio._pathops``."""
-
-    def __new__(cls, workers: int, inline_slice_ns: int, /) -> Self: ...
-    def submit(
-        self,
-        future: asyncio.Future[Any],
-        code: int,
-        name1: Any,
-        path1: bytes | None,
-        name2: Any,
-        path2: bytes | None,
-        fd1: int | None,
-        fd2: int | None,
-        a: int,
-        b: int,
-        c: int,
-        data: bytes | None,
-        /,
-    ) -> None: ...
-    def drain(self) -> int: ...
-    def fileno(self) -> int: ...
-    def in_flight(self) -> int: ...
-    def close(self) -> None: ...
+_PathOps = _native._PathOps
