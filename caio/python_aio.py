@@ -292,6 +292,41 @@ def _run_readinto(op: "Operation", target: memoryview) -> int:
     return len(data)
 
 
+#: preadv(RWF_NOWAIT) exists here (Linux): reads can be tried straight from
+#: the page cache on the submitting thread (see _try_read_inline).
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+INLINE_READS = bool(_RWF_NOWAIT) and NATIVE_PREADV
+
+
+def _try_read_inline(op: "Operation") -> bool:
+    """Completes ``op`` (a read) from the page cache on the calling thread,
+    never waiting for the disk: ``preadv(..., RWF_NOWAIT)``, continued while
+    bytes come, so a short result only means end of file (the native pool's
+    rule, DESIGN.md §11.3). Returns False, with nothing of ``op`` changed
+    but the bytes of its target, when the read must go to the pool instead:
+    data not (fully) cached, or any error — the pool then gives the same
+    result or error a plain read would."""
+    fd, nbytes, offset = op._fileno, op._nbytes, op._offset
+    if offset < 0:
+        return False  # preadv treats -1 as "the file position"
+    target = op._view
+    view = memoryview(bytearray(nbytes)) if target is None else target
+    done = 0
+    try:
+        # At least one call, even for a zero-length read: the fd is checked.
+        while True:
+            n = os.preadv(fd, [view[done:]], offset + done, _RWF_NOWAIT)
+            done += n
+            if n == 0 or done >= nbytes:
+                break
+    except OSError:
+        return False
+    if target is None:
+        op.buffer = bytes(view[:done])
+    op.written = done
+    return True
+
+
 def _export(obj: Any, writable: bool, what: str) -> memoryview:
     """A flat byte view of the caller's C-contiguous buffer (the same errors
     as the native constructors: DESIGN.md §3.4). Holding it pins the memory:
@@ -725,6 +760,11 @@ class Context(AbstractContext):
     # and does nothing (upstream printed an AttributeError here, DESIGN.md §6.2 del-state).
     _state = ContextState.CLOSED
 
+    #: Reads of at most this many bytes are first tried from the page cache
+    #: inside submit() (0: never, the raw API's default). The asyncio
+    #: adapter switches it on (_enable_inline_reads).
+    _inline_read_max = 0
+
     def __init__(self, max_requests: int = 32, pool_size: int = 8):
         self._state = ContextState.CLOSED
 
@@ -754,6 +794,15 @@ class Context(AbstractContext):
         self._state = ContextState.OPEN
         _open_contexts.add(self)
 
+    def _enable_inline_reads(self, max_bytes: int) -> None:
+        """From now on, submit() first tries reads of at most ``max_bytes``
+        from the page cache on the calling thread (``preadv(RWF_NOWAIT)``,
+        never waiting for the disk). A hit completes inside submit(): its
+        callback runs there, on the submitting thread, before submit()
+        returns. No-op where ``RWF_NOWAIT`` does not exist."""
+        if INLINE_READS:
+            self._inline_read_max = max_bytes
+
     @property
     def max_requests(self) -> int:
         return self._max_requests
@@ -781,6 +830,15 @@ class Context(AbstractContext):
             runner = _RUNNERS[operation.opcode]
             if self._claim(operation):
                 opcode = operation.opcode
+                if (
+                    opcode == _READ
+                    and operation._nbytes <= self._inline_read_max
+                    and _try_read_inline(operation)
+                ):
+                    # A page-cache hit: completed here, callback included.
+                    self._complete(operation, operation.written)
+                    count += 1
+                    continue
                 try:
                     if (
                         opcode == _WRITE

@@ -39,12 +39,17 @@ finaliser then takes its fd off the loop (on the loop's thread) and closes it.
 import asyncio
 import os
 import weakref
+from asyncio.events import _get_running_loop
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from .asyncio_base import AsyncioContextBase
 from .python_aio import WAKEUP_FDS, Context, Operation, _WakeupFd
+
+#: Reads up to this many bytes are tried from the page cache inside submit()
+#: (the native adapters' INLINE_READ_MAX, DESIGN.md §11.3).
+INLINE_READ_MAX = 64 * 1024
 
 
 def _reader(ref: "weakref.ReferenceType[AsyncioContext]", wakeup: _WakeupFd) -> Callable[[], None]:
@@ -117,6 +122,9 @@ class AsyncioContext(AsyncioContextBase):
 
     def _create_context(self, max_requests: int, **kwargs: Any) -> Any:
         context = super()._create_context(max_requests, **kwargs)
+        # Page-cache hits complete inside submit() on the loop thread, as the
+        # native adapters' do (DESIGN.md §7.5); see _on_done.
+        context._enable_inline_reads(INLINE_READ_MAX)
         if not WAKEUP_FDS:
             return context
         try:
@@ -142,6 +150,15 @@ class AsyncioContext(AsyncioContextBase):
         self._in_flight += 1
 
     def _on_done(self, future: "asyncio.Future[Any]", result: Any) -> None:
+        if _get_running_loop() is self.loop:
+            # A read completed inline, inside Context.submit() on the loop
+            # thread: resolve it now, so submit() returns without
+            # suspending. _on_submitted() follows and counts it in flight;
+            # it is not, so take that count back here.
+            self._in_flight -= 1
+            if not future.done():
+                future.set_result(True)
+            return
         # Foreign thread.  Order matters: queue the future first, then look
         # at the flag.  The loop clears the flag *before* draining, so a
         # future queued while the flag still reads True is picked up by the

@@ -493,6 +493,9 @@ def test_adapter_does_not_depend_on_the_loops_self_pipe(aio: LoopRunner, tmp_fd:
 
     async def main() -> None:
         ctx = caio.python_aio_asyncio.AsyncioContext(8, loop=loop)
+        # Every read goes to the pool and comes back through the fd (a
+        # page-cache hit would complete inside submit(), with no wake-up).
+        ctx.context._inline_read_max = 0
         try:
             assert await ctx.read(7, tmp_fd, 0) == b"payload"
             loop._selector.unregister(loop._ssock.fileno())
@@ -663,3 +666,77 @@ def test_pipe_wakeups_where_there_is_no_eventfd(
         assert _open_fds() == before
     finally:
         loop.close()
+
+
+@pytest.mark.skipif(not python_aio.INLINE_READS, reason="no preadv(RWF_NOWAIT) here")
+def test_page_cache_hit_completes_inside_submit(aio: LoopRunner, tmp_fd: int) -> None:
+    """DESIGN.md §7.5: through the asyncio adapter, a read of at most
+    INLINE_READ_MAX bytes that the page cache holds is served by
+    preadv(RWF_NOWAIT) inside submit(), on the loop thread: no pool job, no
+    wake-up, no suspension. Data, short reads at end of file, readinto and
+    errors are what the pool gives; larger reads still use the pool, and the
+    adapter still closes once idle."""
+    from caio.python_aio_asyncio import INLINE_READ_MAX
+
+    data = os.urandom(2 * INLINE_READ_MAX + 100)
+    os.pwrite(tmp_fd, data, 0)
+    r, w = os.pipe()
+
+    async def main() -> None:
+        ctx = caio.python_aio_asyncio.AsyncioContext(8, loop=aio.loop)
+        scheduled: list[Any] = []
+        schedule = ctx.context._schedule
+
+        def spy(runner: Any, operation: Any) -> None:
+            scheduled.append(operation)
+            schedule(runner, operation)
+
+        ctx.context._schedule = spy
+        got = [await ctx.read(4096, tmp_fd, i * 4096) for i in range(8)]
+        assert got == [data[i * 4096 : (i + 1) * 4096] for i in range(8)]
+        assert await ctx.read(INLINE_READ_MAX, tmp_fd, 0) == data[:INLINE_READ_MAX]
+        assert await ctx.read(4096, tmp_fd, len(data) - 10) == data[-10:]  # end of file
+        assert await ctx.read(0, tmp_fd, 0) == b""
+        buf = bytearray(1000)
+        assert await ctx.readinto(buf, tmp_fd, 7) == 1000
+        assert bytes(buf) == data[7:1007]
+        assert scheduled == [], "a page-cache hit went to the pool"
+        assert ctx.context._in_progress == 0
+        # Larger than the limit, or not a page-cache read: the pool, with
+        # the pool's results and errors.
+        assert await ctx.read(INLINE_READ_MAX + 1, tmp_fd, 0) == data[: INLINE_READ_MAX + 1]
+        assert len(scheduled) == 1
+        with pytest.raises(OSError) as info:
+            await ctx.read(10, r, 0)
+        assert info.value.errno == errno.ESPIPE
+        assert len(scheduled) == 2
+        ctx.close()
+        for _ in range(100):
+            if ctx._released():
+                break
+            await asyncio.sleep(0.01)
+        assert ctx._released(), "inline completions left the adapter counting ops in flight"
+
+    try:
+        aio.run(main())
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_raw_context_never_reads_inline(python_aio: RawBackend, tmp_fd: int) -> None:
+    """The raw API keeps upstream's behaviour: every operation runs on the
+    pool and its callback on the pool's thread, page-cache hit or not."""
+    os.pwrite(tmp_fd, b"x" * 4096, 0)
+    ctx = python_aio.module.Context(8)
+    try:
+        threads: list[int] = []
+        done = threading.Event()
+        op = python_aio.module.Operation.read(4096, tmp_fd, 0)
+        op.set_callback(lambda _r: (threads.append(threading.get_ident()), done.set()))
+        assert ctx.submit(op) == 1
+        assert done.wait(5)
+        assert threads != [threading.get_ident()]
+        assert op.get_value() == b"x" * 4096
+    finally:
+        ctx.close()
