@@ -224,3 +224,55 @@ def test_loop_closed_with_a_chain_in_flight_does_not_hang(tmp_path: Any) -> None
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "done"
+
+
+FORK_SCRIPT = r"""
+import asyncio, gc, os, sys
+import caio.linux_uring_asyncio as m
+
+class RingOnly(m.AsyncioContext):
+    PATH_OPS_INLINE = False
+
+path, fifo = sys.argv[1], sys.argv[2]
+loop = asyncio.new_event_loop()
+ctx = RingOnly(loop=loop)
+assert loop.run_until_complete(ctx.read_file(path)) == b"data"
+fut = ctx.read_file(fifo)  # in flight in the parent's ring across the fork
+pid = os.fork()
+if pid == 0:
+    try:
+        ctx.read_file(path)
+    except RuntimeError:
+        pass
+    else:
+        os._exit(3)
+    del ctx, fut  # the child's copy is dropped: it must not touch the parent's ring
+    gc.collect()
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+with open(fifo, "wb") as w:
+    w.write(b"after fork")
+assert loop.run_until_complete(fut) == b"after fork"
+assert loop.run_until_complete(ctx.read_file(path)) == b"data"
+assert ctx._path_runner._ops.engine_jobs() == 3
+ctx.close()
+loop.close()
+print("done")
+"""
+
+
+def test_fork_leaves_the_parents_ring_alone(tmp_path: Any) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(b"data")
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    proc = subprocess.run(
+        [sys.executable, "-c", FORK_SCRIPT, str(p), fifo],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "done"
