@@ -32,6 +32,7 @@ use caio_core::pyo3_ffi::*;
 mod adapter;
 mod close;
 mod direct;
+mod pathring;
 mod probe;
 mod ring;
 mod spare;
@@ -691,6 +692,8 @@ completion and, with sqpoll=True (when permitted), a kernel submission thread.";
 /// Called by CPython from the exec slot (once per module object), attached.
 unsafe fn exec(module: *mut PyObject) -> PyResult<()> {
     let probed = probe::run().map_err(|msg| PyErr::new(Exc::ImportError, msg))?;
+    // Path operations as ring opcodes where the kernel has them (DESIGN.md §14).
+    caio_core::pathop::engine::set_factory(pathring::new_engine);
     // SAFETY: an exec slot, attached, in the order core requires
     // (init_common first). The method and getset tables are statics that
     // nothing writes after this and that outlive the type.

@@ -3,6 +3,7 @@
 //! `unlink`, `rename`, `mkdir`, `read_file`, `write_file`.
 //!
 //! * [`job`]: a job and the system calls a worker runs for it;
+//! * [`engine`]: a backend's own engine offered every job first (io_uring);
 //! * [`inline`]: `read_file` on the loop thread when it cannot wait for the disk;
 //! * [`runner`]: the worker threads, the finished list, the wake-up fd;
 //! * [`pytype`]: `_PathOps`, which `caio/_pathops.py` drives.
@@ -15,6 +16,7 @@ use pyo3_ffi::PyObject;
 use crate::module::add_object;
 use crate::py::{PyResult, SpecCache};
 
+pub mod engine;
 pub mod inline;
 pub mod job;
 pub mod pytype;

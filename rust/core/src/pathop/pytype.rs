@@ -5,7 +5,8 @@
 //! `caio/_pathops.py` builds); `drain()` — the loop's reader — turns every
 //! finished job into its result or `OSError` and resolves its future, and
 //! returns how many jobs are still in flight; `fileno()`, `in_flight()`,
-//! `close()` (refuse new jobs, let the workers end).
+//! `engine_jobs()` (jobs the backend's engine completed), `close()` (refuse
+//! new jobs, let the workers end).
 
 use std::ffi::{c_int, CString};
 use std::ptr;
@@ -414,6 +415,14 @@ unsafe extern "C" fn ops_in_flight(slf: *mut PyObject, _: *mut PyObject) -> *mut
     trampoline(|| py_usize(unsafe { runner(slf)? }.in_flight()))
 }
 
+unsafe extern "C" fn ops_engine_jobs(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
+    trampoline(|| {
+        // SAFETY: a method of our type, called attached.
+        let n = unsafe { runner(slf)? }.engine_completed();
+        py_usize(usize::try_from(n).unwrap_or(usize::MAX))
+    })
+}
+
 unsafe extern "C" fn ops_close(slf: *mut PyObject, _: *mut PyObject) -> *mut PyObject {
     trampoline(|| {
         // SAFETY: a method of our type, called attached.
@@ -457,6 +466,11 @@ pub(super) fn type_spec() -> TypeSpec {
         c"in_flight",
         ops_in_flight,
         c"in_flight($self, /)\n--\n\nJobs submitted and not drained yet.",
+    ))
+    .method(noargs(
+        c"engine_jobs",
+        ops_engine_jobs,
+        c"engine_jobs($self, /)\n--\n\nJobs the backend's own engine (io_uring opcodes) completed so far.",
     ))
     .method(noargs(
         c"close",

@@ -9,6 +9,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use super::engine::Engine;
 use super::job::{self, Job};
 use crate::sync::lock;
 use crate::sys::WakeFd;
@@ -52,6 +53,8 @@ fn now_ns() -> u64 {
 pub struct Runner {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The backend's engine, offered every job first (see [`super::engine`]).
+    engine: Option<Box<dyn Engine>>,
 }
 
 fn worker(shared: &Shared) {
@@ -88,7 +91,8 @@ fn worker(shared: &Shared) {
 
 impl Runner {
     /// Starts `workers` threads (at least one); `slice_ns`: see
-    /// [`Runner::inline_allowed`] (0: no inline attempts).
+    /// [`Runner::inline_allowed`] (0: no inline attempts). The backend's
+    /// engine, if it registered one, is built on the wake-up fd.
     pub fn new(workers: usize, slice_ns: u64) -> std::io::Result<Runner> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
@@ -103,9 +107,11 @@ impl Runner {
             burst_last: AtomicU64::new(0),
             slice_ns,
         });
+        let engine = super::engine::factory().and_then(|f| f(shared.wake.fileno()));
         let runner = Runner {
             shared,
             threads: Mutex::new(Vec::new()),
+            engine,
         };
         for _ in 0..workers.max(1) {
             let s = runner.shared.clone();
@@ -129,7 +135,13 @@ impl Runner {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.shared.in_flight.load(Ordering::Acquire)
+        let engine = self.engine.as_ref().map_or(0, |e| e.in_flight());
+        self.shared.in_flight.load(Ordering::Acquire) + engine
+    }
+
+    /// Jobs the engine completed so far (0 without one).
+    pub fn engine_completed(&self) -> u64 {
+        self.engine.as_ref().map_or(0, |e| e.completed())
     }
 
     /// Whether the next job may be tried on the submitting thread. Inline
@@ -163,8 +175,21 @@ impl Runner {
         self.shared.burst_start.store(0, Ordering::Relaxed);
     }
 
-    /// Queues a job; hands it back when the runner is stopped.
+    /// Starts a job on the engine, or queues it for a worker; hands it
+    /// back when the runner is stopped.
     pub fn submit(&self, job: Box<Job>) -> Result<(), Box<Job>> {
+        let job = match &self.engine {
+            Some(e) => {
+                if lock(&self.shared.queue).closed {
+                    return Err(job);
+                }
+                match e.start(job) {
+                    Ok(()) => return Ok(()),
+                    Err(job) => job,
+                }
+            }
+            None => job,
+        };
         let mut q = lock(&self.shared.queue);
         if q.closed {
             return Err(job);
@@ -176,15 +201,19 @@ impl Runner {
         Ok(())
     }
 
-    /// Takes the finished jobs (the wake-up fd is reset first, so a job
-    /// finished after the swap signals again).
+    /// Takes the finished jobs, the workers' and the engine's (the
+    /// wake-up fd is reset first, so a job finished after the swap signals
+    /// again).
     #[allow(clippy::vec_box)]
     pub fn take_done(&self) -> Vec<Box<Job>> {
         let _ = self.shared.wake.drain();
-        let done = std::mem::take(&mut *lock(&self.shared.done));
+        let mut done = std::mem::take(&mut *lock(&self.shared.done));
         self.shared
             .in_flight
             .fetch_sub(done.len(), Ordering::AcqRel);
+        if let Some(e) = &self.engine {
+            e.reap(&mut done);
+        }
         done
     }
 
@@ -200,7 +229,8 @@ impl Runner {
     }
 
     /// Refuses new jobs; the workers finish the queue and end. With `join`,
-    /// waits for them (call it detached from the interpreter).
+    /// waits for them and shuts the engine down (its jobs are then reaped
+    /// by [`Runner::take_done`]); call it detached from the interpreter.
     pub fn stop(&self, join: bool) {
         lock(&self.shared.queue).closed = true;
         self.shared.work.notify_all();
@@ -208,6 +238,9 @@ impl Runner {
         if join {
             for h in threads {
                 let _ = h.join();
+            }
+            if let Some(e) = &self.engine {
+                e.shutdown();
             }
         }
     }

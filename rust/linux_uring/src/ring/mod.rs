@@ -28,22 +28,26 @@
 
 use std::io;
 use std::mem::ManuallyDrop;
-use std::ptr;
 use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
 
-use caio_core::op::{self, as_op, Delivery, OpKind, Operation};
+use caio_core::op::{self, as_op, Operation};
 use caio_core::pool::order::{Admit, Order};
 use caio_core::pool::Job;
-use caio_core::py::{Exc, PyErr, PyResult};
+use caio_core::py::{Exc, PyErr};
 use caio_core::pyo3_ffi::PyObject;
-use caio_core::sys::MAX_TRANSFER;
-use io_uring::{opcode, squeue, types, EnterFlags, IoUring};
+use io_uring::{squeue, EnterFlags, IoUring};
 
-use caio_core::direct::{FdCache, Retry};
+use caio_core::direct::FdCache;
 
 use crate::direct;
+
+mod cancel;
+mod complete;
+mod sqe;
+mod wait;
+
+use sqe::sqe;
 
 /// `user_data` of our own cancel SQEs: their CQEs are skipped by drains.
 pub const CANCEL_TAG: u64 = u64::MAX;
@@ -142,18 +146,6 @@ pub unsafe fn ring_full_error(ctx: *mut PyObject, advice: &str) -> PyErr {
             ),
         )
     }
-}
-
-/// What one GIL-free round of [`Ring::wait`] found.
-enum WaitRound {
-    /// Enough completions, or the deadline passed.
-    Done,
-    /// A signal interrupted `poll(2)`: run the handlers.
-    Interrupted,
-    /// An O_DIRECT EINVAL waits to be retried: drain.
-    Retry,
-    /// Woken (or a spurious `poll` error): look again.
-    Again,
 }
 
 /// Why a ring could not be created: the errno of the last attempt.
@@ -486,107 +478,6 @@ impl Ring {
         r
     }
 
-    // -- cancellation -------------------------------------------------------
-
-    /// Stages an `ASYNC_CANCEL` for `target` and submits everything staged
-    /// (DESIGN.md §6.2 cancel-submit: not only the oldest SQE; SQPOLL gets its wake-up).
-    /// Errors from entering the kernel are ignored; a ring that stays full
-    /// gives `Err(())`.
-    pub fn cancel(&self, target: &Operation) -> Result<(), ()> {
-        let entry = opcode::AsyncCancel::new(ptr::from_ref(target) as u64)
-            .build()
-            .user_data(CANCEL_TAG);
-        if self.push_cancel(&entry) {
-            Ok(())
-        } else {
-            Err(())
-        }
-    }
-
-    /// Stages one of our cancel SQEs (making room once if the ring is full)
-    /// and submits everything staged. False: the ring stayed full.
-    fn push_cancel(&self, entry: &squeue::Entry) -> bool {
-        for attempt in 0..2 {
-            {
-                let _side = lock(&self.sq);
-                // SAFETY: under the SQ lock (see the module doc).
-                let mut sq = unsafe { self.uring.submission_shared() };
-                if !sq.is_full() {
-                    // SAFETY: a cancel SQE carries no buffer, only the key
-                    // of what to cancel. Cannot fail: room checked above,
-                    // under the lock.
-                    let _ = unsafe { sq.push(entry) };
-                    drop(sq);
-                    drop(_side);
-                    let _ = self.submit_staged();
-                    return true;
-                }
-            }
-            if attempt == 0 {
-                // Make room: hand the staged SQEs to the kernel first.
-                let _ = self.submit_staged();
-                if self.sqpoll {
-                    let _ = self.enter(0, 0, EnterFlags::SQ_WAIT.bits());
-                }
-            }
-        }
-        false
-    }
-
-    // -- completion ---------------------------------------------------------
-
-    /// Consumes up to `max` real completions: records them in their ops and
-    /// returns the deliveries (callbacks not yet run) in `out`. The CQ head
-    /// is published before returning. O_DIRECT misalignment failures are
-    /// resubmitted instead of delivered.
-    ///
-    /// # Safety
-    /// Attached (finishing an op touches its buffers' bookkeeping).
-    pub unsafe fn drain(&self, max: usize, out: &mut Vec<Delivery>) -> usize {
-        let before = out.len();
-        // SAFETY: attached (this function's contract).
-        let count = unsafe { self.drain_inner(max, out) };
-        self.finished
-            .fetch_add((out.len() - before) as u64, Ordering::AcqRel);
-        // Finished writes may release syncs held behind them.
-        let mut released = Vec::new();
-        for d in &out[before..] {
-            // SAFETY: the delivery holds the op's reference: alive.
-            released.extend(unsafe { self.order.finished(d.op_ptr()) });
-        }
-        if self.stage_released(released) {
-            // Like an O_DIRECT retry: entered from the drain, so a thread
-            // waiting in process_events() gets the sync's completion.
-            let _ = self.submit_staged();
-        }
-        count
-    }
-
-    /// Stages the syncs `order` released (and those a full SQ kept back
-    /// before). True if any was staged.
-    fn stage_released(&self, jobs: Vec<Job>) -> bool {
-        let mut pending = lock(&self.released);
-        pending.extend(jobs);
-        if pending.is_empty() {
-            return false;
-        }
-        let _side = lock(&self.sq);
-        // SAFETY: under the SQ lock (see the module doc).
-        let mut sq = unsafe { self.uring.submission_shared() };
-        let mut staged = false;
-        while !pending.is_empty() && !sq.is_full() {
-            let job = pending.remove(0);
-            // SAFETY: a held sync: claimed, begun and accepted by `stage`,
-            // never in the kernel, so the engine's (its SQE carries no
-            // buffer).
-            let entry = unsafe { sqe(&*job.0) };
-            // SAFETY: as in `Ring::stage`; room checked, under the lock.
-            let _ = unsafe { sq.push(&entry) };
-            staged = true;
-        }
-        staged
-    }
-
     /// Operations accepted and not finished yet (staged, in the kernel, or
     /// completed but not drained).
     pub fn in_flight(&self) -> u64 {
@@ -594,290 +485,6 @@ impl Ring {
         self.accepted
             .load(Ordering::Acquire)
             .saturating_sub(finished)
-    }
-
-    /// Submits what is staged and asks the kernel to cancel every request of
-    /// this ring (`IORING_ASYNC_CANCEL_ANY`, Linux 5.19+; older kernels
-    /// answer EINVAL and the requests complete on their own). Best effort.
-    pub fn cancel_all(&self) {
-        let entry = opcode::AsyncCancel2::new(types::CancelBuilder::any())
-            .build()
-            .user_data(CANCEL_TAG);
-        self.push_cancel(&entry);
-    }
-
-    /// [`Ring::drain`] without the `finished` bookkeeping.
-    ///
-    /// # Safety
-    /// Attached.
-    unsafe fn drain_inner(&self, max: usize, out: &mut Vec<Delivery>) -> usize {
-        if self.cq_overflow() {
-            self.get_events();
-        }
-        let mut retries: Vec<(*mut Operation, Retry)> = Vec::new();
-        let mut count = 0usize;
-        {
-            let _g = lock(&self.cq);
-            // SAFETY: under the CQ lock (see the module doc).
-            let mut cq = unsafe { self.uring.completion_shared() };
-            let mut synced = false;
-            while count < max {
-                let Some(cqe) = cq.next() else {
-                    if synced {
-                        break;
-                    }
-                    // Pick up what was posted while we were busy.
-                    cq.sync();
-                    synced = true;
-                    continue;
-                };
-                let ud = cqe.user_data();
-                if ud == CANCEL_TAG {
-                    continue;
-                }
-                // Not a cancel CQE: `ud` is the address of an op this ring
-                // staged, kept alive by the engine's reference until it is
-                // finished — by whoever consumes its CQE, here, under the CQ
-                // lock.
-                let op = ud as *mut Operation;
-                let res = cqe.result();
-                if res < 0 {
-                    // SAFETY: `op` is in flight on this ring (above), its
-                    // CQE consumed and not finished.
-                    if let Some(retry) = unsafe { direct::retry(&*op, res, &self.direct) } {
-                        retries.push((op, retry));
-                        continue;
-                    }
-                }
-                // SAFETY: in flight, its CQE consumed just now by this call
-                // alone; attached (contract above).
-                out.push(unsafe { op::finish(op, i64::from(res)) });
-                count += 1;
-            }
-            drop(cq); // publishes the head (release)
-            self.consumed.fetch_add(count as u64, Ordering::Release);
-        }
-        if !retries.is_empty() {
-            // SAFETY: their CQEs were consumed above and they were not
-            // finished; attached (contract above).
-            unsafe { self.resubmit_direct(retries, out) };
-        }
-        count
-    }
-
-    /// Second attempt of ops that failed with EINVAL on an O_DIRECT fd:
-    /// through an aligned window this time (or, for a stale cache entry,
-    /// without one). Ops that cannot be resubmitted are finished with their
-    /// original error.
-    ///
-    /// # Safety
-    /// Attached; every op is in flight on this ring, its CQE consumed by the
-    /// caller and not finished.
-    unsafe fn resubmit_direct(&self, ops: Vec<(*mut Operation, Retry)>, out: &mut Vec<Delivery>) {
-        let mut staged = false;
-        {
-            let _side = lock(&self.sq);
-            // SAFETY: under the SQ lock (see the module doc).
-            let mut sq = unsafe { self.uring.submission_shared() };
-            for (op, retry) in ops {
-                // SAFETY: in flight, so alive (contract above).
-                let o = unsafe { &*op };
-                // SAFETY: its CQE is consumed and it is not finished: the
-                // engine owns it again, as between claim and dispatch.
-                let entry = unsafe {
-                    if sq.is_full() || direct::prepare_retry(o, retry).is_err() {
-                        None
-                    } else {
-                        Some(sqe(o))
-                    }
-                };
-                match entry {
-                    Some(e) => {
-                        // SAFETY: as in `Ring::stage`: the SQE points into
-                        // the op's window, the engine's until the op is
-                        // finished. Room checked above, under the lock.
-                        let _ = unsafe { sq.push(&e) };
-                        staged = true;
-                    }
-                    // SAFETY: ours alone (above); attached (contract above).
-                    None => out.push(unsafe { op::finish(op, -i64::from(libc::EINVAL)) }),
-                }
-            }
-        }
-        if staged {
-            let _ = self.submit_staged();
-        }
-    }
-
-    /// Real completions visible so far: the running count of consumed ones
-    /// plus the CQEs in the ring that a drain will deliver (not cancel
-    /// CQEs, not O_DIRECT EINVALs it will retry), read consistently under
-    /// the CQ lock. Also says whether a CQE waits to be retried.
-    fn visible(&self) -> (u64, bool) {
-        let _g = lock(&self.cq);
-        // SAFETY: under the CQ lock (see the module doc).
-        let mut cq = unsafe { self.uring.completion_shared() };
-        let mut n = 0u64;
-        let mut retry = false;
-        for cqe in &mut cq {
-            let ud = cqe.user_data();
-            if ud == CANCEL_TAG {
-                continue;
-            }
-            // A drain resubmits this one instead of delivering it.
-            let res = cqe.result();
-            let retried = res < 0
-                // SAFETY: not a cancel CQE, so `ud` is an op in flight on
-                // this ring; it stays alive at least until a drain consumes
-                // its CQE, which cannot happen while we hold the CQ lock.
-                && unsafe { direct::would_retry(&*(ud as *const Operation), res) };
-            if retried {
-                retry = true;
-            } else {
-                n += 1;
-            }
-        }
-        // Peek only: dropping the queue would publish the advanced head.
-        std::mem::forget(cq);
-        (n + self.consumed.load(Ordering::Acquire), retry)
-    }
-
-    /// Blocks until `min` real completions became visible since `start`
-    /// (`start` is a [`Ring::consumed`] value; CQEs still in the ring count
-    /// too) or the deadline passes. Runs with the GIL released. With the
-    /// GIL, `on_eintr` is called whenever a signal interrupted the wait, and
-    /// `on_retry` when the ring holds an O_DIRECT EINVAL to be retried and
-    /// not enough real completions yet: it must drain (a drain resubmits
-    /// the request; nothing else would). An error from either aborts the
-    /// wait.
-    pub fn wait(
-        &self,
-        start: u64,
-        min: u64,
-        deadline: Option<Instant>,
-        on_eintr: &mut dyn FnMut() -> PyResult<()>,
-        on_retry: &mut dyn FnMut() -> PyResult<()>,
-    ) -> PyResult<()> {
-        // SAFETY: eventfd(2) takes no pointer.
-        let mine = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if mine < 0 {
-            return Err(PyErr::last_os());
-        }
-        {
-            let mut w = lock(&self.waiters);
-            w.push(mine);
-            self.nwaiters.fetch_add(1, Ordering::SeqCst);
-        }
-        let r = self.wait_registered(mine, start, min, deadline, on_eintr, on_retry);
-        {
-            let mut w = lock(&self.waiters);
-            w.retain(|&fd| fd != mine);
-            self.nwaiters.fetch_sub(1, Ordering::SeqCst);
-        }
-        // SAFETY: `mine` is ours, and no longer listed for wake-ups.
-        unsafe { libc::close(mine) };
-        r
-    }
-
-    fn wait_registered(
-        &self,
-        mine: i32,
-        start: u64,
-        min: u64,
-        deadline: Option<Instant>,
-        on_eintr: &mut dyn FnMut() -> PyResult<()>,
-        on_retry: &mut dyn FnMut() -> PyResult<()>,
-    ) -> PyResult<()> {
-        loop {
-            match caio_core::py::allow_threads(|| self.wait_round(mine, start, min, deadline)) {
-                WaitRound::Done => return Ok(()),
-                WaitRound::Interrupted => on_eintr()?,
-                WaitRound::Retry => on_retry()?,
-                WaitRound::Again => {}
-            }
-        }
-    }
-
-    /// One look at the ring and, if that is not enough, one `poll(2)` on
-    /// the ring eventfd and the waiter's own. Touches no Python object.
-    fn wait_round(&self, mine: i32, start: u64, min: u64, deadline: Option<Instant>) -> WaitRound {
-        if self.cq_overflow() {
-            self.get_events();
-        }
-        let (visible, retry) = self.visible();
-        if visible.wrapping_sub(start) >= min {
-            return WaitRound::Done;
-        }
-        if retry {
-            return WaitRound::Retry;
-        }
-        let timeout_ms = match deadline {
-            None => -1,
-            Some(d) => {
-                let now = Instant::now();
-                if now >= d {
-                    return WaitRound::Done;
-                }
-                // Round up so that we never wake just before the deadline.
-                let left = d - now + Duration::from_micros(999);
-                i32::try_from(left.as_millis()).unwrap_or(i32::MAX)
-            }
-        };
-        let mut fds = [
-            libc::pollfd {
-                fd: self.eventfd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: mine,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a live array of two pollfds.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
-        if r < 0 {
-            if caio_core::sys::last_errno() == libc::EINTR {
-                return WaitRound::Interrupted;
-            }
-            return WaitRound::Again;
-        }
-        if fds[0].revents != 0 {
-            self.consume_eventfd();
-        }
-        if fds[1].revents != 0 {
-            let mut v = 0u64;
-            // SAFETY: reads at most 8 bytes into `v`, a live u64.
-            unsafe { libc::read(mine, (&raw mut v).cast(), 8) };
-        }
-        WaitRound::Again
-    }
-
-    /// Real completions consumed by drains so far: [`Ring::wait`] counts
-    /// from this value.
-    pub fn consumed(&self) -> u64 {
-        self.consumed.load(Ordering::Acquire)
-    }
-
-    /// Reads (and resets) the ring eventfd counter; 0 when it was zero.
-    /// Whoever consumes a notification passes it on to blocked waiters.
-    pub fn consume_eventfd(&self) -> u64 {
-        let mut v = 0u64;
-        // SAFETY: reads at most 8 bytes into `v`, a live u64.
-        let r = unsafe { libc::read(self.eventfd, (&raw mut v).cast(), 8) };
-        if r != 8 {
-            return 0;
-        }
-        if self.nwaiters.load(Ordering::SeqCst) > 0 {
-            let w = lock(&self.waiters);
-            let one = 1u64;
-            for &fd in w.iter() {
-                // SAFETY: writes 8 bytes from `one`, a live u64.
-                unsafe { libc::write(fd, (&raw const one).cast(), 8) };
-            }
-        }
-        v
     }
 }
 
@@ -914,51 +521,4 @@ impl Drop for Ring {
         // SAFETY: dropped once, here, and never used again.
         unsafe { ManuallyDrop::drop(&mut self.uring) };
     }
-}
-
-/// Builds the SQE of a claimed op (user_data = the op's address), from its
-/// I/O window as `direct` readied it.
-///
-/// # Safety
-/// The calling engine owns `o`: claimed (or its CQE consumed for a retry)
-/// and not in the kernel.
-unsafe fn sqe(o: &Operation) -> squeue::Entry {
-    let fd = types::Fd(o.fd_i32());
-    let entry = match o.kind {
-        OpKind::Read | OpKind::Write => {
-            // SAFETY: the engine owns `o` (contract above).
-            let io = unsafe { o.io() };
-            // DESIGN.md §6.2 uring-4g: never more than the kernel's single-transfer cap;
-            // the partial count is reported and callers loop.
-            let len = io.len.min(MAX_TRANSFER) as u32;
-            if o.kind == OpKind::Read {
-                opcode::Read::new(fd, io.ptr, len).offset(io.offset).build()
-            } else {
-                opcode::Write::new(fd, io.ptr, len)
-                    .offset(io.offset)
-                    .build()
-            }
-        }
-        OpKind::ReadV | OpKind::WriteV => {
-            // SAFETY: the engine owns `o` (contract above): its iovecs and
-            // the buffers they describe stay valid until its completion.
-            let (iov, count) = unsafe { o.iovecs() };
-            // At most IOV_MAX (1024) entries: fits u32.
-            let count = count as u32;
-            if o.kind == OpKind::ReadV {
-                opcode::Readv::new(fd, iov.cast::<libc::iovec>(), count)
-                    .offset(o.offset)
-                    .build()
-            } else {
-                opcode::Writev::new(fd, iov.cast::<libc::iovec>(), count)
-                    .offset(o.offset)
-                    .build()
-            }
-        }
-        OpKind::Fsync => opcode::Fsync::new(fd).build(),
-        OpKind::Fdsync => opcode::Fsync::new(fd)
-            .flags(types::FsyncFlags::DATASYNC)
-            .build(),
-    };
-    entry.user_data(ptr::from_ref(o) as u64)
 }
