@@ -5,10 +5,14 @@ asyncio loop, so they cannot use the asyncio adapters' native fast path
 (``_AsyncioBase``). They drive the raw API instead (DESIGN.md §4), through
 one :class:`Driver` per backend:
 
-* linux_uring: ``submit`` stages, ``flush()`` enters the kernel (a page-cache
-  hit is delivered right there); completions: eventfd, then
-  ``_process_loop_events()``; cancel: ``cancel(op)``, a real kernel cancel
-  (``-ECANCELED``).
+* linux_uring: ``submit`` in loop-delivery mode routes each op as the
+  asyncio adapter does (DESIGN.md §7.2): a small read is first tried from the
+  page cache and completes inside ``submit`` on a hit; buffered writes,
+  fsyncs and mid-size reads go to worker threads; the rest is staged, and
+  ``flush()`` enters the kernel (delivering what completed inside the enter);
+  completions (ring and workers): eventfd, then ``_process_loop_events()``;
+  cancel: ``cancel(op)``, a real kernel cancel (``-ECANCELED``), or a job
+  taken back from the workers.
 * linux_aio: ``submit`` in event-loop mode (``RWF_NOWAIT``, misses go to
   workers), ``_reap()`` delivers page-cache hits; completions (kernel and
   workers): eventfd, then ``_drain()``; cancel: ``cancel(op)``, which the
@@ -104,12 +108,21 @@ class UringDriver(Driver):
         default = bool(linux_uring_asyncio and linux_uring_asyncio.DEFAULT_SQPOLL)
         kwargs.setdefault("sqpoll", default and module.SQPOLL_ALLOWED)
         context = super()._open(module, max_requests, **kwargs)
+        try:
+            # The asyncio adapter's routes (inline page-cache reads, worker
+            # pool), completing through the ring's one eventfd.
+            context._enable_loop_delivery()
+        except BaseException:
+            context._close()
+            raise
         self.fd = context.fileno
         return context
 
     def kick(self) -> None:
-        # submit() only staged the SQE; a page-cache hit completes inside
-        # this io_uring_enter and is delivered right here.
+        # An op left for the ring is only staged by submit(); this enters
+        # the kernel (a page-cache hit missed inline, e.g. a larger read,
+        # completes inside it and is delivered right here). Nothing staged
+        # (served inline, or on a worker): no system call.
         self.context.flush()
 
     def drain(self) -> int:
