@@ -61,6 +61,11 @@ class Driver:
     #: The fd that becomes readable when :meth:`drain` has work, or ``None``
     #: when callbacks run on a foreign thread instead.
     fd: int | None = None
+    #: Called after a submission (``None``: nothing to do): makes the kernel
+    #: see it and delivers what completed inline. The op is in flight
+    #: whatever this raises. A bound method of the Context where there is
+    #: one (the per-operation path calls it directly).
+    kick: Callable[[], Any] | None = None
 
     def __init__(self, module: ModuleType, max_requests: int, **kwargs: Any) -> None:
         self.module = module
@@ -75,10 +80,6 @@ class Driver:
         op is then not in flight)."""
         if self.context.submit(op) != 1:
             raise OSError("Operation was not submitted")
-
-    def kick(self) -> None:
-        """After a submission: make the kernel see it and deliver what
-        completed inline. The op is in flight whatever this raises."""
 
     def drain(self) -> int:
         """Deliver every available completion (fd drivers only)."""
@@ -116,14 +117,12 @@ class UringDriver(Driver):
             context._close()
             raise
         self.fd = context.fileno
-        return context
-
-    def kick(self) -> None:
-        # An op left for the ring is only staged by submit(); this enters
+        # An op left for the ring is only staged by submit(); flush() enters
         # the kernel (a page-cache hit missed inline, e.g. a larger read,
-        # completes inside it and is delivered right here). Nothing staged
+        # completes inside it and is delivered right there). Nothing staged
         # (served inline, or on a worker): no system call.
-        self.context.flush()
+        self.kick = context.flush
+        return context
 
     def drain(self) -> int:
         n: int = self.context._process_loop_events()
@@ -152,11 +151,9 @@ class LinuxAioDriver(Driver):
             context.close()
             raise
         self.fd = context.fileno
-        return context
-
-    def kick(self) -> None:
         # Deliver page-cache hits completed inside io_submit now.
-        self.context._reap()
+        self.kick = context._reap
+        return context
 
     def drain(self) -> int:
         n: int = self.context._drain()

@@ -846,8 +846,10 @@ def test_uring_routes_match_asyncio(lib: Lib, engine: str, tmp_fd: int) -> None:
             got.append(await ctx.read(4096, tmp_fd, 3 * 65536))  # short: end of file
             state["quiet_after"] = not signalled()
             state["got"] = got
-            state["big"] = await ctx.read(3 * 65536, tmp_fd, 0)  # above the inline limit
             workers = _caio_workers()
+            # Above the inline limit: the ring, or a worker's copy while a
+            # second core is free (the copy rule).
+            state["big"] = await ctx.read(3 * 65536, tmp_fd, 0)
             blocks = [os.urandom(4096) for _ in range(32)]
             results: list[Any] = [None] * 34
 
