@@ -14,7 +14,7 @@ path operations):
 """
 
 from collections.abc import Coroutine, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer  # typing.Buffer needs Python 3.12
@@ -29,7 +29,9 @@ class OperationsAPI:
 
     def _run_op(self, op: Any) -> Coroutine[Any, Any, Any]:
         """Run ``op`` (an ``OPERATION_CLASS`` instance): a coroutine whose
-        result is ``op.get_value()``."""
+        result is ``op.get_value()``. (Its ``Any`` result type lets each
+        method below return it as its own, without a ``cast`` call per
+        operation.)"""
         raise NotImplementedError
 
     def read(
@@ -41,7 +43,7 @@ class OperationsAPI:
     ) -> Coroutine[Any, Any, bytes]:
         """Read up to ``nbytes`` at ``offset``; ``b""`` at end of file."""
         op = self.OPERATION_CLASS.read(nbytes, fd, offset, priority)
-        return cast("Coroutine[Any, Any, bytes]", self._run_op(op))
+        return self._run_op(op)
 
     def write(
         self,
@@ -53,7 +55,7 @@ class OperationsAPI:
         """Write ``payload`` (any C-contiguous buffer, used in place) at
         ``offset``; returns the bytes written."""
         op = self.OPERATION_CLASS.write(payload, fd, offset, priority)
-        return cast("Coroutine[Any, Any, int]", self._run_op(op))
+        return self._run_op(op)
 
     # -- zero-copy operations (issue 13) ---------------------------------------
 
@@ -69,7 +71,7 @@ class OperationsAPI:
         cancelled read is waited for, so the buffer is the caller's again
         when the await ends."""
         op = self.OPERATION_CLASS.readinto(buffer, fd, offset, priority)
-        return cast("Coroutine[Any, Any, int]", self._run_op(op))
+        return self._run_op(op)
 
     def readv(
         self,
@@ -81,7 +83,7 @@ class OperationsAPI:
         """One vectored read into ``buffers`` (at most 1024 writable
         C-contiguous buffers, filled in order); returns the bytes read."""
         op = self.OPERATION_CLASS.readv(buffers, fd, offset, priority)
-        return cast("Coroutine[Any, Any, int]", self._run_op(op))
+        return self._run_op(op)
 
     def writev(
         self,
@@ -93,14 +95,14 @@ class OperationsAPI:
         """One vectored write of ``buffers`` (at most 1024 C-contiguous
         buffers, in order); returns the bytes written."""
         op = self.OPERATION_CLASS.writev(buffers, fd, offset, priority)
-        return cast("Coroutine[Any, Any, int]", self._run_op(op))
+        return self._run_op(op)
 
     def fsync(self, fd: int) -> Coroutine[Any, Any, None]:
         """Flush ``fd``'s data and metadata to stable storage (after the
         writes submitted before it)."""
-        return cast("Coroutine[Any, Any, None]", self._run_op(self.OPERATION_CLASS.fsync(fd)))
+        return self._run_op(self.OPERATION_CLASS.fsync(fd))
 
     def fdsync(self, fd: int) -> Coroutine[Any, Any, None]:
         """Flush ``fd``'s data (``fdatasync``, after the writes submitted
         before it)."""
-        return cast("Coroutine[Any, Any, None]", self._run_op(self.OPERATION_CLASS.fdsync(fd)))
+        return self._run_op(self.OPERATION_CLASS.fdsync(fd))

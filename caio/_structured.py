@@ -187,9 +187,10 @@ class StructuredContextBase(OperationsAPI, PathOpsAPI, abc.ABC):
         self._released = False
         self._idle_waiters: list[Waiter] = []
         self._streak = 0
-        # The fast path's waiter while an op completes inline (reset and
-        # kept; replaced when an op takes it along to wait).
-        self._spare_waiter = self._Waiter()
+        # The fast path's callback: an op completed inline appends its
+        # result here (cleared at once).
+        self._inline_done: list[int] = []
+        self._inline_sink = self._inline_done.append
         # fd delivery: whether a task is the poller, and the parked ones.
         self._polling = False
         self._parked: dict[Waiter, None] = {}
@@ -283,15 +284,24 @@ class StructuredContextBase(OperationsAPI, PathOpsAPI, abc.ABC):
 
     async def _execute(self, op: Any) -> Any:
         await self._checkpoint_if_cancelled()
-        self._check_usable()
-        if self._fd is not None and self._in_use < self.max_requests and not self._slot_waiters:
+        if (
+            self._fd is not None
+            and self._in_use < self.max_requests
+            and not self._slot_waiters
+            and not self._closed
+            and self._generation == _fork_generation[0]
+        ):
             # The fast path of a completion-fd driver: only this thread
             # delivers (inside submit/kick here, or a later drain), so an op
             # completed inline needs no slot, no count for close() and no
-            # waiter of its own (the spare one is reused); only an op still
-            # pending after the kick takes them (DESIGN.md §5.10).
-            waiter = self._spare_waiter
-            op.set_callback(waiter)
+            # waiter: its callback is a list's append (no Python frame). Only
+            # an op still pending after the kick takes them, its callback
+            # replaced by a waiter before anything can deliver it (DESIGN.md
+            # §5.10).
+            done = self._inline_done
+            if done:
+                done.clear()  # from an op whose submission was refused
+            op.set_callback(self._inline_sink)
             if self._submit(op) != 1:
                 raise OSError("Operation was not submitted")
             error: BaseException | None = None
@@ -301,12 +311,17 @@ class StructuredContextBase(OperationsAPI, PathOpsAPI, abc.ABC):
                     kick()
                 except BaseException as exc:  # the op is in flight regardless
                     error = exc
-            if waiter.done and error is None:
-                waiter.done = False
-                if self._count_inline():
+            if done:
+                done.clear()
+                if error is not None:
+                    raise error
+                self._streak += 1
+                if self._streak >= self.MAX_SYNC_STREAK:
+                    self._streak = 0
                     await self._cancel_shielded_checkpoint()
                 return op.get_value()
-            self._spare_waiter = self._Waiter()
+            waiter = self._Waiter()
+            op.set_callback(waiter)
             self._streak = 0
             self._in_use += 1
             self._active += 1
@@ -319,6 +334,7 @@ class StructuredContextBase(OperationsAPI, PathOpsAPI, abc.ABC):
                 self._active -= 1
                 if not self._active:
                     self._on_idle()
+        self._check_usable()
         self._active += 1
         try:
             if self._in_use < self.max_requests and not self._slot_waiters:
@@ -341,7 +357,9 @@ class StructuredContextBase(OperationsAPI, PathOpsAPI, abc.ABC):
                     except BaseException as exc:  # the op is in flight regardless
                         error = exc
                 if waiter.done and error is None:
-                    if self._count_inline():
+                    self._streak += 1
+                    if self._streak >= self.MAX_SYNC_STREAK:
+                        self._streak = 0
                         await self._cancel_shielded_checkpoint()
                     return op.get_value()
                 self._streak = 0
@@ -355,15 +373,6 @@ class StructuredContextBase(OperationsAPI, PathOpsAPI, abc.ABC):
 
     # OperationsAPI's hook: read()/write()/... run the per-operation path.
     _run_op = _execute
-
-    def _count_inline(self) -> bool:
-        """An op completed inside its submission (no suspension): whether
-        the task yields now, after MAX_SYNC_STREAK of them in a row."""
-        self._streak += 1
-        if self._streak < self.MAX_SYNC_STREAK:
-            return False
-        self._streak = 0
-        return True
 
     async def _await_op(self, op: Any, waiter: Waiter, error: BaseException | None) -> Any:
         """Wait until the engine has delivered ``op`` (submitted, with
