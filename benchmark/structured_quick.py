@@ -32,6 +32,10 @@ to caio's asyncio figure at the same point. The machine may be shared: ``uptime`
 
     .venv/bin/python benchmark/structured_quick.py
     .venv/bin/python benchmark/structured_quick.py --repeat 7 --libs trio
+
+Before/after: ``--python /other/checkout/.venv/bin/python`` measures that
+build instead (run both, interleaved); ``--methods caio`` leaves out the
+thread-based contenders (a ratio-to-asyncio run in about a minute).
 """
 
 import argparse
