@@ -32,6 +32,10 @@ to caio's asyncio figure at the same point. The machine may be shared: ``uptime`
 
     .venv/bin/python benchmark/structured_quick.py
     .venv/bin/python benchmark/structured_quick.py --repeat 7 --libs trio
+
+Before/after: ``--python /other/checkout/.venv/bin/python`` measures that
+build instead (run both, interleaved); ``--methods caio`` leaves out the
+thread-based contenders (a ratio-to-asyncio run in about a minute).
 """
 
 import argparse
@@ -250,6 +254,16 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=0.2)
     parser.add_argument("--measure", type=float, default=1.0)
     parser.add_argument("--file", default="/var/tmp/caio-structured-bench/read.bin")
+    parser.add_argument(
+        "--methods",
+        default="caio,caio-checkpoint,open_file,to_thread",
+        help="contenders under trio/anyio, comma-separated (caio is always measured)",
+    )
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="interpreter of the measuring subprocesses (another checkout's venv: a before/after)",
+    )
     args = parser.parse_args()
     if args.child:
         lib, method, conc, size, path = args.child
@@ -258,7 +272,7 @@ def main() -> int:
 
     ensure_file(args.file)
     extra = ["caio:" + b for b in args.backends.split(",") if b]
-    methods = ["caio", "caio-checkpoint", "open_file", "to_thread", *extra]
+    methods = ["caio", *(m for m in args.methods.split(",") if m and m != "caio"), *extra]
     points = [tuple(int(x) for x in p.split("@")) for p in args.points.split(",")]
     libs = args.libs.split(",")
     cells = [
@@ -267,6 +281,7 @@ def main() -> int:
         for size, conc in points
         for method in (["caio", *extra] if lib == "asyncio" else methods)
     ]
+    print("python:", args.python)
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     results: dict[tuple[str, str, int, int], list[dict[str, float]]] = {c: [] for c in cells}
     backends: dict[tuple[str, str, int, int], str] = {}
@@ -275,7 +290,7 @@ def main() -> int:
             lib, method, conc, size = cell
             proc = subprocess.run(
                 [
-                    sys.executable,
+                    args.python,
                     os.path.abspath(__file__),
                     "--warmup",
                     str(args.warmup),

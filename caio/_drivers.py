@@ -5,10 +5,14 @@ asyncio loop, so they cannot use the asyncio adapters' native fast path
 (``_AsyncioBase``). They drive the raw API instead (DESIGN.md §4), through
 one :class:`Driver` per backend:
 
-* linux_uring: ``submit`` stages, ``flush()`` enters the kernel (a page-cache
-  hit is delivered right there); completions: eventfd, then
-  ``_process_loop_events()``; cancel: ``cancel(op)``, a real kernel cancel
-  (``-ECANCELED``).
+* linux_uring: ``submit`` in loop-delivery mode routes each op as the
+  asyncio adapter does (DESIGN.md §7.2): a small read is first tried from the
+  page cache and completes inside ``submit`` on a hit; buffered writes,
+  fsyncs and mid-size reads go to worker threads; the rest is staged, and
+  ``flush()`` enters the kernel (delivering what completed inside the enter);
+  completions (ring and workers): eventfd, then ``_process_loop_events()``;
+  cancel: ``cancel(op)``, a real kernel cancel (``-ECANCELED``), or a job
+  taken back from the workers.
 * linux_aio: ``submit`` in event-loop mode (``RWF_NOWAIT``, misses go to
   workers), ``_reap()`` delivers page-cache hits; completions (kernel and
   workers): eventfd, then ``_drain()``; cancel: ``cancel(op)``, which the
@@ -57,6 +61,11 @@ class Driver:
     #: The fd that becomes readable when :meth:`drain` has work, or ``None``
     #: when callbacks run on a foreign thread instead.
     fd: int | None = None
+    #: Called after a submission (``None``: nothing to do): makes the kernel
+    #: see it and delivers what completed inline. The op is in flight
+    #: whatever this raises. A bound method of the Context where there is
+    #: one (the per-operation path calls it directly).
+    kick: Callable[[], Any] | None = None
 
     def __init__(self, module: ModuleType, max_requests: int, **kwargs: Any) -> None:
         self.module = module
@@ -71,10 +80,6 @@ class Driver:
         op is then not in flight)."""
         if self.context.submit(op) != 1:
             raise OSError("Operation was not submitted")
-
-    def kick(self) -> None:
-        """After a submission: make the kernel see it and deliver what
-        completed inline. The op is in flight whatever this raises."""
 
     def drain(self) -> int:
         """Deliver every available completion (fd drivers only)."""
@@ -104,13 +109,20 @@ class UringDriver(Driver):
         default = bool(linux_uring_asyncio and linux_uring_asyncio.DEFAULT_SQPOLL)
         kwargs.setdefault("sqpoll", default and module.SQPOLL_ALLOWED)
         context = super()._open(module, max_requests, **kwargs)
+        try:
+            # The asyncio adapter's routes (inline page-cache reads, worker
+            # pool), completing through the ring's one eventfd.
+            context._enable_loop_delivery()
+        except BaseException:
+            context._close()
+            raise
         self.fd = context.fileno
+        # An op left for the ring is only staged by submit(); flush() enters
+        # the kernel (a page-cache hit missed inline, e.g. a larger read,
+        # completes inside it and is delivered right there). Nothing staged
+        # (served inline, or on a worker): no system call.
+        self.kick = context.flush
         return context
-
-    def kick(self) -> None:
-        # submit() only staged the SQE; a page-cache hit completes inside
-        # this io_uring_enter and is delivered right here.
-        self.context.flush()
 
     def drain(self) -> int:
         n: int = self.context._process_loop_events()
@@ -139,11 +151,9 @@ class LinuxAioDriver(Driver):
             context.close()
             raise
         self.fd = context.fileno
-        return context
-
-    def kick(self) -> None:
         # Deliver page-cache hits completed inside io_submit now.
-        self.context._reap()
+        self.kick = context._reap
+        return context
 
     def drain(self) -> int:
         n: int = self.context._drain()

@@ -12,7 +12,10 @@ One operation (``await ctx.read(...)``)::
     admission           a slot of max_requests, FIFO (DESIGN.md §5.4);
                         cancelled while waiting: nothing was submitted
     submit + kick       the op is in flight; a page-cache hit is delivered
-                        inside this call (no suspension, see MAX_SYNC_STREAK)
+                        inside this call (no suspension, see MAX_SYNC_STREAK).
+                        With a completion fd, admission is only checked
+                        before, and the slot taken after, the submission: an
+                        op completed inline never held one
     wait                until the op's callback marked it done (below)
     cancelled/failed    while waiting: the op is cancelled in the engine
     while waiting       (Driver.cancel), then waited for, shielded, until
@@ -40,17 +43,18 @@ import abc
 import operator
 import os
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractContextManager
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._drivers import open_driver
+from ._opsapi import OperationsAPI
 from ._pathops import Job, PathOpsAPI, run_job
 
 if TYPE_CHECKING:
-    from typing_extensions import Buffer, Self  # typing.Self needs Python 3.11
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 
 # Bumped in a forked child: a context created before fork() refuses to
@@ -91,7 +95,7 @@ class Waiter(abc.ABC):
         """Suspend until ``wake()``; cancellable."""
 
 
-class StructuredContextBase(PathOpsAPI, abc.ABC):
+class StructuredContextBase(OperationsAPI, PathOpsAPI, abc.ABC):
     """Common base of :class:`caio.trio.TrioContext` and
     :class:`caio.anyio.AnyioContext` (see the module docstring).
 
@@ -161,6 +165,9 @@ class StructuredContextBase(PathOpsAPI, abc.ABC):
         driver = open_driver(backend, max_requests, **kwargs)
         self._driver = driver
         self._fd = driver.fd
+        # The per-operation path calls these directly.
+        self._submit: Callable[[Any], int] = driver.context.submit
+        self._kick = driver.kick
         #: The backend's raw Context.
         self.context: Any = driver.context
         #: ``"linux_uring"``, ``"linux_aio"``, ``"thread_aio"`` or ``"python_aio"``.
@@ -180,6 +187,10 @@ class StructuredContextBase(PathOpsAPI, abc.ABC):
         self._released = False
         self._idle_waiters: list[Waiter] = []
         self._streak = 0
+        # The fast path's callback: an op completed inline appends its
+        # result here (cleared at once).
+        self._inline_done: list[int] = []
+        self._inline_sink = self._inline_done.append
         # fd delivery: whether a task is the poller, and the parked ones.
         self._polling = False
         self._parked: dict[Waiter, None] = {}
@@ -199,75 +210,6 @@ class StructuredContextBase(PathOpsAPI, abc.ABC):
         )
 
     # -- operations ------------------------------------------------------------
-
-    def read(
-        self,
-        nbytes: int,
-        fd: int,
-        offset: int,
-        priority: int = 0,
-    ) -> Coroutine[Any, Any, bytes]:
-        """Read up to ``nbytes`` at ``offset``; ``b""`` at end of file."""
-        op = self.OPERATION_CLASS.read(nbytes, fd, offset, priority)
-        return cast("Coroutine[Any, Any, bytes]", self._execute(op))
-
-    def write(
-        self,
-        payload: "Buffer",
-        fd: int,
-        offset: int,
-        priority: int = 0,
-    ) -> Coroutine[Any, Any, int]:
-        """Write ``payload`` (any C-contiguous buffer, used in place) at
-        ``offset``; returns the bytes written."""
-        op = self.OPERATION_CLASS.write(payload, fd, offset, priority)
-        return cast("Coroutine[Any, Any, int]", self._execute(op))
-
-    # -- zero-copy operations (issue 13) ---------------------------------------
-
-    def readinto(
-        self,
-        buffer: "Buffer",
-        fd: int,
-        offset: int = 0,
-        priority: int = 0,
-    ) -> Coroutine[Any, Any, int]:
-        """Read into ``buffer`` (a writable C-contiguous buffer) at
-        ``offset``; returns the bytes read (fewer at end of file). A
-        cancelled read is waited for, so the buffer is the caller's again
-        when the await ends."""
-        op = self.OPERATION_CLASS.readinto(buffer, fd, offset, priority)
-        return cast("Coroutine[Any, Any, int]", self._execute(op))
-
-    def readv(
-        self,
-        buffers: "Sequence[Buffer]",
-        fd: int,
-        offset: int = 0,
-        priority: int = 0,
-    ) -> Coroutine[Any, Any, int]:
-        """One vectored read into ``buffers`` (at most 1024 writable
-        C-contiguous buffers, filled in order); returns the bytes read."""
-        op = self.OPERATION_CLASS.readv(buffers, fd, offset, priority)
-        return cast("Coroutine[Any, Any, int]", self._execute(op))
-
-    def writev(
-        self,
-        buffers: "Sequence[Buffer]",
-        fd: int,
-        offset: int = 0,
-        priority: int = 0,
-    ) -> Coroutine[Any, Any, int]:
-        """One vectored write of ``buffers`` (at most 1024 C-contiguous
-        buffers, in order); returns the bytes written."""
-        op = self.OPERATION_CLASS.writev(buffers, fd, offset, priority)
-        return cast("Coroutine[Any, Any, int]", self._execute(op))
-
-    def fsync(self, fd: int) -> Coroutine[Any, Any, None]:
-        return cast("Coroutine[Any, Any, None]", self._execute(self.OPERATION_CLASS.fsync(fd)))
-
-    def fdsync(self, fd: int) -> Coroutine[Any, Any, None]:
-        return cast("Coroutine[Any, Any, None]", self._execute(self.OPERATION_CLASS.fdsync(fd)))
 
     async def submit(self, op: Any) -> bytes | int | None:
         """Run an Operation of this backend (``OPERATION_CLASS``)."""
@@ -342,6 +284,56 @@ class StructuredContextBase(PathOpsAPI, abc.ABC):
 
     async def _execute(self, op: Any) -> Any:
         await self._checkpoint_if_cancelled()
+        if (
+            self._fd is not None
+            and self._in_use < self.max_requests
+            and not self._slot_waiters
+            and not self._closed
+            and self._generation == _fork_generation[0]
+        ):
+            # The fast path of a completion-fd driver: only this thread
+            # delivers (inside submit/kick here, or a later drain), so an op
+            # completed inline needs no slot, no count for close() and no
+            # waiter: its callback is a list's append (no Python frame). Only
+            # an op still pending after the kick takes them, its callback
+            # replaced by a waiter before anything can deliver it (DESIGN.md
+            # §5.10).
+            done = self._inline_done
+            if done:
+                done.clear()  # from an op whose submission was refused
+            op.set_callback(self._inline_sink)
+            if self._submit(op) != 1:
+                raise OSError("Operation was not submitted")
+            error: BaseException | None = None
+            kick = self._kick
+            if kick is not None:
+                try:
+                    kick()
+                except BaseException as exc:  # the op is in flight regardless
+                    error = exc
+            if done:
+                done.clear()
+                if error is not None:
+                    raise error
+                self._streak += 1
+                if self._streak >= self.MAX_SYNC_STREAK:
+                    self._streak = 0
+                    await self._cancel_shielded_checkpoint()
+                return op.get_value()
+            waiter = self._Waiter()
+            op.set_callback(waiter)
+            self._streak = 0
+            self._in_use += 1
+            self._active += 1
+            try:
+                try:
+                    return await self._await_op(op, waiter, error)
+                finally:
+                    self._release_slot()
+            finally:
+                self._active -= 1
+                if not self._active:
+                    self._on_idle()
         self._check_usable()
         self._active += 1
         try:
@@ -350,42 +342,59 @@ class StructuredContextBase(PathOpsAPI, abc.ABC):
             else:
                 await self._acquire_slot()
             try:
-                driver = self._driver
                 waiter = self._Waiter()
                 if self._fd is None:
                     self._call_soon = self._thread_caller()
                     op.set_callback(partial(self._thread_done, waiter))
                 else:
                     op.set_callback(waiter)
-                driver.submit(op)  # raises: not in flight
-                try:
-                    driver.kick()
-                    if waiter.done:
-                        self._streak += 1
-                        if self._streak >= self.MAX_SYNC_STREAK:
-                            self._streak = 0
-                            await self._cancel_shielded_checkpoint()
-                    else:
+                self._driver.submit(op)  # raises: not in flight
+                error = None
+                kick = self._kick
+                if kick is not None:
+                    try:
+                        kick()
+                    except BaseException as exc:  # the op is in flight regardless
+                        error = exc
+                if waiter.done and error is None:
+                    self._streak += 1
+                    if self._streak >= self.MAX_SYNC_STREAK:
                         self._streak = 0
-                        await self._wait_done(waiter)
-                except GeneratorExit:
-                    # The coroutine is being closed without being awaited to
-                    # the end (garbage collected with its loop gone): it can
-                    # no longer wait. The engine keeps the op (and its
-                    # buffer) alive until it completes.
-                    if not waiter.done:
-                        self._driver.cancel(op)
-                    raise
-                except BaseException:
-                    await self._abandon(op, waiter)
-                    raise
-                return op.get_value()
+                        await self._cancel_shielded_checkpoint()
+                    return op.get_value()
+                self._streak = 0
+                return await self._await_op(op, waiter, error)
             finally:
                 self._release_slot()
         finally:
             self._active -= 1
             if not self._active:
                 self._on_idle()
+
+    # OperationsAPI's hook: read()/write()/... run the per-operation path.
+    _run_op = _execute
+
+    async def _await_op(self, op: Any, waiter: Waiter, error: BaseException | None) -> Any:
+        """Wait until the engine has delivered ``op`` (submitted, with
+        ``waiter`` as its callback) and return its value; ``error``: the
+        kick after its submission raised that (re-raised once the op is
+        done)."""
+        try:
+            if error is not None:
+                raise error
+            await self._wait_done(waiter)
+        except GeneratorExit:
+            # The coroutine is being closed without being awaited to the
+            # end (garbage collected with its loop gone): it can no longer
+            # wait. The engine keeps the op (and its buffer) alive until it
+            # completes.
+            if not waiter.done:
+                self._driver.cancel(op)
+            raise
+        except BaseException:
+            await self._abandon(op, waiter)
+            raise
+        return op.get_value()
 
     # -- path operations (DESIGN.md §14) ------------------------------------------
 

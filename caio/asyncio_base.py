@@ -21,11 +21,12 @@ this module only wires it to the event loop.
 import abc
 import asyncio
 import os
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
+from ._opsapi import OperationsAPI
 from ._pathops import AsyncioPathOps
 from .abstract import AbstractContext, AbstractOperation
 
@@ -33,7 +34,7 @@ ContextType = type[AbstractContext]
 OperationType = type[AbstractOperation]
 
 if TYPE_CHECKING:
-    from typing_extensions import Buffer, Self  # typing.Self needs Python 3.11
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 
 def _resolve(future: asyncio.Future[Any]) -> None:
@@ -42,7 +43,7 @@ def _resolve(future: asyncio.Future[Any]) -> None:
         future.set_result(True)
 
 
-class AsyncioContextBase(AsyncioPathOps, abc.ABC):
+class AsyncioContextBase(OperationsAPI, AsyncioPathOps, abc.ABC):
     MAX_REQUESTS_DEFAULT = 512
 
     CONTEXT_CLASS: ContextType
@@ -211,81 +212,11 @@ class AsyncioContextBase(AsyncioPathOps, abc.ABC):
                 # would keep the op (and the caller's buffers) alive.
                 del cancelled
 
-    def read(
-        self,
-        nbytes: int,
-        fd: int,
-        offset: int,
-        priority: int = 0,
-    ) -> Coroutine[Any, Any, bytes]:
-        # submit() returns what the operation's get_value() does: the bytes
-        # read (int for writes, None for syncs).
-        return cast(
-            "Coroutine[Any, Any, bytes]",
-            self.submit(self.OPERATION_CLASS.read(nbytes, fd, offset, priority)),
-        )
-
-    def write(
-        self,
-        payload: "Buffer",
-        fd: int,
-        offset: int,
-        priority: int = 0,
-    ) -> Coroutine[Any, Any, int]:
-        return cast(
-            "Coroutine[Any, Any, int]",
-            self.submit(self.OPERATION_CLASS.write(payload, fd, offset, priority)),
-        )
-
-    # -- zero-copy operations (issue 13) -------------------------------------
-
-    def readinto(
-        self,
-        buffer: "Buffer",
-        fd: int,
-        offset: int = 0,
-        priority: int = 0,
-    ) -> Coroutine[Any, Any, int]:
-        """Read into ``buffer`` (a writable C-contiguous buffer) in place;
-        the number of bytes read (fewer at end of file)."""
-        return cast(
-            "Coroutine[Any, Any, int]",
-            self.submit(self.OPERATION_CLASS.readinto(buffer, fd, offset, priority)),
-        )
-
-    def readv(
-        self,
-        buffers: "Sequence[Buffer]",
-        fd: int,
-        offset: int = 0,
-        priority: int = 0,
-    ) -> Coroutine[Any, Any, int]:
-        """One vectored read into ``buffers`` (at most 1024 writable
-        C-contiguous buffers, filled in order); the number of bytes read."""
-        return cast(
-            "Coroutine[Any, Any, int]",
-            self.submit(self.OPERATION_CLASS.readv(buffers, fd, offset, priority)),
-        )
-
-    def writev(
-        self,
-        buffers: "Sequence[Buffer]",
-        fd: int,
-        offset: int = 0,
-        priority: int = 0,
-    ) -> Coroutine[Any, Any, int]:
-        """One vectored write of ``buffers`` (at most 1024 C-contiguous
-        buffers, in order); the number of bytes written."""
-        return cast(
-            "Coroutine[Any, Any, int]",
-            self.submit(self.OPERATION_CLASS.writev(buffers, fd, offset, priority)),
-        )
-
-    def fsync(self, fd: int) -> Coroutine[Any, Any, None]:
-        return cast("Coroutine[Any, Any, None]", self.submit(self.OPERATION_CLASS.fsync(fd)))
-
-    def fdsync(self, fd: int) -> Coroutine[Any, Any, None]:
-        return cast("Coroutine[Any, Any, None]", self.submit(self.OPERATION_CLASS.fdsync(fd)))
+    def _run_op(self, op: Any) -> Coroutine[Any, Any, Any]:
+        # OperationsAPI's hook: read()/write()/... run through submit(),
+        # whose result is the operation's get_value() (bytes read, int for
+        # writes, None for syncs).
+        return self.submit(op)
 
 
 class NativeAsyncioContextBase(AsyncioContextBase):

@@ -57,6 +57,7 @@ __all__ = (
     "test_submit_rejects_foreign_and_reused_operations",
     "test_sync_ops_return_none",
     "test_uring_many_pipe_readers_hand_off_polling",
+    "test_uring_routes_match_asyncio",
     "test_uring_timeout_cancels_in_kernel_without_polling_loop",
     "test_readinto_and_writes_from_any_buffer",
     "test_cancelled_readinto_leaves_the_buffer_alone",
@@ -804,6 +805,85 @@ def test_uring_many_pipe_readers_hand_off_polling(lib: Lib, engine: str) -> None
         os.close(r)
         os.close(w)
     assert sorted(got) == [b"%04d" % i for i in range(24)]
+
+
+def _caio_workers() -> int:
+    """Threads of core's worker pool in this process."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass
+    return names.count("caio-worker")
+
+
+def test_uring_routes_match_asyncio(lib: Lib, engine: str, tmp_fd: int) -> None:
+    """DESIGN.md §7.2 on the structured path, as under asyncio: a cached read
+    of at most 64 KiB is served by preadv2(RWF_NOWAIT) inside submit() — no
+    SQE, no enter, no CQE, so the ring's eventfd stays quiet; buffered writes
+    and the fsyncs covering them run on the worker pool, whose results come
+    through the same eventfd; a write to a pipe stays on the ring."""
+    _uring(engine)
+    import select
+
+    data = os.urandom(3 * 65536 + 100)
+    os.pwrite(tmp_fd, data, 0)
+    r, w = os.pipe()
+    state: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with lib.context(engine, 16) as ctx:
+            efd = ctx.context.fileno
+
+            def signalled() -> bool:
+                return bool(select.select([efd], [], [], 0)[0])
+
+            state["quiet_before"] = not signalled()
+            got = [await ctx.read(4096, tmp_fd, i * 4096) for i in range(10)]
+            got.append(await ctx.read(65536, tmp_fd, 65536))
+            got.append(await ctx.read(4096, tmp_fd, 3 * 65536))  # short: end of file
+            state["quiet_after"] = not signalled()
+            state["got"] = got
+            workers = _caio_workers()
+            # Above the inline limit: the ring, or a worker's copy while a
+            # second core is free (the copy rule).
+            state["big"] = await ctx.read(3 * 65536, tmp_fd, 0)
+            blocks = [os.urandom(4096) for _ in range(32)]
+            results: list[Any] = [None] * 34
+
+            async def put(i: int, coro: Any) -> None:
+                results[i] = await coro
+
+            async with lib.task_group() as tg:
+                for i, block in enumerate(blocks):
+                    tg.start_soon(put, i, ctx.write(block, tmp_fd, i * 4096))
+                tg.start_soon(put, 32, ctx.fsync(tmp_fd))
+                tg.start_soon(put, 33, ctx.fdsync(tmp_fd))
+            state["results"] = results
+            state["blocks"] = blocks
+            state["workers"] = (workers, _caio_workers())
+            # Not a regular file: the ring (stream semantics).
+            state["pipe"] = (await ctx.write(b"pipe", w, -1), await ctx.write(b"+0", w, 0))
+
+    try:
+        lib.run(main)
+        assert os.read(r, 10) == b"pipe+0"
+    finally:
+        os.close(r)
+        os.close(w)
+    assert state["quiet_before"] and state["quiet_after"], state
+    got = state["got"]
+    assert got[:10] == [data[i * 4096 : (i + 1) * 4096] for i in range(10)]
+    assert got[10] == data[65536:131072]
+    assert got[11] == data[3 * 65536 :]
+    assert state["big"] == data[: 3 * 65536]
+    assert state["results"] == [4096] * 32 + [None, None]
+    assert os.pread(tmp_fd, 32 * 4096, 0) == b"".join(state["blocks"])
+    before, during = state["workers"]
+    assert during > before, state["workers"]
+    assert state["pipe"] == (4, 2)
 
 
 # -- fork ----------------------------------------------------------------------------------

@@ -16,7 +16,9 @@
 //! * `deferred=True` (DESIGN.md §5.8.1): every SQE of a loop iteration in one
 //!   `io_uring_enter`.
 //!
-//! SQPOLL rings: stage, wake the SQ thread if it sleeps, drain.
+//! What goes to the worker pool or is served from the page cache without
+//! the ring is `route`'s decision (shared with a raw Context in loop-delivery
+//! mode). SQPOLL rings: stage, wake the SQ thread if it sleeps, drain.
 //! Later completions signal the eventfd; the loop's reader callback
 //! (`Context._process_loop_events`) drains the whole batch and resolves the
 //! futures directly.
@@ -24,36 +26,16 @@
 use std::sync::atomic::Ordering;
 
 use caio_core::aio::{Adapter, Engine};
-use caio_core::op::{self, as_op, OpKind, Operation};
-use caio_core::pool;
+use caio_core::op::as_op;
 use caio_core::py::{Exc, PyErr, PyResult};
 use caio_core::pyo3_ffi::*;
 
 use crate::ctx;
 use crate::ring::StageError;
+use crate::route::{self, Routed};
 
 /// Largest automatic batch (SQEs per `io_uring_enter`), see `submit`.
 const BATCH_MAX: usize = 4;
-
-/// Reads of at most this many bytes are first tried from the page cache on
-/// the loop thread (`preadv2(RWF_NOWAIT)`, core's `pool::try_read_inline`),
-/// as thread_aio's adapter does (`INLINE_READ_MAX`).
-const INLINE_READ_MAX: u64 = crate::workers::COPY_ON_LOOP_MAX;
-
-/// Whether `submit` first tries `o` as a non-blocking page-cache read: a
-/// read of at most [`INLINE_READ_MAX`] bytes, unless `deferred=True` asked
-/// for every operation of an iteration to go to the ring in one enter,
-/// while submissions are not batched (the last ones were not page-cache
-/// hits: a cold file, where the attempt would only be refused) and on an fd
-/// the ring does not know to be `O_DIRECT` (no page cache to hit, only an
-/// `EINVAL`).
-fn tries_inline(a: &Adapter, c: &crate::Context, o: &Operation) -> bool {
-    o.kind == OpKind::Read
-        && o.nbytes <= INLINE_READ_MAX
-        && !a.deferred()
-        && !c.batching.load(Ordering::Relaxed)
-        && !c.ring().knows_direct(o.fd_i32())
-}
 
 pub(crate) static ENGINE: Engine = Engine {
     submit,
@@ -66,24 +48,6 @@ pub(crate) static ENGINE: Engine = Engine {
 // with `a` bound (in `_bind`) to a Context of this module, and `op` one of
 // this module's Operations. That is their `# Safety` contract.
 
-/// Claims and begins `o` for this adapter outside the ring's own staging
-/// (the inline read, the worker route); false if it was claimed already. A
-/// callback set on the op beforehand is dropped: the awaitable's future
-/// replaces it (DESIGN.md §5.2), before anything can deliver the op.
-///
-/// # Safety
-/// Attached; `o` is one of this module's Operations; `ctx_obj` its Context.
-unsafe fn claim(o: &Operation, ctx_obj: *mut PyObject) -> bool {
-    if !o.try_claim() {
-        return false;
-    }
-    // SAFETY: attached, and `o` was claimed just now by this call.
-    unsafe { op::begin(o, ctx_obj) };
-    // SAFETY: attached; claimed and begun, delivered by nobody yet.
-    unsafe { op::clear_callback(o) };
-    true
-}
-
 /// Stages `op` and, depending on the policy (module doc), enters the ring
 /// now or schedules a batch flush.
 ///
@@ -94,54 +58,15 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     // SAFETY: `ctx_obj` is a Context (hook contract).
     let c = unsafe { ctx(ctx_obj) };
     let _u = c.enter()?;
-    // SAFETY: `op` is an Operation (hook contract).
-    let o = unsafe { as_op(op) };
-    if !a.deferred()
-        && c.workers()
-            .takes(o, c.ring().sqpoll, |fd| c.ring().knows_direct(fd))
-    {
-        // A buffered write (or an fsync behind such writes), or a mid-size
-        // read: the pool (`workers`).
-        // SAFETY: attached; `o` is this module's Operation (hook contract).
-        if !unsafe { claim(o, ctx_obj) } {
-            return Ok(false);
-        }
-        if let Err(e) = c.workers().submit(op.cast()) {
-            // SAFETY: begun above; the pool did not take it.
-            unsafe { op::abort(o) };
-            return Err(e);
-        }
-        return Ok(true);
-    }
-    let mut staged = if tries_inline(a, c, o) {
-        // SAFETY: attached; `o` is this module's Operation (hook contract).
-        if !unsafe { claim(o, ctx_obj) } {
-            return Ok(false);
-        }
-        // Page-cache hit: done right here, without SQE, enter or CQE.
-        // SAFETY: claimed and begun by this call and not handed to the ring
-        // yet, so nobody else finishes it; attached for `finish`.
-        match unsafe { pool::try_read_inline(o) } {
-            // ESPIPE: a pipe, socket or FIFO (positional reads do not
-            // apply), which the ring reads as a stream.
-            Some(res) if res != -i64::from(libc::ESPIPE) => {
-                // SAFETY: as above: in flight, ours alone, attached.
-                unsafe { op::finish(op.cast(), res) }.run();
-                return Ok(true);
-            }
-            _ => {}
-        }
-        // SAFETY: attached; claimed and begun above for this ring's
-        // Context, not handed to any engine.
-        match unsafe { c.ring().stage_claimed(op) } {
-            None => (1, None),
-            err => (0, err),
-        }
-    } else {
-        // SAFETY: attached; `op` is an Operation; `ctx_obj` owns the ring
-        // (hook contract).
-        unsafe { c.ring().stage(&[op], ctx_obj) }
+    // SAFETY: attached, inside the use above; `op` is this module's
+    // Operation and `ctx_obj` the Context `c` (hook contract).
+    let claimed = match unsafe { route::submit_off_ring(c, ctx_obj, op, a.deferred(), true) }? {
+        Routed::Done(accepted) => return Ok(accepted),
+        Routed::Ring { claimed } => claimed,
     };
+    // SAFETY: as above; claimed and begun by `submit_off_ring` when
+    // `claimed`, and handed to no engine.
+    let mut staged = unsafe { route::stage(c, ctx_obj, op, claimed) };
     if let (_, Some(StageError::Full)) = staged {
         // The admission gate keeps in-flight ops below the ring size, but
         // SQEs of cancelled ops (and cancel SQEs) may still sit in a batch
@@ -187,7 +112,8 @@ unsafe fn submit(a: &Adapter, op: *mut PyObject) -> PyResult<bool> {
     c.submit_or_retry()?;
     // SAFETY: attached (hook contract).
     unsafe { c.deliver(usize::MAX) };
-    if o.state() != caio_core::op::OpState::Done && !c.ring().sqpoll {
+    // SAFETY: `op` is an Operation (hook contract).
+    if unsafe { as_op(op) }.state() != caio_core::op::OpState::Done && !c.ring().sqpoll {
         // Not a page-cache hit: completions are coming through the event
         // loop now, batch the next submissions.
         c.batching.store(true, Ordering::Relaxed);
@@ -259,12 +185,10 @@ unsafe fn cancel(a: &Adapter, op: *mut PyObject) {
     let Ok(_u) = c.enter() else {
         return;
     };
-    // SAFETY: attached (hook contract).
-    if unsafe { c.workers().cancel(op.cast()) } {
-        return;
-    }
-    // SAFETY: `op` is an Operation (hook contract).
-    let _ = c.ring().cancel(unsafe { as_op(op) });
+    // (No room for a ring cancel: the op completes normally later.)
+    // SAFETY: attached, inside the use above; `op` is an Operation (hook
+    // contract).
+    let _ = unsafe { route::cancel(c, op) };
 }
 
 /// The loop is closed ("loop gone" in `caio_core::aio`): submit what is

@@ -35,6 +35,7 @@ mod direct;
 mod pathring;
 mod probe;
 mod ring;
+mod route;
 mod spare;
 mod workers;
 
@@ -71,6 +72,9 @@ pub(crate) struct Context {
     /// asyncio adapter (plain ring): the last submissions did not complete
     /// inline, so new ones are batched per loop iteration (one enter).
     pub(crate) batching: AtomicBool,
+    /// Loop-delivery mode (`_enable_loop_delivery()`): `submit` routes each
+    /// op as the asyncio adapter does (`route`), for the trio/anyio driver.
+    loop_delivery: AtomicBool,
     /// The ring and the asyncio adapter's worker pool (which owns the
     /// eventfd they share), closable before the Context goes (`_close()`,
     /// see `close`).
@@ -237,6 +241,7 @@ impl ContextState for Context {
             born: Stamp::now(),
             flush_scheduled: AtomicBool::new(false),
             batching: AtomicBool::new(false),
+            loop_delivery: AtomicBool::new(false),
             ring: RingSlot::new(Engines { ring, workers }),
         })
     }
@@ -305,14 +310,64 @@ unsafe fn ctx_submit(slf: *mut PyObject, args: &[*mut PyObject]) -> PyResult<Own
     // SAFETY: the method's contract.
     let c = unsafe { ContextObject::<Context>::submitting(slf, args) }?;
     let _u = c.enter()?;
-    // SAFETY: attached; every arg is one of this module's Operations
-    // (checked above); `slf` owns this ring.
-    let (accepted, err) = unsafe { c.ring().stage(args, slf) };
+    let (accepted, err) = if c.loop_delivery.load(Ordering::Relaxed) {
+        // SAFETY: attached, inside the use above; every arg is one of this
+        // module's Operations (checked above); `slf` is `c`.
+        unsafe { submit_routed(c, slf, args) }?
+    } else {
+        // SAFETY: attached; every arg is one of this module's Operations
+        // (checked above); `slf` owns this ring.
+        unsafe { c.ring().stage(args, slf) }
+    };
     match err {
         // SAFETY: attached; `slf` is a Context.
         Some(e) => Err(unsafe { e.into_pyerr(slf) }),
         None => py_usize(accepted),
     }
+}
+
+/// `submit` in loop-delivery mode: each op where `route` sends it — a
+/// page-cache hit completes (its callback runs) right here, a worker's
+/// result is delivered by `_process_loop_events`, the rest is staged for
+/// `flush()`. Stops at the first op refused, as `Ring::stage` does (the ops
+/// before it stay accepted).
+///
+/// # Safety
+/// Attached, inside a use of the ring; every arg is one of this module's
+/// Operations; `slf` is the Context `c`.
+unsafe fn submit_routed(
+    c: &Context,
+    slf: *mut PyObject,
+    args: &[*mut PyObject],
+) -> PyResult<(usize, Option<ring::StageError>)> {
+    let mut accepted = 0;
+    for &op in args {
+        // SAFETY: forwarded contract; no `deferred=True` here.
+        let (n, err) = match unsafe { route::submit_off_ring(c, slf, op, false, false) }? {
+            route::Routed::Done(ok) => (usize::from(ok), None),
+            // SAFETY: forwarded contract; claimed and begun by
+            // `submit_off_ring` when `claimed`, handed to no engine.
+            route::Routed::Ring { claimed } => unsafe { route::stage(c, slf, op, claimed) },
+        };
+        accepted += n;
+        if err.is_some() {
+            return Ok((accepted, err));
+        }
+    }
+    Ok((accepted, None))
+}
+
+/// `Context._enable_loop_delivery()`.
+///
+/// # Safety
+/// A Context method (`caio_core::method!`): attached, `slf` a live
+/// Context.
+unsafe fn ctx_enable_loop_delivery(slf: *mut PyObject) -> PyResult<Owned> {
+    // SAFETY: `slf` is a Context (contract above).
+    let c = unsafe { ctx(slf) };
+    let _u = c.enter()?;
+    c.loop_delivery.store(true, Ordering::Relaxed);
+    Ok(caio_core::py::none())
 }
 
 /// `Context.cancel(operation, *more)` (`METH_FASTCALL | METH_KEYWORDS`).
@@ -379,7 +434,8 @@ unsafe fn cancel_ops(c: &Context, slf: *mut PyObject, ops: &[*mut PyObject]) -> 
         if o.state() != op::OpState::InFlight {
             continue;
         }
-        if c.ring().cancel(o).is_err() {
+        // SAFETY: attached, inside the use above; `a` is an Operation.
+        if unsafe { route::cancel(c, a) }.is_err() {
             // SAFETY: attached; `slf` is a Context.
             return Err(unsafe {
                 ring::ring_full_error(
@@ -631,6 +687,16 @@ number delivered.",
         c"_close($self)\n--\n\nasyncio adapter: release the ring and the eventfd now (or when the \
 method running meanwhile returns) unless operations are in flight (then False, nothing done). \
 Afterwards every method raises RuntimeError.",
+    ))
+    .method(caio_core::method!(
+        noargs c"_enable_loop_delivery",
+        ctx_enable_loop_delivery,
+        c"_enable_loop_delivery($self)\n--\n\nFrom now on, submit() routes each operation as the \
+asyncio adapter does: a read of at most 64 KiB is first tried from the page cache (a hit \
+completes, its callback runs, inside submit()), buffered writes and fsyncs of regular files and \
+mid-size reads go to worker threads, the rest is staged in the ring. Worker results signal the \
+same eventfd (fileno) and are delivered by _process_loop_events(), not by process_events(); \
+cancel() takes back a job no worker has started. Used by the trio and anyio adapters.",
     ))
     .method(caio_core::method!(
         noargs c"_process_loop_events",
