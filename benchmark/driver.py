@@ -55,7 +55,9 @@ def _version(dist):
         return None
 
 
-def probe():
+def probe(extra_path=None):
+    if extra_path:
+        sys.path.append(extra_path)
     info = {
         "python": sys.version.split()[0],
         "implementation": sys.implementation.name,
@@ -63,6 +65,8 @@ def probe():
         "gil_disabled": bool(getattr(sys, "_is_gil_enabled", lambda: True)() is False),
         "aiofiles": _version("aiofiles"),
         "anyio": _version("anyio"),
+        "uvloop": _importable_version("uvloop"),
+        "aiofile": _importable_version("aiofile"),
     }
     caio_info = {"importable": False}
     try:
@@ -75,6 +79,13 @@ def probe():
             file=getattr(caio, "__file__", None),
             path=list(getattr(caio, "__path__", [])),
         )
+        # What ``from caio import AsyncioContext`` selects here (the "default" rows).
+        default = getattr(getattr(caio, "AsyncioContext", None), "__module__", "") or ""
+        caio_info["default_backend"] = (
+            default[len("caio.") : -len("_asyncio")]
+            if default.startswith("caio.") and default.endswith("_asyncio")
+            else None
+        )
         backends = {}
         for name in BACKENDS:
             b = {"ok": False}
@@ -83,6 +94,7 @@ def probe():
                 if not hasattr(mod, "AsyncioContext"):
                     raise ImportError("caio.%s_asyncio has no AsyncioContext" % name)
                 b["ok"] = True
+                b["readinto"] = hasattr(mod.AsyncioContext, "readinto")
                 if name == "linux_uring":
                     raw = importlib.import_module("caio.linux_uring")
                     b["SQPOLL_ALLOWED"] = getattr(raw, "SQPOLL_ALLOWED", None)
@@ -103,6 +115,15 @@ def probe():
         caio_info["error"] = "%s: %s" % (type(e).__name__, e)
     info["caio"] = caio_info
     print(json.dumps(info))
+
+
+def _importable_version(name):
+    """Version of a module the driver can import (from sys.path, extras included)."""
+    try:
+        mod = importlib.import_module(name)
+    except BaseException as e:
+        return {"error": "%s: %s" % (type(e).__name__, e)}
+    return {"version": getattr(mod, "__version__", None) or _version(name)}
 
 
 # ------------------------------------------------------------ page cache
@@ -204,6 +225,11 @@ class Contender:
         self.params = params
         self.cell = cell
         self.info = {}
+        self.buffers = {}
+
+    def make_check(self, worker, check):
+        """The result check of one worker (a readinto checks its own buffer)."""
+        return check
 
     async def setup(self, fd, path):
         pass
@@ -234,17 +260,60 @@ class CaioContender(Contender):
         self.info["max_requests"] = self.cell["max_requests"]
         n = self.cell["chunk"]
         ctx = self.ctx
-        if self.cell["op"] == "read":
+        self.fd = fd
+        if self.params.get("api") == "readinto":
+            self._op = None  # one buffer per worker: make_op
+        elif self.cell["op"] == "read":
             self._op = lambda off: ctx.read(n, fd, off)
         else:
             data = _payload(n)
             self._op = lambda off: ctx.write(data, fd, off)
 
     def make_op(self, worker):
-        return self._op
+        if self._op is not None:
+            return self._op
+        # readinto into a buffer this worker reuses for every operation (issue 13)
+        ctx, fd, buf = self.ctx, self.fd, bytearray(self.cell["chunk"])
+        self.buffers[worker] = buf
+        return lambda off: ctx.readinto(buf, fd, off)
+
+    def make_check(self, worker, check):
+        if self._op is not None or check is None:
+            return check
+        return _buffer_check(self.buffers[worker], self.cell["chunk"])
 
     async def teardown(self):
         self.ctx.close()
+
+
+class AiofileContender(Contender):
+    """aiofile on top of whichever caio this interpreter imports, as its users write
+    random access: one ``AIOFile`` shared by the workers, ``await afp.read(n, off)`` /
+    ``await afp.write(data, off)``; aiofile picks the backend with ``from caio import
+    AsyncioContext`` (each side's default)."""
+
+    async def setup(self, fd, path):
+        from aiofile import AIOFile
+
+        self.afp = AIOFile(path, "rb" if self.cell["op"] == "read" else "r+b")
+        await self.afp.open()
+        n, afp = self.cell["chunk"], self.afp
+        if self.cell["op"] == "read":
+            self._op = lambda off: afp.read(n, off)
+        else:
+            data = _payload(n)
+
+            async def op(off):
+                await afp.write(data, off)
+                return n  # aiofile writes all of it or raises
+
+            self._op = op
+
+    def make_op(self, worker):
+        return self._op
+
+    async def teardown(self):
+        await self.afp.close()
 
 
 class ExecutorContender(Contender):
@@ -257,7 +326,7 @@ class ExecutorContender(Contender):
     def make_op(self, worker):
         loop, fd, n = self.loop, self.fd, self.cell["chunk"]
         run = loop.run_in_executor
-        if self.cell["cache"] == "direct":
+        if _into_buffer(self.params, self.cell):
             # os.pread allocates an unaligned bytes object (EINVAL under
             # O_DIRECT); a careful user reads into an aligned buffer instead.
             buf = mmap.mmap(-1, n)
@@ -357,7 +426,7 @@ class SyncContender(Contender):
 
     def make_sync_op(self, fd):
         n = self.cell["chunk"]
-        if self.cell["cache"] == "direct":
+        if _into_buffer(self.params, self.cell):
             buf = mmap.mmap(-1, n)
             if self.cell["op"] == "read":
 
@@ -377,8 +446,15 @@ class SyncContender(Contender):
         return lambda off: os.pwrite(fd, data, off)
 
 
+def _into_buffer(params, cell):
+    """os.preadv/pwritev into one page-aligned buffer instead of os.pread/pwrite:
+    under O_DIRECT (os.pread would fail), and for the readinto rows (issue 13)."""
+    return cell["cache"] == "direct" or params.get("api") == "readinto"
+
+
 KINDS = {
     "caio": CaioContender,
+    "aiofile": AiofileContender,
     "executor": ExecutorContender,
     "aiofiles": AiofilesContender,
     "anyio": AnyioContender,
@@ -455,6 +531,31 @@ class TickerStallMeter:
         return self.max
 
 
+class NoStallMeter:
+    """uvloop's loop runs in libuv, with no selector to wrap; a ticker task would
+    distort the numbers (see SelectorStallMeter), so the stall is not measured."""
+
+    def __init__(self, loop):
+        pass
+
+    def start(self):
+        pass
+
+    def stop(self):
+        return None
+
+
+def _run_loop(loop, coro):
+    """asyncio.run on the contender's event loop: asyncio's own or uvloop."""
+    if loop == "uvloop":
+        import uvloop
+
+        if hasattr(uvloop, "run"):
+            return uvloop.run(coro)
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return asyncio.run(coro)
+
+
 # ------------------------------------------------------------------ driver
 
 
@@ -487,14 +588,26 @@ def _check_factory(cell, verify):
     return check
 
 
-async def _drive(ops, offsets, seconds, max_ops, check, lats):
+def _buffer_check(buf, n):
+    """The check of a readinto into ``buf``: the result is the byte count."""
+
+    def check(r, off):
+        if r != n:
+            raise CellError("short readinto: %r of %d bytes at offset %d" % (r, n, off))
+        if buf[:8] != _hdr(off):
+            raise CellError("wrong data at offset %d (block header mismatch)" % off)
+
+    return check
+
+
+async def _drive(ops, offsets, seconds, max_ops, checks, lats):
     """The one worker loop every asyncio contender runs."""
     state = [0]
     nofs = len(offsets)
     deadline = perf_ns() + int(seconds * 1e9)
     failure = []
 
-    async def worker(op):
+    async def worker(op, check):
         while not failure:
             i = state[0]
             if i >= max_ops:
@@ -515,7 +628,7 @@ async def _drive(ops, offsets, seconds, max_ops, check, lats):
             if lats is not None:
                 lats.append(t1 - t0)
 
-    await asyncio.gather(*(worker(op) for op in ops))
+    await asyncio.gather(*(worker(op, check) for op, check in zip(ops, checks, strict=True)))
     if failure:
         raise failure[0]
     return state[0]
@@ -628,16 +741,20 @@ def run_cell(spec, cell):
 
         async def main():
             loop = asyncio.get_running_loop()
-            meter_cls = (
-                TickerStallMeter if spec.get("stall_method") == "ticker" else SelectorStallMeter
-            )
+            if not hasattr(loop, "_selector"):
+                meter_cls = NoStallMeter  # uvloop: no selector to wrap
+            elif spec.get("stall_method") == "ticker":
+                meter_cls = TickerStallMeter
+            else:
+                meter_cls = SelectorStallMeter
             meter = meter_cls(loop)
             await contender.setup(fd, path)
             try:
                 ops = [contender.make_op(w) for w in range(cell["concurrency"])]
+                checks = [contender.make_check(w, check) for w in range(cell["concurrency"])]
                 try:
                     await asyncio.wait_for(
-                        _drive(ops, warm_offsets, cell["warmup"], 1 << 62, check, None),
+                        _drive(ops, warm_offsets, cell["warmup"], 1 << 62, checks, None),
                         cell["timeout"],
                     )
                 except asyncio.TimeoutError:
@@ -653,7 +770,8 @@ def run_cell(spec, cell):
                 c0, t0 = time.process_time(), time.perf_counter()
                 try:
                     n = await asyncio.wait_for(
-                        _drive(ops, offsets, cell["measure"], max_ops, check, lats), cell["timeout"]
+                        _drive(ops, offsets, cell["measure"], max_ops, checks, lats),
+                        cell["timeout"],
                     )
                 except asyncio.TimeoutError:
                     raise CellError(
@@ -664,7 +782,7 @@ def run_cell(spec, cell):
                 stall = meter.stop()
                 ru1 = resource.getrusage(resource.RUSAGE_SELF)
                 res = _measure_result(n, wall, cpu, ru0, ru1, lats, cell)
-                res["max_stall_ms"] = stall * 1e3
+                res["max_stall_ms"] = None if stall is None else stall * 1e3
                 await contender.after()
                 if cell["op"] == "write":
                     os.fsync(fd)
@@ -673,7 +791,7 @@ def run_cell(spec, cell):
                 meter.stop()
                 await contender.teardown()
 
-        res = asyncio.run(main())
+        res = _run_loop(contender.params.get("loop"), main())
         res["info"] = info
         return res
     finally:
@@ -683,6 +801,9 @@ def run_cell(spec, cell):
 def run(spec_path, out_path):
     with open(spec_path) as f:
         spec = json.load(f)
+    extra = (spec["contender"].get("params") or {}).get("sys_path")
+    if extra:  # uvloop / aiofile for a caio interpreter (envs.extras_dir)
+        sys.path.append(extra)
     try:  # 1024 concurrent file objects for aiofiles/anyio
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 65536)), hard))
@@ -728,8 +849,8 @@ def run(spec_path, out_path):
 
 
 def main(argv):
-    if len(argv) >= 2 and argv[1] == "probe":
-        probe()
+    if len(argv) in (2, 3) and argv[1] == "probe":
+        probe(argv[2] if len(argv) == 3 else None)
     elif len(argv) == 4 and argv[1] == "run":
         run(argv[2], argv[3])
     else:

@@ -38,6 +38,9 @@ class Mode:
     fio_install: bool = True
     note: str = ""
     budget: float = 0.0  # minutes; 0 = no limit (see runner --budget)
+    # The cells of the contender families that run at a few points only, by family
+    # tag (Contender.tag): {tag: {scenario name: ((chunk, concurrency), ...)}}.
+    tagged: dict = field(default_factory=dict)
 
 
 def _s(cache, pattern, op, concs=(), chunks=()):
@@ -46,6 +49,19 @@ def _s(cache, pattern, op, concs=(), chunks=()):
 
 CONCS_FULL = (1, 16, 64, 256, 1024)
 CHUNKS_FULL = (4 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB)
+CR, CW = "cached-rand-read", "cached-rand-write"
+TARGET_CONCS = ((SMALL, 1), (SMALL, 16), (SMALL, 64), (SMALL, 256))
+
+# uvloop: every caio contender and run_in_executor at issue 16's points;
+# aiofile on top of ours and of upstream: 4 KiB random reads and writes at c=64;
+# readinto into a reused buffer (issue 13): 4 KiB at c=1 and 64, 1 MiB at c=64,
+# with a synchronous os.preadv loop into one buffer as the 1 MiB reference.
+TAGGED_TARGETS = {
+    "uvloop": {CR: TARGET_CONCS, CW: ((SMALL, 64),)},
+    "aiofile": {CR: ((SMALL, 64),), CW: ((SMALL, 64),)},
+    "readinto": {CR: ((SMALL, 1), (SMALL, 64), (MiB, 64))},
+    "preadv": {CR: ((MiB, 1),)},
+}
 
 MODES = {
     "smoke": Mode(
@@ -63,6 +79,12 @@ MODES = {
             _s("direct", "rand", "read", (8,)),
             _s("cached", "seq", "write", (8,)),
         ],
+        tagged={
+            "uvloop": {"cached-rand-read": ((SMALL, 8),), "cached-seq-write": ((SMALL, 8),)},
+            "aiofile": {"cached-rand-read": ((SMALL, 8),), "cached-seq-write": ((SMALL, 8),)},
+            "readinto": {"cached-rand-read": ((SMALL, 8), (64 * KiB, 8))},
+            "preadv": {"cached-rand-read": ((64 * KiB, 1),)},
+        },
         note="plumbing check only: numbers are meaningless",
     ),
     "quick": Mode(
@@ -74,11 +96,12 @@ MODES = {
         offsets=65536,
         sweep_conc=64,
         scenarios=[
-            _s("cached", "rand", "read", (1, 64, 256), (SMALL, 64 * KiB, 1 * MiB)),
+            _s("cached", "rand", "read", (1, 16, 64, 256), (SMALL, 64 * KiB, 1 * MiB)),
             _s("cold", "rand", "read", (64,)),
             _s("direct", "rand", "read", (64,)),
-            _s("cached", "rand", "write", (64,)),
+            _s("cached", "rand", "write", (1, 16, 64, 256)),
         ],
+        tagged=TAGGED_TARGETS,
         note="the performance-target cells plus a short concurrency/chunk sweep",
     ),
     "full": Mode(
@@ -103,6 +126,7 @@ MODES = {
             _s("direct", "seq", "write", CONCS_FULL, CHUNKS_FULL),
         ],
         budget=27.0,
+        tagged=TAGGED_TARGETS,
         note="every scenario; cold writes only at a few points (aligned whole-page "
         "buffered writes never read the old page, so they behave like cached writes)",
     ),
@@ -180,9 +204,12 @@ class Contender:
     variant: str = ""
     params: dict = field(default_factory=dict)
     version: str | None = None
+    tag: str = ""  # a family measured at a few points only: Mode.tagged[tag]
 
     def points(self, mode, scen):
         """The (chunk, concurrency) cells this contender runs in a scenario."""
+        if self.tag:
+            return list(mode.tagged.get(self.tag, {}).get(scen.name, ()))
         pts = scenario_points(mode, scen)
         if self.kind == "floor":
             if scen.name != "cached-rand-read":
@@ -275,6 +302,89 @@ def caio_contenders(family, python, probe_info, log):
     return out
 
 
+def _lib_ok(probe_info, name):
+    v = probe_info.get(name)
+    return isinstance(v, dict) and not v.get("error")
+
+
+def tagged_contenders(base, probes, extras, log):
+    """The issue-13/16 variants of the caio contenders in ``base``: each under
+    uvloop, readinto into a reused buffer (ours' native backends that have it),
+    and aiofile on top (one per family: aiofile takes the default backend).
+    ``probes``: family -> probe of its interpreter with ``extras`` on sys.path."""
+    out, aiofile_done = [], set()
+    for c in base:
+        if c.kind != "caio":
+            continue
+        pi = probes.get(c.family) or {}
+        params = dict(c.params, sys_path=extras)
+        if _lib_ok(pi, "uvloop"):
+            out.append(
+                Contender(
+                    c.id + ".uvloop",
+                    c.family,
+                    c.label + " (uvloop)",
+                    "caio",
+                    python=c.python,
+                    backend=c.backend,
+                    variant=(c.variant + "+uvloop").lstrip("+"),
+                    params=dict(params, loop="uvloop"),
+                    version=c.version,
+                    tag="uvloop",
+                )
+            )
+        else:
+            log(
+                "%s: uvloop not importable (%s): no %s.uvloop row"
+                % (c.family, pi.get("uvloop"), c.id)
+            )
+        bi = ((pi.get("caio") or {}).get("backends") or {}).get(c.backend) or {}
+        if (
+            c.family in ("ours", "base")
+            and c.variant == "default"
+            and c.backend != "python_aio"
+            and bi.get("readinto")
+        ):
+            out.append(
+                Contender(
+                    c.id + ".readinto",
+                    c.family,
+                    c.label + " readinto",
+                    "caio",
+                    python=c.python,
+                    backend=c.backend,
+                    variant="readinto",
+                    params=dict(c.params, api="readinto"),
+                    version=c.version,
+                    tag="readinto",
+                )
+            )
+        if c.family not in aiofile_done:
+            aiofile_done.add(c.family)
+            if _lib_ok(pi, "aiofile"):
+                out.append(
+                    Contender(
+                        "%s.aiofile" % c.family,
+                        c.family,
+                        "aiofile %s on %s (default backend)"
+                        % ((pi.get("aiofile") or {}).get("version"), c.family),
+                        "aiofile",
+                        python=c.python,
+                        backend=(pi.get("caio") or {}).get("default_backend"),
+                        variant="aiofile",
+                        params={"sys_path": extras},
+                        version=c.version,
+                        tag="aiofile",
+                    )
+                )
+            else:
+                log(
+                    "%s: aiofile not importable (%s): no aiofile row"
+                    % (c.family, pi.get("aiofile"))
+                )
+    return out
+
+
 def peer_contenders(python, probe_info, fio, fio_ver):
     out = [
         Contender(
@@ -310,6 +420,16 @@ def peer_contenders(python, probe_info, fio, fio_ver):
             version="python " + str(probe_info.get("python")),
         ),
         Contender(
+            "limit.sync.preadv",
+            "limit",
+            "sync os.preadv loop into one buffer (1 thread)",
+            "sync",
+            python=python,
+            params={"api": "readinto"},
+            version="python " + str(probe_info.get("python")),
+            tag="preadv",
+        ),
+        Contender(
             "limit.floor",
             "limit",
             "asyncio floor (call_soon future)",
@@ -318,6 +438,21 @@ def peer_contenders(python, probe_info, fio, fio_ver):
             version="python " + str(probe_info.get("python")),
         ),
     ]
+    if _lib_ok(probe_info, "uvloop"):
+        out.insert(
+            1,
+            Contender(
+                "peer.run_in_executor.uvloop",
+                "peer",
+                "run_in_executor(os.pread/pwrite) (uvloop)",
+                "executor",
+                python=python,
+                variant="uvloop",
+                params={"loop": "uvloop"},
+                version="python " + str(probe_info.get("python")),
+                tag="uvloop",
+            ),
+        )
     if fio:
         for eng in ("io_uring", "libaio"):
             out.append(

@@ -120,6 +120,9 @@ class Results:
         for c in self.contenders:  # display names are the report's business
             c["label"] = DISPLAY.get(c["id"], c["label"])
         self.labels = {c["id"]: c["label"] for c in self.contenders}
+        self.tags = {c["id"]: c.get("tag") or "" for c in self.contenders}
+        # the sweeps and their charts: every contender measured across a scenario
+        self.sweepers = [c for c in self.contenders if not self.tags[c["id"]]]
         self.scenarios = []
         for r in rows:
             if r["scenario"] not in self.scenarios:
@@ -127,7 +130,7 @@ class Results:
 
     def get(self, scen, chunk, conc, cid):
         rows = self.groups.get((scen, chunk, conc, cid))
-        if rows is None and cid == "limit.sync":  # one thread: concurrency does not apply
+        if rows is None and cid.startswith("limit.sync"):  # one thread: concurrency does not apply
             rows = self.groups.get((scen, chunk, 1, cid))
         return Stat(rows) if rows else None
 
@@ -136,7 +139,11 @@ class Results:
 
     def points(self, scen):
         pts = sorted(
-            {(k[1], k[2]) for k in self.groups if k[0] == scen and not k[3] == "limit.sync"}
+            {
+                (k[1], k[2])
+                for k in self.groups
+                if k[0] == scen and not k[3].startswith("limit.sync") and not self.tags.get(k[3])
+            }
         )
         return pts
 
@@ -441,6 +448,320 @@ def targets():
     return t
 
 
+# ------------------------------------------- the issues' targets (13, 16)
+
+CW = "cached-rand-write"
+NATIVE = ("linux_uring", "linux_aio", "thread_aio")
+
+
+def default_backend(res, family="ours"):
+    """What ``from caio import AsyncioContext`` selected in that interpreter (probe)."""
+    probe = (res.meta.get("probes") or {}).get(family) or {}
+    return (probe.get("caio") or {}).get("default_backend")
+
+
+def _caio_ids(res, family, tag):
+    return [
+        c["id"]
+        for c in res.contenders
+        if c["id"].startswith(family + ".")
+        and c.get("kind") == "caio"
+        and (c.get("tag") or "") == tag
+    ]
+
+
+def resolve(res, ref, scen, chunk, conc, metric):
+    """(contender id, Stat) of a reference: an id, ``("default", family, tag)`` (the
+    backend ``from caio import AsyncioContext`` picks) or ``("best", family, tag)``
+    (that family's caio contender with the highest median at this cell)."""
+    if isinstance(ref, str):
+        return ref, res.get(scen, chunk, conc, ref)
+    how, family, tag = ref
+    if how == "default":
+        b = default_backend(res, family)
+        if b is None:
+            return None, None
+        cid = "%s.%s%s" % (family, b, "." + tag if tag else "")
+        return cid, res.get(scen, chunk, conc, cid)
+    best = (None, None)
+    for cid in _caio_ids(res, family, tag):
+        st = res.get(scen, chunk, conc, cid)
+        if st is None or st.med(metric) is None:
+            continue
+        if best[1] is None or st.med(metric) > best[1].med(metric):
+            best = (cid, st)
+    return best
+
+
+def issue_targets():
+    """(issue, title, (ref, scen, chunk, conc), (ref, scen, chunk, conc) | None, metric,
+    target): ratio a ÷ b >= target, or (b None) the value of a below the target."""
+    t = []
+    a = t.append
+    dflt = lambda tag="": ("default", "ours", tag)  # noqa: E731
+    best = lambda fam, tag="": ("best", fam, tag)  # noqa: E731
+    for tag, loop in (("", "asyncio"), ("uvloop", "uvloop")):
+        for scen, what in ((CR, "cached random read"), (CW, "buffered random write")):
+            for c in (1, 16, 64, 256):
+                a(
+                    (
+                        16,
+                        "4 KiB %s, c=%d, %s: default ÷ our best backend" % (what, c, loop),
+                        (dflt(tag), scen, SMALL, c),
+                        (best("ours", tag), scen, SMALL, c),
+                        "ops_per_s",
+                        0.95,
+                    )
+                )
+    a(
+        (
+            16,
+            "4 KiB cached random read, c=1: default ÷ sync os.pread loop",
+            (dflt(), CR, SMALL, 1),
+            ("limit.sync", CR, SMALL, 1),
+            "ops_per_s",
+            0.55,
+        )
+    )
+    a(
+        (
+            16,
+            "4 KiB cached random read, c=64, uvloop: default ÷ upstream's best",
+            (dflt("uvloop"), CR, SMALL, 64),
+            (best("upstream", "uvloop"), CR, SMALL, 64),
+            "ops_per_s",
+            2.0,
+        )
+    )
+    for b in NATIVE:
+        a(
+            (
+                16,
+                "4 KiB buffered random write, c=64: ours %s ÷ upstream's best" % b,
+                ("ours.%s" % b, CW, SMALL, 64),
+                (best("upstream"), CW, SMALL, 64),
+                "ops_per_s",
+                1.5,
+            )
+        )
+    a(
+        (
+            16,
+            "aiofile on top, 4 KiB random write, c=64: on ours ÷ on upstream",
+            ("ours.aiofile", CW, SMALL, 64),
+            ("upstream.aiofile", CW, SMALL, 64),
+            "ops_per_s",
+            1.5,
+        )
+    )
+    a(
+        (
+            16,
+            "aiofile on top, 4 KiB random read, c=64: on ours ÷ on upstream",
+            ("ours.aiofile", CR, SMALL, 64),
+            ("upstream.aiofile", CR, SMALL, 64),
+            "ops_per_s",
+            None,
+        )
+    )
+    for ch in (64 * 1024, MB):
+        a(
+            (
+                16,
+                "%s cached random read, c=64: default ÷ upstream's best" % fsize(ch),
+                (dflt(), CR, ch, 64),
+                (best("upstream"), CR, ch, 64),
+                "ops_per_s",
+                1.0,
+            )
+        )
+        a(
+            (
+                16,
+                "%s cached random read, c=64, MB/s: default ÷ sync os.pread loop" % fsize(ch),
+                (dflt(), CR, ch, 64),
+                ("limit.sync", CR, ch, 1),
+                "mb_per_s",
+                0.9,
+            )
+        )
+    a(
+        (
+            16,
+            "4 KiB O_DIRECT random read, c=64: ours thread_aio ÷ ours linux_uring",
+            ("ours.thread_aio", DR, SMALL, 64),
+            ("ours.linux_uring", DR, SMALL, 64),
+            "ops_per_s",
+            0.9,
+        )
+    )
+    a(
+        (
+            16,
+            "4 KiB cached random read, c=1: ours python_aio ÷ upstream python_aio",
+            ("ours.python_aio", CR, SMALL, 1),
+            ("upstream.python_aio", CR, SMALL, 1),
+            "ops_per_s",
+            1.5,
+        )
+    )
+    a(
+        (
+            16,
+            "4 KiB cold buffered random read, c=64: default ÷ fio O_DIRECT io_uring iodepth 64",
+            (dflt(), CO, SMALL, 64),
+            ("limit.fio_io_uring", DR, SMALL, 64),
+            "ops_per_s",
+            0.85,
+        )
+    )
+    a(
+        (
+            16,
+            "… same cell, default's longest event-loop stall (ms)",
+            (dflt(), CO, SMALL, 64),
+            None,
+            "max_stall_ms",
+            5.0,
+        )
+    )
+    for b in NATIVE:
+        ri = "ours.%s.readinto" % b
+        a(
+            (
+                13,
+                "1 MiB cached random readinto (reused buffer), c=64, MB/s: ours %s ÷ sync "
+                "os.preadv loop into one buffer" % b,
+                (ri, CR, MB, 64),
+                ("limit.sync.preadv", CR, MB, 1),
+                "mb_per_s",
+                1.0,
+            )
+        )
+        a(
+            (
+                13,
+                "1 MiB cached random read, c=64: ours %s readinto ÷ read()" % b,
+                (ri, CR, MB, 64),
+                ("ours.%s" % b, CR, MB, 64),
+                "ops_per_s",
+                1.3,
+            )
+        )
+        for c in (1, 64):
+            a(
+                (
+                    13,
+                    "4 KiB cached random read, c=%d: ours %s readinto ÷ read()" % (c, b),
+                    (ri, CR, SMALL, c),
+                    ("ours.%s" % b, CR, SMALL, c),
+                    "ops_per_s",
+                    1.0,
+                )
+            )
+    return t
+
+
+def issue_targets_md(res):
+    out = [
+        "| issue | target | ours | reference | ratio | target | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    n = 0
+    for issue, title, ca, cb, metric, target in issue_targets():
+        ida, sa = resolve(res, ca[0], ca[1], ca[2], ca[3], metric)
+        idb, sb = resolve(res, cb[0], cb[1], cb[2], cb[3], metric) if cb else (None, None)
+        if sa is None and sb is None:
+            continue  # a cell this mode does not measure
+        f = fmt_metric(metric)
+
+        def cell(cid, st, f=f, metric=metric):
+            if st is None:
+                return "n/a"
+            txt = cell_text(st, metric, f, spread=False)
+            if st.failed:
+                txt += " (%s)" % esc(st.error)[:60]
+            return "%s: %s" % (res.labels.get(cid, cid), txt)
+
+        if cb is None:  # an absolute bound (the stall)
+            v = None if sa is None or sa.failed else sa.med(metric)
+            rt, tt = "–", "< %g ms" % target
+            met = "–" if v is None else ("✔" if v < target else "✘")
+        else:
+            r = ratio(sa, sb, metric)
+            rt = rtext(r)
+            tt = "≥ %g×" % target if target is not None else "(reference)"
+            met = "–" if r is None or target is None else ("✔" if r >= target else "✘")
+        out.append(
+            "| %d | %s | %s | %s | %s | %s | %s |"
+            % (issue, title, cell(ida, sa), cell(idb, sb) if cb else "", rt, tt, met)
+        )
+        n += 1
+    return "\n".join(out) if n else ""
+
+
+def family_cells(res):
+    """(tag, title, [(contender, scen, chunk, conc)], metric) of the families measured at
+    a few points (bar charts and tables): aiofile on top, readinto at 1 MiB."""
+    fams = []
+    cells = [
+        (cid, scen, SMALL, 64)
+        for scen in (CW, CR)
+        for cid in ("ours.aiofile", "upstream.aiofile")
+        if res.get(scen, SMALL, 64, cid) is not None
+    ]
+    if cells:
+        fams.append(
+            (
+                "aiofile",
+                "aiofile 3.12.3 on top: 4 KiB random write and read, c=64",
+                cells,
+                "ops_per_s",
+            )
+        )
+    cells = []
+    for b in NATIVE:
+        for cid in ("ours.%s" % b, "ours.%s.readinto" % b):
+            if res.get(CR, MB, 64, cid) is not None:
+                cells.append((cid, CR, MB, 64))
+    for cid in ("limit.sync.preadv", "limit.sync"):
+        if cells and res.get(CR, MB, 1, cid) is not None:
+            cells.append((cid, CR, MB, 1))
+    if cells:
+        fams.append(
+            (
+                "readinto",
+                "1 MiB cached random read, c=64: readinto vs read() (MB/s)",
+                cells,
+                "mb_per_s",
+            )
+        )
+    return fams
+
+
+def tagged_table(res, tag):
+    """Every cell of the contenders of one tag (ops/s, median with spread), with the
+    asyncio row of the same contender next to each uvloop one."""
+    ids = [c["id"] for c in res.contenders if (c.get("tag") or "") == tag]
+    pts = sorted({k[:3] for k in res.groups if k[3] in ids})
+    if not ids or not pts:
+        return ""
+    hdr = ["contender"] + [
+        "%s %s c=%d" % (s.replace("cached-rand-", ""), fsize(ch), c) for s, ch, c in pts
+    ]
+    out = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    rows = []
+    for cid in ids:
+        if tag == "uvloop":
+            rows.append(cid[: -len(".uvloop")])
+        rows.append(cid)
+    for cid in rows:
+        cells = [cell_text(res.get(s, ch, c, cid), "ops_per_s", si) for s, ch, c in pts]
+        if any(cells):
+            out.append("| %s | %s |" % (res.labels.get(cid, cid), " | ".join(cells)))
+    return "\n".join(out)
+
+
 def fmt_metric(metric):
     if metric == "mb_per_s":
         return lambda x: si(x, " MB/s")
@@ -517,7 +838,7 @@ def sweep_table(res, scen, metric, axis):
     hdr = ["contender"] + (["c=%d" % p for p in pts] if axis == "conc" else [fsize(p) for p in pts])
     out = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     f = fmt_metric(metric) if metric in ("ops_per_s", "mb_per_s", "max_stall_ms") else num
-    for c in res.contenders:
+    for c in res.sweepers:
         if c["id"] == "limit.floor" and axis == "chunk":
             continue
         row, any_ = [c["label"]], False
@@ -848,6 +1169,29 @@ def write_summary(out_dir):
         "",
     ]
     s += ["## Performance targets", "", targets_md(res), ""]
+    it = issue_targets_md(res)
+    if it:
+        s += [
+            "### Issue targets (13: zero-copy readinto; 16: the default path, uvloop, aiofile)",
+            "",
+            "“default” is the backend `from caio import AsyncioContext` selects in ours' "
+            "interpreter (%s); “best” is the fastest caio contender of that side at the "
+            "cell (any backend or ring variant). ✔ = target met in this run."
+            % (default_backend(res) or "unknown"),
+            "",
+            it,
+            "",
+        ]
+    for tag, title in (
+        ("uvloop", "Under uvloop (4 KiB, ops/s; each uvloop row under its asyncio row)"),
+        ("aiofile", "aiofile on top of ours and of upstream (ops/s)"),
+        ("readinto", "readinto into a reused buffer (ops/s)"),
+    ):
+        t = tagged_table(res, tag)
+        if t:
+            s += ["## %s" % title, "", t, ""]
+            s += ["![%s](charts/%s)" % (ch, ch) for ch in charts if ch.startswith(tag + "-")]
+            s += [""]
     b = baseline_md(res)
     if b:
         s += ["## Upstream caio and the peers at the target cells", "", b, ""]
@@ -943,6 +1287,12 @@ COLORS = {
 
 
 def _style(cid):
+    for suffix in (".uvloop", ".readinto", ".preadv"):
+        if cid.endswith(suffix):
+            color, ls, mk = _style(cid[: -len(suffix)])
+            return color, ls, {"o": "D", "x": "v", "s": "^"}.get(mk, mk)
+    if cid.endswith(".aiofile"):
+        return "#444444" if cid.startswith("ours.") else "#999999", "-", "*"
     if cid.startswith("ours."):
         return COLORS.get(cid[5:], "#333"), "-", "o"
     if cid.startswith("upstream."):
@@ -967,13 +1317,18 @@ def charts(out_dir):
     sc = meta.get("params", {}).get("sweep_conc", 64)
     made = []
 
-    def plot(scen, axis, metric, ylabel, fname, logy):
+    def plot(scen, axis, metric, ylabel, fname, logy, who=None):
         pts = res.conc_points(scen) if axis == "conc" else res.chunk_points(scen)
+        if who is not None:  # a family's own points
+            ids = {c["id"] for c in who}
+            pts = sorted(
+                {k[2] for k in res.groups if k[0] == scen and k[3] in ids and k[1] == SMALL}
+            )
         if len(pts) < 2:
             return
         fig, ax = plt.subplots(figsize=(12.5, 6))
         failed = []
-        for c in res.contenders:
+        for c in res.sweepers if who is None else who:
             cid = c["id"]
             if cid == "limit.floor" and axis == "chunk":  # no I/O: its MB/s is meaningless
                 continue
@@ -1038,16 +1393,25 @@ def charts(out_dir):
 
     def bars(scen):
         """A scenario measured at a single point: one bar per contender."""
-        pts = sorted({(k[1], k[2]) for k in res.groups if k[0] == scen and k[3] != "limit.sync"})
+        pts = res.points(scen)
         if len(pts) != 1:
             return
         ch, conc = pts[0]
+        bar_chart(
+            "%s — %s, concurrency %d" % (scen, fsize(ch), conc),
+            [(c["id"], scen, ch, conc) for c in res.sweepers],
+            "%s-bars.png" % scen,
+        )
+
+    def bar_chart(title, cells, fname, metric="ops_per_s"):
+        """One bar per (contender, scenario, chunk, concurrency) cell."""
         labels, vals, lo, hi, colors, fails = [], [], [], [], [], []
-        for c in res.contenders:
-            st = res.get(scen, ch, conc, c["id"])
+        for cid, scen, ch, conc in cells:
+            c = {"id": cid, "label": res.labels.get(cid, cid)}
+            st = res.get(scen, ch, conc, cid)
             if st is None:
                 continue
-            m = st.med("ops_per_s")
+            m = st.med(metric)
             if m is None:
                 fails.append(c["label"])
                 labels.append(c["label"] + "  — FAIL")
@@ -1055,11 +1419,13 @@ def charts(out_dir):
                 lo.append(0)
                 hi.append(0)
             else:
-                labels.append(c["label"] + ("  (c=1)" if c["id"] == "limit.sync" else ""))
+                labels.append(c["label"] + ("  (c=1)" if c["id"].startswith("limit.sync") else ""))
                 vals.append(m)
-                lo.append(m - st.lo("ops_per_s"))
-                hi.append(st.hi("ops_per_s") - m)
+                lo.append(m - st.lo(metric))
+                hi.append(st.hi(metric) - m)
             colors.append(_style(c["id"])[0])
+        if not labels:
+            return
         fig, ax = plt.subplots(figsize=(11, 0.38 * len(labels) + 1.6))
         y = list(range(len(labels)))[::-1]
         ax.barh(y, vals, xerr=[lo, hi], color=colors, alpha=0.85, capsize=2)
@@ -1068,15 +1434,32 @@ def charts(out_dir):
         for yy, v in zip(y, vals, strict=True):
             if v:
                 ax.text(v, yy, " %s" % si(v), va="center", fontsize=7)
-        ax.set_xlabel("throughput (ops/s), median; bars: min–max")
-        ax.set_title("%s — %s, concurrency %d" % (scen, fsize(ch), conc))
+        ax.set_xlabel(
+            "%s, median; bars: min–max"
+            % ("throughput (MB/s)" if metric == "mb_per_s" else "throughput (ops/s)")
+        )
+        ax.set_title(title)
         ax.grid(True, axis="x", alpha=0.3)
         fig.tight_layout()
-        fname = "%s-bars.png" % scen
         fig.savefig(os.path.join(d, fname), dpi=110)
         plt.close(fig)
         made.append(fname)
 
+    for tag, title, cells, metric in family_cells(res):
+        bar_chart(title, cells, "%s-bars.png" % tag, metric)
+    uv = [c for c in res.contenders if c.get("tag") == "uvloop"]
+    if uv:  # each uvloop line next to the asyncio line of the same contender
+        asy = {c["id"][: -len(".uvloop")] for c in uv}
+        who = [c for c in res.contenders if c["id"] in asy and c.get("kind") == "caio"] + uv
+        plot(
+            CR,
+            "conc",
+            "ops_per_s",
+            "throughput (ops/s)",
+            "uvloop-ops-vs-concurrency.png",
+            True,
+            who,
+        )
     for scen in res.scenarios:
         bars(scen)
         plot(

@@ -132,6 +132,11 @@ def parse_args(argv):
         "--no-peers", action="store_true", help="skip aiofiles/anyio/executor/sync/floor/fio"
     )
     p.add_argument("--no-fio", action="store_true", help="skip fio")
+    p.add_argument(
+        "--no-extras",
+        action="store_true",
+        help="no uvloop, aiofile-on-top and readinto rows for the caio contenders",
+    )
     p.add_argument("--no-install", action="store_true", help="never apt-get install fio")
     p.add_argument("--no-charts", action="store_true", help="skip PNG charts")
     p.add_argument("--seed", type=int, default=20251121, help="base seed for the offsets")
@@ -276,7 +281,9 @@ class Runner:
             "file_size": self.mode.file_size,
             "warmup_s": self.mode.warmup,
             "measure_s": self.mode.measure,
-            "stall_method": self.args.stall_method if c.kind not in ("sync", "fio") else "",
+            "stall_method": (
+                "" if c.kind in ("sync", "fio") or c.params.get("loop") else self.args.stall_method
+            ),
         }
 
     def _emit(self, row):
@@ -609,7 +616,9 @@ def main(argv=None):
     )
     contenders = []
     probes = {}
-    ours_probe = envs.probe(ours_py)
+    # uvloop + aiofile for the caio interpreters (no deps: aiofile must run on their caio)
+    extras = None if args.no_extras else envs.extras_dir(ours_py, cache)
+    ours_probe = envs.probe(ours_py, extras)
     probes["ours"] = ours_probe
     ci = ours_probe.get("caio") or {}
     if ci.get("importable"):
@@ -625,17 +634,19 @@ def main(argv=None):
     contenders += plan.caio_contenders("ours", ours_py, ours_probe, log)
     if args.base_python:
         base_py = os.path.abspath(args.base_python)
-        probes["base"] = envs.probe(base_py)
+        probes["base"] = envs.probe(base_py, extras)
         bi = probes["base"].get("caio") or {}
         log("base: caio %s from %s" % (bi.get("version"), bi.get("file") or bi.get("path")))
         contenders += plan.caio_contenders("base", base_py, probes["base"], log)
     if not args.no_upstream:
         try:
             up_py = envs.upstream_venv(ours_py, cache)
-            probes["upstream"] = envs.probe(up_py)
+            probes["upstream"] = envs.probe(up_py, extras)
             contenders += plan.caio_contenders("upstream", up_py, probes["upstream"], log)
         except subprocess.CalledProcessError as e:
             log("setup: upstream venv failed (%s): no upstream contenders" % e)
+    if extras:
+        contenders += plan.tagged_contenders(contenders, probes, extras, log)
     fio = fio_ver = None
     if not args.no_peers:
         if not args.no_fio:
@@ -697,6 +708,7 @@ def main(argv=None):
                 "variant": c.variant,
                 "python": c.python,
                 "version": c.version,
+                "tag": c.tag,
             }
             for c in contenders
         ],
