@@ -95,6 +95,7 @@ def probe(extra_path=None):
                     raise ImportError("caio.%s_asyncio has no AsyncioContext" % name)
                 b["ok"] = True
                 b["readinto"] = hasattr(mod.AsyncioContext, "readinto")
+                b["pathops"] = hasattr(mod.AsyncioContext, "read_file")
                 if name == "linux_uring":
                     raw = importlib.import_module("caio.linux_uring")
                     b["SQPOLL_ALLOWED"] = getattr(raw, "SQPOLL_ALLOWED", None)
@@ -237,6 +238,13 @@ class Contender:
     def make_op(self, worker):
         raise NotImplementedError
 
+    async def setup_files(self, names):
+        """The ``files`` scenarios' setup (instead of setup(fd, path))."""
+        self.names = names
+
+    def make_file_op(self, worker):
+        raise NotImplementedError
+
     async def after(self):
         """Outside the timed window, after the measured phase (flush/close)."""
 
@@ -282,6 +290,24 @@ class CaioContender(Contender):
             return check
         return _buffer_check(self.buffers[worker], self.cell["chunk"])
 
+    async def setup_files(self, names):
+        """Whole files and path operations of the context (DESIGN.md §14)."""
+        mod = importlib.import_module("caio.%s_asyncio" % self.params["backend"])
+        self.ctx = ctx = mod.AsyncioContext(
+            max_requests=self.cell["max_requests"], **dict(self.params.get("kwargs") or {})
+        )
+        op = self.cell["op"]
+        if op == "read":
+            self._op = lambda i: ctx.read_file(names[i])
+        elif op == "stat":
+            self._op = lambda i: ctx.stat(names[i])
+        else:
+            data = _file_payload(0, self.cell["chunk"])
+            self._op = lambda i: ctx.write_file(names[i], data)
+
+    def make_file_op(self, worker):
+        return self._op
+
     async def teardown(self):
         self.ctx.close()
 
@@ -312,8 +338,22 @@ class AiofileContender(Contender):
     def make_op(self, worker):
         return self._op
 
+    async def setup_files(self, names):
+        self.afp = None
+        from aiofile import async_open
+
+        async def op(i):
+            async with async_open(names[i], "rb") as f:
+                return await f.read()
+
+        self._op = op
+
+    def make_file_op(self, worker):
+        return self._op
+
     async def teardown(self):
-        await self.afp.close()
+        if self.afp is not None:
+            await self.afp.close()
 
 
 class ExecutorContender(Contender):
@@ -322,6 +362,11 @@ class ExecutorContender(Contender):
     async def setup(self, fd, path):
         self.fd = fd
         self.loop = asyncio.get_running_loop()
+
+    def make_file_op(self, worker):
+        """``files`` cells: asyncio.to_thread of the blocking call (default pool)."""
+        call, to_thread = _path_ops(self.cell, self.names), asyncio.to_thread
+        return lambda i: to_thread(call, i)
 
     def make_op(self, worker):
         loop, fd, n = self.loop, self.fd, self.cell["chunk"]
@@ -346,6 +391,18 @@ class ExecutorContender(Contender):
             return lambda off: run(None, os.pread, fd, n, off)
         data = _payload(n)
         return lambda off: run(None, os.pwrite, fd, data, off)
+
+
+def _path_ops(cell, names):
+    """The blocking whole-file call of a ``files`` cell, as Python programs write it."""
+    from pathlib import Path
+
+    if cell["op"] == "read":
+        return lambda i: Path(names[i]).read_bytes()
+    if cell["op"] == "stat":
+        return lambda i: os.stat(names[i])
+    data = _file_payload(0, cell["chunk"])
+    return lambda i: Path(names[i]).write_bytes(data)
 
 
 class _FileObjContender(Contender):
@@ -392,12 +449,35 @@ class AiofilesContender(_FileObjContender):
 
         return await aiofiles.open(path, mode, opener=self._opener())
 
+    async def setup_files(self, names):
+        import aiofiles
+
+        self.files = []
+
+        async def op(i):
+            async with aiofiles.open(names[i], "rb") as f:
+                return await f.read()
+
+        self._op = op
+
+    def make_file_op(self, worker):
+        return self._op
+
 
 class AnyioContender(_FileObjContender):
     async def _open(self, path, mode):
         import anyio
 
         return await anyio.open_file(path, mode, opener=self._opener())
+
+    async def setup_files(self, names):
+        import anyio
+
+        self.files = []
+        self._op = lambda i: anyio.Path(names[i]).read_bytes()
+
+    def make_file_op(self, worker):
+        return self._op
 
 
 class FloorContender(Contender):
@@ -444,6 +524,9 @@ class SyncContender(Contender):
             return lambda off: os.pread(fd, n, off)
         data = _payload(n)
         return lambda off: os.pwrite(fd, data, off)
+
+    def make_sync_file_op(self, names):
+        return _path_ops(self.cell, names)
 
 
 def _into_buffer(params, cell):
@@ -699,10 +782,169 @@ def _measure_result(n_ops, wall, cpu, ru0, ru1, lats, cell):
     }
 
 
+# ------------------------------------------------- whole files (issue 14)
+#
+# The ``files`` scenarios: every cell handles each file of a set of
+# ``cell["files"]`` files of ``chunk`` bytes exactly once, in an order fixed by
+# the cell's seed (the same for every contender): read it whole, stat it, or
+# create + write + close it.  ``op(i)`` works on file number ``i``.
+
+
+def file_name(directory, i):
+    return os.path.join(directory, "%03d" % (i // 1000), "f%06d" % i)
+
+
+def _file_payload(i, size):
+    return i.to_bytes(8, "little") + bytes(size - 8)
+
+
+def _file_set(spec, cell):
+    """The names of the cell's file set (created once, marked complete); write cells
+    get their own directory, and extra names past the set for the warm-up."""
+    n, size = cell["files"], cell["chunk"]
+    kind = "write" if cell["op"] == "write" else "read"
+    d = os.path.join(spec["files_dir"], "%s-%d-%d" % (kind, size, n))
+    total = n + FILE_WARMUP
+    names = [file_name(d, i) for i in range(total)]
+    marker = os.path.join(d, ".complete")
+    if not os.path.exists(marker):
+        for i, name in enumerate(names):
+            os.makedirs(os.path.dirname(name), exist_ok=True)
+            if kind == "read":
+                with open(name, "wb") as f:
+                    f.write(_file_payload(i, size))
+        with open(marker, "w") as f:
+            f.write("ok")
+    return names
+
+
+FILE_WARMUP = 64
+
+
+def _file_check(cell, names):
+    n = cell["chunk"]
+    if cell["op"] == "read":
+
+        def check(r, i):
+            if len(r) != n or r[:8] != i.to_bytes(8, "little"):
+                raise CellError("wrong or short content of %s (%d bytes)" % (names[i], len(r)))
+    elif cell["op"] == "stat":
+
+        def check(r, i):
+            if r.st_size != n:
+                raise CellError("stat of %s: st_size %r, expected %d" % (names[i], r.st_size, n))
+    else:
+
+        def check(r, i):
+            if r != n:
+                raise CellError("write of %s returned %r, expected %d" % (names[i], r, n))
+
+    return check
+
+
+def _files_cache(cell, names):
+    """cached: read every file once; cold: write back and drop every file's pages."""
+    for name in names:
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            if cell["cache"] == "cold":
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            else:
+                os.read(fd, cell["chunk"])
+        finally:
+            os.close(fd)
+
+
+def run_files_cell(spec, cell, contender):
+    names = _file_set(spec, cell)
+    n = cell["files"]
+    order = list(range(n))
+    random.Random(cell["seed"]).shuffle(order)
+    warm = list(range(n, n + FILE_WARMUP))
+    check = _file_check(cell, names) if contender.verify else None
+    info = contender.info
+
+    def before_measure():
+        if cell["op"] == "write":  # create: none of the files exists
+            for name in names[:n]:
+                try:
+                    os.unlink(name)
+                except FileNotFoundError:
+                    pass
+        else:
+            t = time.perf_counter()
+            _files_cache(cell, names[:n])
+            info["evict_ms" if cell["cache"] == "cold" else "prime_ms"] = round(
+                (time.perf_counter() - t) * 1e3, 2
+            )
+
+    if not contender.needs_loop:
+        op = contender.make_sync_file_op(names)
+        _drive_sync(op, warm, 1e9, len(warm), check, None)
+        before_measure()
+        lats = []
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        c0, t0 = time.process_time(), time.perf_counter()
+        done = _drive_sync(op, order, 1e9, n, check, lats)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        res = _measure_result(
+            done, wall, cpu, ru0, resource.getrusage(resource.RUSAGE_SELF), lats, cell
+        )
+        res["max_stall_ms"] = wall * 1e3  # the loop thread itself: blocked throughout
+        res["info"] = info
+        return res
+
+    async def main():
+        meter = _stall_meter(asyncio.get_running_loop(), spec)
+        await contender.setup_files(names)
+        try:
+            ops = [contender.make_file_op(w) for w in range(cell["concurrency"])]
+            checks = [check] * len(ops)
+            await asyncio.wait_for(_drive(ops, warm, 1e9, len(warm), checks, None), cell["timeout"])
+            before_measure()
+            lats = []
+            ru0 = resource.getrusage(resource.RUSAGE_SELF)
+            meter.start()
+            c0, t0 = time.process_time(), time.perf_counter()
+            try:
+                done = await asyncio.wait_for(
+                    _drive(ops, order, 1e9, n, checks, lats), cell["timeout"]
+                )
+            except asyncio.TimeoutError:
+                raise CellError(
+                    "timeout: %d files not done within %.0f s" % (n, cell["timeout"])
+                ) from None
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            stall = meter.stop()
+            res = _measure_result(
+                done, wall, cpu, ru0, resource.getrusage(resource.RUSAGE_SELF), lats, cell
+            )
+            res["max_stall_ms"] = None if stall is None else stall * 1e3
+            return res
+        finally:
+            meter.stop()
+            await contender.teardown()
+
+    res = _run_loop(contender.params.get("loop"), main())
+    res["info"] = info
+    return res
+
+
+def _stall_meter(loop, spec):
+    if not hasattr(loop, "_selector"):
+        return NoStallMeter(loop)  # uvloop: no selector to wrap
+    if spec.get("stall_method") == "ticker":
+        return TickerStallMeter(loop)
+    return SelectorStallMeter(loop)
+
+
 def run_cell(spec, cell):
     kind = spec["contender"]["kind"]
     cls = KINDS[kind]
     contender = cls(spec["contender"].get("params") or {}, cell)
+    if cell["pattern"] == "files":
+        return run_files_cell(spec, cell, contender)
     path = spec["files"][cell["op"]]
     region = spec["region"]
     offsets = make_offsets(cell["pattern"], cell["chunk"], region, cell["seed"], cell["offsets"])
@@ -740,14 +982,7 @@ def run_cell(spec, cell):
             return res
 
         async def main():
-            loop = asyncio.get_running_loop()
-            if not hasattr(loop, "_selector"):
-                meter_cls = NoStallMeter  # uvloop: no selector to wrap
-            elif spec.get("stall_method") == "ticker":
-                meter_cls = TickerStallMeter
-            else:
-                meter_cls = SelectorStallMeter
-            meter = meter_cls(loop)
+            meter = _stall_meter(asyncio.get_running_loop(), spec)
             await contender.setup(fd, path)
             try:
                 ops = [contender.make_op(w) for w in range(cell["concurrency"])]

@@ -15,8 +15,8 @@ SMALL = 4 * KiB
 @dataclass(frozen=True)
 class Scenario:
     cache: str  # cached | cold | direct
-    pattern: str  # rand | seq
-    op: str  # read | write
+    pattern: str  # rand | seq | files (a set of Mode.files files, each handled once)
+    op: str  # read | write | stat (files only)
     concs: tuple  # concurrency sweep, at 4 KiB
     chunks: tuple  # chunk-size sweep, at Mode.sweep_conc
 
@@ -41,6 +41,7 @@ class Mode:
     # The cells of the contender families that run at a few points only, by family
     # tag (Contender.tag): {tag: {scenario name: ((chunk, concurrency), ...)}}.
     tagged: dict = field(default_factory=dict)
+    files: int = 10_000  # size of the file set of the ``files`` scenarios (issue 14)
 
 
 def _s(cache, pattern, op, concs=(), chunks=()):
@@ -56,9 +57,22 @@ TARGET_CONCS = ((SMALL, 1), (SMALL, 16), (SMALL, 64), (SMALL, 256))
 # aiofile on top of ours and of upstream: 4 KiB random reads and writes at c=64;
 # readinto into a reused buffer (issue 13): 4 KiB at c=1 and 64, 1 MiB at c=64,
 # with a synchronous os.preadv loop into one buffer as the 1 MiB reference.
+# Whole files and path operations (issue 14), c=64: read 4 KiB and 64 KiB files
+# (page-cached and cold), stat, and create + write 4 KiB + close.
+FILES_SCENARIOS = [
+    Scenario("cached", "files", "read", (), (SMALL, 64 * KiB)),
+    Scenario("cold", "files", "read", (), (SMALL, 64 * KiB)),
+    Scenario("cached", "files", "stat", (), (SMALL,)),
+    Scenario("cached", "files", "write", (), (SMALL,)),
+]
+FILES_READ = {
+    "cached-files-read": ((SMALL, 64), (64 * KiB, 64)),
+    "cold-files-read": ((SMALL, 64), (64 * KiB, 64)),
+}
+
 TAGGED_TARGETS = {
     "uvloop": {CR: TARGET_CONCS, CW: ((SMALL, 64),)},
-    "aiofile": {CR: ((SMALL, 64),), CW: ((SMALL, 64),)},
+    "aiofile": {CR: ((SMALL, 64),), CW: ((SMALL, 64),), **FILES_READ},
     "readinto": {CR: ((SMALL, 1), (SMALL, 64), (MiB, 64))},
     "preadv": {CR: ((MiB, 1),)},
 }
@@ -78,10 +92,19 @@ MODES = {
             _s("cold", "rand", "read", (8,)),
             _s("direct", "rand", "read", (8,)),
             _s("cached", "seq", "write", (8,)),
+            _s("cached", "files", "read", (), (SMALL,)),
+            _s("cold", "files", "read", (), (SMALL,)),
+            _s("cached", "files", "stat", (), (SMALL,)),
+            _s("cached", "files", "write", (), (SMALL,)),
         ],
+        files=200,
         tagged={
             "uvloop": {"cached-rand-read": ((SMALL, 8),), "cached-seq-write": ((SMALL, 8),)},
-            "aiofile": {"cached-rand-read": ((SMALL, 8),), "cached-seq-write": ((SMALL, 8),)},
+            "aiofile": {
+                "cached-rand-read": ((SMALL, 8),),
+                "cached-seq-write": ((SMALL, 8),),
+                "cached-files-read": ((SMALL, 8),),
+            },
             "readinto": {"cached-rand-read": ((SMALL, 8), (64 * KiB, 8))},
             "preadv": {"cached-rand-read": ((64 * KiB, 1),)},
         },
@@ -100,6 +123,7 @@ MODES = {
             _s("cold", "rand", "read", (64,)),
             _s("direct", "rand", "read", (64,)),
             _s("cached", "rand", "write", (1, 16, 64, 256)),
+            *FILES_SCENARIOS,
         ],
         tagged=TAGGED_TARGETS,
         note="the performance-target cells plus a short concurrency/chunk sweep",
@@ -124,6 +148,7 @@ MODES = {
             _s("cold", "rand", "write", (1, 64), (SMALL, 1 * MiB)),
             _s("direct", "rand", "write", CONCS_FULL, CHUNKS_FULL),
             _s("direct", "seq", "write", CONCS_FULL, CHUNKS_FULL),
+            *FILES_SCENARIOS,
         ],
         budget=27.0,
         tagged=TAGGED_TARGETS,
@@ -211,6 +236,14 @@ class Contender:
         if self.tag:
             return list(mode.tagged.get(self.tag, {}).get(scen.name, ()))
         pts = scenario_points(mode, scen)
+        if scen.pattern == "files":  # whole files: the contenders with such a call
+            if self.kind == "caio":
+                ok = self.params.get("pathops") and self.variant == "default"
+            else:
+                ok = self.kind in ("executor", "sync") or (
+                    self.kind in ("aiofiles", "anyio") and scen.op == "read"
+                )
+            return pts if ok else []
         if self.kind == "floor":
             if scen.name != "cached-rand-read":
                 return []
@@ -255,6 +288,8 @@ def caio_contenders(family, python, probe_info, log):
             "backend": b,
             "version": version,
         }
+        # whole files and path operations (issue 14): ctx.read_file, stat, write_file
+        pathops = bool(bi.get("pathops"))
         if b == "linux_uring":
             dsq = bi.get("default_sqpoll")
             out.append(
@@ -262,7 +297,7 @@ def caio_contenders(family, python, probe_info, log):
                     "%s.linux_uring" % family,
                     label="%s linux_uring (default%s)" % (family, ", sqpoll" if dsq else ""),
                     variant="default",
-                    params={"backend": b, "kwargs": {}},
+                    params={"backend": b, "kwargs": {}, "pathops": pathops},
                     **common,
                 )
             )
@@ -275,7 +310,7 @@ def caio_contenders(family, python, probe_info, log):
                         "%s.linux_uring.nosqpoll" % family,
                         label="%s linux_uring sqpoll=False" % family,
                         variant="sqpoll=False",
-                        params={"backend": b, "kwargs": {"sqpoll": False}},
+                        params={"backend": b, "kwargs": {"sqpoll": False}, "pathops": pathops},
                         **common,
                     )
                 )
@@ -285,7 +320,7 @@ def caio_contenders(family, python, probe_info, log):
                         "%s.linux_uring.sqpoll" % family,
                         label="%s linux_uring sqpoll=True" % family,
                         variant="sqpoll=True",
-                        params={"backend": b, "kwargs": {"sqpoll": True}},
+                        params={"backend": b, "kwargs": {"sqpoll": True}, "pathops": pathops},
                         **common,
                     )
                 )
@@ -295,7 +330,7 @@ def caio_contenders(family, python, probe_info, log):
                     "%s.%s" % (family, b),
                     label="%s %s" % (family, b),
                     variant="default",
-                    params={"backend": b, "kwargs": {}},
+                    params={"backend": b, "kwargs": {}, "pathops": pathops},
                     **common,
                 )
             )

@@ -493,6 +493,62 @@ def resolve(res, ref, scen, chunk, conc, metric):
     return best
 
 
+FILES_N = "10,000"  # Mode.files in quick and full mode
+# What the peers do in the ``files`` scenarios (their ids are the offset scenarios' ones).
+FILE_LABELS = {
+    "peer.run_in_executor": {
+        "read": "asyncio.to_thread(Path.read_bytes)",
+        "stat": "asyncio.to_thread(os.stat)",
+        "write": "asyncio.to_thread(Path.write_bytes)",
+    },
+    "limit.sync": {
+        "read": "sync Path.read_bytes loop",
+        "stat": "sync os.stat loop",
+        "write": "sync Path.write_bytes loop",
+    },
+    "peer.aiofiles": {"read": 'aiofiles (async with aiofiles.open(p, "rb") as f: f.read())'},
+    "peer.anyio": {"read": "anyio (await anyio.Path(p).read_bytes())"},
+    "ours.aiofile": {"read": "aiofile async_open + read (on ours)"},
+    "upstream.aiofile": {"read": "aiofile async_open + read (on upstream)"},
+}
+# (reference, target ratio) of read_file; [:2] also for stat and write_file
+FILE_READ_REFS = (
+    ("limit.sync", 1.0),
+    ("peer.run_in_executor", 2.0),
+    ("peer.aiofiles", 5.0),
+    ("peer.anyio", 5.0),
+    ("ours.aiofile", None),
+)
+
+
+def files_table(res):
+    """The ``files`` scenarios: files per second and the loop's longest stall."""
+    pts = sorted({k[:3] for k in res.groups if "-files-" in k[0]})
+    if not pts:
+        return ""
+    hdr = ["contender"] + [
+        "%s %s c=%d" % (scen.replace("-files", ""), fsize(ch), c) for scen, ch, c in pts
+    ]
+    out = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    for c in res.contenders:
+        cells = []
+        for scen, ch, conc in pts:
+            st = res.get(scen, ch, conc, c["id"])
+            if st is None:
+                cells.append("")
+                continue
+            stall = st.med("max_stall_ms")
+            cells.append(
+                cell_text(st, "ops_per_s", si, spread=False)
+                + ("" if stall is None else " <sub>stall %s ms</sub>" % num(stall))
+            )
+        if any(cells):
+            labels = FILE_LABELS.get(c["id"])
+            label = " / ".join(labels.values()) if labels else c["label"]
+            out.append("| %s | %s |" % (label, " | ".join(cells)))
+    return "\n".join(out)
+
+
 def issue_targets():
     """(issue, title, (ref, scen, chunk, conc), (ref, scen, chunk, conc) | None, metric,
     target): ratio a ÷ b >= target, or (b None) the value of a below the target."""
@@ -625,6 +681,41 @@ def issue_targets():
             5.0,
         )
     )
+    for scen, ch, refs in (
+        ("cached-files-read", SMALL, FILE_READ_REFS),
+        ("cached-files-read", 64 * 1024, FILE_READ_REFS),
+        ("cold-files-read", SMALL, FILE_READ_REFS[1:]),
+        ("cold-files-read", 64 * 1024, FILE_READ_REFS[1:]),
+        ("cached-files-stat", SMALL, FILE_READ_REFS[:2]),
+        ("cached-files-write", SMALL, FILE_READ_REFS[:2]),
+    ):
+        what = {
+            "cached-files-read": "read_file of %s cached %s files" % (FILES_N, fsize(ch)),
+            "cold-files-read": "read_file of %s cold %s files" % (FILES_N, fsize(ch)),
+            "cached-files-stat": "stat of %s files" % FILES_N,
+            "cached-files-write": "write_file (create + write 4 KiB + close) of %s files" % FILES_N,
+        }[scen]
+        for ref, target in refs:
+            a(
+                (
+                    14,
+                    "%s, c=64: default ÷ %s" % (what, FILE_LABELS[ref][scen.split("-")[-1]]),
+                    (dflt(), scen, ch, 64),
+                    (ref, scen, ch, 64),
+                    "ops_per_s",
+                    target,
+                )
+            )
+        a(
+            (
+                14,
+                "… same cell, default's longest event-loop stall (ms)",
+                (dflt(), scen, ch, 64),
+                None,
+                "max_stall_ms",
+                5.0,
+            )
+        )
     for b in NATIVE:
         ri = "ours.%s.readinto" % b
         a(
@@ -702,8 +793,21 @@ def issue_targets_md(res):
 
 def family_cells(res):
     """(tag, title, [(contender, scen, chunk, conc)], metric) of the families measured at
-    a few points (bar charts and tables): aiofile on top, readinto at 1 MiB."""
+    a few points (bar charts and tables): aiofile on top, readinto at 1 MiB, whole files."""
     fams = []
+    for scen, title in (
+        ("cached-files-read", "read 10,000 cached 4 KiB files, c=64 (files/s)"),
+        ("cold-files-read", "read 10,000 cold 4 KiB files, c=64 (files/s)"),
+        ("cached-files-stat", "stat 10,000 files, c=64 (files/s)"),
+        ("cached-files-write", "create + write 4 KiB + close 10,000 files, c=64 (files/s)"),
+    ):
+        cells = [
+            (c["id"], scen, SMALL, 64)
+            for c in res.contenders
+            if res.get(scen, SMALL, 64, c["id"]) is not None
+        ]
+        if cells:
+            fams.append(("files-" + scen, title, cells, "ops_per_s"))
     cells = [
         (cid, scen, SMALL, 64)
         for scen in (CW, CR)
@@ -1169,6 +1273,7 @@ def write_summary(out_dir):
         "",
     ]
     s += ["## Performance targets", "", targets_md(res), ""]
+    ft = files_table(res)
     it = issue_targets_md(res)
     if it:
         s += [
@@ -1187,6 +1292,19 @@ def write_summary(out_dir):
         ("aiofile", "aiofile on top of ours and of upstream (ops/s)"),
         ("readinto", "readinto into a reused buffer (ops/s)"),
     ):
+        if tag == "aiofile" and ft:
+            s += [
+                "## Whole files and path operations (files/s, c=64; the loop's longest stall)",
+                "",
+                "Each cell handles every file of a set once (same order for everyone); ours "
+                "is `ctx.read_file` / `ctx.stat` / `ctx.write_file`; the sync loop runs on "
+                "the loop thread (its stall is the whole cell).",
+                "",
+                ft,
+                "",
+            ]
+            s += ["![%s](charts/%s)" % (ch, ch) for ch in charts if ch.startswith("files-")]
+            s += [""]
         t = tagged_table(res, tag)
         if t:
             s += ["## %s" % title, "", t, ""]

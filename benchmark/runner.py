@@ -69,6 +69,10 @@ CSV_FIELDS = [
 ]
 
 
+# Typical files per second of a ``files`` cell on the 2-core reference machine (estimate).
+FILES_PER_S = {"caio": 40000, "executor": 25000, "sync": 60000, "aiofiles": 3000, "anyio": 3000}
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m benchmark",
@@ -247,6 +251,9 @@ class Runner:
         for _, _scen, c, cells in batches:
             t += 0.15 if c.kind != "fio" else 0.0  # interpreter start + imports
             for cell in cells:
+                if cell.scenario.pattern == "files":  # work-bounded: files ÷ a typical rate
+                    t += 0.3 + self.mode.files / FILES_PER_S.get(c.kind, 5000)
+                    continue
                 t += per_cell + (0.25 if c.kind == "fio" else 0.0)
                 t += 0.15 * cell.concurrency / 1024 if c.kind in ("aiofiles", "anyio") else 0.0
         return t
@@ -293,6 +300,9 @@ class Runner:
 
     def _cell_spec(self, cell):
         t, hard = self.cell_timeout()
+        if cell.scenario.pattern == "files":  # work-bounded: allow 500 files/s at worst
+            t = max(t, self.mode.files / 500)
+            hard = 2 * t + 20
         return {
             "id": cell.id,
             "cache": cell.scenario.cache,
@@ -303,6 +313,7 @@ class Runner:
             "max_requests": cell.concurrency,
             "seed": cell.seed,
             "offsets": self.mode.offsets,
+            "files": self.mode.files,
             "warmup": self.mode.warmup,
             "measure": self.mode.measure,
             "timeout": t,
@@ -325,6 +336,7 @@ class Runner:
                 "contender": {"id": c.id, "kind": c.kind, "params": c.params},
                 "files": self.files,
                 "region": self.region,
+                "files_dir": os.path.join(os.path.abspath(self.args.data_dir), "files"),
                 "stall_method": self.args.stall_method,
                 "cells": [self._cell_spec(x) for x in pending],
             }
