@@ -67,6 +67,7 @@ def probe(extra_path=None):
         "anyio": _version("anyio"),
         "uvloop": _importable_version("uvloop"),
         "aiofile": _importable_version("aiofile"),
+        "trio": _importable_version("trio"),
     }
     caio_info = {"importable": False}
     try:
@@ -86,6 +87,14 @@ def probe(extra_path=None):
             if default.startswith("caio.") and default.endswith("_asyncio")
             else None
         )
+        structured = {}
+        for name in ("trio", "anyio"):  # TrioContext / AnyioContext (issue 15)
+            try:
+                importlib.import_module("caio.%s" % name)
+                structured[name] = {"ok": True}
+            except BaseException as e:
+                structured[name] = {"ok": False, "error": "%s: %s" % (type(e).__name__, e)}
+        caio_info["structured"] = structured
         backends = {}
         for name in BACKENDS:
             b = {"ok": False}
@@ -537,6 +546,7 @@ def _into_buffer(params, cell):
 
 KINDS = {
     "caio": CaioContender,
+    "structured": Contender,  # run_structured_cell
     "aiofile": AiofileContender,
     "executor": ExecutorContender,
     "aiofiles": AiofilesContender,
@@ -683,7 +693,11 @@ def _buffer_check(buf, n):
     return check
 
 
-async def _drive(ops, offsets, seconds, max_ops, checks, lats):
+async def _asyncio_gather(coros):
+    await asyncio.gather(*coros)
+
+
+async def _drive(ops, offsets, seconds, max_ops, checks, lats, gather=_asyncio_gather):
     """The one worker loop every asyncio contender runs."""
     state = [0]
     nofs = len(offsets)
@@ -711,7 +725,7 @@ async def _drive(ops, offsets, seconds, max_ops, checks, lats):
             if lats is not None:
                 lats.append(t1 - t0)
 
-    await asyncio.gather(*(worker(op, check) for op, check in zip(ops, checks, strict=True)))
+    await gather([worker(op, check) for op, check in zip(ops, checks, strict=True)])
     if failure:
         raise failure[0]
     return state[0]
@@ -931,6 +945,144 @@ def run_files_cell(spec, cell, contender):
     return res
 
 
+# ------------------------------------------------ trio and anyio (issue 15)
+#
+# Contenders with ``params["lib"]`` run the same worker loop (_drive) under trio, or
+# under anyio on its asyncio or trio backend, in a task group instead of
+# asyncio.gather: ours is caio's TrioContext / AnyioContext (default backend), the
+# peers the libraries' own trio.open_file / anyio.open_file (a file object per task,
+# seek + read).
+
+
+class _Lib:
+    """The few primitives of a structured-concurrency library the driver needs."""
+
+    def __init__(self, lib):
+        self.name = lib
+        if lib == "trio":
+            import trio
+
+            self.mod, self.open_file = trio, trio.open_file
+            self.group, self.fail_after = trio.open_nursery, trio.fail_after
+            self.run = trio.run
+        else:
+            import anyio
+
+            self.mod, self.open_file = anyio, anyio.open_file
+            self.group, self.fail_after = anyio.create_task_group, anyio.fail_after
+            backend = lib.split("-", 1)[1]
+            self.run = lambda fn: anyio.run(fn, backend=backend)
+
+    async def gather(self, coros):
+        async def wait(coro):
+            await coro
+
+        async with self.group() as tg:
+            for coro in coros:
+                tg.start_soon(wait, coro)
+
+    def stall_meter(self, spec):
+        """trio: the longest time between two waits for I/O (an Instrument: the
+        selector probe's equivalent); anyio on asyncio: the selector probe."""
+        if self.name.endswith("asyncio"):
+            return _stall_meter(asyncio.get_running_loop(), spec)
+        import trio
+
+        class Meter(trio.abc.Instrument):
+            max, active, _last = 0.0, False, None
+
+            def after_io_wait(self, timeout):
+                self._last = time.perf_counter()
+
+            def before_io_wait(self, timeout):
+                if self.active and self._last is not None:
+                    self.max = max(self.max, time.perf_counter() - self._last)
+
+            def start(self):
+                self.max, self._last, self.active = 0.0, None, True
+
+            def stop(self):
+                self.active = False
+                return self.max
+
+        meter = Meter()
+        trio.lowlevel.add_instrument(meter)
+        return meter
+
+
+def run_structured_cell(spec, cell, params):
+    lib = _Lib(params["lib"])
+    path = spec["files"][cell["op"]]
+    region, n = spec["region"], cell["chunk"]
+    offsets = make_offsets(cell["pattern"], n, region, cell["seed"], cell["offsets"])
+    warm = make_offsets(cell["pattern"], n, region, cell["seed"] ^ 0x5A5A5A5A, 4096)
+    check = _check_factory(cell, True)
+    info = {}
+    _prepare_cache(cell, path, region)
+    fd = os.open(path, _file_flags(cell))
+
+    async def main():
+        files = []
+        if params.get("method") == "open_file":
+            for _ in range(cell["concurrency"]):
+                files.append(await lib.open_file(path, "rb"))
+
+            def make_op(f):
+                async def op(off):
+                    await f.seek(off)
+                    return await f.read(n)
+
+                return op
+
+            ops, ctx = [make_op(f) for f in files], None
+        else:
+            mod = importlib.import_module("caio.%s" % lib.name.split("-")[0])
+            cls = mod.TrioContext if lib.name == "trio" else mod.AnyioContext
+            ctx = cls(max_requests=cell["max_requests"])
+            info["max_requests"] = cell["max_requests"]
+            ops = [lambda off, ctx=ctx: ctx.read(n, fd, off)] * cell["concurrency"]
+        checks = [check] * len(ops)
+        meter = lib.stall_meter(spec)
+        try:
+            with lib.fail_after(cell["timeout"]):
+                await _drive(ops, warm, cell["warmup"], 1 << 62, checks, None, lib.gather)
+            _post_warmup(cell, path, region, info)
+            lats = []
+            ru0 = resource.getrusage(resource.RUSAGE_SELF)
+            meter.start()
+            c0, t0 = time.process_time(), time.perf_counter()
+            with lib.fail_after(cell["timeout"]):
+                done = await _drive(
+                    ops, offsets, cell["measure"], 1 << 62, checks, lats, lib.gather
+                )
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            stall = meter.stop()
+            res = _measure_result(
+                done, wall, cpu, ru0, resource.getrusage(resource.RUSAGE_SELF), lats, cell
+            )
+            res["max_stall_ms"] = None if stall is None else stall * 1e3
+            return res
+        finally:
+            meter.stop()
+            for f in files:
+                await f.aclose()
+            if ctx is not None:
+                await ctx.aclose() if hasattr(ctx, "aclose") else ctx.close()
+
+    try:
+        out = []
+
+        async def run():
+            out.append(await main())
+
+        lib.run(run)
+        res = out[0]
+        res["info"] = info
+        return res
+    finally:
+        os.close(fd)
+
+
 def _stall_meter(loop, spec):
     if not hasattr(loop, "_selector"):
         return NoStallMeter(loop)  # uvloop: no selector to wrap
@@ -945,6 +1097,8 @@ def run_cell(spec, cell):
     contender = cls(spec["contender"].get("params") or {}, cell)
     if cell["pattern"] == "files":
         return run_files_cell(spec, cell, contender)
+    if contender.params.get("lib"):
+        return run_structured_cell(spec, cell, contender.params)
     path = spec["files"][cell["op"]]
     region = spec["region"]
     offsets = make_offsets(cell["pattern"], cell["chunk"], region, cell["seed"], cell["offsets"])

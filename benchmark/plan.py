@@ -75,7 +75,9 @@ TAGGED_TARGETS = {
     "aiofile": {CR: ((SMALL, 64),), CW: ((SMALL, 64),), **FILES_READ},
     "readinto": {CR: ((SMALL, 1), (SMALL, 64), (MiB, 64))},
     "preadv": {CR: ((MiB, 1),)},
+    "structured": {CR: ((SMALL, 1), (SMALL, 64), (MiB, 64))},
 }
+STRUCTURED_LIBS = ("trio", "anyio-asyncio", "anyio-trio")
 
 MODES = {
     "smoke": Mode(
@@ -107,6 +109,7 @@ MODES = {
             },
             "readinto": {"cached-rand-read": ((SMALL, 8), (64 * KiB, 8))},
             "preadv": {"cached-rand-read": ((64 * KiB, 1),)},
+            "structured": {"cached-rand-read": ((SMALL, 8),)},
         },
         note="plumbing check only: numbers are meaningless",
     ),
@@ -348,6 +351,35 @@ def tagged_contenders(base, probes, extras, log):
     and aiofile on top (one per family: aiofile takes the default backend).
     ``probes``: family -> probe of its interpreter with ``extras`` on sys.path."""
     out, aiofile_done = [], set()
+    for family in ("ours", "base"):  # TrioContext / AnyioContext (issue 15)
+        pi = probes.get(family) or {}
+        first = next((c for c in base if c.family == family and c.kind == "caio"), None)
+        st = (pi.get("caio") or {}).get("structured") or {}
+        if first is None:
+            continue
+        for lib in STRUCTURED_LIBS:
+            m = lib.split("-")[0]
+            if not (st.get(m) or {}).get("ok") or (m == "trio" and not _lib_ok(pi, "trio")):
+                log(
+                    "%s: caio.%s not usable (%s): no %s.%s row"
+                    % (family, m, st.get(m), family, lib)
+                )
+                continue
+            out.append(
+                Contender(
+                    "%s.%s" % (family, lib),
+                    family,
+                    "%s %sContext under %s (default backend)"
+                    % (family, "Trio" if m == "trio" else "Anyio", lib),
+                    "structured",
+                    python=first.python,
+                    backend=(pi.get("caio") or {}).get("default_backend"),
+                    variant=lib,
+                    params={"lib": lib},
+                    version=first.version,
+                    tag="structured",
+                )
+            )
     for c in base:
         if c.kind != "caio":
             continue
@@ -473,6 +505,20 @@ def peer_contenders(python, probe_info, fio, fio_ver):
             version="python " + str(probe_info.get("python")),
         ),
     ]
+    for lib in STRUCTURED_LIBS if _lib_ok(probe_info, "trio") and probe_info.get("anyio") else ():
+        out.append(
+            Contender(
+                "peer.%s.open_file" % lib,
+                "peer",
+                "%s.open_file (seek + read) under %s" % (lib.split("-")[0], lib),
+                "structured",
+                python=python,
+                variant=lib,
+                params={"lib": lib, "method": "open_file"},
+                version="%s %s" % (lib.split("-")[0], probe_info.get(lib.split("-")[0])),
+                tag="structured",
+            )
+        )
     if _lib_ok(probe_info, "uvloop"):
         out.insert(
             1,

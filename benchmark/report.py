@@ -716,6 +716,29 @@ def issue_targets():
                 5.0,
             )
         )
+    for lib in ("trio", "anyio-asyncio", "anyio-trio"):
+        for ch, c in ((SMALL, 1), (SMALL, 64), (MB, 64)):
+            where = "%s cached random read, c=%d, %s" % (fsize(ch), c, lib)
+            a(
+                (
+                    15,
+                    "%s: ours ÷ %s.open_file (seek + read)" % (where, lib.split("-")[0]),
+                    ("ours.%s" % lib, CR, ch, c),
+                    ("peer.%s.open_file" % lib, CR, ch, c),
+                    "ops_per_s",
+                    20.0,
+                )
+            )
+            a(
+                (
+                    15,
+                    "%s: ours ÷ our own asyncio (default)" % where,
+                    ("ours.%s" % lib, CR, ch, c),
+                    (dflt(), CR, ch, c),
+                    "ops_per_s",
+                    0.8,
+                )
+            )
     for b in NATIVE:
         ri = "ours.%s.readinto" % b
         a(
@@ -845,7 +868,8 @@ def family_cells(res):
 
 def tagged_table(res, tag):
     """Every cell of the contenders of one tag (ops/s, median with spread), with the
-    asyncio row of the same contender next to each uvloop one."""
+    asyncio row of the same contender next to each uvloop one; trio/anyio rows also
+    show p99 latency and the scheduler's longest stall."""
     ids = [c["id"] for c in res.contenders if (c.get("tag") or "") == tag]
     pts = sorted({k[:3] for k in res.groups if k[3] in ids})
     if not ids or not pts:
@@ -859,8 +883,22 @@ def tagged_table(res, tag):
         if tag == "uvloop":
             rows.append(cid[: -len(".uvloop")])
         rows.append(cid)
+    if tag == "structured":  # our own asyncio rows at the same points, for reference
+        rows = [c["id"] for c in res.contenders if c["id"] == "ours.%s" % default_backend(res)]
+        rows += ids
+
+    def text(st):
+        t = cell_text(st, "ops_per_s", si)
+        if tag == "structured" and st is not None and st.ok:
+            stall = st.med("max_stall_ms")
+            t += " <sub>p99 %s µs, stall %s ms</sub>" % (
+                num(st.med("lat_p99_us")),
+                "–" if stall is None else num(stall),
+            )
+        return t
+
     for cid in rows:
-        cells = [cell_text(res.get(s, ch, c, cid), "ops_per_s", si) for s, ch, c in pts]
+        cells = [text(res.get(s, ch, c, cid)) for s, ch, c in pts]
         if any(cells):
             out.append("| %s | %s |" % (res.labels.get(cid, cid), " | ".join(cells)))
     return "\n".join(out)
@@ -1291,6 +1329,7 @@ def write_summary(out_dir):
         ("uvloop", "Under uvloop (4 KiB, ops/s; each uvloop row under its asyncio row)"),
         ("aiofile", "aiofile on top of ours and of upstream (ops/s)"),
         ("readinto", "readinto into a reused buffer (ops/s)"),
+        ("structured", "trio and anyio: cached random reads (ops/s, p99, scheduler stall)"),
     ):
         if tag == "aiofile" and ft:
             s += [
