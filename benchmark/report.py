@@ -493,7 +493,6 @@ def resolve(res, ref, scen, chunk, conc, metric):
     return best
 
 
-FILES_N = "10,000"  # Mode.files in quick and full mode
 # What the peers do in the ``files`` scenarios (their ids are the offset scenarios' ones).
 FILE_LABELS = {
     "peer.run_in_executor": {
@@ -549,7 +548,7 @@ def files_table(res):
     return "\n".join(out)
 
 
-def issue_targets():
+def issue_targets(files_n="10,000"):
     """(issue, title, (ref, scen, chunk, conc), (ref, scen, chunk, conc) | None, metric,
     target): ratio a ÷ b >= target, or (b None) the value of a below the target."""
     t = []
@@ -690,10 +689,10 @@ def issue_targets():
         ("cached-files-write", SMALL, FILE_READ_REFS[:2]),
     ):
         what = {
-            "cached-files-read": "read_file of %s cached %s files" % (FILES_N, fsize(ch)),
-            "cold-files-read": "read_file of %s cold %s files" % (FILES_N, fsize(ch)),
-            "cached-files-stat": "stat of %s files" % FILES_N,
-            "cached-files-write": "write_file (create + write 4 KiB + close) of %s files" % FILES_N,
+            "cached-files-read": "read_file of %s cached %s files" % (files_n, fsize(ch)),
+            "cold-files-read": "read_file of %s cold %s files" % (files_n, fsize(ch)),
+            "cached-files-stat": "stat of %s files" % files_n,
+            "cached-files-write": "write_file (create + write 4 KiB + close) of %s files" % files_n,
         }[scen]
         for ref, target in refs:
             a(
@@ -782,7 +781,8 @@ def issue_targets_md(res):
         "|---|---|---|---|---|---|---|",
     ]
     n = 0
-    for issue, title, ca, cb, metric, target in issue_targets():
+    files_n = "{:,}".format(res.meta.get("params", {}).get("files") or 10000)
+    for issue, title, ca, cb, metric, target in issue_targets(files_n):
         ida, sa = resolve(res, ca[0], ca[1], ca[2], ca[3], metric)
         idb, sb = resolve(res, cb[0], cb[1], cb[2], cb[3], metric) if cb else (None, None)
         if sa is None and sb is None:
@@ -818,11 +818,12 @@ def family_cells(res):
     """(tag, title, [(contender, scen, chunk, conc)], metric) of the families measured at
     a few points (bar charts and tables): aiofile on top, readinto at 1 MiB, whole files."""
     fams = []
+    n = "{:,}".format(res.meta.get("params", {}).get("files") or 10000)
     for scen, title in (
-        ("cached-files-read", "read 10,000 cached 4 KiB files, c=64 (files/s)"),
-        ("cold-files-read", "read 10,000 cold 4 KiB files, c=64 (files/s)"),
-        ("cached-files-stat", "stat 10,000 files, c=64 (files/s)"),
-        ("cached-files-write", "create + write 4 KiB + close 10,000 files, c=64 (files/s)"),
+        ("cached-files-read", "read %s cached 4 KiB files, c=64 (files/s)" % n),
+        ("cold-files-read", "read %s cold 4 KiB files, c=64 (files/s)" % n),
+        ("cached-files-stat", "stat %s files, c=64 (files/s)" % n),
+        ("cached-files-write", "create + write 4 KiB + close %s files, c=64 (files/s)" % n),
     ):
         cells = [
             (c["id"], scen, SMALL, 64)

@@ -702,6 +702,7 @@ def main(argv=None):
             "measure_s": mode.measure,
             "offsets_per_cell": mode.offsets,
             "sweep_conc": mode.sweep_conc,
+            "files": mode.files,
             "seed": args.seed,
             "stall_method": args.stall_method,
             "scenarios": [
