@@ -72,11 +72,13 @@ FILES_READ = {
 
 TAGGED_TARGETS = {
     "uvloop": {CR: TARGET_CONCS, CW: ((SMALL, 64),)},
-    "aiofile": {CR: ((SMALL, 64),), CW: ((SMALL, 64),), **FILES_READ},
+    "aiofile": {CR: ((SMALL, 64),), CW: ((SMALL, 64),)},
     "readinto": {CR: ((SMALL, 1), (SMALL, 64), (MiB, 64))},
     "preadv": {CR: ((MiB, 1),)},
     "structured": {CR: ((SMALL, 1), (SMALL, 64), (MiB, 64))},
 }
+# full mode: aiofile's async_open + read in the files scenarios too (a reference, no target)
+TAGGED_FULL = dict(TAGGED_TARGETS, aiofile={**TAGGED_TARGETS["aiofile"], **FILES_READ})
 STRUCTURED_LIBS = ("trio", "anyio-asyncio", "anyio-trio")
 
 MODES = {
@@ -128,7 +130,7 @@ MODES = {
             _s("cached", "rand", "write", (1, 16, 64, 256)),
             *FILES_SCENARIOS,
         ],
-        files=2_500,  # a quarter of the 10,000 (full mode): the same rates, 1/4 the time
+        files=2_000,  # a fifth of the 10,000 (full mode): the same rates, 1/5 the time
         tagged=TAGGED_TARGETS,
         note="the performance-target cells plus a short concurrency/chunk sweep",
     ),
@@ -154,8 +156,8 @@ MODES = {
             _s("direct", "seq", "write", CONCS_FULL, CHUNKS_FULL),
             *FILES_SCENARIOS,
         ],
-        budget=27.0,
-        tagged=TAGGED_TARGETS,
+        budget=35.0,
+        tagged=TAGGED_FULL,
         note="every scenario; cold writes only at a few points (aligned whole-page "
         "buffered writes never read the old page, so they behave like cached writes)",
     ),

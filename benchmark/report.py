@@ -510,7 +510,7 @@ FILE_LABELS = {
     "ours.aiofile": {"read": "aiofile async_open + read (on ours)"},
     "upstream.aiofile": {"read": "aiofile async_open + read (on upstream)"},
 }
-# (reference, target ratio) of read_file; [:2] also for stat and write_file
+# (reference, target ratio) of read_file (cold: without the sync loop), stat, write_file
 FILE_READ_REFS = (
     ("limit.sync", 1.0),
     ("peer.run_in_executor", 2.0),
@@ -518,6 +518,14 @@ FILE_READ_REFS = (
     ("peer.anyio", 5.0),
     ("ours.aiofile", None),
 )
+FILE_OTHER_REFS = (("limit.sync", None), ("peer.run_in_executor", 2.0))
+
+
+def label_in(res, cid, scen):
+    """A contender's name in a scenario: in the ``files`` ones, what the peer does there."""
+    if "-files-" in scen and cid in FILE_LABELS:
+        return FILE_LABELS[cid].get(scen.split("-")[-1], res.labels.get(cid, cid))
+    return res.labels.get(cid, cid)
 
 
 def files_table(res):
@@ -685,8 +693,8 @@ def issue_targets(files_n="10,000"):
         ("cached-files-read", 64 * 1024, FILE_READ_REFS),
         ("cold-files-read", SMALL, FILE_READ_REFS[1:]),
         ("cold-files-read", 64 * 1024, FILE_READ_REFS[1:]),
-        ("cached-files-stat", SMALL, FILE_READ_REFS[:2]),
-        ("cached-files-write", SMALL, FILE_READ_REFS[:2]),
+        ("cached-files-stat", SMALL, FILE_OTHER_REFS),
+        ("cached-files-write", SMALL, FILE_OTHER_REFS),
     ):
         what = {
             "cached-files-read": "read_file of %s cached %s files" % (files_n, fsize(ch)),
@@ -789,13 +797,13 @@ def issue_targets_md(res):
             continue  # a cell this mode does not measure
         f = fmt_metric(metric)
 
-        def cell(cid, st, f=f, metric=metric):
+        def cell(cid, st, scen, f=f, metric=metric):
             if st is None:
                 return "n/a"
             txt = cell_text(st, metric, f, spread=False)
             if st.failed:
                 txt += " (%s)" % esc(st.error)[:60]
-            return "%s: %s" % (res.labels.get(cid, cid), txt)
+            return "%s: %s" % (label_in(res, cid, scen), txt)
 
         if cb is None:  # an absolute bound (the stall)
             v = None if sa is None or sa.failed else sa.med(metric)
@@ -808,7 +816,7 @@ def issue_targets_md(res):
             met = "–" if r is None or target is None else ("✔" if r >= target else "✘")
         out.append(
             "| %d | %s | %s | %s | %s | %s | %s |"
-            % (issue, title, cell(ida, sa), cell(idb, sb) if cb else "", rt, tt, met)
+            % (issue, title, cell(ida, sa, ca[1]), cell(idb, sb, cb[1]) if cb else "", rt, tt, met)
         )
         n += 1
     return "\n".join(out) if n else ""
@@ -872,7 +880,8 @@ def tagged_table(res, tag):
     asyncio row of the same contender next to each uvloop one; trio/anyio rows also
     show p99 latency and the scheduler's longest stall."""
     ids = [c["id"] for c in res.contenders if (c.get("tag") or "") == tag]
-    pts = sorted({k[:3] for k in res.groups if k[3] in ids})
+    # (aiofile's files cells are in the files table)
+    pts = sorted({k[:3] for k in res.groups if k[3] in ids and "-files-" not in k[0]})
     if not ids or not pts:
         return ""
     hdr = ["contender"] + [
