@@ -127,6 +127,9 @@ class Results:
         for r in rows:
             if r["scenario"] not in self.scenarios:
                 self.scenarios.append(r["scenario"])
+        # the offset scenarios get the generic sweep sections, ratio tables and charts;
+        # the whole-file ones (``*-files-*``) have their own section
+        self.offset_scenarios = [x for x in self.scenarios if "-files-" not in x]
 
     def get(self, scen, chunk, conc, cid):
         rows = self.groups.get((scen, chunk, conc, cid))
@@ -1083,7 +1086,7 @@ def ratio_md(res):
     )
     out.append("| " + " | ".join(hdr) + " |")
     out.append("|" + "---|" * len(hdr))
-    for scen in res.scenarios:
+    for scen in res.offset_scenarios:
         for ch, conc in res.points(scen):
             for a, b in pairs:
                 sa = res.get(scen, ch, conc, a)
@@ -1366,7 +1369,7 @@ def write_summary(out_dir):
     bm = base_md(res)
     if bm:
         s += ["## Ours vs base (`--base-python`, before/after in one run; ops/s)", "", bm, ""]
-    for scen in res.scenarios:
+    for scen in res.offset_scenarios:
         s += ["## %s" % scen, ""]
         t = sweep_table(res, scen, "ops_per_s", "conc")
         if t:
@@ -1484,7 +1487,7 @@ def charts(out_dir):
     sc = meta.get("params", {}).get("sweep_conc", 64)
     made = []
 
-    def plot(scen, axis, metric, ylabel, fname, logy, who=None):
+    def plot(scen, axis, metric, ylabel, fname, logy, who=None, title=None):
         pts = res.conc_points(scen) if axis == "conc" else res.chunk_points(scen)
         if who is not None:  # a family's own points
             ids = {c["id"] for c in who}
@@ -1549,7 +1552,7 @@ def charts(out_dir):
         ax.set_ylabel(ylabel)
         ax.set_title(
             "%s — %s (median, bars: min–max of %s reps)"
-            % (scen, ylabel, meta.get("params", {}).get("reps"))
+            % (title or scen, ylabel, meta.get("params", {}).get("reps"))
         )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
@@ -1574,7 +1577,7 @@ def charts(out_dir):
         """One bar per (contender, scenario, chunk, concurrency) cell."""
         labels, vals, lo, hi, colors, fails = [], [], [], [], [], []
         for cid, scen, ch, conc in cells:
-            c = {"id": cid, "label": res.labels.get(cid, cid)}
+            c = {"id": cid, "label": label_in(res, cid, scen)}
             st = res.get(scen, ch, conc, cid)
             if st is None:
                 continue
@@ -1615,9 +1618,7 @@ def charts(out_dir):
     for tag, title, cells, metric in family_cells(res):
         bar_chart(title, cells, "%s-bars.png" % tag, metric)
     uv = [c for c in res.contenders if c.get("tag") == "uvloop"]
-    if uv:  # each uvloop line next to the asyncio line of the same contender
-        asy = {c["id"][: -len(".uvloop")] for c in uv}
-        who = [c for c in res.contenders if c["id"] in asy and c.get("kind") == "caio"] + uv
+    if uv:  # the asyncio lines are in the cached-rand-read chart
         plot(
             CR,
             "conc",
@@ -1625,9 +1626,10 @@ def charts(out_dir):
             "throughput (ops/s)",
             "uvloop-ops-vs-concurrency.png",
             True,
-            who,
+            uv,
+            "4 KiB cached random read under uvloop",
         )
-    for scen in res.scenarios:
+    for scen in res.offset_scenarios:
         bars(scen)
         plot(
             scen,
