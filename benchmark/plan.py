@@ -348,11 +348,13 @@ def _lib_ok(probe_info, name):
     return isinstance(v, dict) and not v.get("error")
 
 
-def tagged_contenders(base, probes, extras, log):
-    """The issue-13/16 variants of the caio contenders in ``base``: each under
-    uvloop, readinto into a reused buffer (ours' native backends that have it),
-    and aiofile on top (one per family: aiofile takes the default backend).
-    ``probes``: family -> probe of its interpreter with ``extras`` on sys.path."""
+def tagged_contenders(base, probes, extras, log, loop_and_aiofile=True):
+    """The issue rows derived from the caio contenders in ``base``: TrioContext /
+    AnyioContext (15), each under uvloop (16), readinto into a reused buffer (13,
+    ours' native backends that have it), and aiofile on top (16, one per family:
+    aiofile takes the default backend).  ``probes``: family -> probe of its
+    interpreter with ``extras`` (or None) on sys.path; ``loop_and_aiofile=False``
+    (--no-extras) leaves out the uvloop and aiofile rows."""
     out, aiofile_done = [], set()
     for family in ("ours", "base"):  # TrioContext / AnyioContext (issue 15)
         pi = probes.get(family) or {}
@@ -388,7 +390,7 @@ def tagged_contenders(base, probes, extras, log):
             continue
         pi = probes.get(c.family) or {}
         params = dict(c.params, sys_path=extras)
-        if _lib_ok(pi, "uvloop"):
+        if loop_and_aiofile and _lib_ok(pi, "uvloop"):
             out.append(
                 Contender(
                     c.id + ".uvloop",
@@ -403,7 +405,7 @@ def tagged_contenders(base, probes, extras, log):
                     tag="uvloop",
                 )
             )
-        else:
+        elif loop_and_aiofile:
             log(
                 "%s: uvloop not importable (%s): no %s.uvloop row"
                 % (c.family, pi.get("uvloop"), c.id)
@@ -429,7 +431,7 @@ def tagged_contenders(base, probes, extras, log):
                     tag="readinto",
                 )
             )
-        if c.family not in aiofile_done:
+        if loop_and_aiofile and c.family not in aiofile_done:
             aiofile_done.add(c.family)
             if _lib_ok(pi, "aiofile"):
                 out.append(

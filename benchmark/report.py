@@ -866,6 +866,18 @@ def family_cells(res):
     for cid in ("limit.sync.preadv", "limit.sync"):
         if cells and res.get(CR, MB, 1, cid) is not None:
             cells.append((cid, CR, MB, 1))
+    st = [c["id"] for c in res.contenders if c.get("tag") == "structured"]
+    st = ["ours.%s" % default_backend(res)] + st
+    st_cells = [(cid, CR, SMALL, 64) for cid in st if res.get(CR, SMALL, 64, cid) is not None]
+    if len(st_cells) > 1:
+        fams.append(
+            (
+                "structured",
+                "trio and anyio: 4 KiB cached random read, c=64 (ops/s; first: ours under asyncio)",
+                st_cells,
+                "ops_per_s",
+            )
+        )
     if cells:
         fams.append(
             (
@@ -1453,6 +1465,13 @@ COLORS = {
     "limit.floor": "#7f7f7f",
     "limit.fio_io_uring": "#bcbd22",
     "limit.fio_libaio": "#aa6600",
+    # trio / anyio: ours.<lib> solid, peer.<lib>.open_file dotted, same colour per library
+    "trio": "#117a65",
+    "anyio-asyncio": "#b9770e",
+    "anyio-trio": "#6c3483",
+    "peer.trio.open_file": "#117a65",
+    "peer.anyio-asyncio.open_file": "#b9770e",
+    "peer.anyio-trio.open_file": "#6c3483",
 }
 
 

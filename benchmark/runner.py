@@ -146,7 +146,7 @@ def parse_args(argv):
     p.add_argument(
         "--no-extras",
         action="store_true",
-        help="no uvloop, aiofile-on-top and readinto rows for the caio contenders",
+        help="no uvloop and aiofile-on-top rows for the caio contenders (and no extras dir)",
     )
     p.add_argument("--no-install", action="store_true", help="never apt-get install fio")
     p.add_argument("--no-charts", action="store_true", help="skip PNG charts")
@@ -664,8 +664,9 @@ def main(argv=None):
             contenders += plan.caio_contenders("upstream", up_py, probes["upstream"], log)
         except subprocess.CalledProcessError as e:
             log("setup: upstream venv failed (%s): no upstream contenders" % e)
-    if extras:
-        contenders += plan.tagged_contenders(contenders, probes, extras, log)
+    contenders += plan.tagged_contenders(
+        contenders, probes, extras, log, loop_and_aiofile=not args.no_extras
+    )
     fio = fio_ver = None
     if not args.no_peers:
         if not args.no_fio:
