@@ -4,9 +4,11 @@ This file is executed *by path* (never imported from the repository) with the
 contender's own interpreter, from a temporary working directory and with
 ``-P`` where supported, so that the repository's ``caio/`` source tree does not
 shadow the ``caio`` installed for that interpreter.  It depends only on the
-standard library plus the library under test (caio, aiofiles or anyio).
+standard library plus the library under test (caio, aiofiles, anyio, trio,
+aiofile) and the event loop (asyncio or uvloop).
 
-    python -P driver.py probe                 -> JSON description of this interpreter
+    python -P driver.py probe [EXTRA_DIR]     -> JSON description of this interpreter
+                                                 (EXTRA_DIR appended to sys.path)
     python -P driver.py run SPEC.json OUT.jsonl
 
 ``run`` executes every cell listed in SPEC and appends one JSON line per cell
@@ -898,15 +900,8 @@ def run_files_cell(spec, cell, contender):
         op = contender.make_sync_file_op(names)
         _drive_sync(op, warm, 1e9, len(warm), check, None)
         before_measure()
-        lats = []
-        ru0 = resource.getrusage(resource.RUSAGE_SELF)
-        c0, t0 = time.process_time(), time.perf_counter()
-        done = _drive_sync(op, order, 1e9, n, check, lats)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        res = _measure_result(
-            done, wall, cpu, ru0, resource.getrusage(resource.RUSAGE_SELF), lats, cell
-        )
-        res["max_stall_ms"] = wall * 1e3  # the loop thread itself: blocked throughout
+        res = _timed_sync(cell, lambda lats: _drive_sync(op, order, 1e9, n, check, lats))
+        res["max_stall_ms"] = res["wall_s"] * 1e3  # the loop thread itself: blocked throughout
         res["info"] = info
         return res
 
@@ -918,25 +913,18 @@ def run_files_cell(spec, cell, contender):
             checks = [check] * len(ops)
             await asyncio.wait_for(_drive(ops, warm, 1e9, len(warm), checks, None), cell["timeout"])
             before_measure()
-            lats = []
-            ru0 = resource.getrusage(resource.RUSAGE_SELF)
-            meter.start()
-            c0, t0 = time.process_time(), time.perf_counter()
-            try:
-                done = await asyncio.wait_for(
-                    _drive(ops, order, 1e9, n, checks, lats), cell["timeout"]
-                )
-            except asyncio.TimeoutError:
-                raise CellError(
-                    "timeout: %d files not done within %.0f s" % (n, cell["timeout"])
-                ) from None
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            stall = meter.stop()
-            res = _measure_result(
-                done, wall, cpu, ru0, resource.getrusage(resource.RUSAGE_SELF), lats, cell
-            )
-            res["max_stall_ms"] = None if stall is None else stall * 1e3
-            return res
+
+            async def measured(lats):
+                try:
+                    return await asyncio.wait_for(
+                        _drive(ops, order, 1e9, n, checks, lats), cell["timeout"]
+                    )
+                except asyncio.TimeoutError:
+                    raise CellError(
+                        "timeout: %d files not done within %.0f s" % (n, cell["timeout"])
+                    ) from None
+
+            return await _timed(cell, meter, measured)
         finally:
             meter.stop()
             await contender.teardown()
@@ -1048,21 +1036,14 @@ def run_structured_cell(spec, cell, params):
             with lib.fail_after(cell["timeout"]):
                 await _drive(ops, warm, cell["warmup"], 1 << 62, checks, None, lib.gather)
             _post_warmup(cell, path, region, info)
-            lats = []
-            ru0 = resource.getrusage(resource.RUSAGE_SELF)
-            meter.start()
-            c0, t0 = time.process_time(), time.perf_counter()
-            with lib.fail_after(cell["timeout"]):
-                done = await _drive(
-                    ops, offsets, cell["measure"], 1 << 62, checks, lats, lib.gather
-                )
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            stall = meter.stop()
-            res = _measure_result(
-                done, wall, cpu, ru0, resource.getrusage(resource.RUSAGE_SELF), lats, cell
-            )
-            res["max_stall_ms"] = None if stall is None else stall * 1e3
-            return res
+
+            async def measured(lats):
+                with lib.fail_after(cell["timeout"]):
+                    return await _drive(
+                        ops, offsets, cell["measure"], 1 << 62, checks, lats, lib.gather
+                    )
+
+            return await _timed(cell, meter, measured)
         finally:
             meter.stop()
             for f in files:
@@ -1090,6 +1071,32 @@ def _stall_meter(loop, spec):
     if spec.get("stall_method") == "ticker":
         return TickerStallMeter(loop)
     return SelectorStallMeter(loop)
+
+
+def _timed_sync(cell, run):
+    """The timed phase of a cell without an event loop: ``run(lats)`` does the
+    operations (appending each latency) and returns how many it did."""
+    lats = []
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    c0, t0 = time.process_time(), time.perf_counter()
+    n = run(lats)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return _measure_result(n, wall, cpu, ru0, resource.getrusage(resource.RUSAGE_SELF), lats, cell)
+
+
+async def _timed(cell, meter, run):
+    """The timed phase of an event-loop cell (asyncio, uvloop, trio, anyio): ``await
+    run(lats)`` does the operations and returns how many; adds the longest stall."""
+    lats = []
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    meter.start()
+    c0, t0 = time.process_time(), time.perf_counter()
+    n = await run(lats)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    stall = meter.stop()
+    res = _measure_result(n, wall, cpu, ru0, resource.getrusage(resource.RUSAGE_SELF), lats, cell)
+    res["max_stall_ms"] = None if stall is None else stall * 1e3
+    return res
 
 
 def run_cell(spec, cell):
@@ -1123,13 +1130,9 @@ def run_cell(spec, cell):
             op = contender.make_sync_op(fd)
             _drive_sync(op, warm_offsets, cell["warmup"], 1 << 62, check, None)
             _post_warmup(cell, path, region, info)
-            lats = []
-            ru0 = resource.getrusage(resource.RUSAGE_SELF)
-            c0, t0 = time.process_time(), time.perf_counter()
-            n = _drive_sync(op, offsets, cell["measure"], max_ops, check, lats)
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            ru1 = resource.getrusage(resource.RUSAGE_SELF)
-            res = _measure_result(n, wall, cpu, ru0, ru1, lats, cell)
+            res = _timed_sync(
+                cell, lambda lats: _drive_sync(op, offsets, cell["measure"], max_ops, check, lats)
+            )
             res["max_stall_ms"] = None
             if cell["op"] == "write":
                 os.fsync(fd)
@@ -1154,25 +1157,20 @@ def run_cell(spec, cell):
                     ) from None
                 await contender.after()
                 _post_warmup(cell, path, region, info)
-                lats = []
-                ru0 = resource.getrusage(resource.RUSAGE_SELF)
-                meter.start()
-                c0, t0 = time.process_time(), time.perf_counter()
-                try:
-                    n = await asyncio.wait_for(
-                        _drive(ops, offsets, cell["measure"], max_ops, checks, lats),
-                        cell["timeout"],
-                    )
-                except asyncio.TimeoutError:
-                    raise CellError(
-                        "timeout: operations did not complete within %.0f s "
-                        "(%d completed)" % (cell["timeout"], len(lats))
-                    ) from None
-                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-                stall = meter.stop()
-                ru1 = resource.getrusage(resource.RUSAGE_SELF)
-                res = _measure_result(n, wall, cpu, ru0, ru1, lats, cell)
-                res["max_stall_ms"] = None if stall is None else stall * 1e3
+
+                async def measured(lats):
+                    try:
+                        return await asyncio.wait_for(
+                            _drive(ops, offsets, cell["measure"], max_ops, checks, lats),
+                            cell["timeout"],
+                        )
+                    except asyncio.TimeoutError:
+                        raise CellError(
+                            "timeout: operations did not complete within %.0f s "
+                            "(%d completed)" % (cell["timeout"], len(lats))
+                        ) from None
+
+                res = await _timed(cell, meter, measured)
                 await contender.after()
                 if cell["op"] == "write":
                     os.fsync(fd)
