@@ -796,8 +796,8 @@ def issue_targets_md(res):
     for issue, title, ca, cb, metric, target in issue_targets(files_n):
         ida, sa = resolve(res, ca[0], ca[1], ca[2], ca[3], metric)
         idb, sb = resolve(res, cb[0], cb[1], cb[2], cb[3], metric) if cb else (None, None)
-        if sa is None and sb is None:
-            continue  # a cell this mode does not measure
+        if (sa is None and sb is None) or (target is None and (sa is None or sb is None)):
+            continue  # a cell this mode does not measure (or a reference without data)
         f = fmt_metric(metric)
 
         def cell(cid, st, scen, f=f, metric=metric):
