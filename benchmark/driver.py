@@ -4,9 +4,11 @@ This file is executed *by path* (never imported from the repository) with the
 contender's own interpreter, from a temporary working directory and with
 ``-P`` where supported, so that the repository's ``caio/`` source tree does not
 shadow the ``caio`` installed for that interpreter.  It depends only on the
-standard library plus the library under test (caio, aiofiles or anyio).
+standard library plus the library under test (caio, aiofiles, anyio, trio,
+aiofile) and the event loop (asyncio or uvloop).
 
-    python -P driver.py probe                 -> JSON description of this interpreter
+    python -P driver.py probe [EXTRA_DIR]     -> JSON description of this interpreter
+                                                 (EXTRA_DIR appended to sys.path)
     python -P driver.py run SPEC.json OUT.jsonl
 
 ``run`` executes every cell listed in SPEC and appends one JSON line per cell
@@ -55,7 +57,9 @@ def _version(dist):
         return None
 
 
-def probe():
+def probe(extra_path=None):
+    if extra_path:
+        sys.path.append(extra_path)
     info = {
         "python": sys.version.split()[0],
         "implementation": sys.implementation.name,
@@ -63,6 +67,9 @@ def probe():
         "gil_disabled": bool(getattr(sys, "_is_gil_enabled", lambda: True)() is False),
         "aiofiles": _version("aiofiles"),
         "anyio": _version("anyio"),
+        "uvloop": _importable_version("uvloop"),
+        "aiofile": _importable_version("aiofile"),
+        "trio": _importable_version("trio"),
     }
     caio_info = {"importable": False}
     try:
@@ -75,6 +82,21 @@ def probe():
             file=getattr(caio, "__file__", None),
             path=list(getattr(caio, "__path__", [])),
         )
+        # What ``from caio import AsyncioContext`` selects here (the "default" rows).
+        default = getattr(getattr(caio, "AsyncioContext", None), "__module__", "") or ""
+        caio_info["default_backend"] = (
+            default[len("caio.") : -len("_asyncio")]
+            if default.startswith("caio.") and default.endswith("_asyncio")
+            else None
+        )
+        structured = {}
+        for name in ("trio", "anyio"):  # TrioContext / AnyioContext (issue 15)
+            try:
+                importlib.import_module("caio.%s" % name)
+                structured[name] = {"ok": True}
+            except BaseException as e:
+                structured[name] = {"ok": False, "error": "%s: %s" % (type(e).__name__, e)}
+        caio_info["structured"] = structured
         backends = {}
         for name in BACKENDS:
             b = {"ok": False}
@@ -83,6 +105,8 @@ def probe():
                 if not hasattr(mod, "AsyncioContext"):
                     raise ImportError("caio.%s_asyncio has no AsyncioContext" % name)
                 b["ok"] = True
+                b["readinto"] = hasattr(mod.AsyncioContext, "readinto")
+                b["pathops"] = hasattr(mod.AsyncioContext, "read_file")
                 if name == "linux_uring":
                     raw = importlib.import_module("caio.linux_uring")
                     b["SQPOLL_ALLOWED"] = getattr(raw, "SQPOLL_ALLOWED", None)
@@ -103,6 +127,15 @@ def probe():
         caio_info["error"] = "%s: %s" % (type(e).__name__, e)
     info["caio"] = caio_info
     print(json.dumps(info))
+
+
+def _importable_version(name):
+    """Version of a module the driver can import (from sys.path, extras included)."""
+    try:
+        mod = importlib.import_module(name)
+    except BaseException as e:
+        return {"error": "%s: %s" % (type(e).__name__, e)}
+    return {"version": getattr(mod, "__version__", None) or _version(name)}
 
 
 # ------------------------------------------------------------ page cache
@@ -204,11 +237,23 @@ class Contender:
         self.params = params
         self.cell = cell
         self.info = {}
+        self.buffers = {}
+
+    def make_check(self, worker, check):
+        """The result check of one worker (a readinto checks its own buffer)."""
+        return check
 
     async def setup(self, fd, path):
         pass
 
     def make_op(self, worker):
+        raise NotImplementedError
+
+    async def setup_files(self, names):
+        """The ``files`` scenarios' setup (instead of setup(fd, path))."""
+        self.names = names
+
+    def make_file_op(self, worker):
         raise NotImplementedError
 
     async def after(self):
@@ -234,17 +279,92 @@ class CaioContender(Contender):
         self.info["max_requests"] = self.cell["max_requests"]
         n = self.cell["chunk"]
         ctx = self.ctx
-        if self.cell["op"] == "read":
+        self.fd = fd
+        if self.params.get("api") == "readinto":
+            self._op = None  # one buffer per worker: make_op
+        elif self.cell["op"] == "read":
             self._op = lambda off: ctx.read(n, fd, off)
         else:
             data = _payload(n)
             self._op = lambda off: ctx.write(data, fd, off)
 
     def make_op(self, worker):
+        if self._op is not None:
+            return self._op
+        # readinto into a buffer this worker reuses for every operation (issue 13)
+        ctx, fd, buf = self.ctx, self.fd, bytearray(self.cell["chunk"])
+        self.buffers[worker] = buf
+        return lambda off: ctx.readinto(buf, fd, off)
+
+    def make_check(self, worker, check):
+        if self._op is not None or check is None:
+            return check
+        return _buffer_check(self.buffers[worker], self.cell["chunk"])
+
+    async def setup_files(self, names):
+        """Whole files and path operations of the context (DESIGN.md §14)."""
+        mod = importlib.import_module("caio.%s_asyncio" % self.params["backend"])
+        self.ctx = ctx = mod.AsyncioContext(
+            max_requests=self.cell["max_requests"], **dict(self.params.get("kwargs") or {})
+        )
+        op = self.cell["op"]
+        if op == "read":
+            self._op = lambda i: ctx.read_file(names[i])
+        elif op == "stat":
+            self._op = lambda i: ctx.stat(names[i])
+        else:
+            data = _file_payload(0, self.cell["chunk"])
+            self._op = lambda i: ctx.write_file(names[i], data)
+
+    def make_file_op(self, worker):
         return self._op
 
     async def teardown(self):
         self.ctx.close()
+
+
+class AiofileContender(Contender):
+    """aiofile on top of whichever caio this interpreter imports, as its users write
+    random access: one ``AIOFile`` shared by the workers, ``await afp.read(n, off)`` /
+    ``await afp.write(data, off)``; aiofile picks the backend with ``from caio import
+    AsyncioContext`` (each side's default)."""
+
+    async def setup(self, fd, path):
+        from aiofile import AIOFile
+
+        self.afp = AIOFile(path, "rb" if self.cell["op"] == "read" else "r+b")
+        await self.afp.open()
+        n, afp = self.cell["chunk"], self.afp
+        if self.cell["op"] == "read":
+            self._op = lambda off: afp.read(n, off)
+        else:
+            data = _payload(n)
+
+            async def op(off):
+                await afp.write(data, off)
+                return n  # aiofile writes all of it or raises
+
+            self._op = op
+
+    def make_op(self, worker):
+        return self._op
+
+    async def setup_files(self, names):
+        self.afp = None
+        from aiofile import async_open
+
+        async def op(i):
+            async with async_open(names[i], "rb") as f:
+                return await f.read()
+
+        self._op = op
+
+    def make_file_op(self, worker):
+        return self._op
+
+    async def teardown(self):
+        if self.afp is not None:
+            await self.afp.close()
 
 
 class ExecutorContender(Contender):
@@ -254,10 +374,15 @@ class ExecutorContender(Contender):
         self.fd = fd
         self.loop = asyncio.get_running_loop()
 
+    def make_file_op(self, worker):
+        """``files`` cells: asyncio.to_thread of the blocking call (default pool)."""
+        call, to_thread = _path_ops(self.cell, self.names), asyncio.to_thread
+        return lambda i: to_thread(call, i)
+
     def make_op(self, worker):
         loop, fd, n = self.loop, self.fd, self.cell["chunk"]
         run = loop.run_in_executor
-        if self.cell["cache"] == "direct":
+        if _into_buffer(self.params, self.cell):
             # os.pread allocates an unaligned bytes object (EINVAL under
             # O_DIRECT); a careful user reads into an aligned buffer instead.
             buf = mmap.mmap(-1, n)
@@ -277,6 +402,18 @@ class ExecutorContender(Contender):
             return lambda off: run(None, os.pread, fd, n, off)
         data = _payload(n)
         return lambda off: run(None, os.pwrite, fd, data, off)
+
+
+def _path_ops(cell, names):
+    """The blocking whole-file call of a ``files`` cell, as Python programs write it."""
+    from pathlib import Path
+
+    if cell["op"] == "read":
+        return lambda i: Path(names[i]).read_bytes()
+    if cell["op"] == "stat":
+        return lambda i: os.stat(names[i])
+    data = _file_payload(0, cell["chunk"])
+    return lambda i: Path(names[i]).write_bytes(data)
 
 
 class _FileObjContender(Contender):
@@ -323,12 +460,35 @@ class AiofilesContender(_FileObjContender):
 
         return await aiofiles.open(path, mode, opener=self._opener())
 
+    async def setup_files(self, names):
+        import aiofiles
+
+        self.files = []
+
+        async def op(i):
+            async with aiofiles.open(names[i], "rb") as f:
+                return await f.read()
+
+        self._op = op
+
+    def make_file_op(self, worker):
+        return self._op
+
 
 class AnyioContender(_FileObjContender):
     async def _open(self, path, mode):
         import anyio
 
         return await anyio.open_file(path, mode, opener=self._opener())
+
+    async def setup_files(self, names):
+        import anyio
+
+        self.files = []
+        self._op = lambda i: anyio.Path(names[i]).read_bytes()
+
+    def make_file_op(self, worker):
+        return self._op
 
 
 class FloorContender(Contender):
@@ -357,7 +517,7 @@ class SyncContender(Contender):
 
     def make_sync_op(self, fd):
         n = self.cell["chunk"]
-        if self.cell["cache"] == "direct":
+        if _into_buffer(self.params, self.cell):
             buf = mmap.mmap(-1, n)
             if self.cell["op"] == "read":
 
@@ -376,9 +536,20 @@ class SyncContender(Contender):
         data = _payload(n)
         return lambda off: os.pwrite(fd, data, off)
 
+    def make_sync_file_op(self, names):
+        return _path_ops(self.cell, names)
+
+
+def _into_buffer(params, cell):
+    """os.preadv/pwritev into one page-aligned buffer instead of os.pread/pwrite:
+    under O_DIRECT (os.pread would fail), and for the readinto rows (issue 13)."""
+    return cell["cache"] == "direct" or params.get("api") == "readinto"
+
 
 KINDS = {
     "caio": CaioContender,
+    "structured": Contender,  # run_structured_cell
+    "aiofile": AiofileContender,
     "executor": ExecutorContender,
     "aiofiles": AiofilesContender,
     "anyio": AnyioContender,
@@ -455,6 +626,31 @@ class TickerStallMeter:
         return self.max
 
 
+class NoStallMeter:
+    """uvloop's loop runs in libuv, with no selector to wrap; a ticker task would
+    distort the numbers (see SelectorStallMeter), so the stall is not measured."""
+
+    def __init__(self, loop):
+        pass
+
+    def start(self):
+        pass
+
+    def stop(self):
+        return None
+
+
+def _run_loop(loop, coro):
+    """asyncio.run on the contender's event loop: asyncio's own or uvloop."""
+    if loop == "uvloop":
+        import uvloop
+
+        if hasattr(uvloop, "run"):
+            return uvloop.run(coro)
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return asyncio.run(coro)
+
+
 # ------------------------------------------------------------------ driver
 
 
@@ -487,14 +683,30 @@ def _check_factory(cell, verify):
     return check
 
 
-async def _drive(ops, offsets, seconds, max_ops, check, lats):
+def _buffer_check(buf, n):
+    """The check of a readinto into ``buf``: the result is the byte count."""
+
+    def check(r, off):
+        if r != n:
+            raise CellError("short readinto: %r of %d bytes at offset %d" % (r, n, off))
+        if buf[:8] != _hdr(off):
+            raise CellError("wrong data at offset %d (block header mismatch)" % off)
+
+    return check
+
+
+async def _asyncio_gather(coros):
+    await asyncio.gather(*coros)
+
+
+async def _drive(ops, offsets, seconds, max_ops, checks, lats, gather=_asyncio_gather):
     """The one worker loop every asyncio contender runs."""
     state = [0]
     nofs = len(offsets)
     deadline = perf_ns() + int(seconds * 1e9)
     failure = []
 
-    async def worker(op):
+    async def worker(op, check):
         while not failure:
             i = state[0]
             if i >= max_ops:
@@ -515,7 +727,7 @@ async def _drive(ops, offsets, seconds, max_ops, check, lats):
             if lats is not None:
                 lats.append(t1 - t0)
 
-    await asyncio.gather(*(worker(op) for op in ops))
+    await gather([worker(op, check) for op, check in zip(ops, checks, strict=True)])
     if failure:
         raise failure[0]
     return state[0]
@@ -586,10 +798,315 @@ def _measure_result(n_ops, wall, cpu, ru0, ru1, lats, cell):
     }
 
 
+# ------------------------------------------------- whole files (issue 14)
+#
+# The ``files`` scenarios: every cell handles each file of a set of
+# ``cell["files"]`` files of ``chunk`` bytes exactly once, in an order fixed by
+# the cell's seed (the same for every contender): read it whole, stat it, or
+# create + write + close it.  ``op(i)`` works on file number ``i``.
+
+
+def file_name(directory, i):
+    return os.path.join(directory, "%03d" % (i // 1000), "f%06d" % i)
+
+
+def _file_payload(i, size):
+    return i.to_bytes(8, "little") + bytes(size - 8)
+
+
+def _file_set(spec, cell):
+    """The names of the cell's file set (created once, marked complete); write cells
+    get their own directory, and extra names past the set for the warm-up."""
+    n, size = cell["files"], cell["chunk"]
+    kind = "write" if cell["op"] == "write" else "read"
+    d = os.path.join(spec["files_dir"], "%s-%d-%d" % (kind, size, n))
+    total = n + FILE_WARMUP
+    names = [file_name(d, i) for i in range(total)]
+    marker = os.path.join(d, ".complete")
+    if not os.path.exists(marker):
+        for i, name in enumerate(names):
+            os.makedirs(os.path.dirname(name), exist_ok=True)
+            if kind == "read":
+                with open(name, "wb") as f:
+                    f.write(_file_payload(i, size))
+        os.sync()  # clean pages: a cold cell then only has to drop them (no fsync per file)
+        with open(marker, "w") as f:
+            f.write("ok")
+    return names
+
+
+FILE_WARMUP = 64
+
+
+def _file_check(cell, names):
+    n = cell["chunk"]
+    if cell["op"] == "read":
+
+        def check(r, i):
+            if len(r) != n or r[:8] != i.to_bytes(8, "little"):
+                raise CellError("wrong or short content of %s (%d bytes)" % (names[i], len(r)))
+    elif cell["op"] == "stat":
+
+        def check(r, i):
+            if r.st_size != n:
+                raise CellError("stat of %s: st_size %r, expected %d" % (names[i], r.st_size, n))
+    else:
+
+        def check(r, i):
+            if r != n:
+                raise CellError("write of %s returned %r, expected %d" % (names[i], r, n))
+
+    return check
+
+
+def _files_cache(cell, names):
+    """cached: read every file once; cold: drop every file's pages (the set is clean:
+    written once and synced, never written again)."""
+    for name in names:
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            if cell["cache"] == "cold":
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            else:
+                os.read(fd, cell["chunk"])
+        finally:
+            os.close(fd)
+
+
+def run_files_cell(spec, cell, contender):
+    names = _file_set(spec, cell)
+    n = cell["files"]
+    order = list(range(n))
+    random.Random(cell["seed"]).shuffle(order)
+    warm = list(range(n, n + FILE_WARMUP))
+    check = _file_check(cell, names) if contender.verify else None
+    info = contender.info
+
+    def before_measure():
+        if cell["op"] == "write":  # create: none of the files exists
+            for name in names[:n]:
+                try:
+                    os.unlink(name)
+                except FileNotFoundError:
+                    pass
+        else:
+            t = time.perf_counter()
+            _files_cache(cell, names[:n])
+            info["evict_ms" if cell["cache"] == "cold" else "prime_ms"] = round(
+                (time.perf_counter() - t) * 1e3, 2
+            )
+
+    if not contender.needs_loop:
+        op = contender.make_sync_file_op(names)
+        _drive_sync(op, warm, 1e9, len(warm), check, None)
+        before_measure()
+        res = _timed_sync(cell, lambda lats: _drive_sync(op, order, 1e9, n, check, lats))
+        res["max_stall_ms"] = res["wall_s"] * 1e3  # the loop thread itself: blocked throughout
+        res["info"] = info
+        return res
+
+    async def main():
+        meter = _stall_meter(asyncio.get_running_loop(), spec)
+        await contender.setup_files(names)
+        try:
+            ops = [contender.make_file_op(w) for w in range(cell["concurrency"])]
+            checks = [check] * len(ops)
+            await asyncio.wait_for(_drive(ops, warm, 1e9, len(warm), checks, None), cell["timeout"])
+            before_measure()
+
+            async def measured(lats):
+                try:
+                    return await asyncio.wait_for(
+                        _drive(ops, order, 1e9, n, checks, lats), cell["timeout"]
+                    )
+                except asyncio.TimeoutError:
+                    raise CellError(
+                        "timeout: %d files not done within %.0f s" % (n, cell["timeout"])
+                    ) from None
+
+            return await _timed(cell, meter, measured)
+        finally:
+            meter.stop()
+            await contender.teardown()
+
+    res = _run_loop(contender.params.get("loop"), main())
+    res["info"] = info
+    return res
+
+
+# ------------------------------------------------ trio and anyio (issue 15)
+#
+# Contenders with ``params["lib"]`` run the same worker loop (_drive) under trio, or
+# under anyio on its asyncio or trio backend, in a task group instead of
+# asyncio.gather: ours is caio's TrioContext / AnyioContext (default backend), the
+# peers the libraries' own trio.open_file / anyio.open_file (a file object per task,
+# seek + read).
+
+
+class _Lib:
+    """The few primitives of a structured-concurrency library the driver needs."""
+
+    def __init__(self, lib):
+        self.name = lib
+        if lib == "trio":
+            import trio
+
+            self.mod, self.open_file = trio, trio.open_file
+            self.group, self.fail_after = trio.open_nursery, trio.fail_after
+            self.run = trio.run
+        else:
+            import anyio
+
+            self.mod, self.open_file = anyio, anyio.open_file
+            self.group, self.fail_after = anyio.create_task_group, anyio.fail_after
+            backend = lib.split("-", 1)[1]
+            self.run = lambda fn: anyio.run(fn, backend=backend)
+
+    async def gather(self, coros):
+        async def wait(coro):
+            await coro
+
+        async with self.group() as tg:
+            for coro in coros:
+                tg.start_soon(wait, coro)
+
+    def stall_meter(self, spec):
+        """trio: the longest time between two waits for I/O (an Instrument: the
+        selector probe's equivalent); anyio on asyncio: the selector probe."""
+        if self.name.endswith("asyncio"):
+            return _stall_meter(asyncio.get_running_loop(), spec)
+        import trio
+
+        class Meter(trio.abc.Instrument):
+            max, active, _last = 0.0, False, None
+
+            def after_io_wait(self, timeout):
+                self._last = time.perf_counter()
+
+            def before_io_wait(self, timeout):
+                if self.active and self._last is not None:
+                    self.max = max(self.max, time.perf_counter() - self._last)
+
+            def start(self):
+                self.max, self._last, self.active = 0.0, None, True
+
+            def stop(self):
+                self.active = False
+                return self.max
+
+        meter = Meter()
+        trio.lowlevel.add_instrument(meter)
+        return meter
+
+
+def run_structured_cell(spec, cell, params):
+    lib = _Lib(params["lib"])
+    path = spec["files"][cell["op"]]
+    region, n = spec["region"], cell["chunk"]
+    offsets = make_offsets(cell["pattern"], n, region, cell["seed"], cell["offsets"])
+    warm = make_offsets(cell["pattern"], n, region, cell["seed"] ^ 0x5A5A5A5A, 4096)
+    check = _check_factory(cell, True)
+    info = {}
+    _prepare_cache(cell, path, region)
+    fd = os.open(path, _file_flags(cell))
+
+    async def main():
+        files = []
+        if params.get("method") == "open_file":
+            for _ in range(cell["concurrency"]):
+                files.append(await lib.open_file(path, "rb"))
+
+            def make_op(f):
+                async def op(off):
+                    await f.seek(off)
+                    return await f.read(n)
+
+                return op
+
+            ops, ctx = [make_op(f) for f in files], None
+        else:
+            mod = importlib.import_module("caio.%s" % lib.name.split("-")[0])
+            cls = mod.TrioContext if lib.name == "trio" else mod.AnyioContext
+            ctx = cls(max_requests=cell["max_requests"])
+            info["max_requests"] = cell["max_requests"]
+            ops = [lambda off, ctx=ctx: ctx.read(n, fd, off)] * cell["concurrency"]
+        checks = [check] * len(ops)
+        meter = lib.stall_meter(spec)
+        try:
+            with lib.fail_after(cell["timeout"]):
+                await _drive(ops, warm, cell["warmup"], 1 << 62, checks, None, lib.gather)
+            _post_warmup(cell, path, region, info)
+
+            async def measured(lats):
+                with lib.fail_after(cell["timeout"]):
+                    return await _drive(
+                        ops, offsets, cell["measure"], 1 << 62, checks, lats, lib.gather
+                    )
+
+            return await _timed(cell, meter, measured)
+        finally:
+            meter.stop()
+            for f in files:
+                await f.aclose()
+            if ctx is not None:
+                await ctx.aclose() if hasattr(ctx, "aclose") else ctx.close()
+
+    try:
+        out = []
+
+        async def run():
+            out.append(await main())
+
+        lib.run(run)
+        res = out[0]
+        res["info"] = info
+        return res
+    finally:
+        os.close(fd)
+
+
+def _stall_meter(loop, spec):
+    if not hasattr(loop, "_selector"):
+        return NoStallMeter(loop)  # uvloop: no selector to wrap
+    if spec.get("stall_method") == "ticker":
+        return TickerStallMeter(loop)
+    return SelectorStallMeter(loop)
+
+
+def _timed_sync(cell, run):
+    """The timed phase of a cell without an event loop: ``run(lats)`` does the
+    operations (appending each latency) and returns how many it did."""
+    lats = []
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    c0, t0 = time.process_time(), time.perf_counter()
+    n = run(lats)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return _measure_result(n, wall, cpu, ru0, resource.getrusage(resource.RUSAGE_SELF), lats, cell)
+
+
+async def _timed(cell, meter, run):
+    """The timed phase of an event-loop cell (asyncio, uvloop, trio, anyio): ``await
+    run(lats)`` does the operations and returns how many; adds the longest stall."""
+    lats = []
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    meter.start()
+    c0, t0 = time.process_time(), time.perf_counter()
+    n = await run(lats)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    stall = meter.stop()
+    res = _measure_result(n, wall, cpu, ru0, resource.getrusage(resource.RUSAGE_SELF), lats, cell)
+    res["max_stall_ms"] = None if stall is None else stall * 1e3
+    return res
+
+
 def run_cell(spec, cell):
     kind = spec["contender"]["kind"]
     cls = KINDS[kind]
     contender = cls(spec["contender"].get("params") or {}, cell)
+    if cell["pattern"] == "files":
+        return run_files_cell(spec, cell, contender)
+    if contender.params.get("lib"):
+        return run_structured_cell(spec, cell, contender.params)
     path = spec["files"][cell["op"]]
     region = spec["region"]
     offsets = make_offsets(cell["pattern"], cell["chunk"], region, cell["seed"], cell["offsets"])
@@ -613,13 +1130,9 @@ def run_cell(spec, cell):
             op = contender.make_sync_op(fd)
             _drive_sync(op, warm_offsets, cell["warmup"], 1 << 62, check, None)
             _post_warmup(cell, path, region, info)
-            lats = []
-            ru0 = resource.getrusage(resource.RUSAGE_SELF)
-            c0, t0 = time.process_time(), time.perf_counter()
-            n = _drive_sync(op, offsets, cell["measure"], max_ops, check, lats)
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            ru1 = resource.getrusage(resource.RUSAGE_SELF)
-            res = _measure_result(n, wall, cpu, ru0, ru1, lats, cell)
+            res = _timed_sync(
+                cell, lambda lats: _drive_sync(op, offsets, cell["measure"], max_ops, check, lats)
+            )
             res["max_stall_ms"] = None
             if cell["op"] == "write":
                 os.fsync(fd)
@@ -627,17 +1140,14 @@ def run_cell(spec, cell):
             return res
 
         async def main():
-            loop = asyncio.get_running_loop()
-            meter_cls = (
-                TickerStallMeter if spec.get("stall_method") == "ticker" else SelectorStallMeter
-            )
-            meter = meter_cls(loop)
+            meter = _stall_meter(asyncio.get_running_loop(), spec)
             await contender.setup(fd, path)
             try:
                 ops = [contender.make_op(w) for w in range(cell["concurrency"])]
+                checks = [contender.make_check(w, check) for w in range(cell["concurrency"])]
                 try:
                     await asyncio.wait_for(
-                        _drive(ops, warm_offsets, cell["warmup"], 1 << 62, check, None),
+                        _drive(ops, warm_offsets, cell["warmup"], 1 << 62, checks, None),
                         cell["timeout"],
                     )
                 except asyncio.TimeoutError:
@@ -647,24 +1157,20 @@ def run_cell(spec, cell):
                     ) from None
                 await contender.after()
                 _post_warmup(cell, path, region, info)
-                lats = []
-                ru0 = resource.getrusage(resource.RUSAGE_SELF)
-                meter.start()
-                c0, t0 = time.process_time(), time.perf_counter()
-                try:
-                    n = await asyncio.wait_for(
-                        _drive(ops, offsets, cell["measure"], max_ops, check, lats), cell["timeout"]
-                    )
-                except asyncio.TimeoutError:
-                    raise CellError(
-                        "timeout: operations did not complete within %.0f s "
-                        "(%d completed)" % (cell["timeout"], len(lats))
-                    ) from None
-                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-                stall = meter.stop()
-                ru1 = resource.getrusage(resource.RUSAGE_SELF)
-                res = _measure_result(n, wall, cpu, ru0, ru1, lats, cell)
-                res["max_stall_ms"] = stall * 1e3
+
+                async def measured(lats):
+                    try:
+                        return await asyncio.wait_for(
+                            _drive(ops, offsets, cell["measure"], max_ops, checks, lats),
+                            cell["timeout"],
+                        )
+                    except asyncio.TimeoutError:
+                        raise CellError(
+                            "timeout: operations did not complete within %.0f s "
+                            "(%d completed)" % (cell["timeout"], len(lats))
+                        ) from None
+
+                res = await _timed(cell, meter, measured)
                 await contender.after()
                 if cell["op"] == "write":
                     os.fsync(fd)
@@ -673,7 +1179,7 @@ def run_cell(spec, cell):
                 meter.stop()
                 await contender.teardown()
 
-        res = asyncio.run(main())
+        res = _run_loop(contender.params.get("loop"), main())
         res["info"] = info
         return res
     finally:
@@ -683,6 +1189,9 @@ def run_cell(spec, cell):
 def run(spec_path, out_path):
     with open(spec_path) as f:
         spec = json.load(f)
+    extra = (spec["contender"].get("params") or {}).get("sys_path")
+    if extra:  # uvloop / aiofile for a caio interpreter (envs.extras_dir)
+        sys.path.append(extra)
     try:  # 1024 concurrent file objects for aiofiles/anyio
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 65536)), hard))
@@ -728,8 +1237,8 @@ def run(spec_path, out_path):
 
 
 def main(argv):
-    if len(argv) >= 2 and argv[1] == "probe":
-        probe()
+    if len(argv) in (2, 3) and argv[1] == "probe":
+        probe(argv[2] if len(argv) == 3 else None)
     elif len(argv) == 4 and argv[1] == "run":
         run(argv[2], argv[3])
     else:

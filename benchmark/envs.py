@@ -116,11 +116,56 @@ def tools_venv(base_python, cache):
     return ensure_venv(base_python, d, req, "tools (aiofiles, anyio, matplotlib)")
 
 
-def probe(python):
-    """Run driver.py probe with ``python`` from a neutral cwd."""
+# Installed without dependencies into a directory of their own and appended to the
+# sys.path of every caio contender's driver (ours, base, upstream): the loop and the
+# library on top run against whichever caio that interpreter imports first.
+EXTRAS = ("uvloop", "aiofile")
+
+
+def extras_requirements():
+    """The pinned lines of EXTRAS, taken from requirements.txt (one place for versions)."""
+    with open(REQUIREMENTS) as f:
+        lines = [ln.split("#")[0].strip() for ln in f]
+    return [ln for ln in lines if ln.split("=")[0].split(";")[0].strip() in EXTRAS]
+
+
+def extras_dir(base_python, cache):
+    """A ``pip install --no-deps --target`` directory with uvloop and aiofile for
+    ``base_python`` (aiofile's own caio dependency is deliberately not installed:
+    it must run on the caio of the interpreter that measures it).  Returns the
+    directory, or None (logged) when it cannot be installed."""
+    req = extras_requirements()
+    d = os.path.join(cache, "extras-%s" % py_tag(base_python))
+    stamp_text = json.dumps({"tag": py_tag(base_python), "req": req})
+    stamp = os.path.join(d, ".caio-bench-stamp")
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            if f.read() == stamp_text:
+                return d
+    log("setup: installing %s into %s" % (", ".join(req), d))
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    try:
+        _run(
+            [base_python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+            + ["--no-deps", "--target", d]
+            + req,
+            cwd=tempfile.gettempdir(),
+        )
+    except (subprocess.CalledProcessError, OSError) as e:
+        log("setup: extras install failed (%s): no uvloop/aiofile rows for caio" % e)
+        return None
+    with open(stamp, "w") as f:
+        f.write(stamp_text)
+    return d
+
+
+def probe(python, extra_path=None):
+    """Run driver.py probe with ``python`` from a neutral cwd (``extra_path``:
+    a directory appended to its sys.path, see extras_dir)."""
     with tempfile.TemporaryDirectory(prefix="caio-bench-probe-") as tmp:
         out = subprocess.run(
-            python_cmd(python) + [DRIVER, "probe"],
+            python_cmd(python) + [DRIVER, "probe"] + ([extra_path] if extra_path else []),
             capture_output=True,
             text=True,
             cwd=tmp,

@@ -120,14 +120,20 @@ class Results:
         for c in self.contenders:  # display names are the report's business
             c["label"] = DISPLAY.get(c["id"], c["label"])
         self.labels = {c["id"]: c["label"] for c in self.contenders}
+        self.tags = {c["id"]: c.get("tag") or "" for c in self.contenders}
+        # the sweeps and their charts: every contender measured across a scenario
+        self.sweepers = [c for c in self.contenders if not self.tags[c["id"]]]
         self.scenarios = []
         for r in rows:
             if r["scenario"] not in self.scenarios:
                 self.scenarios.append(r["scenario"])
+        # the offset scenarios get the generic sweep sections, ratio tables and charts;
+        # the whole-file ones (``*-files-*``) have their own section
+        self.offset_scenarios = [x for x in self.scenarios if "-files-" not in x]
 
     def get(self, scen, chunk, conc, cid):
         rows = self.groups.get((scen, chunk, conc, cid))
-        if rows is None and cid == "limit.sync":  # one thread: concurrency does not apply
+        if rows is None and cid.startswith("limit.sync"):  # one thread: concurrency does not apply
             rows = self.groups.get((scen, chunk, 1, cid))
         return Stat(rows) if rows else None
 
@@ -136,7 +142,11 @@ class Results:
 
     def points(self, scen):
         pts = sorted(
-            {(k[1], k[2]) for k in self.groups if k[0] == scen and not k[3] == "limit.sync"}
+            {
+                (k[1], k[2])
+                for k in self.groups
+                if k[0] == scen and not k[3].startswith("limit.sync") and not self.tags.get(k[3])
+            }
         )
         return pts
 
@@ -441,6 +451,484 @@ def targets():
     return t
 
 
+# ------------------------------------------- the issues' targets (13, 16)
+
+CW = "cached-rand-write"
+NATIVE = ("linux_uring", "linux_aio", "thread_aio")
+
+
+def default_backend(res, family="ours"):
+    """What ``from caio import AsyncioContext`` selected in that interpreter (probe)."""
+    probe = (res.meta.get("probes") or {}).get(family) or {}
+    return (probe.get("caio") or {}).get("default_backend")
+
+
+def _caio_ids(res, family, tag):
+    return [
+        c["id"]
+        for c in res.contenders
+        if c["id"].startswith(family + ".")
+        and c.get("kind") == "caio"
+        and (c.get("tag") or "") == tag
+    ]
+
+
+def resolve(res, ref, scen, chunk, conc, metric):
+    """(contender id, Stat) of a reference: an id, ``("default", family, tag)`` (the
+    backend ``from caio import AsyncioContext`` picks) or ``("best", family, tag)``
+    (that family's caio contender with the highest median at this cell)."""
+    if isinstance(ref, str):
+        return ref, res.get(scen, chunk, conc, ref)
+    how, family, tag = ref
+    if how == "default":
+        b = default_backend(res, family)
+        if b is None:
+            return None, None
+        cid = "%s.%s%s" % (family, b, "." + tag if tag else "")
+        return cid, res.get(scen, chunk, conc, cid)
+    best = (None, None)
+    for cid in _caio_ids(res, family, tag):
+        st = res.get(scen, chunk, conc, cid)
+        if st is None or st.med(metric) is None:
+            continue
+        if best[1] is None or st.med(metric) > best[1].med(metric):
+            best = (cid, st)
+    return best
+
+
+# What the peers do in the ``files`` scenarios (their ids are the offset scenarios' ones).
+FILE_LABELS = {
+    "peer.run_in_executor": {
+        "read": "asyncio.to_thread(Path.read_bytes)",
+        "stat": "asyncio.to_thread(os.stat)",
+        "write": "asyncio.to_thread(Path.write_bytes)",
+    },
+    "limit.sync": {
+        "read": "sync Path.read_bytes loop",
+        "stat": "sync os.stat loop",
+        "write": "sync Path.write_bytes loop",
+    },
+    "peer.aiofiles": {"read": 'aiofiles (async with aiofiles.open(p, "rb") as f: f.read())'},
+    "peer.anyio": {"read": "anyio (await anyio.Path(p).read_bytes())"},
+    "ours.aiofile": {"read": "aiofile async_open + read (on ours)"},
+    "upstream.aiofile": {"read": "aiofile async_open + read (on upstream)"},
+}
+# (reference, target ratio) of read_file (cold: without the sync loop), stat, write_file
+FILE_READ_REFS = (
+    ("limit.sync", 1.0),
+    ("peer.run_in_executor", 2.0),
+    ("peer.aiofiles", 5.0),
+    ("peer.anyio", 5.0),
+    ("ours.aiofile", None),
+)
+FILE_OTHER_REFS = (("limit.sync", None), ("peer.run_in_executor", 2.0))
+
+
+def label_in(res, cid, scen):
+    """A contender's name in a scenario: in the ``files`` ones, what the peer does there."""
+    if "-files-" in scen and cid in FILE_LABELS:
+        return FILE_LABELS[cid].get(scen.split("-")[-1], res.labels.get(cid, cid))
+    return res.labels.get(cid, cid)
+
+
+def files_table(res):
+    """The ``files`` scenarios: files per second and the loop's longest stall."""
+    pts = sorted({k[:3] for k in res.groups if "-files-" in k[0]})
+    if not pts:
+        return ""
+    hdr = ["contender"] + [
+        "%s %s c=%d" % (scen.replace("-files", ""), fsize(ch), c) for scen, ch, c in pts
+    ]
+    out = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    for c in res.contenders:
+        cells = []
+        for scen, ch, conc in pts:
+            st = res.get(scen, ch, conc, c["id"])
+            if st is None:
+                cells.append("")
+                continue
+            stall = st.med("max_stall_ms")
+            cells.append(
+                cell_text(st, "ops_per_s", si, spread=False)
+                + ("" if stall is None else " <sub>stall %s ms</sub>" % num(stall))
+            )
+        if any(cells):
+            labels = FILE_LABELS.get(c["id"])
+            label = " / ".join(labels.values()) if labels else c["label"]
+            out.append("| %s | %s |" % (label, " | ".join(cells)))
+    return "\n".join(out)
+
+
+def issue_targets(files_n="10,000"):
+    """(issue, title, (ref, scen, chunk, conc), (ref, scen, chunk, conc) | None, metric,
+    target): ratio a ÷ b >= target, or (b None) the value of a below the target."""
+    t = []
+    a = t.append
+    dflt = lambda tag="": ("default", "ours", tag)  # noqa: E731
+    best = lambda fam, tag="": ("best", fam, tag)  # noqa: E731
+    for tag, loop in (("", "asyncio"), ("uvloop", "uvloop")):
+        for scen, what in ((CR, "cached random read"), (CW, "buffered random write")):
+            for c in (1, 16, 64, 256):
+                a(
+                    (
+                        16,
+                        "4 KiB %s, c=%d, %s: default ÷ our best backend" % (what, c, loop),
+                        (dflt(tag), scen, SMALL, c),
+                        (best("ours", tag), scen, SMALL, c),
+                        "ops_per_s",
+                        0.95,
+                    )
+                )
+    a(
+        (
+            16,
+            "4 KiB cached random read, c=1: default ÷ sync os.pread loop",
+            (dflt(), CR, SMALL, 1),
+            ("limit.sync", CR, SMALL, 1),
+            "ops_per_s",
+            0.55,
+        )
+    )
+    a(
+        (
+            16,
+            "4 KiB cached random read, c=64, uvloop: default ÷ upstream's best",
+            (dflt("uvloop"), CR, SMALL, 64),
+            (best("upstream", "uvloop"), CR, SMALL, 64),
+            "ops_per_s",
+            2.0,
+        )
+    )
+    for b in NATIVE:
+        a(
+            (
+                16,
+                "4 KiB buffered random write, c=64: ours %s ÷ upstream's best" % b,
+                ("ours.%s" % b, CW, SMALL, 64),
+                (best("upstream"), CW, SMALL, 64),
+                "ops_per_s",
+                1.5,
+            )
+        )
+    a(
+        (
+            16,
+            "aiofile on top, 4 KiB random write, c=64: on ours ÷ on upstream",
+            ("ours.aiofile", CW, SMALL, 64),
+            ("upstream.aiofile", CW, SMALL, 64),
+            "ops_per_s",
+            1.5,
+        )
+    )
+    a(
+        (
+            16,
+            "aiofile on top, 4 KiB random read, c=64: on ours ÷ on upstream",
+            ("ours.aiofile", CR, SMALL, 64),
+            ("upstream.aiofile", CR, SMALL, 64),
+            "ops_per_s",
+            None,
+        )
+    )
+    for ch in (64 * 1024, MB):
+        a(
+            (
+                16,
+                "%s cached random read, c=64: default ÷ upstream's best" % fsize(ch),
+                (dflt(), CR, ch, 64),
+                (best("upstream"), CR, ch, 64),
+                "ops_per_s",
+                1.0,
+            )
+        )
+        a(
+            (
+                16,
+                "%s cached random read, c=64, MB/s: default ÷ sync os.pread loop" % fsize(ch),
+                (dflt(), CR, ch, 64),
+                ("limit.sync", CR, ch, 1),
+                "mb_per_s",
+                0.9,
+            )
+        )
+    a(
+        (
+            16,
+            "4 KiB O_DIRECT random read, c=64: ours thread_aio ÷ ours linux_uring",
+            ("ours.thread_aio", DR, SMALL, 64),
+            ("ours.linux_uring", DR, SMALL, 64),
+            "ops_per_s",
+            0.9,
+        )
+    )
+    a(
+        (
+            16,
+            "4 KiB cached random read, c=1: ours python_aio ÷ upstream python_aio",
+            ("ours.python_aio", CR, SMALL, 1),
+            ("upstream.python_aio", CR, SMALL, 1),
+            "ops_per_s",
+            1.5,
+        )
+    )
+    a(
+        (
+            16,
+            "4 KiB cold buffered random read, c=64: default ÷ fio O_DIRECT io_uring iodepth 64",
+            (dflt(), CO, SMALL, 64),
+            ("limit.fio_io_uring", DR, SMALL, 64),
+            "ops_per_s",
+            0.85,
+        )
+    )
+    a(
+        (
+            16,
+            "… same cell, default's longest event-loop stall (ms)",
+            (dflt(), CO, SMALL, 64),
+            None,
+            "max_stall_ms",
+            5.0,
+        )
+    )
+    for scen, ch, refs in (
+        ("cached-files-read", SMALL, FILE_READ_REFS),
+        ("cached-files-read", 64 * 1024, FILE_READ_REFS),
+        ("cold-files-read", SMALL, FILE_READ_REFS[1:]),
+        ("cold-files-read", 64 * 1024, FILE_READ_REFS[1:]),
+        ("cached-files-stat", SMALL, FILE_OTHER_REFS),
+        ("cached-files-write", SMALL, FILE_OTHER_REFS),
+    ):
+        what = {
+            "cached-files-read": "read_file of %s cached %s files" % (files_n, fsize(ch)),
+            "cold-files-read": "read_file of %s cold %s files" % (files_n, fsize(ch)),
+            "cached-files-stat": "stat of %s files" % files_n,
+            "cached-files-write": "write_file (create + write 4 KiB + close) of %s files" % files_n,
+        }[scen]
+        for ref, target in refs:
+            a(
+                (
+                    14,
+                    "%s, c=64: default ÷ %s" % (what, FILE_LABELS[ref][scen.split("-")[-1]]),
+                    (dflt(), scen, ch, 64),
+                    (ref, scen, ch, 64),
+                    "ops_per_s",
+                    target,
+                )
+            )
+        a(
+            (
+                14,
+                "… same cell, default's longest event-loop stall (ms)",
+                (dflt(), scen, ch, 64),
+                None,
+                "max_stall_ms",
+                5.0,
+            )
+        )
+    for lib in ("trio", "anyio-asyncio", "anyio-trio"):
+        for ch, c in ((SMALL, 1), (SMALL, 64), (MB, 64)):
+            where = "%s cached random read, c=%d, %s" % (fsize(ch), c, lib)
+            a(
+                (
+                    15,
+                    "%s: ours ÷ %s.open_file (seek + read)" % (where, lib.split("-")[0]),
+                    ("ours.%s" % lib, CR, ch, c),
+                    ("peer.%s.open_file" % lib, CR, ch, c),
+                    "ops_per_s",
+                    20.0,
+                )
+            )
+            a(
+                (
+                    15,
+                    "%s: ours ÷ our own asyncio (default)" % where,
+                    ("ours.%s" % lib, CR, ch, c),
+                    (dflt(), CR, ch, c),
+                    "ops_per_s",
+                    0.8,
+                )
+            )
+    for b in NATIVE:
+        ri = "ours.%s.readinto" % b
+        a(
+            (
+                13,
+                "1 MiB cached random readinto (reused buffer), c=64, MB/s: ours %s ÷ sync "
+                "os.preadv loop into one buffer" % b,
+                (ri, CR, MB, 64),
+                ("limit.sync.preadv", CR, MB, 1),
+                "mb_per_s",
+                1.0,
+            )
+        )
+        a(
+            (
+                13,
+                "1 MiB cached random read, c=64: ours %s readinto ÷ read()" % b,
+                (ri, CR, MB, 64),
+                ("ours.%s" % b, CR, MB, 64),
+                "ops_per_s",
+                1.3,
+            )
+        )
+        for c in (1, 64):
+            a(
+                (
+                    13,
+                    "4 KiB cached random read, c=%d: ours %s readinto ÷ read()" % (c, b),
+                    (ri, CR, SMALL, c),
+                    ("ours.%s" % b, CR, SMALL, c),
+                    "ops_per_s",
+                    1.0,
+                )
+            )
+    return t
+
+
+def issue_targets_md(res):
+    out = [
+        "| issue | target | ours | reference | ratio | target | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    n = 0
+    files_n = "{:,}".format(res.meta.get("params", {}).get("files") or 10000)
+    for issue, title, ca, cb, metric, target in issue_targets(files_n):
+        ida, sa = resolve(res, ca[0], ca[1], ca[2], ca[3], metric)
+        idb, sb = resolve(res, cb[0], cb[1], cb[2], cb[3], metric) if cb else (None, None)
+        if (sa is None and sb is None) or (target is None and (sa is None or sb is None)):
+            continue  # a cell this mode does not measure (or a reference without data)
+        f = fmt_metric(metric)
+
+        def cell(cid, st, scen, f=f, metric=metric):
+            if st is None:
+                return "n/a"
+            txt = cell_text(st, metric, f, spread=False)
+            if st.failed:
+                txt += " (%s)" % esc(st.error)[:60]
+            return "%s: %s" % (label_in(res, cid, scen), txt)
+
+        if cb is None:  # an absolute bound (the stall)
+            v = None if sa is None or sa.failed else sa.med(metric)
+            rt, tt = "–", "< %g ms" % target
+            met = "–" if v is None else ("✔" if v < target else "✘")
+        else:
+            r = ratio(sa, sb, metric)
+            rt = rtext(r)
+            tt = "≥ %g×" % target if target is not None else "(reference)"
+            met = "–" if r is None or target is None else ("✔" if r >= target else "✘")
+        out.append(
+            "| %d | %s | %s | %s | %s | %s | %s |"
+            % (issue, title, cell(ida, sa, ca[1]), cell(idb, sb, cb[1]) if cb else "", rt, tt, met)
+        )
+        n += 1
+    return "\n".join(out) if n else ""
+
+
+def family_cells(res):
+    """(tag, title, [(contender, scen, chunk, conc)], metric) of the families measured at
+    a few points (bar charts and tables): aiofile on top, readinto at 1 MiB, whole files."""
+    fams = []
+    n = "{:,}".format(res.meta.get("params", {}).get("files") or 10000)
+    for scen, title in (
+        ("cached-files-read", "read %s cached 4 KiB files, c=64 (files/s)" % n),
+        ("cold-files-read", "read %s cold 4 KiB files, c=64 (files/s)" % n),
+        ("cached-files-stat", "stat %s files, c=64 (files/s)" % n),
+        ("cached-files-write", "create + write 4 KiB + close %s files, c=64 (files/s)" % n),
+    ):
+        cells = [
+            (c["id"], scen, SMALL, 64)
+            for c in res.contenders
+            if res.get(scen, SMALL, 64, c["id"]) is not None
+        ]
+        if cells:
+            fams.append(("files-" + scen, title, cells, "ops_per_s"))
+    cells = [
+        (cid, scen, SMALL, 64)
+        for scen in (CW, CR)
+        for cid in ("ours.aiofile", "upstream.aiofile")
+        if res.get(scen, SMALL, 64, cid) is not None
+    ]
+    if cells:
+        fams.append(
+            (
+                "aiofile",
+                "aiofile 3.12.3 on top: 4 KiB random write and read, c=64",
+                cells,
+                "ops_per_s",
+            )
+        )
+    cells = []
+    for b in NATIVE:
+        for cid in ("ours.%s" % b, "ours.%s.readinto" % b):
+            if res.get(CR, MB, 64, cid) is not None:
+                cells.append((cid, CR, MB, 64))
+    for cid in ("limit.sync.preadv", "limit.sync"):
+        if cells and res.get(CR, MB, 1, cid) is not None:
+            cells.append((cid, CR, MB, 1))
+    st = [c["id"] for c in res.contenders if c.get("tag") == "structured"]
+    st = ["ours.%s" % default_backend(res)] + st
+    st_cells = [(cid, CR, SMALL, 64) for cid in st if res.get(CR, SMALL, 64, cid) is not None]
+    if len(st_cells) > 1:
+        fams.append(
+            (
+                "structured",
+                "trio and anyio: 4 KiB cached random read, c=64 (ops/s; first: ours under asyncio)",
+                st_cells,
+                "ops_per_s",
+            )
+        )
+    if cells:
+        fams.append(
+            (
+                "readinto",
+                "1 MiB cached random read, c=64: readinto vs read() (MB/s)",
+                cells,
+                "mb_per_s",
+            )
+        )
+    return fams
+
+
+def tagged_table(res, tag):
+    """Every cell of the contenders of one tag (ops/s, median with spread), with the
+    asyncio row of the same contender next to each uvloop one; trio/anyio rows also
+    show p99 latency and the scheduler's longest stall."""
+    ids = [c["id"] for c in res.contenders if (c.get("tag") or "") == tag]
+    # (aiofile's files cells are in the files table)
+    pts = sorted({k[:3] for k in res.groups if k[3] in ids and "-files-" not in k[0]})
+    if not ids or not pts:
+        return ""
+    hdr = ["contender"] + [
+        "%s %s c=%d" % (s.replace("cached-rand-", ""), fsize(ch), c) for s, ch, c in pts
+    ]
+    out = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    rows = []
+    for cid in ids:
+        if tag == "uvloop":
+            rows.append(cid[: -len(".uvloop")])
+        rows.append(cid)
+    if tag == "structured":  # our own asyncio rows at the same points, for reference
+        rows = [c["id"] for c in res.contenders if c["id"] == "ours.%s" % default_backend(res)]
+        rows += ids
+
+    def text(st):
+        t = cell_text(st, "ops_per_s", si)
+        if tag == "structured" and st is not None and st.ok:
+            stall = st.med("max_stall_ms")
+            t += " <sub>p99 %s µs, stall %s ms</sub>" % (
+                num(st.med("lat_p99_us")),
+                "–" if stall is None else num(stall),
+            )
+        return t
+
+    for cid in rows:
+        cells = [text(res.get(s, ch, c, cid)) for s, ch, c in pts]
+        if any(cells):
+            out.append("| %s | %s |" % (res.labels.get(cid, cid), " | ".join(cells)))
+    return "\n".join(out)
+
+
 def fmt_metric(metric):
     if metric == "mb_per_s":
         return lambda x: si(x, " MB/s")
@@ -517,7 +1005,7 @@ def sweep_table(res, scen, metric, axis):
     hdr = ["contender"] + (["c=%d" % p for p in pts] if axis == "conc" else [fsize(p) for p in pts])
     out = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     f = fmt_metric(metric) if metric in ("ops_per_s", "mb_per_s", "max_stall_ms") else num
-    for c in res.contenders:
+    for c in res.sweepers:
         if c["id"] == "limit.floor" and axis == "chunk":
             continue
         row, any_ = [c["label"]], False
@@ -610,7 +1098,7 @@ def ratio_md(res):
     )
     out.append("| " + " | ".join(hdr) + " |")
     out.append("|" + "---|" * len(hdr))
-    for scen in res.scenarios:
+    for scen in res.offset_scenarios:
         for ch, conc in res.points(scen):
             for a, b in pairs:
                 sa = res.get(scen, ch, conc, a)
@@ -848,6 +1336,44 @@ def write_summary(out_dir):
         "",
     ]
     s += ["## Performance targets", "", targets_md(res), ""]
+    ft = files_table(res)
+    it = issue_targets_md(res)
+    if it:
+        s += [
+            "### Issue targets (13: zero-copy readinto; 16: the default path, uvloop, aiofile)",
+            "",
+            "“default” is the backend `from caio import AsyncioContext` selects in ours' "
+            "interpreter (%s); “best” is the fastest caio contender of that side at the "
+            "cell (any backend or ring variant). ✔ = target met in this run."
+            % (default_backend(res) or "unknown"),
+            "",
+            it,
+            "",
+        ]
+    for tag, title in (
+        ("uvloop", "Under uvloop (4 KiB, ops/s; each uvloop row under its asyncio row)"),
+        ("aiofile", "aiofile on top of ours and of upstream (ops/s)"),
+        ("readinto", "readinto into a reused buffer (ops/s)"),
+        ("structured", "trio and anyio: cached random reads (ops/s, p99, scheduler stall)"),
+    ):
+        if tag == "aiofile" and ft:
+            s += [
+                "## Whole files and path operations (files/s, c=64; the loop's longest stall)",
+                "",
+                "Each cell handles every file of a set once (same order for everyone); ours "
+                "is `ctx.read_file` / `ctx.stat` / `ctx.write_file`; the sync loop runs on "
+                "the loop thread (its stall is the whole cell).",
+                "",
+                ft,
+                "",
+            ]
+            s += ["![%s](charts/%s)" % (ch, ch) for ch in charts if ch.startswith("files-")]
+            s += [""]
+        t = tagged_table(res, tag)
+        if t:
+            s += ["## %s" % title, "", t, ""]
+            s += ["![%s](charts/%s)" % (ch, ch) for ch in charts if ch.startswith(tag + "-")]
+            s += [""]
     b = baseline_md(res)
     if b:
         s += ["## Upstream caio and the peers at the target cells", "", b, ""]
@@ -855,7 +1381,7 @@ def write_summary(out_dir):
     bm = base_md(res)
     if bm:
         s += ["## Ours vs base (`--base-python`, before/after in one run; ops/s)", "", bm, ""]
-    for scen in res.scenarios:
+    for scen in res.offset_scenarios:
         s += ["## %s" % scen, ""]
         t = sweep_table(res, scen, "ops_per_s", "conc")
         if t:
@@ -939,10 +1465,23 @@ COLORS = {
     "limit.floor": "#7f7f7f",
     "limit.fio_io_uring": "#bcbd22",
     "limit.fio_libaio": "#aa6600",
+    # trio / anyio: ours.<lib> solid, peer.<lib>.open_file dotted, same colour per library
+    "trio": "#117a65",
+    "anyio-asyncio": "#b9770e",
+    "anyio-trio": "#6c3483",
+    "peer.trio.open_file": "#117a65",
+    "peer.anyio-asyncio.open_file": "#b9770e",
+    "peer.anyio-trio.open_file": "#6c3483",
 }
 
 
 def _style(cid):
+    for suffix in (".uvloop", ".readinto", ".preadv"):
+        if cid.endswith(suffix):
+            color, ls, mk = _style(cid[: -len(suffix)])
+            return color, ls, {"o": "D", "x": "v", "s": "^"}.get(mk, mk)
+    if cid.endswith(".aiofile"):
+        return "#444444" if cid.startswith("ours.") else "#999999", "-", "*"
     if cid.startswith("ours."):
         return COLORS.get(cid[5:], "#333"), "-", "o"
     if cid.startswith("upstream."):
@@ -967,13 +1506,18 @@ def charts(out_dir):
     sc = meta.get("params", {}).get("sweep_conc", 64)
     made = []
 
-    def plot(scen, axis, metric, ylabel, fname, logy):
+    def plot(scen, axis, metric, ylabel, fname, logy, who=None, title=None):
         pts = res.conc_points(scen) if axis == "conc" else res.chunk_points(scen)
+        if who is not None:  # a family's own points
+            ids = {c["id"] for c in who}
+            pts = sorted(
+                {k[2] for k in res.groups if k[0] == scen and k[3] in ids and k[1] == SMALL}
+            )
         if len(pts) < 2:
             return
         fig, ax = plt.subplots(figsize=(12.5, 6))
         failed = []
-        for c in res.contenders:
+        for c in res.sweepers if who is None else who:
             cid = c["id"]
             if cid == "limit.floor" and axis == "chunk":  # no I/O: its MB/s is meaningless
                 continue
@@ -1027,7 +1571,7 @@ def charts(out_dir):
         ax.set_ylabel(ylabel)
         ax.set_title(
             "%s — %s (median, bars: min–max of %s reps)"
-            % (scen, ylabel, meta.get("params", {}).get("reps"))
+            % (title or scen, ylabel, meta.get("params", {}).get("reps"))
         )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
@@ -1038,16 +1582,25 @@ def charts(out_dir):
 
     def bars(scen):
         """A scenario measured at a single point: one bar per contender."""
-        pts = sorted({(k[1], k[2]) for k in res.groups if k[0] == scen and k[3] != "limit.sync"})
+        pts = res.points(scen)
         if len(pts) != 1:
             return
         ch, conc = pts[0]
+        bar_chart(
+            "%s — %s, concurrency %d" % (scen, fsize(ch), conc),
+            [(c["id"], scen, ch, conc) for c in res.sweepers],
+            "%s-bars.png" % scen,
+        )
+
+    def bar_chart(title, cells, fname, metric="ops_per_s"):
+        """One bar per (contender, scenario, chunk, concurrency) cell."""
         labels, vals, lo, hi, colors, fails = [], [], [], [], [], []
-        for c in res.contenders:
-            st = res.get(scen, ch, conc, c["id"])
+        for cid, scen, ch, conc in cells:
+            c = {"id": cid, "label": label_in(res, cid, scen)}
+            st = res.get(scen, ch, conc, cid)
             if st is None:
                 continue
-            m = st.med("ops_per_s")
+            m = st.med(metric)
             if m is None:
                 fails.append(c["label"])
                 labels.append(c["label"] + "  — FAIL")
@@ -1055,11 +1608,13 @@ def charts(out_dir):
                 lo.append(0)
                 hi.append(0)
             else:
-                labels.append(c["label"] + ("  (c=1)" if c["id"] == "limit.sync" else ""))
+                labels.append(c["label"] + ("  (c=1)" if c["id"].startswith("limit.sync") else ""))
                 vals.append(m)
-                lo.append(m - st.lo("ops_per_s"))
-                hi.append(st.hi("ops_per_s") - m)
+                lo.append(m - st.lo(metric))
+                hi.append(st.hi(metric) - m)
             colors.append(_style(c["id"])[0])
+        if not labels:
+            return
         fig, ax = plt.subplots(figsize=(11, 0.38 * len(labels) + 1.6))
         y = list(range(len(labels)))[::-1]
         ax.barh(y, vals, xerr=[lo, hi], color=colors, alpha=0.85, capsize=2)
@@ -1068,16 +1623,32 @@ def charts(out_dir):
         for yy, v in zip(y, vals, strict=True):
             if v:
                 ax.text(v, yy, " %s" % si(v), va="center", fontsize=7)
-        ax.set_xlabel("throughput (ops/s), median; bars: min–max")
-        ax.set_title("%s — %s, concurrency %d" % (scen, fsize(ch), conc))
+        ax.set_xlabel(
+            "%s, median; bars: min–max"
+            % ("throughput (MB/s)" if metric == "mb_per_s" else "throughput (ops/s)")
+        )
+        ax.set_title(title)
         ax.grid(True, axis="x", alpha=0.3)
         fig.tight_layout()
-        fname = "%s-bars.png" % scen
         fig.savefig(os.path.join(d, fname), dpi=110)
         plt.close(fig)
         made.append(fname)
 
-    for scen in res.scenarios:
+    for tag, title, cells, metric in family_cells(res):
+        bar_chart(title, cells, "%s-bars.png" % tag, metric)
+    uv = [c for c in res.contenders if c.get("tag") == "uvloop"]
+    if uv:  # the asyncio lines are in the cached-rand-read chart
+        plot(
+            CR,
+            "conc",
+            "ops_per_s",
+            "throughput (ops/s)",
+            "uvloop-ops-vs-concurrency.png",
+            True,
+            uv,
+            "4 KiB cached random read under uvloop",
+        )
+    for scen in res.offset_scenarios:
         bars(scen)
         plot(
             scen,

@@ -69,6 +69,17 @@ CSV_FIELDS = [
 ]
 
 
+# Typical files per second of a ``files`` cell on the 2-core reference machine (estimate).
+FILES_PER_S = {
+    "caio": 30000,
+    "executor": 6000,
+    "sync": 15000,
+    "aiofiles": 4000,
+    "anyio": 4000,
+    "aiofile": 3500,
+}
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m benchmark",
@@ -81,14 +92,14 @@ def parse_args(argv):
         dest="mode",
         action="store_const",
         const="quick",
-        help="target cells + short sweeps (about 2 minutes)",
+        help="target cells, issue rows + short sweeps (about 6.5 minutes)",
     )
     m.add_argument(
         "--full",
         dest="mode",
         action="store_const",
         const="full",
-        help="every scenario and sweep point (default; under 30 minutes)",
+        help="every scenario and sweep point (default; about 35 minutes)",
     )
     m.add_argument(
         "--smoke",
@@ -132,6 +143,11 @@ def parse_args(argv):
         "--no-peers", action="store_true", help="skip aiofiles/anyio/executor/sync/floor/fio"
     )
     p.add_argument("--no-fio", action="store_true", help="skip fio")
+    p.add_argument(
+        "--no-extras",
+        action="store_true",
+        help="no uvloop and aiofile-on-top rows for the caio contenders (and no extras dir)",
+    )
     p.add_argument("--no-install", action="store_true", help="never apt-get install fio")
     p.add_argument("--no-charts", action="store_true", help="skip PNG charts")
     p.add_argument("--seed", type=int, default=20251121, help="base seed for the offsets")
@@ -140,7 +156,7 @@ def parse_args(argv):
         type=float,
         default=None,
         help="minutes; shorten the measured time per cell if the estimate exceeds it "
-        "(full mode default: 27; ignored when --measure is given)",
+        "(full mode default: 35; ignored when --measure is given)",
     )
     p.add_argument(
         "--stall-method",
@@ -242,6 +258,9 @@ class Runner:
         for _, _scen, c, cells in batches:
             t += 0.15 if c.kind != "fio" else 0.0  # interpreter start + imports
             for cell in cells:
+                if cell.scenario.pattern == "files":  # work-bounded: files ÷ a typical rate
+                    t += 0.3 + self.mode.files / FILES_PER_S.get(c.kind, 5000)
+                    continue
                 t += per_cell + (0.25 if c.kind == "fio" else 0.0)
                 t += 0.15 * cell.concurrency / 1024 if c.kind in ("aiofiles", "anyio") else 0.0
         return t
@@ -276,7 +295,9 @@ class Runner:
             "file_size": self.mode.file_size,
             "warmup_s": self.mode.warmup,
             "measure_s": self.mode.measure,
-            "stall_method": self.args.stall_method if c.kind not in ("sync", "fio") else "",
+            "stall_method": (
+                "" if c.kind in ("sync", "fio") or c.params.get("loop") else self.args.stall_method
+            ),
         }
 
     def _emit(self, row):
@@ -286,6 +307,9 @@ class Runner:
 
     def _cell_spec(self, cell):
         t, hard = self.cell_timeout()
+        if cell.scenario.pattern == "files":  # work-bounded: allow 500 files/s at worst
+            t = max(t, self.mode.files / 500)
+            hard = 2 * t + 20
         return {
             "id": cell.id,
             "cache": cell.scenario.cache,
@@ -296,6 +320,7 @@ class Runner:
             "max_requests": cell.concurrency,
             "seed": cell.seed,
             "offsets": self.mode.offsets,
+            "files": self.mode.files,
             "warmup": self.mode.warmup,
             "measure": self.mode.measure,
             "timeout": t,
@@ -318,6 +343,7 @@ class Runner:
                 "contender": {"id": c.id, "kind": c.kind, "params": c.params},
                 "files": self.files,
                 "region": self.region,
+                "files_dir": os.path.join(os.path.abspath(self.args.data_dir), "files"),
                 "stall_method": self.args.stall_method,
                 "cells": [self._cell_spec(x) for x in pending],
             }
@@ -609,7 +635,9 @@ def main(argv=None):
     )
     contenders = []
     probes = {}
-    ours_probe = envs.probe(ours_py)
+    # uvloop + aiofile for the caio interpreters (no deps: aiofile must run on their caio)
+    extras = None if args.no_extras else envs.extras_dir(ours_py, cache)
+    ours_probe = envs.probe(ours_py, extras)
     probes["ours"] = ours_probe
     ci = ours_probe.get("caio") or {}
     if ci.get("importable"):
@@ -625,17 +653,20 @@ def main(argv=None):
     contenders += plan.caio_contenders("ours", ours_py, ours_probe, log)
     if args.base_python:
         base_py = os.path.abspath(args.base_python)
-        probes["base"] = envs.probe(base_py)
+        probes["base"] = envs.probe(base_py, extras)
         bi = probes["base"].get("caio") or {}
         log("base: caio %s from %s" % (bi.get("version"), bi.get("file") or bi.get("path")))
         contenders += plan.caio_contenders("base", base_py, probes["base"], log)
     if not args.no_upstream:
         try:
             up_py = envs.upstream_venv(ours_py, cache)
-            probes["upstream"] = envs.probe(up_py)
+            probes["upstream"] = envs.probe(up_py, extras)
             contenders += plan.caio_contenders("upstream", up_py, probes["upstream"], log)
         except subprocess.CalledProcessError as e:
             log("setup: upstream venv failed (%s): no upstream contenders" % e)
+    contenders += plan.tagged_contenders(
+        contenders, probes, extras, log, loop_and_aiofile=not args.no_extras
+    )
     fio = fio_ver = None
     if not args.no_peers:
         if not args.no_fio:
@@ -679,6 +710,7 @@ def main(argv=None):
             "measure_s": mode.measure,
             "offsets_per_cell": mode.offsets,
             "sweep_conc": mode.sweep_conc,
+            "files": mode.files,
             "seed": args.seed,
             "stall_method": args.stall_method,
             "scenarios": [
@@ -697,6 +729,7 @@ def main(argv=None):
                 "variant": c.variant,
                 "python": c.python,
                 "version": c.version,
+                "tag": c.tag,
             }
             for c in contenders
         ],
