@@ -146,6 +146,42 @@ def test_readinto_fills_the_callers_buffers(
     m.close()
 
 
+def test_readinto_at_every_copy_distance(async_backend: AsyncBackend, aio: Any, tmp_fd: int) -> None:
+    """Large reads into memory a few bytes past a page boundary (where
+    malloc puts a big bytearray) go through a scratch buffer on x86-64
+    Linux (DESIGN.md §11.3, copy distance): whatever the distance between
+    the destination and the file offset, and however the read ends (end of
+    file inside a piece, or after several pieces), the bytes land exactly
+    where asked and nowhere else."""
+    size = 700 * 1024  # more than two scratch pieces
+    data = os.urandom(size + 5000)
+    _fill(tmp_fd, data)
+    arena = mmap.mmap(-1, size + 3 * 4096)
+
+    async def main() -> None:
+        ctx = async_backend.context()
+        try:
+            for shift in (0, 1, 16, 31, 32, 2048, 4095):
+                for offset in (0, 100, 4096 * 3, size + 5000 - 20 * 1024):
+                    arena[:] = b"\xee" * len(arena)
+                    view = memoryview(arena)[4096 + shift : 4096 + shift + size]
+                    try:
+                        got = await ctx.readinto(view, tmp_fd, offset)
+                    finally:
+                        view.release()
+                    want = data[offset : offset + size]
+                    assert got == len(want), (shift, offset)
+                    start = 4096 + shift
+                    assert arena[start : start + got] == want, (shift, offset)
+                    assert arena[:start] == b"\xee" * start, (shift, offset)
+                    assert arena[start + got :] == b"\xee" * (len(arena) - start - got)
+        finally:
+            ctx.close()
+
+    aio.run(main())
+    arena.close()
+
+
 def test_readinto_refuses_bad_buffers_at_call_time(
     async_backend: AsyncBackend, aio: Any, tmp_fd: int
 ) -> None:

@@ -64,7 +64,11 @@ unsafe fn execute_once(op: &Operation) -> i64 {
         let io = op.io();
         let offset = crate::num::i64_bits(io.offset);
         match op.kind {
-            OpKind::Read => sys::pread(fd, io.ptr, io.len, offset),
+            // (The helper hands `pread` pieces of the window or of its
+            // scratch buffer, each valid for the length given.)
+            OpKind::Read => sys::read_at_good_distance(io.ptr, io.len, io.offset, |b, l, o| {
+                sys::pread(fd, b, l, crate::num::i64_bits(o))
+            }),
             OpKind::Write => sys::pwrite(fd, io.ptr, io.len, offset),
             OpKind::Fsync => sys::fsync(fd),
             OpKind::Fdsync => sys::fdatasync(fd),
@@ -107,11 +111,12 @@ pub unsafe fn try_read_inline(op: &Operation) -> Option<i64> {
         // SAFETY: `done <= len`, so `ptr + done` and `len - done` stay
         // within the window's valid bytes.
         let r = unsafe {
-            sys::pread_nowait(
-                fd,
+            sys::read_at_good_distance(
                 io.ptr.add(done),
                 io.len - done,
                 io.offset + len_u64(done),
+                // Pieces of the window or of the helper's scratch buffer.
+                |b, l, o| sys::pread_nowait(fd, b, l, o),
             )
         };
         if r > 0 {

@@ -1,13 +1,16 @@
 //! Operating-system primitives shared by the backends: errno helpers,
-//! positional I/O for the worker pool ([`pio`]), the wake-up fd used to
+//! positional I/O for the worker pool ([`pio`]) at a good copy distance
+//! ([`distance`]), the wake-up fd used to
 //! signal completions to an event loop ([`wake`]) and the kernel version
 //! ([`kernel`]). Fork handling lives in [`crate::fork`], the O_DIRECT
 //! policy in [`crate::direct`].
 
+pub mod distance;
 pub mod kernel;
 pub mod pio;
 pub mod wake;
 
+pub use distance::read_at_good_distance;
 pub use pio::{fdatasync, fsync, neg, pread, pread_nowait, prwv, pwrite, IoVec, MAX_TRANSFER};
 pub use wake::WakeFd;
 
