@@ -10,6 +10,7 @@ import errno
 import gc
 import hashlib
 import os
+import platform
 import random
 import time
 import weakref
@@ -761,6 +762,69 @@ def test_mid_size_reads_are_copied_by_workers_when_a_core_is_free(path, cpus):
     loop_sized, after = map(int, out.stdout.split())
     assert loop_sized == 0
     assert (after > 0) == (cpus == "2")
+
+
+_COPY_DISTANCE_SCRIPT = r"""
+import asyncio, mmap, os, sys
+from caio import linux_uring_asyncio
+
+def workers():
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass
+    return names.count("caio-worker")
+
+fd = os.open(sys.argv[1], os.O_RDONLY)
+data = os.pread(fd, 1 << 20, 0)
+arena = mmap.mmap(-1, (1 << 20) + 8192)
+
+async def main():
+    ctx = linux_uring_asyncio.AsyncioContext(8)
+    try:
+        counts = []
+        for shift in (0, 16):  # page-aligned, then 16 bytes past the page
+            view = memoryview(arena)[shift : shift + (256 << 10)]
+            assert await ctx.readinto(view, fd, 4096) == 256 << 10
+            view.release()
+            assert arena[shift : shift + (256 << 10)] == data[4096 : 4096 + (256 << 10)]
+            counts.append(workers())
+        print(*counts)
+    finally:
+        ctx.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the slow copy distance is x86-64's")
+def test_readinto_at_a_slow_copy_distance_goes_to_the_workers(path):
+    # DESIGN.md §11.3: the kernel copies 1-31 bytes past the source's page
+    # position ~3.5x slower, so a readinto above 64 KiB into such memory goes
+    # to the workers (scratch buffer) even with no core to spare; into
+    # page-aligned memory it stays on the loop thread (the ring).
+    import subprocess
+    import sys
+
+    if not linux_uring._TEST_HOOKS:
+        pytest.skip("needs a build with the test hooks")
+    with open(path, "wb") as f:
+        f.write(os.urandom(1 << 20))
+    env = dict(os.environ, CAIO_TEST_URING_SPARE_CPUS="1")
+    out = subprocess.run(
+        [sys.executable, "-c", _COPY_DISTANCE_SCRIPT, path],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    aligned, shifted = map(int, out.stdout.split())
+    assert aligned == 0
+    assert shifted > 0
 
 
 def test_loop_with_own_create_future(run, fd, pipe):

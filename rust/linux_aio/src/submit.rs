@@ -281,6 +281,18 @@ unsafe fn prepare(
             }
             // SAFETY: this engine owns the claimed op's I/O window.
             let io = unsafe { o.io() };
+            if nowait
+                && !direct
+                && o.kind == OpKind::Read
+                && caio_core::sys::distance::needs_scratch(io.ptr, io.len, io.offset)
+            {
+                // The kernel would copy into the caller's memory at a slow
+                // distance (DESIGN.md §11.3); a worker reads through its
+                // scratch buffer at full speed.
+                iocb.rw_flags = 0;
+                iocb.data &= !TAG_BUFFERED;
+                to_workers = true;
+            }
             iocb.opcode = if o.kind == OpKind::Read {
                 abi::IOCB_CMD_PREAD
             } else {

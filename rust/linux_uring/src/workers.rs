@@ -89,7 +89,8 @@ impl Workers {
     /// stays on the ring), an fsync or an fdatasync, or — on a plain ring
     /// while a second core is available — a read of more than
     /// [`COPY_ON_LOOP_MAX`] and at most [`COPY_ON_WORKER_MAX`] bytes at an
-    /// explicit offset; always on a regular file neither the ring nor the
+    /// explicit offset (of any size and whatever the cores, when its
+    /// destination sits at a slow copy distance); always on a regular file neither the ring nor the
     /// pool found to be `O_DIRECT`.
     pub(crate) fn takes(
         &self,
@@ -105,9 +106,11 @@ impl Workers {
             OpKind::Read => {
                 o.offset_i64() >= 0
                     && o.nbytes > COPY_ON_LOOP_MAX
-                    && o.nbytes <= COPY_ON_WORKER_MAX
                     && !sqpoll
-                    && crate::spare::spare_cpu()
+                    // Into memory at a slow copy distance the ring's copy
+                    // is ~3.5x slower; a worker's is not (DESIGN.md §11.3).
+                    && (o.slow_copy_distance
+                        || o.nbytes <= COPY_ON_WORKER_MAX && crate::spare::spare_cpu())
             }
         };
         if !routed {

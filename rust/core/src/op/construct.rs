@@ -317,6 +317,8 @@ unsafe fn new_borrowing(
         op.borrows_buffer = kind == OpKind::Read || PyBytes_Check(obj.as_ptr()) == 0;
         op.caller_obj = Some(obj_ref);
         op.reset_io();
+        op.slow_copy_distance = kind == OpKind::Read
+            && crate::sys::distance::needs_scratch(op.read_data(), usize_sat(len), op.offset);
     }
     Ok(op_obj)
 }

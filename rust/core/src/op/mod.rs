@@ -207,6 +207,13 @@ pub struct Operation {
     /// cancelled resumes only once the engine is done (DESIGN.md §5.5).
     /// Set at construction, never changes.
     pub borrows_buffer: bool,
+    /// A `readinto` whose destination sits at a slow copy distance from its
+    /// file offset (`sys::distance::needs_scratch`; where malloc puts every
+    /// large buffer): engines whose kernel would copy into it itself may
+    /// hand it to the pool, whose reads go through a scratch buffer
+    /// (DESIGN.md §11.3). A `read()`'s fresh `bytes` rarely sits there and
+    /// is not flagged. Set at construction, never changes.
+    pub slow_copy_distance: bool,
     /// Write / `readinto`: the buffer export (guarded by `lock`; released on
     /// completion for `drop_write_payload` flavors and borrowed buffers).
     view: UnsafeCell<Py_buffer>,
@@ -334,7 +341,7 @@ impl Operation {
 
     /// Data pointer of a read's `bytes` or a `readinto`'s target (NULL for
     /// other kinds, and for a target whose export was released).
-    fn read_data(&self) -> *mut u8 {
+    pub(super) fn read_data(&self) -> *mut u8 {
         match &self.read_buf {
             // SAFETY: `read_buf` is a `bytes` object owned by the op.
             Some(b) => unsafe { PyBytes_AS_STRING(b.as_ptr()) }.cast_mut().cast(),

@@ -50,6 +50,15 @@ fn slow_distance(dst: *mut u8, offset: u64) -> bool {
     (1..32).contains(&d)
 }
 
+/// Whether a read of `len` bytes at `offset` into `dst` takes the scratch
+/// path of [`read_at_good_distance`]: an engine whose kernel copies into the
+/// caller's memory itself (kernel AIO) may send such a read to the worker
+/// pool instead.
+#[inline]
+pub fn needs_scratch(dst: *mut u8, len: usize, offset: u64) -> bool {
+    len >= DISTANCE_MIN && slow_distance(dst, offset)
+}
+
 /// The calling thread's scratch block, freed at thread exit.
 struct Scratch(Cell<*mut u8>);
 
@@ -103,7 +112,7 @@ pub unsafe fn read_at_good_distance(
     offset: u64,
     mut read: impl FnMut(*mut u8, usize, u64) -> i64,
 ) -> i64 {
-    if len < DISTANCE_MIN || !slow_distance(dst, offset) {
+    if !needs_scratch(dst, len, offset) {
         return read(dst, len, offset);
     }
     let scratch = SCRATCH.try_with(Scratch::get).unwrap_or(ptr::null_mut());
