@@ -146,7 +146,9 @@ def test_readinto_fills_the_callers_buffers(
     m.close()
 
 
-def test_readinto_at_every_copy_distance(async_backend: AsyncBackend, aio: Any, tmp_fd: int) -> None:
+def test_readinto_at_every_copy_distance(
+    async_backend: AsyncBackend, aio: Any, tmp_fd: int
+) -> None:
     """Large reads into memory a few bytes past a page boundary (where
     malloc puts a big bytearray) go through a scratch buffer on x86-64
     Linux (DESIGN.md §11.3, copy distance): whatever the distance between
