@@ -100,8 +100,16 @@ run_logged() {   # run_logged <logfile> <what> cmd...
 # ---------------------------------------------------------------------------------------------
 for c in cargo rustup flock tar; do command -v "$c" >/dev/null || die "$c is required (Rust via https://rustup.rs)"; done
 
-# venv_with <dir> <python> req...: a venv with exactly these requirements (re-made when they change)
+# venv_with <dir> <python> req...: a venv with exactly these requirements (re-made when they change).
+# Under a lock of its own: the manylinux and musllinux builds of one interpreter run at the same
+# time and share the venv; without it, on a fresh machine the second one removed the venv while
+# the first was installing into it ("rm: cannot remove ...: Directory not empty", CI 2026-12-07).
 venv_with() {
+    mkdir -p "${1%/*}"
+    ( flock -w 1800 9 || die "timeout waiting for the lock on $1"; venv_make "$@" ) 9>"$1.lock"
+}
+
+venv_make() {
     local dir=$1 py=$2; shift 2
     local want
     want="$("$py" -c 'import sys; print(sys.version)' | head -n1) | $*"
