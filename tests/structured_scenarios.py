@@ -889,7 +889,9 @@ def test_uring_routes_match_asyncio(lib: Lib, engine: str, tmp_fd: int) -> None:
 # -- fork ----------------------------------------------------------------------------------
 
 FORK_SCRIPT = r"""
-import json, os, sys, threading
+import faulthandler, json, os, sys, threading
+# A run that gets stuck shows where (the test's subprocess timeout is 90 s).
+faulthandler.dump_traceback_later(60, exit=False)
 {import_source}
 engine, path = sys.argv[1], sys.argv[2]
 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -948,6 +950,11 @@ print(json.dumps(report))
 """
 
 
+# Above the subprocess's own 90 s timeout: the suite's default (60 s) fired first
+# under AddressSanitizer on a loaded machine (CI 2026-12-07, linux_uring under
+# trio) and hid the subprocess's output; the script takes well under a second
+# uninstrumented (75 runs under load: none above 5 s).
+@pytest.mark.timeout(150)
 def test_fork_inherited_context_raises_in_child(lib: Lib, engine: str, tmp_path: Any) -> None:
     """fork() inside a run, with this context's operations going on in other
     tasks: in the child the inherited context refuses with RuntimeError
