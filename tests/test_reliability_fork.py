@@ -18,6 +18,8 @@ test process itself never forks.
 
 import json
 import os
+import re
+import sys
 from typing import Any
 
 import pytest
@@ -261,12 +263,26 @@ print(json.dumps(report))
 )
 
 
+_LOOP_DEL_310 = re.compile(
+    r"Exception ignored in: <function BaseEventLoop\.__del__ at 0x[0-9a-f]+>\n"
+    r"Traceback \(most recent call last\):\n(?:  .*\n)*?"
+    r"ValueError: Invalid file descriptor: -1\n?"
+)
+
+
 def _run(script: str, *args: str, timeout: float = 90) -> dict[str, Any]:
     proc = run_python(["-c", script, *args], timeout=timeout)
     assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])
+    stderr = proc.stderr
+    if sys.version_info < (3, 11):
+        # DESIGN.md §6.5 (known gap): on 3.10, a forked child's exit finalises
+        # the inherited event loop, whose self-pipe socket is already closed
+        # there, and asyncio prints this from BaseEventLoop.__del__. The
+        # parent is unaffected (the assertions on the report check it).
+        stderr = _LOOP_DEL_310.sub("", stderr)
     noise = [
         line
-        for line in proc.stderr.splitlines()
+        for line in stderr.splitlines()
         if "DeprecationWarning" not in line
         and "os.fork()" not in line
         and "self.pid = os.fork()" not in line
