@@ -702,8 +702,10 @@ def test_buffered_writes_and_fsyncs_run_on_workers(loop, run, fd, pipe):
     assert _caio_workers() == before
 
 
-_COPY_RULE_SCRIPT = r"""
-import asyncio, os, sys
+# The start of the routing scripts below: `workers()` counts the adapter's
+# worker threads, `fd` is the file named by argv[1].
+_ROUTING_PRELUDE = r"""
+import asyncio, mmap, os, sys
 from caio import linux_uring_asyncio
 
 def workers():
@@ -717,6 +719,30 @@ def workers():
     return names.count("caio-worker")
 
 fd = os.open(sys.argv[1], os.O_RDONLY)
+"""
+
+
+def _run_routing_script(script: str, path: str, spare_cpus: str) -> list[int]:
+    """Runs `_ROUTING_PRELUDE + script` on `path` with the spare-CPU test hook
+    set; returns the integers it prints."""
+    import subprocess
+    import sys
+
+    if not linux_uring._TEST_HOOKS:
+        pytest.skip("needs a build with the test hooks")
+    env = dict(os.environ, CAIO_TEST_URING_SPARE_CPUS=spare_cpus)
+    out = subprocess.run(
+        [sys.executable, "-c", _ROUTING_PRELUDE + script, path],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return [int(n) for n in out.stdout.split()]
+
+
+_COPY_RULE_SCRIPT = r"""
 data = os.pread(fd, 3 << 20, 0)
 
 async def main():
@@ -743,42 +769,14 @@ def test_mid_size_reads_are_copied_by_workers_when_a_core_is_free(path, cpus):
     # process (measured; here forced through the test hook), else on the
     # loop thread; 64 KiB and less, and more than 1 MiB, always on the loop
     # thread (inline page-cache read / the ring).
-    import subprocess
-    import sys
-
-    if not linux_uring._TEST_HOOKS:
-        pytest.skip("needs a build with the test hooks")
     with open(path, "wb") as f:
         f.write(os.urandom(3 << 20))
-    env = dict(os.environ, CAIO_TEST_URING_SPARE_CPUS=cpus)
-    out = subprocess.run(
-        [sys.executable, "-c", _COPY_RULE_SCRIPT, path],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    loop_sized, after = map(int, out.stdout.split())
+    loop_sized, after = _run_routing_script(_COPY_RULE_SCRIPT, path, cpus)
     assert loop_sized == 0
     assert (after > 0) == (cpus == "2")
 
 
 _COPY_DISTANCE_SCRIPT = r"""
-import asyncio, mmap, os, sys
-from caio import linux_uring_asyncio
-
-def workers():
-    names = []
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                names.append(f.read().strip())
-        except OSError:
-            pass
-    return names.count("caio-worker")
-
-fd = os.open(sys.argv[1], os.O_RDONLY)
 data = os.pread(fd, 1 << 20, 0)
 arena = mmap.mmap(-1, (1 << 20) + 8192)
 
@@ -806,23 +804,9 @@ def test_readinto_at_a_slow_copy_distance_goes_to_the_workers(path):
     # position ~3.5x slower, so a readinto above 64 KiB into such memory goes
     # to the workers (scratch buffer) even with no core to spare; into
     # page-aligned memory it stays on the loop thread (the ring).
-    import subprocess
-    import sys
-
-    if not linux_uring._TEST_HOOKS:
-        pytest.skip("needs a build with the test hooks")
     with open(path, "wb") as f:
         f.write(os.urandom(1 << 20))
-    env = dict(os.environ, CAIO_TEST_URING_SPARE_CPUS="1")
-    out = subprocess.run(
-        [sys.executable, "-c", _COPY_DISTANCE_SCRIPT, path],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    aligned, shifted = map(int, out.stdout.split())
+    aligned, shifted = _run_routing_script(_COPY_DISTANCE_SCRIPT, path, "1")
     assert aligned == 0
     assert shifted > 0
 
